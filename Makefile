@@ -1,0 +1,33 @@
+# Two entry points for a newcomer (see README):  make demo   /   make test
+# Both create .venv on first use with the CPU build of torch (torch==2.13.0 is on local disk here;
+# any other torch spec would pull a multi-GB CUDA build) and the exact versions CI tests with.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow test-gpu bench clean-venv
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dqo-megatron demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(PY) benchmarks/layout_step_time.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,16 @@
+"""Command-line entry points. Thin by design: parse -> build a config -> call the library.
+
+The library (everything outside `dqo_megatron.cli`) never imports typer.
+Each area registers its commands in its own module; add a module here to add commands.
+"""
+
+from dqo_megatron.cli._app import app
+from dqo_megatron.cli import general  # noqa: F401  (registers `version`, `smoke`)
+
+
+def main() -> None:
+    """Console-script entry point (`dqo-megatron`)."""
+    app()
+
+
+__all__ = ["app", "main"]
