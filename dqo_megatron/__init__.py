@@ -10,3 +10,10 @@ Rooms, one per concern:
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# megatron-core warns once per module that TE/apex are missing; we say it once, in plain words,
+# when a model is built (dqo_megatron.models.builder.select_backend).
+_warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed")
+_warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed")

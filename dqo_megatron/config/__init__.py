@@ -1,0 +1,26 @@
+"""Typed configuration: dataclasses with a docstring under each field, YAML + overrides."""
+
+from dqo_megatron.config.loader import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+from dqo_megatron.config.schema import (
+    FAMILY_DEFAULTS,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+    data_parallel_size,
+    validate_model_layout,
+)
+
+__all__ = [
+    "ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
+    "FAMILY_DEFAULTS", "ModelConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "TrainConfig",
+    "data_parallel_size", "validate_model_layout",
+]  # fmt: skip

@@ -1,0 +1,187 @@
+"""One optimizer step on Megatron's terms, and the language-model forward step used by SFT and tests.
+
+The contract (Megatron-Core's): `forward_step(data_iterator, model)` returns
+`(output, partial(loss_func, batch))`, and `loss_func` returns `(loss_sum, token_count, metrics)`.
+With `calculate_per_token_loss=True` Megatron's schedule sums token counts over micro-batches,
+`finalize_model_grads` all-reduces them over data- and context-parallel ranks and divides the
+gradients once by the global count. So the step is exactly the global token mean, whatever the
+split into micro-batches, DP, CP or PP ranks; we never divide inside a micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    loss: float
+    """Global token-mean loss of the step (over all micro-batches and DP/CP ranks)."""
+    tokens: int
+    """Tokens that carried loss in the global batch."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    update_successful: bool
+    """False when the optimizer skipped the step (e.g. inf/NaN gradients)."""
+
+
+def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True) -> list:
+    """Wrap model chunks in Megatron's DistributedDataParallel (grads live in `param.main_grad`).
+
+    Gradient reduction is not overlapped with backward (the CPU path cannot overlap; on GPU this is
+    the trainer's choice). Only the first chunk uses bucketing, as in Megatron-LM.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=False,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(config=_config_of(c), ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+
+
+def build_optimizer(
+    ddp_chunks: Sequence[torch.nn.Module],
+    *,
+    lr: float,
+    clip_grad: float = 1.0,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    adam_beta2: float = 0.999,
+):
+    """Megatron's optimizer over the DDP-wrapped chunks, in the chunks' precision (fp32 on CPU)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = _config_of(ddp_chunks[0])
+    opt_config = OptimizerConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta2=adam_beta2,
+        clip_grad=clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=False,
+    )
+    return get_megatron_optimizer(opt_config, list(ddp_chunks))
+
+
+def attach_finalize(ddp_chunks: Sequence[torch.nn.Module]) -> None:
+    """Let Megatron's schedule finalize grads (DP/SP/embedding all-reduces, divide by token count)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    for chunk in ddp_chunks:
+        _config_of(chunk).finalize_model_grads_func = finalize_model_grads
+
+
+def lm_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Masked token-sum of the language-model loss.
+
+    loss_mask, per_token_loss: ``[batch, seq]`` (per_token_loss = -log pi(label), from the model).
+    Returns ``(loss_sum, token_count, {"lm loss": [loss_sum, token_count]})`` (Megatron's contract).
+    """
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    count = mask.sum().to(torch.int)
+    return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), count.float()])}
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """Forward one micro-batch of ``{"tokens", "labels", "loss_mask", "position_ids"}`` (``[b, s]``).
+
+    Under context parallelism the batch is first cut to this rank's load-balanced chunks.
+    Returns ``(per_token_loss [b, s_local], partial(lm_loss_func, loss_mask))`` on the last stage.
+    """
+    batch = next(data_iterator)
+    batch = slice_batch_for_context_parallel(batch)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(lm_loss_func, batch["loss_mask"])
+
+
+def slice_batch_for_context_parallel(batch: dict) -> dict:
+    """This CP rank's part of every ``[b, s]`` tensor (chunks r and 2*cp-1-r of 2*cp); identity at CP=1."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    return get_batch_on_this_cp_rank(dict(batch), cp_group=parallel_state.get_context_parallel_group())
+
+
+def train_step(
+    ddp_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    data_iterator: Iterator[dict] | list[Iterator[dict]],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step: Callable = lm_forward_step,
+    metric_key: str = "lm loss",
+) -> StepResult:
+    """Zero grads, run Megatron's forward/backward schedule over the micro-batches, step.
+
+    `data_iterator` yields micro-batches for this data-parallel rank (a list of iterators, one per
+    chunk, under virtual pipeline parallelism). `forward_step`'s metrics must include `metric_key`
+    as ``[loss_sum, token_count]``.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=list(ddp_chunks),
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    loss_sum, tokens = reduce_loss_metrics(losses, metric_key)
+    return StepResult(
+        loss=loss_sum / max(tokens, 1),
+        tokens=int(tokens),
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        update_successful=bool(update_successful),
+    )
+
+
+def reduce_loss_metrics(losses: list[dict], key: str) -> tuple[float, float]:
+    """Sum ``[loss_sum, count]`` over micro-batches and DP/CP ranks; share it from the last stage.
+
+    Returns ``(loss_sum, count)`` for the global batch, the same on every rank.
+    """
+    from megatron.core import parallel_state
+
+    totals = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        totals += item[key].detach().double().cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    totals = totals.to(device)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    # Only the last pipeline stage computed a loss; the others hold zeros: a sum shares it.
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, count = totals.tolist()
+    return loss_sum, count
+
+
+def _config_of(module: torch.nn.Module):
+    while not hasattr(module, "config") and hasattr(module, "module"):
+        module = module.module
+    return module.config
