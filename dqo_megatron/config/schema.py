@@ -291,12 +291,12 @@ def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, seq_leng
             f"model.num_layers={model.num_layers} must be divisible by parallel.pipeline_model_parallel_size"
             f"={pp} x virtual_pipeline_model_parallel_size={parallel.virtual_pipeline_model_parallel_size or 1}"
         )
+    why = []
+    if cp > 1:
+        why.append(f"2 x parallel.context_parallel_size={cp} load-balanced chunks")
+    if parallel.sequence_parallel:
+        why.append(f"parallel.tensor_model_parallel_size={tp} sequence-parallel shards")
     divisor = (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1)
     if seq_length % divisor:
-        problems.append(
-            f"train.seq_length={seq_length} must be divisible by {divisor} "
-            f"(2 x parallel.context_parallel_size={cp} chunks"
-            + (f", times parallel.tensor_model_parallel_size={tp} under sequence_parallel" if parallel.sequence_parallel else "")
-            + ")"
-        )
+        problems.append(f"train.seq_length={seq_length} must be divisible by {divisor} ({' x '.join(why)})")
     _fail(problems)

@@ -1,0 +1,96 @@
+"""Config: YAML + overrides, type checks, impossible layouts rejected with messages naming the fields."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, load_config, save_config, to_dict
+
+
+def _load(*overrides, path=None):
+    return load_config(RunConfig, path, list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, must_name",
+    [
+        (["parallel.tensor_model_parallel_size=3"], ["parallel.tensor_model_parallel_size=3", "model.num_attention_heads"]),
+        (["model.num_attention_heads=8", "model.num_query_groups=2", "model.hidden_size=64",
+          "parallel.tensor_model_parallel_size=4"], ["model.num_query_groups=2"]),
+        (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel", "tensor_model_parallel_size"]),
+        (["parallel.pipeline_model_parallel_size=3"], ["model.num_layers=2", "pipeline_model_parallel_size=3"]),
+        (["parallel.context_parallel_size=2", "train.seq_length=30"], ["train.seq_length=30", "context_parallel_size=2"]),
+        (["model.num_attention_heads=3", "model.num_query_groups=2"], ["num_attention_heads=3", "num_query_groups=2"]),
+        (["train.seq_length=512"], ["train.seq_length=512", "model.seq_length=128"]),
+        (["model.family=mistral"], ["model.family", "gemma", "llama", "qwen2"]),
+        (["model.hidden_size=abc"], ["model.hidden_size", "integer"]),
+        (["model.hidden_sise=64"], ["model.hidden_sise", "did you mean 'hidden_size'"]),
+        (["precision.fp8_param=true"], ["precision.fp8_param", "precision.fp8"]),
+        (["parallel.virtual_pipeline_model_parallel_size=2"], ["virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size >= 2"]),
+        (["model.kv_channels=8"], ["model.kv_channels=8", "gemma"]),
+    ],
+)
+def test_impossible_configs_name_the_fields(overrides, must_name):
+    with pytest.raises(ConfigError) as info:
+        _load(*overrides)
+    for fragment in must_name:
+        assert fragment in str(info.value), f"{fragment!r} not in: {info.value}"
+
+
+def test_world_size_must_divide():
+    run = _load("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2")
+    with pytest.raises(ConfigError, match="world size 6 is not divisible .*= 4"):
+        run.validate_layout(6)
+    assert run.validate_layout(8) == 2
+    with pytest.raises(ConfigError, match="global_batch_size=4 must be a multiple of train.micro_batch_size=1 x data-parallel size 8"):
+        run.validate_layout(32)
+    assert run.num_microbatches(8) == 2
+
+
+def test_yaml_overrides_and_written_back(tmp_path):
+    source = tmp_path / "run.yaml"
+    source.write_text(yaml.safe_dump({"model": {"family": "qwen2", "num_layers": 4}, "train": {"lr": "3e-5"}}))
+    run = _load("model.num_layers=6", "parallel.tensor_model_parallel_size=2", path=source)
+    assert run.model.num_layers == 6 and run.train.lr == 3e-5
+    assert run.model.rotary_base == 1e6 and run.model.add_qkv_bias  # family defaults resolved
+    written = save_config(run, tmp_path / "run_dir")
+    again = load_config(RunConfig, written)
+    assert to_dict(again) == to_dict(run)
+    assert yaml.safe_load(written.read_text())["model"]["tie_embeddings"] is False  # resolved, not None
+    assert not list((tmp_path / "run_dir").glob(".*tmp"))  # atomic write left no temporary file
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        _load(path=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        _load(path=tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        _load("model.num_layers")
+
+
+def test_every_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import dqo_megatron.config.schema as schema
+
+    tree = ast.parse(inspect.getsource(schema))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign):
+                    following = body[i + 1] if i + 1 < len(body) else None
+                    assert isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant), (
+                        f"{node.name}.{stmt.target.id} has no docstring"
+                    )
+
+
+def test_valid_layouts_pass():
+    ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    RunConfig(model=ModelConfig(num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2,
+              virtual_pipeline_model_parallel_size=2))  # fmt: skip
