@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dqo-megatron demo
+	$(VENV)/bin/dqo-megatron smoke --config examples/configs/tiny-cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -94,3 +94,31 @@ def test_valid_layouts_pass():
     ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     RunConfig(model=ModelConfig(num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2,
               virtual_pipeline_model_parallel_size=2))  # fmt: skip
+
+
+KNOWN_SIZES = {"qwen2-7b.yaml": 7_615_616_512, "gemma-7b.yaml": 8_537_680_896, "llama3-8b.yaml": 8_030_261_248}
+
+
+def test_example_configs_load_validate_and_have_the_published_sizes():
+    from pathlib import Path
+
+    from dqo_megatron.models import expected_parameter_count
+
+    configs = sorted(Path(__file__).resolve().parent.parent.joinpath("examples", "configs").glob("*.yaml"))
+    assert configs, "no example configs found"
+    for path in configs:
+        run = load_config(RunConfig, path)
+        run.validate_layout(run.parallel.model_parallel_size * 2)
+        if path.name in KNOWN_SIZES:
+            assert expected_parameter_count(run.model) == KNOWN_SIZES[path.name], path.name
+
+
+def test_configuration_reference_is_current():
+    from pathlib import Path
+
+    from dqo_megatron.config.reference import markdown_reference
+
+    committed = Path(__file__).resolve().parent.parent.joinpath("docs", "configuration.md").read_text()
+    assert committed == markdown_reference(), (
+        "docs/configuration.md is stale: run python -m dqo_megatron.config.reference > docs/configuration.md"
+    )
