@@ -71,7 +71,7 @@ def dro_losses(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, rewards: 
         check_float(name, tensor)
     check_positive("beta", beta)
     mask, segments = _segments(response_mask, document_ids, shape)
-    dtype = compute_dtype(logprobs, ref_logprobs, values)
+    dtype = compute_dtype(logprobs, ref_logprobs, values, rewards)
     logp = masked(logprobs, mask, dtype)
     value = masked(values, mask, dtype)
     ref_logp = masked(ref_logprobs, mask, dtype, detach=True)
@@ -182,7 +182,7 @@ def dpo_loss(chosen_logps: Tensor, ref_chosen_logps: Tensor, rejected_logps: Ten
                          ("rejected_logps", rejected_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check_float(name, tensor)
     check_positive("beta", beta)
-    dtype = compute_dtype(chosen_logps, rejected_logps)
+    dtype = compute_dtype(chosen_logps, ref_chosen_logps, rejected_logps, ref_rejected_logps)
     chosen_reward = beta * (chosen_logps.to(dtype) - ref_chosen_logps.detach().to(dtype))
     rejected_reward = beta * (rejected_logps.to(dtype) - ref_rejected_logps.detach().to(dtype))
     margin = chosen_reward - rejected_reward
@@ -229,7 +229,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_
     check_positive("beta", beta)
     check_positive("desirable_weight", desirable_weight)
     check_positive("undesirable_weight", undesirable_weight)
-    dtype = compute_dtype(policy_logps, policy_kl_logps)
+    dtype = compute_dtype(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
     log_ratio = policy_logps.to(dtype) - ref_logps.detach().to(dtype)
     with torch.no_grad():
         kl_reference = (policy_kl_logps.to(dtype) - ref_kl_logps.to(dtype)).mean().clamp(min=0)

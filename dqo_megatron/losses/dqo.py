@@ -241,7 +241,7 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
     check_choice("reduction", reduction, REDUCTIONS)
     mask = as_bool_mask(response_mask)
     segments = ResponseSegments(mask, check_document_ids(document_ids, shape))
-    dtype = compute_dtype(logprobs, ref_logprobs, behavior_logprobs, values)
+    dtype = compute_dtype(logprobs, ref_logprobs, behavior_logprobs, values, rewards)
 
     logp = masked(logprobs, mask, dtype)
     value = masked(values, mask, dtype)
