@@ -128,7 +128,7 @@ def preference_pairs(group_ids: Tensor, rewards: Tensor, *, max_pairs_per_group:
 
     Args: group_ids `[n]` integer (the prompt of each response), rewards `[n]` (per response; with 0/1
     rewards the pairs are correct x incorrect). Returns `(chosen_index, rejected_index)`, each `[pairs]`
-    int64 indices into the `n` responses, grouped by prompt in order of first appearance.
+    int64 indices (on the CPU) into the `n` responses, grouped by prompt in order of first appearance.
     """
     check_tensor("group_ids", group_ids, ndim=1)
     check_tensor("rewards", rewards, ndim=1)
