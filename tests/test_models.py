@@ -98,3 +98,13 @@ def test_parameter_formula_on_a_known_model():
     gemma_7b = ModelConfig(family="gemma", num_layers=28, hidden_size=3072, ffn_hidden_size=24576,
                            num_attention_heads=16, kv_channels=256, vocab_size=256000, seq_length=4096)  # fmt: skip
     assert expected_parameter_count(gemma_7b) == 8_537_680_896
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("precision", [dict(dtype="bf16"), dict(dtype="auto", fp8="delayed")])
+def test_cpu_rejects_low_precision_with_the_fix(precision):
+    from dqo_megatron.config import ConfigError, PrecisionConfig
+    from dqo_megatron.models import transformer_config
+
+    with pytest.raises(ConfigError, match="precision"):
+        transformer_config(FAMILIES["qwen2"], ParallelConfig(), PrecisionConfig(**precision))

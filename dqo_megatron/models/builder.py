@@ -44,6 +44,7 @@ def transformer_config(
 
     precision = precision or PrecisionConfig()
     dtype_name = precision.resolved_dtype(torch.cuda.is_available())
+    check_precision_supported(precision, dtype_name)
     dtype = _DTYPES[dtype_name]
     gelu_tanh = partial(F.gelu, approximate="tanh")
     kwargs = dict(
@@ -91,6 +92,21 @@ def transformer_config(
                       fp8_param=precision.fp8_param)  # fmt: skip
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def check_precision_supported(precision: PrecisionConfig, dtype_name: str) -> None:
+    """Reject formats this machine cannot train in, with the fix, before Megatron asserts deep inside."""
+    from dqo_megatron.config import ConfigError
+
+    if torch.cuda.is_available():
+        return
+    if dtype_name != "fp32":
+        raise ConfigError(
+            f"precision.dtype={precision.dtype} needs a GPU: on CPU Megatron's optimizer supports fp32 "
+            "only; set precision.dtype=auto (fp32 here, bf16 on GPU) or fp32"
+        )
+    if precision.fp8 is not None:
+        raise ConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a Hopper/Blackwell GPU")
 
 
 def select_backend(requested: Backend = "auto") -> str:
