@@ -67,6 +67,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
             chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=True)
             lse[s0:s1] = chunk_lse
             out[s0:s1] = target - chunk_lse
+            del z  # else the next chunk's logits are allocated while these are still alive: 2 chunks
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse, valid)
         ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.into_main_grad = group, chunk_size, vocab_start, into_main_grad
@@ -93,6 +94,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
             if need_w:
                 # addmm_ accumulates in place: no [V/tp, h] temporary per chunk.
                 grad_w.addmm_(g_z.reshape(-1, local_vocab).t().to(grad_w.dtype), h_c.reshape(-1, h).to(grad_w.dtype))
+            del z, g_z  # one chunk alive at a time (see forward)
         if need_w and ctx.into_main_grad:
             grad_w = _after_main_grad_accumulation(weight)
         elif need_w and grad_w.dtype != weight.dtype:

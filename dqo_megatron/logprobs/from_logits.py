@@ -39,6 +39,7 @@ class _TokenLogprobsFromLogits(torch.autograd.Function):
             chunk_lse, target = logsumexp_and_target(z, labels[:, s0:s1], vocab_start, group, owned=z is not piece)
             lse[:, s0:s1] = chunk_lse
             out[:, s0:s1] = target - chunk_lse
+            del z  # free this chunk before the next one is allocated
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(logits, labels, lse, valid)
         ctx.group, ctx.chunk_size, ctx.vocab_start = group, chunk_size, vocab_start
@@ -55,6 +56,7 @@ class _TokenLogprobsFromLogits(torch.autograd.Function):
             z = piece.to(dtype)
             grad[:, s0:s1] = grad_of_logits(z, labels[:, s0:s1], ctx.vocab_start, lse[:, s0:s1],
                                             grad_out[:, s0:s1], owned=z is not piece)  # fmt: skip
+            del z
         return grad, None, None, None
 
 
