@@ -1,0 +1,82 @@
+"""Read a preprocessed trajectory dataset (see indexed.py) as a torch Dataset; memory-mapped, no loading."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from dqo_megatron.data.indexed import META_FIELDS, load_manifest, part_prefix
+
+
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """Documents of `<prefix>_*` as dicts of numpy arrays.
+
+    Item i is a dict:
+        tokens            int64   [T]
+        loss_mask         bool    [T]  True on response tokens (tokens[prompt_length:], EOS included)
+        rewards           float32 [T]
+        behavior_logprobs float32 [T]  (zeros and has_behavior_logprobs=False when the record had none)
+        ref_logprobs      float32 [T]  (zeros until the annotate step fills them; see ref_logprobs_filled)
+        prompt_length, prompt_index (int), prompt_id (str), outcome_reward (float), correct (int, -1 unknown),
+        has_behavior_logprobs (bool), index (int, = i)
+    """
+
+    def __init__(self, prefix: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = prefix
+        self.manifest = load_manifest(prefix)
+        self.parts = {p: IndexedDataset(part_prefix(prefix, p), mmap=True) for p in self.manifest["parts"] if p != "meta"}
+        meta_ds = IndexedDataset(part_prefix(prefix, "meta"), mmap=True)
+        n = self.manifest["num_documents"]
+        # the meta part is n fixed-width rows; read it as one [n, F] block
+        flat = meta_ds.get(0, 0, len(META_FIELDS) * n) if n else np.zeros(0)
+        # copy: the view would dangle once meta_ds (and its mmap) is garbage-collected
+        self.meta = np.array(flat, dtype=np.float64, copy=True).reshape(n, len(META_FIELDS))
+        for p, ds in self.parts.items():
+            if len(ds) != n:
+                raise ValueError(f"{part_prefix(prefix, p)} has {len(ds)} documents, the manifest says {n}")
+        col = {f: i for i, f in enumerate(META_FIELDS)}
+        self.prompt_lengths = self.meta[:, col["prompt_length"]].astype(np.int64)
+        self.lengths = np.asarray(self.parts["tokens"].sequence_lengths, dtype=np.int64)
+        self.prompt_index = self.meta[:, col["prompt_index"]].astype(np.int64)
+        self.outcome_rewards = self.meta[:, col["outcome_reward"]]
+        self.correct = self.meta[:, col["correct"]].astype(np.int64)
+        self.has_behavior = self.meta[:, col["has_behavior_logprobs"]].astype(bool)
+        self.prompt_ids: list[str] = self.manifest["prompt_ids"]
+        if not np.array_equal(self.prompt_lengths + self.meta[:, col["response_length"]].astype(np.int64), self.lengths):
+            raise ValueError(f"{prefix}: meta lengths disagree with the token file (mixed outputs under one prefix?)")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} out of range [0, {len(self)})")
+        T, P = int(self.lengths[i]), int(self.prompt_lengths[i])
+        mask = np.zeros(T, dtype=bool)
+        mask[P:] = True
+        blp = self.parts.get("behavior_logprobs")
+        return {
+            "tokens": self.parts["tokens"][i].astype(np.int64),
+            "loss_mask": mask,
+            "rewards": np.array(self.parts["rewards"][i], dtype=np.float32),
+            "behavior_logprobs": np.array(blp[i], dtype=np.float32) if blp is not None else np.zeros(T, np.float32),
+            "ref_logprobs": np.array(self.parts["ref_logprobs"][i], dtype=np.float32),
+            "prompt_length": P,
+            "prompt_index": int(self.prompt_index[i]),
+            "prompt_id": self.prompt_ids[int(self.prompt_index[i])],
+            "outcome_reward": float(self.outcome_rewards[i]),
+            "correct": int(self.correct[i]),
+            "has_behavior_logprobs": bool(self.has_behavior[i]),
+            "index": i,
+        }
+
+    def groups(self) -> dict[int, np.ndarray]:
+        """prompt_index -> sorted document indices of all samples of that prompt."""
+        order = np.argsort(self.prompt_index, kind="stable")
+        keys, starts = np.unique(self.prompt_index[order], return_index=True)
+        return {int(k): order[s:e] for k, s, e in zip(keys, starts, list(starts[1:]) + [len(order)])}

@@ -1,0 +1,170 @@
+"""Trajectories in Megatron's indexed format: several aligned .bin/.idx pairs under one prefix.
+
+`megatron.core.datasets.indexed_dataset` stores one dtype per file, so each per-token quantity has its
+own file; document i of every file belongs to the same record:
+
+    <prefix>_tokens.{bin,idx}             uint16 (vocab <= 65535) or int32 token ids            [T_i]
+    <prefix>_rewards.{bin,idx}            float32 outcome reward on the last token + process    [T_i]
+    <prefix>_behavior_logprobs.{bin,idx}  float32 sampler log-probs, 0 on the prompt (if any)   [T_i]
+    <prefix>_ref_logprobs.{bin,idx}       float32 zeros; filled in place by the trainer's annotate step
+    <prefix>_meta.{bin,idx}               float64 per document, META_FIELDS                     [9]
+    <prefix>.json                         manifest: fields, tokenizer, prompt ids, inputs, counts
+
+The manifest is written last (atomically), so a prefix with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "dqo-trajectories"
+FORMAT_VERSION = 1
+TOKEN_FILES = ("tokens", "rewards", "behavior_logprobs", "ref_logprobs")
+META_FIELDS = ("prompt_length", "response_length", "prompt_index", "outcome_reward", "correct",
+               "has_behavior_logprobs", "truncated_prompt_tokens", "input_index", "line")
+"""Per-document metadata columns of <prefix>_meta (float64; integers are exact below 2**53)."""
+
+
+def part_prefix(prefix: str, part: str) -> str:
+    """The Megatron path prefix (no .bin/.idx) of one part, e.g. `out/gsm8k_tokens`."""
+    return f"{prefix}_{part}"
+
+
+def manifest_path(prefix: str) -> str:
+    """Path of the manifest JSON of a prefix."""
+    return prefix + ".json"
+
+
+def token_dtype(vocab_size: int):
+    """uint16 when every id fits, else int32 (as Megatron's own preprocess does)."""
+    return np.uint16 if vocab_size <= 65535 else np.int32
+
+
+class TrajectoryWriter:
+    """Streams TokenizedSamples into the aligned indexed files of `prefix`.
+
+    Usage: `w = TrajectoryWriter(prefix, vocab_size)`, `w.add(sample, input_index)` per record in output
+    order, `w.finalize(manifest_extra)`; `w.abort()` removes partial files.
+    """
+
+    def __init__(self, prefix: str, vocab_size: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.prefix = prefix
+        self.vocab_size = vocab_size
+        dtypes = {"tokens": token_dtype(vocab_size), "rewards": np.float32, "behavior_logprobs": np.float32,
+                  "ref_logprobs": np.float32, "meta": np.float64}
+        self.dtypes = dtypes
+        self.builders = {k: IndexedDatasetBuilder(part_prefix(prefix, k) + ".bin", dtype=dt) for k, dt in dtypes.items()}
+        self.prompt_index: dict[str, int] = {}
+        self.n_docs = 0
+        self.n_tokens = 0
+        self.any_behavior = False
+
+    def _add(self, part: str, arr: np.ndarray) -> None:
+        import torch
+
+        b = self.builders[part]
+        b.add_item(torch.from_numpy(np.ascontiguousarray(arr)))
+        b.end_document()
+
+    def add(self, s, input_index: int) -> None:
+        """Append one TokenizedSample (from dqo_megatron.data.tokenize); `input_index` names its input file."""
+        T = len(s.tokens)
+        if s.tokens.max(initial=0) >= self.vocab_size or s.tokens.min(initial=0) < 0:
+            raise ValueError(f"{s.file}:{s.line}: token id out of range for vocab_size {self.vocab_size}")
+        pidx = self.prompt_index.setdefault(s.prompt_id, len(self.prompt_index))
+        has_blp = s.behavior_logprobs is not None
+        self.any_behavior |= has_blp
+        self._add("tokens", s.tokens.astype(self.dtypes["tokens"]))
+        self._add("rewards", s.rewards.astype(np.float32))
+        self._add("behavior_logprobs", s.behavior_logprobs if has_blp else np.zeros(T, np.float32))
+        self._add("ref_logprobs", np.zeros(T, np.float32))
+        meta = np.array([s.prompt_length, T - s.prompt_length, pidx, s.outcome_reward, s.correct, int(has_blp),
+                         s.truncated_prompt_tokens, input_index, s.line], dtype=np.float64)
+        self._add("meta", meta)
+        self.n_docs += 1
+        self.n_tokens += T
+
+    def finalize(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Close all files, drop the behavior file if no record had log-probs, write the manifest."""
+        for part, b in self.builders.items():
+            b.finalize(part_prefix(self.prefix, part) + ".idx")
+        parts = ["tokens", "rewards", "ref_logprobs", "meta"]
+        if self.any_behavior:
+            parts.insert(2, "behavior_logprobs")
+        else:
+            for ext in (".bin", ".idx"):
+                os.remove(part_prefix(self.prefix, "behavior_logprobs") + ext)
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "parts": parts,
+            "dtypes": {p: np.dtype(self.dtypes[p]).name for p in parts}, "meta_fields": list(META_FIELDS),
+            "num_documents": self.n_docs, "num_tokens": self.n_tokens, "vocab_size": self.vocab_size,
+            "has_behavior_logprobs": self.any_behavior, "ref_logprobs_filled": False,
+            "prompt_ids": list(self.prompt_index), **extra,
+        }
+        tmp = manifest_path(self.prefix) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, ensure_ascii=False, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, manifest_path(self.prefix))
+        return manifest
+
+    def abort(self) -> None:
+        """Close and delete whatever was written (after an error)."""
+        for part, b in self.builders.items():
+            try:
+                b.data_file.close()
+            except Exception:
+                pass
+            for ext in (".bin", ".idx"):
+                try:
+                    os.remove(part_prefix(self.prefix, part) + ext)
+                except FileNotFoundError:
+                    pass
+
+
+def load_manifest(prefix: str) -> dict[str, Any]:
+    """The manifest of a prefix; raise FileNotFoundError / ValueError with what is wrong."""
+    path = manifest_path(prefix)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {prefix!r} is not a finished `dqo-megatron preprocess` output")
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT_NAME} v{FORMAT_VERSION}")
+    return m
+
+
+def open_reference_logprobs_for_update(prefix: str) -> tuple[np.memmap, np.ndarray, np.ndarray]:
+    """Writable view of the reference log-prob slot, for the trainer's annotate step.
+
+    Returns:
+        (values, starts, lengths): `values` a float32 memmap over <prefix>_ref_logprobs.bin; document i
+        occupies values[starts[i] : starts[i] + lengths[i]] (aligned with its tokens). Call
+        `mark_reference_logprobs_filled(prefix)` when every document is written.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    part = part_prefix(prefix, "ref_logprobs")
+    ds = IndexedDataset(part, mmap=True)
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    starts = np.asarray(ds.index.sequence_pointers, dtype=np.int64) // 4
+    values = np.memmap(part + ".bin", dtype=np.float32, mode="r+")
+    return values, starts, lengths
+
+
+def mark_reference_logprobs_filled(prefix: str) -> None:
+    """Set `ref_logprobs_filled` in the manifest (atomically)."""
+    m = load_manifest(prefix)
+    m["ref_logprobs_filled"] = True
+    tmp = manifest_path(prefix) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(m, f, indent=1, ensure_ascii=False, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, manifest_path(prefix))

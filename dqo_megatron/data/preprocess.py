@@ -1,0 +1,237 @@
+"""`dqo-megatron preprocess`: records -> tokenized, validated -> Megatron indexed files (see indexed.py).
+
+The main process reads raw lines/rows in chunks; worker processes parse, validate and tokenize them;
+results come back in input order (Pool.imap), so the output is byte-identical for any worker count.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Literal
+
+from dqo_megatron.config.loader import ConfigError
+from dqo_megatron.data.indexed import TrajectoryWriter
+from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, input_format, iter_raw, parse_record
+from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, tokenize_records
+
+
+@dataclass
+class PreprocessConfig:
+    """Inputs, output and execution of one preprocessing run."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Record files (.jsonl/.json, .parquet) or `datasets` directories; globs allowed; read in this order."""
+    output_prefix: str = ""
+    """Output path prefix: writes <prefix>_tokens.bin/.idx, ... and <prefix>.json."""
+    tokenize: TokenizeConfig | None = None
+    """Tokenizer and sequence-length policy."""
+    workers: int = 1
+    """Tokenizing processes (1: in the main process)."""
+    chunk_size: int = 256
+    """Records per task sent to a worker."""
+    skip_invalid: bool = False
+    """Skip invalid records and count them by reason (printed in the summary) instead of stopping at
+    the first with its file:line error."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    start_method: Literal["fork", "spawn", "forkserver"] = "fork"
+    """How workers start; fork is fastest on Linux, spawn is the safe choice inside threaded programs."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str):
+            self.inputs = [self.inputs]
+        if not self.inputs:
+            raise ConfigError("inputs is empty: give at least one record file")
+        if not self.output_prefix:
+            raise ConfigError("output_prefix is empty: give where to write, e.g. data/gsm8k_train")
+        if isinstance(self.tokenize, dict):
+            self.tokenize = TokenizeConfig(**self.tokenize)
+        if self.tokenize is None:
+            raise ConfigError("tokenize is missing: give at least tokenize.tokenizer.path")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers={self.workers!r}: must be an integer >= 1")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ConfigError(f"chunk_size={self.chunk_size!r}: must be an integer >= 1")
+        if self.start_method not in ("fork", "spawn", "forkserver"):
+            raise ConfigError(f"start_method={self.start_method!r}: choose fork, spawn or forkserver")
+
+
+@dataclass
+class PreprocessSummary:
+    """What a run did."""
+
+    read: int = 0
+    written: int = 0
+    skips: SkipCounter = field(default_factory=SkipCounter)
+    tokens: int = 0
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    truncated_prompts: int = 0
+    length_histogram: dict[str, int] = field(default_factory=dict)
+    """Sequence length buckets "[lo, hi)" (powers of two) -> number of written documents."""
+    seconds: float = 0.0
+    prompts: int = 0
+
+    def report(self) -> str:
+        """Human-readable multi-line summary."""
+        rate = self.read / self.seconds if self.seconds > 0 else float("nan")
+        lines = [
+            f"records read: {self.read}, written: {self.written}, prompts: {self.prompts}",
+            self.skips.report(),
+            f"tokens: {self.tokens} (prompt {self.prompt_tokens}, response {self.response_tokens}); "
+            f"prompts truncated from the left: {self.truncated_prompts}",
+            f"time: {self.seconds:.2f} s ({rate:.0f} records/s)",
+            "sequence lengths:",
+        ]
+        total = max(self.written, 1)
+        for bucket, n in self.length_histogram.items():
+            lines.append(f"  {bucket:>16} {n:>9} {'#' * max(1, round(40 * n / total)) if n else ''}")
+        return "\n".join(lines)
+
+
+def _bucket(n: int) -> tuple[int, str]:
+    lo = 1 << (max(n, 1).bit_length() - 1)
+    return lo, f"[{lo}, {2 * lo})"
+
+
+_WORKER_TOK: Tokenizer | None = None
+_WORKER_CFG: TokenizeConfig | None = None
+
+
+def _init_worker(cfg: TokenizeConfig) -> None:
+    global _WORKER_TOK, _WORKER_CFG
+    _WORKER_CFG = cfg
+    _WORKER_TOK = Tokenizer(cfg.tokenizer)
+
+
+def _work(chunk: list[tuple[str, int, object]]):
+    """Parse + tokenize one chunk of (file, line, raw); returns samples and RecordErrors in input order."""
+    results: list = [None] * len(chunk)
+    recs, slots = [], []
+    for i, (file, line, raw) in enumerate(chunk):
+        try:
+            recs.append(parse_record(raw, file, line, require_reward=True))
+            slots.append(i)
+        except RecordError as err:
+            results[i] = err
+    for i, res in zip(slots, tokenize_records(_WORKER_TOK, recs, _WORKER_CFG)):
+        results[i] = res
+    return results
+
+
+def _chunks(files: list[str], size: int) -> Iterator[list[tuple[str, int, object]]]:
+    buf: list = []
+    for path in files:
+        for line, raw in iter_raw(path):
+            buf.append((path, line, raw))
+            if len(buf) >= size:
+                yield buf
+                buf = []
+    if buf:
+        yield buf
+
+
+def _count_inputs(files: list[str]) -> int | None:
+    total = 0
+    for path in files:
+        fmt = input_format(path)
+        if fmt == "jsonl":
+            with open(path, "rb") as f:
+                total += sum(1 for b in f if b.strip())
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            return None
+    return total
+
+
+def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
+    """Read, validate and tokenize records, and write them as an indexed trajectory dataset.
+
+    Args:
+        cfg: a PreprocessConfig.
+    Returns:
+        A PreprocessSummary (also written into the manifest under "summary").
+    Raises:
+        RecordError: the first invalid record, unless cfg.skip_invalid (then it is counted).
+        ValueError: no record survived.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    files = expand_inputs(cfg.inputs)
+    tok_cfg = cfg.tokenize
+    tok = Tokenizer(tok_cfg.tokenizer)  # fail early, in the main process, on a bad tokenizer
+    summary = PreprocessSummary()
+    hist: Counter[int] = Counter()
+    labels: dict[int, str] = {}
+    file_index = {f: i for i, f in enumerate(files)}
+    writer = TrajectoryWriter(cfg.output_prefix, tok.vocab_size)
+    bar = tqdm(total=_count_inputs(files) if cfg.progress else None, disable=not cfg.progress, unit="rec",
+               desc="preprocess", file=sys.stderr, dynamic_ncols=True)
+    pool = None
+    try:
+        if cfg.workers > 1:
+            pool = mp.get_context(cfg.start_method).Pool(cfg.workers, initializer=_init_worker, initargs=(tok_cfg,))
+            results = pool.imap(_work, _chunks(files, cfg.chunk_size))
+        else:
+            _init_worker(tok_cfg)
+            results = map(_work, _chunks(files, cfg.chunk_size))
+        for chunk_results in results:
+            for res in chunk_results:
+                summary.read += 1
+                if isinstance(res, RecordError):
+                    if not cfg.skip_invalid:
+                        raise res
+                    summary.skips.add(res)
+                    continue
+                writer.add(res, file_index[res.file])
+                summary.written += 1
+                T = len(res.tokens)
+                summary.tokens += T
+                summary.prompt_tokens += res.prompt_length
+                summary.response_tokens += T - res.prompt_length
+                summary.truncated_prompts += res.truncated_prompt_tokens > 0
+                lo, label = _bucket(T)
+                hist[lo] += 1
+                labels[lo] = label
+            bar.update(len(chunk_results))
+            if summary.skips.total:
+                bar.set_postfix(skipped=summary.skips.total, refresh=False)
+        if summary.written == 0:
+            raise ValueError(f"no valid record in {files}\n{summary.skips.report()}")
+        summary.length_histogram = {labels[k]: hist[k] for k in sorted(hist)}
+        summary.prompts = len(writer.prompt_index)
+        summary.seconds = time.perf_counter() - t0
+        writer.finalize({
+            "tokenizer": {"name": tok.name, "kind": tok_cfg.tokenizer.kind, "eos_id": int(tok.eos_id),
+                          "bos_id": int(tok.bos_id)},
+            "inputs": [os.path.basename(f) for f in files],
+            "settings": {"max_length": tok_cfg.max_length, "overlong": tok_cfg.overlong,
+                         "behavior_logprobs_include_eos": tok_cfg.behavior_logprobs_include_eos,
+                         "skip_invalid": cfg.skip_invalid},
+            "summary": {"read": summary.read, "written": summary.written, "skipped": dict(sorted(summary.skips.counts.items())),
+                        "tokens": summary.tokens, "truncated_prompts": summary.truncated_prompts,
+                        "length_histogram": summary.length_histogram},
+        })
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return summary
+
+
+def config_dict(cfg: PreprocessConfig) -> dict:
+    """The config as a plain dict (for logs)."""
+    return asdict(cfg)

@@ -1,0 +1,376 @@
+"""The trajectory record format (JSON Lines, Parquet, or an HF `datasets` directory) and its validation.
+
+One record = one sampled response to one prompt. Field reference and an example: docs/data.md.
+Every problem is a `RecordError` naming file, line, field and a short reason code; in skip-invalid
+mode the caller counts skips by reason with a `SkipCounter` and prints them, so no record is ever
+dropped without being counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""Roles accepted in chat-message prompts."""
+
+KNOWN_FIELDS = (
+    "prompt", "response", "reward", "correct", "prompt_id", "id", "process_rewards", "process_segments",
+    "behavior_logprobs", "behavior_tokenizer", "reference_answer", "source", "task", "metadata",
+)
+"""Fields the format defines; other fields are kept in `TrajectoryRecord.extra`."""
+
+
+class RecordError(ValueError):
+    """A record is invalid. `reason` is a short code used to count skips; str() names file:line and field."""
+
+    def __init__(self, reason: str, message: str, file: str = "<input>", line: int = 0, field: str | None = None):
+        self.reason, self.message, self.file, self.line, self.field = reason, message, file, line, field
+        where = f"{file}:{line}" + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {message} [{reason}]")
+
+    def __reduce__(self):  # errors travel back from worker processes
+        return (RecordError, (self.reason, self.message, self.file, self.line, self.field))
+
+
+@dataclass
+class TrajectoryRecord:
+    """A validated record. Character offsets are Python `str` indices (Unicode code points)."""
+
+    prompt: str | list[dict[str, str]]
+    """Prompt text (used as the single user turn) or chat messages [{"role", "content"}, ...]."""
+    response: str
+    """The sampled response, without EOS (the tokenizer appends it)."""
+    reward: float | None
+    """Outcome reward (from `reward`, else 1.0/0.0 from `correct`); None only when not required."""
+    prompt_id: str
+    """Groups samples of one prompt: the record's `prompt_id`, else "sha1:" + hash of the prompt."""
+    process_rewards: list[tuple[int, float]] = field(default_factory=list)
+    """(end character offset in `response`, reward) per step, offsets strictly increasing in 1..len."""
+    behavior_logprobs: list[float] | None = None
+    """Sampler log-probs per response token (see docs/data.md for the EOS convention)."""
+    behavior_tokenizer: str | None = None
+    """Name of the tokenizer the behavior log-probs belong to."""
+    correct: bool | None = None
+    id: str | None = None
+    reference_answer: str | None = None
+    source: str | None = None
+    task: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields outside the format, kept as they were."""
+    file: str = "<input>"
+    line: int = 0
+
+
+class SkipCounter:
+    """Counts skipped records by reason and keeps the first message of each reason."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def add(self, err: RecordError | str, message: str | None = None) -> None:
+        """Count one skip: a RecordError, or a reason code with an optional message."""
+        reason = err.reason if isinstance(err, RecordError) else err
+        self.counts[reason] += 1
+        self.first.setdefault(reason, str(err) if isinstance(err, RecordError) else (message or reason))
+
+    def merge(self, other: "SkipCounter") -> None:
+        """Add another counter's counts (and first messages where this one has none)."""
+        self.counts.update(other.counts)
+        for k, v in other.first.items():
+            self.first.setdefault(k, v)
+
+    @property
+    def total(self) -> int:
+        """Number of skipped records."""
+        return sum(self.counts.values())
+
+    def report(self) -> str:
+        """Multi-line text: one line per reason, sorted by reason, with its count and first example."""
+        if not self.counts:
+            return "skipped: 0"
+        lines = [f"skipped: {self.total}"]
+        for reason in sorted(self.counts):
+            lines.append(f"  {reason}: {self.counts[reason]} (first: {self.first[reason]})")
+        return "\n".join(lines)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _float(value: Any, fld: str, where: dict) -> float:
+    if not _is_number(value):
+        raise RecordError("wrong_type", f"expected a number, got {type(value).__name__} {value!r:.40}", field=fld, **where)
+    v = float(value)
+    if not math.isfinite(v):
+        raise RecordError("non_finite", f"must be finite, got {v}", field=fld, **where)
+    return v
+
+
+def _opt_str(obj: dict, name: str, where: dict, allow_int: bool = False) -> str | None:
+    v = obj.get(name)
+    if v is None:
+        return None
+    if allow_int and isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if not isinstance(v, str):
+        raise RecordError("wrong_type", f"expected a string, got {type(v).__name__}", field=name, **where)
+    return v
+
+
+def prompt_hash(prompt: str | list) -> str:
+    """Stable id of a prompt (text or messages): "sha1:" + first 16 hex digits of its canonical JSON."""
+    blob = json.dumps(prompt, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return "sha1:" + hashlib.sha1(blob).hexdigest()[:16]
+
+
+def _parse_prompt(value: Any, where: dict) -> str | list[dict[str, str]]:
+    if value is None:
+        raise RecordError("missing_field", "missing (text or chat messages)", field="prompt", **where)
+    if isinstance(value, str):
+        if not value:
+            raise RecordError("empty_prompt", "is empty", field="prompt", **where)
+        return value
+    if not isinstance(value, list) or not value:
+        raise RecordError("wrong_type", "expected a string or a non-empty list of messages", field="prompt", **where)
+    out = []
+    for i, m in enumerate(value):
+        f = f"prompt[{i}]"
+        if not isinstance(m, dict):
+            raise RecordError("wrong_type", "a message must be an object {role, content}", field=f, **where)
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise RecordError("wrong_type", f"role {role!r} is not one of {list(CHAT_ROLES)}", field=f + ".role", **where)
+        if not isinstance(content, str):
+            raise RecordError("wrong_type", "content must be a string", field=f + ".content", **where)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _parse_process(obj: dict, response: str, where: dict) -> list[tuple[int, float]]:
+    pr, segs = obj.get("process_rewards"), obj.get("process_segments")
+    if pr is not None and segs is not None:
+        raise RecordError("bad_process_rewards", "give process_rewards or process_segments, not both",
+                          field="process_rewards", **where)
+    steps: list[tuple[int, float]] = []
+    if segs is not None:
+        if not isinstance(segs, list):
+            raise RecordError("wrong_type", "expected a list of {text, reward}", field="process_segments", **where)
+        end = 0
+        for i, s in enumerate(segs):
+            f = f"process_segments[{i}]"
+            if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+                raise RecordError("wrong_type", "expected {text: str, reward: number}", field=f, **where)
+            end += len(s["text"])
+            if s["text"]:  # an empty segment ends nowhere; its reward would have no token
+                steps.append((end, _float(s.get("reward"), f + ".reward", where)))
+            elif s.get("reward") not in (None, 0, 0.0):
+                raise RecordError("bad_process_rewards", "an empty segment cannot carry a reward", field=f, **where)
+        if "".join(s["text"] for s in segs) != response:
+            raise RecordError("bad_process_rewards", "the segments' texts do not concatenate to the response",
+                              field="process_segments", **where)
+        return steps
+    if pr is None:
+        return steps
+    if not isinstance(pr, list):
+        raise RecordError("wrong_type", "expected a list of [end_offset, reward]", field="process_rewards", **where)
+    prev = 0
+    for i, item in enumerate(pr):
+        f = f"process_rewards[{i}]"
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise RecordError("wrong_type", "expected [end_offset, reward]", field=f, **where)
+        off, rew = item
+        if not isinstance(off, int) or isinstance(off, bool):
+            raise RecordError("wrong_type", f"end offset must be an integer, got {off!r}", field=f, **where)
+        if not prev < off <= len(response):
+            raise RecordError("bad_process_rewards",
+                              f"end offset {off} must be > {prev} (previous) and <= {len(response)} (response length)",
+                              field=f, **where)
+        steps.append((off, _float(rew, f + "[1]", where)))
+        prev = off
+    return steps
+
+
+def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_reward: bool = True) -> TrajectoryRecord:
+    """Validate one record (a JSON line or an already-decoded row) into a `TrajectoryRecord`.
+
+    Args:
+        raw: the JSON text of one line, or a dict (Parquet / HF datasets row).
+        file, line: where it came from, for error messages (line is 1-based; for tables the row + 1).
+        require_reward: demand `reward` or `correct` (False for unlabeled rollouts, see `label`).
+    Raises:
+        RecordError naming file, line, field and the reason code.
+    """
+    where = {"file": file, "line": line}
+    if isinstance(raw, (str, bytes)):
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError("malformed_json", f"not valid JSON: {exc}", **where) from None
+    else:
+        obj = raw
+    if not isinstance(obj, dict):
+        raise RecordError("not_an_object", f"a record must be a JSON object, got {type(obj).__name__}", **where)
+    prompt = _parse_prompt(obj.get("prompt"), where)
+    response = obj.get("response")
+    if response is None:
+        raise RecordError("missing_field", "missing", field="response", **where)
+    if not isinstance(response, str):
+        raise RecordError("wrong_type", f"expected a string, got {type(response).__name__}", field="response", **where)
+    if response == "":
+        raise RecordError("empty_response", "is empty (a response is at least one character; EOS is added later)",
+                          field="response", **where)
+    correct = obj.get("correct")
+    if correct is not None and not isinstance(correct, bool):
+        raise RecordError("wrong_type", f"expected true/false, got {correct!r:.40}", field="correct", **where)
+    reward = None
+    if obj.get("reward") is not None:
+        reward = _float(obj["reward"], "reward", where)
+    elif correct is not None:
+        reward = 1.0 if correct else 0.0
+    elif require_reward:
+        raise RecordError("missing_field", "missing (give `reward` (number) or `correct` (bool))", field="reward", **where)
+    steps = _parse_process(obj, response, where)
+    blp = obj.get("behavior_logprobs")
+    if blp is not None:
+        if not isinstance(blp, list):
+            raise RecordError("wrong_type", "expected a list of numbers", field="behavior_logprobs", **where)
+        blp = [_float(v, f"behavior_logprobs[{i}]", where) for i, v in enumerate(blp)]
+        for i, v in enumerate(blp):
+            if v > 1e-4:
+                raise RecordError("bad_behavior_logprobs", f"a log-probability must be <= 0, got {v}",
+                                  field=f"behavior_logprobs[{i}]", **where)
+    meta = obj.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise RecordError("wrong_type", "expected an object", field="metadata", **where)
+    prompt_id = _opt_str(obj, "prompt_id", where, allow_int=True)
+    return TrajectoryRecord(
+        prompt=prompt, response=response, reward=reward, prompt_id=prompt_id or prompt_hash(prompt),
+        process_rewards=steps, behavior_logprobs=blp,
+        behavior_tokenizer=_opt_str(obj, "behavior_tokenizer", where), correct=correct,
+        id=_opt_str(obj, "id", where, allow_int=True), reference_answer=_opt_str(obj, "reference_answer", where),
+        source=_opt_str(obj, "source", where), task=_opt_str(obj, "task", where), metadata=meta or {},
+        extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS}, file=file, line=line,
+    )
+
+
+def expand_inputs(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    """Input paths with globs expanded, in the given order (each glob sorted); raise if one matches nothing."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out: list[str] = []
+    for p in paths:
+        p = str(p)
+        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
+        if not hits:
+            raise FileNotFoundError(f"input {p!r} does not exist (or the pattern matches no file)")
+        out.extend(hits)
+    return out
+
+
+def input_format(path: str) -> str:
+    """"jsonl", "parquet" or "hf_disk" (a `datasets.Dataset.save_to_disk` directory), from the path."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
+            return "hf_disk"
+        raise ValueError(f"{path} is a directory but not a `datasets` save_to_disk directory (no state.json)")
+    if path.endswith(".parquet"):
+        return "parquet"
+    if path.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    raise ValueError(f"{path}: unknown input format; use .jsonl/.json, .parquet, or a datasets directory")
+
+
+def iter_raw(path: str, chunk_rows: int = 1024) -> Iterator[tuple[int, str | dict]]:
+    """(line, raw) pairs of one input: raw JSON text per non-blank line, or a dict per table row.
+
+    Blank lines of a JSONL file are not records and are passed over (the line numbers stay true).
+    """
+    fmt = input_format(path)
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            for i, b in enumerate(f, 1):
+                if b.strip():
+                    try:
+                        yield i, b.decode("utf-8")
+                    except UnicodeDecodeError:
+                        yield i, b  # parse_record reports it as malformed_json with the line number
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            for rec in batch.to_pylist():
+                row += 1
+                yield row, rec
+    else:
+        import datasets
+
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"{path} holds a DatasetDict {list(ds)}; pass one split's directory")
+        for row, rec in enumerate(ds, 1):
+            yield row, rec
+
+
+def read_records(paths, skip_invalid: bool = False, skips: SkipCounter | None = None,
+                 require_reward: bool = True) -> Iterator[TrajectoryRecord]:
+    """Validated records of all inputs, in order.
+
+    Args:
+        paths: a path, a glob, or a list of them.
+        skip_invalid: count invalid records in `skips` and go on, instead of raising the first RecordError.
+        skips: the counter to fill (required to see the counts when skip_invalid is set).
+        require_reward: see `parse_record`.
+    """
+    if skip_invalid and skips is None:
+        raise ValueError("skip_invalid needs a SkipCounter to count what it skips")
+    for path in expand_inputs(paths):
+        for line, raw in iter_raw(path):
+            try:
+                yield parse_record(raw, path, line, require_reward=require_reward)
+            except RecordError as err:
+                if not skip_invalid:
+                    raise
+                skips.add(err)
+
+
+def record_to_dict(rec: TrajectoryRecord) -> dict[str, Any]:
+    """The record as a JSON-ready dict in the documented format (offset form of process rewards)."""
+    out: dict[str, Any] = {"prompt": rec.prompt, "response": rec.response, "prompt_id": rec.prompt_id}
+    if rec.reward is not None:
+        out["reward"] = rec.reward
+    for name in ("correct", "id", "reference_answer", "source", "task", "behavior_tokenizer"):
+        if getattr(rec, name) is not None:
+            out[name] = getattr(rec, name)
+    if rec.process_rewards:
+        out["process_rewards"] = [[o, r] for o, r in rec.process_rewards]
+    if rec.behavior_logprobs is not None:
+        out["behavior_logprobs"] = rec.behavior_logprobs
+    if rec.metadata:
+        out["metadata"] = rec.metadata
+    out.update(rec.extra)
+    return out
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
+    """Write dicts as UTF-8 JSON Lines (atomically: to a temp file, then renamed); return the count."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n

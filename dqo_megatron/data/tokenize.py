@@ -1,0 +1,286 @@
+"""Tokenize validated records: chat template, exact prompt/response boundary, EOS, per-token rewards.
+
+The prompt (rendered with the chat template and `add_generation_prompt=True`) and the response are
+tokenized separately and concatenated, so the boundary is exact by construction (no merge across it):
+
+    tokens  = prompt_ids + response_ids + [eos]          (length T; prompt_length = len(prompt_ids))
+    rewards = zeros(T); rewards[T-1] += outcome reward; rewards[step token] += process reward
+    behavior_logprobs = zeros(prompt_length) ++ record's log-probs (one per response token incl. EOS)
+
+A step ending at character offset e is credited to the last response token that starts before e
+(the token holding the step's last character); steps sharing a token add up; a step whose text gave
+no token of its own (e.g. whitespace that the tokenizer drops) is credited to the first response token.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from dqo_megatron.config.loader import ConfigError
+from dqo_megatron.data.records import RecordError, TrajectoryRecord
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to load (always from local files) and how to frame prompts."""
+
+    path: str = ""
+    """An HF tokenizer directory (tokenizer.json / tokenizer_config.json) or a sentencepiece .model file."""
+    kind: Literal["auto", "hf", "sentencepiece"] = "auto"
+    """auto: sentencepiece for a *.model file, else HF."""
+    name: str | None = None
+    """Name recorded in the output and compared with records' `behavior_tokenizer`. None: basename of path."""
+    chat_template: str | None = None
+    """Override the HF tokenizer's chat template: a Jinja string, or the path of a .jinja file."""
+    use_chat_template: bool = True
+    """HF: wrap prompts in the chat template. False: encode the prompt text as is (plus BOS, see add_bos)."""
+    add_bos: bool = True
+    """Prepend BOS to prompts that are not chat-templated (templates write their own BOS)."""
+    eos_token: str | None = None
+    """Token appended to every response. None: the tokenizer's EOS (for Gemma-it give "<end_of_turn>")."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("tokenizer.path is empty: give an HF tokenizer directory or a sentencepiece .model file")
+        if not os.path.exists(self.path):
+            raise ConfigError(f"tokenizer.path={self.path!r} does not exist (tokenizers are loaded from local files only)")
+        if self.kind not in ("auto", "hf", "sentencepiece"):
+            raise ConfigError(f"tokenizer.kind={self.kind!r}: choose auto, hf or sentencepiece")
+        if self.kind == "auto":
+            self.kind = "sentencepiece" if self.path.endswith(".model") and os.path.isfile(self.path) else "hf"
+        if self.name is None:
+            self.name = os.path.basename(os.path.normpath(self.path))
+
+
+@dataclass
+class TokenizeConfig:
+    """How records become token sequences."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer."""
+    max_length: int = 4096
+    """Longest sequence (prompt + response + EOS) written, in tokens."""
+    overlong: Literal["drop", "truncate_prompt_left"] = "drop"
+    """Longer sequences: drop them (counted as `too_long`), or cut prompt tokens from the left (counted
+    as truncated). A response is never cut: if it alone does not fit beside one prompt token, the record
+    is skipped as `response_too_long`."""
+    behavior_logprobs_include_eos: bool = True
+    """Records' behavior_logprobs include the EOS token's (length = response tokens + 1). False: they
+    stop before EOS (length = response tokens) and EOS gets log-prob 0."""
+    check_behavior_tokenizer: bool = True
+    """Reject records whose `behavior_tokenizer` differs from tokenizer.name (their log-probs would not
+    line up with our tokens)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokenizer, dict):
+            self.tokenizer = TokenizerConfig(**self.tokenizer)
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length!r}: must be an integer >= 2 (one prompt token + EOS)")
+        if self.overlong not in ("drop", "truncate_prompt_left"):
+            raise ConfigError(f"overlong={self.overlong!r}: choose 'drop' or 'truncate_prompt_left'")
+
+
+@dataclass
+class TokenizedSample:
+    """One tokenized record (all arrays length T = prompt_length + response_length)."""
+
+    tokens: np.ndarray
+    """int64 [T] token ids; the last is EOS."""
+    prompt_length: int
+    """Number of prompt tokens; response tokens are tokens[prompt_length:] (their mask is 1)."""
+    rewards: np.ndarray
+    """float32 [T]: outcome reward on the last token plus process rewards; 0 on prompt tokens."""
+    behavior_logprobs: np.ndarray | None
+    """float32 [T] (0 on prompt tokens), or None when the record has none."""
+    prompt_id: str
+    outcome_reward: float
+    correct: int
+    """1 / 0 from the record's `correct`, else -1 (unknown)."""
+    truncated_prompt_tokens: int = 0
+    """Prompt tokens cut from the left to fit max_length."""
+    file: str = ""
+    line: int = 0
+
+
+class Tokenizer:
+    """A loaded HF or sentencepiece tokenizer behind one small interface."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        if cfg.kind == "sentencepiece":
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=cfg.path)
+            self.hf = None
+            self.vocab_size = int(self.sp.vocab_size())
+            self.bos_id = int(self.sp.bos_id())
+            self.eos_id = int(self.sp.piece_to_id(cfg.eos_token)) if cfg.eos_token else int(self.sp.eos_id())
+            self.has_offsets = True
+        else:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelize with processes
+            from transformers import AutoTokenizer
+
+            self.sp = None
+            self.hf = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+            if cfg.chat_template is not None:
+                tpl = cfg.chat_template
+                if os.path.isfile(tpl):
+                    with open(tpl, encoding="utf-8") as f:
+                        tpl = f.read()
+                self.hf.chat_template = tpl
+            self.vocab_size = len(self.hf)
+            self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
+            eos = cfg.eos_token or self.hf.eos_token
+            self.eos_id = self.hf.convert_tokens_to_ids(eos) if eos is not None else None
+            self.has_offsets = bool(getattr(self.hf, "is_fast", False))
+        if self.eos_id is None or self.eos_id < 0:
+            raise ConfigError(f"tokenizer {cfg.path!r} has no EOS token: set tokenizer.eos_token")
+
+    # ---- prompts
+    def render_prompt(self, prompt, where: dict) -> str | list[int]:
+        """HF: the prompt text after the chat template; sentencepiece: the prompt ids."""
+        chat = isinstance(prompt, list)
+        if self.sp is not None:
+            if chat:
+                raise RecordError("chat_without_template", "chat-message prompts need an HF tokenizer with a chat "
+                                  "template; a sentencepiece model has none (give the prompt as text)", field="prompt", **where)
+            return ([self.bos_id] if self.cfg.add_bos and self.bos_id >= 0 else []) + self.sp.encode(prompt)
+        if self.cfg.use_chat_template and self.hf.chat_template:
+            messages = prompt if chat else [{"role": "user", "content": prompt}]
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if chat:
+            raise RecordError("chat_without_template", "chat-message prompt, but the tokenizer has no chat template "
+                              "(or use_chat_template is off); set tokenizer.chat_template", field="prompt", **where)
+        bos = self.hf.bos_token if (self.cfg.add_bos and self.hf.bos_token) else ""
+        return bos + prompt
+
+    def encode_prompts(self, rendered: list) -> list[list[int]]:
+        """Ids of rendered prompts (see render_prompt); no special tokens are added here."""
+        if self.sp is not None:
+            return rendered
+        if not rendered:
+            return []
+        return self.hf(rendered, add_special_tokens=False)["input_ids"]
+
+    # ---- responses
+    def encode_responses(self, texts: list[str], offsets: bool) -> tuple[list[list[int]], list[list[int] | None]]:
+        """Ids of response texts (no special tokens) and, if asked, each token's start character offset."""
+        if not texts:
+            return [], []
+        if self.sp is not None:
+            if not offsets:
+                return self.sp.encode(texts), [None] * len(texts)
+            ids, starts = [], []
+            for t in texts:
+                proto = self.sp.encode(t, return_type="proto")
+                b2c = _byte_to_char(t)
+                ids.append([p.id for p in proto.pieces])
+                starts.append([b2c[p.begin] for p in proto.pieces])
+            return ids, starts
+        if offsets and not self.has_offsets:
+            raise ValueError("process rewards need a fast (Rust) HF tokenizer for character offsets")
+        enc = self.hf(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        if not offsets:
+            return enc["input_ids"], [None] * len(texts)
+        return enc["input_ids"], [[s for s, _ in om] for om in enc["offset_mapping"]]
+
+    def decode(self, ids) -> str:
+        """Text of token ids (tests and debugging)."""
+        ids = [int(i) for i in ids]
+        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
+
+
+def _byte_to_char(text: str) -> np.ndarray:
+    """Map each UTF-8 byte offset (0..len(bytes)) to the index of the character it belongs to."""
+    lens = np.fromiter((len(c.encode("utf-8")) for c in text), dtype=np.int64, count=len(text))
+    return np.concatenate([np.repeat(np.arange(len(text)), lens), [len(text)]])
+
+
+def step_token_indices(starts: list[int], step_ends: list[int]) -> list[int]:
+    """For each step end offset e, the index of the last token with start < e (0 when there is none).
+
+    Args:
+        starts: start character offset of each response token (non-decreasing), length n >= 0.
+        step_ends: exclusive end character offsets of the steps.
+    Returns:
+        A response-relative token index per step (0 when no text token started before e, which is the
+        first response token or EOS when the response has no text tokens).
+    """
+    arr = np.asarray(starts, dtype=np.int64)
+    idx = np.searchsorted(arr, np.asarray(step_ends, dtype=np.int64), side="left") - 1
+    return [int(max(i, 0)) for i in idx]
+
+
+def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: TokenizeConfig
+                     ) -> list[TokenizedSample | RecordError]:
+    """Tokenize a chunk of records; each slot holds a sample or the RecordError that rejects it.
+
+    Reasons: chat_without_template, behavior_tokenizer_mismatch, behavior_logprobs_length, too_long,
+    response_too_long (see docs/data.md).
+    """
+    out: list[TokenizedSample | RecordError | None] = [None] * len(records)
+    rendered, keep = [], []
+    for i, r in enumerate(records):
+        where = {"file": r.file, "line": r.line}
+        try:
+            if (cfg.check_behavior_tokenizer and r.behavior_logprobs is not None and r.behavior_tokenizer
+                    and r.behavior_tokenizer != tok.name):
+                raise RecordError("behavior_tokenizer_mismatch", f"log-probs are for tokenizer {r.behavior_tokenizer!r}, "
+                                  f"we tokenize with {tok.name!r}", field="behavior_tokenizer", **where)
+            rendered.append(tok.render_prompt(r.prompt, where))
+            keep.append(i)
+        except RecordError as err:
+            out[i] = err
+    prompt_ids = tok.encode_prompts(rendered)
+    need_offsets = any(records[i].process_rewards for i in keep)
+    resp_ids, resp_starts = tok.encode_responses([records[i].response for i in keep], need_offsets)
+    for i, p_ids, r_ids, starts in zip(keep, prompt_ids, resp_ids, resp_starts):
+        out[i] = _assemble(records[i], list(p_ids), list(r_ids), starts, tok, cfg)
+    return out  # type: ignore[return-value]
+
+
+def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, tok: Tokenizer,
+              cfg: TokenizeConfig) -> TokenizedSample | RecordError:
+    where = {"file": r.file, "line": r.line}
+    n_resp = len(r_ids) + 1  # + EOS
+    if r.behavior_logprobs is not None:
+        want = n_resp if cfg.behavior_logprobs_include_eos else n_resp - 1
+        if len(r.behavior_logprobs) != want:
+            return RecordError("behavior_logprobs_length", f"has {len(r.behavior_logprobs)} values but the response "
+                               f"has {want} tokens{' incl. EOS' if cfg.behavior_logprobs_include_eos else ' before EOS'} "
+                               f"with tokenizer {tok.name!r}", field="behavior_logprobs", **where)
+    truncated = 0
+    total = len(p_ids) + n_resp
+    if total > cfg.max_length:
+        if cfg.overlong == "drop":
+            return RecordError("too_long", f"{total} tokens > max_length {cfg.max_length}", **where)
+        if n_resp + 1 > cfg.max_length:
+            return RecordError("response_too_long", f"response alone has {n_resp} tokens incl. EOS; with one prompt "
+                               f"token that exceeds max_length {cfg.max_length} (responses are never cut)", **where)
+        truncated = total - cfg.max_length
+        p_ids = p_ids[truncated:]
+    if not p_ids:
+        return RecordError("empty_prompt", "the prompt gives no tokens (a response needs a state to start from)",
+                       field="prompt", **where)
+    P = len(p_ids)
+    tokens = np.asarray(p_ids + r_ids + [tok.eos_id], dtype=np.int64)
+    rewards = np.zeros(len(tokens), dtype=np.float32)
+    outcome = float(r.reward) if r.reward is not None else 0.0
+    if r.process_rewards:
+        idx = step_token_indices(starts, [e for e, _ in r.process_rewards])
+        for j, (_, v) in zip(idx, r.process_rewards):
+            rewards[P + j] += np.float32(v)
+    rewards[-1] += np.float32(outcome)
+    blp = None
+    if r.behavior_logprobs is not None:
+        blp = np.zeros(len(tokens), dtype=np.float32)
+        blp[P:P + len(r.behavior_logprobs)] = np.asarray(r.behavior_logprobs, dtype=np.float32)
+    return TokenizedSample(tokens=tokens, prompt_length=P, rewards=rewards, behavior_logprobs=blp,
+                           prompt_id=r.prompt_id, outcome_reward=outcome,
+                           correct=-1 if r.correct is None else int(r.correct), truncated_prompt_tokens=truncated,
+                           file=r.file, line=r.line)
