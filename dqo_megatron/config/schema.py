@@ -211,6 +211,58 @@ class TrainConfig:
         _fail(problems)
 
 
+Algorithm = Literal["dqo", "dro", "dpo", "kto", "sft", "rs"]
+
+
+@dataclass
+class LossConfig:
+    """Coefficients of DQO and the baselines (see docs/algorithms.md)."""
+
+    beta: float = 0.1
+    """KL coefficient beta (DRO's tau). The spec fixes no value; 0.1 is a common starting point."""
+    lam: float = 1.0
+    """lambda of the lambda-returns: 1 = Monte-Carlo return (the paper's best), 0 = one-step TD."""
+    is_level: Literal["trajectory", "prefix", "off"] = "trajectory"
+    """Truncated importance sampling: per response (trajectory), per prefix, or off."""
+    is_clip: float = 2.0
+    """Truncation constant c of the importance weights."""
+    is_self_normalize: bool = False
+    """Divide the importance weights by their mean over the micro-batch."""
+    reduction: Literal["token", "sequence"] = "token"
+    """Mean over all response tokens of the global batch, or per sequence then over sequences."""
+    dpo_max_pairs_per_prompt: int = 12
+    """DPO: at most this many (correct, incorrect) pairs per prompt (the paper's cap)."""
+    kto_desirable_weight: float = 1.0
+    """KTO: weight lambda_D of desirable (correct) responses."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: weight lambda_U of undesirable (incorrect) responses."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.beta > 0:
+            problems.append(f"loss.beta={self.beta} must be > 0")
+        if not 0.0 <= self.lam <= 1.0:
+            problems.append(f"loss.lam={self.lam} must be in [0, 1]")
+        if not self.is_clip > 0:
+            problems.append(f"loss.is_clip={self.is_clip} must be > 0")
+        if self.dpo_max_pairs_per_prompt < 1:
+            problems.append(f"loss.dpo_max_pairs_per_prompt={self.dpo_max_pairs_per_prompt} must be >= 1")
+        _fail(problems)
+
+
+@dataclass
+class ValueConfig:
+    """The value network V_phi(s) that DQO and DRO learn next to the policy."""
+
+    mode: Literal["separate", "shared"] = "separate"
+    """separate: a second GPT of the policy's architecture with a scalar head (the paper's setting);
+    shared: a scalar head on the policy's trunk (cheaper; the trunk gets both losses' gradients)."""
+    lr: Optional[float] = None
+    """Peak learning rate of the value parameters (None: train.lr)."""
+    head_init_std: float = 0.0
+    """Std of the value head's weight init (0: zero-initialized, V = 0 at the start)."""
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; written, resolved, into the run directory."""
@@ -223,6 +275,12 @@ class RunConfig:
     """Numerical formats."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batching and optimization."""
+    algorithm: Algorithm = "dqo"
+    """What to train: dqo (default), or a baseline: dro, dpo, kto, sft, rs (rejection sampling)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss coefficients."""
+    value: ValueConfig = field(default_factory=ValueConfig)
+    """The value network (dqo, dro)."""
     run_dir: Optional[str] = None
     """Where logs, checkpoints and the resolved config go (None: nothing is written)."""
 

@@ -78,12 +78,16 @@ def build_optimizer(
     return get_megatron_optimizer(opt_config, list(ddp_chunks))
 
 
-def attach_finalize(ddp_chunks: Sequence[torch.nn.Module]) -> None:
-    """Let Megatron's schedule finalize grads (DP/SP/embedding all-reduces, divide by token count)."""
-    from megatron.core.distributed import finalize_model_grads
+def attach_finalize(ddp_chunks: Sequence[torch.nn.Module], finalize: Callable | None = None) -> None:
+    """Let Megatron's schedule finalize grads (DP/SP/embedding all-reduces, divide by token count).
+
+    `finalize` defaults to Megatron's `finalize_model_grads`.
+    """
+    if finalize is None:
+        from megatron.core.distributed import finalize_model_grads as finalize
 
     for chunk in ddp_chunks:
-        _config_of(chunk).finalize_model_grads_func = finalize_model_grads
+        _config_of(chunk).finalize_model_grads_func = finalize
 
 
 def lm_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -1,0 +1,82 @@
+"""forward_step / loss_func for DQO and the baselines, on Megatron's contract.
+
+A micro-batch is a dict of ``[b, s]`` tensors aligned per position h (the model reads `tokens[h]`
+and predicts `labels[h] = tokens[h+1]`, so index h holds log pi(a_h|s_h), V(s_h) and r_h):
+
+    tokens, labels, position_ids      model inputs
+    response_mask                     1 where labels[h] is a response token
+    rewards                           r_h (outcome on the last response token, process rewards inside)
+    behavior_logprobs   (optional)    log mu(a_h|s_h) of the sampler; absent = the reference's
+    ref_logprobs        (optional)    precomputed log pi_ref(a_h|s_h); absent = the reference model's
+    document_ids        (optional)    packed rows: a different id per document
+
+`rl_forward_step` runs the `PolicyValueModel` on this context-parallel rank's part of the sequence;
+`rl_loss_func` gathers the per-token outputs into whole sequences (the lambda-returns run backwards
+over a whole response) and calls the pure losses of `dqo_megatron.losses`. Every CP rank then
+computes the loss of the whole sequence and counts all its tokens: Megatron sums gradients and
+token counts over the DP x CP group, so both are cp times larger and the division cancels
+(see `dqo_megatron.logprobs.gather`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from dqo_megatron.config import RunConfig
+from dqo_megatron.logprobs import gather_from_context_parallel
+from dqo_megatron.losses import dqo_losses, dro_losses, rejection_sampling_loss, sft_loss
+from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
+
+NEEDS_VALUE = {"dqo": True, "dro": True, "sft": False, "rs": False, "dpo": False, "kto": False}
+"""Which algorithms learn a value network."""
+NEEDS_REFERENCE = {"dqo": True, "dro": True, "sft": False, "rs": False, "dpo": True, "kto": True}
+"""Which algorithms need reference log-probs (from the data or a reference model)."""
+
+
+def rl_forward_step(run: RunConfig, data_iterator: Iterator[dict], model: torch.nn.Module):
+    """Forward one micro-batch; returns ``(per-token outputs, partial(rl_loss_func, run, batch))``."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = next(data_iterator)
+    inputs = {k: batch[k] for k in ("tokens", "position_ids", "labels")}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        inputs = get_batch_on_this_cp_rank(inputs, cp_group=parallel_state.get_context_parallel_group())
+    output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
+    return output, partial(rl_loss_func, run, batch)
+
+
+def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor):
+    """``(loss_sum, count, metrics)`` of `run.algorithm` for one micro-batch.
+
+    output: ``[b, s_local, 3]`` from `PolicyValueModel` (log pi, V, log pi_ref) on this CP rank.
+    """
+    output = gather_from_context_parallel(output, dim=1)
+    logp, values = output[..., LOGP], output[..., VALUE]
+    ref = batch.get("ref_logprobs")
+    if ref is None:
+        ref = output[..., REF_LOGP].detach()
+        if NEEDS_REFERENCE[run.algorithm] and torch.isnan(ref).any():
+            raise ValueError(f"algorithm={run.algorithm} needs reference log-probs: the batch has no "
+                             "'ref_logprobs' and the run holds no reference model")  # fmt: skip
+    mask, rewards, docs = batch["response_mask"], batch["rewards"], batch.get("document_ids")
+    loss = run.loss
+    if run.algorithm == "dqo":
+        out = dqo_losses(logp, ref, batch.get("behavior_logprobs"), values, rewards, mask, beta=loss.beta,
+                         lam=loss.lam, is_level=loss.is_level, is_clip=loss.is_clip,
+                         is_self_normalize=loss.is_self_normalize, reduction=loss.reduction, document_ids=docs)  # fmt: skip
+    elif run.algorithm == "dro":
+        out = dro_losses(logp, ref, values, rewards, mask, beta=loss.beta, document_ids=docs)
+    elif run.algorithm == "sft":
+        out = sft_loss(logp, mask, reduction=loss.reduction, document_ids=docs)
+    elif run.algorithm == "rs":
+        out = rejection_sampling_loss(logp, rewards, mask, reduction=loss.reduction, document_ids=docs)
+    else:
+        raise NotImplementedError(f"algorithm={run.algorithm} is not wired into the trainer yet (pairs/KL batches)")
+    loss_sum, count, metrics = out.loss_func_output()
+    metrics = dict(metrics)
+    metrics["loss"] = torch.stack([loss_sum.detach().float(), count.float()])
+    return loss_sum, count, metrics

@@ -1,0 +1,189 @@
+"""The models of a run as ONE Megatron model chunk: policy, value network, frozen reference.
+
+Why one module: DQO's two losses share their inputs (the policy's log-probs and the values feed the
+lambda-returns of both), so the cheapest step runs the policy and the value network in the same
+micro-batch and backpropagates the sum of the losses once; the stop-gradients inside the losses keep
+each loss on its own parameters. Megatron's schedules, DDP and optimizer see one model, so pipeline
+parallelism, gradient reduction and clipping work unchanged.
+
+Pipeline parallelism: every member is split into the same stages. Between stages the members'
+hidden states ``[s, mb, h]`` travel stacked along the micro-batch dimension (``[s, k*mb, h]`` for k
+members), so the schedule only needs ``micro_batch_size = k * mb`` (`pipeline_micro_batch_size`) and
+the value network / reference must have the policy's hidden size (they are copies of its
+architecture). On the last stage the output is ``[b, s_local, 3]``: per token, the policy's
+log-prob of the label (fused from hidden states, never materializing the logits), the value
+``V(s_h)`` and the reference log-prob (NaN when the reference comes from the data), whole along SP,
+this rank's part along CP.
+
+Value modes: "separate" (a second GPT + `ValueHead`, the paper's setting) or "shared" (the head on the
+policy's final hidden states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import torch
+
+from dqo_megatron.logprobs import gather_from_sequence_parallel, output_weight, token_logprobs_from_hidden
+from dqo_megatron.models.value_head import VALUE_HEAD_ATTR, ValueHead, final_hidden_states_only, unwrap_gpt
+
+LOGP, VALUE, REF_LOGP = 0, 1, 2
+"""Indices of the last dimension of `PolicyValueModel`'s output on the last stage."""
+
+
+class PolicyValueModel(torch.nn.Module):
+    """Policy (+ value network or head) (+ frozen reference) of one pipeline (virtual) stage.
+
+    Args:
+        policy: the policy GPTModel chunk.
+        value: the value GPTModel chunk (value mode "separate"), or None.
+        reference: a frozen reference GPTModel chunk, or None (reference log-probs from the data).
+        value_head: True to put a value head on the last stage: on `value` when given, else on the
+            policy's trunk (value mode "shared"). False: no value (SFT, RS, DPO, KTO).
+        head_init_std: std of the head's weight init (0: zero).
+    """
+
+    def __init__(self, policy, value=None, reference=None, *, value_head: bool = True, head_init_std: float = 0.0):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+        self.reference = reference
+        self.config = policy.config
+        gpt = unwrap_gpt(policy)
+        self.model_type = gpt.model_type  # read by Megatron's schedules
+        self.vp_stage = getattr(gpt, "vp_stage", None)
+        if reference is not None:
+            reference.requires_grad_(False)
+        if value is not None:
+            if value.config.hidden_size != policy.config.hidden_size:
+                raise ValueError("the value network must have the policy's hidden size (stages exchange both)")
+            value_gpt = unwrap_gpt(value)
+            if value_gpt.post_process and not value_gpt.share_embeddings_and_output_weights:
+                value_gpt.output_layer.weight.requires_grad_(False)  # the value network never computes logits
+            for param in value.parameters():
+                setattr(param, VALUE_HEAD_ATTR, True)  # its own optimizer group (learning rate)
+        self.value_head = None
+        if value_head and unwrap_gpt(policy).post_process:
+            trunk = value if value is not None else policy
+            self.value_head = ValueHead.from_config(trunk.config, init_std=head_init_std)
+
+    @property
+    def members(self) -> list:
+        """The GPT chunks whose hidden states travel between stages, in a fixed order."""
+        return [m for m in (self.policy, self.value, self.reference) if m is not None]
+
+    # Megatron's finalize_model_grads all-reduces ONE tied embedding between the first and last
+    # stages; with several members we do it per member in `finalize_policy_value_grads`.
+    share_embeddings_and_output_weights = False
+
+    @property
+    def pre_process(self) -> bool:
+        """Whether this chunk is the first pipeline (virtual) stage."""
+        return unwrap_gpt(self.policy).pre_process
+
+    @property
+    def post_process(self) -> bool:
+        """Whether this chunk is the last pipeline (virtual) stage."""
+        return unwrap_gpt(self.policy).post_process
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's schedule hands each stage the previous stage's output; split it per member."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        members = self.members
+        if input_tensor is None:
+            parts = [None] * len(members)
+        else:
+            parts = torch.chunk(input_tensor, len(members), dim=1)
+        for member, part in zip(members, parts):
+            member.set_input_tensor(part)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """tokens, position_ids, labels: ``[b, s_local]`` (this CP rank's part).
+
+        Returns ``[b, s_local, 3]`` (log pi, V, log pi_ref) on the last stage, else the stacked hidden
+        states ``[s_local(/tp), k*b, h]`` for the next stage.
+        """
+        hidden = []
+        for member in self.members:
+            grad = contextlib.nullcontext() if member is not self.reference else torch.no_grad()
+            with grad, final_hidden_states_only(member):
+                hidden.append(member(tokens, position_ids, None))
+        if not self.post_process:
+            return torch.cat(hidden, dim=1)
+        return self._per_token_outputs(hidden, labels)
+
+    def _per_token_outputs(self, hidden: list, labels: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        sp = config.sequence_parallel
+        from megatron.core import parallel_state
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        named = dict(zip([id(m) for m in self.members], hidden))
+        policy_hidden = named[id(self.policy)]
+        logp = token_logprobs_from_hidden(policy_hidden, output_weight(self.policy), labels, tp_group=tp_group,
+                                          sequence_parallel=sp)  # fmt: skip
+        values = torch.zeros_like(logp)
+        if self.value_head is not None:
+            trunk_hidden = named[id(self.value)] if self.value is not None else policy_hidden
+            values = self.value_head(trunk_hidden)
+            if sp:
+                values = gather_from_sequence_parallel(values, tp_group, dim=1)
+        ref = torch.full_like(logp, float("nan"))
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = token_logprobs_from_hidden(named[id(self.reference)].detach(), output_weight(self.reference),
+                                                 labels, tp_group=tp_group, sequence_parallel=sp)  # fmt: skip
+        return torch.stack([logp, values, ref], dim=-1)
+
+
+def finalize_policy_value_grads(model: list, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """Megatron's `finalize_model_grads`, plus the tied-embedding gradient all-reduce between the first
+    and last pipeline stages for every member with tied embeddings (Megatron's handles one model)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_embedding_group()
+    if torch.distributed.get_rank() not in torch.distributed.get_process_group_ranks(group):
+        return
+    chunk = model[0] if parallel_state.is_pipeline_first_stage(ignore_virtual=True) else model[-1]
+    while not isinstance(chunk, PolicyValueModel) and hasattr(chunk, "module"):
+        chunk = chunk.module
+    for member in (chunk.policy, chunk.value):
+        gpt = unwrap_gpt(member) if member is not None else None
+        if gpt is not None and gpt.share_embeddings_and_output_weights:
+            weight = gpt.shared_embedding_or_output_weight()
+            grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+            torch.distributed.all_reduce(grad, group=group)
+
+
+def pipeline_micro_batch_size(model: "PolicyValueModel | torch.nn.Module", micro_batch_size: int) -> int:
+    """The micro-batch size to give Megatron's schedule: members stack along the batch dimension."""
+    inner = model
+    while not isinstance(inner, PolicyValueModel) and hasattr(inner, "module"):
+        inner = inner.module
+    members = len(inner.members) if isinstance(inner, PolicyValueModel) else 1
+    return micro_batch_size * members
+
+
+def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, backend: str = "auto") -> list:
+    """This rank's `PolicyValueModel` chunk(s) for `run` (a `RunConfig`), on this process's device.
+
+    The value network (value mode "separate") and the reference are GPTs of the policy's
+    architecture; every member is split with the same TP/PP/CP layout.
+    """
+    from dqo_megatron.models import build_model_chunks
+    from dqo_megatron.parallel import device_for_this_process
+
+    policies = build_model_chunks(run.model, run.parallel, run.precision, backend=backend)
+    separate = with_value and run.value.mode == "separate"
+    values = build_model_chunks(run.model, run.parallel, run.precision, backend=backend) if separate else [None] * len(policies)
+    refs = build_model_chunks(run.model, run.parallel, run.precision, backend=backend) if with_reference else [None] * len(policies)
+    device = device_for_this_process()
+    return [
+        PolicyValueModel(policy, value, reference, value_head=with_value, head_init_std=run.value.head_init_std).to(device)
+        for policy, value, reference in zip(policies, values, refs)
+    ]
