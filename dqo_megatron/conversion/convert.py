@@ -1,0 +1,234 @@
+"""HF <-> Megatron conversion (the library behind ``dqo-megatron convert ...`` and tools/convert_checkpoint.py).
+
+hf_to_megatron: read HF safetensors shard by shard, re-layout per family, fill an uninitialized TP=1 PP=1
+    GPTModel (the model's parameters take over the converted tensors: the model's size is held once),
+    save it with `dist_checkpointing` so it loads under any layout; optionally as a value network.
+megatron_to_hf: load at TP=1 PP=1, write HF safetensors one output shard at a time + config.json +
+    the tokenizer files.
+Both write into a temporary directory beside the output and rename it at the end (after `verify`
+passed, when asked), so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from dqo_megatron.config.schema import validate_model_layout
+from dqo_megatron.conversion import hf_io
+from dqo_megatron.conversion.megatron_io import (
+    HF_DIR,
+    WEIGHTS_DIR,
+    CheckpointInfo,
+    DTYPES,
+    build_empty_chunks,
+    check_output,
+    dtype_name,
+    load_chunks,
+    read_metadata,
+    save_chunks,
+    single_process_layout,
+    staged_output,
+    write_metadata,
+)
+from dqo_megatron.conversion.registry import ConversionError, family, family_for_hf_config
+from dqo_megatron.conversion.verify import DEFAULT_TOLERANCE, ParityReport, verify_parity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did."""
+
+    output: Path
+    """The written directory."""
+    model: ModelConfig
+    """The model's configuration."""
+    dtype: str
+    """Stored parameter dtype."""
+    seconds: float
+    """Wall time of the conversion (verification included)."""
+    parity: Optional[ParityReport] = None
+    """The parity check, when asked for."""
+
+
+def check_layouts(cfg: ModelConfig, layouts: Sequence[ParallelConfig]) -> None:
+    """ConversionError when `cfg` cannot be split into one of `layouts` (heads, KV groups, FFN, layers)."""
+    for layout in layouts:
+        try:
+            validate_model_layout(cfg, layout, seq_length=cfg.seq_length)
+        except ConfigError as exc:
+            raise ConversionError(
+                f"the model cannot be split into TP={layout.tensor_model_parallel_size} "
+                f"PP={layout.pipeline_model_parallel_size}: {exc}"
+            ) from None
+
+
+def _resolve_dtype(requested: str, found: set[torch.dtype], where: Path) -> torch.dtype:
+    if requested != "auto":
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        name = aliases.get(requested, requested)
+        if name not in DTYPES:
+            raise ConversionError(f"dtype {requested!r} is not one of auto, fp32, bf16, fp16")
+        return DTYPES[name]
+    if len(found) != 1:
+        raise ConversionError(f"{where}: floating tensors have dtypes {sorted(map(str, found))}; pass dtype "
+                              "explicitly (fp32, bf16, fp16)")  # fmt: skip
+    dtype = next(iter(found))
+    dtype_name(dtype)  # refuses float64 and friends
+    return dtype
+
+
+def _fail_on_parity(report: ParityReport) -> None:
+    if not report.passed:
+        raise ConversionError(f"{report.summary()}; nothing was written")
+
+
+def hf_to_megatron(
+    src: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    layouts: Sequence[ParallelConfig] = (),
+    verify: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    value: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert the HF model directory `src` into a dqo-megatron checkpoint directory `out`.
+
+    Args:
+        dtype: stored dtype: auto (the source's), fp32, bf16 or fp16.
+        layouts: TP/PP layouts the model must be splittable into (checked before anything is read).
+        verify: compare logits with transformers on fixed prompts and refuse to write on failure.
+        value: write a value network instead (trunk copied, scalar head zero-initialized; see
+            `dqo_megatron.conversion.value`).
+    Raises ConversionError (unknown architecture, missing shard/tensor, unsplittable layout, existing
+    output without `overwrite`, failed parity); nothing is left at `out` then.
+    """
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    check_output(out.absolute(), overwrite)
+    ckpt = hf_io.HFCheckpoint.open(src)
+    fam = family_for_hf_config(ckpt.config, where=str(src / "config.json"))
+    cfg = fam.config_from_hf(ckpt.config, where=str(src / "config.json"))
+    check_layouts(cfg, layouts)
+    rules = hf_io.plan_import(ckpt, fam, cfg)
+    torch_dtype = _resolve_dtype(dtype, ckpt.dtypes(), src)
+    logger.info("converting %s (%s, %d layers, hidden %d) to %s in %s", src, fam.name, cfg.num_layers,
+                cfg.hidden_size, out, dtype_name(torch_dtype))  # fmt: skip
+    parity = None
+    with staged_output(out, overwrite) as tmp, single_process_layout():
+        (chunk,) = build_empty_chunks(cfg, ParallelConfig(), torch_dtype)
+        _fill_from_hf(chunk, hf_io.stream_megatron_tensors(ckpt, rules, torch_dtype, progress))
+        kind = "policy"
+        if value:
+            from dqo_megatron.conversion.value import attach_value_head
+
+            attach_value_head(chunk, cfg)
+            kind = "value"
+        save_chunks([chunk], tmp / WEIGHTS_DIR)
+        del chunk
+        write_metadata(tmp, cfg, CheckpointInfo(family=fam.name, dtype=dtype_name(torch_dtype), kind=kind,
+                                                source=str(src.absolute())))  # fmt: skip
+        (tmp / HF_DIR).mkdir()
+        shutil.copy2(src / "config.json", tmp / HF_DIR / "config.json")
+        hf_io.copy_side_files(src, tmp / HF_DIR)
+        if verify:
+            parity = verify_parity(src, tmp, tolerance)
+            logger.info(parity.summary())
+            _fail_on_parity(parity)
+    return ConversionReport(out, cfg, dtype_name(torch_dtype), time.perf_counter() - start, parity)
+
+
+@torch.no_grad()
+def _fill_from_hf(chunk, tensors) -> None:
+    """Hand each converted tensor to the matching parameter (``param.data = tensor``: no copy, and the
+    uninitialized buffer is freed before it was ever touched)."""
+    params = dict(chunk.named_parameters())
+    filled = set()
+    for name, tensor in tensors:
+        if name not in params:
+            raise ConversionError(f"converted tensor {name} has no parameter in the Megatron model")
+        param = params[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ConversionError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron parameter shape "
+                                  f"{tuple(param.shape)} (config.json disagrees with the weights)")  # fmt: skip
+        param.data = tensor.to(param.dtype).contiguous()
+        filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ConversionError(f"Megatron parameters left unfilled by the HF checkpoint: {missing[:6]}")
+
+
+def megatron_to_hf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    tokenizer: Optional[str | Path] = None,
+    max_shard_size: str | int = "5GB",
+    verify: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert the dqo-megatron checkpoint `src` into an HF model directory `out` (safetensors, config.json,
+    tokenizer files from `tokenizer` or from the checkpoint's ``hf/``), loadable by transformers as is.
+
+    Args:
+        dtype: written dtype: auto (the checkpoint's), fp32, bf16 or fp16.
+        max_shard_size: largest safetensors file (e.g. "5GB"); more than one writes an index.
+        verify: compare logits of the written HF model with the checkpoint; refuse to write on failure.
+    """
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    check_output(out.absolute(), overwrite)
+    cfg, info = read_metadata(src)
+    if info.kind != "policy":
+        raise ConversionError(f"{src} is a {info.kind} checkpoint; only policy checkpoints have an HF equivalent")
+    fam = family(cfg.family)
+    out_dtype = info.torch_dtype if dtype == "auto" else _resolve_dtype(dtype, set(), src)
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else src / HF_DIR
+    if tokenizer is not None and not tokenizer_dir.is_dir():
+        raise ConversionError(f"tokenizer directory {tokenizer_dir} does not exist")
+    max_bytes = hf_io.parse_size(max_shard_size)
+    base_config = None
+    if (src / HF_DIR / "config.json").is_file():
+        import json
+
+        base_config = json.loads((src / HF_DIR / "config.json").read_text())
+    parity = None
+    with staged_output(out, overwrite) as tmp, single_process_layout():
+        (chunk,) = build_empty_chunks(cfg, ParallelConfig(), info.torch_dtype)
+        load_chunks([chunk], src / WEIGHTS_DIR)
+        params = {name: p.detach() for name, p in chunk.named_parameters()}
+        rules = fam.rules(cfg)
+
+        def get(name: str) -> torch.Tensor:
+            return params[name].to(out_dtype)
+
+        def hf_bytes(rule) -> int:
+            rows = params[rule.megatron]
+            numel = rows.numel() if "word_embeddings" not in rule.megatron and "output_layer" not in rule.megatron \
+                else cfg.vocab_size * rows.shape[1]  # fmt: skip
+            return numel * torch.tensor([], dtype=out_dtype).element_size()
+
+        hf_io.write_hf_safetensors(tmp, rules, get, hf_bytes, max_bytes, progress)
+        hf_io.write_json(tmp / "config.json", fam.config_to_hf(cfg, base_config, out_dtype))
+        hf_io.copy_side_files(tokenizer_dir, tmp)
+        del chunk, params
+        if verify:
+            parity = verify_parity(tmp, src, tolerance)
+            logger.info(parity.summary())
+            _fail_on_parity(parity)
+    return ConversionReport(out, cfg, dtype_name(out_dtype), time.perf_counter() - start, parity)
