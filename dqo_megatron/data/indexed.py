@@ -67,11 +67,8 @@ class TrajectoryWriter:
         self.any_behavior = False
 
     def _add(self, part: str, arr: np.ndarray) -> None:
-        import torch
-
-        b = self.builders[part]
-        b.add_item(torch.from_numpy(np.ascontiguousarray(arr)))
-        b.end_document()
+        # one item per document; add_document takes numpy directly (add_item would go through torch)
+        self.builders[part].add_document(arr, [arr.size])
 
     def add(self, s, input_index: int) -> None:
         """Append one TokenizedSample (from dqo_megatron.data.tokenize); `input_index` names its input file."""

@@ -103,10 +103,10 @@ _WORKER_TOK: Tokenizer | None = None
 _WORKER_CFG: TokenizeConfig | None = None
 
 
-def _init_worker(cfg: TokenizeConfig) -> None:
+def _init_worker(cfg: TokenizeConfig, tok: Tokenizer | None = None) -> None:
     global _WORKER_TOK, _WORKER_CFG
     _WORKER_CFG = cfg
-    _WORKER_TOK = Tokenizer(cfg.tokenizer)
+    _WORKER_TOK = tok if tok is not None else Tokenizer(cfg.tokenizer)
 
 
 def _work(chunk: list[tuple[str, int, object]]):
@@ -182,7 +182,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             pool = mp.get_context(cfg.start_method).Pool(cfg.workers, initializer=_init_worker, initargs=(tok_cfg,))
             results = pool.imap(_work, _chunks(files, cfg.chunk_size))
         else:
-            _init_worker(tok_cfg)
+            _init_worker(tok_cfg, tok)
             results = map(_work, _chunks(files, cfg.chunk_size))
         for chunk_results in results:
             for res in chunk_results:
