@@ -200,15 +200,61 @@ class TrainConfig:
     """Seed of model init, data order and dropout."""
     train_steps: int = 10
     """Optimizer steps."""
+    min_lr: float = 0.0
+    """Learning rate at the end of a cosine/linear decay."""
+    lr_warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many steps."""
+    lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
+    """Schedule after warmup (decays over train_steps)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    log_interval: int = 1
+    """Print and log metrics every this many steps."""
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0: only at the end and on SIGTERM)."""
+    keep_last_checkpoints: int = 3
+    """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a successful save)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run_dir if any; none: start fresh;
+    or a checkpoint directory."""
+    max_consecutive_nonfinite: int = 5
+    """A step with a NaN/inf loss or gradient is skipped and counted; stop after this many in a row."""
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.lr < 0 or self.clip_grad < 0:
-            problems.append("train.lr and train.clip_grad must be >= 0")
+        if self.lr < 0 or self.clip_grad < 0 or self.min_lr < 0 or self.weight_decay < 0:
+            problems.append("train.lr, train.min_lr, train.clip_grad and train.weight_decay must be >= 0")
+        if self.min_lr > self.lr:
+            problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        for name in ("lr_warmup_steps", "save_interval"):
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        for name in ("log_interval", "keep_last_checkpoints", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
         _fail(problems)
+
+
+@dataclass
+class DataConfig:
+    """Training data: a preprocessed trajectory dataset (`dqo-megatron preprocess`)."""
+
+    train_prefix: Optional[str] = None
+    """Output prefix given to preprocess (<prefix>.json and <prefix>_*.bin/.idx)."""
+    shuffle: bool = True
+    """Shuffle documents each epoch (seeded by train.seed)."""
+    reference: Literal["auto", "data", "model"] = "auto"
+    """Where reference log-probs come from: data (filled by `dqo-megatron annotate`), model (a frozen
+    reference held in the run, forward only), auto (data when the dataset has them, else model)."""
+    pad_id: int = 0
+    """Token id written into padding (masked out of every loss)."""
 
 
 Algorithm = Literal["dqo", "dro", "dpo", "kto", "sft", "rs"]
@@ -275,6 +321,8 @@ class RunConfig:
     """Numerical formats."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batching and optimization."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
     algorithm: Algorithm = "dqo"
     """What to train: dqo (default), or a baseline: dro, dpo, kto, sft, rs (rejection sampling)."""
     loss: LossConfig = field(default_factory=LossConfig)

@@ -63,9 +63,12 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor):
             raise ValueError(f"algorithm={run.algorithm} needs reference log-probs: the batch has no "
                              "'ref_logprobs' and the run holds no reference model")  # fmt: skip
     mask, rewards, docs = batch["response_mask"], batch["rewards"], batch.get("document_ids")
+    behavior = batch.get("behavior_logprobs")
+    if behavior is not None:  # documents without sampler log-probs were sampled from the reference
+        behavior = torch.where(torch.isnan(behavior), ref, behavior)
     loss = run.loss
     if run.algorithm == "dqo":
-        out = dqo_losses(logp, ref, batch.get("behavior_logprobs"), values, rewards, mask, beta=loss.beta,
+        out = dqo_losses(logp, ref, behavior, values, rewards, mask, beta=loss.beta,
                          lam=loss.lam, is_level=loss.is_level, is_clip=loss.is_clip,
                          is_self_normalize=loss.is_self_normalize, reduction=loss.reduction, document_ids=docs)  # fmt: skip
     elif run.algorithm == "dro":

@@ -10,7 +10,8 @@ split into micro-batches, DP, CP or PP ranks; we never divide inside a micro-bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
@@ -28,7 +29,9 @@ class StepResult:
     grad_norm: float
     """Global gradient norm before clipping."""
     update_successful: bool
-    """False when the optimizer skipped the step (e.g. inf/NaN gradients)."""
+    """False when the step was not applied (NaN/inf loss, or the optimizer skipped it)."""
+    metrics: dict = field(default_factory=dict)
+    """Every metric of the loss function, reduced over micro-batches and ranks (numerator/denominator)."""
 
 
 def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True) -> list:
@@ -58,16 +61,30 @@ def build_optimizer(
     clip_grad: float = 1.0,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    adam_beta1: float = 0.9,
     adam_beta2: float = 0.999,
+    min_lr: float = 0.0,
+    value_lr: float | None = None,
+    value_min_lr: float | None = None,
 ):
-    """Megatron's optimizer over the DDP-wrapped chunks, in the chunks' precision (fp32 on CPU)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """Megatron's optimizer over the DDP-wrapped chunks, in the chunks' precision (fp32 on CPU).
+
+    Parameters marked as value parameters (`dqo_megatron.models.value_head.VALUE_HEAD_ATTR`: the value
+    network and the value head) form their own group with peak `value_lr` (default `lr`); biases and
+    norms get no weight decay (Megatron's standard groups).
+    """
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+    from megatron.core.optimizer import get_standard_config_overrides
+
+    from dqo_megatron.models.value_head import VALUE_HEAD_ATTR
 
     config = _config_of(ddp_chunks[0])
     opt_config = OptimizerConfig(
         optimizer=optimizer,
         lr=lr,
+        min_lr=min_lr,
         weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
         adam_beta2=adam_beta2,
         clip_grad=clip_grad,
         bf16=config.bf16,
@@ -75,7 +92,27 @@ def build_optimizer(
         params_dtype=config.params_dtype,
         use_distributed_optimizer=False,
     )
-    return get_megatron_optimizer(opt_config, list(ddp_chunks))
+    overrides = dict(get_standard_config_overrides(opt_config))
+    if value_lr is not None:
+        overrides[ParamKey(attr=VALUE_HEAD_ATTR)] = {
+            "max_lr": value_lr, "min_lr": min_lr if value_min_lr is None else value_min_lr,
+        }  # fmt: skip
+    return get_megatron_optimizer(opt_config, list(ddp_chunks), config_overrides=overrides)
+
+
+def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_style: str,
+                    weight_decay: float = 0.0):  # fmt: skip
+    """Megatron's `OptimizerParamScheduler`: linear warmup, then constant/cosine/linear decay.
+
+    Groups with their own `max_lr`/`min_lr` (the value parameters) follow the same shape.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, warmup_steps + 1), lr_decay_style=decay_style,
+        start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
+    )  # fmt: skip
 
 
 def attach_finalize(ddp_chunks: Sequence[torch.nn.Module], finalize: Callable | None = None) -> None:
@@ -134,12 +171,15 @@ def train_step(
     micro_batch_size: int,
     forward_step: Callable = lm_forward_step,
     metric_key: str = "lm loss",
+    skip_nonfinite: bool = True,
 ) -> StepResult:
     """Zero grads, run Megatron's forward/backward schedule over the micro-batches, step.
 
     `data_iterator` yields micro-batches for this data-parallel rank (a list of iterators, one per
     chunk, under virtual pipeline parallelism). `forward_step`'s metrics must include `metric_key`
-    as ``[loss_sum, token_count]``.
+    as ``[loss_sum, token_count]``; every metric is reduced the same way into `StepResult.metrics`.
+    With `skip_nonfinite`, a step whose global loss is NaN/inf is not applied
+    (``update_successful=False``): the weights stay as they were.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -156,33 +196,50 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    loss_sum, tokens = reduce_loss_metrics(losses, metric_key)
+    totals = reduce_metrics(losses)
+    loss_sum, tokens = totals.get(metric_key, (float("nan"), 0.0))
+    loss = loss_sum / max(tokens, 1)
+    if skip_nonfinite and not math.isfinite(loss):
+        for chunk in ddp_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        update_successful, grad_norm = False, float("nan")
+    else:
+        update_successful, grad_norm, _ = optimizer.step()
     return StepResult(
-        loss=loss_sum / max(tokens, 1),
+        loss=loss,
         tokens=int(tokens),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         update_successful=bool(update_successful),
+        metrics={k: num / den if den else float("nan") for k, (num, den) in totals.items()},
     )
 
 
-def reduce_loss_metrics(losses: list[dict], key: str) -> tuple[float, float]:
-    """Sum ``[loss_sum, count]`` over micro-batches and DP/CP ranks; share it from the last stage.
+def reduce_metrics(losses: list[dict]) -> dict[str, tuple[float, float]]:
+    """Sum every ``[numerator, denominator]`` metric over micro-batches and DP/CP ranks, shared from the
+    last pipeline stage. Returns ``{name: (numerator, denominator)}``, the same on every rank.
 
-    Returns ``(loss_sum, count)`` for the global batch, the same on every rank.
+    Every rank must call it (collective). Names come from the last stage and are broadcast.
     """
     from megatron.core import parallel_state
 
-    totals = torch.zeros(2, dtype=torch.float64)
+    names = sorted({k for item in losses for k in item})
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        holder = [names if parallel_state.is_pipeline_last_stage() else None]
+        last = torch.distributed.get_process_group_ranks(pp_group)[-1]
+        torch.distributed.broadcast_object_list(holder, src=last, group=pp_group)
+        names = holder[0]
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)
     for item in losses:
-        totals += item[key].detach().double().cpu()
+        for i, name in enumerate(names):
+            totals[i] += item[name].detach().double().cpu().view(2)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     totals = totals.to(device)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     # Only the last pipeline stage computed a loss; the others hold zeros: a sum shares it.
-    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, count = totals.tolist()
-    return loss_sum, count
+    torch.distributed.all_reduce(totals, group=pp_group)
+    return {name: (float(totals[i, 0]), float(totals[i, 1])) for i, name in enumerate(names)}
 
 
 def _config_of(module: torch.nn.Module):

@@ -1,0 +1,235 @@
+"""The train loop: DQO (or a baseline) on Megatron-Core, top to bottom.
+
+    setup      process groups -> data -> models (policy, value, reference) -> DDP -> optimizer, schedule
+    resume     from the newest complete checkpoint in run_dir (or the one named)
+    loop       micro-batches -> Megatron's forward/backward schedule -> step (skipped if non-finite)
+               -> log -> checkpoint every N steps and on SIGTERM
+    finish     final checkpoint, summary
+
+Everything that is per-rank (data shard, RNG, checkpoint shards) is handled by the pieces it calls;
+rank 0 prints and writes TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from dqo_megatron.config import ConfigError, RunConfig, save_config
+from dqo_megatron.training.algorithms import NEEDS_REFERENCE, NEEDS_VALUE, rl_forward_step
+from dqo_megatron.training.policy_value import (
+    build_policy_value_chunks,
+    finalize_policy_value_grads,
+    pipeline_micro_batch_size,
+)
+from dqo_megatron.training.step import attach_finalize, build_optimizer, build_scheduler, train_step, wrap_with_ddp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    """What a `train` call did (the same on every rank)."""
+
+    start_step: int = 0
+    """Step the run started from (> 0 after a resume)."""
+    steps: int = 0
+    """Optimizer steps completed (counting from 0, including the resumed part)."""
+    losses: list[float] = field(default_factory=list)
+    """Global loss of each step taken in this call."""
+    metrics: list[dict] = field(default_factory=list)
+    """All reduced metrics of each step taken in this call."""
+    skipped_nonfinite: int = 0
+    """Steps not applied because the loss was NaN/inf."""
+    stopped_by: str = "done"
+    """done | sigterm | nonfinite."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint directories written by this call."""
+
+
+class _SigtermFlag:
+    """Turn SIGTERM into a flag the loop checks between steps (a preempted job saves, then exits)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, *_args) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train(run: RunConfig) -> TrainSummary:
+    """Train `run.algorithm` on `run.data.train_prefix` for `run.train.train_steps` steps (collective)."""
+    from dqo_megatron import parallel
+    from dqo_megatron.data.dataset import TrajectoryDataset
+    from dqo_megatron.training.data import MicroBatches
+
+    if not run.data.train_prefix:
+        raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
+    info = parallel.initialize(run.parallel, seed=run.train.seed)
+    num_microbatches = run.num_microbatches(info.world_size)
+    is_logger = info.rank == 0
+
+    # ---- data
+    dataset = TrajectoryDataset(run.data.train_prefix)
+    has_ref = bool(dataset.manifest.get("ref_logprobs_filled", False))
+    if run.data.reference == "data" and not has_ref:
+        raise ConfigError(f"data.reference=data but {run.data.train_prefix} has no reference log-probs: run "
+                          "`dqo-megatron annotate` first or set data.reference=model")  # fmt: skip
+    ref_from_data = has_ref and run.data.reference != "model"
+    needs_ref_model = NEEDS_REFERENCE[run.algorithm] and not ref_from_data
+    batches = MicroBatches(dataset, seq_length=run.train.seq_length, micro_batch_size=run.train.micro_batch_size,
+                           dp_rank=info.dp_rank, dp_size=info.dp_size, seed=run.train.seed, shuffle=run.data.shuffle,
+                           pad_id=run.data.pad_id, with_ref_logprobs=ref_from_data, device=info.device)  # fmt: skip
+    if is_logger:
+        behavior_share = float(dataset.has_behavior.mean()) if len(dataset) else 0.0
+        logger.info("data: %d documents from %s; reference log-probs from %s; behavior log-probs from the data for "
+                    "%.0f%% of documents, the reference's for the rest", len(dataset), run.data.train_prefix,
+                    "the data" if ref_from_data else ("a reference model in the run" if needs_ref_model else "nowhere (not needed)"),
+                    100 * behavior_share)  # fmt: skip
+
+    # ---- models, optimizer, schedule
+    chunks = build_policy_value_chunks(run, with_value=NEEDS_VALUE[run.algorithm], with_reference=needs_ref_model)
+    ddp = wrap_with_ddp(chunks)
+    attach_finalize(ddp, finalize_policy_value_grads)
+    t = run.train
+    optimizer = build_optimizer(ddp, lr=t.lr, min_lr=t.min_lr, clip_grad=t.clip_grad, weight_decay=t.weight_decay,
+                                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, value_lr=run.value.lr)  # fmt: skip
+    scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_steps,
+                                decay_steps=t.train_steps, decay_style=t.lr_decay_style, weight_decay=t.weight_decay)  # fmt: skip
+
+    # ---- resume
+    summary = TrainSummary()
+    ckpt_root = Path(run.run_dir) / "checkpoints" if run.run_dir else None
+    if run.run_dir and is_logger:
+        save_config(run, run.run_dir)
+    resume_from = None
+    if ckpt_root is not None:
+        from dqo_megatron.training import checkpointing
+
+        resume_from = checkpointing.resolve_resume(ckpt_root, t.resume)
+    if resume_from is not None:
+        extra = checkpointing.load_checkpoint(resume_from, ddp, optimizer, scheduler)
+        summary.start_step = int(extra["step"])
+        batches.load_state_dict(extra["data"])
+        if is_logger:
+            logger.info("resumed from %s at step %d", resume_from, summary.start_step)
+    writer = _tensorboard(run) if is_logger else None
+
+    # ---- loop
+    step = summary.start_step
+    forward_step = partial(rl_forward_step, run)
+    pipeline_mbs = pipeline_micro_batch_size(ddp[0], t.micro_batch_size)
+    nonfinite_in_a_row = 0
+    started = time.perf_counter()
+    with _SigtermFlag() as sigterm:
+        while step < t.train_steps:
+            mbs = batches.next_step(num_microbatches)
+            data = iter(mbs) if len(ddp) == 1 else [iter(list(mbs)) for _ in ddp]
+            t0 = time.perf_counter()
+            result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches, seq_length=t.seq_length,
+                                micro_batch_size=pipeline_mbs, forward_step=forward_step, metric_key="loss")  # fmt: skip
+            seconds = time.perf_counter() - t0
+            if result.update_successful:
+                scheduler.step(increment=1)
+                nonfinite_in_a_row = 0
+            else:
+                summary.skipped_nonfinite += 1
+                nonfinite_in_a_row += 1
+            step += 1
+            summary.losses.append(result.loss)
+            summary.metrics.append(result.metrics)
+            if is_logger and (step % t.log_interval == 0 or step == t.train_steps):
+                _log_step(writer, step, t.train_steps, result, seconds, optimizer, started, summary.start_step)
+            if nonfinite_in_a_row >= t.max_consecutive_nonfinite:
+                summary.stopped_by = "nonfinite"
+                break
+            stop = _any_rank(sigterm.raised)
+            if ckpt_root is not None and (stop or (t.save_interval and step % t.save_interval == 0)):
+                summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
+            if stop:
+                summary.stopped_by = "sigterm"
+                break
+    summary.steps = step
+    if ckpt_root is not None and summary.stopped_by == "done" and (not summary.checkpoints or not summary.checkpoints[-1].endswith(f"{step:08d}")):
+        summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
+    if writer is not None:
+        writer.close()
+    if summary.stopped_by == "nonfinite":
+        raise RuntimeError(f"stopped after {t.max_consecutive_nonfinite} consecutive steps with a NaN/inf loss "
+                           f"(step {step}); lower train.lr or check the data")  # fmt: skip
+    return summary
+
+
+def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t) -> Path:
+    from dqo_megatron.training import checkpointing
+
+    # Every data-parallel rank is at the same sampler position (epoch, batch): one state serves all.
+    return checkpointing.save_checkpoint(root, step, ddp, optimizer, scheduler,
+                                         extra={"step": step, "data": batches.state_dict()},
+                                         keep_last=t.keep_last_checkpoints)  # fmt: skip
+
+
+def _tensorboard(run: RunConfig):
+    if not run.run_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(run.run_dir) / "tensorboard"))
+
+
+def _log_step(writer, step: int, total: int, result, seconds: float, optimizer, started: float, start_step: int) -> None:
+    rate = result.tokens / seconds if seconds > 0 else float("nan")
+    done = step - start_step
+    eta = (time.perf_counter() - started) / max(done, 1) * (total - step)
+    lrs = sorted({group["lr"] for group in optimizer.param_groups})
+    shown = {k: v for k, v in result.metrics.items() if k in ("policy_loss", "value_loss", "loss", "nll")}
+    logger.info(
+        "step %d/%d  %s  grad-norm %.3f  lr %s  %.0f tok/s  %.2f s/step  ETA %s%s",
+        step, total, "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), result.grad_norm,
+        "/".join(f"{lr:.2e}" for lr in lrs), rate, seconds, _hms(eta),
+        "" if result.update_successful else "  (skipped: non-finite loss)",
+    )  # fmt: skip
+    if writer is None:
+        return
+    for name, value in result.metrics.items():
+        if math.isfinite(value):
+            writer.add_scalar(f"train/{name}", value, step)
+    writer.add_scalar("train/grad_norm", result.grad_norm, step)
+    writer.add_scalar("perf/tokens_per_second", rate, step)
+    writer.add_scalar("perf/seconds_per_step", seconds, step)
+    for i, lr in enumerate(lrs):
+        writer.add_scalar(f"lr/group{i}", lr, step)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
