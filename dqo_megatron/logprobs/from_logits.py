@@ -11,7 +11,8 @@ Memory. A naive ``log_softmax(logits.float()).gather(...)`` keeps an fp32 ``[b, 
 backward and builds two more of that size in backward. Here the forward keeps only the per-token
 logsumexp ``[b, s]`` and the backward recomputes the softmax chunk by chunk, so beyond the logits and
 their gradient (which the caller's graph owns anyway) the peak is one chunk of fp32 logits:
-``b * chunk_size * V/tp * 4`` bytes (two for bf16 logits, whose fp32 copy is a second temporary).
+``b * chunk_size * V/tp * 4`` bytes (for bf16 logits the chunk's fp32 copy is that buffer: the
+max-shift and exp are then done in place on it; fp32 logits are never written to).
 """
 
 from __future__ import annotations
