@@ -1,0 +1,42 @@
+"""`dqo-megatron train`: DQO or a baseline on a preprocessed dataset (single process or torchrun)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dqo_megatron.cli._app import app
+
+
+@app.command()
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides, e.g. algorithm=dro train.lr=1e-6"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see examples/configs/)."),
+    resume: Optional[str] = typer.Option(None, help="auto (default: newest checkpoint in run_dir), none, or a checkpoint directory."),
+) -> None:
+    """Train `algorithm` (dqo, dro, sft, rs) on `data.train_prefix`; writes run_dir/{config.yaml,checkpoints,tensorboard}.
+
+    Several processes: `torchrun --nproc-per-node 8 -m dqo_megatron train -c examples/configs/qwen2-7b-gsm8k-dqo.yaml`.
+    """
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.parallel import destroy
+    from dqo_megatron.training.trainer import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        run = load_config(RunConfig, config, list(overrides or []) + ([f"train.resume={resume}"] if resume else []))
+        summary = run_training(run)
+    except (ConfigError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        last = f"{summary.losses[-1]:.4f}" if summary.losses else "n/a"
+        typer.echo(f"train {summary.stopped_by}: step {summary.steps} (started at {summary.start_step}), last loss {last}, "
+                   f"skipped non-finite steps {summary.skipped_nonfinite}")  # fmt: skip
+    destroy()
