@@ -10,6 +10,7 @@ from dqo_megatron.config.loader import (
 )
 from dqo_megatron.config.schema import (
     FAMILY_DEFAULTS,
+    InitConfig,
     DataConfig,
     LossConfig,
     ValueConfig,
@@ -24,6 +25,6 @@ from dqo_megatron.config.schema import (
 
 __all__ = [
     "ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
-    "FAMILY_DEFAULTS", "DataConfig", "LossConfig", "ValueConfig", "ModelConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "TrainConfig",
+    "FAMILY_DEFAULTS", "InitConfig", "DataConfig", "LossConfig", "ValueConfig", "ModelConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "TrainConfig",
     "data_parallel_size", "validate_model_layout",
 ]  # fmt: skip

@@ -257,6 +257,19 @@ class DataConfig:
     """Token id written into padding (masked out of every loss)."""
 
 
+@dataclass
+class InitConfig:
+    """Where the models' initial weights come from (directories written by `dqo-megatron convert`)."""
+
+    policy: Optional[str] = None
+    """Megatron checkpoint of the policy (None: random init from train.seed, for tests and demos)."""
+    reference: Optional[str] = None
+    """Checkpoint of the frozen reference (None: the policy's initial weights, the paper's setting)."""
+    value: Optional[str] = None
+    """Checkpoint of the value network's trunk (None: a copy of the policy's initial weights); its scalar
+    head starts at zero (value.head_init_std)."""
+
+
 Algorithm = Literal["dqo", "dro", "dpo", "kto", "sft", "rs"]
 
 
@@ -323,6 +336,8 @@ class RunConfig:
     """Batching and optimization."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Initial weights."""
     algorithm: Algorithm = "dqo"
     """What to train: dqo (default), or a baseline: dro, dpo, kto, sft, rs (rejection sampling)."""
     loss: LossConfig = field(default_factory=LossConfig)

@@ -24,6 +24,7 @@ import torch
 
 from dqo_megatron.config import ConfigError, RunConfig, save_config
 from dqo_megatron.training.algorithms import NEEDS_REFERENCE, NEEDS_VALUE, rl_forward_step
+from dqo_megatron.training.init import load_initial_weights
 from dqo_megatron.training.policy_value import (
     build_policy_value_chunks,
     finalize_policy_value_grads,
@@ -118,6 +119,9 @@ def train(run: RunConfig) -> TrainSummary:
 
     # ---- models, optimizer, schedule
     chunks = build_policy_value_chunks(run, with_value=NEEDS_VALUE[run.algorithm], with_reference=needs_ref_model)
+    initialized = load_initial_weights(run, chunks)
+    if is_logger:
+        logger.info("models: %s", initialized)
     ddp = wrap_with_ddp(chunks)
     attach_finalize(ddp, finalize_policy_value_grads)
     t = run.train

@@ -1,6 +1,6 @@
 """Run a test body in N gloo processes forked from the test process.
 
-Forking from a process that already imported torch and megatron costs ~0.3-1 s per run, against
+Ranks are not daemons: dist_checkpointing starts a multiprocessing manager inside them. Forking from a process that already imported torch and megatron costs ~0.3-1 s per run, against
 ~9 s for torchrun, so the many layout tests use this and one smoke test uses the real torchrun.
 Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) on a
 free port. Failures of every rank are collected and reported together; a run that does not finish
@@ -65,7 +65,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results), daemon=False)
              for r in range(world_size)]  # fmt: skip
     for proc in procs:
         proc.start()
