@@ -40,3 +40,29 @@ def train(
         typer.echo(f"train {summary.stopped_by}: step {summary.steps} (started at {summary.start_step}), last loss {last}, "
                    f"skipped non-finite steps {summary.skipped_nonfinite}")  # fmt: skip
     destroy()
+
+
+@app.command()
+def annotate(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides, e.g. data.train_prefix=data/train"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (the same as for train)."),
+) -> None:
+    """Run the frozen reference (init.reference, else init.policy) over data.train_prefix once and store
+    its per-token log-probs in the dataset, so training needs no reference model (data.reference=data)."""
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.parallel import destroy
+    from dqo_megatron.training.annotate import annotate as run_annotate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        run = load_config(RunConfig, config, list(overrides or []))
+        counts = run_annotate(run)
+    except (ConfigError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        typer.echo(f"annotate done: {counts['documents']} documents in {counts['seconds']:.1f} s")
+    destroy()

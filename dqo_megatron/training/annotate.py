@@ -1,0 +1,137 @@
+"""`annotate`: run the frozen reference once over a preprocessed dataset and store its log-probs.
+
+With the reference's per-token log-probs in the dataset, training needs no reference model in memory
+and no reference forward pass per step. The reference runs under the same TP/PP/CP layout as
+training (Megatron's forward-only schedule); each data-parallel rank takes its share of the
+documents in order, and the last pipeline stage's first TP/CP rank writes them into the dataset's
+reference slot (`<prefix>_ref_logprobs.bin`, aligned with the tokens: the entry of token t is
+``log pi_ref(token_t | tokens_<t)``, 0 for the first token). The manifest is marked filled at the end;
+an interrupted run leaves it unmarked, and training refuses `data.reference=data` then.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from dqo_megatron.config import ConfigError, RunConfig
+from dqo_megatron.training.policy_value import LOGP, build_policy_value_chunks, pipeline_micro_batch_size
+
+logger = logging.getLogger(__name__)
+
+
+def _forward_step(data_iterator, model):
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = next(data_iterator)
+    inputs = {k: batch[k] for k in ("tokens", "position_ids", "labels")}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        inputs = get_batch_on_this_cp_rank(inputs, cp_group=parallel_state.get_context_parallel_group())
+    output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
+    return output, partial(_collect, batch)
+
+
+def _collect(batch, output, non_loss_data=False):
+    from dqo_megatron.logprobs import gather_from_context_parallel
+
+    logp = gather_from_context_parallel(output[..., LOGP].detach(), dim=1)
+    return {"indices": batch["indices"], "lengths": batch["lengths"], "logp": logp.float().cpu()}
+
+
+@torch.no_grad()
+def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = True) -> dict:
+    """Fill `run.data.train_prefix`'s reference log-probs with the reference model (collective).
+
+    The reference is `run.init.reference` (else `run.init.policy`). Returns counts for the summary.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dqo_megatron import parallel
+    from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
+    from dqo_megatron.data.dataset import TrajectoryDataset
+    from dqo_megatron.data.indexed import mark_reference_logprobs_filled, open_reference_logprobs_for_update
+    from dqo_megatron.training.data import to_model_batch
+    from dqo_megatron.training.init import load_initial_weights
+
+    if not run.data.train_prefix:
+        raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
+    if not (run.init.reference or run.init.policy):
+        raise ConfigError("annotate needs the reference's weights: set init.reference (or init.policy)")
+    info = parallel.initialize(run.parallel, seed=run.train.seed)
+    dataset = TrajectoryDataset(run.data.train_prefix)
+    reference_run = _as_reference_run(run)
+    chunks = build_policy_value_chunks(reference_run, with_value=False, with_reference=False)
+    load_initial_weights(reference_run, chunks)
+    for chunk in chunks:
+        chunk.eval()
+    mbs = run.train.micro_batch_size
+    length = run.train.seq_length + 1
+    if int(dataset.lengths.max(initial=0)) > length:
+        raise ConfigError(f"documents up to {int(dataset.lengths.max())} tokens do not fit train.seq_length + 1 = {length}")
+    sampler = DistributedTrajectorySampler(len(dataset), mbs, info.dp_rank, info.dp_size, shuffle=False, drop_last=False)
+    writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+              and parallel_state.get_context_parallel_rank() == 0)  # fmt: skip
+    values, starts, _lengths = open_reference_logprobs_for_update(run.data.train_prefix) if writer else (None, None, None)
+    batches = list(sampler)
+    calls = math.ceil(len(batches) / micro_batches_per_call)
+    bar = _progress(calls, info.rank == 0 and progress)
+    start, written = time.perf_counter(), 0
+    for call in range(calls):
+        group = batches[call * micro_batches_per_call : (call + 1) * micro_batches_per_call]
+        mbs_data = []
+        for indices in group:
+            collated = pad_collate([dataset[i] for i in indices], run.data.pad_id, pad_to_multiple_of=length,
+                                   max_length=length)  # fmt: skip
+            batch = {k: v.to(info.device) for k, v in to_model_batch(collated, with_ref_logprobs=False).items()}
+            batch["indices"], batch["lengths"] = torch.tensor(indices), collated["lengths"]
+            mbs_data.append(batch)
+        out = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(mbs_data) if len(chunks) == 1 else [iter(list(mbs_data)) for _ in chunks],
+            model=chunks, num_microbatches=len(mbs_data), seq_length=run.train.seq_length,
+            micro_batch_size=pipeline_micro_batch_size(chunks[0], mbs), forward_only=True, collect_non_loss_data=True,
+        )  # fmt: skip
+        if writer:
+            for item in out:
+                for row, (doc, n) in enumerate(zip(item["indices"].tolist(), item["lengths"].tolist())):
+                    # position h predicts token h+1: token t's log-prob sits at h = t-1
+                    values[starts[doc] + 1 : starts[doc] + n] = item["logp"][row, : n - 1].numpy().astype(np.float32)
+                    written += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if writer:
+        values.flush()
+    torch.distributed.barrier()
+    if info.rank == 0:
+        mark_reference_logprobs_filled(run.data.train_prefix)
+        logger.info("annotated %d documents of %s in %.1f s", len(dataset), run.data.train_prefix,
+                    time.perf_counter() - start)  # fmt: skip
+    return {"documents": len(dataset), "written_here": written, "seconds": time.perf_counter() - start}
+
+
+def _as_reference_run(run: RunConfig) -> RunConfig:
+    """The same run with the reference's checkpoint as the policy (the model that is evaluated)."""
+    import copy
+
+    from dqo_megatron.config import InitConfig
+
+    ref = copy.deepcopy(run)
+    ref.init = InitConfig(policy=run.init.reference or run.init.policy)
+    ref.algorithm = "sft"
+    return ref
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="annotate", unit="call")
