@@ -55,18 +55,31 @@ def build_tokenizer(texts: list[str], path: str, vocab: int) -> None:
     hf.save_pretrained(path)
 
 
-def make_records(gsm8k: str, n: int, path: str) -> tuple[int, list[str]]:
-    """Write n records built from GSM8K train (every other one with process rewards at line ends)."""
+def make_records(gsm8k: str, n: int, path: str, grouped: bool) -> tuple[int, list[str]]:
+    """Write n records built from GSM8K train (every other one with process rewards at line ends).
+
+    grouped: 20 consecutive samples per prompt, as a sampler writes them (the paper: 20 per prompt);
+    otherwise the prompts cycle through the whole set, so no two neighbouring records share a prompt.
+    """
     rows = [json.loads(line) for line in open(gsm8k, encoding="utf-8")]
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            r = rows[i % len(rows)]
-            rec = {"prompt": r["question"], "response": r["answer"], "reward": float(i % 2), "prompt_id": str(i % len(rows))}
+            q = i // 20 if grouped else i
+            r = rows[q % len(rows)]
+            # responses differ between samples of a prompt (a suffix varies), as sampled ones would
+            rec = {"prompt": r["question"], "response": r["answer"] + f" (sample {i % 20})", "reward": float(i % 2),
+                   "prompt_id": str(q % len(rows))}
             if i % 2:
-                ends = [m.end() for m in re.finditer(r"\n", r["answer"])] + [len(r["answer"])]
+                ends = [m.end() for m in re.finditer(r"\n", rec["response"])] + [len(rec["response"])]
                 rec["process_rewards"] = [[e, 0.1] for e in sorted(set(ends))]
             f.write(json.dumps(rec) + "\n")
     return n, [r["question"] + "\n" + r["answer"] for r in rows]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run_ours(src: str, tok: str, workers: int, out: str) -> tuple[float, int]:
@@ -76,9 +89,9 @@ def run_ours(src: str, tok: str, workers: int, out: str) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = PreprocessConfig(inputs=[src], output_prefix=os.path.join(out, "d"), workers=workers, progress=False,
                            chunk_size=512, tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok), max_length=8192))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     s = preprocess(cfg)
-    return time.perf_counter() - t, s.tokens
+    return time.perf_counter() - t, s.tokens, cpu_seconds() - c
 
 
 def run_datasets_map(src: str, tok_path: str, workers: int, cache: str) -> tuple[float, int]:
@@ -96,12 +109,12 @@ def run_datasets_map(src: str, tok_path: str, workers: int, cache: str) -> tuple
         r_ids = tok(batch["response"], add_special_tokens=False)["input_ids"]
         return {"input_ids": [p + r + [eos] for p, r in zip(p_ids, r_ids)], "prompt_length": [len(p) for p in p_ids]}
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     ds = datasets.Dataset.from_json(src, cache_dir=cache)
     ds = ds.map(fn, batched=True, batch_size=512, num_proc=workers if workers > 1 else None, remove_columns=ds.column_names,
                 load_from_cache_file=False)
     n_tok = sum(len(x) for x in ds["input_ids"])
-    return time.perf_counter() - t, n_tok
+    return time.perf_counter() - t, n_tok, cpu_seconds() - c
 
 
 def versions() -> str:
@@ -135,31 +148,39 @@ def main() -> None:
         sys.exit(f"{gsm} not found: set DQO_SHARED_DATA")
     work = tempfile.mkdtemp(prefix="dqo_bench_")
     try:
-        src = os.path.join(work, "records.jsonl")
-        n, texts = make_records(str(gsm), args.records, src)
-        tok = os.path.join(work, "tok")
-        build_tokenizer(texts, tok, args.vocab)
         rows = []
-        for w in args.workers:
-            ours = min((run_ours(src, tok, w, os.path.join(work, "out")) for _ in range(args.repeats)), key=lambda x: x[0])
-            base = min((run_datasets_map(src, tok, w, os.path.join(work, "cache")) for _ in range(args.repeats)), key=lambda x: x[0])
-            rows.append((w, ours, base))
-            print(f"workers={w}: ours {n / ours[0]:.0f} rec/s, datasets.map {n / base[0]:.0f} rec/s", file=sys.stderr)
+        for grouped in (True, False):
+            src = os.path.join(work, f"records_{grouped}.jsonl")
+            n, texts = make_records(str(gsm), args.records, src, grouped)
+            tok = os.path.join(work, "tok")
+            if not os.path.exists(tok):
+                build_tokenizer(texts, tok, args.vocab)
+            for w in args.workers:
+                ours = min((run_ours(src, tok, w, os.path.join(work, "out")) for _ in range(args.repeats)), key=lambda x: x[0])
+                base = min((run_datasets_map(src, tok, w, os.path.join(work, "cache")) for _ in range(args.repeats)), key=lambda x: x[0])
+                assert ours[1] == base[1], f"token counts differ: ours {ours[1]}, datasets.map {base[1]}"
+                rows.append((grouped, w, ours, base))
+                print(f"grouped={grouped} workers={w}: ours {n / ours[0]:.0f} rec/s ({ours[2]:.1f} cpu s), "
+                      f"datasets.map {n / base[0]:.0f} rec/s ({base[2]:.1f} cpu s)", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [SECTION, "",
-             f"{n} records (GSM8K train question -> answer, repeated; half with per-line process rewards), an HF byte-level "
-             f"BPE tokenizer ({args.vocab} pieces, trained in the benchmark) with a chat template. *ours*: "
-             "`dqo_megatron.data.preprocess` (read JSONL, validate, chat template, tokenize with offsets, EOS, rewards, "
-             "write Megatron .bin/.idx); *datasets.map*: `Dataset.from_json` + `map(batched=True, num_proc=W)` doing the "
-             "same templating and tokenization (no validation, no indexed output). Wall time, best of "
-             f"{args.repeats}; library imports excluded.", "",
-             "| workers | ours records/s | ours tokens/s | datasets.map records/s | datasets.map tokens/s | ours / map |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for w, (t_o, k_o), (t_b, k_b) in rows:
-        lines.append(f"| {w} | {n / t_o:,.0f} | {k_o / t_o:,.0f} | {n / t_b:,.0f} | {k_b / t_b:,.0f} | {t_b / t_o:.2f}x |")
+             f"{n} records built from GSM8K train (question -> answer plus a per-sample suffix; half with per-line "
+             f"process rewards), an HF byte-level BPE tokenizer ({args.vocab} pieces, trained in the benchmark) with a "
+             "chat template. Layout *grouped*: 20 consecutive samples per prompt, as a sampler writes them (the paper "
+             "samples 20 per prompt); *ungrouped*: no two neighbouring records share a prompt. *ours*: "
+             "`dqo_megatron.data.preprocess` (read JSONL, validate, chat template (each distinct prompt once per "
+             "worker), tokenize with offsets, EOS, rewards, write Megatron .bin/.idx); *datasets.map*: "
+             "`Dataset.from_json` + `map(batched=True, num_proc=W)` doing the same templating and tokenization for "
+             "every record (no validation, no indexed output); both produce the same token count. Wall time and CPU "
+             f"time (all processes), best of {args.repeats}; library imports excluded.", "",
+             "| layout | workers | ours records/s | ours tokens/s | ours CPU s | datasets.map records/s | datasets.map tokens/s | datasets.map CPU s | wall: ours / map speed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for grouped, w, (t_o, k_o, c_o), (t_b, k_b, c_b) in rows:
+        lines.append(f"| {'grouped' if grouped else 'ungrouped'} | {w} | {n / t_o:,.0f} | {k_o / t_o:,.0f} | {c_o:.1f} | "
+                     f"{n / t_b:,.0f} | {k_b / t_b:,.0f} | {c_b:.1f} | {t_b / t_o:.2f}x |")
     lines += ["", f"Command: `.venv/bin/python benchmarks/preprocess_throughput.py --records {args.records} --workers "
               f"{' '.join(map(str, args.workers))}`", "",
               f"Hardware: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), shared with "

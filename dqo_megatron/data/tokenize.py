@@ -106,12 +106,17 @@ class TokenizedSample:
     line: int = 0
 
 
+PROMPT_CACHE_SIZE = 4096
+"""Distinct prompts whose token ids a worker keeps (cleared when full)."""
+
+
 class Tokenizer:
     """A loaded HF or sentencepiece tokenizer behind one small interface."""
 
     def __init__(self, cfg: TokenizerConfig):
         self.cfg = cfg
         self.name = cfg.name
+        self.prompt_cache: dict = {}
         if cfg.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -232,7 +237,12 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
     response_too_long (see docs/data.md).
     """
     out: list[TokenizedSample | RecordError | None] = [None] * len(records)
-    rendered, keep = [], []
+    # The samples of one prompt (20 in the paper) usually sit together: render and encode each distinct
+    # prompt once per worker (bounded cache keyed by the prompt itself, so results cannot differ).
+    cache = tok.prompt_cache
+    if len(cache) > PROMPT_CACHE_SIZE:
+        cache.clear()
+    keys, keep, todo, todo_keys, pending = [], [], [], [], set()
     for i, r in enumerate(records):
         where = {"file": r.file, "line": r.line}
         try:
@@ -240,11 +250,18 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
                     and r.behavior_tokenizer != tok.name):
                 raise RecordError("behavior_tokenizer_mismatch", f"log-probs are for tokenizer {r.behavior_tokenizer!r}, "
                                   f"we tokenize with {tok.name!r}", field="behavior_tokenizer", **where)
-            rendered.append(tok.render_prompt(r.prompt, where))
+            key = r.prompt if isinstance(r.prompt, str) else tuple((m["role"], m["content"]) for m in r.prompt)
+            if key not in cache and key not in pending:
+                todo.append(tok.render_prompt(r.prompt, where))
+                todo_keys.append(key)
+                pending.add(key)
+            keys.append(key)
             keep.append(i)
         except RecordError as err:
             out[i] = err
-    prompt_ids = tok.encode_prompts(rendered)
+    for key, ids in zip(todo_keys, tok.encode_prompts(todo)):
+        cache[key] = ids
+    prompt_ids = [cache[k] for k in keys]
     need_offsets = [bool(records[i].process_rewards) for i in keep]
     resp_ids, resp_starts = tok.encode_responses([records[i].response for i in keep], need_offsets)
     for i, p_ids, r_ids, starts in zip(keep, prompt_ids, resp_ids, resp_starts):
