@@ -43,7 +43,9 @@ def test_roundtrip_hf_exact(tmp_path, hf_tok_dir):
     rng = random.Random(0)
     rows = [random_record(rng, i) for i in range(120)]
     rows.append({"prompt": "p", "response": " ", "reward": 1.0})  # empty-looking response
-    rows += [{**rows[k], "response": rows[k]["response"] + " again"} for k in (0, 1, 2, 3)]  # repeated prompts (cache)
+    for k in (0, 1, 2, 3):  # repeated prompts (each distinct prompt is encoded once per worker)
+        copy = {f: v for f, v in rows[k].items() if f not in ("process_rewards", "process_segments")}
+        rows.append({**copy, "response": copy["response"] + " again"})
     rows.append({"prompt": "p", "response": "\n\n", "reward": 0.5, "process_rewards": [[1, 0.25], [2, 0.25]]})
     tok = Tokenizer(TokenizerConfig(path=hf_tok_dir))
     # behavior log-probs of the right length for half of the records
