@@ -155,15 +155,41 @@ def sharded_state_dict(chunks: list) -> dict:
 
 
 def save_chunks(chunks: list, weights_dir: str | Path) -> None:
-    """Save the chunks of every rank into `weights_dir` (collective; the directory must be empty)."""
+    """Save the chunks of every rank into `weights_dir` (collective, synchronous; the directory must be
+    empty or absent)."""
     from megatron.core import dist_checkpointing
 
     weights_dir = Path(weights_dir)
     if torch.distributed.get_rank() == 0:
         weights_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(sharded_state_dict(chunks), str(weights_dir))
-    release_writer_processes()
+    with _in_process_write_results():
+        dist_checkpointing.save(sharded_state_dict(chunks), str(weights_dir))
+
+
+@contextlib.contextmanager
+def _in_process_write_results() -> Iterator[None]:
+    """Collect the file writers' results through an in-process queue during a synchronous save.
+
+    Megatron's `filesystem_async` caches a module-global results queue, by default a multiprocessing
+    Manager queue: a spawned interpreter (measured ~2 s to start and ~1 s to stop here) that exists for
+    async saves, whose collector runs in another process. `dist_checkpointing.save` without an async
+    queue runs the collector in this process (`AsyncRequest.execute_sync`), so a `queue.Queue` carries
+    the same results. Without this, the Manager also outlives processes that exit with ``os._exit``.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):  # megatron-core changed: keep its default
+        yield
+        return
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def load_chunks(chunks: list, weights_dir: str | Path) -> None:
@@ -180,22 +206,6 @@ def load_chunks(chunks: list, weights_dir: str | Path) -> None:
         raise ConversionError(f"{weights_dir}: cannot be loaded into this model: {exc}") from None
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"chunk{i}"], strict=True)
-
-
-def release_writer_processes() -> None:
-    """Shut down the helper process that Megatron's async file writer starts on the first save.
-
-    `filesystem_async` keeps a multiprocessing Manager (a spawned process) alive for the life of the
-    process to collect write results. A converter saves once; and a process that leaves with
-    ``os._exit`` (forked test ranks, some launchers) would orphan it. The next save starts a new one.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    queue = getattr(filesystem_async, "_results_queue", None)
-    manager = getattr(queue, "_manager", None)
-    if manager is not None:
-        manager.shutdown()
-    filesystem_async._results_queue = None
 
 
 @contextlib.contextmanager

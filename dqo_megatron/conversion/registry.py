@@ -155,7 +155,6 @@ class Family:
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups,
-            head_dim=cfg.kv_channels,
             vocab_size=cfg.vocab_size,
             max_position_embeddings=cfg.seq_length,
             rms_norm_eps=cfg.norm_epsilon,
@@ -166,6 +165,8 @@ class Family:
             dtype=dtype_name,
             torch_dtype=dtype_name,
         )
+        if "head_dim" in out or cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
+            out["head_dim"] = cfg.kv_channels
         return out
 
     # ------------------------------------------------------------------------------- tensors
