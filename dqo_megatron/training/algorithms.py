@@ -27,13 +27,25 @@ import torch
 
 from dqo_megatron.config import RunConfig
 from dqo_megatron.logprobs import gather_from_context_parallel
-from dqo_megatron.losses import dqo_losses, dro_losses, rejection_sampling_loss, sft_loss
+from dqo_megatron.losses import (
+    dpo_loss,
+    dqo_losses,
+    dro_losses,
+    kto_loss,
+    rejection_sampling_loss,
+    sequence_logprobs,
+    sft_loss,
+)
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
 
 NEEDS_VALUE = {"dqo": True, "dro": True, "sft": False, "rs": False, "dpo": False, "kto": False}
 """Which algorithms learn a value network."""
 NEEDS_REFERENCE = {"dqo": True, "dro": True, "sft": False, "rs": False, "dpo": True, "kto": True}
 """Which algorithms need reference log-probs (from the data or a reference model)."""
+BATCH_MODE = {"dqo": "samples", "dro": "samples", "sft": "samples", "rs": "samples", "dpo": "pairs", "kto": "kto"}
+"""How micro-batches are built (see `dqo_megatron.training.data.MicroBatches`)."""
+ROWS_PER_ITEM = {"samples": 1, "pairs": 2, "kto": 2}
+"""Rows of a micro-batch per `train.micro_batch_size` unit."""
 
 
 def rl_forward_step(run: RunConfig, data_iterator: Iterator[dict], model: torch.nn.Module):
@@ -77,8 +89,18 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor):
         out = sft_loss(logp, mask, reduction=loss.reduction, document_ids=docs)
     elif run.algorithm == "rs":
         out = rejection_sampling_loss(logp, rewards, mask, reduction=loss.reduction, document_ids=docs)
+    elif run.algorithm == "dpo":  # rows [0, B) chosen, [B, 2B) rejected
+        policy_seq, ref_seq = sequence_logprobs(logp, mask), sequence_logprobs(ref, mask)
+        half = policy_seq.shape[0] // 2
+        out = dpo_loss(policy_seq[:half], ref_seq[:half], policy_seq[half:], ref_seq[half:], beta=loss.beta)
+    elif run.algorithm == "kto":  # rows [0, B) the documents, [B, 2B) mismatched prompt/response rows
+        policy_seq, ref_seq = sequence_logprobs(logp, mask), sequence_logprobs(ref, mask)
+        half = policy_seq.shape[0] // 2
+        out = kto_loss(policy_seq[:half], ref_seq[:half], batch["desirable"].to(logp.device).bool(),
+                       policy_seq[half:], ref_seq[half:], beta=loss.beta,
+                       desirable_weight=loss.kto_desirable_weight, undesirable_weight=loss.kto_undesirable_weight)  # fmt: skip
     else:
-        raise NotImplementedError(f"algorithm={run.algorithm} is not wired into the trainer yet (pairs/KL batches)")
+        raise ValueError(f"unknown algorithm {run.algorithm!r}")
     loss_sum, count, metrics = out.loss_func_output()
     metrics = dict(metrics)
     metrics["loss"] = torch.stack([loss_sum.detach().float(), count.float()])

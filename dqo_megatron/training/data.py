@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
@@ -40,11 +41,44 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
     return batch
 
 
+def mismatched_rows(samples: list[dict]) -> list[dict]:
+    """KTO's KL reference point needs responses under the wrong prompt: row i = prompt of sample i +
+    response of sample i+1 (mod n), with that response's mask (as in TRL). n >= 2."""
+    out = []
+    for i, sample in enumerate(samples):
+        other = samples[(i + 1) % len(samples)]
+        p, q = sample["prompt_length"], other["prompt_length"]
+        row = {key: np.concatenate([np.asarray(sample[key])[:p], np.asarray(other[key])[q:]])
+               for key in ("tokens", "loss_mask", "rewards", "behavior_logprobs", "ref_logprobs")}  # fmt: skip
+        row.update({k: sample[k] for k in sample if k not in row})
+        row["prompt_length"] = p
+        out.append(row)
+    return out
+
+
 class MicroBatches:
-    """Endless micro-batches of one data-parallel rank, resumable through the sampler's state."""
+    """Endless micro-batches of one data-parallel rank, resumable through the sampler's state.
+
+    `mode`: "samples" (one row per document: DQO, DRO, SFT, RS), "pairs" (DPO: `micro_batch_size`
+    (chosen, rejected) pairs of the same prompt, rows [0, B) chosen and [B, 2B) rejected), "kto"
+    (B documents, then B mismatched prompt/response rows for the KL reference point; `desirable` [B]).
+    """
 
     def __init__(self, dataset: TrajectoryDataset, *, seq_length: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, shuffle: bool, pad_id: int, with_ref_logprobs: bool, device=None):  # fmt: skip
+                 dp_size: int, seed: int, shuffle: bool, pad_id: int, with_ref_logprobs: bool, device=None,
+                 mode: str = "samples", max_pairs_per_prompt: int = 12):  # fmt: skip
+        from dqo_megatron.data.pairs import DPOPairDataset, build_dpo_pairs, is_positive
+
+        self.mode = mode
+        self.positive = is_positive(dataset.correct, dataset.outcome_rewards)
+        self.source = dataset
+        if mode == "pairs":
+            pairs = build_dpo_pairs(dataset.prompt_index, self.positive, max_pairs_per_prompt, seed=seed)
+            if len(pairs) == 0:
+                raise ValueError(f"{dataset.prefix}: no prompt has both a correct and an incorrect response: no DPO pairs")
+            self.source = DPOPairDataset(dataset, pairs)
+        elif mode == "kto" and micro_batch_size < 2:
+            raise ValueError("KTO needs train.micro_batch_size >= 2 (mismatched pairs are built inside a micro-batch)")
         too_long = int((dataset.lengths > seq_length + 1).sum())
         if too_long:
             raise ValueError(
@@ -56,7 +90,7 @@ class MicroBatches:
         self.pad_id = pad_id
         self.with_ref_logprobs = with_ref_logprobs
         self.device = device
-        self.sampler = DistributedTrajectorySampler(len(dataset), micro_batch_size, dp_rank, dp_size, seed=seed,
+        self.sampler = DistributedTrajectorySampler(len(self.source), micro_batch_size, dp_rank, dp_size, seed=seed,
                                                     shuffle=shuffle, drop_last=True)  # fmt: skip
         self._iter: Iterator[list[int]] | None = None
 
@@ -73,9 +107,17 @@ class MicroBatches:
         """The micro-batches of the next optimizer step for this rank."""
         out = []
         for _ in range(num_microbatches):
-            samples = [self.dataset[i] for i in self._indices()]
+            items = [self.source[i] for i in self._indices()]
+            extra = {}
+            if self.mode == "pairs":
+                samples = [c for c, _ in items] + [r for _, r in items]
+            elif self.mode == "kto":
+                samples = items + mismatched_rows(items)
+                extra["desirable"] = torch.as_tensor(self.positive[[s["index"] for s in items]])
+            else:
+                samples = items
             collated = pad_collate(samples, self.pad_id, pad_to_multiple_of=self.length, max_length=self.length)
-            batch = to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs)
+            batch = {**to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs), **extra}
             out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
         return out
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dqo_megatron.config import ConfigError, RunConfig, save_config
-from dqo_megatron.training.algorithms import NEEDS_REFERENCE, NEEDS_VALUE, rl_forward_step
+from dqo_megatron.training.algorithms import BATCH_MODE, NEEDS_REFERENCE, NEEDS_VALUE, ROWS_PER_ITEM, rl_forward_step
 from dqo_megatron.training.init import load_initial_weights
 from dqo_megatron.training.policy_value import (
     build_policy_value_chunks,
@@ -105,11 +105,15 @@ def train(run: RunConfig) -> TrainSummary:
     if run.data.reference == "data" and not has_ref:
         raise ConfigError(f"data.reference=data but {run.data.train_prefix} has no reference log-probs: run "
                           "`dqo-megatron annotate` first or set data.reference=model")  # fmt: skip
-    ref_from_data = has_ref and run.data.reference != "model"
+    if run.algorithm == "kto" and run.data.reference == "data":
+        raise ConfigError("algorithm=kto needs a reference model in the run (its mismatched prompt/response rows are "
+                          "not in the data): set data.reference=model or auto")  # fmt: skip
+    ref_from_data = has_ref and run.data.reference != "model" and run.algorithm != "kto"
     needs_ref_model = NEEDS_REFERENCE[run.algorithm] and not ref_from_data
     batches = MicroBatches(dataset, seq_length=run.train.seq_length, micro_batch_size=run.train.micro_batch_size,
                            dp_rank=info.dp_rank, dp_size=info.dp_size, seed=run.train.seed, shuffle=run.data.shuffle,
-                           pad_id=run.data.pad_id, with_ref_logprobs=ref_from_data, device=info.device)  # fmt: skip
+                           pad_id=run.data.pad_id, with_ref_logprobs=ref_from_data, device=info.device,
+                           mode=BATCH_MODE[run.algorithm], max_pairs_per_prompt=run.loss.dpo_max_pairs_per_prompt)  # fmt: skip
     if is_logger:
         behavior_share = float(dataset.has_behavior.mean()) if len(dataset) else 0.0
         logger.info("data: %d documents from %s; reference log-probs from %s; behavior log-probs from the data for "
@@ -151,7 +155,7 @@ def train(run: RunConfig) -> TrainSummary:
     # ---- loop
     step = summary.start_step
     forward_step = partial(rl_forward_step, run)
-    pipeline_mbs = pipeline_micro_batch_size(ddp[0], t.micro_batch_size)
+    pipeline_mbs = pipeline_micro_batch_size(ddp[0], t.micro_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]])
     nonfinite_in_a_row = 0
     started = time.perf_counter()
     with _SigtermFlag() as sigterm:

@@ -64,7 +64,18 @@ def test_losses_change_over_steps(single):
     assert len(set(round(x, 6) for x in single["losses"])) == 3  # the run actually trains
 
 
-@pytest.mark.parametrize("algorithm", ["dro", "sft", "rs"])
+@pytest.mark.parametrize("algorithm", ["dro", "sft", "rs", "dpo", "kto"])
 def test_baselines_run(algorithm, dataset):
-    (result,) = run_distributed(_train, 1, _run(dataset, {}, algorithm, steps=2))
+    run = _run(dataset, {}, algorithm, steps=2)
+    if algorithm == "kto":
+        run.train.micro_batch_size, run.train.global_batch_size = 2, 4
+    (result,) = run_distributed(_train, 1, run)
     assert result["steps"] == 2 and all(x == x for x in result["losses"])
+    expected_metric = {"dro": "value_loss", "sft": "nll", "rs": "nll", "dpo": "reward_accuracy", "kto": "kl_reference"}
+    assert expected_metric[algorithm] in result["metrics"][-1], sorted(result["metrics"][-1])
+
+
+def test_dpo_layouts_agree(dataset):
+    (single,) = run_distributed(_train, 1, _run(dataset, {}, "dpo", steps=2))
+    for result in run_distributed(_train, 2, _run(dataset, dict(tensor_model_parallel_size=2), "dpo", steps=2)):
+        assert result["losses"] == pytest.approx(single["losses"], rel=1e-4)
