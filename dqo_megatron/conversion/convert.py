@@ -102,6 +102,7 @@ def hf_to_megatron(
     verify: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     value: bool = False,
+    value_head: Optional[str | Path] = None,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert the HF model directory `src` into a dqo-megatron checkpoint directory `out`.
@@ -111,12 +112,14 @@ def hf_to_megatron(
         layouts: TP/PP layouts the model must be splittable into (checked before anything is read).
         verify: compare logits with transformers on fixed prompts and refuse to write on failure.
         value: write a value network instead (trunk copied, scalar head zero-initialized; see
-            `dqo_megatron.conversion.value`).
+            `dqo_megatron.conversion.value`); `value_head`: take the head from this value checkpoint.
     Raises ConversionError (unknown architecture, missing shard/tensor, unsplittable layout, existing
     output without `overwrite`, failed parity); nothing is left at `out` then.
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
+    if value_head is not None and not value:
+        raise ConversionError("value_head (--value-head) needs value=True (--value)")
     check_output(out.absolute(), overwrite)
     ckpt = hf_io.HFCheckpoint.open(src)
     fam = family_for_hf_config(ckpt.config, where=str(src / "config.json"))
@@ -134,7 +137,7 @@ def hf_to_megatron(
         if value:
             from dqo_megatron.conversion.value import attach_value_head
 
-            attach_value_head(chunk, cfg)
+            attach_value_head(chunk, cfg, value_head)
             kind = "value"
         save_chunks([chunk], tmp / WEIGHTS_DIR)
         del chunk

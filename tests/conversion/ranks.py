@@ -149,3 +149,59 @@ def last_stage_logits(results) -> list[torch.Tensor]:
     kept = [r["logits"] for r in results if r["logits"] is not None]
     assert len(kept) == 1, f"{len(kept)} ranks reported logits"
     return kept[0]
+
+
+def value_rank(meg_dir: str, layout_tp: int = 1):
+    """Load a value checkpoint into a GPT + ValueHead under TP=`layout_tp`; return the head's tensors, the
+    values it gives on a prompt, and the trunk's parameters (full names)."""
+    _allow_children()
+    from dqo_megatron import parallel
+    from dqo_megatron.conversion.megatron_io import build_empty_chunks, load_chunks, read_metadata
+    from dqo_megatron.conversion.value import attach_value_head
+    from dqo_megatron.models.value_head import FinalHiddenStates
+    from dqo_megatron.models.weights import local_to_global_names
+
+    cfg, info = read_metadata(meg_dir)
+    layout = ParallelConfig(tensor_model_parallel_size=layout_tp)
+    parallel.initialize(layout)
+    (chunk,) = build_empty_chunks(cfg, layout, torch.float32)
+    head = attach_value_head(chunk, cfg)
+    with torch.no_grad():
+        head.weight.fill_(123.0)  # must be overwritten by the load
+    load_chunks([chunk], Path(meg_dir) / "weights")
+    chunk.eval()
+    with torch.no_grad(), FinalHiddenStates(chunk) as captured:
+        ids = PROMPTS[0]
+        chunk(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), None)
+        values = head(captured.hidden)
+    names = local_to_global_names(chunk)
+    trunk = {names[n]: p.detach().clone() for n, p in chunk.named_parameters() if not n.startswith("value_head.")}
+    return {"kind": info.kind, "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
+            "values": values, "trunk": trunk}  # fmt: skip
+
+
+def write_value_ckpt_with_head(policy_dir: str, out: str, fill: float):
+    """A value checkpoint from `policy_dir` whose head weight is `fill` everywhere and bias -fill (to test
+    taking the head from another checkpoint)."""
+    _allow_children()
+    from dqo_megatron.conversion.value import value_from_megatron
+
+    value_from_megatron(policy_dir, out)
+    from dqo_megatron import parallel
+    from dqo_megatron.conversion.megatron_io import CheckpointInfo, build_empty_chunks, load_chunks, read_metadata
+    from dqo_megatron.conversion.megatron_io import save_chunks, write_metadata
+    from dqo_megatron.conversion.value import attach_value_head
+
+    cfg, info = read_metadata(out)
+    parallel.initialize(ParallelConfig())
+    (chunk,) = build_empty_chunks(cfg, ParallelConfig(), torch.float32)
+    head = attach_value_head(chunk, cfg)
+    load_chunks([chunk], Path(out) / "weights")
+    with torch.no_grad():
+        head.weight.fill_(fill)
+        head.bias.fill_(-fill)
+    import shutil
+
+    shutil.rmtree(Path(out) / "weights")
+    save_chunks([chunk], Path(out) / "weights")
+    write_metadata(Path(out), cfg, info)
