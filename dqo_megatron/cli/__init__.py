@@ -6,6 +6,7 @@ Each area registers its commands in its own module; add a module here to add com
 
 from dqo_megatron.cli._app import app
 from dqo_megatron.cli import general  # noqa: F401  (registers `version`, `smoke`)
+from dqo_megatron.cli import convert  # noqa: F401
 from dqo_megatron.cli import train  # noqa: F401  (registers `train`)
 from dqo_megatron.cli import data  # noqa: F401
 
