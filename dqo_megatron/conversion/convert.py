@@ -126,7 +126,8 @@ def hf_to_megatron(
     cfg = fam.config_from_hf(ckpt.config, where=str(src / "config.json"))
     check_layouts(cfg, layouts)
     rules = hf_io.plan_import(ckpt, fam, cfg)
-    torch_dtype = _resolve_dtype(dtype, ckpt.dtypes(), src)
+    source_dtypes = ckpt.dtypes()
+    torch_dtype = _resolve_dtype(dtype, source_dtypes, src)
     logger.info("converting %s (%s, %d layers, hidden %d) to %s in %s", src, fam.name, cfg.num_layers,
                 cfg.hidden_size, out, dtype_name(torch_dtype))  # fmt: skip
     parity = None
@@ -147,7 +148,8 @@ def hf_to_megatron(
         shutil.copy2(src / "config.json", tmp / HF_DIR / "config.json")
         hf_io.copy_side_files(src, tmp / HF_DIR)
         if verify:
-            parity = verify_parity(src, tmp, tolerance)
+            cast = torch_dtype if source_dtypes != {torch_dtype} else None
+            parity = verify_parity(src, tmp, tolerance, round_hf_to=cast)
             logger.info(parity.summary())
             _fail_on_parity(parity)
     return ConversionReport(out, cfg, dtype_name(torch_dtype), time.perf_counter() - start, parity)
@@ -231,7 +233,8 @@ def megatron_to_hf(
         hf_io.copy_side_files(tokenizer_dir, tmp)
         del chunk, params
         if verify:
-            parity = verify_parity(tmp, src, tolerance)
+            cast = out_dtype if out_dtype != info.torch_dtype else None
+            parity = verify_parity(tmp, src, tolerance, round_megatron_to=cast)
             logger.info(parity.summary())
             _fail_on_parity(parity)
     return ConversionReport(out, cfg, dtype_name(out_dtype), time.perf_counter() - start, parity)

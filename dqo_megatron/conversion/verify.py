@@ -84,11 +84,22 @@ def megatron_logits(chunk, prompts: Sequence[Sequence[int]], vocab_size: int) ->
 
 
 @torch.no_grad()
-def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Logits ``[len, vocab]`` (fp32) of the transformers model in `hf_dir` (no custom code, eager attention)."""
+def round_parameters(module: torch.nn.Module, dtype: Optional[torch.dtype]) -> None:
+    """Round every parameter through `dtype` and back (in place): the model a cast checkpoint holds."""
+    if dtype is None:
+        return
+    for param in module.parameters():
+        param.copy_(param.to(dtype).to(param.dtype))
+
+
+@torch.no_grad()
+def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]], round_to: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+    """Logits ``[len, vocab]`` (fp32) of the transformers model in `hf_dir` (no custom code, eager attention),
+    its weights first rounded through `round_to` when given."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    round_parameters(model, round_to)
     model.eval()
     out = [model(torch.tensor([list(ids)], dtype=torch.long)).logits[0].float().clone() for ids in prompts]
     del model
@@ -116,8 +127,12 @@ def compare_logits(reference: Sequence[torch.Tensor], candidate: Sequence[torch.
 
 
 def verify_parity(hf_dir: str | Path, megatron_dir: str | Path, tolerance: float = DEFAULT_TOLERANCE,
-                  prompts: Optional[Sequence[Sequence[int]]] = None) -> ParityReport:  # fmt: skip
+                  prompts: Optional[Sequence[Sequence[int]]] = None, round_hf_to: Optional[torch.dtype] = None,
+                  round_megatron_to: Optional[torch.dtype] = None) -> ParityReport:  # fmt: skip
     """Run both checkpoints on `prompts` (default: `default_prompts`) and compare; see the module doc.
+
+    `round_hf_to` / `round_megatron_to`: when the conversion changed the dtype, round the source side's
+    weights through the target dtype first, so that the check measures the conversion, not the cast.
 
     Loads the Megatron checkpoint from disk at TP=1 PP=1 in fp32 (in this process; creates a
     single-process group if none exists). Does not raise on failure: check `report.passed`.
@@ -130,10 +145,11 @@ def verify_parity(hf_dir: str | Path, megatron_dir: str | Path, tolerance: float
     if prompts is None:
         bos = HFCheckpoint.open(hf_dir).config.get("bos_token_id")
         prompts = default_prompts(cfg.vocab_size, cfg.seq_length, bos if isinstance(bos, int) else None)
-    reference = hf_logits(hf_dir, prompts)
+    reference = hf_logits(hf_dir, prompts, round_hf_to)
     with single_process_layout():
         chunks = build_empty_chunks(cfg, ParallelConfig(), torch.float32)
         load_chunks(chunks, Path(megatron_dir) / "weights")
+        round_parameters(chunks[0], round_megatron_to)
         candidate = megatron_logits(chunks[0], prompts, cfg.vocab_size)
         del chunks
     gc.collect()

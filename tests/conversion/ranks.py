@@ -205,3 +205,50 @@ def write_value_ckpt_with_head(policy_dir: str, out: str, fill: float):
     shutil.rmtree(Path(out) / "weights")
     save_chunks([chunk], Path(out) / "weights")
     write_metadata(Path(out), cfg, info)
+
+
+def convert_with_broken_qkv_rank(hf_dir: str, meg_dir: str):
+    """hf_to_megatron with verify, where the QKV rule concatenates [q; k; v] without the per-group
+    interleave (the classic conversion bug): must raise ConversionError. Returns the error message."""
+    _allow_children()
+    import torch as _torch
+
+    from dqo_megatron.conversion import ConversionError, hf_to_megatron
+    from dqo_megatron.conversion import registry
+
+    original = registry.Family.rules
+
+    def broken(self, cfg):
+        rules = original(self, cfg)
+        return [registry.TensorRule(r.megatron, r.hf, (lambda q, k, v: _torch.cat([q, k, v])), r.to_hf)
+                if "linear_qkv" in r.megatron else r for r in rules]  # fmt: skip
+
+    registry.Family.rules = broken
+    try:
+        hf_to_megatron(hf_dir, meg_dir, verify=True, progress=False)
+    except ConversionError as exc:
+        return str(exc)
+    return None
+
+
+def convert_expecting_error_rank(hf_dir: str, meg_dir: str, **kwargs):
+    """hf_to_megatron that must fail inside the conversion; returns the ConversionError message."""
+    _allow_children()
+    from dqo_megatron.conversion import ConversionError, hf_to_megatron
+
+    try:
+        hf_to_megatron(hf_dir, meg_dir, progress=False, **kwargs)
+    except ConversionError as exc:
+        return str(exc)
+    return None
+
+
+def cli_rank(args: list[str]):
+    """Invoke the `convert` CLI in a fresh process; returns (exit code, output)."""
+    _allow_children()
+    from typer.testing import CliRunner
+
+    from dqo_megatron.cli.convert import convert_app
+
+    result = CliRunner().invoke(convert_app, args)
+    return result.exit_code, result.output
