@@ -55,7 +55,7 @@ def test_short_run_matches_single_process(layout, dataset, single):
     for rank, result in enumerate(results):
         assert result["steps"] == 3
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-4), f"rank {rank}"
-        for key in ("policy_loss", "value_loss", "mean_value"):
+        for key in ("policy_loss", "value_loss", "value_mean"):
             if key in single["metrics"][-1]:
                 assert result["metrics"][-1][key] == pytest.approx(single["metrics"][-1][key], rel=1e-3, abs=1e-6)
 
