@@ -140,7 +140,7 @@ def hf_to_megatron(
 
             attach_value_head(chunk, cfg, value_head)
             kind = "value"
-        save_chunks([chunk], tmp / WEIGHTS_DIR)
+        save_chunks([chunk], tmp / WEIGHTS_DIR, consume=True)
         del chunk
         write_metadata(tmp, cfg, CheckpointInfo(family=fam.name, dtype=dtype_name(torch_dtype), kind=kind,
                                                 source=str(src.absolute())))  # fmt: skip

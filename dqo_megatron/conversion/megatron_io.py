@@ -154,17 +154,50 @@ def sharded_state_dict(chunks: list) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def save_chunks(chunks: list, weights_dir: str | Path) -> None:
+def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) -> None:
     """Save the chunks of every rank into `weights_dir` (collective, synchronous; the directory must be
-    empty or absent)."""
+    empty or absent).
+
+    `consume=True` (the converter, which discards the model afterwards): split tensors are handed to the
+    writer as owned copies while their fused parameter is freed, so the save does not hold the model's
+    fc1 twice. Megatron stores the gated fc1 as two halves (a `ShardedTensorFactory`, so that any TP can
+    take its slice of each); the halves are views, and the file writer clones every view it gets -- all
+    of them at once (measured: +0.4 GiB on a 0.5B model). The chunks are unusable afterwards.
+    """
     from megatron.core import dist_checkpointing
 
     weights_dir = Path(weights_dir)
     if torch.distributed.get_rank() == 0:
         weights_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
+    state = sharded_state_dict(chunks)
+    if consume:
+        _build_factories_consuming_params(state)
     with _in_process_write_results():
-        dist_checkpointing.save(sharded_state_dict(chunks), str(weights_dir))
+        dist_checkpointing.save(state, str(weights_dir))
+
+
+def _build_factories_consuming_params(state: dict) -> None:
+    """Replace each `ShardedTensorFactory` in `state` by what it builds, with owned copies of the data, and
+    free the parameter it was built from -- one factory at a time, so at most one extra layer is held."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def own(item):
+        if isinstance(item, ShardedTensor):
+            item.data = item.data.clone()
+        return item
+
+    def build(item):
+        if not isinstance(item, ShardedTensorFactory):
+            return item
+        built = item.build()
+        dict_list_map_inplace(own, built)
+        source = item.data
+        source.data = source.data.new_empty(0)  # the Parameter (keep_vars): its storage goes now
+        return built
+
+    dict_list_map_inplace(build, state)
 
 
 @contextlib.contextmanager
