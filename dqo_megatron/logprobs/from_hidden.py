@@ -8,7 +8,7 @@ the output weight ``W`` (``[V/tp, h]``)::
     Z_c = H_c W^T                                   [c, b, V/tp]   (in the weight's dtype, like Megatron)
     log pi(y) = Z_c[y] - logsumexp(Z_c)             (fp32; all-reduced over TP, see `_math.py`)
 
-Backward recomputes ``Z_c`` and, with ``G_c = g * (onehot(y) - softmax(Z_c))``::
+Backward recomputes ``Z_c`` (or reuses it when the whole sequence is one chunk) and, with ``G_c = g * (onehot(y) - softmax(Z_c))``::
 
     dH_c = G_c W          (partial over the vocab shard: summed over TP by the entry op, below)
     dW  += G_c^T H_c      (fp32 accumulation over chunks; or straight into ``W.main_grad``)
@@ -56,26 +56,32 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
     """hidden ``[s, b, h]`` (whole sequence), weight ``[V/tp, h]``, labels ``[s, b]`` -> ``[s, b]``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, group, chunk_size, into_main_grad):
+    def forward(ctx, hidden, weight, labels, group, chunk_size, into_main_grad, keep_logits=True):
         dtype = compute_dtype(weight.dtype)
+        # A sequence that fits in one chunk keeps its logits for backward: the memory is the chunk
+        # budget anyway, and it saves the recomputation (one of four vocabulary-sized matmuls).
+        keep = keep_logits and labels.shape[0] <= chunk_size
+        kept = []
         vocab_start, vocab_total = vocab_shard(weight.shape[0], group)
         valid = (labels >= 0) & (labels < vocab_total)
         lse = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
         out = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
         for s0, s1 in chunk_bounds(labels.shape[0], chunk_size):
             z = torch.matmul(hidden[s0:s1].to(weight.dtype), weight.t()).to(dtype)  # fresh: ours to overwrite
-            chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=True)
+            chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=not keep)
             lse[s0:s1] = chunk_lse
             out[s0:s1] = target - chunk_lse
+            if keep:
+                kept.append(z)
             del z  # else the next chunk's logits are allocated while these are still alive: 2 chunks
         out.masked_fill_(~valid, 0.0)
-        ctx.save_for_backward(hidden, weight, labels, lse, valid)
+        ctx.save_for_backward(hidden, weight, labels, lse, valid, *kept)
         ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.into_main_grad = group, chunk_size, vocab_start, into_main_grad
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, labels, lse, valid = ctx.saved_tensors
+        hidden, weight, labels, lse, valid, *kept = ctx.saved_tensors
         dtype = lse.dtype
         grad_out = torch.where(valid, grad_out.to(dtype), 0.0)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -87,7 +93,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         local_vocab, h = weight.shape
         for s0, s1 in chunk_bounds(labels.shape[0], ctx.chunk_size):
             h_c = hidden[s0:s1].to(weight.dtype)
-            z = torch.matmul(h_c, weight.t()).to(dtype)
+            z = kept.pop() if kept else torch.matmul(h_c, weight.t()).to(dtype)
             g_z = grad_of_logits(z, labels[s0:s1], ctx.vocab_start, lse[s0:s1], grad_out[s0:s1], owned=True)
             if need_h:
                 grad_h[s0:s1] = torch.matmul(g_z.to(weight.dtype), weight)
@@ -99,7 +105,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
             grad_w = _after_main_grad_accumulation(weight)
         elif need_w and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _after_main_grad_accumulation(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -126,6 +132,7 @@ def token_logprobs_from_hidden(
     chunk_size: Optional[int] = None,
     layout: Literal["sbh", "bsh"] = "sbh",
     accumulate_into_main_grad: bool = False,
+    keep_logits: bool = True,
 ) -> torch.Tensor:
     """``log pi(labels)`` from final hidden states and the (vocab-parallel) output weight, fused.
 
@@ -144,6 +151,9 @@ def token_logprobs_from_hidden(
         accumulate_into_main_grad: add dW straight into ``weight.main_grad`` (Megatron DDP's fp32
             gradient buffer) instead of returning a ``[V/tp, h]`` gradient, as Megatron's
             gradient-accumulation fusion does; saves one ``[V/tp, h]`` temporary.
+        keep_logits: when the whole sequence fits in one chunk, keep its logits for backward instead
+            of recomputing them (memory: that one chunk, within the chunk budget; time: one matmul
+            fewer). Longer sequences always recompute.
 
     Returns:
         ``[b, s]`` fp32 (fp64 for an fp64 weight), identical on every TP rank:
@@ -172,7 +182,7 @@ def token_logprobs_from_hidden(
     if chunk_size is None:
         chunk_size = auto_chunk_size(hidden.shape[1], weight.shape[0])
     out = _TokenLogprobsFromHidden.apply(hidden, weight, labels.t().long(), tp_group, chunk_size,
-                                         accumulate_into_main_grad)  # fmt: skip
+                                         accumulate_into_main_grad, keep_logits)  # fmt: skip
     return out.t().contiguous()
 
 
