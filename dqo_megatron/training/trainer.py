@@ -53,6 +53,8 @@ class TrainSummary:
     """done | sigterm | nonfinite."""
     checkpoints: list[str] = field(default_factory=list)
     """Checkpoint directories written by this call."""
+    model_chunks: list = field(default_factory=list, repr=False)
+    """This rank's trained `PolicyValueModel` chunks (for evaluation in the same process)."""
 
 
 class _SigtermFlag:
@@ -187,6 +189,7 @@ def train(run: RunConfig) -> TrainSummary:
                 summary.stopped_by = "sigterm"
                 break
     summary.steps = step
+    summary.model_chunks = chunks
     if ckpt_root is not None and summary.stopped_by == "done" and (not summary.checkpoints or not summary.checkpoints[-1].endswith(f"{step:08d}")):
         summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
     if writer is not None:
