@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pytest
 
 from dqo_megatron.config import (
     DataConfig, InitConfig, LossConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig, ValueConfig,
