@@ -14,3 +14,11 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """DQO (Direct Q-function Optimization) and offline-RL baselines on Megatron-Core."""
+
+
+def configure_logging() -> None:
+    """INFO lines with time and source for our modules; megatron's INFO lines dump whole configs."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from dqo_megatron.cli._app import app
+from dqo_megatron.cli._app import app, configure_logging
 
 convert_app = typer.Typer(help="Convert checkpoints between Hugging Face and Megatron (see docs/checkpoints.md).",
                           no_args_is_help=True)  # fmt: skip
@@ -16,8 +15,7 @@ app.add_typer(convert_app, name="convert")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    configure_logging()
 
 
 def _run(fn, *args, **kwargs) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from dqo_megatron.cli._app import app
+from dqo_megatron.cli._app import app, configure_logging
 
 
 @app.command()
@@ -34,8 +33,7 @@ def smoke(
     from dqo_megatron.config import ConfigError, RunConfig, load_config
     from dqo_megatron.training.smoke import run_smoke
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines dump whole configs
+    configure_logging()
     try:
         run = load_config(RunConfig, config, overrides or [])
         report = run_smoke(run, steps)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from dqo_megatron.cli._app import app
+from dqo_megatron.cli._app import app, configure_logging
 
 
 @app.command()
@@ -25,8 +24,7 @@ def train(
     from dqo_megatron.parallel import destroy
     from dqo_megatron.training.trainer import train as run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    configure_logging()
     try:
         run = load_config(RunConfig, config, list(overrides or []) + ([f"train.resume={resume}"] if resume else []))
         summary = run_training(run)
@@ -53,8 +51,7 @@ def annotate(
     from dqo_megatron.parallel import destroy
     from dqo_megatron.training.annotate import annotate as run_annotate
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    configure_logging()
     try:
         run = load_config(RunConfig, config, list(overrides or []))
         counts = run_annotate(run)
