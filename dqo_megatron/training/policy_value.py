@@ -98,6 +98,14 @@ class PolicyValueModel(torch.nn.Module):
         for member, part in zip(members, parts):
             member.set_input_tensor(part)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Megatron's checkpoint interface: each member's GPT keys under ``<prefix>policy.`` /
+        ``value.`` / ``reference.`` and the replicated head under ``<prefix>value_head.``
+        (see `dqo_megatron.training.checkpointing.policy_value_sharded_state_dict`)."""
+        from dqo_megatron.training.checkpointing import policy_value_sharded_state_dict
+
+        return policy_value_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens, position_ids, labels: ``[b, s_local]`` (this CP rank's part).
 
