@@ -12,6 +12,7 @@ rank 0 prints and writes TensorBoard.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -153,6 +154,7 @@ def train(run: RunConfig) -> TrainSummary:
         if is_logger:
             logger.info("resumed from %s at step %d", resume_from, summary.start_step)
     writer = _tensorboard(run) if is_logger else None
+    metrics_file = open(Path(run.run_dir) / "metrics.jsonl", "a") if (is_logger and run.run_dir) else None
 
     # ---- loop
     step = summary.start_step
@@ -177,6 +179,13 @@ def train(run: RunConfig) -> TrainSummary:
             step += 1
             summary.losses.append(result.loss)
             summary.metrics.append(result.metrics)
+            if metrics_file is not None:
+                # Full precision, one line a step (after a resume the steps since the checkpoint
+                # appear again: readers keep the last line of a step).
+                metrics_file.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                                               "applied": result.update_successful, "seconds": seconds,
+                                               **result.metrics}) + "\n")  # fmt: skip
+                metrics_file.flush()
             if is_logger and (step % t.log_interval == 0 or step == t.train_steps):
                 _log_step(writer, step, t.train_steps, result, seconds, optimizer, started, summary.start_step)
             if nonfinite_in_a_row >= t.max_consecutive_nonfinite:
@@ -194,6 +203,8 @@ def train(run: RunConfig) -> TrainSummary:
         summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
     if writer is not None:
         writer.close()
+    if metrics_file is not None:
+        metrics_file.close()
     if summary.stopped_by == "nonfinite":
         raise RuntimeError(f"stopped after {t.max_consecutive_nonfinite} consecutive steps with a NaN/inf loss "
                            f"(step {step}); lower train.lr or check the data")  # fmt: skip
