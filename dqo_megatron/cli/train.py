@@ -63,3 +63,31 @@ def annotate(
     if not dist.is_initialized() or dist.get_rank() == 0:
         typer.echo(f"annotate done: {counts['documents']} documents in {counts['seconds']:.1f} s")
     destroy()
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A training checkpoint: run_dir/checkpoints/step_XXXXXXXX."),
+    out: Path = typer.Argument(..., help="Output HF model directory."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The run's config (default: run_dir/config.yaml beside the checkpoints)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's), fp32, bf16 or fp16."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer files to copy (default: the init checkpoint's)."),
+    verify: bool = typer.Option(False, help="Compare logits of the written HF model with the checkpoint."),
+) -> None:
+    """Export the trained policy of a training checkpoint to Hugging Face format (safetensors + config.json)."""
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.parallel import destroy
+    from dqo_megatron.training.export import export_policy_to_hf
+
+    configure_logging()
+    config = config or checkpoint.absolute().parent.parent / "config.yaml"
+    try:
+        run = load_config(RunConfig, config)
+        report = export_policy_to_hf(run, checkpoint, out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer,
+                                     verify=verify)  # fmt: skip
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"exported {checkpoint} -> {report.output}")
+    destroy()

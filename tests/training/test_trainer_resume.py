@@ -111,3 +111,23 @@ def test_sigkill_mid_checkpoint_save_keeps_the_last_good_one(setup):
     assert not any(p.name.startswith(".tmp_") for p in ckpts.iterdir())
     assert {p.name for p in ckpts.glob("step_*")} == {"step_00000004", "step_00000006", "step_00000008"}
     assert os.path.exists(ckpts / "latest")
+
+
+def test_export_trained_policy_to_hf(setup):
+    tmp, _dataset, _reference = setup
+    checkpoint = tmp / "uninterrupted" / "checkpoints" / "step_00000008"
+    out = tmp / "exported_hf"
+    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out), "--verify"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)  # no custom code
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 256
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()
+    again = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out)],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode != 0 and "exists" in again.stderr  # no silent overwrite
