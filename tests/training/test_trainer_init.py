@@ -54,8 +54,12 @@ def _train(run: RunConfig):
     return train(run).losses
 
 
-@pytest.mark.parametrize("parallel", [dict(pipeline_model_parallel_size=2), dict(tensor_model_parallel_size=2)],
-                         ids=["pp2", "tp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "parallel",
+    [dict(pipeline_model_parallel_size=2), dict(tensor_model_parallel_size=2),
+     dict(tensor_model_parallel_size=2, sequence_parallel=True), {}],
+    ids=["pp2", "tp2", "tp2-sp", "dp2"],
+)  # fmt: skip
 def test_layouts_from_one_checkpoint_agree(checkpoint, dataset, parallel):
     (single,) = run_distributed(_train, 1, _run(checkpoint, dataset, {}))
     for losses in run_distributed(_train, 2, _run(checkpoint, dataset, parallel)):
