@@ -223,6 +223,12 @@ class TrainConfig:
     or a checkpoint directory."""
     max_consecutive_nonfinite: int = 5
     """A step with a NaN/inf loss or gradient is skipped and counted; stop after this many in a row."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer; GPU only)."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak TFLOP/s for the MFU estimate (None: the bf16 peak of a known GPU; no MFU on CPU)."""
+    wandb_project: Optional[str] = None
+    """Also log to Weights & Biases under this project (needs `pip install wandb`; None: off)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -255,6 +261,9 @@ class DataConfig:
     reference held in the run, forward only), auto (data when the dataset has them, else model)."""
     pad_id: int = 0
     """Token id written into padding (masked out of every loss)."""
+    reference_offload: bool = False
+    """Keep a reference model held in the run on the CPU between its forward passes (saves accelerator
+    memory at the cost of a copy per micro-batch; no effect on CPU)."""
 
 
 @dataclass

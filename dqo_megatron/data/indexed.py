@@ -88,6 +88,47 @@ class TrajectoryWriter:
         self.n_docs += 1
         self.n_tokens += T
 
+    def add_many(self, samples: list, input_indices: list[int]) -> None:
+        """`add(s, i)` for each pair, in order, with one write per file: the same bytes and index entries
+        (one document of one sequence per sample) as the per-sample calls."""
+        n = len(samples)
+        if n == 0:
+            return
+        if n == 1:
+            self.add(samples[0], input_indices[0])
+            return
+        lengths = [len(s.tokens) for s in samples]
+        tokens = np.concatenate([s.tokens for s in samples])
+        if tokens.size and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            for s in samples:  # the first offending sample, as add() would report it
+                if s.tokens.max(initial=0) >= self.vocab_size or s.tokens.min(initial=0) < 0:
+                    raise ValueError(f"{s.file}:{s.line}: token id out of range for vocab_size {self.vocab_size}")
+        pidx = [self.prompt_index.setdefault(s.prompt_id, len(self.prompt_index)) for s in samples]
+        has = [s.behavior_logprobs is not None for s in samples]
+        self.any_behavior |= any(has)
+        total = len(tokens)
+        self._add_many("tokens", tokens.astype(self.dtypes["tokens"]), lengths)
+        self._add_many("rewards", np.concatenate([s.rewards for s in samples]).astype(np.float32, copy=False), lengths)
+        blp = (np.concatenate([s.behavior_logprobs if h else np.zeros(len(s.tokens), np.float32)
+                               for s, h in zip(samples, has)]).astype(np.float32, copy=False)
+               if any(has) else np.zeros(total, np.float32))
+        self._add_many("behavior_logprobs", blp, lengths)
+        self._add_many("ref_logprobs", np.zeros(total, np.float32), lengths)
+        meta = np.array([[s.prompt_length, T - s.prompt_length, p, s.outcome_reward, s.correct, int(h),
+                          s.truncated_prompt_tokens, i, s.line]
+                         for s, T, p, h, i in zip(samples, lengths, pidx, has, input_indices)], dtype=np.float64)
+        self._add_many("meta", meta, [len(META_FIELDS)] * n)
+        self.n_docs += n
+        self.n_tokens += total
+
+    def _add_many(self, part: str, arr: np.ndarray, lengths: list[int]) -> None:
+        # what add_document(doc, [len(doc)]) does for each document, with one write for all of them
+        b = self.builders[part]
+        b.data_file.write(np.ascontiguousarray(arr, dtype=b.dtype).tobytes(order="C"))
+        n0 = len(b.sequence_lengths)
+        b.sequence_lengths.extend(lengths)
+        b.document_indices.extend(range(n0 + 1, n0 + len(lengths) + 1))
+
     def finalize(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Close all files, drop the behavior file if no record had log-probs, write the manifest."""
         for part, b in self.builders.items():

@@ -6,6 +6,7 @@ results come back in input order (Pool.imap), so the output is byte-identical fo
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import sys
@@ -177,6 +178,14 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     bar = tqdm(total=_count_inputs(files) if cfg.progress else None, disable=not cfg.progress, unit="rec",
                desc="preprocess", file=sys.stderr, dynamic_ncols=True)
     pool = None
+    # Keep the objects that exist now (torch, megatron, transformers: ~0.5M) out of the cyclic GC's
+    # full collections while records stream through (they cost ~15% of the run); freezing before
+    # forking workers is also what the gc docs recommend. Nothing is collected differently: objects
+    # created during the run are tracked as usual, and the frozen ones return to the oldest generation
+    # at the end. Left alone when the caller froze objects itself or disabled the GC.
+    frozen = gc.isenabled() and gc.get_freeze_count() == 0
+    if frozen:
+        gc.freeze()
     try:
         if cfg.workers > 1:
             pool = mp.get_context(cfg.start_method).Pool(cfg.workers, initializer=_init_worker, initargs=(tok_cfg,))
@@ -185,28 +194,31 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             _init_worker(tok_cfg, tok)
             results = map(_work, _chunks(files, cfg.chunk_size))
         for chunk_results in results:
+            samples: list = []  # written once per chunk (same bytes as one write per sample)
             for res in chunk_results:
                 summary.read += 1
                 if isinstance(res, RecordError):
                     if not cfg.skip_invalid:
+                        writer.add_many(samples, [file_index[s.file] for s in samples])  # errors in input order
                         raise res
                     summary.skips.add(res)
                     continue
-                writer.add(res, file_index[res.file])
-                summary.written += 1
+                samples.append(res)
                 T = len(res.tokens)
                 summary.tokens += T
                 summary.prompt_tokens += res.prompt_length
-                summary.response_tokens += T - res.prompt_length
                 summary.truncated_prompts += res.truncated_prompt_tokens > 0
                 lo, label = _bucket(T)
                 hist[lo] += 1
                 labels[lo] = label
+            writer.add_many(samples, [file_index[s.file] for s in samples])
+            summary.written += len(samples)
             bar.update(len(chunk_results))
             if summary.skips.total:
                 bar.set_postfix(skipped=summary.skips.total, refresh=False)
         if summary.written == 0:
             raise ValueError(f"no valid record in {files}\n{summary.skips.report()}")
+        summary.response_tokens = summary.tokens - summary.prompt_tokens
         summary.length_histogram = {labels[k]: hist[k] for k in sorted(hist)}
         summary.prompts = len(writer.prompt_index)
         summary.seconds = time.perf_counter() - t0
@@ -229,6 +241,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         if pool is not None:
             pool.terminate()
             pool.join()
+        if frozen:
+            gc.unfreeze()
     return summary
 
 

@@ -26,6 +26,7 @@ KNOWN_FIELDS = (
     "behavior_logprobs", "behavior_tokenizer", "reference_answer", "source", "task", "metadata",
 )
 """Fields the format defines; other fields are kept in `TrajectoryRecord.extra`."""
+_KNOWN_FIELDS = frozenset(KNOWN_FIELDS)
 
 
 class RecordError(ValueError):
@@ -260,7 +261,7 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
         behavior_tokenizer=_opt_str(obj, "behavior_tokenizer", where), correct=correct,
         id=_opt_str(obj, "id", where, allow_int=True), reference_answer=_opt_str(obj, "reference_answer", where),
         source=_opt_str(obj, "source", where), task=_opt_str(obj, "task", where), metadata=meta or {},
-        extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS}, file=file, line=line,
+        extra={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}, file=file, line=line,
     )
 
 

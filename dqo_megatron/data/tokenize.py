@@ -167,6 +167,20 @@ class Tokenizer:
         bos = self.hf.bos_token if (self.cfg.add_bos and self.hf.bos_token) else ""
         return bos + prompt
 
+    @property
+    def templated(self) -> bool:
+        """Prompts go through the HF chat template (then render_prompt never raises)."""
+        return self.sp is None and bool(self.cfg.use_chat_template and self.hf.chat_template)
+
+    def render_chat_batch(self, prompts: list) -> list[str]:
+        """render_prompt of many prompts at once (only when `templated`): one batched apply_chat_template
+        call, which renders each conversation exactly as a single call would, with the per-call set-up
+        (template lookup, special-token variables) done once."""
+        if not prompts:
+            return []
+        convs = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        return self.hf.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
+
     def encode_prompts(self, rendered: list) -> list[list[int]]:
         """Ids of rendered prompts (see render_prompt); no special tokens are added here."""
         if self.sp is not None:
@@ -242,30 +256,41 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
     cache = tok.prompt_cache
     if len(cache) > PROMPT_CACHE_SIZE:
         cache.clear()
+    # chat-templated prompts are rendered in one batched call after the loop (rendering cannot fail
+    # there); other prompts are rendered here, where a chat prompt without a template is rejected
+    templated = tok.templated
+    check_blp = cfg.check_behavior_tokenizer
     keys, keep, todo, todo_keys, pending = [], [], [], [], set()
     for i, r in enumerate(records):
-        where = {"file": r.file, "line": r.line}
-        try:
-            if (cfg.check_behavior_tokenizer and r.behavior_logprobs is not None and r.behavior_tokenizer
-                    and r.behavior_tokenizer != tok.name):
-                raise RecordError("behavior_tokenizer_mismatch", f"log-probs are for tokenizer {r.behavior_tokenizer!r}, "
-                                  f"we tokenize with {tok.name!r}", field="behavior_tokenizer", **where)
-            key = r.prompt if isinstance(r.prompt, str) else tuple((m["role"], m["content"]) for m in r.prompt)
-            if key not in cache and key not in pending:
-                todo.append(tok.render_prompt(r.prompt, where))
-                todo_keys.append(key)
-                pending.add(key)
-            keys.append(key)
-            keep.append(i)
-        except RecordError as err:
-            out[i] = err
+        if (check_blp and r.behavior_logprobs is not None and r.behavior_tokenizer
+                and r.behavior_tokenizer != tok.name):
+            out[i] = RecordError("behavior_tokenizer_mismatch", f"log-probs are for tokenizer {r.behavior_tokenizer!r}, "
+                                 f"we tokenize with {tok.name!r}", field="behavior_tokenizer", file=r.file, line=r.line)
+            continue
+        prompt = r.prompt
+        key = prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+        if key not in cache and key not in pending:
+            if templated:
+                todo.append(prompt)
+            else:
+                try:
+                    todo.append(tok.render_prompt(prompt, {"file": r.file, "line": r.line}))
+                except RecordError as err:
+                    out[i] = err
+                    continue
+            todo_keys.append(key)
+            pending.add(key)
+        keys.append(key)
+        keep.append(i)
+    if templated:
+        todo = tok.render_chat_batch(todo)
     for key, ids in zip(todo_keys, tok.encode_prompts(todo)):
         cache[key] = ids
-    prompt_ids = [cache[k] for k in keys]
     need_offsets = [bool(records[i].process_rewards) for i in keep]
     resp_ids, resp_starts = tok.encode_responses([records[i].response for i in keep], need_offsets)
-    for i, p_ids, r_ids, starts in zip(keep, prompt_ids, resp_ids, resp_starts):
-        out[i] = _assemble(records[i], list(p_ids), list(r_ids), starts, tok, cfg)
+    # _assemble builds new lists from these (never mutates them), so cached prompt ids can be shared
+    for i, key, r_ids, starts in zip(keep, keys, resp_ids, resp_starts):
+        out[i] = _assemble(records[i], cache[key], r_ids, starts, tok, cfg)
     return out  # type: ignore[return-value]
 
 

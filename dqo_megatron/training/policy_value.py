@@ -43,11 +43,13 @@ class PolicyValueModel(torch.nn.Module):
         head_init_std: std of the head's weight init (0: zero).
     """
 
-    def __init__(self, policy, value=None, reference=None, *, value_head: bool = True, head_init_std: float = 0.0):
+    def __init__(self, policy, value=None, reference=None, *, value_head: bool = True, head_init_std: float = 0.0,
+                 offload_reference: bool = False):  # fmt: skip
         super().__init__()
         self.policy = policy
         self.value = value
         self.reference = reference
+        self.offload_reference = offload_reference and reference is not None
         self.config = policy.config
         gpt = unwrap_gpt(policy)
         self.model_type = gpt.model_type  # read by Megatron's schedules
@@ -115,8 +117,13 @@ class PolicyValueModel(torch.nn.Module):
         hidden = []
         for member in self.members:
             grad = contextlib.nullcontext() if member is not self.reference else torch.no_grad()
+            offload = member is self.reference and self.offload_reference
+            if offload:
+                member.to(tokens.device)
             with grad, final_hidden_states_only(member):
                 hidden.append(member(tokens, position_ids, None))
+            if offload and not self.post_process:  # on the last stage it still computes log-probs below
+                member.to("cpu")
         if not self.post_process:
             return torch.cat(hidden, dim=1)
         return self._per_token_outputs(hidden, labels)
@@ -142,6 +149,8 @@ class PolicyValueModel(torch.nn.Module):
             with torch.no_grad():
                 ref = token_logprobs_from_hidden(named[id(self.reference)].detach(), output_weight(self.reference),
                                                  labels, tp_group=tp_group, sequence_parallel=sp)  # fmt: skip
+            if self.offload_reference:
+                self.reference.to("cpu")
         return torch.stack([logp, values, ref], dim=-1)
 
 
@@ -181,7 +190,8 @@ def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, ba
     """This rank's `PolicyValueModel` chunk(s) for `run` (a `RunConfig`), on this process's device.
 
     The value network (value mode "separate") and the reference are GPTs of the policy's
-    architecture; every member is split with the same TP/PP/CP layout.
+    architecture; every member is split with the same TP/PP/CP layout. A reference held in the run
+    stays on the CPU between uses when `run.data.reference_offload`.
     """
     from dqo_megatron.models import build_model_chunks
     from dqo_megatron.parallel import device_for_this_process
@@ -192,6 +202,14 @@ def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, ba
     refs = build_model_chunks(run.model, run.parallel, run.precision, backend=backend) if with_reference else [None] * len(policies)
     device = device_for_this_process()
     return [
-        PolicyValueModel(policy, value, reference, value_head=with_value, head_init_std=run.value.head_init_std).to(device)
+        _placed(PolicyValueModel(policy, value, reference, value_head=with_value, head_init_std=run.value.head_init_std,
+                                 offload_reference=run.data.reference_offload), device)  # fmt: skip
         for policy, value, reference in zip(policies, values, refs)
     ]
+
+
+def _placed(chunk: PolicyValueModel, device) -> PolicyValueModel:
+    chunk.to(device)
+    if chunk.offload_reference:
+        chunk.reference.to("cpu")
+    return chunk

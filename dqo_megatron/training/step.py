@@ -34,7 +34,8 @@ class StepResult:
     """Every metric of the loss function, reduced over micro-batches and ranks (numerator/denominator)."""
 
 
-def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True) -> list:
+def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True,
+                  use_distributed_optimizer: bool = False) -> list:
     """Wrap model chunks in Megatron's DistributedDataParallel (grads live in `param.main_grad`).
 
     Gradient reduction is not overlapped with backward (the CPU path cannot overlap; on GPU this is
@@ -45,7 +46,7 @@ def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool =
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     return [
@@ -66,6 +67,7 @@ def build_optimizer(
     min_lr: float = 0.0,
     value_lr: float | None = None,
     value_min_lr: float | None = None,
+    use_distributed_optimizer: bool = False,
 ):
     """Megatron's optimizer over the DDP-wrapped chunks, in the chunks' precision (fp32 on CPU).
 
@@ -90,7 +92,7 @@ def build_optimizer(
         bf16=config.bf16,
         fp16=config.fp16,
         params_dtype=config.params_dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     overrides = dict(get_standard_config_overrides(opt_config))
     if value_lr is not None:

@@ -25,6 +25,7 @@ import torch
 
 from dqo_megatron.config import ConfigError, RunConfig, save_config
 from dqo_megatron.training.algorithms import BATCH_MODE, NEEDS_REFERENCE, NEEDS_VALUE, ROWS_PER_ITEM, rl_forward_step
+from dqo_megatron.training.flops import peak_tflops_per_device, step_flops
 from dqo_megatron.training.init import load_initial_weights
 from dqo_megatron.training.policy_value import (
     build_policy_value_chunks,
@@ -129,11 +130,15 @@ def train(run: RunConfig) -> TrainSummary:
     initialized = load_initial_weights(run, chunks)
     if is_logger:
         logger.info("models: %s", initialized)
-    ddp = wrap_with_ddp(chunks)
-    attach_finalize(ddp, finalize_policy_value_grads)
     t = run.train
+    if t.distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError("train.distributed_optimizer=true needs GPUs: Megatron's distributed optimizer "
+                          "supports CUDA tensors only; set it to false on CPU")  # fmt: skip
+    ddp = wrap_with_ddp(chunks, use_distributed_optimizer=t.distributed_optimizer)
+    attach_finalize(ddp, finalize_policy_value_grads)
     optimizer = build_optimizer(ddp, lr=t.lr, min_lr=t.min_lr, clip_grad=t.clip_grad, weight_decay=t.weight_decay,
-                                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, value_lr=run.value.lr)  # fmt: skip
+                                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, value_lr=run.value.lr,
+                                use_distributed_optimizer=t.distributed_optimizer)  # fmt: skip
     scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_steps,
                                 decay_steps=t.train_steps, decay_style=t.lr_decay_style, weight_decay=t.weight_decay)  # fmt: skip
 
@@ -154,6 +159,11 @@ def train(run: RunConfig) -> TrainSummary:
         if is_logger:
             logger.info("resumed from %s at step %d", resume_from, summary.start_step)
     writer = _tensorboard(run) if is_logger else None
+    wandb_run = _wandb(run) if is_logger else None
+    rows = t.global_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]]
+    flops = step_flops(run.model, rows * t.seq_length, t.seq_length, value_network=bool(chunks[0].value),
+                       reference_model=chunks[0].reference is not None)  # fmt: skip
+    peak = peak_tflops_per_device(t.peak_tflops)
     metrics_file = open(Path(run.run_dir) / "metrics.jsonl", "a") if (is_logger and run.run_dir) else None
 
     # ---- loop
@@ -187,7 +197,11 @@ def train(run: RunConfig) -> TrainSummary:
                                                **result.metrics}) + "\n")  # fmt: skip
                 metrics_file.flush()
             if is_logger and (step % t.log_interval == 0 or step == t.train_steps):
-                _log_step(writer, step, t.train_steps, result, seconds, optimizer, started, summary.start_step)
+                perf = {"tflops_per_device": flops / seconds / 1e12 / info.world_size if seconds > 0 else float("nan")}
+                if peak:
+                    perf["mfu"] = perf["tflops_per_device"] / peak
+                _log_step(writer, wandb_run, step, t.train_steps, result, seconds, optimizer, started,
+                          summary.start_step, perf)  # fmt: skip
             if nonfinite_in_a_row >= t.max_consecutive_nonfinite:
                 summary.stopped_by = "nonfinite"
                 break
@@ -203,6 +217,8 @@ def train(run: RunConfig) -> TrainSummary:
         summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
     if writer is not None:
         writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     if metrics_file is not None:
         metrics_file.close()
     if summary.stopped_by == "nonfinite":
@@ -228,20 +244,40 @@ def _tensorboard(run: RunConfig):
     return SummaryWriter(str(Path(run.run_dir) / "tensorboard"))
 
 
-def _log_step(writer, step: int, total: int, result, seconds: float, optimizer, started: float, start_step: int) -> None:
+def _wandb(run: RunConfig):
+    if not run.train.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb_project is set but wandb is not installed: pip install wandb, or unset it") from None
+    from dqo_megatron.config import to_dict
+
+    return wandb.init(project=run.train.wandb_project, config=to_dict(run), dir=run.run_dir)
+
+
+def _log_step(writer, wandb_run, step: int, total: int, result, seconds: float, optimizer, started: float,
+              start_step: int, perf: dict) -> None:  # fmt: skip
     rate = result.tokens / seconds if seconds > 0 else float("nan")
     done = step - start_step
     eta = (time.perf_counter() - started) / max(done, 1) * (total - step)
     lrs = sorted({group["lr"] for group in optimizer.param_groups})
     shown = {k: v for k, v in result.metrics.items() if k in ("policy_loss", "value_loss", "loss", "nll")}
+    mfu = f"  MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
     logger.info(
-        "step %d/%d  %s  grad-norm %.3f  lr %s  %.0f tok/s  %.2f s/step  ETA %s%s",
+        "step %d/%d  %s  grad-norm %.3f  lr %s  %.0f tok/s  %.2f TFLOP/s/dev%s  %.2f s/step  ETA %s%s",
         step, total, "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), result.grad_norm,
-        "/".join(f"{lr:.2e}" for lr in lrs), rate, seconds, _hms(eta),
+        "/".join(f"{lr:.2e}" for lr in lrs), rate, perf["tflops_per_device"], mfu, seconds, _hms(eta),
         "" if result.update_successful else "  (skipped: non-finite loss)",
     )  # fmt: skip
+    if wandb_run is not None:
+        wandb_run.log({**{f"train/{k}": v for k, v in result.metrics.items()}, "train/grad_norm": result.grad_norm,
+                       "perf/tokens_per_second": rate, **{f"perf/{k}": v for k, v in perf.items()},
+                       **{f"lr/group{i}": lr for i, lr in enumerate(lrs)}}, step=step)  # fmt: skip
     if writer is None:
         return
+    for name, value in perf.items():
+        writer.add_scalar(f"perf/{name}", value, step)
     for name, value in result.metrics.items():
         if math.isfinite(value):
             writer.add_scalar(f"train/{name}", value, step)

@@ -79,3 +79,29 @@ def test_dpo_layouts_agree(dataset):
     (single,) = run_distributed(_train, 1, _run(dataset, {}, "dpo", steps=2))
     for result in run_distributed(_train, 2, _run(dataset, dict(tensor_model_parallel_size=2), "dpo", steps=2)):
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-4)
+
+
+def test_reference_offload_and_wandb_and_distributed_optimizer_checks(dataset):
+    import torch
+
+
+    run = _run(dataset, {}, steps=2)
+    run.data.reference, run.data.reference_offload = "model", True
+    (offloaded,) = run_distributed(_train, 1, run)
+    run.data.reference_offload = False
+    (kept,) = run_distributed(_train, 1, run)
+    assert offloaded["losses"] == kept["losses"]
+    if not torch.cuda.is_available():
+        bad = _run(dataset, {}, steps=1)
+        bad.train.distributed_optimizer = True
+        with pytest.raises(Exception, match="distributed_optimizer=true needs GPUs"):
+            run_distributed(_train, 1, bad)
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        bad = _run(dataset, {}, steps=1)
+        bad.train.wandb_project = "x"
+        bad.run_dir = None
+        with pytest.raises(Exception, match="wandb is not installed"):
+            run_distributed(_train, 1, bad)
+
