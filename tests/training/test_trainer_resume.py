@@ -131,3 +131,24 @@ def test_export_trained_policy_to_hf(setup):
     again = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode != 0 and "exists" in again.stderr  # no silent overwrite
+
+
+def test_sigterm_saves_and_resume_continues_exactly(setup):
+    tmp, dataset, reference = setup
+    run_dir = tmp / "sigterm"
+    config = _config(tmp, dataset, run_dir)
+    proc = subprocess.Popen(_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended or hung before SIGTERM"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    assert "train sigterm" in output
+    stopped_at = max(_losses(run_dir))
+    assert stopped_at < STEPS and (run_dir / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+    resumed = subprocess.run(_command(config), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = _losses(run_dir)
+    assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
