@@ -105,3 +105,55 @@ def test_reference_offload_and_wandb_and_distributed_optimizer_checks(dataset):
         with pytest.raises(Exception, match="wandb is not installed"):
             run_distributed(_train, 1, bad)
 
+
+
+def _train_expecting_stop(run):
+    from dqo_megatron.training.trainer import train
+
+    try:
+        train(run)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(dataset):
+    run = _run(dataset, {}, steps=20)
+    run.train.lr, run.train.lr_warmup_steps, run.train.max_consecutive_nonfinite = 1e30, 0, 3
+    (message,) = run_distributed(_train_expecting_stop, 1, run)
+    assert "stopped after 3 consecutive steps with a NaN/inf loss" in message
+
+
+def _skip_keeps_weights():
+    import torch
+
+    from dqo_megatron import parallel
+    from dqo_megatron.models import build_model_chunks
+    from dqo_megatron.training.step import attach_finalize, build_optimizer, lm_loss_func, train_step, wrap_with_ddp
+
+    parallel.initialize(ParallelConfig())
+    (gpt,) = build_model_chunks(MODEL, ParallelConfig())
+    ddp = wrap_with_ddp([gpt])
+    attach_finalize(ddp)
+    optimizer = build_optimizer(ddp, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+
+    def nan_forward(data_iterator, model):
+        from functools import partial
+
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]) * float("nan")
+        return out, partial(lm_loss_func, batch["loss_mask"])
+
+    tokens = torch.randint(0, 256, (1, 9))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, 8),
+             "position_ids": torch.arange(8)[None]}  # fmt: skip
+    result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=8, micro_batch_size=1,
+                        forward_step=nan_forward)  # fmt: skip
+    unchanged = all(torch.equal(before[n], p) for n, p in gpt.named_parameters())
+    return result.update_successful, unchanged
+
+
+def test_a_nan_step_is_not_applied():
+    (updated, unchanged) = run_distributed(_skip_keeps_weights, 1)[0]
+    assert not updated and unchanged
