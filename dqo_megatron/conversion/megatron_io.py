@@ -15,6 +15,8 @@ gated fc1 halves, the vocab padding, the layer offset of each pipeline stage).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -173,7 +175,7 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
     state = sharded_state_dict(chunks)
     if consume:
         _build_factories_consuming_params(state)
-    with _in_process_write_results():
+    with _in_process_write_results(), _in_process_file_writer(free_written=consume):
         dist_checkpointing.save(state, str(weights_dir))
 
 
@@ -195,9 +197,11 @@ def _build_factories_consuming_params(state: dict) -> None:
         dict_list_map_inplace(own, built)
         source = item.data
         source.data = source.data.new_empty(0)  # the Parameter (keep_vars): its storage goes now
+        _malloc_trim()
         return built
 
     dict_list_map_inplace(build, state)
+    _malloc_trim()
 
 
 @contextlib.contextmanager
@@ -223,6 +227,149 @@ def _in_process_write_results() -> Iterator[None]:
         yield
     finally:
         filesystem_async._results_queue = previous
+
+
+@contextlib.contextmanager
+def _in_process_file_writer(free_written: bool = False) -> Iterator[None]:
+    """Write the torch_dist files in this process (one file after another) instead of in forked children.
+
+    Megatron's synchronous save still forks one writer process per file (`write_preloaded_data_multiproc`);
+    each child serializes its tensors while sharing the parent's pages, and the forks, their queues and
+    joins cost time on a small machine. Here the same `_write_item` records (torch.save per tensor, the
+    same WriteResults, so the same files and metadata) are written by this process. Each file is fsync'd
+    once, in a background thread while the next file is being written, and all before the save returns
+    (so before the caller renames the staging directory).
+
+    `free_written=True` (the converter, which discards the model): every tensor's storage is released as
+    soon as its record is written, so memory falls during the save instead of staying at the model's size.
+    """
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.__dict__.get("write_preloaded_data_multiproc")
+    if original is None:  # megatron-core changed: keep its writer
+        yield
+        return
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(
+        functools.partial(_write_buckets_in_process, original.__func__, free_written)
+    )
+    try:
+        yield
+    finally:
+        FileSystemWriterAsync.write_preloaded_data_multiproc = original
+
+
+def _write_buckets_in_process(original, free_written, transform_list, use_msc, rank, write_buckets,
+                              results_queue) -> None:  # fmt: skip
+    """Drop-in for `FileSystemWriterAsync.write_preloaded_data_multiproc`: puts ``{file index: [WriteResult]}``
+    (or the exception) on `results_queue`, like Megatron's."""
+    import inspect
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.distributed.checkpoint.filesystem import _write_item
+
+    if use_msc:  # object storage: Megatron's own path
+        return original(transform_list, use_msc, rank, write_buckets, results_queue)
+    extra = {}
+    if "serialization_format" in inspect.signature(_write_item).parameters:
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+        extra["serialization_format"] = SerializationFormat.TORCH_SAVE
+    users: dict[int, int] = {}  # storage -> items still to write from it (never free one still needed)
+    for _, _, (_, tensor_data) in write_buckets:
+        for _, tensor in tensor_data:
+            key = tensor.untyped_storage().data_ptr()
+            users[key] = users.get(key, 0) + 1
+    file_maps = _file_backed_ranges() if free_written else []
+    results: dict = {}
+    syncs = []
+    try:
+        streams = [open(file_name, "wb") for file_name, _, _ in write_buckets]
+        try:
+            for index, (_, storage_key, (bytes_data, _)) in enumerate(write_buckets):
+                results[index] = [_write_item(*transform_list, streams[index], data, item, storage_key, **extra)
+                                  for item, data in bytes_data]  # fmt: skip
+            # Owned (freeable) tensors first, so memory has fallen before mapped ones are paged in.
+            order = [(index, item, tensor) for index, (_, _, (_, tensor_data)) in enumerate(write_buckets)
+                     for item, tensor in tensor_data]  # fmt: skip
+            if free_written:
+                order.sort(key=lambda entry: not entry[2].untyped_storage().resizable())
+            for index, item, tensor in order:
+                storage_key = write_buckets[index][1]
+                results[index].append(_write_item(*transform_list, streams[index], tensor, item, storage_key, **extra))
+                key = tensor.untyped_storage().data_ptr()
+                users[key] -= 1
+                if free_written and users[key] == 0 and key != 0:
+                    _release(tensor.untyped_storage(), file_maps)
+            for stream in streams:
+                stream.flush()
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        with ThreadPoolExecutor(max_workers=len(streams)) as fsync_pool:
+            syncs = [fsync_pool.submit(_fsync_close, stream) for stream in streams]
+            for sync in syncs:
+                sync.result()
+        if free_written:
+            _malloc_trim()
+    except Exception as exc:  # noqa: BLE001 -- Megatron's protocol: the exception goes on the queue
+        results = exc
+    results_queue.put(results)
+
+
+def _release(storage, file_maps: list[tuple[int, int]]) -> None:
+    """Give a written storage's memory back: resize owned storages to 0; for storages that map a file (the
+    safetensors reader returns tensors backed by the shard's mmap, resident once touched), drop the
+    pages from this process (``madvise(MADV_DONTNEED)``: unmodified file pages read back unchanged if
+    ever touched again; the page cache keeps them, outside this process's memory)."""
+    if storage.resizable():
+        big = storage.nbytes() >= 1 << 20
+        storage.resize_(0)
+        if big:
+            _malloc_trim()
+        return
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if not any(lo <= start and end <= hi for lo, hi in file_maps):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def _file_backed_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of regular files (Linux; empty elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].startswith("/") and fields[4] != "0":
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _malloc_trim() -> None:
+    """Return freed heap memory to the OS (glibc keeps freed chunks below its mmap threshold)."""
+    try:
+        _libc().malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
+def _fsync_close(stream) -> None:
+    try:
+        os.fsync(stream.fileno())
+    finally:
+        stream.close()
 
 
 def load_chunks(chunks: list, weights_dir: str | Path) -> None:
