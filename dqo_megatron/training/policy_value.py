@@ -136,8 +136,14 @@ class PolicyValueModel(torch.nn.Module):
         tp_group = parallel_state.get_tensor_model_parallel_group()
         named = dict(zip([id(m) for m in self.members], hidden))
         policy_hidden = named[id(self.policy)]
-        logp = token_logprobs_from_hidden(policy_hidden, output_weight(self.policy), labels, tp_group=tp_group,
-                                          sequence_parallel=sp)  # fmt: skip
+        weight = output_weight(self.policy)
+        # Untied output weight under Megatron DDP: add dW straight into its fp32 buffer (as Megatron's
+        # gradient-accumulation fusion does) instead of materializing a [V/tp, h] gradient. A tied
+        # weight also gets the embedding's gradient through .grad, so it keeps the ordinary path.
+        into_main_grad = (getattr(weight, "main_grad", None) is not None and torch.is_grad_enabled()
+                          and not unwrap_gpt(self.policy).share_embeddings_and_output_weights)  # fmt: skip
+        logp = token_logprobs_from_hidden(policy_hidden, weight, labels, tp_group=tp_group, sequence_parallel=sp,
+                                          accumulate_into_main_grad=into_main_grad)  # fmt: skip
         values = torch.zeros_like(logp)
         if self.value_head is not None:
             trunk_hidden = named[id(self.value)] if self.value is not None else policy_hidden
