@@ -7,9 +7,6 @@ shards, so the parent test only compares numbers.
 
 from __future__ import annotations
 
-import itertools
-from functools import partial
-
 import torch
 
 from dqo_megatron import parallel
@@ -145,10 +142,3 @@ def layout_step(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dic
     dev["loss"] = result.loss
     dev["grad_norm"] = result.grad_norm
     return dev
-
-
-def pairs(iterable):
-    """Consecutive pairs (used to check every rank reports the same scalar)."""
-    a, b = itertools.tee(iterable)
-    next(b, None)
-    return zip(a, b)
