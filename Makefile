@@ -21,10 +21,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test carries the marker yet
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m gpu || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(PY) benchmarks/layout_step_time.py
