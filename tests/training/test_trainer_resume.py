@@ -52,13 +52,14 @@ def _kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
-            proc.send_signal(signal.SIGKILL)
+            # the whole process group, as a scheduler kills a job (dist_checkpointing's helper too)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be killed")
         time.sleep(0.01)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("the kill condition never came true")
 
 
@@ -76,7 +77,8 @@ def test_sigkill_mid_training_then_resume_auto(setup):
     tmp, dataset, reference = setup
     run_dir = tmp / "killed_training"
     config = _config(tmp, dataset, run_dir)
-    proc = subprocess.Popen(_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     # after the step-4 checkpoint, while step 5 or 6 runs
     _kill_when(proc, lambda: (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= 5)
     killed_at = max(_losses(run_dir))
@@ -94,7 +96,8 @@ def test_sigkill_mid_checkpoint_save_keeps_the_last_good_one(setup):
     tmp, dataset, reference = setup
     run_dir = tmp / "killed_saving"
     config = _config(tmp, dataset, run_dir)
-    proc = subprocess.Popen(_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     ckpts = run_dir / "checkpoints"
     # the save of step 4 has started (its temporary directory exists) but is not published yet
     _kill_when(proc, lambda: (ckpts / ".tmp_step_00000004").exists() and not (ckpts / "step_00000004").exists())
