@@ -37,6 +37,7 @@ from dqo_megatron.losses import (
     sft_loss,
 )
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
+from dqo_megatron.training.step import model_inputs
 
 NEEDS_VALUE = {"dqo": True, "dro": True, "sft": False, "rs": False, "dpo": False, "kto": False}
 """Which algorithms learn a value network."""
@@ -50,13 +51,8 @@ ROWS_PER_ITEM = {"samples": 1, "pairs": 2, "kto": 2}
 
 def rl_forward_step(run: RunConfig, data_iterator: Iterator[dict], model: torch.nn.Module):
     """Forward one micro-batch; returns ``(per-token outputs, partial(rl_loss_func, run, batch))``."""
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     batch = next(data_iterator)
-    inputs = {k: batch[k] for k in ("tokens", "position_ids", "labels")}
-    if parallel_state.get_context_parallel_world_size() > 1:
-        inputs = get_batch_on_this_cp_rank(inputs, cp_group=parallel_state.get_context_parallel_group())
+    inputs = model_inputs(batch)
     output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
     return output, partial(rl_loss_func, run, batch)
 

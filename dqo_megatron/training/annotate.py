@@ -21,18 +21,14 @@ import torch
 
 from dqo_megatron.config import ConfigError, RunConfig
 from dqo_megatron.training.policy_value import LOGP, build_policy_value_chunks, pipeline_micro_batch_size
+from dqo_megatron.training.step import microbatch_iterators, model_inputs
 
 logger = logging.getLogger(__name__)
 
 
 def _forward_step(data_iterator, model):
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     batch = next(data_iterator)
-    inputs = {k: batch[k] for k in ("tokens", "position_ids", "labels")}
-    if parallel_state.get_context_parallel_world_size() > 1:
-        inputs = get_batch_on_this_cp_rank(inputs, cp_group=parallel_state.get_context_parallel_group())
+    inputs = model_inputs(batch)
     output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
     return output, partial(_collect, batch)
 
@@ -93,7 +89,7 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
             batch["indices"], batch["lengths"] = torch.tensor(indices), collated["lengths"]
             mbs_data.append(batch)
         out = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(mbs_data) if len(chunks) == 1 else [iter(list(mbs_data)) for _ in chunks],
+            forward_step_func=_forward_step, data_iterator=microbatch_iterators(chunks, mbs_data),
             model=chunks, num_microbatches=len(mbs_data), seq_length=run.train.seq_length,
             micro_batch_size=pipeline_micro_batch_size(chunks[0], mbs), forward_only=True, collect_non_loss_data=True,
         )  # fmt: skip

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 from dqo_megatron.config import RunConfig, save_config
-from dqo_megatron.training.step import StepResult, attach_finalize, build_optimizer, train_step, wrap_with_ddp
+from dqo_megatron.training.step import (
+    StepResult,
+    attach_finalize,
+    build_optimizer,
+    microbatch_iterators,
+    train_step,
+    wrap_with_ddp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def run_smoke(run: RunConfig, steps: int | None = None) -> SmokeReport:
         mbs = random_lm_batches(run.model.vocab_size, run.train.seq_length, run.train.micro_batch_size,
                                 num_microbatches, seed)  # fmt: skip
         mbs = [{k: v.to(device) for k, v in mb.items()} for mb in mbs]
-        data = iter(mbs) if len(ddp) == 1 else [iter(list(mbs)) for _ in ddp]
+        data = microbatch_iterators(ddp, mbs)
         t0 = time.perf_counter()
         result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches,
                             seq_length=run.train.seq_length, micro_batch_size=run.train.micro_batch_size)  # fmt: skip

@@ -153,6 +153,19 @@ def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     return output, partial(lm_loss_func, batch["loss_mask"])
 
 
+def microbatch_iterators(chunks: Sequence[torch.nn.Module], microbatches: list[dict]):
+    """What Megatron's schedules take as `data_iterator`: one iterator, or one per model chunk under
+    virtual pipeline parallelism (every chunk reads the same micro-batches)."""
+    if len(chunks) == 1:
+        return iter(microbatches)
+    return [iter(list(microbatches)) for _ in chunks]
+
+
+def model_inputs(batch: dict) -> dict:
+    """tokens, position_ids, labels of a ``[b, s]`` micro-batch, cut to this context-parallel rank."""
+    return slice_batch_for_context_parallel({k: batch[k] for k in ("tokens", "position_ids", "labels")})
+
+
 def slice_batch_for_context_parallel(batch: dict) -> dict:
     """This CP rank's part of every ``[b, s]`` tensor (chunks r and 2*cp-1-r of 2*cp); identity at CP=1."""
     from megatron.core import parallel_state
@@ -236,8 +249,9 @@ def reduce_metrics(losses: list[dict]) -> dict[str, tuple[float, float]]:
     for item in losses:
         for i, name in enumerate(names):
             totals[i] += item[name].detach().double().cpu().view(2)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    totals = totals.to(device)
+    from dqo_megatron.parallel import device_for_this_process
+
+    totals = totals.to(device_for_this_process())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     # Only the last pipeline stage computed a loss; the others hold zeros: a sum shares it.
     torch.distributed.all_reduce(totals, group=pp_group)

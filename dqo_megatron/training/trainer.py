@@ -32,7 +32,14 @@ from dqo_megatron.training.policy_value import (
     finalize_policy_value_grads,
     pipeline_micro_batch_size,
 )
-from dqo_megatron.training.step import attach_finalize, build_optimizer, build_scheduler, train_step, wrap_with_ddp
+from dqo_megatron.training.step import (
+    attach_finalize,
+    build_optimizer,
+    build_scheduler,
+    microbatch_iterators,
+    train_step,
+    wrap_with_ddp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +89,11 @@ class _SigtermFlag:
 
 
 def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0], device=_device())
+    from dqo_megatron.parallel import device_for_this_process
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device_for_this_process())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def train(run: RunConfig) -> TrainSummary:
@@ -175,7 +180,7 @@ def train(run: RunConfig) -> TrainSummary:
     with _SigtermFlag() as sigterm:
         while step < t.train_steps:
             mbs = batches.next_step(num_microbatches)
-            data = iter(mbs) if len(ddp) == 1 else [iter(list(mbs)) for _ in ddp]
+            data = microbatch_iterators(ddp, mbs)
             t0 = time.perf_counter()
             result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches, seq_length=t.seq_length,
                                 micro_batch_size=pipeline_mbs, forward_step=forward_step, metric_key="loss")  # fmt: skip

@@ -188,7 +188,7 @@ def write_value_ckpt_with_head(policy_dir: str, out: str, fill: float):
 
     value_from_megatron(policy_dir, out)
     from dqo_megatron import parallel
-    from dqo_megatron.conversion.megatron_io import CheckpointInfo, build_empty_chunks, load_chunks, read_metadata
+    from dqo_megatron.conversion.megatron_io import build_empty_chunks, load_chunks, read_metadata
     from dqo_megatron.conversion.megatron_io import save_chunks, write_metadata
     from dqo_megatron.conversion.value import attach_value_head
 

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 from typer.testing import CliRunner
 

@@ -18,6 +18,7 @@ from dqo_megatron.training.step import (
     attach_finalize,
     build_optimizer,
     lm_forward_step,
+    microbatch_iterators,
     slice_batch_for_context_parallel,
     train_step,
     wrap_with_ddp,
@@ -70,9 +71,7 @@ def _collect_logits(chunks, mbs: list[dict], seq: int, mbsize: int) -> list[torc
 
 
 def _iterators(chunks, mbs):
-    if len(chunks) == 1:
-        return iter(mbs)
-    return [iter(list(mbs)) for _ in chunks]
+    return microbatch_iterators(chunks, mbs)
 
 
 def _setup(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, full_state=None):

@@ -15,7 +15,7 @@ from dqo_megatron.training.policy_value import (
     finalize_policy_value_grads,
     pipeline_micro_batch_size,
 )
-from dqo_megatron.training.step import attach_finalize, build_optimizer, train_step, wrap_with_ddp
+from dqo_megatron.training.step import attach_finalize, build_optimizer, microbatch_iterators, train_step, wrap_with_ddp
 from tests.helpers.layouts import micro_batches
 
 LR = 0.05
@@ -85,7 +85,7 @@ def _global_names(chunk) -> dict:
 
 
 def _step(run, ddp, optimizer, mbs):
-    data = iter(mbs) if len(ddp) == 1 else [iter(list(mbs)) for _ in ddp]
+    data = microbatch_iterators(ddp, mbs)
     return train_step(ddp, optimizer, data, num_microbatches=len(mbs), seq_length=run.train.seq_length,
                       micro_batch_size=pipeline_micro_batch_size(ddp[0], run.train.micro_batch_size),
                       forward_step=partial(rl_forward_step, run), metric_key="loss")  # fmt: skip

@@ -26,6 +26,7 @@ from dqo_megatron.training.step import (
     build_optimizer,
     build_scheduler,
     lm_forward_step,
+    microbatch_iterators,
     reduce_metrics,
     train_step,
     wrap_with_ddp,
@@ -89,7 +90,7 @@ def lm_setup(par: dict):
 
 
 def _data(ddp, mbs):
-    return iter(mbs) if len(ddp) == 1 else [iter(list(mbs)) for _ in ddp]
+    return microbatch_iterators(ddp, mbs)
 
 
 def lm_train_step(info, ddp, optimizer, scheduler, step: int) -> float:

@@ -13,22 +13,15 @@ import torch
 from dqo_megatron.config import DataConfig, InitConfig, ParallelConfig, RunConfig, TrainConfig
 from tests.helpers.distributed import run_distributed
 from tests.helpers.synthetic_data import write_synthetic_dataset
-from tests.training.test_trainer_init import SEQ, _convert
+from tests.helpers.hf_models import tiny_llama_checkpoint
+from tests.training.test_trainer_init import SEQ
 
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import transformers
-
     root = tmp_path_factory.mktemp("annotate")
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                                      tie_word_embeddings=True, rms_norm_eps=1e-5)  # fmt: skip
-    torch.manual_seed(1)
-    hf = transformers.LlamaForCausalLM(config)
-    hf.save_pretrained(root / "hf", safe_serialization=True)
-    run_distributed(_convert, 1, str(root / "hf"), str(root / "megatron"))
+    _path, hf = tiny_llama_checkpoint(root, seq=SEQ, tied=True, seed=1)
     write_synthetic_dataset(str(root / "data" / "train"), docs=10, max_len=SEQ + 1)
     return root, hf
 

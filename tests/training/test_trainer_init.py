@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from dqo_megatron.config import ConfigError, DataConfig, InitConfig, LossConfig, ParallelConfig, RunConfig, TrainConfig
+from dqo_megatron.config import DataConfig, InitConfig, LossConfig, ParallelConfig, RunConfig, TrainConfig
 from tests.helpers.distributed import run_distributed
+from tests.helpers.hf_models import tiny_llama_checkpoint
 from tests.helpers.synthetic_data import write_synthetic_dataset
 
 SEQ = 32
 
 
-def _convert(hf_dir: str, out: str) -> str:
-    from dqo_megatron.conversion.convert import hf_to_megatron
-
-    hf_to_megatron(hf_dir, out, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import transformers
-
-    root = tmp_path_factory.mktemp("init")
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                                      tie_word_embeddings=False, rms_norm_eps=1e-5)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "hf", safe_serialization=True)
-    run_distributed(_convert, 1, str(root / "hf"), str(root / "megatron"))
-    return str(root / "megatron")
+    path, _model = tiny_llama_checkpoint(tmp_path_factory.mktemp("init"), seq=SEQ, tied=False, seed=0)
+    return path
 
 
 @pytest.fixture(scope="module")
