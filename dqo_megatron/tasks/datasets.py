@@ -1,0 +1,109 @@
+"""Problem sets for rollouts and evaluation: GSM8K, MATH (original 5K test / MATH500), or any JSONL.
+
+Every loader returns `Problem`s: the question, its reference solution or answer, the paper's prompt
+(`build_prompt`), and metadata (MATH subject and level) that eval breaks accuracy down by. Files are
+read from local paths only; a user elsewhere may name an HF `datasets` directory saved with
+`save_to_disk` or any JSONL with a question field and an answer field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dqo_megatron.tasks.prompts import build_prompt, check_task
+
+QUESTION_FIELDS = ("question", "problem", "prompt")
+"""Fields tried, in order, for the question text of a generic JSONL row."""
+ANSWER_FIELDS = ("answer", "solution", "reference_answer")
+"""Fields tried, in order, for the reference of a generic JSONL row (gsm8k: `answer` holds `#### N`)."""
+
+
+@dataclass
+class Problem:
+    """One question with its reference."""
+
+    id: str
+    """Stable id: the row's `id`/`unique_id` when present, else "<file stem>:<line>"."""
+    task: str
+    """"gsm8k" or "math" (answer format and prompt instruction)."""
+    question: str
+    """The problem text as in the file."""
+    reference: str
+    """Reference solution or bare answer (what `tasks.grading.check_answer` compares against)."""
+    prompt: str
+    """The user turn: question + the paper's instruction for `task`."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Extra fields kept for breakdowns (MATH: subject, level, unique_id)."""
+
+
+def _pick(row: dict, names: tuple[str, ...], where: str) -> str:
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+    raise ValueError(f"{where}: none of the fields {list(names)} holds a non-empty string (found {sorted(row)})")
+
+
+def _rows(path: Path):
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        for i, row in enumerate(ds):
+            yield i + 1, dict(row)
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def guess_task(path: str | Path) -> str:
+    """"math" when the path mentions math (or MATH500), else "gsm8k"."""
+    return "math" if "math" in str(path).lower() else "gsm8k"
+
+
+def load_problems(path: str | Path, task: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> list[Problem]:  # fmt: skip
+    """Read problems from a JSONL file or a saved HF dataset directory.
+
+    Args:
+        path: e.g. ``../shared/data/gsm8k/test.jsonl``, ``../shared/data/math/prm800k_split/test.jsonl``.
+        task: "gsm8k" or "math"; None guesses from the path (see `guess_task`).
+        limit: keep at most this many problems (after `offset`); None keeps all.
+        offset: skip this many problems first.
+    Returns:
+        Problems in file order. Raises FileNotFoundError / ValueError naming file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"problem file {path} does not exist")
+    task = check_task(task or guess_task(path))
+    out: list[Problem] = []
+    for lineno, row in _rows(path):
+        where = f"{path}:{lineno}"
+        question = _pick(row, QUESTION_FIELDS, where)
+        if task == "math" and isinstance(row.get("solution"), str):
+            reference = row["solution"]  # its last \boxed{} is the answer; survives a null `answer`
+        else:
+            reference = _pick(row, ANSWER_FIELDS, where)
+        pid = row.get("id") or row.get("unique_id") or f"{path.stem}:{lineno}"
+        meta = {k: row[k] for k in ("subject", "level", "unique_id", "type") if k in row}
+        out.append(Problem(str(pid), task, question, reference, build_prompt(task, question), meta))
+    if offset:
+        out = out[offset:]
+    if limit is not None:
+        out = out[:limit]
+    if not out:
+        raise ValueError(f"{path}: no problems (offset={offset}, limit={limit})")
+    return out
