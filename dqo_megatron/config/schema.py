@@ -327,8 +327,30 @@ class ValueConfig:
     shared: a scalar head on the policy's trunk (cheaper; the trunk gets both losses' gradients)."""
     lr: Optional[float] = None
     """Peak learning rate of the value parameters (None: train.lr)."""
+    min_lr: Optional[float] = None
+    """Value learning rate at the end of its decay (None: train.min_lr)."""
+    lr_warmup_steps: Optional[int] = None
+    """Linear warmup of the value learning rate, in steps (None: train.lr_warmup_steps)."""
+    lr_decay_style: Optional[Literal["constant", "cosine", "linear"]] = None
+    """Value schedule after warmup, decaying over train.train_steps (None: train.lr_decay_style)."""
     head_init_std: float = 0.0
     """Std of the value head's weight init (0: zero-initialized, V = 0 at the start)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lr is not None and self.lr < 0:
+            problems.append(f"value.lr={self.lr} must be >= 0")
+        if self.min_lr is not None and self.min_lr < 0:
+            problems.append(f"value.min_lr={self.min_lr} must be >= 0")
+        if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
+            problems.append(f"value.min_lr={self.min_lr} exceeds value.lr={self.lr}")
+        if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
+            problems.append(f"value.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
+        if self.lr_decay_style not in (None, "constant", "cosine", "linear"):
+            problems.append(f"value.lr_decay_style={self.lr_decay_style!r}: choose constant, cosine or linear")
+        if self.head_init_std < 0:
+            problems.append(f"value.head_init_std={self.head_init_std} must be >= 0")
+        _fail(problems)
 
 
 @dataclass

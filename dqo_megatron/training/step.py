@@ -95,23 +95,67 @@ def build_optimizer(
         use_distributed_optimizer=use_distributed_optimizer,
     )
     overrides = dict(get_standard_config_overrides(opt_config))
-    if value_lr is not None:
-        overrides[ParamKey(attr=VALUE_HEAD_ATTR)] = {
-            "max_lr": value_lr, "min_lr": min_lr if value_min_lr is None else value_min_lr,
-        }  # fmt: skip
+    # The value parameters always get a group of their own, tagged so the scheduler can give them
+    # their own schedule (Megatron passes override keys through into the param group).
+    overrides[ParamKey(attr=VALUE_HEAD_ATTR)] = {
+        "max_lr": lr if value_lr is None else value_lr, "min_lr": min_lr if value_min_lr is None else value_min_lr,
+        MEMBER_KEY: "value",
+    }  # fmt: skip
     return get_megatron_optimizer(opt_config, list(ddp_chunks), config_overrides=overrides)
 
 
-def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_style: str,
-                    weight_decay: float = 0.0):  # fmt: skip
-    """Megatron's `OptimizerParamScheduler`: linear warmup, then constant/cosine/linear decay.
+MEMBER_KEY = "dqo_member"
+"""Param-group key marking the value network's group ("value")."""
 
-    Groups with their own `max_lr`/`min_lr` (the value parameters) follow the same shape.
-    """
+
+def _policy_value_scheduler_class():
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+    class PolicyValueScheduler(OptimizerParamScheduler):
+        """Megatron's scheduler, with its own warmup length and decay style for the value group.
+
+        Megatron's `get_lr` reads max/min LR from each group but warmup and decay shape from the
+        scheduler; for the value group we swap the shape in for the call.
+        """
+
+        def __init__(self, optimizer, *, value_shape: dict | None, **kwargs):
+            self.value_shape = value_shape  # before super().__init__, which already calls get_lr
+            super().__init__(optimizer, **kwargs)
+
+        def get_lr(self, param_group: dict) -> float:
+            if self.value_shape is None or param_group.get(MEMBER_KEY) != "value":
+                return super().get_lr(param_group)
+            names = tuple(self.value_shape)
+            saved = {k: getattr(self, k) for k in names}
+            try:
+                for k in names:
+                    setattr(self, k, self.value_shape[k])
+                return super().get_lr(param_group)
+            finally:
+                for k, v in saved.items():
+                    setattr(self, k, v)
+
+    return PolicyValueScheduler
+
+
+def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_style: str,
+                    weight_decay: float = 0.0, value_warmup_steps: int | None = None,
+                    value_decay_style: str | None = None):  # fmt: skip
+    """Megatron's `OptimizerParamScheduler`: linear warmup, then constant/cosine/linear decay.
+
+    The value group (see `build_optimizer`) has its own peak/final LR from its param group and,
+    when `value_warmup_steps` / `value_decay_style` are given, its own warmup and decay style
+    (decaying over the same `decay_steps`); otherwise it follows the policy's shape.
+    """
+    value_shape = None
+    if value_warmup_steps is not None or value_decay_style is not None:
+        v_warm = warmup_steps if value_warmup_steps is None else value_warmup_steps
+        value_shape = {
+            "lr_warmup_steps": v_warm, "lr_decay_style": value_decay_style or decay_style,
+            "lr_decay_steps": max(decay_steps, v_warm + 1), "init_lr": 0.0,
+        }  # fmt: skip
+    return _policy_value_scheduler_class()(
+        optimizer, value_shape=value_shape, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
         lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, warmup_steps + 1), lr_decay_style=decay_style,
         start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
     )  # fmt: skip

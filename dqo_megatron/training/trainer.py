@@ -143,9 +143,11 @@ def train(run: RunConfig) -> TrainSummary:
     attach_finalize(ddp, finalize_policy_value_grads)
     optimizer = build_optimizer(ddp, lr=t.lr, min_lr=t.min_lr, clip_grad=t.clip_grad, weight_decay=t.weight_decay,
                                 adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, value_lr=run.value.lr,
-                                use_distributed_optimizer=t.distributed_optimizer)  # fmt: skip
+                                value_min_lr=run.value.min_lr, use_distributed_optimizer=t.distributed_optimizer)  # fmt: skip
     scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_steps,
-                                decay_steps=t.train_steps, decay_style=t.lr_decay_style, weight_decay=t.weight_decay)  # fmt: skip
+                                decay_steps=t.train_steps, decay_style=t.lr_decay_style, weight_decay=t.weight_decay,
+                                value_warmup_steps=run.value.lr_warmup_steps,
+                                value_decay_style=run.value.lr_decay_style)  # fmt: skip
 
     # ---- resume
     summary = TrainSummary()
@@ -266,19 +268,19 @@ def _log_step(writer, wandb_run, step: int, total: int, result, seconds: float, 
     rate = result.tokens / seconds if seconds > 0 else float("nan")
     done = step - start_step
     eta = (time.perf_counter() - started) / max(done, 1) * (total - step)
-    lrs = sorted({group["lr"] for group in optimizer.param_groups})
+    lrs = learning_rates(optimizer)
     shown = {k: v for k, v in result.metrics.items() if k in ("policy_loss", "value_loss", "loss", "nll")}
     mfu = f"  MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
     logger.info(
         "step %d/%d  %s  grad-norm %.3f  lr %s  %.0f tok/s  %.2f TFLOP/s/dev%s  %.2f s/step  ETA %s%s",
         step, total, "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), result.grad_norm,
-        "/".join(f"{lr:.2e}" for lr in lrs), rate, perf["tflops_per_device"], mfu, seconds, _hms(eta),
+        "/".join(f"{lr:.2e}" for lr in lrs.values()), rate, perf["tflops_per_device"], mfu, seconds, _hms(eta),
         "" if result.update_successful else "  (skipped: non-finite loss)",
     )  # fmt: skip
     if wandb_run is not None:
         wandb_run.log({**{f"train/{k}": v for k, v in result.metrics.items()}, "train/grad_norm": result.grad_norm,
                        "perf/tokens_per_second": rate, **{f"perf/{k}": v for k, v in perf.items()},
-                       **{f"lr/group{i}": lr for i, lr in enumerate(lrs)}}, step=step)  # fmt: skip
+                       **{f"lr/{k}": lr for k, lr in lrs.items()}}, step=step)  # fmt: skip
     if writer is None:
         return
     for name, value in perf.items():
@@ -289,8 +291,18 @@ def _log_step(writer, wandb_run, step: int, total: int, result, seconds: float, 
     writer.add_scalar("train/grad_norm", result.grad_norm, step)
     writer.add_scalar("perf/tokens_per_second", rate, step)
     writer.add_scalar("perf/seconds_per_step", seconds, step)
-    for i, lr in enumerate(lrs):
-        writer.add_scalar(f"lr/group{i}", lr, step)
+    for name, lr in lrs.items():
+        writer.add_scalar(f"lr/{name}", lr, step)
+
+
+def learning_rates(optimizer) -> dict[str, float]:
+    """{"policy": lr, "value": lr} now (the value entry only when the run learns a value network)."""
+    from dqo_megatron.training.step import MEMBER_KEY
+
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        out.setdefault(group.get(MEMBER_KEY, "policy"), group["lr"])
+    return dict(sorted(out.items()))
 
 
 def _hms(seconds: float) -> str:
