@@ -68,26 +68,34 @@ def annotate(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A training checkpoint: run_dir/checkpoints/step_XXXXXXXX."),
-    out: Path = typer.Argument(..., help="Output HF model directory."),
+    out: Path = typer.Argument(..., help="Output directory (HF model, or a dqo-megatron checkpoint with --format megatron)."),
+    fmt: str = typer.Option("hf", "--format", help="hf: safetensors + config.json + tokenizer; megatron: a checkpoint "
+                            "that init.policy / init.reference of another run take (like `convert hf-to-megatron`)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="The run's config (default: run_dir/config.yaml beside the checkpoints)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     dtype: str = typer.Option("auto", help="auto (the checkpoint's), fp32, bf16 or fp16."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer files to copy (default: the init checkpoint's)."),
     verify: bool = typer.Option(False, help="Compare logits of the written HF model with the checkpoint."),
 ) -> None:
-    """Export the trained policy of a training checkpoint to Hugging Face format (safetensors + config.json)."""
+    """Export the trained policy of a training checkpoint to Hugging Face format (or to a Megatron checkpoint)."""
     from dqo_megatron.config import ConfigError, RunConfig, load_config
     from dqo_megatron.parallel import destroy
-    from dqo_megatron.training.export import export_policy_to_hf
+    from dqo_megatron.conversion import ConversionError
+    from dqo_megatron.training.export import export_policy_to_hf, export_policy_to_megatron
 
     configure_logging()
     config = config or checkpoint.absolute().parent.parent / "config.yaml"
     try:
+        if fmt not in ("hf", "megatron"):
+            raise ValueError(f"--format {fmt!r}: choose hf or megatron")
         run = load_config(RunConfig, config)
-        report = export_policy_to_hf(run, checkpoint, out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer,
-                                     verify=verify)  # fmt: skip
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if fmt == "megatron":
+            written = export_policy_to_megatron(run, checkpoint, out, overwrite=overwrite)
+        else:
+            written = export_policy_to_hf(run, checkpoint, out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer,
+                                          verify=verify).output  # fmt: skip
+    except (ConfigError, ConversionError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"exported {checkpoint} -> {report.output}")
+    typer.echo(f"exported {checkpoint} -> {written}")
     destroy()

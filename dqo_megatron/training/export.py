@@ -18,32 +18,31 @@ from typing import Optional
 from dqo_megatron.config import ConfigError, InitConfig, ParallelConfig, RunConfig
 
 
-def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
-                        dtype: str = "auto", tokenizer: Optional[str] = None, verify: bool = False):  # fmt: skip
-    """Write the policy of training checkpoint `checkpoint` (of `run`) as an HF model directory `out`.
+def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str | Path, *,
+                              overwrite: bool = False) -> Path:  # fmt: skip
+    """Write the policy of training checkpoint `checkpoint` (of `run`) as a dqo-megatron conversion
+    checkpoint `out` (`model_config.yaml`, `weights/`, the base model's `hf/` side files when
+    `init.policy` had them): what `init.policy` / `init.reference` of a next run take, at any layout.
 
-    Returns the conversion report. Runs at TP=PP=1 in this process whatever layout trained it.
+    Atomic (staged beside `out`, renamed at the end). Runs at TP=PP=1 in this process.
     """
     from dqo_megatron import parallel
-    from dqo_megatron.conversion.convert import megatron_to_hf
     from dqo_megatron.conversion.megatron_io import (
-        HF_DIR, WEIGHTS_DIR, CheckpointInfo, check_output, dtype_name, save_chunks, write_metadata,
+        HF_DIR, WEIGHTS_DIR, CheckpointInfo, dtype_name, save_chunks, staged_output, write_metadata,
     )  # fmt: skip
     from dqo_megatron.training.checkpointing import is_complete, load_checkpoint
     from dqo_megatron.training.policy_value import build_policy_value_chunks
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint = Path(checkpoint)
     if not is_complete(checkpoint):
         raise ConfigError(f"{checkpoint} is not a complete training checkpoint (no COMPLETE marker)")
-    check_output(out.absolute(), overwrite)
     single = copy.deepcopy(run)
     single.parallel = ParallelConfig()
     single.init = InitConfig()
     parallel.initialize(single.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(single, with_value=False, with_reference=False)
     load_checkpoint(checkpoint, [chunk], restore_rng=False)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
-    try:
+    with staged_output(out, overwrite) as staging:
         save_chunks([chunk.policy], staging / WEIGHTS_DIR)
         param_dtype = next(chunk.policy.parameters()).dtype
         write_metadata(staging, run.model, CheckpointInfo(family=run.model.family, dtype=dtype_name(param_dtype),
@@ -51,9 +50,26 @@ def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path,
         base_hf = Path(run.init.policy) / HF_DIR if run.init.policy else None
         if base_hf is not None and base_hf.is_dir():
             shutil.copytree(base_hf, staging / HF_DIR)
-        elif tokenizer is None:
+        else:
             (staging / HF_DIR).mkdir()
-        return megatron_to_hf(staging, out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer, verify=verify,
-                              progress=False)  # fmt: skip
+    return Path(out)
+
+
+def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
+                        dtype: str = "auto", tokenizer: Optional[str] = None, verify: bool = False):  # fmt: skip
+    """Write the policy of training checkpoint `checkpoint` (of `run`) as an HF model directory `out`.
+
+    Returns the conversion report. Runs at TP=PP=1 in this process whatever layout trained it.
+    """
+    from dqo_megatron.conversion.convert import megatron_to_hf
+    from dqo_megatron.conversion.megatron_io import check_output
+
+    out = Path(out)
+    check_output(out.absolute(), overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
+    try:
+        export_policy_to_megatron(run, checkpoint, staging / "megatron")
+        return megatron_to_hf(staging / "megatron", out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer,
+                              verify=verify, progress=False)  # fmt: skip
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -134,6 +134,17 @@ def test_export_trained_policy_to_hf(setup):
     again = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode != 0 and "exists" in again.stderr  # no silent overwrite
+    # --format megatron writes a checkpoint that init.policy takes; converted to HF it equals the HF export
+    meg = tmp / "exported_megatron"
+    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(meg), "--format",
+                           "megatron"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    from dqo_megatron.conversion.convert import megatron_to_hf
+
+    megatron_to_hf(meg, tmp / "via_megatron", progress=False)
+    twin = transformers.AutoModelForCausalLM.from_pretrained(tmp / "via_megatron")
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_sigterm_saves_and_resume_continues_exactly(setup):
