@@ -1,0 +1,166 @@
+"""`dqo-megatron process-scores` (synthetic process rewards) and `dqo-megatron eval` (accuracy tables).
+
+See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from dqo_megatron.cli._app import app, configure_logging
+
+_BACKEND_HELP = "auto (vllm if installed and on GPU, else transformers; megatron for Megatron checkpoints) | transformers | vllm | megatron."
+
+
+def _fail(kind: str, exc: Exception) -> None:
+    typer.echo(f"{kind}: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+def _backend_factory(kind: str, tokenizer: Optional[str], device: str, dtype: str, tensor_parallel: int) -> Callable:
+    """model path -> GenerationBackend, through the rollout factory (imported when a model is built)."""
+
+    def build(model: str):
+        from dqo_megatron.rollout.factory import build_backend
+
+        return build_backend(kind, model, tokenizer=tokenizer, device=device, dtype=dtype,
+                             tensor_parallel=tensor_parallel)
+
+    return build
+
+
+@app.command("process-scores")
+def process_scores(
+    inputs: List[str] = typer.Argument(..., help="Labeled rollout records (after `label`); failed ones need reference_answer and task."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output JSON Lines: all records, failed ones with process_rewards."),
+    model: str = typer.Option(..., "--model", "-m", help="The model that continues the prefixes (normally the rollout model)."),
+    backend: str = typer.Option("auto", help=_BACKEND_HELP),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer (default: the model's)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model."),
+    num_completions: int = typer.Option(20, "--num-completions", "-M", help="Completions per step prefix (the paper: 20)."),
+    splitter: str = typer.Option("auto", help="auto | lines | paragraphs | step_markers | regex."),
+    split_pattern: Optional[str] = typer.Option(None, help="splitter=regex: a step ends where a match ends."),
+    max_steps: Optional[int] = typer.Option(None, help="Merge steps so a response has at most this many (caps the cost)."),
+    assign: str = typer.Option("last_correct", help="last_correct | every_correct | value (docs/evaluation.md)."),
+    step_reward: float = typer.Option(0.5, help="Process reward unit r (outcome rewards are 1/0)."),
+    temperature: float = typer.Option(1.0, help="Completion sampling temperature."),
+    top_p: float = typer.Option(0.9, help="Completion nucleus top_p."),
+    top_k: int = typer.Option(16, help="Completion top_k."),
+    max_new_tokens: int = typer.Option(512, help="Longest completion in tokens."),
+    seed: int = typer.Option(1234, help="Base seed (each prefix's seed derives from it, the prompt and the prefix)."),
+    batch_size: int = typer.Option(16, help="Prefixes per generate call (x M completions each)."),
+    task: str = typer.Option("auto", help="gsm8k | math | auto (each record's `task`)."),
+    timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison."),
+    cache: Optional[str] = typer.Option(None, help="Completion cache file (default: OUTPUT.cache.jsonl)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write a completion cache."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace process rewards that failed records already have."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid records instead of stopping."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="State the cost (prefixes x M) and stop; loads no model."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Synthetic process rewards (the paper's section 4.4): M completions from each step prefix of every
+    failed response; a prefix is correct when any completion is; rewards per step into process_rewards."""
+    from dqo_megatron.config.loader import ConfigError
+    from dqo_megatron.data.records import RecordError
+    from dqo_megatron.rollout.process_scores import ProcessScoresConfig, process_scores as run
+
+    configure_logging()
+    try:
+        cfg = ProcessScoresConfig(
+            inputs=list(inputs), output=str(output), model_id=model, num_completions=num_completions,
+            splitter=splitter, split_pattern=split_pattern, max_steps=max_steps, assign=assign,
+            step_reward=step_reward, temperature=temperature, top_p=top_p, top_k=top_k,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, task=task, timeout_s=timeout_s,
+            cache="" if no_cache else cache, overwrite=overwrite, skip_invalid=skip_invalid, dry_run=dry_run,
+            progress=not no_progress)
+        if dry_run:
+            summary = run(cfg, _DryRunBackend(backend))
+            typer.echo(summary.plan(num_completions))
+            return
+        gen = _backend_factory(backend, tokenizer, device, dtype, tensor_parallel)(model)
+        try:
+            summary = run(cfg, gen)
+        finally:
+            gen.close()
+    except ConfigError as exc:
+        _fail("config error", exc)
+    except RecordError as exc:
+        _fail("invalid record (use --skip-invalid to skip and count)", exc)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        _fail("error", exc)
+    typer.echo(summary.report())
+    typer.echo(f"wrote {output}")
+
+
+class _DryRunBackend:
+    """Stands in for the backend when only the cost is asked for (the cache key needs the backend name)."""
+
+    tokenizer_name = ""
+
+    def __init__(self, kind: str) -> None:
+        self.name = kind
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("dry run: nothing is generated")
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+@app.command("eval")
+def eval_(
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model path (repeat for several rows of one table)."),
+    name: Optional[List[str]] = typer.Option(None, "--name", "-n", help="Row name per --model, in order (default: basenames)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Writes results.json, results.md, accuracy.png, outputs/, cache/."),
+    dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="gsm8k | math | math500 | NAME=PATH (repeat; default: all three)."),
+    decoding: Optional[List[str]] = typer.Option(None, "--decoding", help="greedy | sample (repeat; default: both)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many problems per dataset (quick runs)."),
+    limit_mode: str = typer.Option("spread", help="With --limit: spread (evenly spaced: every MATH subject) | first."),
+    data_dir: Optional[str] = typer.Option(None, help="Shared data directory (default: $DQO_SHARED_DATA or ../shared/data)."),
+    backend: str = typer.Option("auto", help=_BACKEND_HELP),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer for every model (default: each model's)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model."),
+    temperature: float = typer.Option(1.0, help="sample decoding: temperature."),
+    top_p: float = typer.Option(0.9, help="sample decoding: top_p."),
+    top_k: int = typer.Option(16, help="sample decoding: top_k."),
+    num_samples: int = typer.Option(1, help="sample decoding: samples per problem (accuracy = their mean)."),
+    max_new_tokens: int = typer.Option(1024, help="Longest response in tokens."),
+    seed: int = typer.Option(1234, help="Base seed of sampled decoding."),
+    batch_size: int = typer.Option(32, help="Prompts per generate call."),
+    timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not reuse or keep generations in OUTPUT_DIR/cache."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Accuracy on GSM8K / MATH / MATH500, greedy and sampled, one table row per model (the paper's Table 3
+    layout), with MATH per-subject and per-level tables, a JSON file and a PNG chart."""
+    from dqo_megatron.config.loader import ConfigError
+    from dqo_megatron.eval.run import EvalConfig, evaluate
+
+    configure_logging()
+    try:
+        kw = {}
+        if dataset:
+            kw["datasets"] = list(dataset)
+        if decoding:
+            kw["decodings"] = list(decoding)
+        cfg = EvalConfig(
+            models=list(model), names=list(name or []), output_dir=str(output_dir), data_dir=data_dir, limit=limit,
+            limit_mode=limit_mode, temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, timeout_s=timeout_s, cache=not no_cache,
+            progress=not no_progress, **kw)
+        results = evaluate(cfg, _backend_factory(backend, tokenizer, device, dtype, tensor_parallel))
+    except ConfigError as exc:
+        _fail("config error", exc)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        _fail("error", exc)
+    from dqo_megatron.eval.report import markdown_report
+
+    typer.echo(markdown_report(results).split("\n\n## ")[0])
+    typer.echo(f"wrote {output_dir}/results.json, results.md, accuracy.png, outputs/")
