@@ -73,11 +73,11 @@ class EvalConfig:
     decodings: list[str] = field(default_factory=lambda: ["greedy", "sample"])
     """Decodings to run: "greedy" and/or "sample"."""
     temperature: float = 1.0
-    """"sample" decoding: temperature (the paper's sampling setting)."""
+    """"sample" decoding: temperature (our notes on the paper give none; 1.0 = the model's distribution)."""
     top_p: float = 0.9
-    """"sample" decoding: nucleus top_p (the paper: 0.9)."""
+    """"sample" decoding: nucleus top_p (the paper's sampling: 0.9)."""
     top_k: int = 16
-    """"sample" decoding: top_k (the paper: 16)."""
+    """"sample" decoding: top_k (the paper's sampling: 16)."""
     num_samples: int = 1
     """"sample" decoding: samples per problem; accuracy is their mean (the expected one-sample accuracy)."""
     max_new_tokens: int = 1024

@@ -87,7 +87,7 @@ class ProcessScoresConfig:
     step_reward: float = 0.5
     """r: the process reward unit (outcome rewards are 1 / 0)."""
     temperature: float = 1.0
-    """Sampling temperature of the completions (the paper's rollout sampling: 1.0)."""
+    """Completion sampling temperature (our notes on the paper give none; 1.0 = the model's distribution)."""
     top_p: float = 0.9
     """Nucleus sampling of the completions (the paper: 0.9)."""
     top_k: int = 16
