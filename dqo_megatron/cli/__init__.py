@@ -10,6 +10,7 @@ from dqo_megatron.cli import convert  # noqa: F401
 from dqo_megatron.cli import train  # noqa: F401  (registers `train`)
 from dqo_megatron.cli import data  # noqa: F401
 from dqo_megatron.cli import eval as _eval  # noqa: F401  (registers `process-scores`, `eval`)
+from dqo_megatron.cli import analysis  # noqa: F401  (registers `value-analysis`)
 
 
 def main() -> None:

@@ -1,0 +1,65 @@
+"""`dqo-megatron value-analysis`: a value network's per-step values against process scores (docs/value-analysis.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dqo_megatron.cli._app import app, configure_logging
+
+
+@app.command("value-analysis")
+def value_analysis(
+    checkpoints: List[str] = typer.Argument(..., help="Training checkpoints (run_dir/checkpoints/step_N), run directories "
+                                            "(all their checkpoints) or value checkpoints (convert --value)."),
+    records: List[str] = typer.Option(..., "--records", "-r", help="Held-out record files with process_rewards (repeatable; globs ok)."),
+    tokenizer: str = typer.Option(..., "--tokenizer", "-t", help="The run's tokenizer: HF directory or sentencepiece .model."),
+    out_dir: Path = typer.Option(..., "--output-dir", "-o", help="Writes value_analysis.jsonl and value_<label>.png here."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The run's config (default: run_dir/config.yaml beside the checkpoints)."),
+    score: str = typer.Option("auto", help="prefix_success (correct fraction of process-scores completions), prefix_solvable (1/0), "
+                              "process_reward, return_to_go; auto: prefix_success if records have process_scores, else process_reward."),
+    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template (string or .jinja file), as given to preprocess."),
+    no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Encode prompt text as is (plus BOS), as given to preprocess."),
+    eos_token: Optional[str] = typer.Option(None, help="Token appended to responses, as given to preprocess."),
+    max_length: int = typer.Option(4096, help="Longest sequence in tokens (prompt + response + EOS)."),
+    overlong: str = typer.Option("drop", help="Longer sequences: drop | truncate_prompt_left."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    max_records: Optional[int] = typer.Option(None, help="Use at most this many records."),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16."),
+    no_initial: bool = typer.Option(False, "--no-initial", help="Skip the V(s0) vs prompt success-rate correlation."),
+    no_plot: bool = typer.Option(False, "--no-plot", help="No PNG (no matplotlib needed)."),
+    pairs: bool = typer.Option(False, "--pairs", help="Also write pairs_<label>.jsonl (value and score of every step)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid or too long records instead of stopping."),
+) -> None:
+    """Correlation (Pearson, Spearman) between a trained value network's V at the end of each step and the
+    step's synthetic process score on held-out responses: one JSON line and one PNG per checkpoint."""
+    from dqo_megatron.analysis.value_analysis import RESULTS_FILE, ValueAnalysisConfig, format_row, run_value_analysis
+    from dqo_megatron.config import ConfigError
+    from dqo_megatron.data.records import RecordError
+    from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
+    from dqo_megatron.training.checkpointing import CheckpointError
+
+    configure_logging()
+    try:
+        cfg = ValueAnalysisConfig(
+            checkpoints=list(checkpoints), records=list(records), out_dir=str(out_dir),
+            run_config=str(config) if config else None, score=score, initial_value=not no_initial,
+            batch_size=batch_size, max_records=max_records, skip_invalid=skip_invalid, dtype=dtype,
+            plot=not no_plot, write_pairs=pairs,
+            tokenize=TokenizeConfig(
+                tokenizer=TokenizerConfig(path=tokenizer, chat_template=chat_template,
+                                          use_chat_template=not no_chat_template, eos_token=eos_token),
+                max_length=max_length, overlong=overlong),
+        )  # fmt: skip
+        rows = run_value_analysis(cfg)
+    except RecordError as exc:
+        typer.echo(f"invalid record (use --skip-invalid to skip and count): {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for row in rows:
+        typer.echo(format_row(row))
+    typer.echo(f"wrote {out_dir / RESULTS_FILE}")
