@@ -181,3 +181,18 @@ def test_config_errors_name_the_field(kw, field):
     args = {"inputs": ["x.jsonl"], "output": "o.jsonl"} | kw
     with pytest.raises(ConfigError, match=field):
         ProcessScoresConfig(**args)
+
+
+def test_each_distinct_answer_is_checked_once(tmp_path, monkeypatch):
+    import dqo_megatron.rollout.process_scores as ps
+
+    calls = []
+    real = ps.check_answer
+    monkeypatch.setattr(ps, "check_answer", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    summary, _, out = run(tmp_path, {1: 5, 2: 2, 3: 0}, n_failed=2, cache="")
+    # 3 prefixes x 20 completions, answers "10" or "20" against one reference: two comparisons
+    assert summary.answer_checks == 2 and len(calls) == 2
+    assert out[1]["process_scores"]["prefix_correct"] == [5, 2, 0]
+    memo = ps.AnswerMemo()
+    assert memo.correct("math", "so \\boxed{0.5}", "\\frac12") and memo.correct("math", "\\boxed{0.5}!", "\\frac12")
+    assert memo.checks == 1 and not memo.correct("math", "no box", "1") and memo.checks == 1
