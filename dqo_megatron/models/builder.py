@@ -6,8 +6,10 @@ The three families differ only in a few switches (see `FAMILY_DEFAULTS` in the c
   gemma  GeGLU (tanh GELU), RMSNorm with zero-centred gamma (x_hat * (1 + w)), input embeddings
          scaled by sqrt(hidden), tied head, head_dim independent of hidden/heads
 
-Layer spec: Transformer Engine's when TE is importable and CUDA is present; otherwise the
-CPU-capable local spec (`local_spec.py`), with one log line saying why.
+Layer spec: Transformer Engine's when TE is importable and CUDA is present (fused layernorm-linears,
+TE attention, FP8 through `precision.fp8`); otherwise the CPU-capable local spec (`local_spec.py`),
+with one log line saying why. Both carry the same checkpoint keys. What each precision needs is
+checked first (`dqo_megatron.models.precision`).
 """
 
 from __future__ import annotations
@@ -32,21 +34,58 @@ def transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
     precision: Optional[PrecisionConfig] = None,
+    *,
+    backend: Optional[str] = None,
     **overrides,
 ):
-    """Megatron `TransformerConfig` for `model` under `parallel`/`precision`.
+    """Megatron `TransformerConfig` for `model` under `parallel`/`precision` on layer spec `backend`.
 
-    Fusions that need apex or custom CUDA kernels are off; the loss contract is per-token
-    (`calculate_per_token_loss=True`: loss functions return sums and token counts, and Megatron
-    divides by the global count once).
+    `backend`: 'te' or 'local' (what `select_backend` returned); None picks as `select_backend("auto")`.
+    Raises `ConfigError` naming the field when this machine cannot train in `precision`
+    (`dqo_megatron.models.precision`).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from dqo_megatron.models.precision import check_precision_supported
+
     precision = precision or PrecisionConfig()
+    chosen = select_backend("auto") if backend is None else backend
     dtype_name = precision.resolved_dtype(torch.cuda.is_available())
-    check_precision_supported(precision, dtype_name)
+    check_precision_supported(precision, dtype_name, backend=chosen, model=model, parallel=parallel)
+    kwargs = transformer_config_kwargs(model, parallel, precision, backend=chosen, cuda=torch.cuda.is_available())
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def transformer_config_kwargs(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    backend: str,
+    cuda: bool,
+) -> dict:
+    """The `TransformerConfig` fields of `transformer_config` (no checks; testable without a GPU).
+
+    Per family: Qwen2's QKV bias is `add_qkv_bias` (Megatron gives linear_qkv a bias, TE's fused
+    layernorm-linear too); Gemma's zero-centred gamma is `layernorm_zero_centered_gamma` (read by our
+    RMSNorm and by TE's `TENorm` / `TELayerNormColumnParallelLinear` as `zero_centered_gamma`), its
+    tanh GeGLU is the activation Megatron's MLP applies on either spec, and its embedding scale is a
+    hook on the embedding (`build_gpt_model`), independent of the spec. The loss contract is per-token
+    (`calculate_per_token_loss=True`: loss functions return sums and token counts, and Megatron
+    divides by the global count once).
+
+    Fusions: off on the local spec (they need apex, TE or custom kernels). On the TE spec (CUDA by
+    construction) RoPE uses TE's fused kernel, and SwiGLU Megatron's fused bias-SwiGLU (there is no
+    bias; it fuses the gate) -- Megatron-LM's defaults with TE. Gemma's tanh GeGLU stays unfused:
+    Megatron fuses only `F.gelu`/`F.silu`. `gradient_accumulation_fusion` stays off: it makes TE write
+    weight gradients into `main_grad`, which exists only under Megatron DDP, and models are also run
+    without it (conversion checks, tests).
+    """
+    dtype_name = precision.resolved_dtype(cuda)
     dtype = _DTYPES[dtype_name]
-    gelu_tanh = partial(F.gelu, approximate="tanh")
+    swiglu = model.activation != "geglu"
+    te = backend == "te"
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -58,7 +97,7 @@ def transformer_config(
         layernorm_epsilon=model.norm_epsilon,
         layernorm_zero_centered_gamma=model.family == "gemma",
         gated_linear_unit=True,
-        activation_func=gelu_tanh if model.activation == "geglu" else F.silu,
+        activation_func=F.silu if swiglu else partial(F.gelu, approximate="tanh"),
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
         hidden_dropout=0.0,
@@ -74,39 +113,23 @@ def transformer_config(
         bf16=dtype_name == "bf16",
         fp16=dtype_name == "fp16",
         calculate_per_token_loss=True,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not cuda,
         # gloo matches a batched isend/irecv between the same pair of ranks out of order (PP=2 with
         # virtual stages sends activations and gradients both ways): measured wrong losses. NCCL is fine.
-        batch_p2p_comm=torch.cuda.is_available(),
-        bias_activation_fusion=False,
+        batch_p2p_comm=cuda,
+        bias_activation_fusion=te and swiglu,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=te,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         attention_softmax_in_fp32=True,
     )
-    if precision.fp8 is not None:
-        kwargs.update(fp8="e4m3" if precision.fp8 != "delayed" else "hybrid", fp8_recipe=precision.fp8,
-                      fp8_param=precision.fp8_param)  # fmt: skip
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    from dqo_megatron.models.precision import fp8_transformer_config_kwargs
 
-
-def check_precision_supported(precision: PrecisionConfig, dtype_name: str) -> None:
-    """Reject formats this machine cannot train in, with the fix, before Megatron asserts deep inside."""
-    from dqo_megatron.config import ConfigError
-
-    if torch.cuda.is_available():
-        return
-    if dtype_name != "fp32":
-        raise ConfigError(
-            f"precision.dtype={precision.dtype} needs a GPU: on CPU Megatron's optimizer supports fp32 "
-            "only; set precision.dtype=auto (fp32 here, bf16 on GPU) or fp32"
-        )
-    if precision.fp8 is not None:
-        raise ConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a Hopper/Blackwell GPU")
+    kwargs.update(fp8_transformer_config_kwargs(precision))
+    return kwargs
 
 
 def select_backend(requested: Backend = "auto") -> str:
@@ -138,6 +161,8 @@ def block_spec(config, backend: str, vp_stage: Optional[int] = None, pp_rank: Op
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if backend == "te":
+        # Megatron's TE spec as is: the family switches live in the TransformerConfig (see
+        # `transformer_config_kwargs`), which TE's modules read.
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -167,8 +192,8 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(model, parallel, precision, **(config_overrides or {}))
     chosen = select_backend(backend)
+    config = transformer_config(model, parallel, precision, backend=chosen, **(config_overrides or {}))
     vpp = parallel.virtual_pipeline_model_parallel_size
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage)
