@@ -1,17 +1,23 @@
 """Sampling from a Megatron GPTModel in one process (TP=PP=1): greedy or temperature/top-k/top-p.
 
 A plain loop that re-runs the whole prefix each step (no KV cache): meant for tiny models on CPU
-(tests, the CPU demo, checking what a trained policy answers), not for rollouts at scale (the
-rollout issue brings vLLM / transformers backends). Returns the sampled tokens and, per token, the
-log-prob of the raw model and of the distribution actually sampled from (after temperature and
-top-k/top-p): importance sampling wants the latter.
+(tests, the CPU demo, checking what a trained policy answers) and for the rollout's `megatron`
+backend (checkpoints that were never exported), not for rollouts at scale (use the vLLM or
+transformers backends). Rows of equal length run as one batch (the samples of one prompt always
+do). The token choice and both log-probs come from `dqo_megatron.rollout.sampling`, shared with the
+other backends: per token the log-prob of the raw model and of the distribution actually sampled
+from (after temperature and top-k/top-p); importance sampling wants the latter.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
+
+from dqo_megatron.rollout.sampling import draw_uniforms, row_generators, sample_seed, sample_step
 
 
 @dataclass
@@ -23,59 +29,68 @@ class Generation:
     logprobs: list[float]
     """log p(token) under the raw model (temperature 1, full vocabulary)."""
     sampled_logprobs: list[float]
-    """log p(token) under the distribution sampled from (temperature, top-k, top-p applied)."""
-
-
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+    """log p(token) under the distribution sampled from (temperature, top-k, top-p applied; 0 when greedy)."""
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, vocab_size: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[Generation]:  # fmt: skip
-    """Continue each prompt until EOS or `max_new_tokens`.
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | Sequence[int], vocab_size: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             seeds: Sequence[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
+             max_batch: int = 64) -> list[Generation]:  # fmt: skip
+    """Continue each prompt until EOS, `stop` or `max_new_tokens`.
 
-    model: a GPTModel (TP=PP=1) returning logits ``[b, s, V']``; logits beyond `vocab_size` (padding
-    rows) are ignored. temperature 0 = greedy. Prompts of different lengths are run one by one.
+    Args:
+        model: a GPTModel (TP=PP=1) returning logits ``[b, s, V']``; logits beyond `vocab_size`
+          (padding rows) are ignored.
+        prompts: token ids per row (a prompt sampled n times is given n times, with n seeds).
+        eos_id: the id (or ids) that end a row; it is included in `tokens`.
+        temperature: 0 = greedy.
+        seed: rows without `seeds` use `sample_seed(seed, row index)`.
+        seeds: one seed per row: a row's samples depend on its seed only, not on the other rows.
+        stop: ``stop(row, generated_tokens) -> bool``, checked after each token (e.g. stop strings).
+        max_batch: most rows per forward pass.
+    Returns:
+        One `Generation` per row, in order.
     """
     from dqo_megatron.models.value_head import unwrap_gpt
 
     gpt = unwrap_gpt(model)
     was_training = gpt.training
     gpt.eval()
-    gen = torch.Generator().manual_seed(seed)
+    if seeds is None:
+        seeds = [sample_seed(seed, i) for i in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    eos = {int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id}
+    gens = row_generators(seeds)
     device = next(gpt.parameters()).device
-    out = []
-    for prompt in prompts:
-        tokens = list(prompt)
-        result = Generation([], [], [])
-        for _ in range(max_new_tokens):
-            ids = torch.tensor([tokens], device=device)
-            positions = torch.arange(len(tokens), device=device)[None]
-            logits = gpt(ids, positions, None)[0, -1, :vocab_size].float().cpu()
-            raw = torch.log_softmax(logits, -1)
-            if temperature <= 0:
-                token = int(torch.argmax(logits))
-                sampled = 0.0
-            else:
-                dist = torch.log_softmax(_filter(logits / temperature, top_k, top_p), -1)
-                token = int(torch.multinomial(dist.exp(), 1, generator=gen))
-                sampled = float(dist[token])
-            result.tokens.append(token)
-            result.logprobs.append(float(raw[token]))
-            result.sampled_logprobs.append(sampled)
-            tokens.append(token)
-            if token == eos_id:
-                break
-        out.append(result)
-    gpt.train(was_training)
+    rows = [list(p) for p in prompts]
+    out = [Generation([], [], []) for _ in prompts]
+    active = list(range(len(prompts))) if max_new_tokens > 0 else []
+    try:
+        while active:
+            by_length: dict[int, list[int]] = defaultdict(list)
+            for i in active:
+                by_length[len(rows[i])].append(i)
+            active = []
+            for length, group in by_length.items():
+                for start in range(0, len(group), max_batch):
+                    chunk = group[start:start + max_batch]
+                    ids = torch.tensor([rows[i] for i in chunk], device=device)
+                    positions = torch.arange(length, device=device).expand(len(chunk), -1)
+                    logits = gpt(ids, positions, None)[:, -1, :vocab_size]
+                    step = sample_step(logits, draw_uniforms([gens[i] for i in chunk]), temperature, top_k, top_p)
+                    tokens, raw, sampled = (t.tolist() for t in (step.tokens, step.logprobs, step.sampled_logprobs))
+                    for k, i in enumerate(chunk):
+                        res = out[i]
+                        res.tokens.append(tokens[k])
+                        res.logprobs.append(raw[k])
+                        res.sampled_logprobs.append(sampled[k])
+                        rows[i].append(tokens[k])
+                        done = (tokens[k] in eos or len(res.tokens) >= max_new_tokens
+                                or (stop is not None and stop(i, res.tokens)))
+                        if not done:
+                            active.append(i)
+    finally:
+        gpt.train(was_training)
     return out
