@@ -20,16 +20,37 @@ def _fail(kind: str, exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _backend_factory(kind: str, tokenizer: Optional[str], device: str, dtype: str, tensor_parallel: int) -> Callable:
-    """model path -> GenerationBackend, through the rollout factory (imported when a model is built)."""
+def _backend_factory(kind: str, tokenizer: Optional[str], device: str, dtype: str, tensor_parallel: int,
+                     **options) -> Callable:  # fmt: skip
+    """model path -> GenerationBackend, through the rollout factory (imported when a model is built).
+
+    `options`: the factory's framing and batching arguments (chat_template, use_chat_template, eos_token,
+    batch_size, trust_remote_code, run_config); None values keep the factory's defaults.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
 
     def build(model: str):
         from dqo_megatron.rollout.factory import build_backend
 
         return build_backend(kind, model, tokenizer=tokenizer, device=device, dtype=dtype,
-                             tensor_parallel=tensor_parallel)
+                             tensor_parallel=tensor_parallel, **options)
 
     return build
+
+
+def _framing(chat_template, no_chat_template, eos_token, gen_batch_size, trust_remote_code, run_config) -> dict:
+    return dict(chat_template=chat_template, use_chat_template=not no_chat_template, eos_token=eos_token,
+                batch_size=gen_batch_size, trust_remote_code=trust_remote_code, run_config=run_config)
+
+
+# Options shared by both commands: how the backend frames prompts must match how the data was (or will be)
+# tokenized, so they are the same names as `preprocess` uses.
+_CHAT_TEMPLATE = typer.Option(None, help="Jinja chat template (string or .jinja file) replacing the tokenizer's (as for preprocess).")
+_NO_CHAT_TEMPLATE = typer.Option(False, "--no-chat-template", help="Prompt text as is (plus BOS), as for preprocess.")
+_EOS_TOKEN = typer.Option(None, help="End-of-response token (default: the tokenizer's), as for preprocess.")
+_GEN_BATCH = typer.Option(None, help="Backend rows (prompt x sample) per forward pass (transformers/megatron).")
+_TRUST = typer.Option(False, "--trust-remote-code", help="Let transformers/vLLM run code shipped with the model.")
+_RUN_CONFIG = typer.Option(None, help="megatron backend, training checkpoint: the run's config.yaml (default beside it).")
 
 
 @app.command("process-scores")
@@ -42,6 +63,12 @@ def process_scores(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model."),
+    chat_template: Optional[str] = _CHAT_TEMPLATE,
+    no_chat_template: bool = _NO_CHAT_TEMPLATE,
+    eos_token: Optional[str] = _EOS_TOKEN,
+    gen_batch_size: Optional[int] = _GEN_BATCH,
+    trust_remote_code: bool = _TRUST,
+    run_config: Optional[str] = _RUN_CONFIG,
     num_completions: int = typer.Option(20, "--num-completions", "-M", help="Completions per step prefix (the paper: 20)."),
     splitter: str = typer.Option("auto", help="auto | lines | paragraphs | step_markers | regex."),
     split_pattern: Optional[str] = typer.Option(None, help="splitter=regex: a step ends where a match ends."),
@@ -79,10 +106,14 @@ def process_scores(
             cache="" if no_cache else cache, overwrite=overwrite, skip_invalid=skip_invalid, dry_run=dry_run,
             progress=not no_progress)
         if dry_run:
-            summary = run(cfg, _DryRunBackend(backend))
+            # the backend's name is part of the cache key: resolve "auto" as building it would
+            from dqo_megatron.rollout.factory import resolve_kind
+
+            summary = run(cfg, _DryRunBackend(resolve_kind(backend, model)))
             typer.echo(summary.plan(num_completions))
             return
-        gen = _backend_factory(backend, tokenizer, device, dtype, tensor_parallel)(model)
+        framing = _framing(chat_template, no_chat_template, eos_token, gen_batch_size, trust_remote_code, run_config)
+        gen = _backend_factory(backend, tokenizer, device, dtype, tensor_parallel, **framing)(model)
         try:
             summary = run(cfg, gen)
         finally:
@@ -127,6 +158,12 @@ def eval_(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model."),
+    chat_template: Optional[str] = _CHAT_TEMPLATE,
+    no_chat_template: bool = _NO_CHAT_TEMPLATE,
+    eos_token: Optional[str] = _EOS_TOKEN,
+    gen_batch_size: Optional[int] = _GEN_BATCH,
+    trust_remote_code: bool = _TRUST,
+    run_config: Optional[str] = _RUN_CONFIG,
     temperature: float = typer.Option(1.0, help="sample decoding: temperature."),
     top_p: float = typer.Option(0.9, help="sample decoding: top_p."),
     top_k: int = typer.Option(16, help="sample decoding: top_k."),
@@ -155,7 +192,8 @@ def eval_(
             limit_mode=limit_mode, temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, timeout_s=timeout_s, cache=not no_cache,
             progress=not no_progress, **kw)
-        results = evaluate(cfg, _backend_factory(backend, tokenizer, device, dtype, tensor_parallel))
+        framing = _framing(chat_template, no_chat_template, eos_token, gen_batch_size, trust_remote_code, run_config)
+        results = evaluate(cfg, _backend_factory(backend, tokenizer, device, dtype, tensor_parallel, **framing))
     except ConfigError as exc:
         _fail("config error", exc)
     except (FileNotFoundError, ValueError, ImportError) as exc:

@@ -20,7 +20,7 @@ def stub_factory(monkeypatch):
     """Replace the CLI's backend factory; returns the list of (kind, model, stub) built."""
     built = []
 
-    def factory(kind, tokenizer, device, dtype, tensor_parallel):
+    def factory(kind, tokenizer, device, dtype, tensor_parallel, **options):
         def build(model):
             stub = stub_for({1: 2, 2: 0, 3: 0}) if "ps" in model else StubBackend(lambda *a: "#### 3\n\\boxed{3}")
             built.append((kind, model, stub))
