@@ -74,6 +74,22 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     assert {c["key"]: c["texts"] for c in map(json.loads, open(other))} == cache
     value = [json.loads(line) for line in open(out3)][1]
     assert value["process_rewards"] == [[23, -0.5], [45, 0.5]]  # v = (0, 1, 1, 0): r * (v_k - v_k+1)
+    # preprocessing puts the step reward on the token holding the step's last character, the outcome on EOS
+    from dqo_megatron.data.dataset import TrajectoryDataset
+    from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
+    from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
+
+    prefix = str(tmp_path / "ds")
+    preprocess(PreprocessConfig(inputs=[str(out)], output_prefix=prefix, progress=False,
+                                tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tiny_model[1]))))
+    doc = TrajectoryDataset(prefix)[1]
+    nonzero = [(i, float(r)) for i, r in enumerate(doc["rewards"]) if r != 0]
+    assert len(nonzero) == 1 and nonzero[0][1] == 0.5 and doc["outcome_reward"] == 0.0
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=tiny_model[1]).encode(FAILED, return_type="proto").pieces
+    last = max(i for i, p in enumerate(pieces) if len(FAILED.encode()[:p.begin].decode()) < 45)  # holds char 44
+    assert nonzero[0][0] == doc["prompt_length"] + last
 
 
 def test_eval_cli_with_a_real_model(tmp_path, tiny_model, shared_data):
