@@ -9,6 +9,7 @@ from dqo_megatron.cli import general  # noqa: F401  (registers `version`, `smoke
 from dqo_megatron.cli import convert  # noqa: F401
 from dqo_megatron.cli import train  # noqa: F401  (registers `train`)
 from dqo_megatron.cli import data  # noqa: F401
+from dqo_megatron.cli import rollout  # noqa: F401  (registers `rollout`)
 from dqo_megatron.cli import eval as _eval  # noqa: F401  (registers `process-scores`, `eval`)
 from dqo_megatron.cli import analysis  # noqa: F401  (registers `value-analysis`)
 

@@ -1,0 +1,487 @@
+"""`dqo-megatron rollout`: N sampled responses per problem, written as trajectory records (JSON Lines).
+
+For each problem of a GSM8K / MATH / any-JSONL file (`tasks.datasets.load_problems`), `n` samples are
+drawn from a `GenerationBackend` and written as records that `dqo-megatron label` and `preprocess`
+accept (`data.records.parse_record(require_reward=False)`; with `label: true` they already carry
+`reward`/`correct`). Field by field, see docs/rollout.md.
+
+Behavior log-probs. A record's `behavior_logprobs` hold one value per response token plus EOS, in the
+tokenization preprocessing will apply, only when that is exactly what was generated: the sample ended
+with the tokenizer's EOS (not the length limit, a stop string or another stop token of the model)
+and encoding the decoded response reproduces the generated ids. Otherwise the record keeps its text,
+leaves `behavior_logprobs` out (the trainer then uses the reference's log-probs for it) and names the
+reason in `metadata.logprobs_omitted`; the summary counts them. A sample whose response decodes to the
+empty string cannot be a record (`empty_response`) and is dropped, counted.
+
+Resumability. All the samples of one problem go to the output in one write, then flush + fsync. Each
+record carries `metadata.problem_index` and `metadata.group_size` (the problem's record count), so a
+restart can tell complete problems from a torn or partial last one, which it truncates away. Seeds
+depend on (seed, problem id) only, so regenerating a lost problem reproduces it. Settings that shape
+the samples are stored in ``<output>.meta.json``; resuming with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from dqo_megatron.config.loader import ConfigError, atomic_write_text
+from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
+from dqo_megatron.rollout.sampling import derive_seed
+
+logger = logging.getLogger(__name__)
+
+META_VERSION = 1
+"""Version of the ``<output>.meta.json`` layout."""
+LOGPROB_DECIMALS = 7
+"""Log-probs are written rounded to this many decimals (float32 carries ~7 significant digits)."""
+
+
+@dataclass
+class RolloutConfig:
+    """One rollout run. Defaults are the paper's sampling settings (n 20, temperature 1.0, top_p 0.9, top_k 16)."""
+
+    problems: str = ""
+    """Problem file: GSM8K / MATH JSONL, any JSONL with a question and an answer field, or a saved
+    `datasets` directory (see `tasks.datasets.load_problems`)."""
+    output: str = ""
+    """Output JSON Lines file; appended to (and resumed) problem by problem."""
+    model: str = ""
+    """HF model directory, or a dqo-megatron checkpoint directory (megatron backend). May be empty when
+    `run_rollout` is given a backend."""
+    tokenizer: Optional[str] = None
+    """Tokenizer (HF directory or sentencepiece .model); None = the model's."""
+    tokenizer_name: Optional[str] = None
+    """Written as `behavior_tokenizer`; must equal what `preprocess` calls its tokenizer (its default: the
+    basename of `-t`). None = the backend's default (basename of the tokenizer path; megatron: of the HF
+    directory the checkpoint was converted from)."""
+    backend: Literal["auto", "vllm", "transformers", "megatron"] = "auto"
+    """Generation backend; auto: megatron for a dqo-megatron checkpoint, vllm with CUDA when installed,
+    else transformers."""
+    task: Literal["auto", "gsm8k", "math"] = "auto"
+    """Answer format and prompt instruction; auto guesses from the problems path."""
+    offset: int = 0
+    """Skip this many problems first."""
+    limit: Optional[int] = None
+    """Use at most this many problems (after offset); None = all."""
+    n: int = 20
+    """Samples per problem (the paper: 20)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy (then n must be 1)."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold (the paper: 0.9); 1.0 = off."""
+    top_k: int = 16
+    """Top-k sampling (the paper: 16); 0 = off."""
+    max_new_tokens: int = 512
+    """Longest response in tokens, EOS included."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (generation ends after the token completing one; such samples get no behavior log-probs)."""
+    seed: int = 0
+    """Base seed; problem p uses derive_seed(seed, p.id), its sample j sample_seed(that, j)."""
+    prompt_format: Literal["auto", "chat", "text"] = "auto"
+    """chat: records' prompt = chat messages (`tasks.prompts.build_messages`); text: the prompt string.
+    auto: chat when the tokenizer has a chat template, else text. The model sees the same tokens."""
+    system_prompt: Optional[str] = None
+    """A system turn before the problem (chat format only; the paper uses none)."""
+    behavior_logprobs: Literal["sampled", "raw", "none"] = "sampled"
+    """What `behavior_logprobs` holds: sampled = log-probs under the distribution sampled from (after
+    temperature/top-k/top-p; what importance sampling needs), raw = the model's own log-probs, none = omit.
+    The other kind goes to metadata (`raw_logprobs` / `sampled_logprobs`)."""
+    label: bool = False
+    """Check answers inline: reward/correct/extracted_answer/label_reason as `dqo-megatron label` writes them."""
+    label_timeout_s: float = 5.0
+    """MATH answer comparison limit per response, seconds (label only)."""
+    chat_template: Optional[str] = None
+    """Replace the tokenizer's chat template (Jinja string or .jinja file); give preprocess the same."""
+    use_chat_template: bool = True
+    """False: frame prompts as BOS + text even when the tokenizer has a template (preprocess --no-chat-template)."""
+    eos_token: Optional[str] = None
+    """The EOS preprocessing appends (preprocess --eos-token); None = the tokenizer's."""
+    device: str = "auto"
+    """transformers backend: auto | cpu | cuda[:i]."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."""
+    tensor_parallel: int = 1
+    """vLLM tensor_parallel_size."""
+    batch_size: int = 64
+    """Rows (problem x sample) per forward pass (transformers / megatron); does not change the samples."""
+    problems_per_call: Optional[int] = None
+    """Problems handed to the backend per generate call; each is written as soon as its call returns.
+    None: 256 for vLLM (its scheduler needs many requests to fill a GPU), 8 otherwise."""
+    run_config: Optional[str] = None
+    """megatron backend with a training checkpoint: its run config (default run_dir/config.yaml)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with an HF checkpoint (off by default)."""
+    overwrite: bool = False
+    """Start over when the output exists (default: resume it, if its settings match)."""
+    progress: bool = True
+    """Progress bar (samples/s) on stderr."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        if not self.problems:
+            raise ConfigError("problems is empty: give a problem file (e.g. ../shared/data/gsm8k/train.jsonl)")
+        if not self.output:
+            raise ConfigError("output is empty: give the output .jsonl path")
+        choices = {"backend": ("auto", "vllm", "transformers", "megatron"), "task": ("auto", "gsm8k", "math"),
+                   "prompt_format": ("auto", "chat", "text"), "behavior_logprobs": ("sampled", "raw", "none")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
+        for name, low in (("n", 1), ("max_new_tokens", 1), ("batch_size", 1), ("tensor_parallel", 1), ("offset", 0),
+                          ("top_k", 0)):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= {low}")
+        for name in ("limit", "problems_per_call"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 1 (or None)")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature={self.temperature}: must be >= 0")
+        if self.temperature == 0 and self.n != 1:
+            raise ConfigError(f"n={self.n}: greedy decoding (temperature 0) gives one sample per problem; set n=1")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+        if not self.label_timeout_s > 0:
+            raise ConfigError(f"label_timeout_s={self.label_timeout_s}: must be > 0")
+        if self.system_prompt is not None and self.prompt_format == "text":
+            raise ConfigError("system_prompt needs prompt_format chat (or auto with a chat template)")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r}: must be an integer")
+
+    def sampling_params(self) -> SamplingParams:
+        """The backend's `SamplingParams`."""
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, stop=tuple(self.stop))  # fmt: skip
+
+
+@dataclass
+class RolloutSummary:
+    """What a rollout run did (`report()` prints it)."""
+
+    output: str = ""
+    problems: int = 0
+    """Problems in the (offset/limit) selection."""
+    resumed_problems: int = 0
+    """Problems already complete in the output at start (skipped)."""
+    generated_problems: int = 0
+    """Problems sampled by this run."""
+    samples: int = 0
+    """Samples generated by this run (n per problem)."""
+    written: int = 0
+    """Records written by this run."""
+    dropped: Counter = field(default_factory=Counter)
+    """Samples not written, by reason (empty_response)."""
+    logprobs_omitted: Counter = field(default_factory=Counter)
+    """Records written without behavior_logprobs, by reason (no_eos, eos_differs, retokenize_mismatch, unchecked)."""
+    finish_reasons: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    """Generated tokens (EOS included)."""
+    labeled: int = 0
+    """label: records whose answer was checked."""
+    correct: int = 0
+    """label: records judged correct."""
+    truncated_bytes: int = 0
+    """Bytes of a torn / incomplete last problem cut from the output on resume."""
+    seconds: float = 0.0
+    backend: str = ""
+
+    @property
+    def samples_per_s(self) -> float:
+        """Samples generated per second of this run."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> str:
+        """Human-readable summary."""
+        lines = [f"rollout -> {self.output} (backend {self.backend})",
+                 f"problems: {self.problems} ({self.resumed_problems} already done, {self.generated_problems} sampled now)",
+                 f"samples: {self.samples}, records written: {self.written}, tokens: {self.tokens}, "
+                 f"{self.seconds:.1f} s ({self.samples_per_s:.2f} samples/s, "
+                 f"{self.tokens / self.seconds if self.seconds > 0 else 0.0:.0f} tokens/s)",
+                 "finish reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(self.finish_reasons.items())) or "-")]  # fmt: skip
+        if self.dropped:
+            lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())))
+        if self.logprobs_omitted:
+            lines.append("written without behavior_logprobs: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(self.logprobs_omitted.items())))
+        if self.labeled:
+            lines.append(f"correct (label): {self.correct} / {self.labeled} ({self.correct / self.labeled:.4f})")
+        if self.truncated_bytes:
+            lines.append(f"resume: cut {self.truncated_bytes} bytes of an incomplete last problem")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ records
+def _round(values: list[float]) -> list[float]:
+    # log-probs are <= 0; a float rounding above 0 would fail the validator's check
+    return [round(min(float(v), 0.0), LOGPROB_DECIMALS) for v in values]
+
+
+def logprob_check(tok, completions: list[Completion]) -> list[Optional[str]]:
+    """Why each completion's log-probs cannot be a record's behavior_logprobs, or None when they can.
+
+    They can when the completion ended with the tokenizer's EOS (what preprocessing appends) and the
+    tokenizer encodes its text to exactly the generated ids before EOS. Reasons: no_eos (length limit
+    or stop string), eos_differs (another stop token of the model), retokenize_mismatch, unchecked
+    (the backend exposes no tokenizer to check with).
+    """
+    reasons: list[Optional[str]] = [None] * len(completions)
+    todo = []
+    for k, c in enumerate(completions):
+        if c.finish_reason != "eos" or not c.token_ids:
+            reasons[k] = "no_eos"
+        elif tok is None:
+            reasons[k] = "unchecked"
+        elif c.token_ids[-1] != tok.eos_id:
+            reasons[k] = "eos_differs"
+        else:
+            todo.append(k)
+    if todo:
+        ids, _ = tok.encode_responses([completions[k].text for k in todo], [False] * len(todo))
+        for k, enc in zip(todo, ids):
+            if list(enc) != list(completions[k].token_ids[:-1]):
+                reasons[k] = "retokenize_mismatch"
+    return reasons
+
+
+def build_records(problem, problem_index: int, prompt, completions: list[Completion], cfg: RolloutConfig,
+                  backend: GenerationBackend, summary: RolloutSummary) -> list[dict]:  # fmt: skip
+    """The records of one problem's samples (dropped samples counted in `summary`)."""
+    reasons = logprob_check(getattr(backend, "tokenizer", None), completions)
+    records = []
+    for j, (c, reason) in enumerate(zip(completions, reasons)):
+        summary.finish_reasons[c.finish_reason] += 1
+        summary.tokens += len(c.token_ids)
+        if c.text == "":
+            summary.dropped["empty_response"] += 1
+            continue
+        meta = {"sample_index": j, "problem_index": problem_index, "finish_reason": c.finish_reason,
+                "backend": backend.name, "num_tokens": len(c.token_ids), "raw_logprobs": _round(c.logprobs)}  # fmt: skip
+        if problem.metadata:
+            meta["problem"] = problem.metadata
+        rec = {"prompt": prompt, "response": c.text, "prompt_id": problem.id, "id": f"{problem.id}#{j}",
+               "reference_answer": problem.reference, "task": problem.task, "source": cfg.problems}  # fmt: skip
+        kind = cfg.behavior_logprobs
+        if reason is not None and kind != "none":
+            summary.logprobs_omitted[reason] += 1
+            meta["logprobs_omitted"] = reason
+            kind = "none"
+        if kind == "sampled":
+            rec["behavior_logprobs"] = _round(c.sampled_logprobs)
+        elif kind == "raw":
+            rec["behavior_logprobs"] = meta.pop("raw_logprobs")
+            meta["sampled_logprobs"] = _round(c.sampled_logprobs)
+        else:
+            meta["sampled_logprobs"] = _round(c.sampled_logprobs)
+        rec["behavior_tokenizer"] = backend.tokenizer_name
+        if cfg.label:
+            from dqo_megatron.tasks.grading import check_answer
+
+            v = check_answer(problem.task, c.text, problem.reference, timeout_s=cfg.label_timeout_s)
+            rec.update(reward=1.0 if v.correct else 0.0, correct=v.correct, extracted_answer=v.extracted,
+                       label_reason=v.reason)  # fmt: skip
+            summary.correct += int(v.correct)
+            summary.labeled += 1
+        rec["metadata"] = meta
+        records.append(rec)
+    for rec in records:
+        rec["metadata"]["group_size"] = len(records)
+    return records
+
+
+# ------------------------------------------------------------------------------------------- resume
+def scan_output(path: str | Path, problems: list) -> tuple[set[int], int]:
+    """Complete problems of an existing output, after cutting an incomplete tail.
+
+    The file is a sequence of groups (one problem's records, written at once). A last line without
+    its newline, or a last group with fewer lines than its `group_size`, is a write that a kill
+    interrupted: the file is truncated to the end of the last complete group (and fsynced).
+    Returns ``(problem indices already complete, bytes cut)``; raises ValueError on anything else
+    (a file this code did not write, or records of other problems).
+    """
+    path = Path(path)
+    done: set[int] = set()
+    good_end = 0
+    cur, count, size = None, 0, 0
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, line in enumerate(f, 1):
+            end = offset + len(line)
+            if not line.endswith(b"\n"):
+                break  # torn last line
+            try:
+                rec = json.loads(line)
+                meta = rec["metadata"]
+                idx, gsize = int(meta["problem_index"]), int(meta["group_size"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: not a rollout record of this tool ({exc})") from None
+            if cur is None:
+                cur, count, size = idx, 0, gsize
+            elif idx != cur or gsize != size:
+                raise ValueError(f"{path}:{lineno}: problem {idx} begins before problem {cur} is complete")
+            if not 0 <= idx < len(problems) or rec.get("prompt_id") != problems[idx].id:
+                raise ValueError(f"{path}:{lineno}: record of problem {idx} ({rec.get('prompt_id')!r}) does not "
+                                 "match the problem list (problems file changed?)")
+            count += 1
+            if count == size:
+                if idx in done:
+                    raise ValueError(f"{path}:{lineno}: problem {idx} written twice")
+                done.add(idx)
+                good_end, cur = end, None
+            offset = end
+    total = path.stat().st_size
+    if total > good_end:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+        logger.warning("%s: cut %d bytes of an incomplete last problem (a killed run); it is sampled again",
+                       path, total - good_end)  # fmt: skip
+    return done, total - good_end
+
+
+def _problems_digest(problems: list) -> str:
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.task, p.prompt, p.reference], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def settings_of(cfg: RolloutConfig, problems: list, backend: GenerationBackend | None = None,
+                prompt_format: str | None = None) -> dict:  # fmt: skip
+    """Everything that shapes the records (stored in the sidecar; a resume must match it). Without a
+    backend: the part known before the model is loaded (checked first, so a mismatch fails fast)."""
+    keys = ("task", "offset", "limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "seed",
+            "system_prompt", "behavior_logprobs", "label", "chat_template", "use_chat_template", "eos_token", "dtype")  # fmt: skip
+    out = {k: getattr(cfg, k) for k in keys}
+    out.update(problems=str(Path(cfg.problems).absolute()), problems_sha256=_problems_digest(problems))
+    if backend is not None:
+        out.update(model=str(Path(cfg.model).absolute()) if cfg.model else getattr(backend, "model_path", None),
+                   backend=backend.name, behavior_tokenizer=backend.tokenizer_name, prompt_format=prompt_format)  # fmt: skip
+    return json.loads(json.dumps(out))  # the JSON round trip makes it comparable with the stored copy
+
+
+def check_settings(cfg: RolloutConfig, settings: dict) -> None:
+    """ConfigError when `cfg.output` exists (and not overwrite) without a sidecar, or with other `settings`
+    (only the keys given are compared)."""
+    out, meta = Path(cfg.output), Path(cfg.output + ".meta.json")
+    if cfg.overwrite or not (out.exists() or meta.exists()):
+        return
+    if not meta.exists():
+        raise ConfigError(f"{out} exists without {meta.name}: not a rollout output this tool can resume; "
+                          "remove it or set overwrite")  # fmt: skip
+    stored = json.loads(meta.read_text()).get("settings", {})
+    diff = sorted(k for k in settings if stored.get(k) != settings[k])
+    if diff:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {settings[k]!r} now" for k in diff)
+        raise ConfigError(f"{out} was made with other settings ({shown}); resume with the same settings, "
+                          "write elsewhere, or set overwrite")  # fmt: skip
+
+
+def _prepare_output(cfg: RolloutConfig, settings: dict, problems: list, summary: RolloutSummary) -> set[int]:
+    out, meta = Path(cfg.output), Path(cfg.output + ".meta.json")
+    if cfg.overwrite:
+        out.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+    if out.exists() or meta.exists():
+        check_settings(cfg, settings)
+        if not out.exists():
+            out.touch()
+        done, summary.truncated_bytes = scan_output(out, problems)
+        return done
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps({"version": META_VERSION, "settings": settings}, indent=1) + "\n")
+    out.touch()
+    return set()
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) -> RolloutSummary:
+    """Sample `cfg.n` responses per problem and append them to `cfg.output` (resuming it).
+
+    Args:
+        cfg: the run.
+        backend: a ready backend (not closed here); None = `build_backend` from cfg (closed at the end).
+    Returns:
+        A `RolloutSummary`. Raises ConfigError (settings), FileNotFoundError / ValueError (inputs).
+    """
+    from tqdm import tqdm
+
+    from dqo_megatron.tasks.datasets import load_problems
+    from dqo_megatron.tasks.prompts import build_messages
+
+    problems = load_problems(cfg.problems, None if cfg.task == "auto" else cfg.task, limit=cfg.limit,
+                             offset=cfg.offset)  # fmt: skip
+    check_settings(cfg, settings_of(cfg, problems))  # before a model is loaded
+    own = backend is None
+    if own:
+        if not cfg.model:
+            raise ConfigError("model is empty: give an HF model directory or a dqo-megatron checkpoint")
+        from dqo_megatron.rollout.factory import build_backend
+
+        backend = build_backend(cfg.backend, cfg.model, cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                                tensor_parallel=cfg.tensor_parallel, tokenizer_name=cfg.tokenizer_name,
+                                batch_size=cfg.batch_size, chat_template=cfg.chat_template,
+                                use_chat_template=cfg.use_chat_template, eos_token=cfg.eos_token,
+                                trust_remote_code=cfg.trust_remote_code, run_config=cfg.run_config)  # fmt: skip
+    try:
+        templated = bool(getattr(backend, "templated", False))
+        fmt = cfg.prompt_format if cfg.prompt_format != "auto" else ("chat" if templated else "text")
+        if fmt == "chat" and not templated and hasattr(backend, "templated"):
+            raise ConfigError("prompt_format=chat, but the tokenizer has no chat template (give chat_template, "
+                              "or use prompt_format text)")  # fmt: skip
+        if cfg.system_prompt is not None and fmt != "chat":
+            raise ConfigError("system_prompt needs chat prompts, and this tokenizer has no chat template")
+        summary = RolloutSummary(output=cfg.output, problems=len(problems), backend=backend.name)
+        done = _prepare_output(cfg, settings_of(cfg, problems, backend, fmt), problems, summary)
+        summary.resumed_problems = len(done)
+        todo = [k for k in range(len(problems)) if k not in done]
+        params = cfg.sampling_params()
+        per_call = cfg.problems_per_call or (256 if backend.name == "vllm" else 8)
+        start = time.perf_counter()
+        with open(cfg.output, "a", encoding="utf-8") as out, \
+                tqdm(total=len(todo) * cfg.n, unit="sample", desc="rollout", file=sys.stderr, disable=not cfg.progress,
+                     dynamic_ncols=True) as bar:  # fmt: skip
+            for first in range(0, len(todo), per_call):
+                chunk = todo[first:first + per_call]
+                prompts = [build_messages(problems[k].task, problems[k].question, cfg.system_prompt) if fmt == "chat"
+                           else problems[k].prompt for k in chunk]  # fmt: skip
+                seeds = [derive_seed("problem", cfg.seed, problems[k].id) for k in chunk]
+                results = backend.generate(prompts, params, seeds=seeds)
+                if len(results) != len(chunk) or any(len(r) != cfg.n for r in results):
+                    raise RuntimeError(f"backend {backend.name!r} returned {[len(r) for r in results]} completions "
+                                       f"for {len(chunk)} prompts x n={cfg.n}")  # fmt: skip
+                for k, prompt, completions in zip(chunk, prompts, results):
+                    records = build_records(problems[k], k, prompt, completions, cfg, backend, summary)
+                    if records:  # one write per problem, then flush + fsync: a kill tears at most this group
+                        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                        out.flush()
+                        os.fsync(out.fileno())
+                    summary.written += len(records)
+                    summary.samples += len(completions)
+                    summary.generated_problems += 1
+                    bar.update(len(completions))
+        summary.seconds = time.perf_counter() - start
+    finally:
+        if own:
+            backend.close()
+    logger.info("rollout done: %s", summary.report().replace("\n", "; "))
+    return summary
+
+
+def summary_dict(summary: RolloutSummary) -> dict:
+    """The summary as plain JSON-able data."""
+    d = asdict(summary)
+    d["samples_per_s"] = summary.samples_per_s
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}
