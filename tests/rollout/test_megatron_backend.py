@@ -51,3 +51,34 @@ def test_auto_picks_megatron_and_names_the_tokenizer_after_the_source(stories_hf
     # which is what `preprocess -t <that directory>` calls it
     (got,) = run_distributed(_auto_kind, 1, stories_megatron, None, timeout=300)
     assert got == ("megatron", "stories260K")
+
+
+def _train_then_generate(meg_dir: str, tmp: str, tok: str) -> dict:
+    """One SFT step at lr 0 from the converted stories model, saved as a training checkpoint; then sample
+    from that checkpoint (the weights are the converted ones, so the story must be too)."""
+    from dqo_megatron.config import DataConfig, InitConfig, RunConfig, TrainConfig
+    from dqo_megatron.conversion.megatron_io import read_metadata
+    from dqo_megatron.rollout.factory import build_backend
+    from dqo_megatron.training.trainer import train
+    from tests.helpers.synthetic_data import write_synthetic_dataset
+
+    model, _ = read_metadata(meg_dir)
+    data = write_synthetic_dataset(f"{tmp}/data/train", docs=4, vocab=model.vocab_size, max_len=17)
+    run = RunConfig(model=model, algorithm="sft", init=InitConfig(policy=meg_dir), data=DataConfig(train_prefix=data),
+                    train=TrainConfig(micro_batch_size=2, global_batch_size=2, seq_length=16, lr=0.0, train_steps=1,
+                                      save_interval=1), run_dir=f"{tmp}/run")  # fmt: skip
+    train(run)
+    backend = build_backend("auto", f"{tmp}/run/checkpoints/step_00000001")
+    try:
+        (out,) = backend.generate([""], GREEDY, seeds=[0])
+        return {"name": backend.name, "tokenizer": backend.tokenizer_name, "ids": out[0].token_ids}
+    finally:
+        backend.close()
+
+
+def test_megatron_backend_reads_a_training_checkpoint(stories_hf, stories_megatron, tmp_path):
+    (got,) = run_distributed(_train_then_generate, 1, stories_megatron, str(tmp_path), stories_hf[1], timeout=300)
+    # the tokenizer comes from init.policy's hf/ side files, named after the HF directory converted
+    assert got["name"] == "megatron" and got["tokenizer"] == "stories260K"
+    ref = _generate("transformers", stories_hf[0], None)
+    assert got["ids"] == ref["greedy"][0][0][0]
