@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -479,9 +479,3 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
     logger.info("rollout done: %s", summary.report().replace("\n", "; "))
     return summary
 
-
-def summary_dict(summary: RolloutSummary) -> dict:
-    """The summary as plain JSON-able data."""
-    d = asdict(summary)
-    d["samples_per_s"] = summary.samples_per_s
-    return {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}
