@@ -61,6 +61,16 @@ def test_yaml_overrides_and_written_back(tmp_path):
     assert not list((tmp_path / "run_dir").glob(".*tmp"))  # atomic write left no temporary file
 
 
+def test_yaml_boolean_spellings_of_string_choices(tmp_path):
+    # YAML 1.1 reads `off` as False: a string choice spelled that way must still mean "off"
+    assert _load("loss.is_level=off").loss.is_level == "off"
+    source = tmp_path / "run.yaml"
+    source.write_text("loss:\n  is_level: off\n")
+    assert _load(path=source).loss.is_level == "off"
+    with pytest.raises(ConfigError, match="loss.is_level"):
+        _load("loss.is_level=yes")  # no "on"/"yes"/"true" choice: still an error naming the field
+
+
 def test_bad_yaml_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")

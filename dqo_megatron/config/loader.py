@@ -53,7 +53,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value in get_args(tp):
+        choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false and on/yes/true as booleans
+            spelled = [c for c in (("on", "yes", "true") if value else ("off", "no", "false")) if c in choices]
+            if spelled:
+                return spelled[0]
+        if value in choices and not isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
