@@ -48,7 +48,7 @@ def _framing(chat_template, no_chat_template, eos_token, gen_batch_size, trust_r
 _CHAT_TEMPLATE = typer.Option(None, help="Jinja chat template (string or .jinja file) replacing the tokenizer's (as for preprocess).")
 _NO_CHAT_TEMPLATE = typer.Option(False, "--no-chat-template", help="Prompt text as is (plus BOS), as for preprocess.")
 _EOS_TOKEN = typer.Option(None, help="End-of-response token (default: the tokenizer's), as for preprocess.")
-_GEN_BATCH = typer.Option(None, help="Backend rows (prompt x sample) per forward pass (transformers/megatron).")
+_GEN_BATCH = typer.Option(None, "--batch-size", help="Rows (prompt x sample) per forward pass (transformers/megatron; default 64).")
 _TRUST = typer.Option(False, "--trust-remote-code", help="Let transformers/vLLM run code shipped with the model.")
 _RUN_CONFIG = typer.Option(None, help="megatron backend, training checkpoint: the run's config.yaml (default beside it).")
 
@@ -62,7 +62,7 @@ def process_scores(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer (default: the model's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model."),
     chat_template: Optional[str] = _CHAT_TEMPLATE,
     no_chat_template: bool = _NO_CHAT_TEMPLATE,
     eos_token: Optional[str] = _EOS_TOKEN,
@@ -80,7 +80,7 @@ def process_scores(
     top_k: int = typer.Option(16, help="Completion top_k."),
     max_new_tokens: int = typer.Option(512, help="Longest completion in tokens."),
     seed: int = typer.Option(1234, help="Base seed (each prefix's seed derives from it, the prompt and the prefix)."),
-    batch_size: int = typer.Option(16, help="Prefixes per generate call (x M completions each)."),
+    prefixes_per_call: int = typer.Option(16, help="Prefixes per backend call (x M completions each); the cache is appended after each."),
     task: str = typer.Option("auto", help="gsm8k | math | auto (each record's `task`)."),
     timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison."),
     cache: Optional[str] = typer.Option(None, help="Completion cache file (default: OUTPUT.cache.jsonl)."),
@@ -102,7 +102,7 @@ def process_scores(
             inputs=list(inputs), output=str(output), model_id=model, num_completions=num_completions,
             splitter=splitter, split_pattern=split_pattern, max_steps=max_steps, assign=assign,
             step_reward=step_reward, temperature=temperature, top_p=top_p, top_k=top_k,
-            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, task=task, timeout_s=timeout_s,
+            max_new_tokens=max_new_tokens, seed=seed, prefixes_per_call=prefixes_per_call, task=task, timeout_s=timeout_s,
             cache="" if no_cache else cache, overwrite=overwrite, skip_invalid=skip_invalid, dry_run=dry_run,
             progress=not no_progress)
         if dry_run:
@@ -157,7 +157,7 @@ def eval_(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer for every model (default: each model's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model."),
     chat_template: Optional[str] = _CHAT_TEMPLATE,
     no_chat_template: bool = _NO_CHAT_TEMPLATE,
     eos_token: Optional[str] = _EOS_TOKEN,
@@ -170,7 +170,7 @@ def eval_(
     num_samples: int = typer.Option(1, help="sample decoding: samples per problem (accuracy = their mean)."),
     max_new_tokens: int = typer.Option(1024, help="Longest response in tokens."),
     seed: int = typer.Option(1234, help="Base seed of sampled decoding."),
-    batch_size: int = typer.Option(32, help="Prompts per generate call."),
+    problems_per_call: int = typer.Option(32, help="Problems per backend call; the cache is appended after each."),
     timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not reuse or keep generations in OUTPUT_DIR/cache."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
@@ -190,7 +190,7 @@ def eval_(
         cfg = EvalConfig(
             models=list(model), names=list(name or []), output_dir=str(output_dir), data_dir=data_dir, limit=limit,
             limit_mode=limit_mode, temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
-            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, timeout_s=timeout_s, cache=not no_cache,
+            max_new_tokens=max_new_tokens, seed=seed, problems_per_call=problems_per_call, timeout_s=timeout_s, cache=not no_cache,
             progress=not no_progress, **kw)
         framing = _framing(chat_template, no_chat_template, eos_token, gen_batch_size, trust_remote_code, run_config)
         results = evaluate(cfg, _backend_factory(backend, tokenizer, device, dtype, tensor_parallel, **framing))

@@ -89,8 +89,8 @@ class EvalConfig:
     covers every subject); "first" takes the first ones."""
     seed: int = 1234
     """Base seed of sampled decoding (each problem's seed derives from it and the prompt)."""
-    batch_size: int = 32
-    """Prompts per generate call."""
+    problems_per_call: int = 32
+    """Problems per backend call (the cache is appended after each); the backend batches rows itself."""
     timeout_s: float = 5.0
     """MATH: seconds per answer comparison (a timeout counts as wrong)."""
     cache: bool = True
@@ -125,8 +125,8 @@ class EvalConfig:
             raise ConfigError(f"limit_mode={self.limit_mode!r}: choose spread or first")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ConfigError(f"num_samples={self.num_samples!r}: must be an integer >= 1")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r}: must be an integer >= 1")
+        if not isinstance(self.problems_per_call, int) or self.problems_per_call < 1:
+            raise ConfigError(f"problems_per_call={self.problems_per_call!r}: must be an integer >= 1")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s={self.timeout_s}: must be > 0")
         if "sample" in self.decodings and self.temperature == 0:
@@ -231,7 +231,7 @@ def load_datasets(cfg: EvalConfig) -> tuple[list[DatasetSpec], dict[str, list[Pr
 
 
 def generate_outputs(backend: GenerationBackend, prompts: Sequence[str], params: SamplingParams, *, seed: int,
-                     model_id: str, cache: CompletionCache, batch_size: int, progress: bool = False,
+                     model_id: str, cache: CompletionCache, per_call: int, progress: bool = False,
                      desc: str = "generate") -> tuple[dict[str, tuple[list[str], list[str]]], RunStats]:  # fmt: skip
     """Generate `params.n` samples for each distinct prompt (cached ones are read, not generated).
 
@@ -247,8 +247,8 @@ def generate_outputs(backend: GenerationBackend, prompts: Sequence[str], params:
     t0 = time.perf_counter()
     with tqdm(total=len(todo) * params.n, disable=not progress, unit="sample", desc=desc, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        for start in range(0, len(todo), per_call):
+            batch = todo[start:start + per_call]
             out = backend.generate(batch, params, seeds=[prefix_seed(seed, p, "") for p in batch])
             if len(out) != len(batch) or any(len(c) != params.n for c in out):
                 raise RuntimeError(f"backend {backend.name!r} returned {[len(c) for c in out]} samples for "
@@ -284,7 +284,8 @@ def _evaluate_model(cfg: EvalConfig, name: str, path: str, backend: GenerationBa
     for decoding in cfg.decodings:
         params = cfg.sampling_params(decoding)
         outputs, stats = generate_outputs(backend, all_prompts, params, seed=cfg.seed, model_id=path, cache=cache,
-                                          batch_size=cfg.batch_size, progress=cfg.progress, desc=f"{name} {decoding}")
+                                          per_call=cfg.problems_per_call, progress=cfg.progress,
+                                          desc=f"{name} {decoding}")
         results.stats.setdefault(name, {})[decoding] = stats
         for spec in specs:
             probs = problems[spec.name]

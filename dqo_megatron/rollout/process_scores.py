@@ -97,8 +97,8 @@ class ProcessScoresConfig:
     """Longest completion in tokens; a completion cut here rarely holds an answer and counts as wrong."""
     seed: int = 1234
     """Base seed; each prefix's seed derives from it, the prompt and the prefix."""
-    batch_size: int = 16
-    """Prefixes per generate call (each gives M completions)."""
+    prefixes_per_call: int = 16
+    """Prefixes per backend call (each gives M completions); the backend splits its rows into its own batches."""
     task: Literal["auto", "gsm8k", "math"] = "auto"
     """Answer format; auto: each record's `task` field."""
     timeout_s: float = 5.0
@@ -140,8 +140,8 @@ class ProcessScoresConfig:
             raise ConfigError(f"step_reward={self.step_reward!r}: must be a number > 0")
         if self.task not in ("auto",) + TASKS:
             raise ConfigError(f"task={self.task!r}: choose auto, gsm8k or math")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r}: must be an integer >= 1")
+        if not isinstance(self.prefixes_per_call, int) or self.prefixes_per_call < 1:
+            raise ConfigError(f"prefixes_per_call={self.prefixes_per_call!r}: must be an integer >= 1")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s={self.timeout_s}: must be > 0")
         try:
@@ -442,8 +442,8 @@ def _generate(cfg: ProcessScoresConfig, backend: GenerationBackend, jobs: list[_
     todo = list({j.key: j for j in jobs if cache.get(j.key) is None}.values())  # each key generated once
     with tqdm(total=len(todo) * m, disable=not cfg.progress, unit="compl", desc="process-scores",
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for start in range(0, len(todo), cfg.prefixes_per_call):
+            batch = todo[start:start + cfg.prefixes_per_call]
             out = backend.generate([j.prompt for j in batch], params, seeds=[j.seed for j in batch],
                                    prefixes=[j.prefix for j in batch])
             if len(out) != len(batch) or any(len(c) != m for c in out):

@@ -112,14 +112,14 @@ def test_cache_rerun_and_truncated_cache(tmp_path):
 
 def test_seeds_do_not_depend_on_batching_and_duplicates_generate_once(tmp_path):
     counts = {1: 5, 2: 2, 3: 0}
-    summary, stub, out = run(tmp_path, counts, n_failed=3, batch_size=2, cache="")
+    summary, stub, out = run(tmp_path, counts, n_failed=3, prefixes_per_call=2, cache="")
     assert summary.prefixes == 9 and summary.unique_prefixes == 3 and stub.generated == 60
     assert [len(c["prompts"]) for c in stub.calls] == [2, 1]
     seeds = [s for c in stub.calls for s in c["seeds"]]
     assert seeds == [prefix_seed(1234, PROMPT, FAILED[:e]) for e in ENDS[:-1]]
     assert all(r["process_rewards"] == [[33, 0.5]] for r in out[1:])
     assert not (tmp_path / "out.jsonl.cache.jsonl").exists()
-    _, stub_b, _ = run(tmp_path, counts, batch_size=1, cache="")
+    _, stub_b, _ = run(tmp_path, counts, prefixes_per_call=1, cache="")
     assert [c["seeds"][0] for c in stub_b.calls] == seeds
     _, stub_c, _ = run(tmp_path, counts, seed=7, cache="")
     assert stub_c.calls[0]["seeds"] != seeds
@@ -174,7 +174,7 @@ def test_record_errors_name_file_line_and_field(tmp_path):
     ({"num_completions": 0}, "num_completions"), ({"splitter": "words"}, "splitter"),
     ({"splitter": "regex"}, "split_pattern"), ({"splitter": "regex", "split_pattern": "("}, "split_pattern"),
     ({"assign": "first"}, "assign"), ({"step_reward": 0}, "step_reward"), ({"max_steps": 1}, "max_steps"),
-    ({"top_p": 0}, "sampling"), ({"temperature": 0}, "num_completions=1"), ({"batch_size": 0}, "batch_size"),
+    ({"top_p": 0}, "sampling"), ({"temperature": 0}, "num_completions=1"), ({"prefixes_per_call": 0}, "prefixes_per_call"),
     ({"output": ""}, "output"),
 ])
 def test_config_errors_name_the_field(kw, field):
