@@ -66,6 +66,7 @@ def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path,
 
     out = Path(out)
     check_output(out.absolute(), overwrite)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
     try:
         export_policy_to_megatron(run, checkpoint, staging / "megatron")
