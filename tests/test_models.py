@@ -62,7 +62,9 @@ def test_family_builds_runs_and_counts(name):
     assert out["n_params"] == expected_parameter_count(cfg)
     assert out["logits_shape"] == (2, 16, cfg.vocab_size)
     assert out["finite"] and out["all_grads"]
-    assert out["backend"] == ("te" if torch.cuda.is_available() else "local")
+    from dqo_megatron.compat import transformer_engine_status
+
+    assert out["backend"] == ("te" if transformer_engine_status()[0] else "local")
     d, n, g = cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
     assert out["qkv_out"] == n * d + 2 * g * d
     assert out["qkv_bias"] == (cfg.family == "qwen2")

@@ -147,7 +147,9 @@ def build_empty_chunks(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
     from dqo_megatron.models import build_model_chunks
 
     overrides = {"perform_initialization": False, "params_dtype": dtype, "pipeline_dtype": dtype}
-    return build_model_chunks(cfg, parallel, config_overrides=overrides)
+    # the local spec: conversion maps tensors by its parameter names (TE fuses the norms into the linears);
+    # its sharded keys are the TE spec's (local_spec maps them), so the files load under either spec
+    return build_model_chunks(cfg, parallel, backend="local", config_overrides=overrides)
 
 
 def sharded_state_dict(chunks: list) -> dict:
