@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dqo-megatron smoke --config examples/configs/tiny-cpu.yaml
+	$(VENV)/bin/dqo-megatron demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ from dqo_megatron.cli import data  # noqa: F401
 from dqo_megatron.cli import rollout  # noqa: F401  (registers `rollout`)
 from dqo_megatron.cli import eval as _eval  # noqa: F401  (registers `process-scores`, `eval`)
 from dqo_megatron.cli import analysis  # noqa: F401  (registers `value-analysis`)
+from dqo_megatron.cli import demo  # noqa: F401  (registers `demo`)
 
 
 def main() -> None:
