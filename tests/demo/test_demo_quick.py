@@ -35,11 +35,11 @@ def test_every_stage_reports_and_finishes(quick_demo):
 def test_stage_outputs_are_valid(quick_demo):
     run_dir, _ = quick_demo
     # rollouts: valid records, labeled, with behavior log-probs for the finished samples
-    rollouts = read_records([str(run_dir / "rollouts.jsonl")])
+    rollouts = list(read_records([str(run_dir / "rollouts.jsonl")]))
     assert len(rollouts) == 64 * 4 and {r.reward for r in rollouts} <= {0.0, 1.0}
     assert sum(r.behavior_logprobs is not None for r in rollouts) > len(rollouts) // 2
     # process scores: valid records, some failed answers got step rewards
-    scored = read_records([str(run_dir / "analysis_scored.jsonl")])
+    scored = list(read_records([str(run_dir / "analysis_scored.jsonl")]))
     assert any(r.process_rewards for r in scored)
     # the indexed dataset with its reference log-probs filled by annotate
     from dqo_megatron.data.dataset import TrajectoryDataset
