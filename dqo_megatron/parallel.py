@@ -66,17 +66,17 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
     if not cuda:
         apply_cpu_patches()
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(find_free_port()))
-        world_size = int(os.environ["WORLD_SIZE"])
+        launched = "RANK" in os.environ
+        # Without torchrun: a one-process group on a free local port, leaving os.environ alone (a
+        # RANK/MASTER_PORT set here would leak into every subprocess this program starts later).
+        world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
         data_parallel_size(parallel, world_size)  # fail before any process blocks on a bad layout
         if cuda:
             torch.cuda.set_device(device_for_this_process())
         torch.distributed.init_process_group(
             backend="nccl" if cuda else "gloo",
-            rank=int(os.environ["RANK"]),
+            init_method=None if launched else f"tcp://127.0.0.1:{find_free_port()}",
+            rank=int(os.environ["RANK"]) if launched else 0,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )

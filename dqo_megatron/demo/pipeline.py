@@ -178,8 +178,7 @@ def run_config(cfg: DemoConfig, run_dir: Path, *, algorithm: str, train_prefix: 
 
 
 def _child_env() -> dict:
-    # In-process generation stages set up a one-rank process group (MASTER_PORT & co. in os.environ,
-    # the port still held): a child must pick its own rendezvous.
+    # A child picks its own rendezvous: never one inherited from a launcher that started the demo.
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "OMP_NUM_THREADS": "1"}
 

@@ -67,6 +67,11 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
     `fn` must initialize what it needs (e.g. `dqo_megatron.parallel.initialize`). Results travel
     through `torch.save`, so tensors and plain containers are fine.
     """
+    import torch.distributed
+
+    if torch.distributed.is_initialized():  # forked ranks would inherit it and hang on a dead group
+        raise RuntimeError("a process group is initialized in the test process itself (an earlier test ran "
+                           "Megatron in-process without tearing it down): run such code in a rank or subprocess")
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = find_free_port()

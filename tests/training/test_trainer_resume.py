@@ -139,9 +139,10 @@ def test_export_trained_policy_to_hf(setup):
     done = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(meg), "--format",
                            "megatron"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    from dqo_megatron.conversion.convert import megatron_to_hf
-
-    megatron_to_hf(meg, tmp / "via_megatron", progress=False)
+    # in a subprocess: a process group in pytest's own process would be inherited by later forked ranks
+    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "convert", "megatron-to-hf", str(meg),
+                           str(tmp / "via_megatron")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     twin = transformers.AutoModelForCausalLM.from_pretrained(tmp / "via_megatron")
     for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         assert torch.equal(a, b), name
