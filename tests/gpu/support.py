@@ -14,8 +14,6 @@ import functools
 import io
 import multiprocessing as mp
 import os
-import queue as queue_module
-import time
 import traceback
 from typing import Any, Callable
 
@@ -60,7 +58,11 @@ def fp8_unsupported_reason(recipe: str) -> str | None:
     if not usable:
         return f"needs Transformer Engine (NVIDIA's PyTorch container): {reason}"
     from dqo_megatron.config import PrecisionConfig
-    from dqo_megatron.models.precision import detect_hardware, fp8_support_problems, te_recipe_support
+    from dqo_megatron.models.precision import (
+        detect_hardware,
+        fp8_support_problems,
+        te_recipe_support,
+    )
 
     problems = fp8_support_problems(PrecisionConfig(fp8=recipe), detect_hardware(), "te")
     if problems:
@@ -129,31 +131,9 @@ def run_spawned(fn: Callable, world_size: int, *args, timeout: float = 600.0, **
              for r in range(world_size)]  # fmt: skip
     for proc in procs:
         proc.start()
-    outcome: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while len(outcome) < world_size and time.monotonic() < deadline:
-        try:
-            rank, status, blob = results.get(timeout=1.0)
-        except queue_module.Empty:
-            if all(not p.is_alive() for p in procs) and results.empty():
-                break
-            continue
-        outcome[rank] = (status, torch.load(io.BytesIO(blob), weights_only=False))
-    for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = []
-    for rank in range(world_size):
-        if rank not in outcome:
-            errors.append(f"rank {rank}: no result within {timeout:.0f} s (hung or crashed, exit code "
-                          f"{procs[rank].exitcode})")  # fmt: skip
-        elif outcome[rank][0] == "error":
-            errors.append(f"rank {rank} failed:\n{outcome[rank][1]}")
-    if errors:
-        raise SpawnedRankError("\n".join(errors))
-    return [outcome[r][1] for r in range(world_size)]
+    from tests.helpers.distributed import collect_rank_results
+
+    return collect_rank_results(procs, results, timeout, SpawnedRankError)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -79,6 +79,14 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
              for r in range(world_size)]  # fmt: skip
     for proc in procs:
         proc.start()
+    return collect_rank_results(procs, results, timeout)
+
+
+def collect_rank_results(procs: list, results, timeout: float, error_cls: type | None = None) -> list:
+    """Wait for one `(rank, status, blob)` per process in `procs` (until `timeout` s), stop the processes,
+    and return the results by rank; raise `error_cls` (default DistributedTestError) naming every rank
+    that failed, hung or died."""
+    world_size = len(procs)
     outcome: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(outcome) < world_size:
@@ -105,5 +113,5 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
         elif outcome[rank][0] == "error":
             errors.append(f"rank {rank} failed:\n{outcome[rank][1]}")
     if errors:
-        raise DistributedTestError("\n".join(errors))
+        raise (error_cls or DistributedTestError)("\n".join(errors))
     return [outcome[r][1] for r in range(world_size)]
