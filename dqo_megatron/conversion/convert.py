@@ -11,12 +11,14 @@ passed, when asked), so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -30,6 +32,7 @@ from dqo_megatron.conversion.megatron_io import (
     DTYPES,
     build_empty_chunks,
     check_output,
+    defer,
     dtype_name,
     load_chunks,
     read_metadata,
@@ -132,16 +135,17 @@ def hf_to_megatron(
                 cfg.hidden_size, out, dtype_name(torch_dtype))  # fmt: skip
     parity = None
     with staged_output(out, overwrite) as tmp, single_process_layout():
-        (chunk,) = build_empty_chunks(cfg, ParallelConfig(), torch_dtype)
-        _fill_from_hf(chunk, hf_io.stream_megatron_tensors(ckpt, rules, torch_dtype, progress))
-        kind = "policy"
-        if value:
-            from dqo_megatron.conversion.value import attach_value_head
+        with _gc_paused():
+            (chunk,) = build_empty_chunks(cfg, ParallelConfig(), torch_dtype)
+            _fill_from_hf(chunk, hf_io.stream_megatron_tensors(ckpt, rules, torch_dtype, progress, defer=True))
+            kind = "policy"
+            if value:
+                from dqo_megatron.conversion.value import attach_value_head
 
-            attach_value_head(chunk, cfg, value_head)
-            kind = "value"
-        save_chunks([chunk], tmp / WEIGHTS_DIR, consume=True)
-        del chunk
+                attach_value_head(chunk, cfg, value_head)
+                kind = "value"
+            save_chunks([chunk], tmp / WEIGHTS_DIR, consume=True)
+            del chunk
         write_metadata(tmp, cfg, CheckpointInfo(family=fam.name, dtype=dtype_name(torch_dtype), kind=kind,
                                                 source=str(src.absolute())))  # fmt: skip
         (tmp / HF_DIR).mkdir()
@@ -155,10 +159,29 @@ def hf_to_megatron(
     return ConversionReport(out, cfg, dtype_name(torch_dtype), time.perf_counter() - start, parity)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (as Megatron's own checkpoint writer does).
+
+    A full collection walks every object of the process -- with torch, Megatron and their imports
+    loaded, ~0.3 s here -- and the conversion's few hundred tensors and plans trigger one at a random
+    point; it creates no garbage cycles worth collecting meanwhile (the tensors are freed by reference
+    counting as they are written)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @torch.no_grad()
 def _fill_from_hf(chunk, tensors) -> None:
     """Hand each converted tensor to the matching parameter (``param.data = tensor``: no copy, and the
-    uninitialized buffer is freed before it was ever touched)."""
+    uninitialized buffer is freed before it was ever touched). A `hf_io.DeferredTensor` (QKV, gated fc1)
+    is attached to its parameter uncomputed (`megatron_io.defer`): the converter's save computes it when
+    writing it, or writes its parts as they are."""
     params = dict(chunk.named_parameters())
     filled = set()
     for name, tensor in tensors:
@@ -168,7 +191,12 @@ def _fill_from_hf(chunk, tensors) -> None:
         if tuple(tensor.shape) != tuple(param.shape):
             raise ConversionError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron parameter shape "
                                   f"{tuple(param.shape)} (config.json disagrees with the weights)")  # fmt: skip
-        param.data = tensor.to(param.dtype).contiguous()
+        if isinstance(tensor, hf_io.DeferredTensor) and tensor.dtype == param.dtype:
+            defer(param, tensor.make, tensor.parts)
+        elif isinstance(tensor, hf_io.DeferredTensor):
+            param.data = tensor.make().to(param.dtype).contiguous()
+        else:
+            param.data = tensor.to(param.dtype).contiguous()
         filled.add(name)
     missing = sorted(set(params) - filled)
     if missing:

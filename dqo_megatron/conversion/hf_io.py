@@ -7,6 +7,7 @@ shards from tensor sizes first, then converts, writes and frees one shard at a t
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from dqo_megatron.config import ModelConfig
+from dqo_megatron.conversion.layout import fuse_gate_up
 from dqo_megatron.conversion.registry import ConversionError, Family, TensorRule
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -126,12 +128,64 @@ def plan_import(ckpt: HFCheckpoint, family: Family, cfg: ModelConfig) -> list[Te
     return rules
 
 
+@dataclass(frozen=True)
+class DeferredTensor:
+    """A converted tensor not computed yet: `make()` computes it (the rule's `to_megatron` on its inputs).
+
+    `shape` and `dtype` are known without computing it (see `_deferred`). `parts` is set when the
+    tensor is the concatenation of these inputs along dim 0 (the gated fc1 = ``[gate; up]``, which
+    Megatron's checkpoint stores as those two halves again). The converter's save computes each such
+    tensor just before writing it, or writes its parts as they are (`megatron_io.defer`), so the fused
+    copies of QKV and fc1 never exist all at once.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+    parts: tuple[torch.Tensor, ...] = ()
+
+
+_ROW_CONCATENATIONS = (fuse_gate_up,)
+"""`TensorRule.to_megatron` functions that are ``torch.cat(inputs, dim=0)`` of their same-shaped inputs."""
+
+
+def _deferred(rule: TensorRule, inputs: tuple[torch.Tensor, ...]) -> Optional[DeferredTensor]:
+    """`rule`'s output on `inputs` as a `DeferredTensor`, or None (then compute it now).
+
+    The rules that combine tensors are row re-layouts (QKV interleave, fc1 = [gate; up]): the rule runs
+    on probes of the inputs with every dimension after the first reduced to 1, which makes the same
+    row checks (a config that disagrees with the weights fails here, as it would computing it) and
+    gives the output's rows. Anything that does not look like that -- 1-D inputs (biases: small),
+    differing trailing shapes, an output that is not ``[rows, 1, ...]`` -- is computed now; the writer
+    checks every deferred value's shape against its parameter when it computes it."""
+    first = inputs[0]
+    if first.dim() < 2 or any(t.dim() != first.dim() or t.shape[1:] != first.shape[1:] for t in inputs):
+        return None
+    probes = [torch.zeros((t.shape[0],) + (1,) * (t.dim() - 1), dtype=t.dtype) for t in inputs]
+    try:
+        rows = rule.to_megatron(*probes)
+    except Exception:  # noqa: BLE001 -- the eager call reports it
+        return None
+    if not isinstance(rows, torch.Tensor) or rows.dim() != first.dim() or any(d != 1 for d in rows.shape[1:]):
+        return None
+    parts: tuple[torch.Tensor, ...] = ()
+    if rule.to_megatron in _ROW_CONCATENATIONS and all(t.is_contiguous() and t.shape == first.shape
+                                                       and t.dtype == rows.dtype for t in inputs):  # fmt: skip
+        parts = inputs
+    shape = torch.Size((rows.shape[0], *first.shape[1:]))
+    return DeferredTensor(shape, rows.dtype, functools.partial(rule.to_megatron, *inputs), parts)
+
+
 def stream_megatron_tensors(ckpt: HFCheckpoint, rules: Sequence[TensorRule], dtype: Optional[torch.dtype] = None,
-                            progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+                            progress: bool = True,
+                            defer: bool = False) -> Iterator[tuple[str, torch.Tensor | DeferredTensor]]:  # fmt: skip
     """Yield ``(megatron name, tensor)`` for every rule, reading one shard at a time.
 
     A rule is converted as soon as all its HF inputs have been read; inputs of rules whose partners live
-    in a later shard are kept until then. Tensors are cast to `dtype` when given.
+    in a later shard are kept until then. Tensors are cast to `dtype` when given. Tensors that need no
+    conversion are the reader's (safetensors maps the shard: they occupy memory once touched).
+    `defer`: rules that combine several inputs (QKV, gated fc1) yield a `DeferredTensor` instead of
+    the combined copy.
     """
     from safetensors import safe_open
 
@@ -151,7 +205,9 @@ def stream_megatron_tensors(ckpt: HFCheckpoint, rules: Sequence[TensorRule], dty
                 parts[name] = tensor
                 if len(parts) == len(rule.hf):
                     del pending[rule.megatron]
-                    yield rule.megatron, rule.to_megatron(*(parts[n] for n in rule.hf))
+                    inputs = tuple(parts[n] for n in rule.hf)
+                    deferred = _deferred(rule, inputs) if defer and len(inputs) > 1 else None
+                    yield rule.megatron, deferred if deferred is not None else rule.to_megatron(*inputs)
     if pending:  # plan_import checked the index; this means the shard files disagree with it
         raise ConversionError(f"{ckpt.path}: incomplete tensors after reading every shard: {sorted(pending)[:6]}")
 
