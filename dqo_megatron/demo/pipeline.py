@@ -34,11 +34,6 @@ import yaml
 from dqo_megatron.config import ConfigError
 from dqo_megatron.demo.task import (
     AdditionTask,
-    make_problems,
-    tokenizer_corpus,
-    train_tokenizer,
-    write_demonstrations,
-    write_problems,
 )
 
 MARKER = "demo.json"
