@@ -162,3 +162,15 @@ def resolve_dtype(dtype: str, device: str):
     if dtype not in names:
         raise ValueError(f"dtype={dtype!r}: choose auto, float32, bfloat16, float16 or float64")
     return names[dtype]
+
+
+def prepare_call(tok: Tokenizer, stop_ids, prompts: Sequence, prefixes: Sequence[str] | None, seeds: Sequence[int],
+                 params) -> tuple[list[list[int]], list[list[int]], "RowDecoder", list[tuple[int, int]]]:  # fmt: skip
+    """What every backend's `generate` starts with: the prompts' and prefixes' ids, the row decoder, and
+    the rows ``(prompt index, sample index)`` (``len(prompts) * params.n``, prompt-major)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    prompt_ids, prefix_ids = encode_prompts(tok, prompts, prefixes)
+    decoder = RowDecoder(tok, stop_ids, params.max_new_tokens, tuple(params.stop))
+    rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+    return prompt_ids, prefix_ids, decoder, rows

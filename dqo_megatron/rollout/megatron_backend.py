@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from dqo_megatron.rollout.backend import Completion, SamplingParams
-from dqo_megatron.rollout.framing import RowDecoder, encode_prompts, has_tokenizer, load_tokenizer, resolve_dtype, stop_token_ids
+from dqo_megatron.rollout.framing import has_tokenizer, load_tokenizer, prepare_call, resolve_dtype, stop_token_ids
 from dqo_megatron.rollout.sampling import sample_seed
 
 logger = logging.getLogger(__name__)
@@ -155,11 +155,8 @@ class MegatronBackend:
         """`params.n` completions per prompt (see `GenerationBackend.generate`)."""
         from dqo_megatron.models.generate import generate
 
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        prompt_ids, prefix_ids = encode_prompts(self.tokenizer, prompts, prefixes)
-        decoder = RowDecoder(self.tokenizer, self.stop_ids, params.max_new_tokens, tuple(params.stop))
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
+                                                             seeds, params)  # fmt: skip
         stop = (lambda r, toks: decoder.finished(prefix_ids[rows[r][0]], toks)) if params.stop else None
         gens = generate(self.gpt, [prompt_ids[i] + prefix_ids[i] for i, _ in rows], max_new_tokens=params.max_new_tokens,
                         eos_id=sorted(self.stop_ids), vocab_size=self.model_config.vocab_size,

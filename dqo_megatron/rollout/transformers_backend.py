@@ -27,7 +27,7 @@ import torch
 
 from dqo_megatron.rollout.backend import Completion, SamplingParams
 from dqo_megatron.rollout.framing import (
-    RowDecoder, encode_prompts, has_tokenizer, load_tokenizer, resolve_device, resolve_dtype, stop_token_ids,
+    RowDecoder, has_tokenizer, load_tokenizer, prepare_call, resolve_device, resolve_dtype, stop_token_ids,
 )  # fmt: skip
 from dqo_megatron.rollout.sampling import draw_uniforms, row_generators, sample_seed, sample_step
 
@@ -87,11 +87,8 @@ class TransformersBackend:
     def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
                  prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
         """`params.n` completions per prompt (see `GenerationBackend.generate`)."""
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        prompt_ids, prefix_ids = encode_prompts(self.tokenizer, prompts, prefixes)
-        decoder = RowDecoder(self.tokenizer, self.stop_ids, params.max_new_tokens, tuple(params.stop))
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
+                                                             seeds, params)  # fmt: skip
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dqo_megatron.rollout.backend import Completion, SamplingParams
-from dqo_megatron.rollout.framing import RowDecoder, encode_prompts, has_tokenizer, load_tokenizer, stop_token_ids
+from dqo_megatron.rollout.framing import has_tokenizer, load_tokenizer, prepare_call, stop_token_ids
 from dqo_megatron.rollout.sampling import sample_seed
 
 logger = logging.getLogger(__name__)
@@ -116,11 +116,8 @@ class VLLMBackend:
         import vllm
         from vllm.inputs import TokensPrompt
 
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        prompt_ids, prefix_ids = encode_prompts(self.tokenizer, prompts, prefixes)
-        decoder = RowDecoder(self.tokenizer, self.stop_ids, params.max_new_tokens, tuple(params.stop))
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
+                                                             seeds, params)  # fmt: skip
         contexts = [prompt_ids[i] + prefix_ids[i] for i, _ in rows]
         requests = [TokensPrompt(prompt_token_ids=ctx) for ctx in contexts]
         sps = [self._params(params, sample_seed(seeds[i], j)) for i, j in rows]
