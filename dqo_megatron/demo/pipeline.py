@@ -159,7 +159,7 @@ def run_config(cfg: DemoConfig, run_dir: Path, *, algorithm: str, train_prefix: 
         "model": dict(MODEL),
         "parallel": {"tensor_model_parallel_size": cfg.tp, "pipeline_model_parallel_size": cfg.pp},
         "algorithm": algorithm,
-        "train": {"micro_batch_size": 32 // cfg.pp if cfg.pp > 1 else 32, "global_batch_size": 32,
+        "train": {"micro_batch_size": 32 // cfg.pp, "global_batch_size": 32,
                   "seq_length": SEQ, "lr": lr, "train_steps": steps, "seed": cfg.seed + 1,
                   "log_interval": max(steps // 10, 1), "keep_last_checkpoints": 1},  # fmt: skip
         "data": {"train_prefix": train_prefix},

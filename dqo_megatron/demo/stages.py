@@ -149,8 +149,7 @@ class Context:
                                                    progress=False, **SAMPLING), backend)  # fmt: skip
         finally:
             backend.close()
-        return (s.report().splitlines()[0] if hasattr(s, "report") else "done",
-                {"scored": str(self.path("analysis_scored.jsonl"))})
+        return s.report().splitlines()[0], {"scored": str(self.path("analysis_scored.jsonl"))}
 
     # ------------------------------------------------------------------ RL
     def prepare_data(self):
