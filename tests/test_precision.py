@@ -217,7 +217,9 @@ def test_family_switches_reach_both_specs(model):
             assert kw["activation_func"].keywords == {"approximate": "tanh"} and not kw["bias_activation_fusion"]
         else:
             assert kw["activation_func"] is F.silu and kw["bias_activation_fusion"] == (backend == "te")
-        assert kw["apply_rope_fusion"] == (backend == "te")
+        assert kw["apply_rope_fusion"]  # TE's kernel, or ours on the local spec
+        # The local spec's SwiGLU module (never on TE's spec: its MLP would apply a plain activation).
+        assert kw["use_te_activation_func"] == (backend == "local" and model.family != "gemma")
         assert not kw["gradient_accumulation_fusion"]  # TE would need Megatron DDP's main_grad everywhere
 
 

@@ -75,13 +75,20 @@ def transformer_config_kwargs(
     (`calculate_per_token_loss=True`: loss functions return sums and token counts, and Megatron
     divides by the global count once).
 
-    Fusions: off on the local spec (they need apex, TE or custom kernels). On the TE spec (CUDA by
-    construction) RoPE uses TE's fused kernel, and SwiGLU Megatron's fused bias-SwiGLU (there is no
-    bias; it fuses the gate) -- Megatron-LM's defaults with TE. Gemma's tanh GeGLU stays unfused:
-    Megatron fuses only `F.gelu`/`F.silu`. `gradient_accumulation_fusion` stays off: it makes TE write
-    weight gradients into `main_grad`, which exists only under Megatron DDP, and models are also run
-    without it (conversion checks, tests).
+    Fusions: RoPE is always fused: TE's kernel when TE is installed, else ours
+    (`dqo_megatron.models.rope`, one autograd op instead of Megatron's chunk/cat/cat; put in Megatron's
+    empty fused-RoPE slot here, since `TransformerConfig` refuses ``apply_rope_fusion`` without one).
+    SwiGLU is fused on both specs: on the TE spec by Megatron's fused bias-SwiGLU (there is no bias; it
+    fuses the gate), Megatron-LM's default with TE; on the local spec by the spec's `SwiGLU` module
+    (`use_te_activation_func`, the flag under which Megatron's MLP applies a spec's activation
+    module). Gemma's tanh GeGLU stays unfused: Megatron fuses only `F.gelu`/`F.silu`. The other
+    fusions need apex, TE or custom kernels and are off on the local spec.
+    `gradient_accumulation_fusion` stays off: it makes TE write weight gradients into `main_grad`,
+    which exists only under Megatron DDP, and models are also run without it (conversion checks, tests).
     """
+    from dqo_megatron.models.rope import install_rope_kernel
+
+    install_rope_kernel()
     dtype_name = precision.resolved_dtype(cuda)
     dtype = _DTYPES[dtype_name]
     swiglu = model.activation != "geglu"
@@ -121,7 +128,10 @@ def transformer_config_kwargs(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=te,
+        apply_rope_fusion=True,
+        # On the local spec, SwiGLU runs as the spec's activation module (`local_spec.SwiGLU`); Megatron
+        # reads the module only under this flag (named for TE's modules, which fill it on TE specs).
+        use_te_activation_func=not te and swiglu,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         attention_softmax_in_fp32=True,

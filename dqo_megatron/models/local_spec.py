@@ -11,6 +11,14 @@ two submodules through the spec, Megatron's intended extension point:
   causally by the *global* position of every query and key.
 * `RMSNorm`: computed in fp32; optional zero-centred gamma (Gemma: y = x_hat * (1 + w)); its weight is
   marked `sequence_parallel` so that Megatron all-reduces its gradient across TP under SP.
+
+and, for SwiGLU models (Llama, Qwen2), the MLP's activation module (`MLPSubmodules.activation_func`,
+used when `config.use_te_activation_func` is set; the builder sets it on this spec only):
+
+* `SwiGLU`: ``silu(gate) * up`` over fc1's ``[..., 2F]`` output as one autograd op. Megatron's
+  unfused gated path chunks, adds the (zero) linear offset and multiplies, saving three ``[..., F]``
+  tensors and `cat`-ing the two halves' gradients in backward; this saves fc1's output only and
+  writes each half's gradient in place.
 """
 
 from __future__ import annotations
@@ -55,6 +63,39 @@ class RMSNorm(torch.nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         gamma = self.weight.float() + 1.0 if self.zero_centered_gamma else self.weight.float()
         return (normed * gamma).to(x.dtype)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """x ``[..., 2F]`` = [gate, up] -> ``silu(gate) * up`` ``[..., F]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.chunk(x, 2, dim=-1)
+        ctx.save_for_backward(x)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        gate, up = torch.chunk(x, 2, dim=-1)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad_gate, grad_up = torch.chunk(grad_x, 2, dim=-1)
+        # d/d gate = grad * up * silu'(gate); d/d up = grad * silu(gate) (recomputed, not saved).
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        return grad_x
+
+
+class SwiGLU(MegatronModule):
+    """Gated activation ``silu(x[..., :F]) * x[..., F:]``: ``[..., 2F]`` -> ``[..., F]`` (fc1's output
+    under TP is this rank's [gate shard, up shard], so the halves pair up per rank). No parameters;
+    a MegatronModule because Megatron's MLP asks each child for its sharded state dict."""
+
+    def __init__(self, config: Optional[TransformerConfig] = None):
+        super().__init__(config=config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SwiGLUFunction.apply(x)
 
 
 class _AllGatherSeq(torch.autograd.Function):
@@ -162,7 +203,9 @@ class SDPACoreAttention(MegatronModule):
 def get_local_layer_spec() -> ModuleSpec:
     """Spec of one transformer layer (pre-norm, self-attention, gated MLP) that runs on CPU and GPU.
 
-    QKV bias, GQA and the activation are read from the TransformerConfig by Megatron's modules.
+    QKV bias, GQA and the activation are read from the TransformerConfig by Megatron's modules; the
+    MLP applies `SwiGLU` when the config sets `use_te_activation_func` (SwiGLU models), else
+    Megatron's own gated path with `config.activation_func` (Gemma's tanh GeGLU).
     """
     return ModuleSpec(
         module=TransformerLayer,
@@ -183,7 +226,9 @@ def get_local_layer_spec() -> ModuleSpec:
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, activation_func=SwiGLU, linear_fc2=RowParallelLinear
+                ),
             ),
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint names as the Transformer Engine spec (norms fused into the linears),
