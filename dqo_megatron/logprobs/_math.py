@@ -85,13 +85,17 @@ def logsumexp_and_target(
 
 
 def grad_of_logits(
-    z: torch.Tensor, labels: torch.Tensor, vocab_start: int, lse: torch.Tensor, grad_out: torch.Tensor, *, owned: bool
+    z: torch.Tensor, labels: torch.Tensor, vocab_start: int, lse: Optional[torch.Tensor], grad_out: torch.Tensor, *, owned: bool
 ) -> torch.Tensor:
     """``grad_out * ([j == y] - exp(z_j - lse))`` on this rank's shard: ``[..., V/tp]``, compute dtype.
 
-    `grad_out` must already be 0 where the label is invalid. Overwrites z when `owned`.
+    ``lse=None``: `z` already holds log-probs (``z - lse``). `grad_out` must already be 0 where the
+    label is invalid. Overwrites z when `owned`.
     """
-    probs = (z.sub_(lse.unsqueeze(-1)) if owned else z - lse.unsqueeze(-1)).exp_()
+    if lse is None:
+        probs = z.exp_() if owned else z.exp()
+    else:
+        probs = (z.sub_(lse.unsqueeze(-1)) if owned else z - lse.unsqueeze(-1)).exp_()
     grad = probs.mul_(grad_out.unsqueeze(-1).neg())
     idx, in_shard = _local_targets(labels, vocab_start, z.shape[-1])
     grad.scatter_add_(-1, idx.unsqueeze(-1), torch.where(in_shard, grad_out, 0.0).unsqueeze(-1))

@@ -66,7 +66,14 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         valid = (labels >= 0) & (labels < vocab_total)
         lse = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
         out = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
-        for s0, s1 in chunk_bounds(labels.shape[0], chunk_size):
+        if keep and group_size(group) == 1:
+            # One chunk, whole vocabulary: torch's fused log_softmax, kept for backward
+            # (``softmax = exp(log_softmax)``): fewer passes over [s, b, V] than max/sub/exp/sum.
+            logp = torch.log_softmax(torch.matmul(hidden.to(weight.dtype), weight.t()).to(dtype), dim=-1)
+            out.copy_(logp.gather(-1, labels.clamp(0, vocab_total - 1).unsqueeze(-1)).squeeze(-1))
+            kept.append(logp)
+            lse = None  # marks "kept holds log-probs" for backward
+        for s0, s1 in chunk_bounds(labels.shape[0], chunk_size) if lse is not None else ():
             z = torch.matmul(hidden[s0:s1].to(weight.dtype), weight.t()).to(dtype)  # fresh: ours to overwrite
             chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=not keep)
             lse[s0:s1] = chunk_lse
@@ -82,7 +89,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, lse, valid, *kept = ctx.saved_tensors
-        dtype = lse.dtype
+        dtype = compute_dtype(weight.dtype)
         grad_out = torch.where(valid, grad_out.to(dtype), 0.0)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -94,7 +101,8 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         for s0, s1 in chunk_bounds(labels.shape[0], ctx.chunk_size):
             h_c = hidden[s0:s1].to(weight.dtype)
             z = kept.pop() if kept else torch.matmul(h_c, weight.t()).to(dtype)
-            g_z = grad_of_logits(z, labels[s0:s1], ctx.vocab_start, lse[s0:s1], grad_out[s0:s1], owned=True)
+            chunk_lse = None if lse is None else lse[s0:s1]  # None: z holds log-probs already
+            g_z = grad_of_logits(z, labels[s0:s1], ctx.vocab_start, chunk_lse, grad_out[s0:s1], owned=True)
             if need_h:
                 grad_h[s0:s1] = torch.matmul(g_z.to(weight.dtype), weight)
             if need_w:
