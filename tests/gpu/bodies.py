@@ -218,9 +218,12 @@ def layout_deviation(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch
 
 
 # ---------------------------------------------------------------------------------- a DQO step on GPU
-def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: int, value_mode: str = "separate") -> dict:
+def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: int, value_mode: str = "separate",
+              distributed_optimizer: bool = False) -> dict:  # fmt: skip
     """`steps` DQO optimizer steps through the trainer's pieces (PolicyValueModel, Megatron DDP and
-    optimizer, `train_step` + `rl_forward_step`) on one GPU, on one fixed batch."""
+    optimizer, `train_step` + `rl_forward_step`) on one fixed batch, the same on every (data-parallel)
+    rank; with Megatron's distributed optimizer when asked. Reports the dtypes of the model's and of
+    the optimizer's (master) parameters."""
     from functools import partial
 
     from dqo_megatron.config import LossConfig, RunConfig, TrainConfig, ValueConfig
@@ -236,9 +239,11 @@ def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: in
     info = parallel.initialize(run.parallel, seed=run.train.seed)
     exact_fp32()
     chunks = build_policy_value_chunks(run, with_value=True, with_reference=False)
-    ddp = wrap_with_ddp(chunks)
+    ddp = wrap_with_ddp(chunks, use_distributed_optimizer=distributed_optimizer)
     attach_finalize(ddp, finalize_policy_value_grads)
-    optimizer = build_optimizer(ddp, lr=run.train.lr, clip_grad=1.0)
+    optimizer = build_optimizer(ddp, lr=run.train.lr, clip_grad=1.0, use_distributed_optimizer=distributed_optimizer)
+    megatron_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = [o.optimizer for o in megatron_optimizers]
     batch = {k: v.to(info.device) for k, v in make_rl_batch(model_cfg.vocab_size, rows, seq, with_ref=True).items()}
     with torch.no_grad():
         output, _ = rl_forward_step(run, iter([batch]), ddp[0])
@@ -251,4 +256,6 @@ def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: in
                         **{k: r.metrics[k] for k in ("policy_loss", "value_loss") if k in r.metrics}})  # fmt: skip
     return {"steps": results, "output_dtype": output.dtype, "device": str(output.device),
             "param_dtypes": sorted({str(p.dtype) for p in chunks[0].policy.parameters()}),
+            "optimizer_param_dtypes": sorted({str(p.dtype) for o in inner for g in o.param_groups for p in g["params"]}),
+            "optimizer_classes": sorted({type(o).__name__ for o in megatron_optimizers}),
             "finite_output": bool(torch.isfinite(output).all()), "nccl": torch.distributed.get_backend()}  # fmt: skip
