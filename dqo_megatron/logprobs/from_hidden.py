@@ -8,7 +8,8 @@ the output weight ``W`` (``[V/tp, h]``)::
     Z_c = H_c W^T                                   [c, b, V/tp]   (in the weight's dtype, like Megatron)
     log pi(y) = Z_c[y] - logsumexp(Z_c)             (fp32; all-reduced over TP, see `_math.py`)
 
-Backward recomputes ``Z_c`` (or reuses it when the whole sequence is one chunk) and, with ``G_c = g * (onehot(y) - softmax(Z_c))``::
+Backward recomputes ``Z_c`` (or, when the whole sequence is one chunk, reuses what forward kept: the logits,
+or without TP torch's fused ``log_softmax(Z)``) and, with ``G_c = g * (onehot(y) - softmax(Z_c))``::
 
     dH_c = G_c W          (partial over the vocab shard: summed over TP by the entry op, below)
     dW  += G_c^T H_c      (fp32 accumulation over chunks; or straight into ``W.main_grad``)
