@@ -69,13 +69,30 @@ def test_install_fills_only_an_empty_slot(monkeypatch):
     from megatron.core.models.common.embeddings import rope_utils
 
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
-    assert install_rope_kernel() and rope_utils.fused_apply_rotary_pos_emb is apply_rotary_pos_emb_sbhd
+    assert install_rope_kernel(cuda=False) and rope_utils.fused_apply_rotary_pos_emb is apply_rotary_pos_emb_sbhd
 
     def te_kernel(t, freqs, transpose_output_memory=False, interleaved=False):
         return t
 
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", te_kernel)
-    assert install_rope_kernel() and rope_utils.fused_apply_rotary_pos_emb is te_kernel  # TE's kept
+    assert install_rope_kernel(cuda=True) and rope_utils.fused_apply_rotary_pos_emb is te_kernel  # TE's kept
+    # TE installed on a machine without a GPU: its kernel stays, and RoPE is not fused there.
+    assert not install_rope_kernel(cuda=False) and rope_utils.fused_apply_rotary_pos_emb is te_kernel
+
+
+def test_local_spec_config_without_gpu_fuses_rope_only_with_our_kernel(monkeypatch):
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from dqo_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from dqo_megatron.models.builder import transformer_config_kwargs
+
+    model = ModelConfig(family="llama", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                        vocab_size=128, seq_length=16)  # fmt: skip
+    args = (model, ParallelConfig(), PrecisionConfig())
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
+    assert transformer_config_kwargs(*args, backend="local", cuda=False)["apply_rope_fusion"]
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda t, freqs, **kw: t)  # "TE's"
+    assert not transformer_config_kwargs(*args, backend="local", cuda=False)["apply_rope_fusion"]
 
 
 def test_swiglu_module_matches_silu_times_up_with_gradients():

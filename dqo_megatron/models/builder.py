@@ -75,7 +75,7 @@ def transformer_config_kwargs(
     (`calculate_per_token_loss=True`: loss functions return sums and token counts, and Megatron
     divides by the global count once).
 
-    Fusions: RoPE is always fused: TE's kernel when TE is installed, else ours
+    Fusions: RoPE is fused: TE's kernel when TE is installed (and a GPU is there to run it), else ours
     (`dqo_megatron.models.rope`, one autograd op instead of Megatron's chunk/cat/cat; put in Megatron's
     empty fused-RoPE slot here, since `TransformerConfig` refuses ``apply_rope_fusion`` without one).
     SwiGLU is fused on both specs: on the TE spec by Megatron's fused bias-SwiGLU (there is no bias; it
@@ -88,7 +88,7 @@ def transformer_config_kwargs(
     """
     from dqo_megatron.models.rope import install_rope_kernel
 
-    install_rope_kernel()
+    fuse_rope = install_rope_kernel(cuda)
     dtype_name = precision.resolved_dtype(cuda)
     dtype = _DTYPES[dtype_name]
     swiglu = model.activation != "geglu"
@@ -128,7 +128,7 @@ def transformer_config_kwargs(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=True,
+        apply_rope_fusion=fuse_rope,
         # On the local spec, SwiGLU runs as the spec's activation module (`local_spec.SwiGLU`); Megatron
         # reads the module only under this flag (named for TE's modules, which fill it on TE specs).
         use_te_activation_func=not te and swiglu,

@@ -77,14 +77,15 @@ def apply_rotary_pos_emb_sbhd(
     return _RotaryEmbedding.apply(t, cos, sin)
 
 
-def install_rope_kernel() -> bool:
-    """Fill Megatron's empty fused-RoPE slot with `apply_rotary_pos_emb_sbhd`.
+def install_rope_kernel(cuda: bool) -> bool:
+    """Fill Megatron's empty fused-RoPE slot with `apply_rotary_pos_emb_sbhd`; say whether to fuse.
 
-    Returns True when a fused RoPE (TE's, or ours) is now in the slot, so ``apply_rope_fusion=True``
-    is valid. TE's kernel, when present, is never replaced.
+    Returns True when the slot now holds a kernel that runs on this machine: ours (any device), or
+    TE's when `cuda` (TE's kernel, when installed, is never replaced; on a machine without a GPU it
+    cannot run, so Megatron's unfused RoPE is used there).
     """
     from megatron.core.models.common.embeddings import rope_utils
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary_pos_emb_sbhd
-    return rope_utils.fused_apply_rotary_pos_emb is not None
+    return cuda or rope_utils.fused_apply_rotary_pos_emb is apply_rotary_pos_emb_sbhd
