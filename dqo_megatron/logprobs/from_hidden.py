@@ -65,23 +65,24 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         kept = []
         vocab_start, vocab_total = vocab_shard(weight.shape[0], group)
         valid = (labels >= 0) & (labels < vocab_total)
-        lse = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
         out = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
+        lse = None  # stays None when `kept` holds log-probs (no TP, one chunk): backward needs no lse
         if keep and group_size(group) == 1:
             # One chunk, whole vocabulary: torch's fused log_softmax, kept for backward
             # (``softmax = exp(log_softmax)``): fewer passes over [s, b, V] than max/sub/exp/sum.
             logp = torch.log_softmax(torch.matmul(hidden.to(weight.dtype), weight.t()).to(dtype), dim=-1)
             out.copy_(logp.gather(-1, labels.clamp(0, vocab_total - 1).unsqueeze(-1)).squeeze(-1))
             kept.append(logp)
-            lse = None  # marks "kept holds log-probs" for backward
-        for s0, s1 in chunk_bounds(labels.shape[0], chunk_size) if lse is not None else ():
-            z = torch.matmul(hidden[s0:s1].to(weight.dtype), weight.t()).to(dtype)  # fresh: ours to overwrite
-            chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=not keep)
-            lse[s0:s1] = chunk_lse
-            out[s0:s1] = target - chunk_lse
-            if keep:
-                kept.append(z)
-            del z  # else the next chunk's logits are allocated while these are still alive: 2 chunks
+        else:
+            lse = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
+            for s0, s1 in chunk_bounds(labels.shape[0], chunk_size):
+                z = torch.matmul(hidden[s0:s1].to(weight.dtype), weight.t()).to(dtype)  # fresh: ours to overwrite
+                chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=not keep)
+                lse[s0:s1] = chunk_lse
+                out[s0:s1] = target - chunk_lse
+                if keep:
+                    kept.append(z)
+                del z  # else the next chunk's logits are allocated while these are still alive: 2 chunks
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse, valid, *kept)
         ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.into_main_grad = group, chunk_size, vocab_start, into_main_grad
