@@ -51,6 +51,10 @@ _EOS_TOKEN = typer.Option(None, help="End-of-response token (default: the tokeni
 _GEN_BATCH = typer.Option(None, "--batch-size", help="Rows (prompt x sample) per forward pass (transformers/megatron; default 64).")
 _TRUST = typer.Option(False, "--trust-remote-code", help="Let transformers/vLLM run code shipped with the model.")
 _RUN_CONFIG = typer.Option(None, help="megatron backend, training checkpoint: the run's config.yaml (default beside it).")
+_BACKEND = typer.Option("auto", help=_BACKEND_HELP)
+_DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
+_DTYPE = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")
+_TENSOR_PARALLEL = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model.")
 
 
 @app.command("process-scores")
@@ -58,11 +62,11 @@ def process_scores(
     inputs: List[str] = typer.Argument(..., help="Labeled rollout records (after `label`); failed ones need reference_answer and task."),
     output: Path = typer.Option(..., "--output", "-o", help="Output JSON Lines: all records, failed ones with process_rewards."),
     model: str = typer.Option(..., "--model", "-m", help="The model that continues the prefixes (normally the rollout model)."),
-    backend: str = typer.Option("auto", help=_BACKEND_HELP),
+    backend: str = _BACKEND,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer (default: the model's)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model."),
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    tensor_parallel: int = _TENSOR_PARALLEL,
     chat_template: Optional[str] = _CHAT_TEMPLATE,
     no_chat_template: bool = _NO_CHAT_TEMPLATE,
     eos_token: Optional[str] = _EOS_TOKEN,
@@ -153,11 +157,11 @@ def eval_(
     limit: Optional[int] = typer.Option(None, help="At most this many problems per dataset (quick runs)."),
     limit_mode: str = typer.Option("spread", help="With --limit: spread (evenly spaced: every MATH subject) | first."),
     data_dir: Optional[str] = typer.Option(None, help="Shared data directory (default: $DQO_SHARED_DATA or ../shared/data)."),
-    backend: str = typer.Option("auto", help=_BACKEND_HELP),
+    backend: str = _BACKEND,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer for every model (default: each model's)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model."),
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    tensor_parallel: int = _TENSOR_PARALLEL,
     chat_template: Optional[str] = _CHAT_TEMPLATE,
     no_chat_template: bool = _NO_CHAT_TEMPLATE,
     eos_token: Optional[str] = _EOS_TOKEN,
