@@ -71,12 +71,17 @@ def test_rl_step_matches_single_process(setup, layout, references):
         assert dev["compared"] > 0
         assert dev["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), f"rank {rank} loss"
         assert dev["grad_norm"] == pytest.approx(ref["grad_norm"], rel=REL_TOL), f"rank {rank} grad norm"
+        for member, norm in ref["grad_norms"].items():  # each member's own norm, counted once per layout
+            assert dev["grad_norms"][member] == pytest.approx(norm, rel=REL_TOL), f"rank {rank} {member} norm"
         assert dev["grads"] <= REL_TOL * grad_scale, f"rank {rank}: grads differ by {dev['grads']:.3g}"
         assert dev["after"] <= REL_TOL * LR * grad_scale + 1e-7, f"rank {rank}: weights differ by {dev['after']:.3g}"
 
 
 def test_reference_step_trains_policy_and_value(references):
     batch, ref = references("dqo-separate-dataref")
+    assert set(ref["grad_norms"]) == {"policy", "value"}
+    # the per-member clip is active in these tests (else a miscounted norm would go unnoticed)
+    assert min(ref["grad_norms"].values()) > 0.5
     moved = {name: (ref["after"][name] - ref["initial"][name]).abs().max().item() for name in ref["initial"]}
     assert max(v for k, v in moved.items() if k.startswith("policy.")) > 1e-5
     assert max(v for k, v in moved.items() if k.startswith("value.")) > 1e-5

@@ -379,6 +379,14 @@ class LossConfig:
     """Truncation constant c of the importance weights."""
     is_self_normalize: bool = False
     """Divide the importance weights by their mean over the micro-batch."""
+    is_apply_to: Literal["both", "policy", "value"] = "both"
+    """Which DQO loss the importance weights multiply: both (the paper's best), only the policy (Q) loss,
+    or only the value loss (the other gets w = 1): the paper's ablation."""
+    truncated: Literal["bootstrap", "exclude", "terminal"] = "bootstrap"
+    """Responses cut by the length limit (records with `truncated: true`): bootstrap = the state after the
+    last token is not terminal, its value sg(V(s_(H+1))) is added to the last token's return (dropped,
+    counted as excluded, when the row has no position left for s_(H+1)); exclude = no loss on them;
+    terminal = treated as ended (the return after them is 0; wrong for unfinished answers)."""
     reduction: Literal["token", "sequence"] = "token"
     """Mean over all response tokens of the global batch, or per sequence then over sequences."""
     dpo_max_pairs_per_prompt: int = 12
@@ -396,6 +404,10 @@ class LossConfig:
             problems.append(f"loss.lam={self.lam} must be in [0, 1]")
         if not self.is_clip > 0:
             problems.append(f"loss.is_clip={self.is_clip} must be > 0")
+        if self.is_apply_to not in ("both", "policy", "value"):
+            problems.append(f"loss.is_apply_to={self.is_apply_to!r}: choose both, policy or value")
+        if self.truncated not in ("bootstrap", "exclude", "terminal"):
+            problems.append(f"loss.truncated={self.truncated!r}: choose bootstrap, exclude or terminal")
         if self.dpo_max_pairs_per_prompt < 1:
             problems.append(f"loss.dpo_max_pairs_per_prompt={self.dpo_max_pairs_per_prompt} must be >= 1")
         _fail(problems)
@@ -409,7 +421,21 @@ class ValueConfig:
     """separate: a second GPT of the policy's architecture with a scalar head (the paper's setting);
     shared: a scalar head on the policy's trunk (cheaper; the trunk gets both losses' gradients)."""
     lr: Optional[float] = None
-    """Peak learning rate of the value parameters (None: train.lr)."""
+    """Peak learning rate of the value parameters. None: train.lr x value.lr_ratio."""
+    lr_ratio: float = 10.0
+    """value.lr = this x train.lr when value.lr is None. The value network fits a regression target
+    from a zero-initialized head and must move faster than the policy it criticizes; 10 was chosen by
+    measurement on the demo (docs/algorithms.md, "Value learning")."""
+    clip_grad: Optional[float] = None
+    """Clip the value parameters' own gradient norm to this (0 disables; None: train.clip_grad). The
+    policy's gradient is clipped by its own norm, so a large value gradient never shrinks the policy's
+    step."""
+    warmup_steps: int = 0
+    """Critic warm-up: for the first this many steps only the value network learns (the policy's loss
+    is not backpropagated and its learning rate is 0); the policy's schedule starts after them."""
+    loss_coef: float = 1.0
+    """Weight of the value loss in the summed loss. It scales the value gradient, which matters in
+    value.mode=shared, where the value loss also trains the policy's trunk."""
     min_lr: Optional[float] = None
     """Value learning rate at the end of its decay (None: train.min_lr)."""
     lr_warmup_steps: Optional[int] = None
@@ -431,9 +457,34 @@ class ValueConfig:
             problems.append(f"value.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
         if self.lr_decay_style not in (None, "constant", "cosine", "linear"):
             problems.append(f"value.lr_decay_style={self.lr_decay_style!r}: choose constant, cosine or linear")
+        if not self.lr_ratio > 0:
+            problems.append(f"value.lr_ratio={self.lr_ratio} must be > 0")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            problems.append(f"value.clip_grad={self.clip_grad} must be >= 0")
+        if self.warmup_steps < 0:
+            problems.append(f"value.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.loss_coef < 0:
+            problems.append(f"value.loss_coef={self.loss_coef} must be >= 0")
         if self.head_init_std < 0:
             problems.append(f"value.head_init_std={self.head_init_std} must be >= 0")
         _fail(problems)
+
+    def resolved_lr(self, train_lr: float) -> float:
+        """The value parameters' peak learning rate: `lr`, or `lr_ratio` x the policy's."""
+        return self.lr if self.lr is not None else self.lr_ratio * train_lr
+
+    def resolved_min_lr(self, train_lr: float, train_min_lr: float) -> float:
+        """The value learning rate at the end of its decay: `min_lr`, else the policy's final LR scaled
+        like the peak (never above the value's peak)."""
+        if self.min_lr is not None:
+            return self.min_lr
+        if self.lr is None:
+            return self.lr_ratio * train_min_lr
+        return min(train_min_lr, self.lr)
+
+    def resolved_clip_grad(self, train_clip_grad: float) -> float:
+        """The value parameters' own gradient-norm clip (0: none)."""
+        return train_clip_grad if self.clip_grad is None else self.clip_grad
 
 
 @dataclass

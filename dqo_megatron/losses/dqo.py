@@ -65,6 +65,8 @@ from dqo_megatron.losses.segments import ResponseSegments
 Tensor = torch.Tensor
 
 IS_LEVELS = ("trajectory", "prefix", "off")
+IS_TARGETS = ("both", "policy", "value")
+"""Which loss the importance weights multiply (the other gets w = 1): the paper's ablation."""
 
 
 def _check_lam(lam: float) -> None:
@@ -201,7 +203,8 @@ def truncated_importance_weights(logprobs: Tensor, behavior_logprobs: Tensor, re
 def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Optional[Tensor], values: Tensor,
                rewards: Tensor, response_mask: Tensor, *, beta: float, lam: float,
                is_level: str = "trajectory", is_clip: float = 2.0, is_self_normalize: bool = False,
-               reduction: str = "token", document_ids: Optional[Tensor] = None) -> PolicyValueLossOutput:
+               is_apply_to: str = "both", reduction: str = "token",
+               document_ids: Optional[Tensor] = None) -> PolicyValueLossOutput:  # fmt: skip
     """DQO's policy (Q-function) loss and value loss, in Megatron's `(loss_sum, count, metrics)` form.
 
     Args (`[batch, seq]`, aligned per response position h):
@@ -213,6 +216,8 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
         rewards: r_h. response_mask: 0/1. document_ids: packed documents, as in `lambda_returns`.
         beta: KL coefficient (> 0); lam: lambda in [0, 1] (1 = Monte-Carlo, the paper's default).
         is_level / is_clip / is_self_normalize: see `truncated_importance_weights`.
+        is_apply_to: "both" (default), "policy" or "value": the loss(es) the weights multiply; the
+            other loss gets w = 1 (the paper ablates IS on each loss separately).
         reduction: "token" (mean over all response tokens) or "sequence" (mean per document, then over
             documents).
 
@@ -225,8 +230,11 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
     sequence: sum over documents of their token mean), `count` (tokens or documents), `loss_sum` = their
     sum, `policy_loss` / `value_loss` = sum / count, and metrics (`[numerator, denominator]` each):
     policy_loss, value_loss, value_mean, td_error_abs_mean (|r~_h + V_(h+1) - V_h|), return_mean,
-    is_weight_mean, is_weight_max, is_truncated_frac, kl_ref (mean logp - ref_logp), entropy_proxy
-    (-mean logp); all but the two losses are means over response tokens.
+    return_sq_mean (mean G^2), advantage_mean and advantage_sq_mean (mean of A_h = G_h - V_h and of its
+    square: with the return moments they give the value's explained variance and the advantage's std,
+    see `dqo_megatron.training.algorithms.derived_metrics`), is_weight_mean, is_weight_max,
+    is_truncated_frac, kl_ref (mean logp - ref_logp), entropy_proxy (-mean logp); all but the two
+    losses are means over response tokens.
     """
     shape = check_token_tensors(response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                                 behavior_logprobs=behavior_logprobs, values=values, rewards=rewards)
@@ -238,6 +246,7 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
     _check_lam(lam)
     check_choice("is_level", is_level, IS_LEVELS)
     check_positive("is_clip", is_clip)
+    check_choice("is_apply_to", is_apply_to, IS_TARGETS)
     check_choice("reduction", reduction, REDUCTIONS)
     mask = as_bool_mask(response_mask)
     segments = ResponseSegments(mask, check_document_ids(document_ids, shape))
@@ -255,12 +264,14 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
         importance = _importance_weights(segments, logp.detach(), behavior_logp, is_level, is_clip,
                                          is_self_normalize, reduction)
         reduce_weights, count = reduction_weights(segments, reduction, dtype)
-        token_weights = importance.weights * reduce_weights
+        weighted = importance.weights * reduce_weights
+        policy_weights = weighted if is_apply_to in ("both", "policy") else reduce_weights
+        value_weights = weighted if is_apply_to in ("both", "value") else reduce_weights
 
     log_ratio = logp - ref_logp
     q_residual = beta * log_ratio + value.detach() - reward - next_return
-    policy_loss_sum = (token_weights * 0.5 * q_residual.square()).sum()
-    value_loss_sum = (token_weights * 0.5 * (value - returns).square()).sum()
+    policy_loss_sum = (policy_weights * 0.5 * q_residual.square()).sum()
+    value_loss_sum = (value_weights * 0.5 * (value - returns).square()).sum()
 
     with torch.no_grad():
         num_tokens = segments.num_tokens()
@@ -272,6 +283,9 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
             "value_mean": ratio_metric(value.sum(), num_tokens),
             "td_error_abs_mean": ratio_metric(td_error.abs().sum(), num_tokens),
             "return_mean": ratio_metric(returns.sum(), num_tokens),
+            "return_sq_mean": ratio_metric(returns.square().sum(), num_tokens),
+            "advantage_mean": ratio_metric((returns - value).sum(), num_tokens),
+            "advantage_sq_mean": ratio_metric((returns - value).square().sum(), num_tokens),
             "is_weight_mean": ratio_metric(importance.mean * num_tokens, num_tokens),
             # A maximum does not add up: reported as [max, 1], Megatron shows the mean of micro-batch maxima.
             "is_weight_max": ratio_metric(importance.max, 1),

@@ -32,6 +32,8 @@ class StepResult:
     """False when the step was not applied (NaN/inf loss, or the optimizer skipped it)."""
     metrics: dict = field(default_factory=dict)
     """Every metric of the loss function, reduced over micro-batches and ranks (numerator/denominator)."""
+    grad_norms: dict = field(default_factory=dict)
+    """Per-member gradient norms before clipping ({"policy": n, "value": n}) with per-member clipping."""
 
 
 def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True,
@@ -118,12 +120,15 @@ def _policy_value_scheduler_class():
         scheduler; for the value group we swap the shape in for the call.
         """
 
-        def __init__(self, optimizer, *, value_shape: dict | None, **kwargs):
+        def __init__(self, optimizer, *, value_shape: dict | None, policy_delay: int = 0, **kwargs):
             self.value_shape = value_shape  # before super().__init__, which already calls get_lr
+            self.policy_delay = policy_delay
             super().__init__(optimizer, **kwargs)
 
         def get_lr(self, param_group: dict) -> float:
-            if self.value_shape is None or param_group.get(MEMBER_KEY) != "value":
+            if param_group.get(MEMBER_KEY) != "value":
+                return self._policy_lr(param_group)
+            if self.value_shape is None:
                 return super().get_lr(param_group)
             names = tuple(self.value_shape)
             saved = {k: getattr(self, k) for k in names}
@@ -135,17 +140,33 @@ def _policy_value_scheduler_class():
                 for k, v in saved.items():
                     setattr(self, k, v)
 
+        def _policy_lr(self, param_group: dict) -> float:
+            # Critic warm-up: the policy stands still for `policy_delay` steps, then runs its own
+            # schedule as if it started there.
+            if not self.policy_delay:
+                return super().get_lr(param_group)
+            if self.num_steps < self.policy_delay:
+                return 0.0
+            steps = self.num_steps
+            try:
+                self.num_steps = steps - self.policy_delay
+                return super().get_lr(param_group)
+            finally:
+                self.num_steps = steps
+
     return PolicyValueScheduler
 
 
 def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_style: str,
                     weight_decay: float = 0.0, value_warmup_steps: int | None = None,
-                    value_decay_style: str | None = None):  # fmt: skip
+                    value_decay_style: str | None = None, policy_delay: int = 0):  # fmt: skip
     """Megatron's `OptimizerParamScheduler`: linear warmup, then constant/cosine/linear decay.
 
     The value group (see `build_optimizer`) has its own peak/final LR from its param group and,
     when `value_warmup_steps` / `value_decay_style` are given, its own warmup and decay style
     (decaying over the same `decay_steps`); otherwise it follows the policy's shape.
+    `policy_delay` (the critic warm-up, `value.warmup_steps`): the policy's LR is 0 for that many
+    steps, then its warmup and decay run over the remaining `decay_steps - policy_delay` steps.
     """
     value_shape = None
     if value_warmup_steps is not None or value_decay_style is not None:
@@ -154,9 +175,13 @@ def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, d
             "lr_warmup_steps": v_warm, "lr_decay_style": value_decay_style or decay_style,
             "lr_decay_steps": max(decay_steps, v_warm + 1), "init_lr": 0.0,
         }  # fmt: skip
+    if policy_delay and value_shape is None:  # the value group keeps the unshifted schedule
+        value_shape = {"lr_warmup_steps": warmup_steps, "lr_decay_style": decay_style,
+                       "lr_decay_steps": max(decay_steps, warmup_steps + 1), "init_lr": 0.0 if warmup_steps else lr}  # fmt: skip
+    policy_decay = max(decay_steps - policy_delay, warmup_steps + 1)
     return _policy_value_scheduler_class()(
-        optimizer, value_shape=value_shape, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
-        lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, warmup_steps + 1), lr_decay_style=decay_style,
+        optimizer, value_shape=value_shape, policy_delay=policy_delay, init_lr=0.0 if warmup_steps else lr, max_lr=lr,
+        min_lr=min_lr, lr_warmup_steps=warmup_steps, lr_decay_steps=policy_decay, lr_decay_style=decay_style,
         start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
     )  # fmt: skip
 
@@ -231,6 +256,7 @@ def train_step(
     forward_step: Callable = lm_forward_step,
     metric_key: str = "lm loss",
     skip_nonfinite: bool = True,
+    member_clips: dict[str, float] | None = None,
 ) -> StepResult:
     """Zero grads, run Megatron's forward/backward schedule over the micro-batches, step.
 
@@ -238,7 +264,9 @@ def train_step(
     chunk, under virtual pipeline parallelism). `forward_step`'s metrics must include `metric_key`
     as ``[loss_sum, token_count]``; every metric is reduced the same way into `StepResult.metrics`.
     With `skip_nonfinite`, a step whose global loss is NaN/inf is not applied
-    (``update_successful=False``): the weights stay as they were.
+    (``update_successful=False``): the weights stay as they were. `member_clips` ({"policy": c,
+    "value": c}): clip each member's gradient by its own norm (`member_step.member_clipped_step`)
+    instead of Megatron's one global clip; the norms land in `StepResult.grad_norms`.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -262,15 +290,20 @@ def train_step(
         for chunk in ddp_chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        update_successful, grad_norm = False, float("nan")
+        update_successful, grad_norm, grad_norms = False, float("nan"), {}
+    elif member_clips is not None:
+        from dqo_megatron.training.member_step import member_clipped_step
+
+        update_successful, grad_norm, grad_norms = member_clipped_step(optimizer, member_clips)
     else:
-        update_successful, grad_norm, _ = optimizer.step()
+        (update_successful, grad_norm, _), grad_norms = optimizer.step(), {}
     return StepResult(
         loss=loss,
         tokens=int(tokens),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         update_successful=bool(update_successful),
         metrics={k: num / den if den else float("nan") for k, (num, den) in totals.items()},
+        grad_norms=grad_norms,
     )
 
 

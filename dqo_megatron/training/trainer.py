@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from dqo_megatron.config import ConfigError, RunConfig, save_config
-from dqo_megatron.training.algorithms import BATCH_MODE, NEEDS_REFERENCE, NEEDS_VALUE, ROWS_PER_ITEM, rl_forward_step
+from dqo_megatron.training.algorithms import (
+    BATCH_MODE,
+    NEEDS_REFERENCE,
+    NEEDS_VALUE,
+    ROWS_PER_ITEM,
+    derived_metrics,
+    rl_forward_step,
+)
 from dqo_megatron.training.flops import peak_tflops_per_device, step_flops
 from dqo_megatron.training.init import load_initial_weights
 from dqo_megatron.training.policy_value import (
@@ -141,13 +148,20 @@ def train(run: RunConfig) -> TrainSummary:
                           "supports CUDA tensors only; set it to false on CPU")  # fmt: skip
     ddp = wrap_with_ddp(chunks, use_distributed_optimizer=t.distributed_optimizer)
     attach_finalize(ddp, finalize_policy_value_grads)
+    learns_value = NEEDS_VALUE[run.algorithm]
     optimizer = build_optimizer(ddp, lr=t.lr, min_lr=t.min_lr, clip_grad=t.clip_grad, weight_decay=t.weight_decay,
-                                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, value_lr=run.value.lr,
-                                value_min_lr=run.value.min_lr, use_distributed_optimizer=t.distributed_optimizer)  # fmt: skip
+                                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                                value_lr=run.value.resolved_lr(t.lr), value_min_lr=run.value.resolved_min_lr(t.lr, t.min_lr),
+                                use_distributed_optimizer=t.distributed_optimizer)  # fmt: skip
+    value_warmup = run.value.warmup_steps if learns_value else 0
     scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_steps,
                                 decay_steps=t.train_steps, decay_style=t.lr_decay_style, weight_decay=t.weight_decay,
                                 value_warmup_steps=run.value.lr_warmup_steps,
-                                value_decay_style=run.value.lr_decay_style)  # fmt: skip
+                                value_decay_style=run.value.lr_decay_style, policy_delay=value_warmup)  # fmt: skip
+    # Policy and value are clipped by their own gradient norms (a large value gradient must not shrink
+    # the policy's step); without a value network Megatron's own global clip is used.
+    member_clips = ({"policy": t.clip_grad, "value": run.value.resolved_clip_grad(t.clip_grad)}
+                    if learns_value else None)  # fmt: skip
 
     # ---- resume
     summary = TrainSummary()
@@ -175,7 +189,6 @@ def train(run: RunConfig) -> TrainSummary:
 
     # ---- loop
     step = summary.start_step
-    forward_step = partial(rl_forward_step, run)
     pipeline_mbs = pipeline_micro_batch_size(ddp[0], t.micro_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]])
     nonfinite_in_a_row = 0
     started = time.perf_counter()
@@ -184,8 +197,12 @@ def train(run: RunConfig) -> TrainSummary:
             mbs = batches.next_step(num_microbatches)
             data = microbatch_iterators(ddp, mbs)
             t0 = time.perf_counter()
+            forward_step = partial(rl_forward_step, run, policy_weight=0.0 if step < value_warmup else 1.0)
             result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches, seq_length=t.seq_length,
-                                micro_batch_size=pipeline_mbs, forward_step=forward_step, metric_key="loss")  # fmt: skip
+                                micro_batch_size=pipeline_mbs, forward_step=forward_step, metric_key="loss",
+                                member_clips=member_clips)  # fmt: skip
+            result.metrics.update(derived_metrics(result.metrics))
+            result.metrics.update({f"grad_norm_{m}": n for m, n in result.grad_norms.items()})
             seconds = time.perf_counter() - t0
             if result.update_successful:
                 scheduler.step(increment=1)
@@ -269,7 +286,9 @@ def _log_step(writer, wandb_run, step: int, total: int, result, seconds: float, 
     done = step - start_step
     eta = (time.perf_counter() - started) / max(done, 1) * (total - step)
     lrs = learning_rates(optimizer)
-    shown = {k: v for k, v in result.metrics.items() if k in ("policy_loss", "value_loss", "loss", "nll")}
+    shown = {k: v for k, v in result.metrics.items()
+             if k in ("policy_loss", "value_loss", "loss", "nll", "value_explained_var", "grad_norm_policy",
+                      "grad_norm_value")}  # fmt: skip
     mfu = f"  MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
     logger.info(
         "step %d/%d  %s  grad-norm %.3f  lr %s  %.0f tok/s  %.2f TFLOP/s/dev%s  %.2f s/step  ETA %s%s",

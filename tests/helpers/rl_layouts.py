@@ -84,11 +84,17 @@ def _global_names(chunk) -> dict:
     return names
 
 
+CLIP = 0.5
+"""Per-member clip of the layout tests: small enough to be active, so a norm counted wrongly under a
+layout (a TP-duplicated or PP-shared parameter twice) changes the step."""
+
+
 def _step(run, ddp, optimizer, mbs):
     data = microbatch_iterators(ddp, mbs)
+    clips = {"policy": CLIP, "value": CLIP} if NEEDS_VALUE[run.algorithm] else None  # as the trainer does
     return train_step(ddp, optimizer, data, num_microbatches=len(mbs), seq_length=run.train.seq_length,
                       micro_batch_size=pipeline_micro_batch_size(ddp[0], run.train.micro_batch_size),
-                      forward_step=partial(rl_forward_step, run), metric_key="loss")  # fmt: skip
+                      forward_step=partial(rl_forward_step, run), metric_key="loss", member_clips=clips)  # fmt: skip
 
 
 def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict:
@@ -104,6 +110,7 @@ def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict
     result = _step(run, ddp, optimizer, mbs)
     grads = {n: p.main_grad.detach().clone() for n, p in chunk.named_parameters() if hasattr(p, "main_grad")}
     return {"initial": initial, "loss": result.loss, "grad_norm": result.grad_norm, "grads": grads,
+            "grad_norms": result.grad_norms,
             "after": {n: p.detach().clone() for n, p in chunk.named_parameters()}}  # fmt: skip
 
 
@@ -125,5 +132,5 @@ def rl_layout_step(run: RunConfig, batch: dict, with_reference: bool, reference:
                 want = shard_tensor_for_rank(reference[key][full], value, param, member_name, tp_rank, tp_size)
                 dev[key] = max(dev[key], (value - want).abs().max().item())
                 dev["compared"] += 1
-    dev["loss"], dev["grad_norm"] = result.loss, result.grad_norm
+    dev["loss"], dev["grad_norm"], dev["grad_norms"] = result.loss, result.grad_norm, result.grad_norms
     return dev

@@ -182,7 +182,7 @@ def _reduce(per_document_terms: list[list], reduction: str):
 
 
 def dqo(batch: Batch, logprobs, values, *, beta, lam, is_level, is_clip, self_normalize, reduction,
-        behavior_logprobs=None) -> dict:
+        behavior_logprobs=None, is_apply_to="both") -> dict:
     """DQO losses as autograd scalars (from `logprobs` and `values` leaves), plus metrics."""
     mask, docs_ids = batch.mask, batch.document_ids
     ref, rewards = batch.ref_logprobs, batch.rewards
@@ -200,9 +200,11 @@ def dqo(batch: Batch, logprobs, values, *, beta, lam, is_level, is_clip, self_no
             next_return = 0.0 if last else float(G[b, positions[k + 1]])
             next_value = 0.0 if last else float(vals[b, positions[k + 1]])
             w = float(iw.weights[b, p])
+            w_policy = w if is_apply_to in ("both", "policy") else 1.0
+            w_value = w if is_apply_to in ("both", "value") else 1.0
             q = beta * (logprobs[b, p] - ref[b, p]) + float(vals[b, p]) - rewards[b, p] - next_return
-            policy_doc.append(w * 0.5 * q ** 2)
-            value_doc.append(w * 0.5 * (values[b, p] - float(G[b, p])) ** 2)
+            policy_doc.append(w_policy * 0.5 * q ** 2)
+            value_doc.append(w_value * 0.5 * (values[b, p] - float(G[b, p])) ** 2)
             shaped = float(rewards[b, p]) - beta * (float(lp[b, p]) - float(ref[b, p]))
             td_errors.append(abs(shaped + next_value - float(vals[b, p])))
             token_values.append(float(vals[b, p]))
@@ -219,6 +221,9 @@ def dqo(batch: Batch, logprobs, values, *, beta, lam, is_level, is_clip, self_no
         weights=iw.weights,
         metrics=dict(value_mean=sum(token_values) / n, td_error_abs_mean=sum(td_errors) / n,
                      return_mean=sum(token_returns) / n, is_weight_mean=iw.mean, is_weight_max=iw.max,
+                     return_sq_mean=sum(g * g for g in token_returns) / n,
+                     advantage_mean=sum(g - v for g, v in zip(token_returns, token_values)) / n,
+                     advantage_sq_mean=sum((g - v) ** 2 for g, v in zip(token_returns, token_values)) / n,
                      is_truncated_frac=iw.truncated_fraction, kl_ref=sum(log_ratios) / n,
                      entropy_proxy=-sum(logps) / n),
     )

@@ -12,7 +12,8 @@ from .brute_force import random_batch
 
 BETA = 0.4
 ADDITIVE_METRICS = ("policy_loss", "value_loss", "value_mean", "td_error_abs_mean", "return_mean",
-                    "is_weight_mean", "is_truncated_frac", "kl_ref", "entropy_proxy")
+                    "return_sq_mean", "advantage_mean", "advantage_sq_mean", "is_weight_mean", "is_truncated_frac",
+                    "kl_ref", "entropy_proxy")
 
 
 def _leaves(batch):
@@ -35,8 +36,20 @@ def _run(batch, logprobs, values, **kwargs):
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 @pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
 def test_losses_gradients_and_metrics_match_brute_force(layout, is_level, self_normalize, reduction, lam):
+    _check_against_brute_force(layout, is_level, self_normalize, reduction, lam, "both")
+
+
+@pytest.mark.parametrize("layout", sorted(bf.LAYOUTS))
+@pytest.mark.parametrize("is_level", ["trajectory", "prefix"])
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+@pytest.mark.parametrize("is_apply_to", ["policy", "value"])
+def test_importance_weights_on_one_loss_match_brute_force(layout, is_level, reduction, is_apply_to):
+    _check_against_brute_force(layout, is_level, False, reduction, 0.7, is_apply_to)
+
+
+def _check_against_brute_force(layout, is_level, self_normalize, reduction, lam, is_apply_to):
     batch = random_batch(layout, seed=31)
-    settings = dict(beta=BETA, lam=lam, is_level=is_level, is_clip=1.2, reduction=reduction)
+    settings = dict(beta=BETA, lam=lam, is_level=is_level, is_clip=1.2, reduction=reduction, is_apply_to=is_apply_to)
     logprobs, values = _leaves(batch)
     out = _run(batch, logprobs, values, is_self_normalize=self_normalize, **settings)
 
