@@ -11,24 +11,23 @@ How solvability becomes rewards (`assign`), with `r = step_reward`. Preprocessin
 on the last token and a process reward on the last token of its step, so with DQO's Monte-Carlo return
 (lambda = 1) a token inside step j sees `outcome + sum of the process rewards of steps j..K`:
 
-  last_correct (default)  +r on the last step whose prefix is solvable. Solvability is monotone in truth
-                          (a solvable prefix k makes every shorter prefix solvable: the model can write
-                          steps ..k again), so a later solvable prefix overrides an earlier miss of the
-                          sampler. Every token up to that step returns r, every token after it returns 0
-                          (the failed outcome): correct prefixes of a failed response are no longer
-                          punished like its mistake, and the step that makes the problem unsolvable is
-                          where the return drops by r.
-  every_correct           +r on each step up to the last solvable one: the literal reading "the steps of
-                          a correct prefix get a process reward"; the return then grows with the number
-                          of correct steps still ahead (it favours long correct prefixes).
+  every_correct (default) +r on each step of the longest solvable prefix: the paper's rule as our notes
+                          give it ("if any completion is correct the prefix is taken as correct and its
+                          steps get a process reward", shared/docs/dqo-math.md). Solvability is monotone in
+                          truth (a solvable prefix k makes every shorter prefix solvable), so a later
+                          solvable prefix overrides an earlier miss of the sampler. A token in step j of a
+                          failed response returns r x (solvable steps from j on); the return drops to 0 at
+                          the first step after the last solvable prefix: where the problem became unsolvable.
+  last_correct            +r on the last solvable step only: every token up to it returns r, every token
+                          after it 0 (one drop of r, independent of how many correct steps remain).
   value                   v_k = fraction of the M completions of prefix k that are correct (v_K = 0);
                           step k gets r * (v_k - v_{k+1}), so a token inside step j returns r * v_j, an
                           estimate of the success probability after step j. Steps after which the
                           estimate drops get negative rewards.
 
 The outcome reward (`reward`, `correct`) is left as it is: the per-token rewards are its sum with the
-process rewards (the combination is "add"); 0 < r < 1 keeps a solvable prefix of a failed response between
-a failed (0) and a correct (1) response. Each scored record also gets a `process_scores` field (step ends,
+process rewards (the combination is "add"); with every_correct, K x r < 1 (K = steps of a response; the
+default r = 0.1 suits up to ~9 steps) keeps a failed response's return below a correct one's (1). Each scored record also gets a `process_scores` field (step ends,
 correct completions per prefix, M) for analysis (e.g. value-network correlation).
 
 Cost: (number of prefixes) x M completions, stated before generation and shown by a progress bar.
@@ -83,10 +82,11 @@ class ProcessScoresConfig:
     """Boundary regex for splitter="regex": a step ends where a match ends."""
     max_steps: int | None = None
     """Merge neighbouring steps so that a response has at most this many (caps the cost); None: no cap."""
-    assign: Literal["last_correct", "every_correct", "value"] = "last_correct"
+    assign: Literal["last_correct", "every_correct", "value"] = "every_correct"
     """From solvable prefixes to step rewards (module docstring)."""
-    step_reward: float = 0.5
-    """r: the process reward unit (outcome rewards are 1 / 0)."""
+    step_reward: float = 0.1
+    """r: the process reward of one step (outcome rewards are 1 / 0). Our notes on the paper give no value;
+    0.1 keeps K x r < 1 for responses of up to ~9 steps, so no failed response outscores a correct one."""
     temperature: float = 1.0
     """Completion sampling temperature (our notes on the paper give none; 1.0 = the model's distribution)."""
     top_p: float = 0.9
@@ -209,7 +209,7 @@ class ProcessScoresSummary:
 
 
 def assign_process_rewards(ends: Sequence[int], correct_counts: Sequence[int], num_completions: int,
-                           assign: str = "last_correct", step_reward: float = 0.5) -> list[tuple[int, float]]:  # fmt: skip
+                           assign: str = "every_correct", step_reward: float = 0.1) -> list[tuple[int, float]]:  # fmt: skip
     """Step rewards of one failed response, as `process_rewards` pairs (zero rewards left out).
 
     Args:

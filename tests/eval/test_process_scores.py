@@ -62,7 +62,7 @@ def run(tmp_path, counts, **kw):
     ({1: 20, 2: 20, 3: 1}, "last_correct", [(48, 0.5)]),
 ])
 def test_exact_step_rewards_end_to_end(tmp_path, counts, assign, expected):
-    summary, stub, out = run(tmp_path, counts, assign=assign)
+    summary, stub, out = run(tmp_path, counts, assign=assign, step_reward=0.5)
     assert len(out) == 2 and out[0]["response"] == GOOD and "process_rewards" not in out[0]
     rec = out[1]
     got = [(e, r) for e, r in rec.get("process_rewards", [])]
@@ -117,7 +117,7 @@ def test_seeds_do_not_depend_on_batching_and_duplicates_generate_once(tmp_path):
     assert [len(c["prompts"]) for c in stub.calls] == [2, 1]
     seeds = [s for c in stub.calls for s in c["seeds"]]
     assert seeds == [prefix_seed(1234, PROMPT, FAILED[:e]) for e in ENDS[:-1]]
-    assert all(r["process_rewards"] == [[33, 0.5]] for r in out[1:])
+    assert all(r["process_rewards"] == [[16, 0.1], [33, 0.1]] for r in out[1:])  # defaults: every_correct, 0.1
     assert not (tmp_path / "out.jsonl.cache.jsonl").exists()
     _, stub_b, _ = run(tmp_path, counts, prefixes_per_call=1, cache="")
     assert [c["seeds"][0] for c in stub_b.calls] == seeds
@@ -161,7 +161,7 @@ def test_record_errors_name_file_line_and_field(tmp_path):
                        stub_for({}))
     summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), overwrite=True,
                                                  cache="", progress=False), stub_for({1: 0, 2: 1, 3: 0}))
-    assert json.loads(open(tmp_path / "o.jsonl").readlines()[1])["process_rewards"] == [[33, 0.5]]
+    assert json.loads(open(tmp_path / "o.jsonl").readlines()[1])["process_rewards"] == [[16, 0.1], [33, 0.1]]
     # skip-invalid: counted, not written
     inp = write_records(tmp_path / "in3.jsonl", rows() + [{"prompt": "x", "response": "", "reward": 0}])
     summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o3.jsonl"), skip_invalid=True,
