@@ -29,7 +29,7 @@ def rollout(
     seed: int = typer.Option(0, help="Base seed (per problem: derived from it and the problem id)."),
     prompt_format: str = typer.Option("auto", help="chat | text | auto (chat when the tokenizer has a template)."),
     system_prompt: Optional[str] = typer.Option(None, help="System turn before each problem (chat only)."),
-    behavior_logprobs: str = typer.Option("sampled", help="sampled | raw | none: what behavior_logprobs holds."),
+    behavior_logprobs: str = typer.Option("raw", help="raw | sampled | none: what behavior_logprobs holds. raw (default): the model's own log-probs, so importance weights are 1 at step 0 when training starts from the sampler; sampled: after temperature/top-k/top-p (weights then shrink with response length)."),
     label: bool = typer.Option(False, "--label", help="Check answers inline (reward/correct like `label`)."),
     label_timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison."),
     chat_template: Optional[str] = typer.Option(None, help="Jinja chat template (string or file) replacing the tokenizer's."),

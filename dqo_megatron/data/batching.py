@@ -1,7 +1,9 @@
 """Batches for training: padded to a multiple, or packed rows with document boundaries; the sampler.
 
 Per-token keys (tokens, loss_mask, rewards, behavior_logprobs, ref_logprobs) are aligned with the
-tokens; the trainer shifts them for next-token prediction.
+tokens; the trainer shifts them for next-token prediction. Per-document keys (PER_DOC) become ``[B]``
+tensors, among them `truncated`: the response was cut by the sampler's length limit, so its last token
+is not the end of an episode (the loss decides what to do with that).
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ import torch
 PER_TOKEN = {"tokens": torch.long, "loss_mask": torch.bool, "rewards": torch.float32,
              "behavior_logprobs": torch.float32, "ref_logprobs": torch.float32}
 PER_DOC = {"prompt_length": torch.long, "prompt_index": torch.long, "outcome_reward": torch.float32,
-           "correct": torch.long, "has_behavior_logprobs": torch.bool, "index": torch.long}
+           "correct": torch.long, "has_behavior_logprobs": torch.bool, "truncated": torch.bool, "index": torch.long}
+PER_DOC_DEFAULTS = {"truncated": False}
+"""Per-document keys a sample dict may lack (one built by hand before the key existed): their value then."""
+
+
+def _per_doc(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The PER_DOC keys of `samples` as ``[len(samples)]`` tensors (PER_DOC_DEFAULTS for a missing key)."""
+    out = {}
+    for key, dt in PER_DOC.items():
+        values = [s.get(key, PER_DOC_DEFAULTS[key]) for s in samples] if key in PER_DOC_DEFAULTS \
+            else [s[key] for s in samples]  # fmt: skip
+        out[key] = torch.tensor(values, dtype=dt)
+    return out
 
 
 def _round_up(n: int, m: int) -> int:
@@ -29,7 +43,7 @@ def pad_collate(samples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_
         tokens [B, L] long (pad_id on padding), loss_mask [B, L] bool (False on padding), rewards,
         behavior_logprobs, ref_logprobs [B, L] float32 (0 on padding), attention_mask [B, L] bool
         (True on real tokens), position_ids [B, L] long, lengths [B] long, and the per-document
-        keys of PER_DOC as [B] tensors.
+        keys of PER_DOC as [B] tensors (truncated [B] bool among them).
     """
     if not samples:
         raise ValueError("pad_collate got an empty batch")
@@ -52,8 +66,7 @@ def pad_collate(samples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_
     out["lengths"] = lens
     out["attention_mask"] = torch.arange(L)[None, :] < lens[:, None]
     out["position_ids"] = torch.arange(L).expand(B, L).clone()
-    for key, dt in PER_DOC.items():
-        out[key] = torch.tensor([s[key] for s in samples], dtype=dt)
+    out.update(_per_doc(samples))
     return out
 
 
@@ -65,7 +78,7 @@ def pack(samples: Sequence[dict[str, Any]], row_length: int, pad_id: int) -> dic
         at 0 in each document, document_ids [R, row_length] long (position of the document in
         `samples`, -1 on padding), cu_seqlens [S+1] int32 (segment boundaries in the flattened R*row_length
         layout; each row's trailing padding is a segment of its own, so cu_seqlens[-1] == R*row_length),
-        and the per-document keys of PER_DOC as [N] tensors.
+        and the per-document keys of PER_DOC as [N] tensors (truncated [N] bool among them).
     """
     if not samples:
         raise ValueError("pack got an empty batch")
@@ -101,8 +114,7 @@ def pack(samples: Sequence[dict[str, Any]], row_length: int, pad_id: int) -> dic
     out["position_ids"] = pos
     out["document_ids"] = doc
     out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
-    for key, dt in PER_DOC.items():
-        out[key] = torch.tensor([s[key] for s in samples], dtype=dt)
+    out.update(_per_doc(samples))
     return out
 
 

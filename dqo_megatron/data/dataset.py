@@ -1,4 +1,9 @@
-"""Read a preprocessed trajectory dataset (see indexed.py) as a torch Dataset; memory-mapped, no loading."""
+"""Read a preprocessed trajectory dataset (see indexed.py) as a torch Dataset; memory-mapped, no loading.
+
+The per-document metadata is read by column name from the manifest's `meta_fields`, so datasets written
+before a column existed still load: a version-1 dataset has no `truncated` column and all its documents
+read as not truncated (every record then ended with EOS).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from dqo_megatron.data.indexed import META_FIELDS, load_manifest, part_prefix
+from dqo_megatron.data.indexed import load_manifest, meta_fields, part_prefix
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):
     """Documents of `<prefix>_*` as dicts of numpy arrays.
 
     Item i is a dict:
-        tokens            int64   [T]
-        loss_mask         bool    [T]  True on response tokens (tokens[prompt_length:], EOS included)
+        tokens            int64   [T]  (ends with EOS unless truncated)
+        loss_mask         bool    [T]  True on response tokens (tokens[prompt_length:], EOS included when present)
         rewards           float32 [T]
         behavior_logprobs float32 [T]  (zeros and has_behavior_logprobs=False when the record had none)
         ref_logprobs      float32 [T]  (zeros until the annotate step fills them; see ref_logprobs_filled)
         prompt_length, prompt_index (int), prompt_id (str), outcome_reward (float), correct (int, -1 unknown),
-        has_behavior_logprobs (bool), index (int, = i)
+        has_behavior_logprobs (bool), truncated (bool: the response was cut by the sampler's length limit
+        and has no EOS; its last token is not an end), index (int, = i)
+
+    Per-document arrays ``[N]``: prompt_lengths, lengths, prompt_index, outcome_rewards, correct,
+    has_behavior, truncated (bool).
     """
 
     def __init__(self, prefix: str):
@@ -31,20 +40,28 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         self.parts = {p: IndexedDataset(part_prefix(prefix, p), mmap=True) for p in self.manifest["parts"] if p != "meta"}
         meta_ds = IndexedDataset(part_prefix(prefix, "meta"), mmap=True)
         n = self.manifest["num_documents"]
+        # the columns of `meta`, in order, as the manifest names them (a version-1 dataset has no "truncated")
+        self.meta_fields = fields = meta_fields(self.manifest)
+        widths = np.asarray(meta_ds.sequence_lengths, dtype=np.int64)
+        if len(widths) != n or (n and not (widths == len(fields)).all()):
+            raise ValueError(f"{part_prefix(prefix, 'meta')}: {len(widths)} rows of widths {sorted(set(widths.tolist()))}, "
+                             f"the manifest says {n} rows of {len(fields)} fields {list(fields)}")  # fmt: skip
         # the meta part is n fixed-width rows; read it as one [n, F] block
-        flat = meta_ds.get(0, 0, len(META_FIELDS) * n) if n else np.zeros(0)
+        flat = meta_ds.get(0, 0, len(fields) * n) if n else np.zeros(0)
         # copy: the view would dangle once meta_ds (and its mmap) is garbage-collected
-        self.meta = np.array(flat, dtype=np.float64, copy=True).reshape(n, len(META_FIELDS))
+        self.meta = np.array(flat, dtype=np.float64, copy=True).reshape(n, len(fields))
         for p, ds in self.parts.items():
             if len(ds) != n:
                 raise ValueError(f"{part_prefix(prefix, p)} has {len(ds)} documents, the manifest says {n}")
-        col = {f: i for i, f in enumerate(META_FIELDS)}
+        col = {f: i for i, f in enumerate(fields)}
         self.prompt_lengths = self.meta[:, col["prompt_length"]].astype(np.int64)
         self.lengths = np.asarray(self.parts["tokens"].sequence_lengths, dtype=np.int64)
         self.prompt_index = self.meta[:, col["prompt_index"]].astype(np.int64)
         self.outcome_rewards = self.meta[:, col["outcome_reward"]]
         self.correct = self.meta[:, col["correct"]].astype(np.int64)
         self.has_behavior = self.meta[:, col["has_behavior_logprobs"]].astype(bool)
+        # absent before format version 2: every document then ended with EOS
+        self.truncated = self.meta[:, col["truncated"]].astype(bool) if "truncated" in col else np.zeros(n, dtype=bool)
         self.prompt_ids: list[str] = self.manifest["prompt_ids"]
         if not np.array_equal(self.prompt_lengths + self.meta[:, col["response_length"]].astype(np.int64), self.lengths):
             raise ValueError(f"{prefix}: meta lengths disagree with the token file (mixed outputs under one prefix?)")
@@ -72,6 +89,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             "outcome_reward": float(self.outcome_rewards[i]),
             "correct": int(self.correct[i]),
             "has_behavior_logprobs": bool(self.has_behavior[i]),
+            "truncated": bool(self.truncated[i]),
             "index": i,
         }
 

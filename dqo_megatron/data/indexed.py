@@ -7,10 +7,16 @@ own file; document i of every file belongs to the same record:
     <prefix>_rewards.{bin,idx}            float32 outcome reward on the last token + process    [T_i]
     <prefix>_behavior_logprobs.{bin,idx}  float32 sampler log-probs, 0 on the prompt (if any)   [T_i]
     <prefix>_ref_logprobs.{bin,idx}       float32 zeros; filled in place by the trainer's annotate step
-    <prefix>_meta.{bin,idx}               float64 per document, META_FIELDS                     [9]
+    <prefix>_meta.{bin,idx}               float64 per document, META_FIELDS                     [10]
     <prefix>.json                         manifest: fields, tokenizer, prompt ids, inputs, counts
 
 The manifest is written last (atomically), so a prefix with a manifest is complete.
+
+Versions. The manifest's `meta_fields` names the meta columns in order, and readers go by those names.
+Version 2 added the `truncated` column (a response cut by the sampler's length limit, stored without
+EOS); a version-1 dataset (9 columns, no `truncated`) still loads, with every document not truncated.
+The version was raised so that code older than the column refuses a version-2 dataset instead of
+reading its 10-wide rows as 9-wide ones.
 """
 
 from __future__ import annotations
@@ -22,11 +28,16 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "dqo-trajectories"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Versions `load_manifest` accepts (1: before the `truncated` column)."""
 TOKEN_FILES = ("tokens", "rewards", "behavior_logprobs", "ref_logprobs")
-META_FIELDS = ("prompt_length", "response_length", "prompt_index", "outcome_reward", "correct",
-               "has_behavior_logprobs", "truncated_prompt_tokens", "input_index", "line")
-"""Per-document metadata columns of <prefix>_meta (float64; integers are exact below 2**53)."""
+META_FIELDS_V1 = ("prompt_length", "response_length", "prompt_index", "outcome_reward", "correct",
+                  "has_behavior_logprobs", "truncated_prompt_tokens", "input_index", "line")
+"""The meta columns of version 1 (also what a manifest without `meta_fields` means)."""
+META_FIELDS = META_FIELDS_V1 + ("truncated",)
+"""Per-document metadata columns of <prefix>_meta (float64; integers are exact below 2**53). `truncated`:
+1 when the record was cut by the sampler's length limit (its tokens end without EOS), else 0."""
 
 
 def part_prefix(prefix: str, part: str) -> str:
@@ -65,6 +76,7 @@ class TrajectoryWriter:
         self.n_docs = 0
         self.n_tokens = 0
         self.any_behavior = False
+        self.n_truncated = 0
 
     def _add(self, part: str, arr: np.ndarray) -> None:
         # one item per document; add_document takes numpy directly (add_item would go through torch)
@@ -83,8 +95,9 @@ class TrajectoryWriter:
         self._add("behavior_logprobs", s.behavior_logprobs if has_blp else np.zeros(T, np.float32))
         self._add("ref_logprobs", np.zeros(T, np.float32))
         meta = np.array([s.prompt_length, T - s.prompt_length, pidx, s.outcome_reward, s.correct, int(has_blp),
-                         s.truncated_prompt_tokens, input_index, s.line], dtype=np.float64)
+                         s.truncated_prompt_tokens, input_index, s.line, int(s.truncated)], dtype=np.float64)
         self._add("meta", meta)
+        self.n_truncated += int(s.truncated)
         self.n_docs += 1
         self.n_tokens += T
 
@@ -115,9 +128,10 @@ class TrajectoryWriter:
         self._add_many("behavior_logprobs", blp, lengths)
         self._add_many("ref_logprobs", np.zeros(total, np.float32), lengths)
         meta = np.array([[s.prompt_length, T - s.prompt_length, p, s.outcome_reward, s.correct, int(h),
-                          s.truncated_prompt_tokens, i, s.line]
+                          s.truncated_prompt_tokens, i, s.line, int(s.truncated)]
                          for s, T, p, h, i in zip(samples, lengths, pidx, has, input_indices)], dtype=np.float64)
         self._add_many("meta", meta, [len(META_FIELDS)] * n)
+        self.n_truncated += sum(int(s.truncated) for s in samples)
         self.n_docs += n
         self.n_tokens += total
 
@@ -144,7 +158,7 @@ class TrajectoryWriter:
             "dtypes": {p: np.dtype(self.dtypes[p]).name for p in parts}, "meta_fields": list(META_FIELDS),
             "num_documents": self.n_docs, "num_tokens": self.n_tokens, "vocab_size": self.vocab_size,
             "has_behavior_logprobs": self.any_behavior, "ref_logprobs_filled": False,
-            "prompt_ids": list(self.prompt_index), **extra,
+            "num_truncated": self.n_truncated, "prompt_ids": list(self.prompt_index), **extra,
         }
         tmp = manifest_path(self.prefix) + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -168,15 +182,21 @@ class TrajectoryWriter:
 
 
 def load_manifest(prefix: str) -> dict[str, Any]:
-    """The manifest of a prefix; raise FileNotFoundError / ValueError with what is wrong."""
+    """The manifest of a prefix (any of READABLE_VERSIONS); raise FileNotFoundError / ValueError with what is wrong."""
     path = manifest_path(prefix)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {prefix!r} is not a finished `dqo-megatron preprocess` output")
     with open(path, encoding="utf-8") as f:
         m = json.load(f)
-    if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT_NAME} v{FORMAT_VERSION}")
+    if m.get("format") != FORMAT_NAME or m.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT_NAME} "
+                         f"v{' or v'.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
     return m
+
+
+def meta_fields(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The meta columns of a dataset, in order, from its manifest (version 1 without the list: META_FIELDS_V1)."""
+    return tuple(manifest.get("meta_fields") or META_FIELDS_V1)
 
 
 def open_reference_logprobs_for_update(prefix: str) -> tuple[np.memmap, np.ndarray, np.ndarray]:

@@ -2,6 +2,8 @@
 
 The main process reads raw lines/rows in chunks; worker processes parse, validate and tokenize them;
 results come back in input order (Pool.imap), so the output is byte-identical for any worker count.
+Records marked `truncated` (cut by the sampler's length limit) are written without EOS and flagged per
+document (tokenize.py, indexed.py); the summary counts them.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class PreprocessSummary:
     prompt_tokens: int = 0
     response_tokens: int = 0
     truncated_prompts: int = 0
+    truncated_responses: int = 0
+    """Written records with `truncated: true` (cut by the sampler's length limit; stored without EOS)."""
     length_histogram: dict[str, int] = field(default_factory=dict)
     """Sequence length buckets "[lo, hi)" (powers of two) -> number of written documents."""
     seconds: float = 0.0
@@ -85,7 +89,8 @@ class PreprocessSummary:
             f"records read: {self.read}, written: {self.written}, prompts: {self.prompts}",
             self.skips.report(),
             f"tokens: {self.tokens} (prompt {self.prompt_tokens}, response {self.response_tokens}); "
-            f"prompts truncated from the left: {self.truncated_prompts}",
+            f"prompts truncated from the left: {self.truncated_prompts}; responses cut by the sampler's length "
+            f"limit (truncated, no EOS): {self.truncated_responses}",
             f"time: {self.seconds:.2f} s ({rate:.0f} records/s)",
             "sequence lengths:",
         ]
@@ -208,6 +213,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
                 summary.tokens += T
                 summary.prompt_tokens += res.prompt_length
                 summary.truncated_prompts += res.truncated_prompt_tokens > 0
+                summary.truncated_responses += res.truncated
                 lo, label = _bucket(T)
                 hist[lo] += 1
                 labels[lo] = label
@@ -231,6 +237,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
                          "skip_invalid": cfg.skip_invalid},
             "summary": {"read": summary.read, "written": summary.written, "skipped": dict(sorted(summary.skips.counts.items())),
                         "tokens": summary.tokens, "truncated_prompts": summary.truncated_prompts,
+                        "truncated_responses": summary.truncated_responses,
                         "length_histogram": summary.length_histogram},
         })
     except BaseException:

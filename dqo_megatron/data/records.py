@@ -23,7 +23,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 KNOWN_FIELDS = (
     "prompt", "response", "reward", "correct", "prompt_id", "id", "process_rewards", "process_segments",
-    "behavior_logprobs", "behavior_tokenizer", "reference_answer", "source", "task", "metadata",
+    "behavior_logprobs", "behavior_tokenizer", "truncated", "reference_answer", "source", "task", "metadata",
 )
 """Fields the format defines; other fields are kept in `TrajectoryRecord.extra`."""
 _KNOWN_FIELDS = frozenset(KNOWN_FIELDS)
@@ -48,7 +48,7 @@ class TrajectoryRecord:
     prompt: str | list[dict[str, str]]
     """Prompt text (used as the single user turn) or chat messages [{"role", "content"}, ...]."""
     response: str
-    """The sampled response, without EOS (the tokenizer appends it)."""
+    """The sampled response, without EOS (the tokenizer appends it, unless `truncated`)."""
     reward: float | None
     """Outcome reward (from `reward`, else 1.0/0.0 from `correct`); None only when not required."""
     prompt_id: str
@@ -59,6 +59,9 @@ class TrajectoryRecord:
     """Sampler log-probs per response token (see docs/data.md for the EOS convention)."""
     behavior_tokenizer: str | None = None
     """Name of the tokenizer the behavior log-probs belong to."""
+    truncated: bool = False
+    """The sample was cut by the sampler's length limit: it never ended, so no EOS is appended and its
+    behavior log-probs stop at its last token (absent / null in the record = False)."""
     correct: bool | None = None
     id: str | None = None
     reference_answer: str | None = None
@@ -251,6 +254,9 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
             if v > 1e-4:
                 raise RecordError("bad_behavior_logprobs", f"a log-probability must be <= 0, got {v}",
                                   field=f"behavior_logprobs[{i}]", **where)
+    truncated = obj.get("truncated")  # null (a Parquet / datasets column other rows fill) = not truncated
+    if truncated is not None and not isinstance(truncated, bool):
+        raise RecordError("wrong_type", f"expected true/false, got {truncated!r:.40}", field="truncated", **where)
     meta = obj.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise RecordError("wrong_type", "expected an object", field="metadata", **where)
@@ -258,7 +264,7 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
     return TrajectoryRecord(
         prompt=prompt, response=response, reward=reward, prompt_id=prompt_id or prompt_hash(prompt),
         process_rewards=steps, behavior_logprobs=blp,
-        behavior_tokenizer=_opt_str(obj, "behavior_tokenizer", where), correct=correct,
+        behavior_tokenizer=_opt_str(obj, "behavior_tokenizer", where), truncated=bool(truncated), correct=correct,
         id=_opt_str(obj, "id", where, allow_int=True), reference_answer=_opt_str(obj, "reference_answer", where),
         source=_opt_str(obj, "source", where), task=_opt_str(obj, "task", where), metadata=meta or {},
         extra={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}, file=file, line=line,
@@ -358,6 +364,8 @@ def record_to_dict(rec: TrajectoryRecord) -> dict[str, Any]:
         out["process_rewards"] = [[o, r] for o, r in rec.process_rewards]
     if rec.behavior_logprobs is not None:
         out["behavior_logprobs"] = rec.behavior_logprobs
+    if rec.truncated:  # written only when set: records of complete samples look as they always did
+        out["truncated"] = True
     if rec.metadata:
         out["metadata"] = rec.metadata
     out.update(rec.extra)

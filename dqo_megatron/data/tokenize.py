@@ -7,6 +7,11 @@ tokenized separately and concatenated, so the boundary is exact by construction 
     rewards = zeros(T); rewards[T-1] += outcome reward; rewards[step token] += process reward
     behavior_logprobs = zeros(prompt_length) ++ record's log-probs (one per response token incl. EOS)
 
+A record with `truncated: true` (the sampler hit its length limit) never ended, so no EOS is made up
+for it: tokens = prompt_ids + response_ids, its log-probs cover the response tokens only, and the
+outcome reward still sits on the last token (T-1, now a response token). The sample keeps the flag
+(`TokenizedSample.truncated`, the "truncated" meta column) so the trainer need not treat T-1 as terminal.
+
 A step ending at character offset e is credited to the last response token that starts before e
 (the token holding the step's last character); steps sharing a token add up; a step whose text gave
 no token of its own (e.g. whitespace that the tokenizer drops) is credited to the first response token.
@@ -70,7 +75,8 @@ class TokenizeConfig:
     is skipped as `response_too_long`."""
     behavior_logprobs_include_eos: bool = True
     """Records' behavior_logprobs include the EOS token's (length = response tokens + 1). False: they
-    stop before EOS (length = response tokens) and EOS gets log-prob 0."""
+    stop before EOS (length = response tokens) and EOS gets log-prob 0. Truncated records have no EOS:
+    their length is the response tokens either way."""
     check_behavior_tokenizer: bool = True
     """Reject records whose `behavior_tokenizer` differs from tokenizer.name (their log-probs would not
     line up with our tokens)."""
@@ -89,7 +95,7 @@ class TokenizedSample:
     """One tokenized record (all arrays length T = prompt_length + response_length)."""
 
     tokens: np.ndarray
-    """int64 [T] token ids; the last is EOS."""
+    """int64 [T] token ids; the last is EOS, unless `truncated`."""
     prompt_length: int
     """Number of prompt tokens; response tokens are tokens[prompt_length:] (their mask is 1)."""
     rewards: np.ndarray
@@ -102,6 +108,8 @@ class TokenizedSample:
     """1 / 0 from the record's `correct`, else -1 (unknown)."""
     truncated_prompt_tokens: int = 0
     """Prompt tokens cut from the left to fit max_length."""
+    truncated: bool = False
+    """The record's `truncated`: the response was cut by the sampler's length limit (no EOS appended)."""
     file: str = ""
     line: int = 0
 
@@ -248,7 +256,8 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
     """Tokenize a chunk of records; each slot holds a sample or the RecordError that rejects it.
 
     Reasons: chat_without_template, behavior_tokenizer_mismatch, behavior_logprobs_length, too_long,
-    response_too_long (see docs/data.md).
+    response_too_long, empty_response (a truncated record whose response gives no token), empty_prompt
+    (see docs/data.md).
     """
     out: list[TokenizedSample | RecordError | None] = [None] * len(records)
     # The samples of one prompt (20 in the paper) usually sit together: render and encode each distinct
@@ -297,28 +306,38 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
 def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, tok: Tokenizer,
               cfg: TokenizeConfig) -> TokenizedSample | RecordError:
     where = {"file": r.file, "line": r.line}
-    n_resp = len(r_ids) + 1  # + EOS
+    if r.truncated and not r_ids:  # the outcome reward would land on a prompt token
+        return RecordError("empty_response", "truncated: true, but the response gives no token with tokenizer "
+                           f"{tok.name!r} (and a truncated response gets no EOS)", field="response", **where)
+    eos = [] if r.truncated else [tok.eos_id]
+    n_resp = len(r_ids) + len(eos)
     if r.behavior_logprobs is not None:
-        want = n_resp if cfg.behavior_logprobs_include_eos else n_resp - 1
+        if r.truncated:
+            want, what = n_resp, " (truncated: true, so no EOS)"
+        elif cfg.behavior_logprobs_include_eos:
+            want, what = n_resp, " incl. EOS"
+        else:
+            want, what = n_resp - 1, " before EOS"
         if len(r.behavior_logprobs) != want:
             return RecordError("behavior_logprobs_length", f"has {len(r.behavior_logprobs)} values but the response "
-                               f"has {want} tokens{' incl. EOS' if cfg.behavior_logprobs_include_eos else ' before EOS'} "
-                               f"with tokenizer {tok.name!r}", field="behavior_logprobs", **where)
-    truncated = 0
+                               f"has {want} tokens{what} with tokenizer {tok.name!r}", field="behavior_logprobs",
+                               **where)  # fmt: skip
+    cut = 0  # prompt tokens cut from the left
     total = len(p_ids) + n_resp
     if total > cfg.max_length:
         if cfg.overlong == "drop":
             return RecordError("too_long", f"{total} tokens > max_length {cfg.max_length}", **where)
         if n_resp + 1 > cfg.max_length:
-            return RecordError("response_too_long", f"response alone has {n_resp} tokens incl. EOS; with one prompt "
-                               f"token that exceeds max_length {cfg.max_length} (responses are never cut)", **where)
-        truncated = total - cfg.max_length
-        p_ids = p_ids[truncated:]
+            return RecordError("response_too_long", f"response alone has {n_resp} tokens{' incl. EOS' if eos else ''}; "
+                               f"with one prompt token that exceeds max_length {cfg.max_length} (responses are never "
+                               "cut)", **where)  # fmt: skip
+        cut = total - cfg.max_length
+        p_ids = p_ids[cut:]
     if not p_ids:
         return RecordError("empty_prompt", "the prompt gives no tokens (a response needs a state to start from)",
                        field="prompt", **where)
     P = len(p_ids)
-    tokens = np.asarray(p_ids + r_ids + [tok.eos_id], dtype=np.int64)
+    tokens = np.asarray(p_ids + r_ids + eos, dtype=np.int64)
     rewards = np.zeros(len(tokens), dtype=np.float32)
     outcome = float(r.reward) if r.reward is not None else 0.0
     if r.process_rewards:
@@ -332,5 +351,5 @@ def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, t
         blp[P:P + len(r.behavior_logprobs)] = np.asarray(r.behavior_logprobs, dtype=np.float32)
     return TokenizedSample(tokens=tokens, prompt_length=P, rewards=rewards, behavior_logprobs=blp,
                            prompt_id=r.prompt_id, outcome_reward=outcome,
-                           correct=-1 if r.correct is None else int(r.correct), truncated_prompt_tokens=truncated,
-                           file=r.file, line=r.line)
+                           correct=-1 if r.correct is None else int(r.correct), truncated_prompt_tokens=cut,
+                           truncated=r.truncated, file=r.file, line=r.line)

@@ -14,8 +14,10 @@ Per generated token a backend reports two log-probs:
                                                              softmax(logits / T) restricted to top-k,
                                                              then to top-p, renormalized (0.0 for greedy)
 
-Importance sampling wants the behavior policy, i.e. `sampled_logprobs` (the default written to the
-records' `behavior_logprobs`); see docs/pipeline.md.
+The rollout writes `logprobs` (raw) as the records' `behavior_logprobs` by default: DQO's behavior
+policy is the reference model that sampled, and with raw log-probs the importance weight is exactly 1
+at training step 0 when the policy starts from that model; `sampled_logprobs` would make it shrink
+with response length. See docs/rollout.md.
 """
 
 from __future__ import annotations

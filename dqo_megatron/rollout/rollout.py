@@ -5,13 +5,26 @@ drawn from a `GenerationBackend` and written as records that `dqo-megatron label
 accept (`data.records.parse_record(require_reward=False)`; with `label: true` they already carry
 `reward`/`correct`). Field by field, see docs/rollout.md.
 
-Behavior log-probs. A record's `behavior_logprobs` hold one value per response token plus EOS, in the
-tokenization preprocessing will apply, only when that is exactly what was generated: the sample ended
-with the tokenizer's EOS (not the length limit, a stop string or another stop token of the model)
-and encoding the decoded response reproduces the generated ids. Otherwise the record keeps its text,
-leaves `behavior_logprobs` out (the trainer then uses the reference's log-probs for it) and names the
-reason in `metadata.logprobs_omitted`; the summary counts them. A sample whose response decodes to the
-empty string cannot be a record (`empty_response`) and is dropped, counted.
+Behavior log-probs. By default a record's `behavior_logprobs` are the sampler model's own log-probs
+(``raw``: temperature 1, full vocabulary), not those of the truncated distribution it sampled from
+(``sampled``: after temperature / top-k / top-p). The trainer's importance weight is
+w = min(exp(sum_h log pi_theta - behavior), c); when its initial policy is the model that sampled, raw
+log-probs make w == 1 at step 0 (up to float rounding), as the paper's behavior policy (the reference)
+requires, whereas sampled log-probs (those of a truncated, renormalized distribution: higher than the
+raw ones on the tokens a sampler mostly draws) make w < 1 by a factor that compounds per token, i.e.
+depends on response length (reported: 0.73-0.92 on 23-token answers, ~0.1 expected at 300 tokens).
+`sampled` and `none` remain options; the kind not written goes to metadata.
+
+They are written only when they line up with the tokens preprocessing will write: encoding the decoded
+response reproduces the generated ids, and the sample ended either with the tokenizer's EOS (then one
+value per response token plus EOS) or at the length limit (`finish_reason` "length": one value per
+generated token, no EOS). A length-truncated sample is written with the top-level field
+``truncated: true``, so preprocessing appends no EOS and the trainer can tell the cut from an end.
+Samples stopped by a stop string (`no_eos`) or by another stop token of the model (`eos_differs`) keep
+their text without log-probs, as does a sample that fails the re-encoding check; the record names the
+reason in `metadata.logprobs_omitted` (the trainer then uses the reference's log-probs for it) and the
+summary counts them. A sample whose response decodes to the empty string cannot be a record
+(`empty_response`) and is dropped, counted.
 
 Resumability. All the samples of one problem go to the output in one write, then flush + fsync. Each
 record carries `metadata.problem_index` and `metadata.group_size` (the problem's record count), so a
@@ -83,7 +96,8 @@ class RolloutConfig:
     max_new_tokens: int = 512
     """Longest response in tokens, EOS included."""
     stop: list[str] = field(default_factory=list)
-    """Stop strings (generation ends after the token completing one; such samples get no behavior log-probs)."""
+    """Stop strings (generation ends after the token completing one; such samples get no behavior log-probs
+    and are not marked truncated)."""
     seed: int = 0
     """Base seed; problem p uses derive_seed(seed, p.id), its sample j sample_seed(that, j)."""
     prompt_format: Literal["auto", "chat", "text"] = "auto"
@@ -91,10 +105,12 @@ class RolloutConfig:
     auto: chat when the tokenizer has a chat template, else text. The model sees the same tokens."""
     system_prompt: Optional[str] = None
     """A system turn before the problem (chat format only; the paper uses none)."""
-    behavior_logprobs: Literal["sampled", "raw", "none"] = "sampled"
-    """What `behavior_logprobs` holds: sampled = log-probs under the distribution sampled from (after
-    temperature/top-k/top-p; what importance sampling needs), raw = the model's own log-probs, none = omit.
-    The other kind goes to metadata (`raw_logprobs` / `sampled_logprobs`)."""
+    behavior_logprobs: Literal["raw", "sampled", "none"] = "raw"
+    """What `behavior_logprobs` holds: raw = the sampler model's own log-probs (temperature 1, full
+    vocabulary: equal to the policy's at training step 0 when the policy starts from the sampler, so the
+    importance weight is 1 there); sampled = log-probs under the truncated distribution sampled from
+    (after temperature/top-k/top-p: weights then shrink with response length); none = omit. The other
+    kind goes to metadata (`sampled_logprobs` / `raw_logprobs`)."""
     label: bool = False
     """Check answers inline: reward/correct/extracted_answer/label_reason as `dqo-megatron label` writes them."""
     label_timeout_s: float = 5.0
@@ -134,7 +150,7 @@ class RolloutConfig:
         if not self.output:
             raise ConfigError("output is empty: give the output .jsonl path")
         choices = {"backend": ("auto", "vllm", "transformers", "megatron"), "task": ("auto", "gsm8k", "math"),
-                   "prompt_format": ("auto", "chat", "text"), "behavior_logprobs": ("sampled", "raw", "none")}  # fmt: skip
+                   "prompt_format": ("auto", "chat", "text"), "behavior_logprobs": ("raw", "sampled", "none")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
@@ -184,7 +200,10 @@ class RolloutSummary:
     dropped: Counter = field(default_factory=Counter)
     """Samples not written, by reason (empty_response)."""
     logprobs_omitted: Counter = field(default_factory=Counter)
-    """Records written without behavior_logprobs, by reason (no_eos, eos_differs, retokenize_mismatch, unchecked)."""
+    """Records written without behavior_logprobs, by reason (no_eos, eos_differs, retokenize_mismatch, unchecked,
+    unavailable)."""
+    truncated: int = 0
+    """Records written with `truncated: true` (the sample hit max_new_tokens without EOS)."""
     finish_reasons: Counter = field(default_factory=Counter)
     tokens: int = 0
     """Generated tokens (EOS included)."""
@@ -212,6 +231,8 @@ class RolloutSummary:
                  "finish reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(self.finish_reasons.items())) or "-")]  # fmt: skip
         if self.dropped:
             lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())))
+        if self.truncated:
+            lines.append(f"truncated at max_new_tokens (written with truncated: true, no EOS): {self.truncated}")
         if self.logprobs_omitted:
             lines.append("written without behavior_logprobs: "
                          + ", ".join(f"{k} {v}" for k, v in sorted(self.logprobs_omitted.items())))
@@ -231,33 +252,46 @@ def _round(values: list[float]) -> list[float]:
 def logprob_check(tok, completions: list[Completion]) -> list[Optional[str]]:
     """Why each completion's log-probs cannot be a record's behavior_logprobs, or None when they can.
 
-    They can when the completion ended with the tokenizer's EOS (what preprocessing appends) and the
-    tokenizer encodes its text to exactly the generated ids before EOS. Reasons: no_eos (length limit
-    or stop string), eos_differs (another stop token of the model), retokenize_mismatch, unchecked
-    (the backend exposes no tokenizer to check with).
+    They can when the tokenizer encodes the completion's text to exactly the ids preprocessing will
+    write for it: the generated ids before EOS for a completion that ended with the tokenizer's EOS
+    (preprocessing appends that EOS), all generated ids for one cut at the length limit (finish_reason
+    "length": written as `truncated`, preprocessing appends nothing). Reasons: no_eos (a stop string
+    ended it), eos_differs (another stop token of the model), retokenize_mismatch, unchecked (the
+    backend exposes no tokenizer to check with).
+
+    Args:
+        tok: the backend's preprocessing `Tokenizer` (or None).
+        completions: N completions.
+    Returns:
+        N reasons (None = the log-probs line up).
     """
     reasons: list[Optional[str]] = [None] * len(completions)
-    todo = []
+    todo, want = [], []
     for k, c in enumerate(completions):
-        if c.finish_reason != "eos" or not c.token_ids:
+        if c.finish_reason not in ("eos", "length") or not c.token_ids:
             reasons[k] = "no_eos"
         elif tok is None:
             reasons[k] = "unchecked"
-        elif c.token_ids[-1] != tok.eos_id:
+        elif c.finish_reason == "eos" and c.token_ids[-1] != tok.eos_id:
             reasons[k] = "eos_differs"
         else:
             todo.append(k)
+            want.append(c.token_ids[:-1] if c.finish_reason == "eos" else c.token_ids)
     if todo:
         ids, _ = tok.encode_responses([completions[k].text for k in todo], [False] * len(todo))
-        for k, enc in zip(todo, ids):
-            if list(enc) != list(completions[k].token_ids[:-1]):
+        for k, enc, expected in zip(todo, ids, want):
+            if list(enc) != list(expected):
                 reasons[k] = "retokenize_mismatch"
     return reasons
 
 
 def build_records(problem, problem_index: int, prompt, completions: list[Completion], cfg: RolloutConfig,
                   backend: GenerationBackend, summary: RolloutSummary) -> list[dict]:  # fmt: skip
-    """The records of one problem's samples (dropped samples counted in `summary`)."""
+    """The records of one problem's samples (dropped samples counted in `summary`).
+
+    A sample cut at max_new_tokens (finish_reason "length") gets `truncated: true`; its behavior
+    log-probs, when they line up (`logprob_check`), hold one value per generated token (no EOS).
+    """
     reasons = logprob_check(getattr(backend, "tokenizer", None), completions)
     records = []
     for j, (c, reason) in enumerate(zip(completions, reasons)):
@@ -267,25 +301,29 @@ def build_records(problem, problem_index: int, prompt, completions: list[Complet
             summary.dropped["empty_response"] += 1
             continue
         meta = {"sample_index": j, "problem_index": problem_index, "finish_reason": c.finish_reason,
-                "backend": backend.name, "num_tokens": len(c.token_ids), "raw_logprobs": _round(c.logprobs)}  # fmt: skip
+                "backend": backend.name, "num_tokens": len(c.token_ids)}  # fmt: skip
         if problem.metadata:
             meta["problem"] = problem.metadata
         rec = {"prompt": prompt, "response": c.text, "prompt_id": problem.id, "id": f"{problem.id}#{j}",
                "reference_answer": problem.reference, "task": problem.task, "source": cfg.problems}  # fmt: skip
+        if c.finish_reason == "length":
+            rec["truncated"] = True  # no EOS was sampled: preprocessing appends none, training does not end here
+            summary.truncated += 1
+        kinds = {"raw": c.logprobs, "sampled": c.sampled_logprobs}
         kind = cfg.behavior_logprobs
+        if reason is None and kind != "none" and len(kinds[kind]) != len(c.token_ids):
+            reason = "unavailable"  # the backend did not compute this kind (e.g. vLLM with raw_logprobs=False)
         if reason is not None and kind != "none":
             summary.logprobs_omitted[reason] += 1
             meta["logprobs_omitted"] = reason
             kind = "none"
-        if kind == "sampled":
-            rec["behavior_logprobs"] = _round(c.sampled_logprobs)
-        elif kind == "raw":
-            rec["behavior_logprobs"] = meta.pop("raw_logprobs")
-            meta["sampled_logprobs"] = _round(c.sampled_logprobs)
-        else:
-            meta["sampled_logprobs"] = _round(c.sampled_logprobs)
+        if kind != "none":
+            rec["behavior_logprobs"] = _round(kinds[kind])
+        for name, values in kinds.items():  # the kinds not written stay in the metadata
+            if name != kind:
+                meta[f"{name}_logprobs"] = _round(values)
         rec["behavior_tokenizer"] = backend.tokenizer_name
-        if cfg.label:
+        if cfg.label:  # a truncated sample is graded too (it usually has no final answer yet)
             from dqo_megatron.tasks.grading import check_answer
 
             v = check_answer(problem.task, c.text, problem.reference, timeout_s=cfg.label_timeout_s)

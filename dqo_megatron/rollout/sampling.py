@@ -1,6 +1,7 @@
 """Temperature / top-k / top-p sampling, once for every backend, with raw and processed log-probs.
 
-The distribution sampled from (the behavior policy that importance sampling needs) is
+The distribution sampled from (what the rollout's `--behavior-logprobs sampled` records; the default
+records the raw log-probs, see docs/rollout.md) is
 
     q(. | context) = softmax(logits / T) restricted to the top-k tokens, then to the top-p nucleus,
                      renormalized

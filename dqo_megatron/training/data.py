@@ -4,7 +4,8 @@ The dataset stores per-token arrays aligned with the tokens (the reward of token
 model predicts token t+1 from position t, so the trainer shifts everything by one: position h holds
 ``labels[h] = tokens[h+1]`` and that label's response mask, reward, behavior and reference log-probs.
 Rows are right-padded to `train.seq_length + 1` tokens (a fixed length: pipeline stages exchange
-fixed-shape tensors).
+fixed-shape tensors). Per row the micro-batch also carries `truncated` ``[b]`` bool: the response was
+cut by the sampler's length limit (no EOS), so its last response token is not terminal.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
     """Shift a `pad_collate` batch (``[b, s+1]``) into the trainer's ``[b, s]`` micro-batch.
 
     Keys: tokens, labels, position_ids, response_mask, rewards, behavior_logprobs (NaN where the
-    document has none: the loss then uses the reference's), ref_logprobs (only with
-    `with_ref_logprobs`).
+    document has none: the loss then uses the reference's), all ``[b, s]``; truncated ``[b]`` bool (the
+    row's response hit the sampler's length limit: no EOS, its last token is not an end); ref_logprobs
+    ``[b, s]`` (only with `with_ref_logprobs`).
     """
     tokens = collated["tokens"]
     behavior = collated["behavior_logprobs"][:, 1:].clone()
@@ -35,6 +37,7 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
         "response_mask": collated["loss_mask"][:, 1:].float(),
         "rewards": collated["rewards"][:, 1:].contiguous(),
         "behavior_logprobs": behavior,
+        "truncated": collated["truncated"].clone(),
     }
     if with_ref_logprobs:
         batch["ref_logprobs"] = collated["ref_logprobs"][:, 1:].contiguous()
@@ -43,7 +46,8 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
 
 def mismatched_rows(samples: list[dict]) -> list[dict]:
     """KTO's KL reference point needs responses under the wrong prompt: row i = prompt of sample i +
-    response of sample i+1 (mod n), with that response's mask (as in TRL). n >= 2."""
+    response of sample i+1 (mod n), with that response's mask (as in TRL), and its `truncated` flag (the
+    flag describes the response). n >= 2."""
     out = []
     for i, sample in enumerate(samples):
         other = samples[(i + 1) % len(samples)]
@@ -52,6 +56,7 @@ def mismatched_rows(samples: list[dict]) -> list[dict]:
                for key in ("tokens", "loss_mask", "rewards", "behavior_logprobs", "ref_logprobs")}  # fmt: skip
         row.update({k: sample[k] for k in sample if k not in row})
         row["prompt_length"] = p
+        row["truncated"] = bool(other.get("truncated", False))
         out.append(row)
     return out
 

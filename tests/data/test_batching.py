@@ -78,7 +78,8 @@ def test_sampler_consumed_override_and_errors():
 def _sample(T, P, k):
     return {"tokens": np.arange(T) + 10 * k, "loss_mask": np.arange(T) >= P, "rewards": np.where(np.arange(T) == T - 1, 1.0, 0.0).astype(np.float32),
             "behavior_logprobs": -np.ones(T, np.float32), "ref_logprobs": np.zeros(T, np.float32), "prompt_length": P,
-            "prompt_index": k, "outcome_reward": 1.0, "correct": 1, "has_behavior_logprobs": True, "index": k}
+            "prompt_index": k, "outcome_reward": 1.0, "correct": 1, "has_behavior_logprobs": True, "truncated": k == 1,
+            "index": k}
 
 
 def test_pad_collate():
@@ -90,6 +91,11 @@ def test_pad_collate():
     assert batch["rewards"][1, 10] == 1 and batch["rewards"].sum() == 2
     assert batch["behavior_logprobs"][0, 5:].eq(0).all()
     assert batch["prompt_length"].tolist() == [2, 3] and batch["index"].dtype == torch.long
+    assert batch["truncated"].tolist() == [False, True] and batch["truncated"].dtype == torch.bool
+    legacy = {k: v for k, v in _sample(5, 2, 1).items() if k != "truncated"}  # a dict built before the key existed
+    assert pad_collate([legacy, _sample(4, 1, 1)], 0)["truncated"].tolist() == [False, True]
+    with pytest.raises(KeyError):  # other per-document keys stay required
+        pad_collate([{k: v for k, v in _sample(5, 2, 0).items() if k != "correct"}], 0)
     assert pad_collate([_sample(64, 2, 0)], 0, 64)["tokens"].shape == (1, 64)
     with pytest.raises(ValueError, match="max_length"):
         pad_collate([_sample(9, 2, 0)], 0, 8, max_length=8)
@@ -108,6 +114,7 @@ def test_pack_records_boundaries():
         assert out["tokens"][m].tolist() == s["tokens"].tolist()
         assert out["loss_mask"][m].tolist() == s["loss_mask"].tolist()
     assert out["tokens"][out["document_ids"] == -1].eq(-1).all()
+    assert out["truncated"].tolist() == [False, True, False, False] and out["truncated"].dtype == torch.bool
     with pytest.raises(ValueError, match="row_length"):
         pack([_sample(13, 1, 0)], 12, 0)
 

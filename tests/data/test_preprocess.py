@@ -258,3 +258,104 @@ def test_chat_template_override(tmp_path, hf_tok_dir):
     assert tok.render_prompt("hi", {}) == "[Q]hi[A]"
     assert Tokenizer(TokenizerConfig(path=hf_tok_dir)).render_prompt("hi", {}) == "<s><|user|>hi\n<|assistant|>"
     assert CHAT_TEMPLATE in Path(hf_tok_dir, "chat_template.jinja").read_text()
+
+
+def test_truncated_record_gets_no_eos_and_the_flag(tmp_path, hf_tok_dir):
+    tok = Tokenizer(TokenizerConfig(path=hf_tok_dir))
+    text = "the answer is 42"
+    r_ids = tok.hf(text, add_special_tokens=False)["input_ids"]
+    n = len(r_ids)
+    starts = [a for a, _ in tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    step_token = max(j for j, a in enumerate(starts) if a < 3)  # the token holding "the"'s last character
+    assert step_token < n - 1  # ... not the last token, which takes the outcome reward
+    rows = [{"prompt": "p", "response": text, "reward": 1.0, "behavior_logprobs": [-0.5] * (n + 1)},  # ended: + EOS
+            {"prompt": "p", "response": text, "reward": 0.25, "truncated": True, "behavior_logprobs": [-0.25] * n,
+             "process_rewards": [[3, 0.5]]},  # cut by the length limit: n log-probs, no EOS
+            {"prompt": "q", "response": text, "correct": False, "truncated": True}]  # fmt: skip
+    for include_eos in (True, False):  # a truncated record's log-probs never count an EOS
+        if not include_eos:
+            rows[0]["behavior_logprobs"] = [-0.5] * n
+        name = f"eos{int(include_eos)}"
+        summary, cfg = _run(tmp_path, rows, hf_tok_dir, name=name, behavior_logprobs_include_eos=include_eos)
+        assert summary.written == 3 and summary.truncated_responses == 2 and "(truncated, no EOS): 2" in summary.report()
+        ds = TrajectoryDataset(cfg.output_prefix)
+        assert ds.truncated.tolist() == [False, True, True] and ds.truncated.dtype == bool
+        assert ds.manifest["summary"]["truncated_responses"] == 2
+        assert ds.manifest["num_truncated"] == 2 and ds.manifest["meta_fields"][-1] == "truncated"
+        assert ds.meta[:, ds.meta_fields.index("truncated")].tolist() == [0.0, 1.0, 1.0]
+        ended, cut, cut_unlabeled = ds[0], ds[1], ds[2]
+        P = ended["prompt_length"]
+        assert ended["tokens"][P:].tolist() == r_ids + [tok.eos_id] and ended["truncated"] is False
+        assert cut["tokens"][P:].tolist() == r_ids and cut["truncated"] is True  # no EOS made up
+        assert cut_unlabeled["tokens"][cut_unlabeled["prompt_length"]:].tolist() == r_ids
+        assert cut["loss_mask"].sum() == n and cut["behavior_logprobs"][P:].tolist() == [-0.25] * n
+        assert ended["behavior_logprobs"][P:].tolist() == [-0.5] * n + ([-0.5] if include_eos else [0.0])
+        # the outcome reward still sits on the last token (a response token here), the step on its own token
+        assert cut["rewards"][-1] == np.float32(0.25) and cut["rewards"][P + step_token] == np.float32(0.5)
+        assert np.isclose(cut["rewards"].sum(), 0.75) and cut_unlabeled["rewards"].sum() == 0.0
+
+
+def test_truncated_record_errors_name_what_and_where(tmp_path, hf_tok_dir, sp_model):
+    tok = Tokenizer(TokenizerConfig(path=hf_tok_dir))
+    n = len(tok.hf("the answer", add_special_tokens=False)["input_ids"])
+    good = {"prompt": "p", "response": "the answer", "reward": 1.0}
+    with_eos = {**good, "truncated": True, "behavior_logprobs": [-0.5] * (n + 1)}  # one value too many
+    with pytest.raises(RecordError) as info:
+        _run(tmp_path, [good, with_eos], hf_tok_dir)
+    e = info.value
+    assert (e.reason, e.field, e.line) == ("behavior_logprobs_length", "behavior_logprobs", 2)
+    assert f"has {n + 1} values but the response has {n} tokens (truncated: true, so no EOS)" in str(e)
+    assert "out.jsonl:2" in str(e)
+    # a truncated response that gives no token at all (no EOS either) cannot be a document
+    with pytest.raises(RecordError) as info:
+        _run(tmp_path, [{"prompt": "q", "response": " ", "reward": 0.0, "truncated": True}], sp_model, name="sp")
+    assert (info.value.reason, info.value.field) == ("empty_response", "response") and "sp.jsonl:1" in str(info.value)
+
+
+def _as_version_1(prefix: str) -> None:
+    """Rewrite a dataset as the code before the `truncated` column wrote it: 9 meta columns, manifest v1."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from dqo_megatron.data.indexed import META_FIELDS, META_FIELDS_V1, manifest_path, part_prefix
+
+    ds = TrajectoryDataset(prefix)
+    old = ds.meta[:, [META_FIELDS.index(f) for f in META_FIELDS_V1]]
+    del ds
+    builder = IndexedDatasetBuilder(part_prefix(prefix, "meta") + ".bin", dtype=np.float64)
+    for row in old:
+        builder.add_document(np.ascontiguousarray(row), [len(row)])
+    builder.finalize(part_prefix(prefix, "meta") + ".idx")
+    m = json.loads(Path(manifest_path(prefix)).read_text())
+    m.update(version=1, meta_fields=list(META_FIELDS_V1))
+    m.pop("num_truncated")
+    Path(manifest_path(prefix)).write_text(json.dumps(m))
+
+
+def test_a_dataset_written_before_the_truncated_column_still_loads(tmp_path, hf_tok_dir):
+    rows = [{"prompt": f"p{i}", "response": f"answer {i}", "reward": float(i % 2), "truncated": i == 1} for i in range(4)]
+    _, cfg = _run(tmp_path, rows, hf_tok_dir)
+    new = TrajectoryDataset(cfg.output_prefix)
+    assert new.truncated.tolist() == [False, True, False, False]
+    want = [new[i] for i in range(4)]
+    _as_version_1(cfg.output_prefix)
+    old = TrajectoryDataset(cfg.output_prefix)
+    assert old.manifest["version"] == 1 and old.meta.shape == (4, 9)
+    assert old.truncated.dtype == bool and not old.truncated.any()  # every v1 document ended with EOS
+    for i in range(4):
+        got = old[i]
+        assert got["truncated"] is False
+        assert {k: v for k, v in got.items() if k != "truncated"}.keys() == {k for k in want[i] if k != "truncated"}
+        for k in ("tokens", "rewards", "loss_mask"):
+            np.testing.assert_array_equal(got[k], want[i][k])
+        assert [got[k] for k in ("prompt_length", "prompt_index", "outcome_reward", "correct")] == \
+            [want[i][k] for k in ("prompt_length", "prompt_index", "outcome_reward", "correct")]  # fmt: skip
+    # a manifest that claims other columns than the meta file holds is refused, not misread
+    m = json.loads(Path(cfg.output_prefix + ".json").read_text())
+    m.update(version=2, meta_fields=m["meta_fields"] + ["truncated"])
+    Path(cfg.output_prefix + ".json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="rows of widths \\[9\\].*10 fields"):
+        TrajectoryDataset(cfg.output_prefix)
+    m["version"] = 3
+    Path(cfg.output_prefix + ".json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="v3 is not dqo-trajectories v1 or v2"):
+        TrajectoryDataset(cfg.output_prefix)

@@ -21,7 +21,8 @@ def _sample(rng: np.random.Generator, i: int, vocab: int) -> TokenizedSample:
     blp = None if i % 3 else -rng.random(T).astype(np.float32)
     return TokenizedSample(tokens=rng.integers(0, vocab, T), prompt_length=P, rewards=rng.random(T).astype(np.float32),
                            behavior_logprobs=blp, prompt_id=f"p{i // 4}", outcome_reward=float(i % 2),
-                           correct=(-1, 0, 1)[i % 3], truncated_prompt_tokens=i % 5, file="f", line=i + 1)
+                           correct=(-1, 0, 1)[i % 3], truncated_prompt_tokens=i % 5, truncated=i % 4 == 1, file="f",
+                           line=i + 1)  # fmt: skip
 
 
 @pytest.mark.parametrize("vocab", [300, 70000])
@@ -39,6 +40,10 @@ def test_add_many_writes_the_same_bytes_as_add(tmp_path: Path, vocab: int):
     assert files == sorted(p.name for p in (tmp_path / "many").iterdir())
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
+    from dqo_megatron.data.dataset import TrajectoryDataset
+
+    ds = TrajectoryDataset(str(tmp_path / "many" / "d"))
+    assert ds.truncated.tolist() == [s.truncated for s in samples] and ds.manifest["num_truncated"] == 13
 
 
 def test_add_many_rejects_out_of_range_token_naming_the_record(tmp_path: Path):

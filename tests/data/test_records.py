@@ -29,6 +29,16 @@ def test_good_record_defaults():
     assert back["process_rewards"] == [[2, 0.5], [8, 0.0]]
 
 
+def test_truncated_field_parses_and_round_trips():
+    assert parse_record(GOOD).truncated is False and "truncated" not in record_to_dict(parse_record(GOOD))
+    assert parse_record({**GOOD, "truncated": None}).truncated is False  # a table column other rows fill
+    rec = parse_record(json.dumps({**GOOD, "truncated": True, "behavior_logprobs": [-0.5, -0.25]}))
+    assert rec.truncated is True and "truncated" not in rec.extra
+    back = record_to_dict(rec)
+    assert back["truncated"] is True and parse_record(json.dumps(back)).truncated is True
+    assert "truncated" not in record_to_dict(parse_record({**GOOD, "truncated": False}))
+
+
 def test_malformed_json():
     e = _err('{"prompt": "x", "response": ')
     assert e.reason == "malformed_json" and e.line == 7
@@ -54,7 +64,8 @@ def test_reward_not_required_for_labeling():
     ({"prompt": [{"role": "robot", "content": "x"}]}, "prompt[0].role"), ({"prompt": [{"role": "user"}]}, "prompt[0].content"),
     ({"behavior_logprobs": "0.1"}, "behavior_logprobs"), ({"behavior_logprobs": [-0.1, "a"]}, "behavior_logprobs[1]"),
     ({"process_rewards": [[1.5, 1.0]]}, "process_rewards[0]"), ({"process_rewards": [[1, "a"]]}, "process_rewards[0][1]"),
-    ({"metadata": [1]}, "metadata"), ({"prompt_id": 1.5}, "prompt_id"),
+    ({"metadata": [1]}, "metadata"), ({"prompt_id": 1.5}, "prompt_id"), ({"truncated": "yes"}, "truncated"),
+    ({"truncated": 1}, "truncated"),
 ])
 def test_wrong_types(patch, fld):
     e = _err({**GOOD, **patch})

@@ -1,5 +1,6 @@
-"""`run_rollout` / `dqo-megatron rollout`: valid records with the sampler's log-probs, preprocessing accepts
-them aligned, resuming after a torn write or a SIGKILL gives exactly the uninterrupted output."""
+"""`run_rollout` / `dqo-megatron rollout`: valid records with the sampler model's raw log-probs (by default),
+length-cut samples marked truncated, preprocessing accepts them aligned, resuming after a torn write or a
+SIGKILL gives exactly the uninterrupted output."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_probl
 
     import sentencepiece
 
-    cfg = _cfg(random_hf, story_problems, tmp_path / "out.jsonl", label=True, n=6)
+    # every knob away from 1 / off, so the raw and the sampled log-probs differ on every token
+    cfg = _cfg(random_hf, story_problems, tmp_path / "out.jsonl", label=True, n=6, temperature=0.8)
+    assert cfg.behavior_logprobs == "raw" and (cfg.top_k, cfg.top_p) == (16, 0.9)
     summary = run_rollout(cfg)
     recs = _lines(cfg.output)
     assert summary.samples == 18 and summary.written == len(recs) == 18 - sum(summary.dropped.values())
@@ -51,7 +54,7 @@ def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_probl
     model = AutoModelForCausalLM.from_pretrained(random_hf[0], dtype=torch.float32).eval()
 
     sp = sentencepiece.SentencePieceProcessor(model_file=random_hf[1])
-    ids_seen, checked = set(), 0
+    ids_seen, checked, checked_truncated, differ = set(), 0, 0, 0
     for line, rec in enumerate(recs, 1):
         parsed = parse_record(json.dumps(rec), "out.jsonl", line, require_reward=True)  # labeled inline
         meta = rec["metadata"]
@@ -61,30 +64,39 @@ def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_probl
         assert rec["label_reason"] in ("no_answer", "wrong") and rec["reward"] == 0.0 and parsed.correct is False
         assert isinstance(rec["prompt"], str)  # sentencepiece: no chat template -> text prompts
         assert meta["group_size"] == sum(r["prompt_id"] == rec["prompt_id"] for r in recs)
+        truncated = meta["finish_reason"] == "length"
+        assert rec.get("truncated", False) is truncated is parsed.truncated  # only length-cut samples carry it
         if "behavior_logprobs" not in rec:
-            assert meta["logprobs_omitted"] in ("retokenize_mismatch", "no_eos") and "sampled_logprobs" in meta
+            assert meta["logprobs_omitted"] == "retokenize_mismatch" and "sampled_logprobs" in meta
             continue
-        # aligned: the response re-encodes to the generated ids; one log-prob per token + EOS
-        response_ids = sp.encode(rec["response"]) + [2]
+        # aligned: the response re-encodes to the generated ids; one log-prob per token, + EOS unless truncated
+        response_ids = sp.encode(rec["response"]) + ([] if truncated else [2])
         assert len(rec["behavior_logprobs"]) == len(response_ids) == meta["num_tokens"]
         prompt_ids = [1] + sp.encode(rec["prompt"])
         with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1:-1]
-        raw, proc = reference_token_logprobs(logits, response_ids, 1.0, 16, 0.9)
-        assert max(abs(a - b) for a, b in zip(proc, rec["behavior_logprobs"])) < 1e-5
-        assert max(abs(a - b) for a, b in zip(raw, meta["raw_logprobs"])) < 1e-5
+            logits = model(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1:]
+        raw, proc = reference_token_logprobs(logits[:len(response_ids)], response_ids, 0.8, 16, 0.9)
+        # the default: behavior_logprobs are the model's own (raw) log-probs; the sampled ones go to metadata
+        assert max(abs(a - b) for a, b in zip(raw, rec["behavior_logprobs"])) < 1e-5
+        assert max(abs(a - b) for a, b in zip(proc, meta["sampled_logprobs"])) < 1e-5
+        assert "raw_logprobs" not in meta
+        differ += max(abs(a - b) for a, b in zip(raw, proc)) > 1e-2
         checked += 1
-    assert checked >= 5
+        checked_truncated += truncated
+    assert checked >= 5 and checked_truncated >= 1 and differ == checked
+    assert summary.truncated == sum(bool(r.get("truncated")) for r in recs)
 
 
-def test_behavior_logprobs_raw_and_none(random_hf, story_problems, tmp_path):
-    raw = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "raw.jsonl", behavior_logprobs="raw")).output)
+def test_behavior_logprobs_sampled_and_none(random_hf, story_problems, tmp_path):
+    sampled = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "s.jsonl", behavior_logprobs="sampled")).output)
     none = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "none.jsonl", behavior_logprobs="none")).output)
-    sampled = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "s.jsonl")).output)
+    raw = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "raw.jsonl")).output)  # the default
     assert [r["response"] for r in raw] == [r["response"] for r in none] == [r["response"] for r in sampled]
+    assert [r.get("truncated") for r in raw] == [r.get("truncated") for r in none] == [r.get("truncated") for r in sampled]
     for r, n, s in zip(raw, none, sampled):
         assert "behavior_logprobs" not in n and "logprobs_omitted" not in n["metadata"]
         assert n["metadata"]["raw_logprobs"] == r.get("behavior_logprobs", r["metadata"].get("raw_logprobs"))
+        assert n["metadata"]["sampled_logprobs"] == s.get("behavior_logprobs", s["metadata"].get("sampled_logprobs"))
         if "behavior_logprobs" in s:
             assert r["behavior_logprobs"] == s["metadata"]["raw_logprobs"]
             assert r["metadata"]["sampled_logprobs"] == s["behavior_logprobs"]
@@ -112,7 +124,7 @@ def test_preprocess_accepts_the_output_aligned(random_hf, stories_hf, story_prob
     ds = TrajectoryDataset(prefix)
     backend = build_backend("transformers", random_hf[0], tok, device="cpu", chat_template=template)
     try:
-        aligned = 0
+        aligned = aligned_truncated = 0
         for pid in sorted({r["prompt_id"] for r in recs}):
             group = [(i, r) for i, r in enumerate(recs) if r["prompt_id"] == pid]
             (completions,) = backend.generate([group[0][1]["prompt"]], cfg.sampling_params(),
@@ -123,13 +135,16 @@ def test_preprocess_accepts_the_output_aligned(random_hf, stories_hf, story_prob
                 P = doc["prompt_length"]
                 assert doc["tokens"][:P].tolist() == prompt_ids  # the model saw what preprocessing writes
                 assert doc["has_behavior_logprobs"] == ("behavior_logprobs" in rec)
+                assert doc["truncated"] == rec.get("truncated", False) == (rec["metadata"]["finish_reason"] == "length")
                 if "behavior_logprobs" in rec:
                     c = completions[rec["metadata"]["sample_index"]]
-                    assert doc["tokens"][P:].tolist() == c.token_ids  # ... and generated what it writes
+                    # ... and generated what it writes (ending with EOS, or cut without one when truncated)
+                    assert doc["tokens"][P:].tolist() == c.token_ids
                     torch.testing.assert_close(torch.from_numpy(doc["behavior_logprobs"][P:]),
                                                torch.tensor(rec["behavior_logprobs"], dtype=torch.float32))
                     aligned += 1
-        assert aligned >= 3
+                    aligned_truncated += doc["truncated"]
+        assert aligned >= 3 and aligned_truncated >= 1
     finally:
         backend.close()
 
