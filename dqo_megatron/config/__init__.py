@@ -19,6 +19,7 @@ from dqo_megatron.config.schema import (
     PrecisionConfig,
     RunConfig,
     TrainConfig,
+    TrainEvalConfig,
     data_parallel_size,
     validate_model_layout,
 )
@@ -26,5 +27,6 @@ from dqo_megatron.config.schema import (
 __all__ = [
     "ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
     "FAMILY_DEFAULTS", "InitConfig", "DataConfig", "LossConfig", "ValueConfig", "ModelConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "TrainConfig",
+    "TrainEvalConfig",
     "data_parallel_size", "validate_model_layout",
 ]  # fmt: skip

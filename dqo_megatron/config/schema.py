@@ -488,6 +488,42 @@ class ValueConfig:
 
 
 @dataclass
+class TrainEvalConfig:
+    """Held-out accuracy measured during training, and the checkpoint it picks (docs/training.md)."""
+
+    problems: Optional[str] = None
+    """Problems file (GSM8K/MATH-style JSONL or a saved HF dataset; see `tasks.datasets.load_problems`).
+    Use a validation split disjoint from the test set you report: the best checkpoint is picked on it."""
+    interval: int = 0
+    """Evaluate (greedy) every this many steps, at step 0 and at the last step too, and save a checkpoint
+    at each evaluated step (0: off). Needs TP = PP = CP = 1 (the problems are split over data-parallel
+    ranks); larger layouts evaluate saved checkpoints with `dqo-megatron eval`."""
+    limit: int = 0
+    """Evaluate this many problems, evenly spread over the file (0: all)."""
+    task: Optional[Literal["gsm8k", "math"]] = None
+    """Answer format of the problems (None: guessed from the path)."""
+    max_new_tokens: int = 256
+    """Longest greedy answer, EOS included."""
+    tokenizer: Optional[str] = None
+    """Tokenizer (HF directory or sentencepiece .model) to frame prompts and decode answers with.
+    None: the `hf/` directory of init.policy (a `convert hf-to-megatron` checkpoint)."""
+    batch_size: int = 64
+    """Rows per forward pass of the (cache-less) greedy decoder."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("interval", "limit"):
+            if getattr(self, name) < 0:
+                problems.append(f"eval.{name}={getattr(self, name)} must be >= 0")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"eval.{name}={getattr(self, name)} must be >= 1")
+        if self.interval and not self.problems:
+            problems.append("eval.interval is set but eval.problems is not: name a held-out problems file")
+        _fail(problems)
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; written, resolved, into the run directory."""
 
@@ -509,6 +545,8 @@ class RunConfig:
     """Loss coefficients."""
     value: ValueConfig = field(default_factory=ValueConfig)
     """The value network (dqo, dro)."""
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    """Held-out accuracy during training and checkpoint selection."""
     run_dir: Optional[str] = None
     """Where logs, checkpoints and the resolved config go (None: nothing is written)."""
 

@@ -114,6 +114,27 @@ class MegatronBackend:
         logger.info("megatron backend: %s (%s), tokenizer %s", model, next(self.gpt.parameters()).dtype,
                     self.tokenizer_name)  # fmt: skip
 
+    @classmethod
+    def over_module(cls, gpt, model_config, tokenizer: str, *, batch_size: int = 64,
+                    tokenizer_name: str | None = None, hf_dir: str | None = None) -> "MegatronBackend":  # fmt: skip
+        """A backend over a GPTModel already in memory (e.g. the policy being trained, for held-out
+        accuracy during training): nothing is loaded and `close` leaves the model and process groups alone.
+
+        gpt: a TP=PP=1 GPTModel returning logits; model_config: its `ModelConfig` (vocab size);
+        tokenizer: HF directory or sentencepiece .model; hf_dir: where `generation_config.json` may add
+        stop tokens (None: the tokenizer's EOS only).
+        """
+        self = cls.__new__(cls)
+        self._layout = contextlib.ExitStack()
+        self.gpt, self.model_config = gpt, model_config
+        self.tokenizer = load_tokenizer(tokenizer, name=tokenizer_name)
+        self.tokenizer_name = self.tokenizer.name
+        self.templated = self.tokenizer.templated
+        self.stop_ids = stop_token_ids(self.tokenizer, hf_dir)
+        self.batch_size = batch_size
+        self.model_path = "<in memory>"
+        return self
+
     @staticmethod
     def _dtype(dtype: str, stored: torch.dtype) -> torch.dtype:
         if dtype == "auto":

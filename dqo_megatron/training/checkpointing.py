@@ -335,7 +335,8 @@ def _schedulers(scheduler) -> dict:
 
 # -------------------------------------------------------------------------------------------- save
 def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn.Module], optimizer,
-                    scheduler=None, extra: dict | None = None, keep_last: int | None = 3) -> Path:  # fmt: skip
+                    scheduler=None, extra: dict | None = None, keep_last: int | None = 3,
+                    keep_steps: Sequence[int] = ()) -> Path:  # fmt: skip
     """Write ``<root>/step_<step:08d>/`` atomically; return its path. Collective: every rank calls it.
 
     Args:
@@ -350,6 +351,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
             and python primitives only (checked here, so a bad value fails now, not at resume).
         keep_last: keep this many complete checkpoints up to this one (older ones are deleted after
             the new one is complete); None keeps all.
+        keep_steps: steps never pruned, whatever `keep_last` says (e.g. the best evaluated checkpoint).
 
     A save replacing an existing ``step_N`` (e.g. a run resumed at N and stopped again) moves the old one
     aside first; a crash between the two renames leaves the previous step as the newest complete one.
@@ -408,7 +410,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     if rank == 0:
         try:
             _commit(root, tmp, final, step, world)
-            _prune(root, step, keep_last)
+            _prune(root, step, keep_last, keep_steps)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             error = f"{type(err).__name__}: {err}"
     _raise_if_any(_gather_errors(error), final)
@@ -456,8 +458,9 @@ def _commit(root: Path, tmp: Path, final: Path, step: int, world: int) -> None:
     _write_text_atomically(root / LATEST_FILE, f"{int(step)}\n")
 
 
-def _prune(root: Path, step: int, keep_last: int | None) -> None:
-    """Delete complete checkpoints older than `step` beyond the newest ``keep_last - 1`` of them.
+def _prune(root: Path, step: int, keep_last: int | None, keep_steps: Sequence[int] = ()) -> None:
+    """Delete complete checkpoints older than `step` beyond the newest ``keep_last - 1`` of them, except
+    those of `keep_steps`.
 
     Newer directories (another line of the run) and incomplete ones are left alone. The marker goes
     first, so a deletion cut short leaves an ignored, incomplete directory rather than a broken one.
@@ -467,7 +470,7 @@ def _prune(root: Path, step: int, keep_last: int | None) -> None:
     if keep_last is None:
         return
     older = [(s, p) for s, p in list_checkpoints(root) if s < step]
-    doomed = older[: max(0, len(older) - (keep_last - 1))]
+    doomed = [(s, p) for s, p in older[: max(0, len(older) - (keep_last - 1))] if s not in set(keep_steps)]
     for _, path in doomed:
         (path / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)

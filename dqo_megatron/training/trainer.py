@@ -69,6 +69,8 @@ class TrainSummary:
     """done | sigterm | nonfinite."""
     checkpoints: list[str] = field(default_factory=list)
     """Checkpoint directories written by this call."""
+    best_evaluation: object = None
+    """With eval.interval: the `Evaluation` (step, accuracy, checkpoint) the selection rule picks."""
     model_chunks: list = field(default_factory=list, repr=False)
     """This rank's trained `PolicyValueModel` chunks (for evaluation in the same process)."""
 
@@ -179,6 +181,9 @@ def train(run: RunConfig) -> TrainSummary:
         batches.load_state_dict(extra["data"])
         if is_logger:
             logger.info("resumed from %s at step %d", resume_from, summary.start_step)
+    from dqo_megatron.eval.during_training import EvalSchedule
+
+    evals = EvalSchedule(run, info.dp_rank, info.dp_size, is_logger)
     writer = _tensorboard(run) if is_logger else None
     wandb_run = _wandb(run) if is_logger else None
     rows = t.global_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]]
@@ -193,6 +198,10 @@ def train(run: RunConfig) -> TrainSummary:
     nonfinite_in_a_row = 0
     started = time.perf_counter()
     with _SigtermFlag() as sigterm:
+        if evals.due(step):  # the starting policy: the baseline the picked checkpoint must beat
+            evaluation = evals.evaluate(chunks[0].policy, step)
+            saved = _save(ckpt_root, step, ddp, optimizer, scheduler, batches, t, evals.keep_steps(evaluation)) if ckpt_root else None
+            evals.record(evaluation, str(saved) if saved else None)
         while step < t.train_steps:
             mbs = batches.next_step(num_microbatches)
             data = microbatch_iterators(ddp, mbs)
@@ -230,15 +239,23 @@ def train(run: RunConfig) -> TrainSummary:
                 summary.stopped_by = "nonfinite"
                 break
             stop = _any_rank(sigterm.raised)
-            if ckpt_root is not None and (stop or (t.save_interval and step % t.save_interval == 0)):
-                summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
+            evaluation = evals.evaluate(chunks[0].policy, step) if evals.due(step) else None
+            if evaluation is not None and writer is not None:
+                writer.add_scalar("eval/accuracy", evaluation.accuracy, step)
+            if ckpt_root is not None and (stop or evaluation is not None or (t.save_interval and step % t.save_interval == 0)):
+                summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t,
+                                                     evals.keep_steps(evaluation))))  # fmt: skip
+            if evaluation is not None:
+                evals.record(evaluation, summary.checkpoints[-1] if ckpt_root is not None else None)
             if stop:
                 summary.stopped_by = "sigterm"
                 break
     summary.steps = step
     summary.model_chunks = chunks
     if ckpt_root is not None and summary.stopped_by == "done" and (not summary.checkpoints or not summary.checkpoints[-1].endswith(f"{step:08d}")):
-        summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t)))
+        summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t,
+                                             evals.keep_steps())))  # fmt: skip
+    summary.best_evaluation = evals.best
     if writer is not None:
         writer.close()
     if wandb_run is not None:
@@ -251,13 +268,13 @@ def train(run: RunConfig) -> TrainSummary:
     return summary
 
 
-def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t) -> Path:
+def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t, keep_steps=()) -> Path:
     from dqo_megatron.training import checkpointing
 
     # Every data-parallel rank is at the same sampler position (epoch, batch): one state serves all.
     return checkpointing.save_checkpoint(root, step, ddp, optimizer, scheduler,
                                          extra={"step": step, "data": batches.state_dict()},
-                                         keep_last=t.keep_last_checkpoints)  # fmt: skip
+                                         keep_last=t.keep_last_checkpoints, keep_steps=keep_steps)  # fmt: skip
 
 
 def _tensorboard(run: RunConfig):

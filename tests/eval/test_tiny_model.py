@@ -61,7 +61,8 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     failed = recs[1]
     assert failed.extra["process_scores"]["step_ends"] == ENDS
     assert failed.extra["process_scores"]["prefix_correct"] == [0, 4, 4]
-    assert failed.process_rewards == [(45, 0.5)] and failed.reward == 0.0  # last_correct: the end of step 3
+    # every_correct (the default, r = 0.1): each step of the longest solvable prefix (steps 1-3)
+    assert failed.process_rewards == [(e, 0.1) for e in ENDS[:3]] and failed.reward == 0.0
     # a rerun reads every completion from the cache
     output2, out2 = _process_scores(tmp_path, tiny_model, "scored.jsonl")
     assert "completions generated 0" in output2 and out2.read_text() == out.read_text()
@@ -73,7 +74,7 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     _, out3 = _process_scores(tmp_path, tiny_model, "value.jsonl", "--cache", str(other), "--assign", "value")
     assert {c["key"]: c["texts"] for c in map(json.loads, open(other))} == cache
     value = [json.loads(line) for line in open(out3)][1]
-    assert value["process_rewards"] == [[23, -0.5], [45, 0.5]]  # v = (0, 1, 1, 0): r * (v_k - v_k+1)
+    assert value["process_rewards"] == [[23, -0.1], [45, 0.1]]  # v = (0, 1, 1, 0): r * (v_k - v_k+1), r = 0.1
     # preprocessing puts the step reward on the token holding the step's last character, the outcome on EOS
     from dqo_megatron.data.dataset import TrajectoryDataset
     from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
@@ -84,12 +85,14 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
                                 tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tiny_model[1]))))
     doc = TrajectoryDataset(prefix)[1]
     nonzero = [(i, float(r)) for i, r in enumerate(doc["rewards"]) if r != 0]
-    assert len(nonzero) == 1 and nonzero[0][1] == 0.5 and doc["outcome_reward"] == 0.0
+    assert [r for _, r in nonzero] == pytest.approx([0.1] * 3) and doc["outcome_reward"] == 0.0
     import sentencepiece as spm
 
+    # every_correct: one reward on each of steps 1-3, at the token holding the step's last character
     pieces = spm.SentencePieceProcessor(model_file=tiny_model[1]).encode(FAILED, return_type="proto").pieces
-    last = max(i for i, p in enumerate(pieces) if len(FAILED.encode()[:p.begin].decode()) < 45)  # holds char 44
-    assert nonzero[0][0] == doc["prompt_length"] + last
+    for (position, _), end in zip(nonzero, ENDS[:3]):
+        last = max(i for i, p in enumerate(pieces) if len(FAILED.encode()[:p.begin].decode()) < end)  # holds char end-1
+        assert position == doc["prompt_length"] + last
 
 
 def test_eval_cli_with_a_real_model(tmp_path, tiny_model, shared_data):
