@@ -4,20 +4,24 @@ The library never imports typer; the command is `dqo-megatron value-analysis` (d
 """
 
 from dqo_megatron.analysis.correlation import binned_means, correlation_summary, pearson, rankdata, spearman
+from dqo_megatron.analysis.drops import collect_drops, drop_summary, step_drops
+from dqo_megatron.analysis.rows import RESULTS_FILE, format_row, load_rows
+from dqo_megatron.analysis.scores import (
+    SCORE_KINDS, SplitConfig, StepPlan, outcome_of, parse_process_scores, plan_steps, resolve_score_kind, step_scores,
+)  # fmt: skip
 from dqo_megatron.analysis.value_analysis import (
-    RESULTS_FILE,
+    VALUE_TARGETS,
+    Analysis,
     StepSample,
     ValueAnalysisConfig,
     analyze_values,
-    format_row,
-    load_rows,
     prepare_samples,
     run_value_analysis,
 )
-from dqo_megatron.analysis.scores import SCORE_KINDS, parse_process_scores, resolve_score_kind, step_ends, step_scores
 
 __all__ = [
-    "RESULTS_FILE", "SCORE_KINDS", "StepSample", "ValueAnalysisConfig", "analyze_values", "binned_means",
-    "correlation_summary", "format_row", "load_rows", "parse_process_scores", "pearson", "prepare_samples", "rankdata", "resolve_score_kind",
-    "run_value_analysis", "spearman", "step_ends", "step_scores",
+    "RESULTS_FILE", "SCORE_KINDS", "VALUE_TARGETS", "Analysis", "SplitConfig", "StepPlan", "StepSample",
+    "ValueAnalysisConfig", "analyze_values", "binned_means", "collect_drops", "correlation_summary", "drop_summary",
+    "format_row", "load_rows", "outcome_of", "parse_process_scores", "pearson", "plan_steps", "prepare_samples",
+    "rankdata", "resolve_score_kind", "run_value_analysis", "spearman", "step_drops", "step_scores",
 ]  # fmt: skip

@@ -1,34 +1,35 @@
-"""Value analysis: how well a trained value network's per-step values track synthetic process scores.
+"""Value analysis: does a trained value network know where an answer is won or lost?
 
-The DQO paper (Ji et al. 2024, Figure 2) compares the learned ``V`` with the synthetic process scores of
-section 4.4 on held-out responses. Here, for every checkpoint given and every step of every held-out
-record that has steps (``process_scores`` or ``process_rewards``, depending on the score):
+The DQO paper (Ji et al. 2024, Figure 2) compares the learned ``V`` with synthetic process scores (its
+section 4.4) on held-out responses. For every checkpoint given:
 
-* the record is tokenized exactly as `dqo-megatron preprocess` does (`tokenize_records`: chat
-  template, ``prompt_ids + response_ids + [eos]``) and each step's end offset is mapped to the response
-  token holding the step's last character (`step_token_indices`, the token preprocessing puts the
-  step's process reward on);
-* the **value of a step** is ``V`` read at that token: the value of the state made of the prompt and the
-  response up to and including the step's last token, i.e. of the prefix the process score judges;
-* the **score of a step** (`ValueAnalysisConfig.score`, defined in `scores.py`): by default, for records
-  scored by `dqo-megatron process-scores` (field ``process_scores``), the fraction of the M completions
-  sampled from the prefix ending with this step that reached a correct answer (``prefix_success``; or
-  ``prefix_solvable``: 1 when any did, the paper's rule); for records that only carry per-step
-  ``process_rewards``, the step's reward (``process_reward``) or the reward collected after it
-  (``return_to_go``).
+* every held-out record with a known outcome is tokenized exactly as `dqo-megatron preprocess` does
+  (`tokenize_records`: chat template, ``prompt_ids + response_ids + [eos]``) and each step's end offset
+  is mapped to the response token holding the step's last character (`step_token_indices`, the token
+  preprocessing puts the step's process reward on);
+* ``V(after step j)`` is V read at that token: the value of the prompt plus the response through step
+  j, the prefix the process score judges; ``V(s0)`` is V at the last prompt token;
+* **all answers** enter: correct responses (every prefix solvable) as well as failed ones (see
+  `scores.py` for the steps and scores of each kind of record);
+* what is measured depends on what the checkpoint's algorithm trains (`VALUE_TARGETS`, from the run's
+  resolved config):
 
-Per checkpoint it writes one JSON line (Pearson and Spearman correlation of values and scores over all
-steps, counts, binned means) to ``<out_dir>/value_analysis.jsonl`` and one PNG
-``<out_dir>/value_<label>.png`` (see `plot.py`); optionally the pairs themselves. With
-`initial_value` it also correlates ``V(s0)`` (read at the last prompt token) with each prompt's mean
-outcome reward over its held-out responses. Runs in one process at TP=PP=1 (see `value_model.py`).
+  - **token-level** values (``dqo``; also value conversion checkpoints): Pearson and Spearman
+    correlation of ``V(after step j)`` with the step's score over all steps of all answers; the value
+    **drop at the first unsolvable step** against the drop at steps that stay solvable (`drops.py`);
+    ``V(s0)`` against each prompt's success rate (``initial``, optional);
+  - **prompt-level** values (``dro``: its loss trains V only at the last prompt token, V(x)): no
+    per-step number (V elsewhere was never trained, so a correlation there would measure nothing);
+    ``V(x)`` against each prompt's empirical success rate over its held-out responses.
+
+One JSON line per checkpoint goes to ``<out_dir>/value_analysis.jsonl`` (fields: `rows.py`), one PNG per
+checkpoint, and, when several checkpoints of one run are given, a trend PNG per run (`plot.py`).
+Runs in one process at TP=PP=1 (see `value_model.py`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -38,19 +39,28 @@ from typing import Any, Iterable, Literal, Optional
 import numpy as np
 
 from dqo_megatron.analysis.correlation import binned_means, correlation_summary
-from dqo_megatron.analysis.scores import SCORE_KINDS, ScoreKind, resolve_score_kind, step_ends, step_scores
+from dqo_megatron.analysis.drops import collect_drops, drop_summary, step_drops
+from dqo_megatron.analysis.rows import (
+    RESULTS_FILE, build_row, format_row, json_safe, load_rows, trend_file_names, trend_groups,
+)  # fmt: skip
+from dqo_megatron.analysis.scores import (
+    PREFIX_KINDS, SCORE_KINDS, ScoreKind, SplitConfig, StepPlan, plan_steps, resolve_score_kind, resolve_split,
+    step_scores,
+)  # fmt: skip
 from dqo_megatron.config import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, TrajectoryRecord, read_records, write_jsonl
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, step_token_indices, tokenize_records
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "value_analysis.jsonl"
-"""One JSON line per checkpoint, in `out_dir`."""
+__all__ = ["RESULTS_FILE", "VALUE_TARGETS", "Analysis", "StepSample", "ValueAnalysisConfig", "analyze_values",
+           "format_row", "load_rows", "prepare_samples", "run_value_analysis"]  # fmt: skip
+
+VALUE_TARGETS = {"dqo": "token", "dro": "prompt", None: "token"}
+"""Where each algorithm trains V: token (every response state) or prompt (V(x) only). None: a value
+conversion checkpoint, whose training is unknown, read as token-level."""
+PROMPT_ONLY_REASON = "DRO trains V(x) only: V at the last prompt token, compared with prompt success in initial"
 _CHUNK = 256
-SCORE_LABELS = {"prefix_success": "fraction of correct completions from the prefix",
-                "prefix_solvable": "prefix solvable (1/0)", "process_reward": "process reward of the step",
-                "return_to_go": "reward after the step (return to go)"}  # fmt: skip
 
 
 @dataclass
@@ -61,19 +71,27 @@ class ValueAnalysisConfig:
     """Training checkpoints (``run_dir/checkpoints/step_N``), run directories or checkpoint roots (all
     their complete checkpoints), or value conversion checkpoints (``convert hf-to-megatron --value``)."""
     records: list[str] = field(default_factory=list)
-    """Held-out record files (JSONL / Parquet / datasets dirs, globs allowed) with `process_rewards`."""
+    """Held-out record files (JSONL / Parquet / datasets dirs, globs allowed): all answers, failed ones
+    with `process_scores` (or `process_rewards` for the reward score kinds)."""
     tokenize: Optional[TokenizeConfig] = None
     """The tokenizer and length policy, as given to `dqo-megatron preprocess` for the run's data (the
     same tokenizer, chat template and EOS, or the values are read at the wrong tokens)."""
     out_dir: str = ""
-    """Output directory (created): value_analysis.jsonl, value_<label>.png, pairs_<label>.jsonl."""
+    """Output directory (created): value_analysis.jsonl, value_<label>.png, trend_<run>.png, pairs_<label>.jsonl."""
     run_config: Optional[str] = None
     """The run's resolved config for training checkpoints (default: run_dir/config.yaml beside them)."""
     score: ScoreKind = "auto"
     """Which number a step's value is compared with: auto, prefix_success, prefix_solvable,
     process_reward or return_to_go (see `dqo_megatron.analysis.scores`)."""
+    splitter: Optional[str] = None
+    """How correct responses without process_scores are cut into steps (auto, lines, paragraphs,
+    step_markers, regex); None: the splitter the records' process_scores name, else auto."""
+    split_pattern: Optional[str] = None
+    """Boundary regex for splitter=regex (as given to process-scores)."""
+    max_steps: Optional[int] = None
+    """Cap on steps per correct response (as given to process-scores); None: no cap."""
     initial_value: bool = True
-    """Also correlate V(s0) at the prompt's end with each prompt's mean outcome reward."""
+    """Token-level values: also correlate V(s0) with each prompt's success rate (always done for DRO)."""
     batch_size: int = 8
     """Sequences per forward pass."""
     max_records: Optional[int] = None
@@ -85,9 +103,9 @@ class ValueAnalysisConfig:
     bins: int = 10
     """Quantile bins of the score for the binned statistics when it takes more than 12 distinct values."""
     plot: bool = True
-    """Write the PNG per checkpoint (needs matplotlib)."""
+    """Write the PNGs (needs matplotlib)."""
     write_pairs: bool = False
-    """Also write pairs_<label>.jsonl: file, line, step, token position, value and score of every step."""
+    """Also write pairs_<label>.jsonl (token-level checkpoints): value, score and drop of every step."""
 
     def __post_init__(self) -> None:
         for name in ("checkpoints", "records"):
@@ -96,7 +114,7 @@ class ValueAnalysisConfig:
         if not self.checkpoints:
             raise ConfigError("checkpoints is empty: give at least one training or value checkpoint")
         if not self.records:
-            raise ConfigError("records is empty: give the held-out record files with process_rewards")
+            raise ConfigError("records is empty: give the held-out record files (with process_scores)")
         if isinstance(self.tokenize, dict):
             self.tokenize = TokenizeConfig(**self.tokenize)
         if self.tokenize is None:
@@ -111,13 +129,15 @@ class ValueAnalysisConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
-        if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
-            raise ConfigError(f"max_records={self.max_records!r}: must be an integer >= 1 (or None for all)")
+        for name in ("max_records", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 1 (or None for no limit)")
 
 
 @dataclass
 class StepSample:
-    """One held-out record, tokenized, with the positions and scores of its steps."""
+    """One held-out record, tokenized, with the positions, scores and solvability of its steps."""
 
     tokens: np.ndarray
     """int64 ``[T]``: prompt ids + response ids + EOS, as preprocessing writes them."""
@@ -129,22 +149,47 @@ class StepSample:
     scores: np.ndarray
     """float64 ``[n_steps]``: each step's score (see `ValueAnalysisConfig.score`)."""
     step_index: np.ndarray
-    """int64 ``[n_steps]``: each step's index in the record's `process_rewards` (kept steps only)."""
+    """int64 ``[n_steps]``: each kept step's index in the record's step list (always 0..n_steps-1: only
+    trailing steps that map to EOS are dropped)."""
     prompt_id: str
-    outcome: Optional[float]
-    """The record's outcome reward (None when the record has none)."""
+    success: Optional[float]
+    """1.0 correct, 0.0 failed, None unknown (`scores.outcome_of`)."""
+    n_solvable: int = 0
+    """Leading kept steps that stay solvable (`StepPlan.n_solvable`)."""
+    first_unsolvable: Optional[int] = None
+    """Index of the first unsolvable step among the kept ones, or None."""
+    sampler_miss: bool = False
     file: str = ""
     line: int = 0
 
 
+@dataclass
+class Analysis:
+    """The numbers of one checkpoint: JSON blocks and the arrays the plots draw."""
+
+    stats: dict[str, Any]
+    """``per_step`` (`correlation_summary` or None), ``value`` / ``score`` (mean, std), ``bins``, ``drop``
+    (`drops.drop_summary` or None), ``initial`` (V(s0) vs prompt success, or None)."""
+    step_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    first_drops: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    solvable_drops: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    prompt_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """``[n_prompts]`` mean V(s0) per prompt."""
+    prompt_success: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """``[n_prompts]`` the prompt's success rate over its held-out responses."""
+
+
 def prepare_samples(records: Iterable[TrajectoryRecord], tok: Tokenizer, cfg: TokenizeConfig, score: str,
-                    skips: SkipCounter, skip_invalid: bool, counts: Counter) -> list[StepSample]:  # fmt: skip
+                    skips: SkipCounter, skip_invalid: bool, counts: Counter,
+                    split: Optional[SplitConfig] = None) -> list[StepSample]:  # fmt: skip
     """Tokenize records as preprocessing does and locate their steps' tokens.
 
-    Records without steps (for `score`) are kept with none: their prompt value still counts for the
-    V(s0) analysis. Steps map to tokens as in preprocessing: a step before any token start (text the
-    tokenizer drops) goes to the first response token; a step that maps to EOS (a response without
-    text tokens) has no non-terminal state and is dropped (``counts["terminal_steps"]``).
+    Records a prefix score cannot score (no process_scores, no known outcome) are skipped and counted
+    (``counts["unscored"]``). Records without steps (reward kinds) are kept with none: their prompt
+    value still counts for V(s0). Steps map to tokens as in preprocessing: a step before any token start
+    goes to the first response token; a step that maps to EOS (a response without text tokens) has no
+    non-terminal state and is dropped (``counts["terminal_steps"]``).
 
     Args:
         records: validated records.
@@ -152,29 +197,35 @@ def prepare_samples(records: Iterable[TrajectoryRecord], tok: Tokenizer, cfg: To
         score: a resolved score kind (`dqo_megatron.analysis.scores`, not auto).
         skips: counts records rejected (too_long, bad_process_scores, ...) when `skip_invalid`.
         skip_invalid: count instead of raising the first `RecordError`.
-        counts: filled with ``records``, ``records_with_steps``, ``steps``, ``terminal_steps``.
+        counts: filled with ``records``, ``correct``, ``failed``, ``records_with_steps``, ``steps``,
+            ``terminal_steps``, ``unscored``.
+        split: how correct responses without process_scores are cut (default: auto).
     """
+    split = split or SplitConfig()
     samples: list[StepSample] = []
     chunk: list[TrajectoryRecord] = []
 
     def flush() -> None:
-        ends: list = []
+        plans: list = []
         for rec in chunk:
             try:
-                ends.append(step_ends(rec, score))
+                plans.append(plan_steps(rec, score, split))
             except RecordError as err:
-                ends.append(err)
+                plans.append(err)
+        kept = [i for i, p in enumerate(plans) if p is not None]
+        counts["unscored"] += len(chunk) - len(kept)
+        recs, plans = [chunk[i] for i in kept], [plans[i] for i in kept]
         # behavior log-probs play no part here: never reject a record over their length or tokenizer
-        results = tokenize_records(tok, [replace(r, behavior_logprobs=None) for r in chunk], cfg)
-        results = [e if isinstance(e, RecordError) else t for e, t in zip(ends, results)]
-        want = [i for i, (e, t) in enumerate(zip(ends, results)) if not isinstance(t, RecordError) and e]
-        ids, starts = tok.encode_responses([chunk[i].response for i in want], [True] * len(want))
+        results = tokenize_records(tok, [replace(r, behavior_logprobs=None) for r in recs], cfg)
+        results = [p if isinstance(p, RecordError) else t for p, t in zip(plans, results)]
+        want = [i for i, (p, t) in enumerate(zip(plans, results)) if not isinstance(t, RecordError) and p.ends]
+        ids, starts = tok.encode_responses([recs[i].response for i in want], [True] * len(want))
         located = dict(zip(want, zip(ids, starts)))
-        for i, (rec, sample) in enumerate(zip(chunk, results)):
+        for i, (rec, sample) in enumerate(zip(recs, results)):
             try:
                 if isinstance(sample, RecordError):
                     raise sample
-                samples.append(_locate(rec, sample, ends[i], located.get(i), score, counts))
+                samples.append(_locate(rec, sample, plans[i], located.get(i), score, counts))
             except RecordError as err:
                 if not skip_invalid:
                     raise
@@ -190,28 +241,34 @@ def prepare_samples(records: Iterable[TrajectoryRecord], tok: Tokenizer, cfg: To
     return samples
 
 
-def _locate(rec: TrajectoryRecord, sample, ends: list[int], response: Optional[tuple[list[int], list[int]]],
+def _locate(rec: TrajectoryRecord, sample, plan: StepPlan, response: Optional[tuple[list[int], list[int]]],
             score: str, counts: Counter) -> StepSample:  # fmt: skip
-    """The StepSample of one tokenized record: its steps' token positions and scores."""
+    """The StepSample of one tokenized record: its steps' token positions, scores and solvability."""
     P = sample.prompt_length
     positions, scores, kept = np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64)
-    if ends:
+    n_kept = 0
+    if plan.ends:
         r_ids, r_starts = response
-        if list(sample.tokens[P:-1]) != list(r_ids):  # cannot happen unless tokenization changed
+        if list(sample.tokens[P : P + len(r_ids)]) != list(r_ids):  # cannot happen unless tokenization changed
             raise RuntimeError(f"{rec.file}:{rec.line}: the response tokens differ between tokenize_records "
                                "and encode_responses")  # fmt: skip
-        index = step_token_indices(r_starts, ends)
-        all_scores = step_scores(rec, score, index)
-        keep = np.array([k < len(r_ids) for k in index], dtype=bool)
-        counts["terminal_steps"] += int((~keep).sum())
+        index = step_token_indices(r_starts, plan.ends)
+        all_scores = step_scores(rec, score, plan, index)
+        keep = np.array([k < len(r_ids) for k in index], dtype=bool)  # False only for trailing steps
+        n_kept = int(keep.sum())
+        counts["terminal_steps"] += len(index) - n_kept
         positions = P + np.asarray(index, dtype=np.int64)[keep]
         scores, kept = all_scores[keep], np.flatnonzero(keep)
-        if keep.any():
+        if n_kept:
             counts["records_with_steps"] += 1
-            counts["steps"] += int(keep.sum())
+            counts["steps"] += n_kept
     counts["records"] += 1
+    if plan.outcome is not None:
+        counts["correct" if plan.outcome == 1.0 else "failed"] += 1
+    first = plan.first_unsolvable if plan.first_unsolvable is not None and plan.first_unsolvable < n_kept else None
     return StepSample(tokens=sample.tokens, prompt_length=P, positions=positions, scores=scores, step_index=kept,
-                      prompt_id=rec.prompt_id, outcome=rec.reward, file=rec.file, line=rec.line)  # fmt: skip
+                      prompt_id=rec.prompt_id, success=plan.outcome, n_solvable=min(plan.n_solvable, n_kept),
+                      first_unsolvable=first, sampler_miss=plan.sampler_miss, file=rec.file, line=rec.line)  # fmt: skip
 
 
 def read_held_out(cfg: ValueAnalysisConfig, skips: SkipCounter) -> list[TrajectoryRecord]:
@@ -228,60 +285,124 @@ def _summary_stats(x: np.ndarray) -> dict[str, Optional[float]]:
     return {"mean": float(x.mean()), "std": float(x.std())} if x.size else {"mean": None, "std": None}
 
 
-def analyze_values(samples: list[StepSample], values: list[np.ndarray], bins: int = 10,
-                   initial_value: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:  # fmt: skip
-    """Pair per-step values with scores and summarize.
+def _initial(samples: list[StepSample], values: list[np.ndarray], out: Analysis) -> dict[str, Any]:
+    """V(s0) (mean per prompt) against each prompt's success rate, over records with a known outcome."""
+    per_prompt: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for s, v in zip(samples, values):
+        if s.success is not None:
+            per_prompt[s.prompt_id].append((float(v[s.prompt_length - 1]), s.success))
+    out.prompt_values = np.array([np.mean([a for a, _ in p]) for p in per_prompt.values()], dtype=np.float64)
+    out.prompt_success = np.array([np.mean([b for _, b in p]) for p in per_prompt.values()], dtype=np.float64)
+    return {**correlation_summary(out.prompt_values, out.prompt_success), "prompts": int(out.prompt_values.size),
+            "responses": int(sum(len(p) for p in per_prompt.values())),
+            "value": _summary_stats(out.prompt_values), "success_rate": _summary_stats(out.prompt_success)}  # fmt: skip
+
+
+def analyze_values(samples: list[StepSample], values: list[np.ndarray], bins: int = 10, initial_value: bool = True,
+                   per_step: bool = True, drops: bool = True) -> Analysis:  # fmt: skip
+    """Pair per-step values with scores, measure the drops, and summarize.
 
     Args:
         samples: from `prepare_samples`.
-        values: per sample, float ``[>= T_i]`` or, for samples without steps, at least ``[P_i]``:
-            ``values[i][t] = V(tokens[0..t])``.
+        values: per sample, float ``[>= T_i]``, or at least ``[P_i]`` for samples without steps and when
+            `per_step` is off: ``values[i][t] = V(tokens[0..t])``.
         bins: see `binned_means`.
-        initial_value: add the V(s0) vs mean-outcome-per-prompt block.
-    Returns:
-        ``(stats, step_values [n], step_scores [n])``; `stats` holds ``steps`` (`correlation_summary` of
-        values vs scores), ``value`` / ``score`` (mean, std), ``bins`` and ``initial`` (or None).
+        initial_value: add the V(s0) vs prompt success block.
+        per_step: the per-step correlation (token-level values); off: ``per_step`` is None.
+        drops: the drop at the first unsolvable step (needs `per_step` and a prefix score kind).
     """
-    step_values = np.concatenate([v[s.positions] for s, v in zip(samples, values)] or [np.zeros(0)])
-    step_scores_ = np.concatenate([s.scores for s in samples] or [np.zeros(0)])
-    stats: dict[str, Any] = {
-        "steps": correlation_summary(step_values, step_scores_),
-        "value": _summary_stats(step_values),
-        "score": _summary_stats(step_scores_),
-        "bins": binned_means(step_scores_, step_values, bins=bins),
-        "initial": None,
-    }
+    out = Analysis(stats={"per_step": None, "value": None, "score": None, "bins": None, "drop": None, "initial": None})
+    if per_step:
+        after = [v[s.positions] for s, v in zip(samples, values)]
+        out.step_values = np.concatenate(after or [np.zeros(0)])
+        out.step_scores = np.concatenate([s.scores for s in samples] or [np.zeros(0)])
+        out.stats.update(per_step=correlation_summary(out.step_values, out.step_scores),
+                         value=_summary_stats(out.step_values), score=_summary_stats(out.step_scores),
+                         bins=binned_means(out.step_scores, out.step_values, bins=bins))  # fmt: skip
+        if drops:
+            v0 = [float(v[s.prompt_length - 1]) for s, v in zip(samples, values)]
+            out.first_drops, out.solvable_drops = collect_drops(v0, after, [s.n_solvable for s in samples],
+                                                                [s.first_unsolvable for s in samples])  # fmt: skip
+            failed = [s for s in samples if s.success == 0.0 and s.positions.size]
+            out.stats["drop"] = drop_summary(
+                out.first_drops, out.solvable_drops,
+                failed_without_first_unsolvable=sum(s.first_unsolvable is None for s in failed),
+                sampler_misses=sum(s.sampler_miss for s in failed))  # fmt: skip
     if initial_value:
-        per_prompt: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for s, v in zip(samples, values):
-            if s.outcome is not None:
-                per_prompt[s.prompt_id].append((float(v[s.prompt_length - 1]), s.outcome))
-        v0 = np.array([np.mean([a for a, _ in pairs]) for pairs in per_prompt.values()], dtype=np.float64)
-        success = np.array([np.mean([b for _, b in pairs]) for pairs in per_prompt.values()], dtype=np.float64)
-        stats["initial"] = {**correlation_summary(v0, success), "prompts": int(v0.size),
-                            "responses": int(sum(len(p) for p in per_prompt.values())),
-                            "value": _summary_stats(v0), "mean_outcome": _summary_stats(success)}  # fmt: skip
-    return stats, step_values, step_scores_
+        out.stats["initial"] = _initial(samples, values, out)
+    return out
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _write_pairs(path: Path, samples: list[StepSample], step_values: np.ndarray) -> None:
-    rows, at = [], 0
-    for s in samples:
-        for j, pos, score in zip(s.step_index, s.positions, s.scores):
+def _write_pairs(path: Path, samples: list[StepSample], values: list[np.ndarray]) -> None:
+    """One line per step: where it is, its value, score, drop and group (solvable / first_unsolvable / after)."""
+    rows = []
+    for s, v in zip(samples, values):
+        d = step_drops(v[s.prompt_length - 1], v[s.positions]) if s.positions.size else []
+        for j, pos, score, drop in zip(s.step_index, s.positions, s.scores, d):
+            group = ("solvable" if j < s.n_solvable else "first_unsolvable" if j == s.first_unsolvable
+                     else "after_unsolvable" if s.first_unsolvable is not None and j > s.first_unsolvable else None)  # fmt: skip
             rows.append({"file": s.file, "line": s.line, "prompt_id": s.prompt_id, "step": int(j),
-                         "position": int(pos), "value": float(step_values[at]), "score": float(score)})  # fmt: skip
-            at += 1
+                         "position": int(pos), "value": float(v[pos]), "score": float(score), "drop": float(drop),
+                         "group": group, "correct": s.success})  # fmt: skip
     write_jsonl(rows, path)
+
+
+def _value_target(ckpt) -> str:
+    algorithm = ckpt.run.algorithm if ckpt.run is not None else None
+    if algorithm not in VALUE_TARGETS:
+        raise ConfigError(f"{ckpt.path}: algorithm={algorithm!r} has a value network but no value analysis is "
+                          f"defined for it (known: {', '.join(a for a in VALUE_TARGETS if a)})")  # fmt: skip
+    return VALUE_TARGETS[algorithm]
+
+
+def _check_inputs(checkpoints, targets, samples, counts, score, cfg, tok) -> None:
+    """Fail before loading any model: nothing to analyse, or token ids the checkpoints cannot embed."""
+    if "token" in targets and counts["steps"] == 0:
+        source = "process_scores or a known outcome" if score in PREFIX_KINDS else "process_rewards"
+        raise ConfigError(f"no step to analyse: none of the {counts['records']} usable records of {cfg.records} has "
+                          f"{source} (score {score}; {counts['unscored']} unscored)")  # fmt: skip
+    if "prompt" in targets and not any(s.success is not None for s in samples):
+        raise ConfigError(f"no record of {cfg.records} has a known outcome (correct or reward): V(x) of a DRO "
+                          "checkpoint is compared with each prompt's success rate")  # fmt: skip
+    top = max(int(s.tokens.max()) for s in samples)
+    longest = max(len(s.tokens) for s in samples)
+    for ckpt in checkpoints:
+        if top >= ckpt.model.vocab_size:
+            raise ConfigError(f"{ckpt.path}: token id {top} from tokenizer {tok.name!r} is outside the model's "
+                              f"vocabulary ({ckpt.model.vocab_size}): wrong tokenizer for this checkpoint?")  # fmt: skip
+        if longest > ckpt.model.seq_length:
+            logger.warning("%s: the longest record has %d tokens, more than model.seq_length %d",
+                           ckpt.path, longest, ckpt.model.seq_length)  # fmt: skip
+
+
+def _analyse_checkpoint(ckpt, target: str, samples: list[StepSample], cfg: ValueAnalysisConfig, score: str,
+                        meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Load one checkpoint, read its values, and return its row (plot and pairs written)."""
+    from dqo_megatron.analysis.value_model import load_value_model, sequence_values
+
+    start = time.perf_counter()
+    token_level = target == "token"
+    if token_level and not cfg.initial_value:
+        samples = [s for s in samples if s.positions.size]
+    # a prompt-level value is read at the prompt only; samples without steps only need their prompt (V(s0))
+    sequences = [s.tokens if token_level and s.positions.size else s.tokens[: s.prompt_length] for s in samples]
+    model = load_value_model(ckpt, cfg.dtype)
+    values = sequence_values(model, sequences, cfg.batch_size)
+    del model
+    analysis = analyze_values(samples, values, cfg.bins, initial_value=cfg.initial_value or not token_level,
+                              per_step=token_level, drops=token_level and score in PREFIX_KINDS)  # fmt: skip
+    row = build_row(ckpt, target, analysis.stats, meta, reason=None if token_level else PROMPT_ONLY_REASON)
+    if token_level and score not in PREFIX_KINDS:
+        row["drop"] = {"reason": f"score {score}: the drop needs solvability (prefix_success or prefix_solvable)"}
+    if cfg.plot:
+        from dqo_megatron.analysis.plot import plot_checkpoint
+
+        row["plot"] = str(plot_checkpoint(analysis, row, out_dir / f"value_{ckpt.label}.png"))
+    if cfg.write_pairs and token_level:
+        row["pairs"] = str(out_dir / f"pairs_{ckpt.label}.jsonl")
+        _write_pairs(Path(row["pairs"]), samples, values)
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return json_safe(row)
 
 
 def run_value_analysis(cfg: ValueAnalysisConfig) -> list[dict[str, Any]]:
@@ -290,89 +411,45 @@ def run_value_analysis(cfg: ValueAnalysisConfig) -> list[dict[str, Any]]:
     Single process (TP=PP=1), CPU or one GPU. Returns the rows as written (one per checkpoint, in
     order). Raises ConfigError / RecordError / CheckpointError naming the file, line or field at fault.
     """
-    from dqo_megatron.analysis.value_model import load_value_model, resolve_checkpoints, sequence_values
+    from dqo_megatron.analysis.value_model import resolve_checkpoints
     from dqo_megatron.conversion.megatron_io import single_process_layout
 
     out_dir = Path(cfg.out_dir)
     checkpoints = resolve_checkpoints(cfg.checkpoints, cfg.run_config)
+    targets = [_value_target(c) for c in checkpoints]  # before any work
     skips, counts = SkipCounter(), Counter()
     tok = Tokenizer(cfg.tokenize.tokenizer)
     records = read_held_out(cfg, skips)
     score = resolve_score_kind(cfg.score, records)
-    samples = prepare_samples(records, tok, cfg.tokenize, score, skips, cfg.skip_invalid, counts)
-    if counts["steps"] == 0:
-        source = "process_scores" if score in ("prefix_success", "prefix_solvable") else "process_rewards"
-        raise ConfigError(f"no step to analyse: none of the {counts['records']} usable records of {cfg.records} has "
-                          f"{source} (score {score}; write them with `dqo-megatron process-scores`)")  # fmt: skip
-    logger.info("value analysis: %d records (%d with steps), %d steps, %d skipped", counts["records"],
-                counts["records_with_steps"], counts["steps"], skips.total)  # fmt: skip
-    # samples without steps only need their prompt (for V(s0))
-    sequences = [s.tokens if s.positions.size else s.tokens[: s.prompt_length] for s in samples]
-    if not cfg.initial_value:
-        sequences = [seq for seq, s in zip(sequences, samples) if s.positions.size]
-        samples = [s for s in samples if s.positions.size]
-    top = max(int(seq.max()) for seq in sequences)
-    longest = max(len(seq) for seq in sequences)
+    split = resolve_split(SplitConfig(split_pattern=cfg.split_pattern, max_steps=cfg.max_steps), cfg.splitter, records)
+    samples = prepare_samples(records, tok, cfg.tokenize, score, skips, cfg.skip_invalid, counts, split)
+    if not samples:
+        raise ConfigError(f"no usable record in {cfg.records} ({counts['unscored']} without process_scores or a "
+                          f"known outcome, {skips.total} invalid)")  # fmt: skip
+    _check_inputs(checkpoints, targets, samples, counts, score, cfg, tok)
+    logger.info("value analysis: %d records (%d correct, %d failed, %d with steps), %d steps; %d unscored, %d "
+                "skipped", counts["records"], counts["correct"], counts["failed"], counts["records_with_steps"],
+                counts["steps"], counts["unscored"], skips.total)  # fmt: skip
+    meta = {"score": score, "splitter": split.splitter if score in PREFIX_KINDS else None, "tokenizer": tok.name,
+            "records_files": cfg.records, "records": counts["records"], "correct_records": counts["correct"],
+            "failed_records": counts["failed"], "records_with_steps": counts["records_with_steps"],
+            "unscored_records": counts["unscored"], "terminal_steps_dropped": counts["terminal_steps"],
+            "skipped": dict(skips.counts)}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for ckpt in checkpoints:  # before any work
-        if top >= ckpt.model.vocab_size:
-            raise ConfigError(f"{ckpt.path}: token id {top} from tokenizer {tok.name!r} is outside the model's "
-                              f"vocabulary ({ckpt.model.vocab_size}): wrong tokenizer for this checkpoint?")  # fmt: skip
-        if longest > ckpt.model.seq_length:
-            logger.warning("%s: the longest record has %d tokens, more than model.seq_length %d",
-                           ckpt.path, longest, ckpt.model.seq_length)  # fmt: skip
     with single_process_layout():
-        for ckpt in checkpoints:
-            start = time.perf_counter()
-            model = load_value_model(ckpt, cfg.dtype)
-            values = sequence_values(model, sequences, cfg.batch_size)
-            del model
-            stats, step_values, step_scores_ = analyze_values(samples, values, cfg.bins, cfg.initial_value)
-            row: dict[str, Any] = {
-                "checkpoint": str(ckpt.path.absolute()), "label": ckpt.label, "kind": ckpt.kind, "step": ckpt.step,
-                "value_mode": ckpt.value_mode, "score": score, "tokenizer": tok.name, "records_files": cfg.records,
-                "records": counts["records"], "records_with_steps": counts["records_with_steps"],
-                "terminal_steps_dropped": counts["terminal_steps"], "skipped": dict(skips.counts),
-                "n": stats["steps"]["n"], "pearson": stats["steps"]["pearson"],
-                "spearman": stats["steps"]["spearman"], "undefined_reason": stats["steps"]["reason"],
-                "value_stats": stats["value"], "score_stats": stats["score"], "bins": stats["bins"],
-                "initial": stats["initial"], "plot": None, "pairs": None,
-            }  # fmt: skip
-            if cfg.plot:
-                from dqo_megatron.analysis.plot import plot_values_vs_scores
-
-                score_label = SCORE_LABELS[score]
-                row["plot"] = str(plot_values_vs_scores(step_values, step_scores_, stats["bins"],
-                                                        out_dir / f"value_{ckpt.label}.png", title=ckpt.label,
-                                                        stats=stats["steps"], score_label=score_label))  # fmt: skip
-            if cfg.write_pairs:
-                row["pairs"] = str(out_dir / f"pairs_{ckpt.label}.jsonl")
-                _write_pairs(Path(row["pairs"]), samples, step_values)
-            row["seconds"] = round(time.perf_counter() - start, 3)
-            rows.append(_json_safe(row))
+        for ckpt, target in zip(checkpoints, targets):
+            rows.append(_analyse_checkpoint(ckpt, target, samples, cfg, score, meta, out_dir))
             write_jsonl(rows, out_dir / RESULTS_FILE)  # rewritten after each checkpoint: progress survives
-            logger.info("%s: Pearson %s, Spearman %s over %d steps (%.1f s)", ckpt.label, row["pearson"],
-                        row["spearman"], row["n"], row["seconds"])  # fmt: skip
+            logger.info("%s (%.1f s)", format_row(rows[-1]), rows[-1]["seconds"])
+    if cfg.plot:
+        from dqo_megatron.analysis.plot import plot_trend
+
+        groups = trend_groups(rows)
+        names = trend_file_names(list(groups))
+        for run, group in groups.items():
+            path = plot_trend(group, out_dir / names[run])
+            for row in group:
+                row["trend_plot"] = str(path)
+        write_jsonl(rows, out_dir / RESULTS_FILE)
     return rows
-
-
-def format_row(row: dict[str, Any]) -> str:
-    """One line for the console: label, correlations, counts, plot."""
-
-    def f(x: Optional[float]) -> str:
-        return "n/a" if x is None else f"{x:+.4f}"
-
-    text = f"{row['label']}: Pearson {f(row['pearson'])}  Spearman {f(row['spearman'])}  steps {row['n']}"
-    if row.get("undefined_reason"):
-        text += f" ({row['undefined_reason']})"
-    if row.get("initial"):
-        init = row["initial"]
-        text += f"  | V(s0) vs prompt success: Pearson {f(init['pearson'])} over {init['prompts']} prompts"
-    return text + (f"  -> {row['plot']}" if row.get("plot") else "")
-
-
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a value_analysis.jsonl file (for comparing checkpoints)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -49,6 +49,8 @@ class ValueCheckpoint:
     """The run's resolved config (training checkpoints only)."""
     step: Optional[int] = None
     """The training step (from the ``step_N`` name), None for conversion checkpoints."""
+    run_dir: Optional[Path] = None
+    """The run directory (``run_dir`` of ``run_dir/checkpoints/step_N``); None for conversion checkpoints."""
     label: str = ""
     """A short name for output files: ``<run_dir name>-step_N`` or the directory name."""
 
@@ -73,9 +75,9 @@ def _training_checkpoint(step_dir: Path, run_config: Optional[str | Path]) -> Va
     run = _run_config_for(step_dir, run_config)
     match = _STEP_RE.match(step_dir.name)
     step = int(match.group(1)) if match else None
-    run_name = step_dir.absolute().parent.parent.name
+    run_dir = step_dir.absolute().parent.parent
     return ValueCheckpoint(path=step_dir, kind="training", model=run.model, value_mode=run.value.mode, run=run,
-                           step=step, label=f"{run_name}-{step_dir.name}")  # fmt: skip
+                           step=step, run_dir=run_dir, label=f"{run_dir.name}-{step_dir.name}")  # fmt: skip
 
 
 def resolve_checkpoints(paths: Sequence[str | Path], run_config: Optional[str | Path] = None) -> list[ValueCheckpoint]:

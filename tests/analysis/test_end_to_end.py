@@ -1,7 +1,8 @@
 """End to end: a tiny DQO run (the real trainer, 2 steps, a checkpoint after each), then the value
-analysis of its checkpoints on held-out records with process rewards: JSON rows and PNGs exist, the
-numbers are finite, and the per-step values equal the trainer's own `PolicyValueModel` forward of the
-loaded checkpoint (value mode separate and shared). The command line is run once, on one checkpoint.
+analysis of its checkpoints on held-out records with process rewards: JSON rows, PNGs and the trend PNG
+exist, the numbers are finite, and the per-step values equal the trainer's own `PolicyValueModel` forward
+of the loaded checkpoint (value mode separate and shared). A DRO run gets no per-step number, only V(x)
+against prompt success. The command line is run once, on one checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.synthetic_data import write_synthetic_dataset
 
 
-def _body(tmp: str, mode: str, tok_dir: str, records_file: str, cli_records: str | None) -> dict:
+def _body(tmp: str, algorithm: str, mode: str, tok_dir: str, records_file: str, cli_records: str | None) -> dict:
     import torch
 
     from dqo_megatron.analysis import ValueAnalysisConfig, run_value_analysis
@@ -35,7 +36,7 @@ def _body(tmp: str, mode: str, tok_dir: str, records_file: str, cli_records: str
 
     prefix = write_synthetic_dataset(f"{tmp}/data/train", docs=8, vocab=MODEL["vocab_size"], max_len=25)
     run_dir = Path(tmp) / f"run-{mode}"
-    run = RunConfig(model=ModelConfig(**MODEL), algorithm="dqo", data=DataConfig(train_prefix=prefix),
+    run = RunConfig(model=ModelConfig(**MODEL), algorithm=algorithm, data=DataConfig(train_prefix=prefix),
                     loss=LossConfig(beta=0.5), value=ValueConfig(mode=mode, head_init_std=0.02),
                     train=TrainConfig(micro_batch_size=2, global_batch_size=4, seq_length=24, lr=3e-3, train_steps=2,
                                       save_interval=1, log_interval=10),
@@ -45,6 +46,8 @@ def _body(tmp: str, mode: str, tok_dir: str, records_file: str, cli_records: str
     cfg = ValueAnalysisConfig(checkpoints=[str(run_dir)], records=[records_file], tokenize=tokenize,
                               out_dir=f"{tmp}/analysis-{mode}", write_pairs=True)  # fmt: skip
     rows = run_value_analysis(cfg)
+    if algorithm == "dro":
+        return {"rows": rows}
 
     # independently: the trainer's whole PolicyValueModel, loaded from the last checkpoint, run forward
     single = copy.deepcopy(run)
@@ -85,16 +88,35 @@ def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-@pytest.mark.parametrize("mode", ["separate", "shared"])
-def test_value_analysis_of_a_trained_run(mode, tmp_path, word_tok_dir, records_file, scored_records_file):
-    cli_records = scored_records_file if mode == "separate" else None
-    (res,) = run_distributed(_body, 1, str(tmp_path), mode, word_tok_dir, records_file, cli_records, timeout=300)
+def _assert_dro_rows(rows, tmp_path):
+    for row in rows:  # V(x) only: no per-step number, V(x) against each prompt's success rate
+        assert row["algorithm"] == "dro" and row["value_target"] == "prompt"
+        assert row["per_step"] is None and row["pearson"] is None and row["n"] is None and row["drop"] is None
+        assert row["reason"].startswith("DRO trains V(x) only") and row["undefined_reason"] == row["reason"]
+        assert row["initial"]["prompts"] == 4 and row["initial"]["responses"] == 12
+        assert _finite(row["initial"]["value"]["mean"]) and Path(row["plot"]).is_file()
+    assert rows[0]["trend_plot"] == rows[1]["trend_plot"] == str(tmp_path / "analysis-separate" / "trend_run-separate.png")
+    assert Path(rows[0]["trend_plot"]).is_file()
+
+
+@pytest.mark.parametrize("algorithm,mode", [("dqo", "separate"), ("dqo", "shared"), ("dro", "separate")])
+def test_value_analysis_of_a_trained_run(algorithm, mode, tmp_path, word_tok_dir, records_file, scored_records_file):
+    cli_records = scored_records_file if (algorithm, mode) == ("dqo", "separate") else None
+    (res,) = run_distributed(_body, 1, str(tmp_path), algorithm, mode, word_tok_dir, records_file, cli_records,
+                             timeout=300)  # fmt: skip
     rows = res["rows"]
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["label"] for r in rows] == [f"run-{mode}-step_00000001", f"run-{mode}-step_00000002"]
     on_disk = [json.loads(x) for x in (tmp_path / f"analysis-{mode}" / "value_analysis.jsonl").read_text().splitlines()]
     assert on_disk == rows
+    if algorithm == "dro":
+        return _assert_dro_rows(rows, tmp_path)
+    png = rows[0]["trend_plot"]  # two checkpoints of one run: a trend figure
+    assert png == str(tmp_path / f"analysis-{mode}" / f"trend_run-{mode}.png") and Path(png).is_file()
     for row in rows:
+        assert row["algorithm"] == "dqo" and row["value_target"] == "token" and row["run"] == str(tmp_path / f"run-{mode}")
+        assert row["drop"] == {"reason": "score process_reward: the drop needs solvability (prefix_success or "
+                                         "prefix_solvable)"}  # fmt: skip
         assert row["kind"] == "training" and row["value_mode"] == mode and row["score"] == "process_reward"
         assert row["records"] == 12 and row["records_with_steps"] == 12 and row["n"] >= 24
         assert _finite(row["pearson"]) and _finite(row["spearman"]) and row["undefined_reason"] is None
@@ -113,6 +135,8 @@ def test_value_analysis_of_a_trained_run(mode, tmp_path, word_tok_dir, records_f
         assert "Pearson" in cli["output"] and "value_analysis.jsonl" in cli["output"]
         (row,) = cli["rows"]
         assert row["score"] == "prefix_success" and row["initial"] is None and row["step"] == 1  # auto
+        assert row["correct_records"] + row["failed_records"] == row["records"] == 12 and row["trend_plot"] is None
+        assert row["drop"]["first_unsolvable"]["n"] == row["failed_records"]  # every failed answer is scored
         scored = [json.loads(x) for x in Path(scored_records_file).read_text().splitlines()]
         assert row["n"] == sum(len(r["process_scores"]["step_ends"]) for r in scored)
         assert _finite(row["pearson"]) and Path(row["plot"]).is_file()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqo_megatron.analysis.scores import parse_process_scores, resolve_score_kind, step_ends, step_scores
+from dqo_megatron.analysis.scores import SplitConfig, parse_process_scores, plan_steps, resolve_score_kind, step_scores
 from dqo_megatron.analysis.value_analysis import prepare_samples
 from dqo_megatron.data.records import RecordError, SkipCounter, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig, Tokenizer, tokenize_records
@@ -58,12 +58,15 @@ def test_reward_scores():
     (rec,) = _records([{"prompt": "so", "response": "step one add 2 = 2", "reward": 1.0,
                         "process_rewards": [[3, 1.0], [4, 0.5], [9, 0.25]]}])  # fmt: skip
     # steps 0 and 1 end on the same token: neither is "later" than the other
-    np.testing.assert_allclose(step_scores(rec, "return_to_go", [2, 2, 5]), [1.25, 1.25, 1.0])
-    np.testing.assert_allclose(step_scores(rec, "process_reward", [2, 2, 5]), [1.0, 0.5, 0.25])
-    assert step_ends(rec, "process_reward") == [3, 4, 9] and step_ends(rec, "prefix_success") == []
+    plan = plan_steps(rec, "process_reward", SplitConfig())
+    np.testing.assert_allclose(step_scores(rec, "return_to_go", plan, [2, 2, 5]), [1.25, 1.25, 1.0])
+    np.testing.assert_allclose(step_scores(rec, "process_reward", plan, [2, 2, 5]), [1.0, 0.5, 0.25])
+    assert plan.ends == [3, 4, 9] and plan.first_unsolvable is None and plan.n_solvable == 0
+    # a prefix kind reads a correct answer without process_scores as its split steps, all solvable
+    assert plan_steps(rec, "prefix_success", SplitConfig()).ends == [len(rec.response)]
     (no_reward,) = _records([{"prompt": "so", "response": "step one", "process_rewards": [[3, 1.0]]}])
     with pytest.raises(RecordError, match=r"held_out.jsonl:1: field 'reward'.*\[missing_field\]"):
-        step_scores(no_reward, "return_to_go", [0])
+        step_scores(no_reward, "return_to_go", plan_steps(no_reward, "return_to_go", SplitConfig()), [0])
 
 
 def test_process_scores_field(word_tok_dir):
