@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from dqo_megatron.cli._app import app
@@ -11,13 +13,18 @@ from dqo_megatron.cli._app import app
 def demo(
     run_dir: str = typer.Option("runs/demo", "--run-dir", "-o", help="Output directory (an earlier demo there is replaced)."),
     seed: int = typer.Option(0, help="Seed of problems, demonstrations, init, sampling and data order."),
+    seeds: str = typer.Option("", help="Comma-separated seeds (e.g. 0,1,2): one whole demo per seed in "
+                              "<run-dir>/seed<S>, and <run-dir>/seeds.md with mean +- std over them."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes (CI): the same stages in under 3 minutes."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size of the Megatron stages (torchrun + gloo)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size of the Megatron stages."),
-    rl_steps: int = typer.Option(100, help="Optimizer steps of DQO and of DRO."),
+    digits: Optional[int] = typer.Option(None, help="Digits per operand: column steps per answer (default: the "
+                                         "demo's, docs/demo.md; --quick uses at most 2)."),
+    rl_steps: int = typer.Option(100, help="Optimizer steps of each trained row (DRO, DQO, DQO+PS)."),
     samples_per_problem: int = typer.Option(8, "--samples", help="Samples per training problem (N)."),
 ) -> None:
-    """Data, SFT warm-up, rollouts, labels, process scores, DQO and DRO training, evaluation: see docs/demo.md."""
+    """Data, SFT warm-up, rollouts, labels, process scores, DRO / DQO / DQO+PS training, evaluation, value
+    analysis: see docs/demo.md."""
     import warnings
 
     from dqo_megatron.config import ConfigError
@@ -27,10 +34,23 @@ def demo(
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
 
+    echo = lambda line: typer.echo(line, err=True)  # noqa: E731
     try:
+        sizes = {"digits": digits} if digits is not None else {}
         cfg = DemoConfig(run_dir=run_dir, seed=seed, quick=quick, tp=tp, pp=pp, rl_steps=rl_steps,
-                         samples_per_problem=samples_per_problem)  # fmt: skip
-        results = run_demo(cfg, echo=lambda line: typer.echo(line, err=True))
+                         samples_per_problem=samples_per_problem, **sizes)  # fmt: skip
+        if seeds:
+            from dqo_megatron.demo.seeds import run_seeds
+
+            try:
+                chosen = [int(s) for s in seeds.split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+            summary = run_seeds(cfg, chosen, echo=echo)
+            typer.echo(summary["table"])
+            typer.echo(f"per-seed reports: {run_dir}/seed<S>/report.md")
+            return
+        results = run_demo(cfg, echo=echo)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

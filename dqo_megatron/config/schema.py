@@ -495,8 +495,8 @@ class TrainEvalConfig:
     """Problems file (GSM8K/MATH-style JSONL or a saved HF dataset; see `tasks.datasets.load_problems`).
     Use a validation split disjoint from the test set you report: the best checkpoint is picked on it."""
     interval: int = 0
-    """Evaluate (greedy) every this many steps, at step 0 and at the last step too, and save a checkpoint
-    at each evaluated step (0: off). Needs TP = PP = CP = 1 (the problems are split over data-parallel
+    """Evaluate (greedy) every this many steps from the step the policy starts moving (0, or after
+    value.warmup_steps) to the last step, and save a checkpoint at each evaluated step (0: off). Needs TP = PP = CP = 1 (the problems are split over data-parallel
     ranks); larger layouts evaluate saved checkpoints with `dqo-megatron eval`."""
     limit: int = 0
     """Evaluate this many problems, evenly spread over the file (0: all)."""

@@ -1,15 +1,23 @@
 """`dqo-megatron demo`: the whole DQO loop on a laptop CPU, through the commands a 7B run uses.
 
-    task          synthetic column addition (GSM8K record format), imperfect demonstrations
-    tokenizer     a sentencepiece BPE model trained on the task's text
+    task          synthetic column addition (GSM8K record format), imperfect demonstrations; training,
+                  validation (checkpoint picking), test and analysis problems, disjoint
+    tokenizer     a sentencepiece BPE model trained on the task's text; row and answer lengths
     warm-up       preprocess the demonstrations; `train` algorithm=sft from random init (a tiny Llama
-                  built from its layer spec); `export --format megatron` -> base/ (policy and reference)
-    rollout       `rollout` N samples per training problem from base/ (megatron backend), labeled
-    scores        `rollout` + `process-scores` on held-out problems (for the value analysis)
-    data          `preprocess` the rollouts; `annotate` them with the reference's log-probs
-    dqo, dro      `train` each algorithm from base/ with the same data and budget
-    eval          `eval` base, DRO and DQO on held-out problems, greedy and sampled
+                  built from its layer spec); `export` to HF, `convert hf-to-megatron` -> base/
+    rollout       `rollout` N samples per training problem from the base policy, labeled
+    scores        `process-scores` of the training rollouts (DQO+PS) and of held-out answers (analysis)
+    data          `preprocess` the rollouts with and without process rewards; `annotate` reference log-probs
+    DRO, DQO,     `train` each row from base/ with the same data and budget; held-out accuracy on the
+    DQO+PS        validation problems every eval_interval steps picks the checkpoint that is exported
+    eval          `eval` base and the trained rows on the test problems, greedy and sampled
+    analysis      value analysis of the trained value networks against the process scores
     report        table, training curves, value-vs-process-score plots, summary
+
+Why this task: each of the `digits` columns may need a carry, and the warm policy forgets a due carry
+more often than not, so a failed answer holds correct steps followed by a fatal one; with scarce data
+(512 problems x 4 samples, about 1.6 epochs of policy steps) the question is whether per-step credit
+(DQO's value, process scores) helps.
 
 Megatron stages (train, annotate, export) run as `python -m dqo_megatron ...` subprocesses, under
 `torchrun` when the layout has several ranks (`--tp 2` ...): the very commands of
@@ -40,75 +48,104 @@ MARKER = "demo.json"
 """File that marks a directory as a demo run (such a directory may be replaced by the next demo)."""
 
 
+ROWS = {"dro": "DRO", "dqo": "DQO", "dqo_ps": "DQO+PS"}
+"""The trained rows (algorithm key -> row name); `dqo_ps` is DQO on the rollouts with process scores."""
+
+
 @dataclass
 class DemoConfig:
-    """Sizes and knobs of the demo (defaults: the full demo, a few minutes on 2 CPU cores)."""
+    """Sizes and knobs of the demo (defaults: the full demo, under 10 minutes on 2 CPU cores)."""
 
     run_dir: str = "runs/demo"
     """Where everything goes; an existing demo run there is replaced, any other directory is an error."""
     seed: int = 0
     """Seeds the problems, demonstrations, model init, sampling and data order."""
     quick: bool = False
-    """Smaller sizes everywhere (CI: the same stages in well under 3 minutes)."""
+    """Smaller sizes everywhere (CI: the same stages in under 3 minutes)."""
     tp: int = 1
     """Tensor-parallel size of the Megatron stages (torchrun with gloo when > 1)."""
     pp: int = 1
     """Pipeline-parallel size of the Megatron stages."""
-    digits: int = 2
-    """Digits per operand of the addition task."""
+    digits: int = 3
+    """Digits per operand: an answer has `digits` column steps; every column but the first may need a
+    carry-in (a decisive step). 3 is the most the demo's tiny model learns in its warm-up budget (at 4 its
+    base answers misread digits: 1.5% greedy accuracy, docs/demo.md)."""
     carry_drop: float = 0.6
     """Probability that a demonstration forgets a due carry (> 0.5: the warm policy's greedy step is wrong)."""
     demonstrations: int = 4000
     """Demonstrations for the supervised warm-up."""
     sft_steps: int = 600
     """Warm-up optimizer steps (batch 32)."""
-    rollout_problems: int = 256
-    """Training problems the base policy samples answers to."""
-    samples_per_problem: int = 8
-    """N: samples per training problem."""
+    rollout_problems: int = 512
+    """Training problems the base policy samples answers to (many problems, few samples each: a value
+    fitted on 64 problems x 8 samples memorized the problems and learned no step, docs/demo.md)."""
+    samples_per_problem: int = 4
+    """N: samples per training problem (about 40% of them correct)."""
+    value_warmup_steps: int = 200
+    """Critic warm-up of every row with a value (DRO, DQO, DQO+PS): the value network alone first
+    (value.warmup_steps), on data that is then exactly on-policy (importance weights 1)."""
     rl_steps: int = 100
-    """Optimizer steps of DQO and of DRO (batch 32, the same data)."""
+    """Policy optimizer steps of each trained row after the warm-up (batch 32, the same data)."""
     rl_lr: float = 3e-5
-    """Peak learning rate of DQO and DRO (policy and value network)."""
+    """Peak learning rate of the policy (DQO, DRO)."""
+    value_lr_ratio: float = 10.0
+    """Value learning rate = this x rl_lr (the trainer's default ratio, value.lr_ratio)."""
     beta: float = 0.1
     """KL coefficient of DQO and DRO."""
+    eval_interval: int = 25
+    """Greedy accuracy on the validation problems every this many RL steps; the best step is the
+    checkpoint evaluated on the test problems (the paper picks checkpoints by evaluation)."""
+    validation_problems: int = 100
+    """Held-out problems (disjoint from the test problems) that pick each row's checkpoint."""
     eval_problems: int = 500
-    """Held-out problems for evaluation."""
+    """Held-out test problems of the accuracy table."""
     analysis_problems: int = 100
     """Held-out problems whose sampled answers get synthetic process scores (value analysis)."""
     process_completions: int = 8
     """M: completions per step prefix in process scores (the paper: 20)."""
-    algorithms: tuple[str, ...] = ("dqo", "dro")
-    """Trained from the base policy, each with the same data and budget."""
+    step_reward: float = 0.1
+    """Process reward of each step of a solvable prefix (every_correct)."""
+    algorithms: tuple[str, ...] = ("dro", "dqo", "dqo_ps")
+    """Trained from the base policy, each with the same data and budget (dqo_ps: with process scores)."""
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"tp={self.tp}, pp={self.pp}: must be >= 1")
-        if self.quick:
+        if not 1 <= self.digits <= 6:
+            raise ConfigError(f"digits={self.digits}: choose 1..6")
+        if self.quick:  # the same stages at a size CI affords (2-digit problems; accuracies not meaningful)
+            self.digits = min(self.digits, 2)
             self.demonstrations = min(self.demonstrations, 2000)
             self.sft_steps = min(self.sft_steps, 300)
-            self.rollout_problems = min(self.rollout_problems, 64)
+            self.rollout_problems = min(self.rollout_problems, 48)
             self.samples_per_problem = min(self.samples_per_problem, 4)
+            self.value_warmup_steps = min(self.value_warmup_steps, 6)
             self.rl_steps = min(self.rl_steps, 12)
+            self.eval_interval = min(self.eval_interval, 6)
+            self.validation_problems = min(self.validation_problems, 16)
             self.eval_problems = min(self.eval_problems, 40)
             self.analysis_problems = min(self.analysis_problems, 12)
-            self.process_completions = min(self.process_completions, 4)
+            self.process_completions = min(self.process_completions, 2)
+        if self.value_warmup_steps < 0:
+            raise ConfigError(f"value_warmup_steps={self.value_warmup_steps}: must be >= 0")
         for name in ("demonstrations", "sft_steps", "rollout_problems", "samples_per_problem", "rl_steps",
-                     "eval_problems", "analysis_problems", "process_completions"):  # fmt: skip
+                     "eval_interval", "validation_problems", "eval_problems", "analysis_problems",
+                     "process_completions"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        unknown = set(self.algorithms) - {"dqo", "dro"}
+        unknown = set(self.algorithms) - set(ROWS)
         if unknown or not self.algorithms:
-            raise ConfigError(f"algorithms={list(self.algorithms)}: choose from dqo, dro")
+            raise ConfigError(f"algorithms={list(self.algorithms)}: choose from {', '.join(ROWS)}")
 
 
-MODEL = dict(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4,
-             num_query_groups=4, vocab_size=128, seq_length=64)  # fmt: skip
-"""The tiny Llama-family policy (about 0.1M parameters) built from Megatron's layer spec."""
-SEQ = 64
-"""Tokens per training sequence (prompt + response + EOS fit in 56 for 2-digit problems)."""
-MAX_NEW_TOKENS = 40
-"""Longest generated response (a correct 2-digit solution takes 21 tokens)."""
+def model_config(seq_length: int) -> dict:
+    """The tiny Llama-family policy (about 0.1M parameters) built from Megatron's layer spec."""
+    return dict(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4,
+                num_query_groups=4, vocab_size=VOCAB, seq_length=seq_length)  # fmt: skip
+
+
+VOCAB = 128
+"""Sentencepiece pieces of the demo tokenizer."""
 
 
 @dataclass
@@ -152,15 +189,15 @@ def prepare_run_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def run_config(cfg: DemoConfig, run_dir: Path, *, algorithm: str, train_prefix: str, steps: int, lr: float,
-               init_policy: str | None = None, extra: dict | None = None) -> dict:  # fmt: skip
-    """A training config (the same YAML a user writes) for one of the demo's runs."""
+def run_config(cfg: DemoConfig, run_dir: Path, *, seq: int, algorithm: str, train_prefix: str, steps: int,
+               lr: float, init_policy: str | None = None, extra: dict | None = None) -> dict:  # fmt: skip
+    """A training config (the same YAML a user writes) for one of the demo's runs (`seq` tokens a row)."""
     config = {
-        "model": dict(MODEL),
+        "model": model_config(seq),
         "parallel": {"tensor_model_parallel_size": cfg.tp, "pipeline_model_parallel_size": cfg.pp},
         "algorithm": algorithm,
         "train": {"micro_batch_size": 32 // cfg.pp, "global_batch_size": 32,
-                  "seq_length": SEQ, "lr": lr, "train_steps": steps, "seed": cfg.seed + 1,
+                  "seq_length": seq, "lr": lr, "train_steps": steps, "seed": cfg.seed + 1,
                   "log_interval": max(steps // 10, 1), "keep_last_checkpoints": 1},  # fmt: skip
         "data": {"train_prefix": train_prefix},
         "run_dir": str(run_dir),
@@ -240,21 +277,22 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     runner = Stages(total=9 + len(cfg.algorithms), echo=echo)
     started = time.perf_counter()
     ctx = stages.Context(cfg=cfg, root=root, task=task)
-    runner.run("task", "synthetic column addition, held-out split, imperfect demonstrations", ctx.make_task)
-    runner.run("tokenizer", "train a sentencepiece BPE model on the task's text", ctx.make_tokenizer)
-    runner.run("warm-up", f"SFT of a tiny {MODEL['family']} GPT on the demonstrations ({cfg.sft_steps} steps)",
-               ctx.warm_up)  # fmt: skip
+    runner.run("task", f"synthetic {cfg.digits}-digit column addition, held-out splits, imperfect demonstrations",
+               ctx.make_task)  # fmt: skip
+    runner.run("tokenizer", "train a sentencepiece BPE model on the task's text; sequence lengths", ctx.make_tokenizer)
+    runner.run("warm-up", f"SFT of a tiny llama GPT on the demonstrations ({cfg.sft_steps} steps)", ctx.warm_up)
     runner.run("rollout", f"{cfg.samples_per_problem} samples x {cfg.rollout_problems} problems from the base "
                "policy, labeled", ctx.rollout)  # fmt: skip
-    runner.run("process scores", f"synthetic process scores of held-out answers (M={cfg.process_completions})",
-               ctx.process_scores)  # fmt: skip
-    runner.run("data", "preprocess the rollouts; annotate reference log-probs", ctx.prepare_data)
+    runner.run("process scores", f"synthetic process scores of the training and held-out answers "
+               f"(M={cfg.process_completions})", ctx.process_scores)  # fmt: skip
+    runner.run("data", "preprocess the rollouts (with and without process scores); annotate reference log-probs",
+               ctx.prepare_data)  # fmt: skip
     for algo in cfg.algorithms:
-        runner.run(algo.upper(), f"train {algo.upper()} from the base policy ({cfg.rl_steps} steps)",
-                   lambda algo=algo: ctx.train_rl(algo))  # fmt: skip
-    runner.run("eval", f"base vs {', '.join(a.upper() for a in cfg.algorithms)} on {cfg.eval_problems} held-out "
+        runner.run(ROWS[algo], f"train {ROWS[algo]} from the base policy ({cfg.rl_steps} steps, checkpoint picked "
+                   f"on {cfg.validation_problems} validation problems)", lambda algo=algo: ctx.train_rl(algo))  # fmt: skip
+    runner.run("eval", f"base vs {', '.join(ROWS[a] for a in cfg.algorithms)} on {cfg.eval_problems} held-out "
                "problems, greedy and sampled", ctx.evaluate)  # fmt: skip
-    runner.run("value analysis", "per-step values vs process scores", ctx.value_analysis)
+    runner.run("value analysis", "values vs process scores on held-out answers", ctx.value_analysis)
     runner.run("report", "table, curves, summary", lambda: ctx.report(time.perf_counter() - started, runner.done))
     results = ctx.results(runner.done, time.perf_counter() - started)
     (root / MARKER).write_text(json.dumps(results, indent=1, default=str))

@@ -6,9 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dqo_megatron.demo.pipeline import (
-    MAX_NEW_TOKENS,
-    MODEL,
-    SEQ,
+    ROWS,
+    VOCAB,
     DemoConfig,
     latest_checkpoint,
     megatron_command,
@@ -20,6 +19,7 @@ from dqo_megatron.demo.pipeline import (
 from dqo_megatron.demo.task import (
     AdditionTask,
     make_problems,
+    sequence_lengths,
     tokenizer_corpus,
     train_tokenizer,
     write_demonstrations,
@@ -38,6 +38,10 @@ class Context:
     root: Path
     task: AdditionTask
     measured: dict = field(default_factory=dict)
+    seq: int = 0
+    """Tokens per training row (set by the tokenizer stage from the task's longest prompt and answer)."""
+    max_new: int = 0
+    """Longest generated answer in tokens, EOS included (likewise)."""
 
     def path(self, *parts: str) -> Path:
         """A path inside the run directory."""
@@ -50,34 +54,42 @@ class Context:
     def _tokenize_config(self):
         from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
 
-        return TokenizeConfig(tokenizer=TokenizerConfig(path=self.tokenizer), max_length=SEQ)
+        return TokenizeConfig(tokenizer=TokenizerConfig(path=self.tokenizer), max_length=self.seq + 1)
 
     # ------------------------------------------------------------------ data and warm-up
     def make_task(self):
         cfg, task = self.cfg, self.task
-        held_out = make_problems(task, cfg.eval_problems + cfg.analysis_problems, seed=10_000 + cfg.seed)
+        held = (cfg.eval_problems, cfg.validation_problems, cfg.analysis_problems)
+        held_out = make_problems(task, sum(held), seed=10_000 + cfg.seed)
         train = make_problems(task, max(cfg.demonstrations, cfg.rollout_problems), seed=cfg.seed, exclude=set(held_out))
-        write_problems(task, held_out[:cfg.eval_problems], self.path("test.jsonl"))
-        write_problems(task, held_out[cfg.eval_problems:], self.path("analysis.jsonl"))
+        test, validation, analysis = (held_out[:held[0]], held_out[held[0]:held[0] + held[1]],
+                                      held_out[held[0] + held[1]:])  # fmt: skip
+        write_problems(task, test, self.path("test.jsonl"))
+        write_problems(task, validation, self.path("validation.jsonl"))
+        write_problems(task, analysis, self.path("analysis.jsonl"))
         write_problems(task, train[:cfg.rollout_problems], self.path("train.jsonl"))
         _, right = write_demonstrations(task, train[:cfg.demonstrations], self.path("demonstrations.jsonl"),
                                         seed=cfg.seed)  # fmt: skip
-        no_carry = sum(task.carries(a, b) == 0 for a, b in held_out[:cfg.eval_problems]) / cfg.eval_problems
+        no_carry = sum(task.carries(a, b) == 0 for a, b in test) / len(test)
         self.measured.update(demonstrations_correct=right, test_without_carry=no_carry)
-        return (f"{cfg.demonstrations} demonstrations ({100 * right:.0f}% correct), {cfg.rollout_problems} training "
-                f"and {cfg.eval_problems} held-out problems ({100 * no_carry:.0f}% need no carry)",
+        return (f"{cfg.demonstrations} demonstrations ({100 * right:.0f}% correct), {cfg.rollout_problems} training, "
+                f"{len(validation)} validation and {len(test)} test problems ({100 * no_carry:.0f}% need no carry)",
                 {"problems": str(self.path("train.jsonl")), "test": str(self.path("test.jsonl"))})  # fmt: skip
 
     def make_tokenizer(self):
         import sentencepiece as spm
 
         problems = make_problems(self.task, 2000, seed=self.cfg.seed + 7)
-        train_tokenizer(tokenizer_corpus(self.task, problems), self.tokenizer, vocab_size=MODEL["vocab_size"])
+        train_tokenizer(tokenizer_corpus(self.task, problems), self.tokenizer, vocab_size=VOCAB)
         sp = spm.SentencePieceProcessor(model_file=self.tokenizer)
-        sample = self.task.solution(47, 38)
+        largest = 10 ** self.task.digits - 1
+        sample = self.task.solution(largest, largest)
         if sp.decode(sp.encode(sample)) != sample:
             raise RuntimeError("the demo tokenizer does not round-trip the task's text")
-        return f"vocabulary {sp.vocab_size()}, a solution is {len(sp.encode(sample))} tokens", {"tokenizer": self.tokenizer}
+        self.seq, self.max_new = sequence_lengths(self.task, sp)
+        self.measured.update(seq_length=self.seq, max_new_tokens=self.max_new)
+        return (f"vocabulary {sp.vocab_size()}, the longest solution is {len(sp.encode(sample))} tokens; rows of "
+                f"{self.seq} tokens, answers up to {self.max_new}", {"tokenizer": self.tokenizer})  # fmt: skip
 
     def _preprocess(self, records: Path, prefix: Path) -> str:
         from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
@@ -90,7 +102,7 @@ class Context:
 
     def _train(self, name: str, **kwargs) -> Path:
         run_dir = self.path("runs", name)
-        config = write_yaml(self.path("configs", f"{name}.yaml"), run_config(self.cfg, run_dir, **kwargs))
+        config = write_yaml(self.path("configs", f"{name}.yaml"), run_config(self.cfg, run_dir, seq=self.seq, **kwargs))
         megatron_command(self.cfg, ["train", "-c", str(config)], self.path("logs", f"train_{name}.log"))
         return run_dir
 
@@ -110,9 +122,11 @@ class Context:
                 {"run": str(run_dir), "hf": str(self.path("hf", "base")), "base": str(self.path("base"))})
 
     def _export(self, run_dir: Path, name: str) -> Path:
+        return self._export_checkpoint(latest_checkpoint(run_dir), name)
+
+    def _export_checkpoint(self, checkpoint: Path, name: str) -> Path:
         out = self.path("hf", name)
-        single_command(["export", str(latest_checkpoint(run_dir)), str(out), "--verify"],
-                       self.path("logs", f"export_{name}.log"))  # fmt: skip
+        single_command(["export", str(checkpoint), str(out), "--verify"], self.path("logs", f"export_{name}.log"))
         return out
 
     # ------------------------------------------------------------------ generation
@@ -126,7 +140,7 @@ class Context:
 
         return run_rollout(RolloutConfig(problems=str(problems), output=str(output), model=str(self.path("hf", "base")),
                                          tokenizer=self.tokenizer, backend="transformers", device="cpu", batch_size=256, task="gsm8k", n=n,
-                                         max_new_tokens=MAX_NEW_TOKENS, seed=self.cfg.seed, label=True, problems_per_call=16,
+                                         max_new_tokens=self.max_new, seed=self.cfg.seed, label=True, problems_per_call=16,
                                          progress=False, **SAMPLING))  # fmt: skip
 
     def rollout(self):
@@ -135,55 +149,84 @@ class Context:
         return (f"{s.written} labeled samples ({100 * s.correct / max(s.labeled, 1):.0f}% correct), "
                 f"{s.samples_per_s:.0f} samples/s", {"rollouts": str(self.path("rollouts.jsonl"))})  # fmt: skip
 
-    def process_scores(self):
+    def _score(self, records: Path, output: Path, backend):
         from dqo_megatron.rollout.process_scores import ProcessScoresConfig, process_scores
 
+        return process_scores(ProcessScoresConfig(inputs=[str(records)], output=str(output),
+                                                  model_id=str(self.path("hf", "base")), splitter="lines",
+                                                  num_completions=self.cfg.process_completions,
+                                                  assign="every_correct", step_reward=self.cfg.step_reward,
+                                                  max_new_tokens=self.max_new, seed=self.cfg.seed,
+                                                  progress=False, **SAMPLING), backend)  # fmt: skip
+
+    def process_scores(self):
         self._rollout(self.path("analysis.jsonl"), self.path("analysis_rollouts.jsonl"), 4)
         backend = self._backend(str(self.path("hf", "base")))
-        try:
-            s = process_scores(ProcessScoresConfig(inputs=[str(self.path("analysis_rollouts.jsonl"))],
-                                                   output=str(self.path("analysis_scored.jsonl")),
-                                                   model_id=str(self.path("hf", "base")), splitter="lines",
-                                                   num_completions=self.cfg.process_completions,
-                                                   max_new_tokens=MAX_NEW_TOKENS, seed=self.cfg.seed,
-                                                   progress=False, **SAMPLING), backend)  # fmt: skip
+        try:  # the training rollouts (the paper's DQO + process scores) and the held-out answers (analysis)
+            train = self._score(self.path("rollouts.jsonl"), self.path("rollouts_scored.jsonl"), backend)
+            held = self._score(self.path("analysis_rollouts.jsonl"), self.path("analysis_scored.jsonl"), backend)
         finally:
             backend.close()
-        return s.report().splitlines()[0], {"scored": str(self.path("analysis_scored.jsonl"))}
+        self.measured["process_scores"] = {"train_rewarded": train.rewarded_records, "heldout_rewarded": held.rewarded_records}
+        return (f"training answers: {train.rewarded_records} failed ones got step rewards; held-out: "
+                f"{held.rewarded_records}", {"scored": str(self.path("rollouts_scored.jsonl")),
+                                             "analysis": str(self.path("analysis_scored.jsonl"))})  # fmt: skip
 
     # ------------------------------------------------------------------ RL
+    def _annotate(self, prefix: Path, name: str) -> None:
+        config = write_yaml(self.path("configs", f"annotate_{name}.yaml"),
+                            run_config(self.cfg, self.path("runs", f"annotate_{name}"), seq=self.seq, algorithm="dqo",
+                                       train_prefix=str(prefix), steps=1, lr=0.0, init_policy=str(self.path("base"))))  # fmt: skip
+        megatron_command(self.cfg, ["annotate", "-c", str(config)], self.path("logs", f"annotate_{name}.log"))
+
     def prepare_data(self):
         docs = self._preprocess(self.path("rollouts.jsonl"), self.path("data", "rollouts"))
-        config = write_yaml(self.path("configs", "annotate.yaml"),
-                            run_config(self.cfg, self.path("runs", "annotate"), algorithm="dqo",
-                                       train_prefix=str(self.path("data", "rollouts")), steps=1, lr=0.0,
-                                       init_policy=str(self.path("base"))))  # fmt: skip
-        megatron_command(self.cfg, ["annotate", "-c", str(config)], self.path("logs", "annotate.log"))
-        return f"{docs}, reference log-probs stored", {"prefix": str(self.path("data", "rollouts"))}
+        self._annotate(self.path("data", "rollouts"), "rollouts")
+        outputs = {"prefix": str(self.path("data", "rollouts"))}
+        if "dqo_ps" in self.cfg.algorithms:
+            self._preprocess(self.path("rollouts_scored.jsonl"), self.path("data", "rollouts_ps"))
+            self._annotate(self.path("data", "rollouts_ps"), "rollouts_ps")
+            outputs["prefix_ps"] = str(self.path("data", "rollouts_ps"))
+        return f"{docs}, reference log-probs stored", outputs
 
-    def train_rl(self, algorithm: str):
+    def train_rl(self, name: str):
         cfg = self.cfg
-        run_dir = self._train(algorithm, algorithm=algorithm, train_prefix=str(self.path("data", "rollouts")),
-                              steps=cfg.rl_steps, lr=cfg.rl_lr, init_policy=str(self.path("base")),
-                              extra={"loss": {"beta": cfg.beta}, "data": {"reference": "data"}})  # fmt: skip
-        self._export(run_dir, algorithm)
+        data = self.path("data", "rollouts_ps" if name == "dqo_ps" else "rollouts")
+        evaluation = {"problems": str(self.path("validation.jsonl")), "interval": cfg.eval_interval, "task": "gsm8k",
+                      "tokenizer": self.tokenizer, "max_new_tokens": self.max_new}  # fmt: skip
+        keep = cfg.rl_steps // cfg.eval_interval + 2  # every evaluated step survives: the value trend reads them
+        extra = {"loss": {"beta": cfg.beta}, "data": {"reference": "data"}, "eval": evaluation,
+                 "value": {"lr_ratio": cfg.value_lr_ratio, "warmup_steps": cfg.value_warmup_steps},
+                 "train": {"keep_last_checkpoints": keep}}  # fmt: skip
+        algorithm = "dqo" if name == "dqo_ps" else name
+        run_dir = self._train(name, algorithm=algorithm, train_prefix=str(data), steps=cfg.value_warmup_steps + cfg.rl_steps,
+                              lr=cfg.rl_lr, init_policy=str(self.path("base")), extra=extra)  # fmt: skip
+        from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
+
+        evaluations = read_evaluations(run_dir)
+        best = best_evaluation(evaluations)
+        self._export_checkpoint(Path(best.checkpoint), name)
         rows = read_metrics(run_dir)
-        self.measured[f"{algorithm}_value_loss"] = (rows[0]["value_loss"], rows[-1]["value_loss"])
-        return (f"value loss {rows[0]['value_loss']:.4f} -> {rows[-1]['value_loss']:.4f}, "
-                f"KL to reference {rows[-1].get('kl_ref', float('nan')):.4f}",
-                {"run": str(run_dir), "checkpoint": str(latest_checkpoint(run_dir))})
+        self.measured[f"{name}_selection"] = {"validation": {e.step: e.accuracy for e in evaluations},
+                                              "picked_step": best.step, "picked_checkpoint": best.checkpoint}  # fmt: skip
+        self.measured[f"{name}_value_loss"] = (rows[0]["value_loss"], rows[-1]["value_loss"])
+        last = rows[-1]
+        return (f"validation greedy accuracy {100 * evaluations[0].accuracy:.0f}% -> best {100 * best.accuracy:.0f}% at "
+                f"step {best.step}; value explained variance {last.get('value_explained_var', float('nan')):.2f}, "
+                f"KL to reference {last.get('kl_ref', float('nan')):.4f}",
+                {"run": str(run_dir), "checkpoint": best.checkpoint})  # fmt: skip
 
     # ------------------------------------------------------------------ eval and analysis
     def models(self) -> dict[str, str]:
         """Name -> HF model directory (base, then each algorithm's exported policy)."""
-        return {"base": str(self.path("hf", "base")), **{a.upper(): str(self.path("hf", a)) for a in self.cfg.algorithms}}
+        return {"base": str(self.path("hf", "base")), **{ROWS[a]: str(self.path("hf", a)) for a in self.cfg.algorithms}}
 
     def evaluate(self):
         from dqo_megatron.eval.run import EvalConfig, evaluate
 
         models = self.models()
         cfg = EvalConfig(models=list(models.values()), names=list(models), output_dir=str(self.path("eval")),
-                         datasets=[f"addition={self.path('test.jsonl')}"], max_new_tokens=MAX_NEW_TOKENS,
+                         datasets=[f"addition={self.path('test.jsonl')}"], max_new_tokens=self.max_new,
                          seed=self.cfg.seed, progress=False, **SAMPLING)  # fmt: skip
         results = evaluate(cfg, self._backend)
         acc = {name: {dec: results.scores[name]["addition"][dec].accuracy for dec in ("greedy", "sample")}
@@ -194,17 +237,26 @@ class Context:
 
     def value_analysis(self):
         from dqo_megatron.analysis.value_analysis import ValueAnalysisConfig, run_value_analysis
+        from dqo_megatron.training.checkpointing import list_checkpoints
 
-        ckpts = [str(latest_checkpoint(self.path("runs", a))) for a in self.cfg.algorithms]
+        # every evaluated checkpoint of each run (the trend), the picked one reported
+        ckpts = [str(p) for a in self.cfg.algorithms for _, p in list_checkpoints(self.path("runs", a, "checkpoints"))]
         rows = run_value_analysis(ValueAnalysisConfig(checkpoints=ckpts, records=[str(self.path("analysis_scored.jsonl"))],
                                                       tokenize=self._tokenize_config(),
                                                       out_dir=str(self.path("value_analysis")), skip_invalid=True))  # fmt: skip
-        self.measured["value_analysis"] = rows
-        parts = []
-        for algo, row in zip(self.cfg.algorithms, rows):
-            r = row.get("pearson")
-            parts.append(f"{algo.upper()}: Pearson {r:.2f} over {row['n']} steps" if isinstance(r, float)
-                         else f"{algo.upper()}: undefined ({row.get('undefined_reason')})")  # fmt: skip
+        picked, trend, parts = [], {}, []
+        for algo in self.cfg.algorithms:
+            run_dir = self.path("runs", algo).resolve()
+            mine = sorted((r for r in rows if Path(r["checkpoint"]).resolve().parent.parent == run_dir),
+                          key=lambda r: r.get("step") or 0)  # fmt: skip
+            trend[ROWS[algo]] = [value_summary(r) for r in mine]
+            chosen = Path(self.measured[f"{algo}_selection"]["picked_checkpoint"]).resolve()
+            row = next(value_summary(r) for r in mine if Path(r["checkpoint"]).resolve() == chosen)
+            row["label"] = ROWS[algo]
+            picked.append(row)
+            parts.append(describe_value_row(row))
+        self.measured["value_analysis"] = picked
+        self.measured["value_trend"] = trend
         return "; ".join(parts), {"dir": str(self.path("value_analysis"))}
 
     def report(self, seconds: float, done: list):
@@ -220,3 +272,27 @@ class Context:
                            for s in done]}  # fmt: skip
 
 
+
+
+def value_summary(row: dict) -> dict:
+    """The numbers of one value-analysis row the demo reports: per-step Pearson (token-level values), the
+    mean drop at the first unsolvable step, the mean change over steps that stay solvable, and V(s0) vs
+    the prompts' success rate (all rows; the only number for DRO, whose V is trained at the prompt only)."""
+    drop = row.get("drop") or {}
+    first, solvable = drop.get("first_unsolvable") or {}, drop.get("solvable") or {}
+    initial = row.get("initial") or {}
+    return {"step": row.get("step"), "algorithm": row.get("algorithm"), "value_target": row.get("value_target"),
+            "pearson": row.get("pearson"), "steps": row.get("n"), "drop": first.get("mean"), "drops": first.get("n"),
+            "solvable_change": solvable.get("mean"), "initial_pearson": initial.get("pearson"),
+            "reason": row.get("reason") or row.get("undefined_reason")}  # fmt: skip
+
+
+def describe_value_row(row: dict) -> str:
+    """One line: DQO's per-step Pearson and drop, or DRO's V(x) correlation."""
+    def num(x):
+        return f"{x:.2f}" if isinstance(x, (int, float)) else "n/a"
+
+    if row["value_target"] == "prompt":
+        return f"{row['label']}: V(x) vs prompt success r = {num(row['initial_pearson'])} (V is trained at the prompt only)"
+    return (f"{row['label']}: Pearson {num(row['pearson'])} over {row['steps']} steps, value drop at the first "
+            f"unsolvable step {num(row['drop'])} (solvable steps {num(row['solvable_change'])})")

@@ -150,3 +150,20 @@ def train_tokenizer(texts: list[str], path: str | Path, vocab_size: int = 128) -
     path = Path(path)
     path.write_bytes(buf.getvalue())
     return path
+
+
+def sequence_lengths(task: AdditionTask, sp) -> tuple[int, int]:
+    """(tokens per training row, longest generated answer) that the task needs under tokenizer `sp`.
+
+    The longest prompt and correct solution are those of the largest operands (every column carries).
+    Answers may run longer than the correct solution (a wrong sum can take more tokens), so generation
+    allows 1.5x its length; a row holds BOS + prompt + that many tokens + one more position (where a
+    length-truncated answer's next-state value is read), rounded up to a multiple of 8.
+    """
+    from dqo_megatron.tasks.prompts import build_prompt
+
+    largest = 10 ** task.digits - 1
+    prompt = 1 + len(sp.encode(build_prompt("gsm8k", task.question(largest, largest))))
+    answer = len(sp.encode(task.solution(largest, largest))) + 1
+    max_new = answer + answer // 2 + 2
+    return -(-(prompt + max_new + 1) // 8) * 8, max_new

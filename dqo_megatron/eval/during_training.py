@@ -2,7 +2,8 @@
 
 Why: at lambda = 1 DQO's policy loss equals its value loss by construction, so no training curve says
 which checkpoint is the best policy; the paper picks checkpoints by evaluation. The trainer calls
-`HeldOutEvaluator` every `eval.interval` steps (and at steps 0 and the last), on the policy it is
+`HeldOutEvaluator` every `eval.interval` steps of the policy (from the step it starts moving, after
+any critic warm-up, to the last), on the policy it is
 training, with greedy decoding (the same `generate` loop and prompt framing as the `megatron` rollout
 backend); every evaluated step is also saved, and `best_evaluation` names the checkpoint to keep:
 
@@ -147,8 +148,9 @@ class EvalSchedule:
     """The trainer's component for `eval.interval`: when to evaluate, what was measured, which
     checkpoint steps must survive pruning (the best so far). Resumes from `run_dir/evals.jsonl`."""
 
-    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, is_logger: bool):
+    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, is_logger: bool, start: int = 0):
         self.interval = run.eval.interval
+        self.start = start  # the critic warm-up: the policy does not move before this step
         self.last_step = run.train.train_steps
         self.run_dir = run.run_dir
         self.is_logger = is_logger
@@ -157,9 +159,9 @@ class EvalSchedule:
 
     def due(self, step: int) -> bool:
         """Whether `step` (optimizer steps done) is evaluated and not yet measured."""
-        if self.evaluator is None or any(e.step == step for e in self.evaluations):
+        if self.evaluator is None or step < self.start or any(e.step == step for e in self.evaluations):
             return False
-        return step % self.interval == 0 or step == self.last_step
+        return (step - self.start) % self.interval == 0 or step == self.last_step
 
     def evaluate(self, policy, step: int) -> Evaluation:
         """Measure the policy now (collective)."""

@@ -24,7 +24,8 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
 
     Keys: tokens, labels, position_ids, response_mask, rewards, behavior_logprobs (NaN where the
     document has none: the loss then uses the reference's), all ``[b, s]``; truncated ``[b]`` bool (the
-    row's response hit the sampler's length limit: no EOS, its last token is not an end); ref_logprobs
+    row's response hit the sampler's length limit: no EOS, its last token is not an end); outcome_reward
+    ``[b]`` (the answer's reward, for metrics that tell correct from incorrect answers); ref_logprobs
     ``[b, s]`` (only with `with_ref_logprobs`).
     """
     tokens = collated["tokens"]
@@ -38,6 +39,7 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
         "rewards": collated["rewards"][:, 1:].contiguous(),
         "behavior_logprobs": behavior,
         "truncated": collated["truncated"].clone(),
+        "outcome_reward": collated["outcome_reward"].clone(),
     }
     if with_ref_logprobs:
         batch["ref_logprobs"] = collated["ref_logprobs"][:, 1:].contiguous()

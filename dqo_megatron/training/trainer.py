@@ -183,7 +183,7 @@ def train(run: RunConfig) -> TrainSummary:
             logger.info("resumed from %s at step %d", resume_from, summary.start_step)
     from dqo_megatron.eval.during_training import EvalSchedule
 
-    evals = EvalSchedule(run, info.dp_rank, info.dp_size, is_logger)
+    evals = EvalSchedule(run, info.dp_rank, info.dp_size, is_logger, start=value_warmup)
     writer = _tensorboard(run) if is_logger else None
     wandb_run = _wandb(run) if is_logger else None
     rows = t.global_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]]
@@ -198,7 +198,7 @@ def train(run: RunConfig) -> TrainSummary:
     nonfinite_in_a_row = 0
     started = time.perf_counter()
     with _SigtermFlag() as sigterm:
-        if evals.due(step):  # the starting policy: the baseline the picked checkpoint must beat
+        if evals.due(step):  # the starting policy (no critic warm-up): the baseline the picked checkpoint must beat
             evaluation = evals.evaluate(chunks[0].policy, step)
             saved = _save(ckpt_root, step, ddp, optimizer, scheduler, batches, t, evals.keep_steps(evaluation)) if ckpt_root else None
             evals.record(evaluation, str(saved) if saved else None)

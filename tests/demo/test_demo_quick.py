@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,42 +25,60 @@ def test_every_stage_reports_and_finishes(quick_demo):
     run_dir, done = quick_demo
     results = json.loads((run_dir / "demo.json").read_text())
     names = [s["name"] for s in results["stages"]]
-    assert names == ["task", "tokenizer", "warm-up", "rollout", "process scores", "data", "DQO", "DRO", "eval",
-                     "value analysis", "report"]  # fmt: skip
+    assert names == ["task", "tokenizer", "warm-up", "rollout", "process scores", "data", "DRO", "DQO", "DQO+PS",
+                     "eval", "value analysis", "report"]  # fmt: skip
     for k, name in enumerate(names, 1):  # one progress line per stage, with its duration
         assert f"[{k}/{len(names)}] {name}: " in done.stderr
     assert all(s["seconds"] > 0 for s in results["stages"])
-    assert "| base |" in done.stdout and "| DQO |" in done.stdout and "| DRO |" in done.stdout
+    for row in ("base", "DRO", "DQO", "DQO+PS"):
+        assert f"| {row} |" in done.stdout
 
 
 def test_stage_outputs_are_valid(quick_demo):
     run_dir, _ = quick_demo
     # rollouts: valid records, labeled, with behavior log-probs for the finished samples
     rollouts = list(read_records([str(run_dir / "rollouts.jsonl")]))
-    assert len(rollouts) == 64 * 4 and {r.reward for r in rollouts} <= {0.0, 1.0}
+    assert len(rollouts) == 48 * 4 and {r.reward for r in rollouts} <= {0.0, 1.0}
     assert sum(r.behavior_logprobs is not None for r in rollouts) > len(rollouts) // 2
-    # process scores: valid records, some failed answers got step rewards
-    scored = list(read_records([str(run_dir / "analysis_scored.jsonl")]))
-    assert any(r.process_rewards for r in scored)
-    # the indexed dataset with its reference log-probs filled by annotate
+    # process scores of the training answers (DQO+PS) and of held-out answers (value analysis)
+    for name in ("rollouts_scored.jsonl", "analysis_scored.jsonl"):
+        scored = list(read_records([str(run_dir / name)]))
+        assert any(r.process_rewards for r in scored), name
+    # the indexed datasets with their reference log-probs filled by annotate; process rewards inside answers
     from dqo_megatron.data.dataset import TrajectoryDataset
 
     data = TrajectoryDataset(str(run_dir / "data" / "rollouts"))
     assert len(data) == len(rollouts) and data.manifest["ref_logprobs_filled"]
     assert (data[0]["ref_logprobs"][data.prompt_lengths[0]:] < 0).any()
-    # converted base model, trained checkpoints and HF exports
+    with_ps = TrajectoryDataset(str(run_dir / "data" / "rollouts_ps"))
+    assert with_ps.manifest["ref_logprobs_filled"] and len(with_ps) == len(data)
+    inner = [d for d in map(with_ps.__getitem__, range(len(with_ps))) if (d["rewards"][d["prompt_length"]:-1] > 0).any()]
+    assert inner, "no process reward inside any response"
+    # converted base model, trained checkpoints, the validation log that picked them, HF exports
     assert (run_dir / "base" / "model_config.yaml").is_file()
-    for algo in ("sft", "dqo", "dro"):
+    for algo in ("sft", "dro", "dqo", "dqo_ps"):
         assert list((run_dir / "runs" / algo / "checkpoints").glob("step_*/COMPLETE"))
-    for name in ("base", "dqo", "dro"):
+    from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
+
+    results = json.loads((run_dir / "demo.json").read_text())
+    for algo in ("dro", "dqo", "dqo_ps"):
+        evals = read_evaluations(run_dir / "runs" / algo)
+        assert [e.step for e in evals] == [6, 12, 18]  # from the end of the 6-step critic warm-up
+        picked = results["measured"][f"{algo}_selection"]
+        assert picked["picked_step"] == best_evaluation(evals).step
+        assert (Path(picked["picked_checkpoint"]) / "COMPLETE").is_file()
+    for name in ("base", "dro", "dqo", "dqo_ps"):
         assert (run_dir / "hf" / name / "model.safetensors").is_file()
-    # eval table, value analysis plots, curves, report
+    # eval table, value analysis (per checkpoint, trends), curves, report
     table = (run_dir / "eval" / "results.md").read_text()
-    assert "base" in table and "DQO" in table and "DRO" in table
-    assert len(list((run_dir / "value_analysis").glob("*.png"))) == 2
+    assert all(name in table for name in ("base", "DRO", "DQO", "DQO+PS"))
+    rows = {r["label"]: r for r in results["measured"]["value_analysis"]}
+    assert rows["DRO"]["value_target"] == "prompt" and rows["DQO"]["value_target"] == "token"
+    assert len(results["measured"]["value_trend"]["DQO"]) == 3  # steps 6, 12, 18
+    assert list((run_dir / "value_analysis").glob("trend_*.png"))
     for png in ("training_curves.png", "eval/accuracy.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "DQO reached" in (run_dir / "report.md").read_text()
+    assert "DQO (step " in (run_dir / "report.md").read_text() and " reached " in (run_dir / "report.md").read_text()
 
 
 def test_training_reduced_the_loss(quick_demo):
@@ -67,6 +86,6 @@ def test_training_reduced_the_loss(quick_demo):
     results = json.loads((run_dir / "demo.json").read_text())
     first, last = results["measured"]["sft_loss"]
     assert last < 0.5 * first
-    for algo in ("dqo", "dro"):
+    for algo in ("dro", "dqo", "dqo_ps"):
         rows = [json.loads(line) for line in (run_dir / "runs" / algo / "metrics.jsonl").read_text().splitlines()]
-        assert len(rows) == 12 and all(r["applied"] for r in rows)
+        assert len(rows) == 6 + 12 and all(r["applied"] for r in rows)  # warm-up + policy steps

@@ -48,3 +48,14 @@ def test_pruning_spares_the_kept_steps(tmp_path):
         (d / COMPLETE_MARKER).write_text("")
     _prune(tmp_path, 40, keep_last=1, keep_steps=[20])
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40]
+
+
+def test_evaluations_start_when_the_policy_starts_moving():
+    from dqo_megatron.eval.during_training import EvalSchedule
+
+    schedule = EvalSchedule.__new__(EvalSchedule)  # the schedule alone, without loading problems
+    schedule.interval, schedule.start, schedule.last_step, schedule.evaluations = 25, 40, 130, []
+    schedule.evaluator = object()
+    assert [s for s in range(131) if schedule.due(s)] == [40, 65, 90, 115, 130]
+    schedule.evaluations.append(Evaluation(65, 0.5, 5, 10, 1.0))  # measured before a resume: not again
+    assert not schedule.due(65)
