@@ -20,8 +20,10 @@ def demo(
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size of the Megatron stages."),
     digits: Optional[int] = typer.Option(None, help="Digits per operand: column steps per answer (default: the "
                                          "demo's, docs/demo.md; --quick uses at most 2)."),
-    rl_steps: int = typer.Option(100, help="Optimizer steps of each trained row (DRO, DQO, DQO+PS)."),
-    samples_per_problem: int = typer.Option(8, "--samples", help="Samples per training problem (N)."),
+    rl_steps: Optional[int] = typer.Option(None, help="Policy optimizer steps of each trained row (DRO, DQO, "
+                                           "DQO+PS), after the critic warm-up (default: the demo's, docs/demo.md)."),
+    samples_per_problem: Optional[int] = typer.Option(None, "--samples", help="Samples per training problem (N; "
+                                                      "default: the demo's)."),
 ) -> None:
     """Data, SFT warm-up, rollouts, labels, process scores, DRO / DQO / DQO+PS training, evaluation, value
     analysis: see docs/demo.md."""
@@ -36,9 +38,9 @@ def demo(
 
     echo = lambda line: typer.echo(line, err=True)  # noqa: E731
     try:
-        sizes = {"digits": digits} if digits is not None else {}
-        cfg = DemoConfig(run_dir=run_dir, seed=seed, quick=quick, tp=tp, pp=pp, rl_steps=rl_steps,
-                         samples_per_problem=samples_per_problem, **sizes)  # fmt: skip
+        given = {"digits": digits, "rl_steps": rl_steps, "samples_per_problem": samples_per_problem}
+        cfg = DemoConfig(run_dir=run_dir, seed=seed, quick=quick, tp=tp, pp=pp,
+                         **{k: v for k, v in given.items() if v is not None})  # fmt: skip
         if seeds:
             from dqo_megatron.demo.seeds import run_seeds
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -100,14 +101,19 @@ class HeldOutEvaluator:
                                               batch_size=self.run.eval.batch_size)  # fmt: skip
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.run.eval.max_new_tokens)
         prompts = [p.prompt for p in self.mine]
-        texts = []
-        if prompts:
-            out = backend.generate(prompts, params, seeds=[prefix_seed(0, p, "") for p in prompts])
-            texts = [c[0].text for c in out]
-        graded = grade_outputs(self.mine, texts) if texts else []
-        counts = torch.tensor([float(sum(bool(g.correct[0]) for g in graded)), float(len(graded))],
+        correct, failure = 0, None
+        try:  # a failure on one rank must not leave the others waiting in the all-reduce below
+            if prompts:
+                out = backend.generate(prompts, params, seeds=[prefix_seed(0, p, "") for p in prompts])
+                correct = sum(bool(g.correct[0]) for g in grade_outputs(self.mine, [c[0].text for c in out]))
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            failure = exc
+        counts = torch.tensor([float(correct), float(len(prompts)), float(failure is not None)],
                               device=next(policy.parameters()).device)  # fmt: skip
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        if counts[2] > 0:
+            raise RuntimeError(f"held-out evaluation at step {step} failed on {int(counts[2])} rank(s)"
+                               + (f": {type(failure).__name__}: {failure}" if failure else "")) from failure
         correct, n = int(counts[0]), int(counts[1])
         return Evaluation(step=step, accuracy=correct / max(n, 1), correct=correct, problems=n,
                           seconds=time.perf_counter() - started)  # fmt: skip
@@ -120,8 +126,11 @@ def read_evaluations(run_dir: str | Path) -> list[Evaluation]:
         return []
     by_step = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash: that evaluation was not recorded
+            continue
+        if isinstance(row, dict) and "step" in row:
             by_step[row["step"]] = Evaluation(**row)
     return [by_step[s] for s in sorted(by_step)]
 
@@ -135,9 +144,6 @@ def best_evaluation(evaluations: list[Evaluation]) -> Evaluation | None:
 
 def append_evaluation(run_dir: str | Path, evaluation: Evaluation) -> None:
     """Add one line to `run_dir/evals.jsonl` (flushed and fsynced: it decides which checkpoint is kept)."""
-    import os
-    from dataclasses import asdict
-
     with open(Path(run_dir) / EVALS_FILE, "a") as f:
         f.write(json.dumps(asdict(evaluation)) + "\n")
         f.flush()
@@ -148,14 +154,31 @@ class EvalSchedule:
     """The trainer's component for `eval.interval`: when to evaluate, what was measured, which
     checkpoint steps must survive pruning (the best so far). Resumes from `run_dir/evals.jsonl`."""
 
-    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, is_logger: bool, start: int = 0):
+    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, is_logger: bool, start: int = 0,
+                 resumed_at: int | None = None):  # fmt: skip
         self.interval = run.eval.interval
         self.start = start  # the critic warm-up: the policy does not move before this step
         self.last_step = run.train.train_steps
         self.run_dir = run.run_dir
         self.is_logger = is_logger
         self.evaluator = HeldOutEvaluator(run, dp_rank, dp_size) if self.interval else None
-        self.evaluations = read_evaluations(run.run_dir) if (self.interval and run.run_dir) else []
+        self.evaluations = self._history(resumed_at) if (self.interval and run.run_dir) else []
+
+    def _history(self, resumed_at: int | None) -> list[Evaluation]:
+        """The evaluations this run continues: those up to the resumed step (none on a fresh start: an
+        older run in the same directory measured other weights). Rank 0 reads and rewrites the log, every
+        rank gets its list (all must agree on which steps are due: evaluation and saving are collective)."""
+        holder = [None]
+        if torch.distributed.get_rank() == 0:
+            kept = [e for e in read_evaluations(self.run_dir) if resumed_at is not None and e.step <= resumed_at]
+            path = Path(self.run_dir) / EVALS_FILE
+            if path.exists() or kept:
+                tmp = path.with_name(EVALS_FILE + ".tmp")
+                tmp.write_text("".join(json.dumps(asdict(e)) + "\n" for e in kept))
+                os.replace(tmp, path)
+            holder = [kept]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def due(self, step: int) -> bool:
         """Whether `step` (optimizer steps done) is evaluated and not yet measured."""

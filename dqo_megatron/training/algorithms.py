@@ -81,6 +81,8 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor, *, policy_we
         behavior = torch.where(torch.isnan(behavior), ref, behavior)
     loss, extra = run.loss, {}
     if NEEDS_VALUE[run.algorithm]:
+        if docs is not None:  # per-row flags and outcomes below assume one document per row
+            raise NotImplementedError("packed rows (document_ids) are not supported by the RL loss function yet")
         extra = response_metrics(logp, ref, mask, outcome_rewards(batch, mask, rewards))
         mask, rewards, truncation = handle_truncated(batch, mask, rewards, values,
                                                      "exclude" if run.algorithm == "dro" and

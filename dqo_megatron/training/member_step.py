@@ -65,20 +65,36 @@ def _members_params(optimizer) -> tuple[dict[str, list], dict[str, list], object
     return params, grads, group
 
 
+def _check_supported(optimizer) -> None:
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if any(getattr(sub.config, "use_precision_aware_optimizer", False) for sub in subs):
+        raise NotImplementedError("per-member clipping reads param.grad; Megatron's precision-aware optimizer "
+                                  "keeps decoupled grads: not supported")  # fmt: skip
+    if len(subs) > 1 and not optimizer.grads_states_parallel_group_is_shared():
+        raise NotImplementedError("per-member clipping needs one gradient-statistics group (no expert parallelism)")
+
+
 @torch.no_grad()
-def member_clipped_step(optimizer, clips: dict[str, float]) -> tuple[bool, float, dict[str, float]]:
+def member_clipped_step(optimizer, clips: dict[str, float],
+                        frozen: tuple[str, ...] = ()) -> tuple[bool, float, dict[str, float]]:  # fmt: skip
     """One optimizer step with each member's gradients clipped by that member's own norm.
 
     Args:
         optimizer: a Megatron optimizer (FP32, mixed-precision, distributed, or a ChainedOptimizer).
         clips: {"policy": c, "value": c}; 0 (or a missing member) = no clipping of that member.
+        frozen: members that must not move this step (the critic warm-up freezes "policy"): their main
+            gradients are dropped (None) before the inner step, so Adam skips them entirely: no update,
+            no weight decay, and no step counted with zero moments (which would inflate the first real
+            steps through Adam's bias correction).
     Returns:
-        (update_successful, total norm before clipping, {member: norm before clipping}).
+        (update_successful, total norm before clipping, {member: norm before clipping}). A non-finite
+        norm skips the step (update_successful False) on every rank alike (the norms are all-reduced).
         Collective: every rank of the model- and data-parallel groups must call it.
     """
     # Megatron's optimizer module's own names: the ones its step uses (and the CPU compat layer patches).
     from megatron.core.optimizer import optimizer as megatron_optimizer
 
+    _check_supported(optimizer)
     if optimizer.prepare_grads():  # inf/nan found by the loss scaler (fp16): skip, as Megatron does
         return False, float("nan"), {m: float("nan") for m in MEMBERS}
     params, grads, group = _members_params(optimizer)
@@ -91,4 +107,9 @@ def member_clipped_step(optimizer, clips: dict[str, float]) -> tuple[bool, float
         if clip > 0 and with_grad and math.isfinite(norm):
             megatron_optimizer.clip_grad_by_total_norm_fp32(with_grad, clip, norm)
     total = math.sqrt(sum(n * n for n in norms.values()))
+    if not math.isfinite(total):
+        return False, total, norms
+    for member in frozen:
+        for param in params[member]:
+            param.grad = None
     return bool(optimizer.step_with_ready_grads()), total, norms

@@ -140,6 +140,18 @@ def _policy_value_scheduler_class():
                 for k, v in saved.items():
                     setattr(self, k, v)
 
+        def state_dict(self) -> dict:
+            return {**super().state_dict(), "policy_delay": self.policy_delay}
+
+        def load_state_dict(self, state: dict) -> None:
+            # Megatron checks its own fields; the critic warm-up shifts the policy's schedule, so a
+            # checkpoint written with another value.warmup_steps cannot continue this one exactly.
+            saved = int(state.get("policy_delay", 0))
+            if saved != self.policy_delay:
+                raise ValueError(f"the checkpoint's schedule has value.warmup_steps={saved}, this run "
+                                 f"{self.policy_delay}: set value.warmup_steps={saved} to resume it")  # fmt: skip
+            super().load_state_dict({k: v for k, v in state.items() if k != "policy_delay"})
+
         def _policy_lr(self, param_group: dict) -> float:
             # Critic warm-up: the policy stands still for `policy_delay` steps, then runs its own
             # schedule as if it started there.
@@ -257,6 +269,7 @@ def train_step(
     metric_key: str = "lm loss",
     skip_nonfinite: bool = True,
     member_clips: dict[str, float] | None = None,
+    frozen: tuple[str, ...] = (),
 ) -> StepResult:
     """Zero grads, run Megatron's forward/backward schedule over the micro-batches, step.
 
@@ -266,7 +279,8 @@ def train_step(
     With `skip_nonfinite`, a step whose global loss is NaN/inf is not applied
     (``update_successful=False``): the weights stay as they were. `member_clips` ({"policy": c,
     "value": c}): clip each member's gradient by its own norm (`member_step.member_clipped_step`)
-    instead of Megatron's one global clip; the norms land in `StepResult.grad_norms`.
+    instead of Megatron's one global clip; the norms land in `StepResult.grad_norms`. `frozen`
+    (with `member_clips`): members the optimizer must skip this step (the critic warm-up's policy).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -294,7 +308,7 @@ def train_step(
     elif member_clips is not None:
         from dqo_megatron.training.member_step import member_clipped_step
 
-        update_successful, grad_norm, grad_norms = member_clipped_step(optimizer, member_clips)
+        update_successful, grad_norm, grad_norms = member_clipped_step(optimizer, member_clips, frozen)
     else:
         (update_successful, grad_norm, _), grad_norms = optimizer.step(), {}
     return StepResult(

@@ -183,7 +183,8 @@ def train(run: RunConfig) -> TrainSummary:
             logger.info("resumed from %s at step %d", resume_from, summary.start_step)
     from dqo_megatron.eval.during_training import EvalSchedule
 
-    evals = EvalSchedule(run, info.dp_rank, info.dp_size, is_logger, start=value_warmup)
+    evals = EvalSchedule(run, info.dp_rank, info.dp_size, is_logger, start=value_warmup,
+                         resumed_at=summary.start_step if resume_from is not None else None)  # fmt: skip
     writer = _tensorboard(run) if is_logger else None
     wandb_run = _wandb(run) if is_logger else None
     rows = t.global_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]]
@@ -206,10 +207,12 @@ def train(run: RunConfig) -> TrainSummary:
             mbs = batches.next_step(num_microbatches)
             data = microbatch_iterators(ddp, mbs)
             t0 = time.perf_counter()
-            forward_step = partial(rl_forward_step, run, policy_weight=0.0 if step < value_warmup else 1.0)
+            # the critic warm-up counts applied steps (the scheduler's), like the policy's LR schedule
+            warming_up = scheduler.num_steps < value_warmup
+            forward_step = partial(rl_forward_step, run, policy_weight=0.0 if warming_up else 1.0)
             result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches, seq_length=t.seq_length,
                                 micro_batch_size=pipeline_mbs, forward_step=forward_step, metric_key="loss",
-                                member_clips=member_clips)  # fmt: skip
+                                member_clips=member_clips, frozen=("policy",) if warming_up else ())  # fmt: skip
             result.metrics.update(derived_metrics(result.metrics))
             result.metrics.update({f"grad_norm_{m}": n for m, n in result.grad_norms.items()})
             seconds = time.perf_counter() - t0
@@ -239,7 +242,7 @@ def train(run: RunConfig) -> TrainSummary:
                 summary.stopped_by = "nonfinite"
                 break
             stop = _any_rank(sigterm.raised)
-            evaluation = evals.evaluate(chunks[0].policy, step) if evals.due(step) else None
+            evaluation = evals.evaluate(chunks[0].policy, step) if (evals.due(step) and not stop) else None
             if evaluation is not None and writer is not None:
                 writer.add_scalar("eval/accuracy", evaluation.accuracy, step)
             if ckpt_root is not None and (stop or evaluation is not None or (t.save_interval and step % t.save_interval == 0)):

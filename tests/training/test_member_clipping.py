@@ -114,14 +114,31 @@ def _warmup_step(run: RunConfig):
         scheduler.step(increment=1)
     batch = make_rl_batch(VOCAB, ROWS, SEQ, with_ref=True, seed=5)
     forward = partial(rl_forward_step, run, policy_weight=0.0)
-    result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=SEQ, micro_batch_size=ROWS,
-                        forward_step=forward, metric_key="loss", member_clips={"policy": 1.0, "value": 1.0})  # fmt: skip
-    return {"lrs": lrs, "norms": result.grad_norms}
+    build_scheduler(optimizer, lr=1e-3, min_lr=0.0, warmup_steps=0, decay_steps=10, decay_style="constant",
+                    policy_delay=3)  # fresh: the value at its peak LR, the policy at 0  # fmt: skip
+    before = {n: p.detach().clone() for n, p in chunk.named_parameters()}
+    for _ in range(3):
+        result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=SEQ, micro_batch_size=ROWS,
+                            forward_step=forward, metric_key="loss", member_clips={"policy": 1.0, "value": 1.0},
+                            frozen=("policy",))  # fmt: skip
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in chunk.named_parameters()}
+    # Adam must not have counted the frozen steps (zero moments + a step count inflate the first real steps)
+    states = {}
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in sub.optimizer.param_groups:
+            for p in group["params"]:
+                states[id(p)] = bool(sub.optimizer.state.get(p))
+    counted = {n: states.get(id(p), False) for n, p in chunk.named_parameters()}
+    return {"lrs": lrs, "norms": result.grad_norms, "moved": moved, "counted": counted}
 
 
 def test_critic_warmup_freezes_the_policy_then_starts_its_schedule():
     (out,) = run_distributed(_warmup_step, 1, _run("separate", 1.0))
     assert out["norms"]["policy"] == 0.0 and out["norms"]["value"] > 0.0
+    policy = [n for n in out["moved"] if _member(n) == "policy" and not n.startswith("policy.output_layer")]
+    assert policy and all(out["moved"][n] == 0.0 and not out["counted"][n] for n in policy)
+    assert max(out["moved"][n] for n in out["moved"] if _member(n) == "value") > 0.0
+    assert any(out["counted"][n] for n in out["moved"] if _member(n) == "value")
     policy = [lr["policy"] for lr in out["lrs"]]
     value = [lr["value"] for lr in out["lrs"]]
     assert policy[:3] == [0.0, 0.0, 0.0]
