@@ -75,17 +75,12 @@ def _check_supported(optimizer) -> None:
 
 
 @torch.no_grad()
-def member_clipped_step(optimizer, clips: dict[str, float],
-                        frozen: tuple[str, ...] = ()) -> tuple[bool, float, dict[str, float]]:  # fmt: skip
+def member_clipped_step(optimizer, clips: dict[str, float]) -> tuple[bool, float, dict[str, float]]:
     """One optimizer step with each member's gradients clipped by that member's own norm.
 
     Args:
         optimizer: a Megatron optimizer (FP32, mixed-precision, distributed, or a ChainedOptimizer).
         clips: {"policy": c, "value": c}; 0 (or a missing member) = no clipping of that member.
-        frozen: members that must not move this step (the critic warm-up freezes "policy"): their main
-            gradients are dropped (None) before the inner step, so Adam skips them entirely: no update,
-            no weight decay, and no step counted with zero moments (which would inflate the first real
-            steps through Adam's bias correction).
     Returns:
         (update_successful, total norm before clipping, {member: norm before clipping}). A non-finite
         norm skips the step (update_successful False) on every rank alike (the norms are all-reduced).
@@ -109,7 +104,4 @@ def member_clipped_step(optimizer, clips: dict[str, float],
     total = math.sqrt(sum(n * n for n in norms.values()))
     if not math.isfinite(total):
         return False, total, norms
-    for member in frozen:
-        for param in params[member]:
-            param.grad = None
     return bool(optimizer.step_with_ready_grads()), total, norms

@@ -120,9 +120,11 @@ def _policy_value_scheduler_class():
         scheduler; for the value group we swap the shape in for the call.
         """
 
-        def __init__(self, optimizer, *, value_shape: dict | None, policy_delay: int = 0, **kwargs):
+        def __init__(self, optimizer, *, value_shape: dict | None, policy_delay: int = 0,
+                     adam_betas: tuple[float, float] | None = None, **kwargs):  # fmt: skip
             self.value_shape = value_shape  # before super().__init__, which already calls get_lr
             self.policy_delay = policy_delay
+            self.adam_betas = adam_betas
             super().__init__(optimizer, **kwargs)
 
         def get_lr(self, param_group: dict) -> float:
@@ -162,23 +164,39 @@ def _policy_value_scheduler_class():
             steps = self.num_steps
             try:
                 self.num_steps = steps - self.policy_delay
-                return super().get_lr(param_group)
+                lr = super().get_lr(param_group)
             finally:
                 self.num_steps = steps
+            return lr * self._adam_restart(steps)
+
+        def _adam_restart(self, steps: int) -> float:
+            # During the warm-up Adam counted the policy's steps with zero gradients (Megatron's
+            # checkpoints need one step count for all parameters), so at its k-th real step Adam
+            # bias-corrects with t = delay + k instead of k: m/(1-b1^t) / sqrt(v/(1-b2^t)). Scaling
+            # the LR by [(1-b1^t)/(1-b1^k)] * sqrt[(1-b2^k)/(1-b2^t)] makes the update exactly the one a
+            # fresh Adam takes (up to eps). The LR set now is used by Adam's step t = steps + 1.
+            if self.adam_betas is None:
+                return 1.0
+            b1, b2 = self.adam_betas
+            t, k = steps + 1, steps - self.policy_delay + 1
+            return (1 - b1**t) / (1 - b1**k) * math.sqrt((1 - b2**k) / (1 - b2**t))
 
     return PolicyValueScheduler
 
 
 def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_style: str,
                     weight_decay: float = 0.0, value_warmup_steps: int | None = None,
-                    value_decay_style: str | None = None, policy_delay: int = 0):  # fmt: skip
+                    value_decay_style: str | None = None, policy_delay: int = 0,
+                    adam_betas: tuple[float, float] | None = None):  # fmt: skip
     """Megatron's `OptimizerParamScheduler`: linear warmup, then constant/cosine/linear decay.
 
     The value group (see `build_optimizer`) has its own peak/final LR from its param group and,
     when `value_warmup_steps` / `value_decay_style` are given, its own warmup and decay style
     (decaying over the same `decay_steps`); otherwise it follows the policy's shape.
     `policy_delay` (the critic warm-up, `value.warmup_steps`): the policy's LR is 0 for that many
-    steps, then its warmup and decay run over the remaining `decay_steps - policy_delay` steps.
+    steps, then its warmup and decay run over the remaining `decay_steps - policy_delay` steps; with
+    `adam_betas` (the optimizer is Adam) its LR is also corrected for the warm-up steps Adam counted with
+    zero gradients, so the policy's first steps are those of a fresh Adam.
     """
     value_shape = None
     if value_warmup_steps is not None or value_decay_style is not None:
@@ -192,7 +210,8 @@ def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, d
                        "lr_decay_steps": max(decay_steps, warmup_steps + 1), "init_lr": 0.0 if warmup_steps else lr}  # fmt: skip
     policy_decay = max(decay_steps - policy_delay, warmup_steps + 1)
     return _policy_value_scheduler_class()(
-        optimizer, value_shape=value_shape, policy_delay=policy_delay, init_lr=0.0 if warmup_steps else lr, max_lr=lr,
+        optimizer, value_shape=value_shape, policy_delay=policy_delay, adam_betas=adam_betas if policy_delay else None,
+        init_lr=0.0 if warmup_steps else lr, max_lr=lr,
         min_lr=min_lr, lr_warmup_steps=warmup_steps, lr_decay_steps=policy_decay, lr_decay_style=decay_style,
         start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
     )  # fmt: skip
@@ -269,7 +288,6 @@ def train_step(
     metric_key: str = "lm loss",
     skip_nonfinite: bool = True,
     member_clips: dict[str, float] | None = None,
-    frozen: tuple[str, ...] = (),
 ) -> StepResult:
     """Zero grads, run Megatron's forward/backward schedule over the micro-batches, step.
 
@@ -279,8 +297,7 @@ def train_step(
     With `skip_nonfinite`, a step whose global loss is NaN/inf is not applied
     (``update_successful=False``): the weights stay as they were. `member_clips` ({"policy": c,
     "value": c}): clip each member's gradient by its own norm (`member_step.member_clipped_step`)
-    instead of Megatron's one global clip; the norms land in `StepResult.grad_norms`. `frozen`
-    (with `member_clips`): members the optimizer must skip this step (the critic warm-up's policy).
+    instead of Megatron's one global clip; the norms land in `StepResult.grad_norms`.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -308,7 +325,7 @@ def train_step(
     elif member_clips is not None:
         from dqo_megatron.training.member_step import member_clipped_step
 
-        update_successful, grad_norm, grad_norms = member_clipped_step(optimizer, member_clips, frozen)
+        update_successful, grad_norm, grad_norms = member_clipped_step(optimizer, member_clips)
     else:
         (update_successful, grad_norm, _), grad_norms = optimizer.step(), {}
     return StepResult(

@@ -159,7 +159,8 @@ def train(run: RunConfig) -> TrainSummary:
     scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_steps,
                                 decay_steps=t.train_steps, decay_style=t.lr_decay_style, weight_decay=t.weight_decay,
                                 value_warmup_steps=run.value.lr_warmup_steps,
-                                value_decay_style=run.value.lr_decay_style, policy_delay=value_warmup)  # fmt: skip
+                                value_decay_style=run.value.lr_decay_style, policy_delay=value_warmup,
+                                adam_betas=(t.adam_beta1, t.adam_beta2))  # fmt: skip
     # Policy and value are clipped by their own gradient norms (a large value gradient must not shrink
     # the policy's step); without a value network Megatron's own global clip is used.
     member_clips = ({"policy": t.clip_grad, "value": run.value.resolved_clip_grad(t.clip_grad)}
@@ -212,7 +213,7 @@ def train(run: RunConfig) -> TrainSummary:
             forward_step = partial(rl_forward_step, run, policy_weight=0.0 if warming_up else 1.0)
             result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches, seq_length=t.seq_length,
                                 micro_batch_size=pipeline_mbs, forward_step=forward_step, metric_key="loss",
-                                member_clips=member_clips, frozen=("policy",) if warming_up else ())  # fmt: skip
+                                member_clips=member_clips)  # fmt: skip
             result.metrics.update(derived_metrics(result.metrics))
             result.metrics.update({f"grad_norm_{m}": n for m, n in result.grad_norms.items()})
             seconds = time.perf_counter() - t0
