@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench clean-venv
+.PHONY: demo demo-seeds test test-slow test-gpu bench clean-venv
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/dqo-megatron demo
+
+demo-seeds: $(STAMP)  # the README's table: one demo per seed, mean +- std in runs/demo-seeds/seeds.md (~20 min)
+	$(VENV)/bin/dqo-megatron demo --seeds 0,1,2 --run-dir runs/demo-seeds
 
 test: $(STAMP)
 	$(PY) -m pytest -q

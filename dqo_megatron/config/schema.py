@@ -424,8 +424,9 @@ class ValueConfig:
     """Peak learning rate of the value parameters. None: train.lr x value.lr_ratio."""
     lr_ratio: float = 10.0
     """value.lr = this x train.lr when value.lr is None. The value network fits a regression target
-    from a zero-initialized head and must move faster than the policy it criticizes; 10 was chosen by
-    measurement on the demo (docs/algorithms.md, "Value learning")."""
+    from a zero-initialized head and must move faster than the policy it criticizes: at ratio 1 the
+    demo's value did not fit at all, 10 fitted best on its first design (docs/algorithms.md, "Value
+    learning", which also says why a larger default would be unsafe for large models)."""
     clip_grad: Optional[float] = None
     """Clip the value parameters' own gradient norm to this (0 disables; None: train.clip_grad). The
     policy's gradient is clipped by its own norm, so a large value gradient never shrinks the policy's

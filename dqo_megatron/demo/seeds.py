@@ -47,22 +47,37 @@ def seeds_table(results: list[dict]) -> str:
 
 
 def value_table(results: list[dict]) -> str:
-    """Markdown: per trained row with a token-level value, the held-out value analysis over the seeds
-    (per-step Pearson of V with the prefix's solvability, mean value drop at the first unsolvable step)."""
+    """Markdown: per trained row, the held-out value analysis of its picked checkpoint over the seeds:
+    per-step Pearson of V with the process score and the value drop at the first unsolvable step
+    (token-level values: DQO rows), and V(x) vs the prompts' success rate (every row; DRO's only number)."""
+    keys = ("pearson", "drop", "solvable_change", "initial_pearson")
     per_row: dict[str, dict[str, list[float]]] = {}
     for r in results:
         for row in r["measured"].get("value_analysis", []):
-            stats = per_row.setdefault(row["label"], {"pearson": [], "drop": [], "solvable_change": []})
-            for key in stats:
+            stats = per_row.setdefault(row["label"], {k: [] for k in keys})
+            for key in keys:
                 value = row.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     stats[key].append(float(value))
-    lines = ["| row | Pearson r (V, solvable) | value drop at the first unsolvable step | mean V change over solvable steps |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| row | per-step Pearson r (V, process score) | value drop at the first unsolvable step | "
+             "mean V change over solvable steps | V(x) vs prompt success, Pearson r |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for label, stats in per_row.items():
-        cells = [_fmt(stats[k], digits=3) if stats[k] else "n/a" for k in ("pearson", "drop", "solvable_change")]
+        cells = [_fmt(stats[k], digits=3) if stats[k] else "n/a (V trained at the prompt only)" if k != "initial_pearson"
+                 else "n/a" for k in keys]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_summary(root: Path, results: list[dict]) -> str:
+    """seeds.md in `root`: the accuracy and value tables over the seeds' demo.json results."""
+    minutes = [r["seconds"] / 60 for r in results]
+    text = (f"# DQO demo over {len(results)} seeds\n\nTest accuracy (%), {results[0]['config']['eval_problems']} "
+            f"held-out problems per seed:\n\n{seeds_table(results)}\n\nValue analysis of the picked checkpoints "
+            f"(held-out answers), mean +- std over the seeds:\n\n{value_table(results)}\n\n"
+            f"Minutes per seed: {', '.join(f'{m:.1f}' for m in minutes)}.\n")  # fmt: skip
+    (root / "seeds.md").write_text(text)
+    return text
 
 
 def run_seeds(cfg: DemoConfig, seeds: list[int], echo: Callable[[str], None] = print) -> dict:
@@ -77,11 +92,7 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], echo: Callable[[str], None] = p
     for seed in seeds:
         echo(f"=== seed {seed} ===")
         results.append(run_demo(replace(cfg, seed=seed, run_dir=str(root / f"seed{seed}")), echo=echo))
-    minutes = [r["seconds"] / 60 for r in results]
-    text = (f"# DQO demo over {len(seeds)} seeds\n\nTest accuracy (%), {results[0]['config']['eval_problems']} "
-            f"held-out problems per seed:\n\n{seeds_table(results)}\n\nValue analysis (held-out answers):\n\n"
-            f"{value_table(results)}\n\nMinutes per seed: {', '.join(f'{m:.1f}' for m in minutes)}.\n")  # fmt: skip
-    (root / "seeds.md").write_text(text)
+    text = write_summary(root, results)
     summary = {"seeds": seeds, "status": "done", "seconds": time.perf_counter() - started,
                "runs": [str(root / f"seed{s}") for s in seeds], "table": text}  # fmt: skip
     (root / MARKER).write_text(json.dumps(summary, indent=1))
