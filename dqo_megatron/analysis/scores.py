@@ -40,7 +40,7 @@ Score kinds (`SCORE_KINDS`), the score of step k:
 solvable prefix (k* = 1 + max{k : c_k > 0}, or 1 when none is). Solvability is monotone in truth (a
 solvable prefix makes every shorter one solvable: the model can write the same steps again), so a
 prefix before k* without a correct completion is a miss of the sampler (counted as
-``sampler_misses``), the same reading as process-scores' default ``last_correct`` rewards. Steps
+``sampler_misses``), the same reading as process-scores' default ``every_correct`` rewards. Steps
 1..k*-1 *stay solvable*, step k* is where the answer is lost (see `drops.py`).
 """
 

@@ -194,15 +194,22 @@ class Context:
         data = self.path("data", "rollouts_ps" if name == "dqo_ps" else "rollouts")
         evaluation = {"problems": str(self.path("validation.jsonl")), "interval": cfg.eval_interval, "task": "gsm8k",
                       "tokenizer": self.tokenizer, "max_new_tokens": self.max_new}  # fmt: skip
+        steps = cfg.value_warmup_steps + cfg.rl_steps
         keep = cfg.rl_steps // cfg.eval_interval + 2  # every evaluated step survives: the value trend reads them
-        extra = {"loss": {"beta": cfg.beta}, "data": {"reference": "data"}, "eval": evaluation,
-                 "value": {"lr_ratio": cfg.value_lr_ratio, "warmup_steps": cfg.value_warmup_steps},
-                 "train": {"keep_last_checkpoints": keep}}  # fmt: skip
+        train = {"keep_last_checkpoints": keep}
+        single = cfg.tp * cfg.pp == 1
+        if not single:  # the in-training evaluator needs TP = PP = 1: save every interval, evaluate afterwards
+            evaluation["interval"] = 0
+            train = {"save_interval": cfg.eval_interval, "keep_last_checkpoints": steps // cfg.eval_interval + 2}
+        extra = {"loss": {"beta": cfg.beta}, "data": {"reference": "data"}, "eval": evaluation, "train": train,
+                 "value": {"lr_ratio": cfg.value_lr_ratio, "warmup_steps": cfg.value_warmup_steps}}  # fmt: skip
         algorithm = "dqo" if name == "dqo_ps" else name
-        run_dir = self._train(name, algorithm=algorithm, train_prefix=str(data), steps=cfg.value_warmup_steps + cfg.rl_steps,
-                              lr=cfg.rl_lr, init_policy=str(self.path("base")), extra=extra)  # fmt: skip
+        run_dir = self._train(name, algorithm=algorithm, train_prefix=str(data), steps=steps, lr=cfg.rl_lr,
+                              init_policy=str(self.path("base")), extra=extra)  # fmt: skip
         from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
 
+        if not single:
+            self._validate_checkpoints(run_dir)
         evaluations = read_evaluations(run_dir)
         best = best_evaluation(evaluations)
         self._export_checkpoint(Path(best.checkpoint), name)
@@ -215,6 +222,36 @@ class Context:
                 f"step {best.step}; value explained variance {last.get('value_explained_var', float('nan')):.2f}, "
                 f"KL to reference {last.get('kl_ref', float('nan')):.4f}",
                 {"run": str(run_dir), "checkpoint": best.checkpoint})  # fmt: skip
+
+    def _validate_checkpoints(self, run_dir: Path) -> None:
+        """Greedy validation accuracy of each saved checkpoint from the policy's first step on, read at
+        TP = PP = 1 by the megatron backend (whatever layout trained it): `evals.jsonl` as the trainer
+        writes it, for layouts its in-training evaluator does not support."""
+        import time
+
+        from dqo_megatron.eval.during_training import Evaluation, append_evaluation
+        from dqo_megatron.eval.scoring import grade_outputs
+        from dqo_megatron.rollout.backend import SamplingParams
+        from dqo_megatron.rollout.megatron_backend import MegatronBackend
+        from dqo_megatron.rollout.process_scores import prefix_seed
+        from dqo_megatron.tasks.datasets import load_problems
+        from dqo_megatron.training.checkpointing import list_checkpoints
+
+        problems = load_problems(self.path("validation.jsonl"), task="gsm8k")
+        prompts = [p.prompt for p in problems]
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new)
+        for step, path in list_checkpoints(run_dir / "checkpoints"):
+            if step < self.cfg.value_warmup_steps:
+                continue
+            started = time.perf_counter()
+            backend = MegatronBackend(str(path), self.tokenizer)
+            try:
+                out = backend.generate(prompts, params, seeds=[prefix_seed(0, p, "") for p in prompts])
+            finally:
+                backend.close()
+            correct = sum(bool(g.correct[0]) for g in grade_outputs(problems, [c[0].text for c in out]))
+            append_evaluation(run_dir, Evaluation(step, correct / len(problems), correct, len(problems),
+                                                  time.perf_counter() - started, str(path)))  # fmt: skip
 
     # ------------------------------------------------------------------ eval and analysis
     def models(self) -> dict[str, str]:
@@ -240,7 +277,8 @@ class Context:
         from dqo_megatron.training.checkpointing import list_checkpoints
 
         # every evaluated checkpoint of each run (the trend), the picked one reported
-        ckpts = [str(p) for a in self.cfg.algorithms for _, p in list_checkpoints(self.path("runs", a, "checkpoints"))]
+        ckpts = [str(p) for a in self.cfg.algorithms for step, p in list_checkpoints(self.path("runs", a, "checkpoints"))
+                 if step >= self.cfg.value_warmup_steps]  # fmt: skip
         rows = run_value_analysis(ValueAnalysisConfig(checkpoints=ckpts, records=[str(self.path("analysis_scored.jsonl"))],
                                                       tokenize=self._tokenize_config(),
                                                       out_dir=str(self.path("value_analysis")), skip_invalid=True))  # fmt: skip
