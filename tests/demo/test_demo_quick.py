@@ -89,3 +89,20 @@ def test_training_reduced_the_loss(quick_demo):
     for algo in ("dro", "dqo", "dqo_ps"):
         rows = [json.loads(line) for line in (run_dir / "runs" / algo / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 6 + 12 and all(r["applied"] for r in rows)  # warm-up + policy steps
+
+
+@pytest.mark.slow
+def test_quick_demo_under_tensor_parallelism_validates_saved_checkpoints(tmp_path):
+    """--tp 2: the in-training evaluator needs TP = 1, so the demo validates the saved checkpoints
+    afterwards (megatron backend at TP = 1) and picks from them by the same rule (~2.5 min)."""
+    from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
+
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "demo", "--quick", "--tp", "2", "--run-dir",
+                           str(run_dir)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((run_dir / "demo.json").read_text())
+    for algo in ("dro", "dqo", "dqo_ps"):
+        evals = read_evaluations(run_dir / "runs" / algo)
+        assert [e.step for e in evals] == [6, 12, 18]
+        assert results["measured"][f"{algo}_selection"]["picked_step"] == best_evaluation(evals).step
