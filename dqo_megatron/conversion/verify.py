@@ -41,19 +41,31 @@ class ParityReport:
     """Tolerance applied to max_abs_diff."""
     prompts: list[list[int]] = field(default_factory=list)
     """The token ids fed to both models."""
+    nonfinite_logits: int = 0
+    """NaN/inf logits of either model (the differences and maxima above are over finite entries only)."""
+    nonfinite_weights: list[str] = field(default_factory=list)
+    """Parameters of either model holding NaN/inf, as "hf:<name> (<count>)" / "megatron:<name> (<count>)"."""
 
     @property
     def passed(self) -> bool:
-        """max_abs_diff within tolerance and no decisive greedy disagreement."""
-        return self.max_abs_diff <= self.tolerance and self.decisive_disagreements == 0
+        """max_abs_diff within tolerance, no decisive greedy disagreement, and nothing non-finite: two
+        models full of NaN agree perfectly on every comparison that skips NaN, so that alone cannot pass."""
+        return (self.max_abs_diff <= self.tolerance and self.decisive_disagreements == 0
+                and self.nonfinite_logits == 0 and not self.nonfinite_weights)  # fmt: skip
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
         verdict = "PASSED" if self.passed else "FAILED"
+        bad = ""
+        if self.nonfinite_weights:
+            shown = ", ".join(self.nonfinite_weights[:5]) + (" ..." if len(self.nonfinite_weights) > 5 else "")
+            bad += f"; non-finite weights in {len(self.nonfinite_weights)} tensors: {shown}"
+        if self.nonfinite_logits:
+            bad += f"; {self.nonfinite_logits} non-finite logits"
         return (f"parity {verdict}: max |logit diff| = {self.max_abs_diff:.3e} (tolerance {self.tolerance:.1e}, "
                 f"max |logit| {self.max_abs_logit:.2f}); greedy next-token agreement "
                 f"{100 * self.greedy_agreement:.1f}% of {self.positions} positions "
-                f"({self.decisive_disagreements} decisive disagreements)")  # fmt: skip
+                f"({self.decisive_disagreements} decisive disagreements){bad}")  # fmt: skip
 
 
 def default_prompts(vocab_size: int, seq_length: int, bos_token_id: Optional[int] = None) -> list[list[int]]:
@@ -93,12 +105,28 @@ def round_parameters(module: torch.nn.Module, dtype: Optional[torch.dtype]) -> N
 
 
 @torch.no_grad()
-def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]], round_to: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+def nonfinite_parameters(module: torch.nn.Module, label: str) -> list[str]:
+    """"<label>:<name> (<count>)" for every parameter or buffer of `module` holding NaN or inf."""
+    tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    out = []
+    for name, tensor in tensors:
+        count = int((~torch.isfinite(tensor)).sum())
+        if count:
+            out.append(f"{label}:{name} ({count})")
+    return out
+
+
+@torch.no_grad()
+def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]], round_to: Optional[torch.dtype] = None,
+              nonfinite: Optional[list] = None) -> list[torch.Tensor]:  # fmt: skip
     """Logits ``[len, vocab]`` (fp32) of the transformers model in `hf_dir` (no custom code, eager attention),
-    its weights first rounded through `round_to` when given."""
+    its weights first rounded through `round_to` when given; non-finite parameters are appended to
+    `nonfinite` when given."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    if nonfinite is not None:
+        nonfinite.extend(nonfinite_parameters(model, "hf"))
     round_parameters(model, round_to)
     model.eval()
     out = [model(torch.tensor([list(ids)], dtype=torch.long)).logits[0].float().clone() for ids in prompts]
@@ -109,13 +137,19 @@ def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]], round_to: Op
 
 def compare_logits(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor], tolerance: float,
                    prompts: Sequence[Sequence[int]] = ()) -> ParityReport:  # fmt: skip
-    """`ParityReport` of `candidate` (Megatron) against `reference` (HF) logits, prompt by prompt."""
-    max_diff, max_logit, agree, decisive, positions = 0.0, 0.0, 0, 0, 0
+    """`ParityReport` of `candidate` (Megatron) against `reference` (HF) logits, prompt by prompt.
+
+    Non-finite logits are counted (and fail the report); the differences and maxima are taken over the
+    entries finite in both (Python's max() would silently drop a NaN: max(0.0, nan) is 0.0)."""
+    max_diff, max_logit, agree, decisive, positions, nonfinite = 0.0, 0.0, 0, 0, 0, 0
     for ref, cand in zip(reference, candidate, strict=True):
         if ref.shape != cand.shape:
             raise ValueError(f"logit shapes differ: HF {tuple(ref.shape)} vs Megatron {tuple(cand.shape)}")
-        max_diff = max(max_diff, (ref - cand).abs().max().item())
-        max_logit = max(max_logit, ref.abs().max().item())
+        finite = torch.isfinite(ref) & torch.isfinite(cand)
+        nonfinite += int((~torch.isfinite(ref)).sum()) + int((~torch.isfinite(cand)).sum())
+        zero = torch.zeros_like(ref)
+        max_diff = max(max_diff, torch.where(finite, (ref - cand).abs(), zero).max().item())
+        max_logit = max(max_logit, torch.where(finite, ref.abs(), zero).max().item())
         ref_top, cand_top = ref.argmax(-1), cand.argmax(-1)
         agree += (ref_top == cand_top).sum().item()
         gap = ref.gather(-1, ref_top[:, None]) - ref.gather(-1, cand_top[:, None])
@@ -123,7 +157,7 @@ def compare_logits(reference: Sequence[torch.Tensor], candidate: Sequence[torch.
         positions += ref.shape[0]
     return ParityReport(max_abs_diff=max_diff, max_abs_logit=max_logit, greedy_agreement=agree / max(positions, 1),
                         decisive_disagreements=decisive, positions=positions, tolerance=tolerance,
-                        prompts=[list(p) for p in prompts])  # fmt: skip
+                        prompts=[list(p) for p in prompts], nonfinite_logits=nonfinite)  # fmt: skip
 
 
 def verify_parity(hf_dir: str | Path, megatron_dir: str | Path, tolerance: float = DEFAULT_TOLERANCE,
@@ -145,12 +179,16 @@ def verify_parity(hf_dir: str | Path, megatron_dir: str | Path, tolerance: float
     if prompts is None:
         bos = HFCheckpoint.open(hf_dir).config.get("bos_token_id")
         prompts = default_prompts(cfg.vocab_size, cfg.seq_length, bos if isinstance(bos, int) else None)
-    reference = hf_logits(hf_dir, prompts, round_hf_to)
+    nonfinite: list[str] = []
+    reference = hf_logits(hf_dir, prompts, round_hf_to, nonfinite=nonfinite)
     with single_process_layout():
         chunks = build_empty_chunks(cfg, ParallelConfig(), torch.float32)
         load_chunks(chunks, Path(megatron_dir) / "weights")
+        nonfinite += nonfinite_parameters(chunks[0], "megatron")
         round_parameters(chunks[0], round_megatron_to)
         candidate = megatron_logits(chunks[0], prompts, cfg.vocab_size)
         del chunks
     gc.collect()
-    return compare_logits(reference, candidate, tolerance, prompts)
+    report = compare_logits(reference, candidate, tolerance, prompts)
+    report.nonfinite_weights = nonfinite
+    return report

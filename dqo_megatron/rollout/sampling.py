@@ -102,6 +102,21 @@ class Step:
     """``[N]`` log q(token); 0.0 when greedy."""
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN/inf logits: its weights (or its dtype's range) are broken, and whatever it
+    would generate from them is noise, so generation stops instead of scoring it."""
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Raise `NonFiniteLogitsError` (naming how many rows) when `logits` ``[N, V]`` hold NaN or inf."""
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        rows = int(bad.any(dim=-1).sum())
+        raise NonFiniteLogitsError(f"the model produced non-finite logits (NaN/inf) for {rows} of {logits.shape[0]} "
+                                   "rows: its weights are damaged or overflow their dtype; check the checkpoint "
+                                   "(convert/export --verify checks it)")  # fmt: skip
+
+
 def sample_step(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0,
                 top_p: float = 1.0) -> Step:  # fmt: skip
     """Pick the next token of each row and report its raw and processed log-probs.
@@ -111,8 +126,10 @@ def sample_step(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
         uniforms: float64 ``[N]`` in [0, 1), one per row (`draw_uniforms`); unused when greedy.
         temperature: 0 = greedy (argmax of the raw logits, first index on ties).
     Returns:
-        A `Step` on the logits' device.
+        A `Step` on the logits' device. Raises `NonFiniteLogitsError` on NaN/inf logits (a broken
+        model's argmax is index 0 and its samples noise: an eval would score them as wrong answers).
     """
+    check_finite_logits(logits)
     logits = _at_least_fp32(logits)
     raw = torch.log_softmax(logits, dim=-1)
     if temperature <= 0:

@@ -135,3 +135,33 @@ def test_cli_errors_exit_non_zero_with_the_reason(hf_dir, tmp_path):
     result = runner.invoke(convert_app, ["megatron-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "out2")])
     assert result.exit_code == 1 and "does not exist" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_verify_fails_on_a_model_with_a_nan_weight_and_writes_nothing(tmp_path):
+    import torch
+
+    model = tiny_hf_model("llama_gqa_untied")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan_hf")
+    (message,) = run_distributed(convert_expecting_error_rank, 1, str(tmp_path / "nan_hf"), str(tmp_path / "out"),
+                                 verify=True)  # fmt: skip
+    assert message is not None and "parity FAILED" in message and "nothing was written" in message
+    assert "non-finite weights" in message and "hf:model.layers.0.mlp.down_proj.weight (1)" in message
+    assert _nothing_left(tmp_path)
+
+
+def test_parity_cannot_pass_on_non_finite_logits():
+    import torch
+
+    from dqo_megatron.conversion.verify import compare_logits
+
+    nan = torch.full((4, 8), float("nan"))
+    report = compare_logits([nan], [nan.clone()], tolerance=1e-3)
+    assert not report.passed and report.nonfinite_logits == 64 and "64 non-finite logits" in report.summary()
+    good = torch.randn(4, 8)
+    bad = good.clone()
+    bad[1, 2] = float("inf")
+    report = compare_logits([good], [bad], tolerance=1e-3)
+    assert not report.passed and report.nonfinite_logits == 1 and report.max_abs_diff == 0.0
+    assert compare_logits([good], [good.clone()], tolerance=1e-3).passed

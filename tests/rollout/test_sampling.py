@@ -65,3 +65,16 @@ def test_seeds_are_stable_and_independent_of_n():
     # pinned: seeds must not change between versions, or a resumed rollout would not reproduce the lost samples
     assert sample_seed(0, 0) == 7379020656149898831
     assert derive_seed("problem", 0, "p0") == 5832699773819787242
+
+
+def test_non_finite_logits_stop_generation_with_a_clear_error():
+    from dqo_megatron.rollout.sampling import NonFiniteLogitsError, sample_step
+
+    logits = torch.randn(3, 10)
+    logits[1, 4] = float("nan")
+    for temperature in (0.0, 1.0):  # greedy would silently pick index 0 of a NaN row
+        with pytest.raises(NonFiniteLogitsError, match="non-finite logits .* for 1 of 3 rows"):
+            sample_step(logits, torch.rand(3, dtype=torch.float64), temperature)
+    logits[1, 4] = float("inf")
+    with pytest.raises(NonFiniteLogitsError):
+        sample_step(logits, torch.rand(3, dtype=torch.float64), 0.0)
