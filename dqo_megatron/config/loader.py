@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from dqo_megatron.paths import honour_umask
+
 T = TypeVar("T")
 
 
@@ -197,6 +199,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        honour_umask(tmp)  # mkstemp's 0o600 would make the output private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ import yaml
 
 from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.loader import from_dict, to_dict
+from dqo_megatron.paths import honour_umask
 from dqo_megatron.conversion.record_writer import (
     _WRITER_THREADS,
     _fast_records_ok,
@@ -125,6 +126,7 @@ def staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        honour_umask(tmp)  # mkdtemp / mkstemp made it private; the output is not
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

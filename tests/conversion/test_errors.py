@@ -165,3 +165,27 @@ def test_parity_cannot_pass_on_non_finite_logits():
     report = compare_logits([good], [bad], tolerance=1e-3)
     assert not report.passed and report.nonfinite_logits == 1 and report.max_abs_diff == 0.0
     assert compare_logits([good], [good.clone()], tolerance=1e-3).passed
+
+
+def _convert_under_umask(src: str, out: str, umask: int) -> dict:
+    import os
+    import stat
+    from pathlib import Path
+
+    from dqo_megatron.conversion import hf_to_megatron
+
+    os.umask(umask)
+    hf_to_megatron(src, out, progress=False)
+    return {str(p): stat.S_IMODE(p.stat().st_mode) for p in [Path(out), *Path(out).rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_honour_the_umask(hf_dir, tmp_path, umask):
+    """Staging with mkdtemp/mkstemp is private (0700/0600); the renamed output must not stay so."""
+    import os
+
+    (modes,) = run_distributed(_convert_under_umask, 1, str(hf_dir), str(tmp_path / "out"), umask)
+    assert len(modes) > 3
+    for path, mode in modes.items():
+        want = (0o777 if os.path.isdir(path) else 0o666) & ~umask
+        assert mode == want, f"{path}: {oct(mode)}, want {oct(want)} under umask {oct(umask)}"
