@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +21,7 @@ from dqo_megatron.demo.pipeline import MARKER, DemoConfig, prepare_run_dir, run_
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:

@@ -229,27 +229,21 @@ class Context:
         writes it, for layouts its in-training evaluator does not support."""
         import time
 
-        from dqo_megatron.eval.during_training import Evaluation, append_evaluation
-        from dqo_megatron.eval.scoring import grade_outputs
-        from dqo_megatron.rollout.backend import SamplingParams
+        from dqo_megatron.eval.during_training import Evaluation, append_evaluation, greedy_correct
         from dqo_megatron.rollout.megatron_backend import MegatronBackend
-        from dqo_megatron.rollout.process_scores import prefix_seed
         from dqo_megatron.tasks.datasets import load_problems
         from dqo_megatron.training.checkpointing import list_checkpoints
 
         problems = load_problems(self.path("validation.jsonl"), task="gsm8k")
-        prompts = [p.prompt for p in problems]
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new)
         for step, path in list_checkpoints(run_dir / "checkpoints"):
             if step < self.cfg.value_warmup_steps:
                 continue
             started = time.perf_counter()
             backend = MegatronBackend(str(path), self.tokenizer)
             try:
-                out = backend.generate(prompts, params, seeds=[prefix_seed(0, p, "") for p in prompts])
+                correct = greedy_correct(backend, problems, self.max_new)
             finally:
                 backend.close()
-            correct = sum(bool(g.correct[0]) for g in grade_outputs(problems, [c[0].text for c in out]))
             append_evaluation(run_dir, Evaluation(step, correct / len(problems), correct, len(problems),
                                                   time.perf_counter() - started, str(path)))  # fmt: skip
 

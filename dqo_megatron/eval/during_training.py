@@ -69,6 +69,20 @@ def _tokenizer_and_stops(run: RunConfig) -> tuple[str, str | None]:
                       "or start from a `convert hf-to-megatron` checkpoint (init.policy) that holds hf/")  # fmt: skip
 
 
+def greedy_correct(backend, problems: list, max_new_tokens: int) -> int:
+    """How many of `problems` (`tasks.datasets.Problem`) `backend` answers correctly with greedy decoding."""
+    from dqo_megatron.eval.scoring import grade_outputs
+    from dqo_megatron.rollout.backend import SamplingParams
+    from dqo_megatron.rollout.process_scores import prefix_seed
+
+    if not problems:
+        return 0
+    prompts = [p.prompt for p in problems]
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    out = backend.generate(prompts, params, seeds=[prefix_seed(0, p, "") for p in prompts])
+    return sum(bool(g.correct[0]) for g in grade_outputs(problems, [c[0].text for c in out]))
+
+
 class HeldOutEvaluator:
     """Greedy accuracy of the policy on `run.eval.problems` (this data-parallel rank's share)."""
 
@@ -80,10 +94,7 @@ class HeldOutEvaluator:
         cfg = run.eval
         if not Path(cfg.problems).exists():
             raise ConfigError(f"eval.problems={cfg.problems!r} does not exist")
-        problems = load_problems(cfg.problems, task=cfg.task)
-        self.problems = select(problems, cfg.limit or None, "spread")
-        self.total = len(self.problems)
-        self.mine = self.problems[dp_rank::dp_size]
+        self.mine = select(load_problems(cfg.problems, task=cfg.task), cfg.limit or None, "spread")[dp_rank::dp_size]
         self.tokenizer, self.hf_dir = _tokenizer_and_stops(run)
         self.run = run
 
@@ -91,24 +102,17 @@ class HeldOutEvaluator:
         """Evaluate `policy` (the TP=PP=1 GPTModel being trained); collective over data-parallel ranks."""
         from megatron.core import parallel_state
 
-        from dqo_megatron.eval.scoring import grade_outputs
-        from dqo_megatron.rollout.backend import SamplingParams
         from dqo_megatron.rollout.megatron_backend import MegatronBackend
-        from dqo_megatron.rollout.process_scores import prefix_seed
 
         started = time.perf_counter()
         backend = MegatronBackend.over_module(policy, self.run.model, self.tokenizer, hf_dir=self.hf_dir,
                                               batch_size=self.run.eval.batch_size)  # fmt: skip
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.run.eval.max_new_tokens)
-        prompts = [p.prompt for p in self.mine]
         correct, failure = 0, None
         try:  # a failure on one rank must not leave the others waiting in the all-reduce below
-            if prompts:
-                out = backend.generate(prompts, params, seeds=[prefix_seed(0, p, "") for p in prompts])
-                correct = sum(bool(g.correct[0]) for g in grade_outputs(self.mine, [c[0].text for c in out]))
+            correct = greedy_correct(backend, self.mine, self.run.eval.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             failure = exc
-        counts = torch.tensor([float(correct), float(len(prompts)), float(failure is not None)],
+        counts = torch.tensor([float(correct), float(len(self.mine)), float(failure is not None)],
                               device=next(policy.parameters()).device)  # fmt: skip
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         if counts[2] > 0:

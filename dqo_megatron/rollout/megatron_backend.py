@@ -104,13 +104,9 @@ class MegatronBackend:
             raise FileNotFoundError(f"{model}: no tokenizer files in {tok_path}; pass the tokenizer")
         if tokenizer_name is None and tokenizer is None and base is not None:
             tokenizer_name = _source_name(base)
-        self.tokenizer = load_tokenizer(tok_path, name=tokenizer_name, chat_template=chat_template,
-                                        use_chat_template=use_chat_template, eos_token=eos_token)  # fmt: skip
-        self.tokenizer_name = self.tokenizer.name
-        self.templated = self.tokenizer.templated
-        self.stop_ids = stop_token_ids(self.tokenizer, hf_dir)
-        self.batch_size = batch_size
-        self.model_path = str(model)
+        self._attach_tokenizer(load_tokenizer(tok_path, name=tokenizer_name, chat_template=chat_template,
+                                              use_chat_template=use_chat_template, eos_token=eos_token),
+                               hf_dir, batch_size, str(model))  # fmt: skip
         logger.info("megatron backend: %s (%s), tokenizer %s", model, next(self.gpt.parameters()).dtype,
                     self.tokenizer_name)  # fmt: skip
 
@@ -127,13 +123,16 @@ class MegatronBackend:
         self = cls.__new__(cls)
         self._layout = contextlib.ExitStack()
         self.gpt, self.model_config = gpt, model_config
-        self.tokenizer = load_tokenizer(tokenizer, name=tokenizer_name)
-        self.tokenizer_name = self.tokenizer.name
-        self.templated = self.tokenizer.templated
-        self.stop_ids = stop_token_ids(self.tokenizer, hf_dir)
-        self.batch_size = batch_size
-        self.model_path = "<in memory>"
+        self._attach_tokenizer(load_tokenizer(tokenizer, name=tokenizer_name), hf_dir, batch_size, "<in memory>")
         return self
+
+    def _attach_tokenizer(self, tokenizer, hf_dir, batch_size: int, model_path: str) -> None:
+        self.tokenizer = tokenizer
+        self.tokenizer_name = tokenizer.name
+        self.templated = tokenizer.templated
+        self.stop_ids = stop_token_ids(tokenizer, hf_dir)
+        self.batch_size = batch_size
+        self.model_path = model_path
 
     @staticmethod
     def _dtype(dtype: str, stored: torch.dtype) -> torch.dtype:

@@ -200,10 +200,9 @@ def train(run: RunConfig) -> TrainSummary:
     nonfinite_in_a_row = 0
     started = time.perf_counter()
     with _SigtermFlag() as sigterm:
+        save = partial(_save, ckpt_root, ddp=ddp, optimizer=optimizer, scheduler=scheduler, batches=batches, t=t)
         if evals.due(step):  # the starting policy (no critic warm-up): the baseline the picked checkpoint must beat
-            evaluation = evals.evaluate(chunks[0].policy, step)
-            saved = _save(ckpt_root, step, ddp, optimizer, scheduler, batches, t, evals.keep_steps(evaluation)) if ckpt_root else None
-            evals.record(evaluation, str(saved) if saved else None)
+            _evaluate_and_save(evals, chunks, step, save if ckpt_root else None, writer, summary)
         while step < t.train_steps:
             mbs = batches.next_step(num_microbatches)
             data = microbatch_iterators(ddp, mbs)
@@ -243,22 +242,17 @@ def train(run: RunConfig) -> TrainSummary:
                 summary.stopped_by = "nonfinite"
                 break
             stop = _any_rank(sigterm.raised)
-            evaluation = evals.evaluate(chunks[0].policy, step) if (evals.due(step) and not stop) else None
-            if evaluation is not None and writer is not None:
-                writer.add_scalar("eval/accuracy", evaluation.accuracy, step)
-            if ckpt_root is not None and (stop or evaluation is not None or (t.save_interval and step % t.save_interval == 0)):
-                summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t,
-                                                     evals.keep_steps(evaluation))))  # fmt: skip
-            if evaluation is not None:
-                evals.record(evaluation, summary.checkpoints[-1] if ckpt_root is not None else None)
+            if evals.due(step) and not stop:  # saves the evaluated step too
+                _evaluate_and_save(evals, chunks, step, save if ckpt_root else None, writer, summary)
+            elif ckpt_root is not None and (stop or (t.save_interval and step % t.save_interval == 0)):
+                summary.checkpoints.append(str(save(step, keep_steps=evals.keep_steps())))
             if stop:
                 summary.stopped_by = "sigterm"
                 break
     summary.steps = step
     summary.model_chunks = chunks
     if ckpt_root is not None and summary.stopped_by == "done" and (not summary.checkpoints or not summary.checkpoints[-1].endswith(f"{step:08d}")):
-        summary.checkpoints.append(str(_save(ckpt_root, step, ddp, optimizer, scheduler, batches, t,
-                                             evals.keep_steps())))  # fmt: skip
+        summary.checkpoints.append(str(save(step, keep_steps=evals.keep_steps())))
     summary.best_evaluation = evals.best
     if writer is not None:
         writer.close()
@@ -270,6 +264,18 @@ def train(run: RunConfig) -> TrainSummary:
         raise RuntimeError(f"stopped after {t.max_consecutive_nonfinite} consecutive steps with a NaN/inf loss "
                            f"(step {step}); lower train.lr or check the data")  # fmt: skip
     return summary
+
+
+def _evaluate_and_save(evals, chunks, step: int, save, writer, summary: TrainSummary) -> None:
+    """Held-out accuracy of the policy now, the checkpoint holding it (kept if it is the best), the log."""
+    evaluation = evals.evaluate(chunks[0].policy, step)
+    if writer is not None:
+        writer.add_scalar("eval/accuracy", evaluation.accuracy, step)
+    checkpoint = None
+    if save is not None:
+        checkpoint = str(save(step, keep_steps=evals.keep_steps(evaluation)))
+        summary.checkpoints.append(checkpoint)
+    evals.record(evaluation, checkpoint)
 
 
 def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t, keep_steps=()) -> Path:
