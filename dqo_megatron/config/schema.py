@@ -347,6 +347,11 @@ class DataConfig:
     reference_offload: bool = False
     """Keep a reference model held in the run on the CPU between its forward passes (saves accelerator
     memory at the cost of a copy per micro-batch; no effect on CPU)."""
+    allow_tokenizer_mismatch: bool = False
+    """Train or annotate although the dataset was tokenized by another tokenizer than the model's (its
+    manifest's tokenizer hash differs from that of an init checkpoint's hf/ or of eval.tokenizer) or
+    with a larger vocabulary than model.vocab_size: only for data whose ids you know mean the same to
+    the model. Token ids outside the model's vocabulary are refused regardless (docs/data.md)."""
 
 
 @dataclass

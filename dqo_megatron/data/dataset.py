@@ -93,6 +93,29 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             "index": i,
         }
 
+    def source_of(self, i: int) -> str:
+        """Where document i came from, "file:line" (the input's basename, as the manifest keeps it)."""
+        col = {f: k for k, f in enumerate(self.meta_fields)}
+        inputs = self.manifest.get("inputs") or []
+        k, line = int(self.meta[i, col["input_index"]]), int(self.meta[i, col["line"]])
+        return f"{inputs[k] if 0 <= k < len(inputs) else f'input {k}'}:{line}"
+
+    def first_token_outside(self, vocab_size: int, chunk: int = 1 << 26) -> tuple[int, int] | None:
+        """(document, token id) of the first stored token id outside [0, vocab_size), or None.
+
+        Reads the token file once, in chunks (a plain scan: about a second per GB); ids outside the
+        model's vocabulary would fail in its embedding (IndexError on CPU, a device assert on GPU)."""
+        dtype = np.dtype(self.manifest.get("dtypes", {}).get("tokens", "int32"))
+        flat = np.memmap(part_prefix(self.prefix, "tokens") + ".bin", dtype=dtype, mode="r")
+        for a in range(0, len(flat), chunk):
+            block = flat[a:a + chunk]
+            if block.size and (int(block.max()) >= vocab_size or int(block.min()) < 0):
+                pos = a + int(np.flatnonzero((block >= vocab_size) | (block < 0))[0])
+                starts = np.asarray(self.parts["tokens"].index.sequence_pointers, dtype=np.int64) // dtype.itemsize
+                doc = int(np.searchsorted(starts, pos, side="right") - 1)
+                return doc, int(flat[pos])
+        return None
+
     def groups(self) -> dict[int, np.ndarray]:
         """prompt_index -> sorted document indices of all samples of that prompt."""
         order = np.argsort(self.prompt_index, kind="stable")

@@ -230,7 +230,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         summary.seconds = time.perf_counter() - t0
         writer.finalize({
             "tokenizer": {"name": tok.name, "kind": tok_cfg.tokenizer.kind, "eos_id": int(tok.eos_id),
-                          "bos_id": int(tok.bos_id)},
+                          "bos_id": int(tok.bos_id), **tok.identity()},
             "inputs": [os.path.basename(f) for f in files],
             "settings": {"max_length": tok_cfg.max_length, "overlong": tok_cfg.overlong,
                          "behavior_logprobs_include_eos": tok_cfg.behavior_logprobs_include_eos,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,13 +113,68 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+FLOAT32_LIMIT = 2.0**128 - 2.0**103
+"""Numbers at or beyond this magnitude round to +-inf in float32 (halfway between float32's largest
+value, 2**128 - 2**104, and 2**128), the dtype rewards and log-probs are stored in."""
+
+
 def _float(value: Any, fld: str, where: dict) -> float:
     if not _is_number(value):
         raise RecordError("wrong_type", f"expected a number, got {type(value).__name__} {value!r:.40}", field=fld, **where)
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond float64 (JSON has no size limit on integers)
+        raise RecordError("not_representable", f"an integer of {value.bit_length()} bits is beyond float32, the dtype "
+                          "it is stored in (|x| <= 3.4028235e+38)", field=fld, **where) from None  # fmt: skip
     if not math.isfinite(v):
         raise RecordError("non_finite", f"must be finite, got {v}", field=fld, **where)
+    if abs(v) >= FLOAT32_LIMIT:  # finite here, inf once stored: refuse it rather than train on inf
+        raise RecordError("not_representable", f"{v!r} is finite but beyond float32, the dtype it is stored in "
+                          "(|x| <= 3.4028235e+38)", field=fld, **where)  # fmt: skip
     return v
+
+
+# A lone UTF-16 surrogate comes from a `\ud800`-style escape (json.loads accepts it) or from a str a
+# caller built; paired escapes decode to one code point and never leave a surrogate behind.
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _find_surrogate(obj: Any, path: str) -> tuple[str, str, int, bool] | None:
+    """(field path, the string, index, is a key) of the first string (value or key) holding a lone surrogate."""
+    if isinstance(obj, str):
+        m = _SURROGATE.search(obj)
+        return (path, obj, m.start(), False) if m else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            m = _SURROGATE.search(k) if isinstance(k, str) else None
+            if m:
+                return (path or "<record>", k, m.start(), True)
+            hit = _find_surrogate(v, f"{path}.{k}" if path else str(k))
+            if hit:
+                return hit
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            if isinstance(v, (str, dict, list, tuple)):
+                hit = _find_surrogate(v, f"{path}[{i}]")
+                if hit:
+                    return hit
+    return None
+
+
+def _check_unicode(obj: Any, raw: Any, where: dict) -> None:
+    """RecordError `invalid_unicode` naming the field when a string cannot be encoded as UTF-8: it would
+    crash the tokenizer or the JSON writer of label / process-scores far from its file:line."""
+    if isinstance(raw, str) and not _SURROGATE_HINT.search(raw):
+        return  # the common case: one C-speed scan of the line, no walk
+    hit = _find_surrogate(obj, "")
+    if hit is None:
+        return
+    path, text, i, is_key = hit
+    code = f"\\u{ord(text[i]):04x}"
+    raise RecordError("invalid_unicode", f"{'a key in it ' if is_key else ''}holds a lone surrogate {code} at "
+                      f"character {i}: valid JSON, but not encodable as UTF-8 (fix the producer, or skip the record)",
+                      field=path, **where)  # fmt: skip
 
 
 def _opt_str(obj: dict, name: str, where: dict, allow_int: bool = False) -> str | None:
@@ -219,12 +275,14 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
     if isinstance(raw, (str, bytes)):
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError("malformed_json", f"not valid JSON: {exc}", **where) from None
+        # ValueError also covers integers beyond Python's digit limit; RecursionError, absurd nesting
+        except (ValueError, RecursionError) as exc:
+            raise RecordError("malformed_json", f"not valid JSON: {str(exc)[:200]}", **where) from None
     else:
         obj = raw
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(obj).__name__}", **where)
+    _check_unicode(obj, raw, where)
     prompt = _parse_prompt(obj.get("prompt"), where)
     response = obj.get("response")
     if response is None:

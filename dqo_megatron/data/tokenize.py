@@ -19,6 +19,7 @@ no token of its own (e.g. whitespace that the tokenizer drops) is credited to th
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -117,6 +118,66 @@ class TokenizedSample:
 PROMPT_CACHE_SIZE = 4096
 """Distinct prompts whose token ids a worker keeps (cleared when full)."""
 
+TOKENIZER_IDENTITY_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+"""The files of an HF tokenizer directory that its identity hash covers: exactly the tokenizer files that
+`convert hf-to-megatron` copies into a checkpoint's hf/ (conversion.hf_io.TOKENIZER_FILES without
+generation_config.json), so a source directory and its checkpoint's copy hash the same."""
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(path: str) -> dict | None:
+    """The identity of a tokenizer from its files, without loading it (model weights are never read).
+
+    Returns ``{"sha256": ..., "files": {name: sha256}}``: a sentencepiece .model file is the one file
+    "tokenizer.model" (what HF directories call theirs); an HF directory contributes the files of
+    TOKENIZER_IDENTITY_FILES it has. `sha256` hashes the sorted (name, file hash) pairs. None when the
+    path holds no tokenizer file (e.g. a checkpoint's hf/ with only config.json).
+    """
+    if os.path.isfile(path):
+        files = {"tokenizer.model": _sha256_file(path)}
+    elif os.path.isdir(path):
+        files = {n: _sha256_file(os.path.join(path, n)) for n in TOKENIZER_IDENTITY_FILES
+                 if os.path.isfile(os.path.join(path, n))}  # fmt: skip
+    else:
+        return None
+    if not files:
+        return None
+    combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    return {"sha256": combined, "files": files}
+
+
+def tokenizer_difference(ours: dict, theirs: dict, names: tuple[str, str] = ("the first", "the second")) -> str | None:
+    """None when two `tokenizer_fingerprint`s are the same tokenizer, else what differs (for a message;
+    `names` say whose each side is, e.g. ("the data's", "the model's")).
+
+    Same: equal hashes, or the same sentencepiece model when one side is a lone .model file (an HF
+    directory around that model adds files that do not change its ids).
+    """
+    if ours.get("sha256") == theirs.get("sha256"):
+        return None
+    a, b = ours.get("files") or {}, theirs.get("files") or {}
+    if {"tokenizer.model"} in (set(a), set(b)):  # a lone sentencepiece model: the rest is not compared
+        if a.get("tokenizer.model") == b.get("tokenizer.model"):
+            return None
+        missing = [n for n, fp in zip(names, (a, b)) if "tokenizer.model" not in fp]
+        return f"no tokenizer.model in {missing[0]}" if missing else "tokenizer.model differ"
+    differ = sorted(n for n in set(a) & set(b) if a[n] != b[n])
+    parts = [f"{', '.join(differ)} differ"] if differ else []
+    for label, only in ((f"only in {names[0]}", sorted(set(a) - set(b))), (f"only in {names[1]}", sorted(set(b) - set(a)))):
+        if only:
+            parts.append(f"{', '.join(only)} {label}")
+    return "; ".join(parts) or f"hash {str(ours.get('sha256'))[:12]} != {str(theirs.get('sha256'))[:12]}"
+
 
 class Tokenizer:
     """A loaded HF or sentencepiece tokenizer behind one small interface."""
@@ -132,7 +193,7 @@ class Tokenizer:
             self.hf = None
             self.vocab_size = int(self.sp.vocab_size())
             self.bos_id = int(self.sp.bos_id())
-            self.eos_id = int(self.sp.piece_to_id(cfg.eos_token)) if cfg.eos_token else int(self.sp.eos_id())
+            self.eos_id = self.special_token_id(cfg.eos_token, "eos_token") if cfg.eos_token else int(self.sp.eos_id())
             self.has_offsets = True
         else:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelize with processes
@@ -149,13 +210,46 @@ class Tokenizer:
             self.vocab_size = len(self.hf)
             self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
             eos = cfg.eos_token or self.hf.eos_token
-            self.eos_id = self.hf.convert_tokens_to_ids(eos) if eos is not None else None
+            self.eos_id = self.special_token_id(eos, "eos_token") if eos is not None else None
             self.has_offsets = bool(getattr(self.hf, "is_fast", False))
             # the Rust tokenizer itself: same ids and offsets as calling self.hf, without building a
             # BatchEncoding per call (that wrapper cost ~25% of preprocessing time)
             self.fast = getattr(self.hf, "backend_tokenizer", None) if self.has_offsets else None
         if self.eos_id is None or self.eos_id < 0:
             raise ConfigError(f"tokenizer {cfg.path!r} has no EOS token: set tokenizer.eos_token")
+
+    def special_token_id(self, token: str, option: str) -> int:
+        """The id of a named token (EOS, or any special token a setting names), refusing a token that is not
+        in the vocabulary: sentencepiece would map it to <unk> and HF to the unknown id (or None), so the
+        data would end every response with <unk> without a word."""
+        if self.sp is not None:
+            i = int(self.sp.piece_to_id(token))
+            back = self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+        else:
+            i = self.hf.convert_tokens_to_ids(token)
+            back = self.hf.convert_ids_to_tokens(i) if isinstance(i, int) and i >= 0 else None
+        if back != token:
+            raise ConfigError(f"{option}={token!r} is not a token of tokenizer {self.name!r} ({self.cfg.path}): it "
+                              f"would become {back!r} (id {i}); give a token of its vocabulary, e.g. its EOS "
+                              f"{self._default_eos()!r}")  # fmt: skip
+        return int(i)
+
+    def _default_eos(self) -> str | None:
+        if self.sp is not None:
+            return self.sp.id_to_piece(self.sp.eos_id()) if self.sp.eos_id() >= 0 else None
+        return self.hf.eos_token
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """`tokenizer_fingerprint` of the tokenizer's files (computed once, on first use)."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = tokenizer_fingerprint(self.cfg.path)
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        """What a dataset manifest records of the tokenizer besides its name: the files' hash and each file's."""
+        fp = self.fingerprint or {}
+        return {"sha256": fp.get("sha256"), "files": fp.get("files", {})}
 
     # ---- prompts
     def render_prompt(self, prompt, where: dict) -> str | list[int]:
@@ -340,11 +434,18 @@ def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, t
     tokens = np.asarray(p_ids + r_ids + eos, dtype=np.int64)
     rewards = np.zeros(len(tokens), dtype=np.float32)
     outcome = float(r.reward) if r.reward is not None else 0.0
-    if r.process_rewards:
-        idx = step_token_indices(starts, [e for e, _ in r.process_rewards])
-        for j, (_, v) in zip(idx, r.process_rewards):
-            rewards[P + j] += np.float32(v)
-    rewards[-1] += np.float32(outcome)
+    with np.errstate(over="ignore"):  # an overflowing sum is refused just below, with file:line
+        if r.process_rewards:
+            idx = step_token_indices(starts, [e for e, _ in r.process_rewards])
+            for j, (_, v) in zip(idx, r.process_rewards):
+                rewards[P + j] += np.float32(v)
+        rewards[-1] += np.float32(outcome)
+    if not np.isfinite(rewards).all():
+        # each value fits float32 (parse_record checks), but rewards sharing a token add up beyond it
+        t = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        return RecordError("not_representable", f"the rewards on token {t} (outcome and/or process rewards on the "
+                           "same token) add up beyond float32, the dtype they are stored in",
+                           field="process_rewards" if r.process_rewards else "reward", **where)  # fmt: skip
     blp = None
     if r.behavior_logprobs is not None:
         blp = np.zeros(len(tokens), dtype=np.float32)

@@ -54,6 +54,7 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     from dqo_megatron.data.dataset import TrajectoryDataset
     from dqo_megatron.data.indexed import mark_reference_logprobs_filled, open_reference_logprobs_for_update
     from dqo_megatron.training.data import to_model_batch
+    from dqo_megatron.training.data_check import check_data_matches_model
     from dqo_megatron.training.init import load_initial_weights
 
     if not run.data.train_prefix:
@@ -62,6 +63,7 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
         raise ConfigError("annotate needs the reference's weights: set init.reference (or init.policy)")
     info = parallel.initialize(run.parallel, seed=run.train.seed)
     dataset = TrajectoryDataset(run.data.train_prefix)
+    check_data_matches_model(dataset, run, log=info.rank == 0)  # before the reference is built and loaded
     reference_run = _as_reference_run(run)
     chunks = build_policy_value_chunks(reference_run, with_value=False, with_reference=False)
     load_initial_weights(reference_run, chunks)

@@ -110,6 +110,7 @@ def train(run: RunConfig) -> TrainSummary:
     from dqo_megatron import parallel
     from dqo_megatron.data.dataset import TrajectoryDataset
     from dqo_megatron.training.data import MicroBatches
+    from dqo_megatron.training.data_check import check_data_matches_model
 
     if not run.data.train_prefix:
         raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
@@ -119,6 +120,7 @@ def train(run: RunConfig) -> TrainSummary:
 
     # ---- data
     dataset = TrajectoryDataset(run.data.train_prefix)
+    check_data_matches_model(dataset, run, log=is_logger)  # before any model is built
     has_ref = bool(dataset.manifest.get("ref_logprobs_filled", False))
     if run.data.reference == "data" and not has_ref:
         raise ConfigError(f"data.reference=data but {run.data.train_prefix} has no reference log-probs: run "
