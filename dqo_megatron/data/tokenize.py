@@ -173,9 +173,9 @@ def tokenizer_difference(ours: dict, theirs: dict, names: tuple[str, str] = ("th
         return f"no tokenizer.model in {missing[0]}" if missing else "tokenizer.model differ"
     differ = sorted(n for n in set(a) & set(b) if a[n] != b[n])
     parts = [f"{', '.join(differ)} differ"] if differ else []
-    for label, only in ((f"only in {names[0]}", sorted(set(a) - set(b))), (f"only in {names[1]}", sorted(set(b) - set(a)))):
+    for name, only in ((names[0], sorted(set(a) - set(b))), (names[1], sorted(set(b) - set(a)))):
         if only:
-            parts.append(f"{', '.join(only)} {label}")
+            parts.append(f"{', '.join(only)} only in {name}")
     return "; ".join(parts) or f"hash {str(ours.get('sha256'))[:12]} != {str(theirs.get('sha256'))[:12]}"
 
 

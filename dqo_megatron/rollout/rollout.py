@@ -48,6 +48,7 @@ from typing import Literal, Optional
 
 from dqo_megatron.config.loader import ConfigError, atomic_write_text
 from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
+from dqo_megatron.rollout.identity import identity_difference, model_identity
 from dqo_megatron.rollout.sampling import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -404,15 +405,27 @@ def settings_of(cfg: RolloutConfig, problems: list, backend: GenerationBackend |
             "system_prompt", "behavior_logprobs", "label", "chat_template", "use_chat_template", "eos_token", "dtype")  # fmt: skip
     out = {k: getattr(cfg, k) for k in keys}
     out.update(problems=str(Path(cfg.problems).absolute()), problems_sha256=_problems_digest(problems))
+    model = cfg.model or (getattr(backend, "model_path", None) if backend is not None else None)
+    identity = model_identity(model, cfg.tokenizer) if model else None
+    if identity is not None:  # known before the model is loaded: a changed model fails fast
+        out["model_identity"] = identity
     if backend is not None:
         out.update(model=str(Path(cfg.model).absolute()) if cfg.model else getattr(backend, "model_path", None),
                    backend=backend.name, behavior_tokenizer=backend.tokenizer_name, prompt_format=prompt_format)  # fmt: skip
     return json.loads(json.dumps(out))  # the JSON round trip makes it comparable with the stored copy
 
 
+_WARNED_NO_IDENTITY: set[str] = set()
+
+
 def check_settings(cfg: RolloutConfig, settings: dict) -> None:
     """ConfigError when `cfg.output` exists (and not overwrite) without a sidecar, or with other `settings`
-    (only the keys given are compared)."""
+    (only the keys given are compared).
+
+    The model is compared by identity (`identity.model_identity`: config, tokenizer, sampled weight
+    bytes), so a model directory that changed under the same path is refused, and a model that only
+    moved is accepted. A sidecar written before identities were recorded is resumed with a warning.
+    """
     out, meta = Path(cfg.output), Path(cfg.output + ".meta.json")
     if cfg.overwrite or not (out.exists() or meta.exists()):
         return
@@ -420,6 +433,19 @@ def check_settings(cfg: RolloutConfig, settings: dict) -> None:
         raise ConfigError(f"{out} exists without {meta.name}: not a rollout output this tool can resume; "
                           "remove it or set overwrite")  # fmt: skip
     stored = json.loads(meta.read_text()).get("settings", {})
+    settings = dict(settings)
+    now_id, then_id = settings.pop("model_identity", None), stored.get("model_identity")
+    if now_id is not None and then_id is None and str(out) not in _WARNED_NO_IDENTITY:
+        _WARNED_NO_IDENTITY.add(str(out))
+        logger.warning("%s was begun before rollout recorded the model's identity: cannot check that %s is the "
+                       "model that wrote it (only its path is compared); resuming", out, cfg.model or "the model")  # fmt: skip
+    if now_id is not None and then_id is not None:
+        if now_id != then_id:
+            raise ConfigError(f"{out} was made by another model: {cfg.model or settings.get('model')}: "
+                              f"{identity_difference(then_id, now_id)} since the output was begun, and resuming "
+                              "would mix two policies in one file; resume with the model that wrote it, write to "
+                              "a new output (-o), or set overwrite (--overwrite) to start over")  # fmt: skip
+        settings.pop("model", None)  # the same model, perhaps moved: its path may differ
     diff = sorted(k for k in settings if stored.get(k) != settings[k])
     if diff:
         shown = "; ".join(f"{k}: {stored.get(k)!r} there, {settings[k]!r} now" for k in diff)

@@ -148,8 +148,11 @@ def test_lone_surrogate_in_a_table_row():
         parse_record({"prompt": "p", "response": "r", "reward": 1, "id": "\ud800"}, "x.parquet", 7)
 
 
-@pytest.mark.parametrize("raw", ['{"prompt": "p", "response": "r", "reward": ' + "1" * 5000 + "}",
-                                 '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"], ids=["5000-digit", "deep"])  # fmt: skip
+_UNLOADABLE = ['{"prompt": "p", "response": "r", "reward": ' + "1" * 5000 + "}",  # beyond Python's digit limit
+               '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"]  # beyond its recursion limit
+
+
+@pytest.mark.parametrize("raw", _UNLOADABLE, ids=["5000-digit", "deep"])
 def test_json_python_refuses_is_malformed_json_not_a_crash(tmp_path, hf_tok_dir, valid_only, raw):
     rows = VALID[:2] + [raw] + VALID[2:]
     with pytest.raises(RecordError, match=r"\.jsonl:3: not valid JSON.*\[malformed_json\]"):
