@@ -49,6 +49,7 @@ from dqo_megatron.analysis.scores import (
 )  # fmt: skip
 from dqo_megatron.config import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, TrajectoryRecord, read_records, write_jsonl
+from dqo_megatron.outputs import check_apart
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, step_token_indices, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -416,6 +417,7 @@ def run_value_analysis(cfg: ValueAnalysisConfig) -> list[dict[str, Any]]:
 
     out_dir = Path(cfg.out_dir)
     checkpoints = resolve_checkpoints(cfg.checkpoints, cfg.run_config)
+    check_apart([out_dir], [c.path for c in checkpoints] + list(cfg.records))  # run_dir/analysis is fine
     targets = [_value_target(c) for c in checkpoints]  # before any work
     skips, counts = SkipCounter(), Counter()
     tok = Tokenizer(cfg.tokenize.tokenizer)

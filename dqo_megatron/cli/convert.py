@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from dqo_megatron.cli._app import app, configure_logging
+from dqo_megatron.cli._app import GuardedTyper, app, configure_logging
 
-convert_app = typer.Typer(help="Convert checkpoints between Hugging Face and Megatron (see docs/checkpoints.md).",
+convert_app = GuardedTyper(help="Convert checkpoints between Hugging Face and Megatron (see docs/checkpoints.md).",
                           no_args_is_help=True)  # fmt: skip
 app.add_typer(convert_app, name="convert")
 

@@ -30,6 +30,7 @@ def preprocess(
     workers: int = typer.Option(1, "--workers", "-j", help="Tokenizing processes."),
     chunk_size: int = typer.Option(256, help="Records per worker task."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid records instead of stopping."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset at the prefix (once the new one is complete)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Validate and tokenize trajectory records into Megatron indexed files (see docs/data.md)."""
@@ -41,7 +42,7 @@ def preprocess(
     try:
         cfg = PreprocessConfig(
             inputs=list(inputs), output_prefix=output_prefix, workers=workers, chunk_size=chunk_size,
-            skip_invalid=skip_invalid, progress=not no_progress,
+            skip_invalid=skip_invalid, overwrite=overwrite, progress=not no_progress,
             tokenize=TokenizeConfig(
                 tokenizer=TokenizerConfig(path=tokenizer, name=tokenizer_name, chat_template=chat_template,
                                           use_chat_template=not no_chat_template, eos_token=eos_token),
@@ -66,6 +67,7 @@ def label(
     timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison (timeouts count as wrong)."),
     workers: int = typer.Option(1, "--workers", "-j", help="Checking processes."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid records instead of stopping."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (once the new one is complete)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Set reward (1/0) and correct on each record by checking its final answer (#### N / last \\boxed{})."""
@@ -75,7 +77,8 @@ def label(
 
     try:
         summary = label_records(LabelConfig(inputs=list(inputs), output=str(output), task=task, timeout_s=timeout_s,
-                                            workers=workers, skip_invalid=skip_invalid, progress=not no_progress))
+                                            workers=workers, skip_invalid=skip_invalid, overwrite=overwrite,
+                                            progress=not no_progress))
     except ConfigError as exc:
         _fail("config error", exc)
     except RecordError as exc:

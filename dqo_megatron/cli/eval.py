@@ -89,7 +89,8 @@ def process_scores(
     timeout_s: float = typer.Option(5.0, help="MATH: seconds per answer comparison."),
     cache: Optional[str] = typer.Option(None, help="Completion cache file (default: OUTPUT.cache.jsonl)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write a completion cache."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace process rewards that failed records already have."),
+    replace_rewards: bool = typer.Option(False, "--replace-rewards", help="Replace process rewards that failed records already have."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (once the new one is complete)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid records instead of stopping."),
     dry_run: bool = typer.Option(False, "--dry-run", help="State the cost (prefixes x M) and stop; loads no model."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
@@ -98,7 +99,7 @@ def process_scores(
     failed response; a prefix is correct when any completion is; rewards per step into process_rewards."""
     from dqo_megatron.config.loader import ConfigError
     from dqo_megatron.data.records import RecordError
-    from dqo_megatron.rollout.process_scores import ProcessScoresConfig, process_scores as run
+    from dqo_megatron.rollout.process_scores import ProcessScoresConfig, check_outputs, process_scores as run
 
     configure_logging()
     try:
@@ -107,7 +108,7 @@ def process_scores(
             splitter=splitter, split_pattern=split_pattern, max_steps=max_steps, assign=assign,
             step_reward=step_reward, temperature=temperature, top_p=top_p, top_k=top_k,
             max_new_tokens=max_new_tokens, seed=seed, prefixes_per_call=prefixes_per_call, task=task, timeout_s=timeout_s,
-            cache="" if no_cache else cache, overwrite=overwrite, skip_invalid=skip_invalid, dry_run=dry_run,
+            cache="" if no_cache else cache, replace_rewards=replace_rewards, overwrite=overwrite, skip_invalid=skip_invalid, dry_run=dry_run,
             progress=not no_progress)
         if dry_run:
             # the backend's name is part of the cache key: resolve "auto" as building it would
@@ -116,6 +117,7 @@ def process_scores(
             summary = run(cfg, _DryRunBackend(resolve_kind(backend, model)))
             typer.echo(summary.plan(num_completions))
             return
+        check_outputs(cfg)  # before the model is loaded
         framing = _framing(chat_template, no_chat_template, eos_token, gen_batch_size, trust_remote_code, run_config)
         gen = _backend_factory(backend, tokenizer, device, dtype, tensor_parallel, **framing)(model)
         try:

@@ -123,7 +123,8 @@ def hf_to_megatron(
     src, out = Path(src), Path(out)
     if value_head is not None and not value:
         raise ConversionError("value_head (--value-head) needs value=True (--value)")
-    check_output(out.absolute(), overwrite)
+    inputs = [src] + ([Path(value_head)] if value_head is not None else [])
+    check_output(out.absolute(), overwrite, inputs)
     ckpt = hf_io.HFCheckpoint.open(src)
     fam = family_for_hf_config(ckpt.config, where=str(src / "config.json"))
     cfg = fam.config_from_hf(ckpt.config, where=str(src / "config.json"))
@@ -134,7 +135,7 @@ def hf_to_megatron(
     logger.info("converting %s (%s, %d layers, hidden %d) to %s in %s", src, fam.name, cfg.num_layers,
                 cfg.hidden_size, out, dtype_name(torch_dtype))  # fmt: skip
     parity = None
-    with staged_output(out, overwrite) as tmp, single_process_layout():
+    with staged_output(out, overwrite, inputs) as tmp, single_process_layout():
         with _gc_paused():
             (chunk,) = build_empty_chunks(cfg, ParallelConfig(), torch_dtype)
             _fill_from_hf(chunk, hf_io.stream_megatron_tensors(ckpt, rules, torch_dtype, progress, defer=True))
@@ -225,7 +226,8 @@ def megatron_to_hf(
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
-    check_output(out.absolute(), overwrite)
+    inputs = [src] + ([Path(tokenizer)] if tokenizer is not None else [])
+    check_output(out.absolute(), overwrite, inputs)
     cfg, info = read_metadata(src)
     if info.kind != "policy":
         raise ConversionError(f"{src} is a {info.kind} checkpoint; only policy checkpoints have an HF equivalent")
@@ -241,7 +243,7 @@ def megatron_to_hf(
 
         base_config = json.loads((src / HF_DIR / "config.json").read_text())
     parity = None
-    with staged_output(out, overwrite) as tmp, single_process_layout():
+    with staged_output(out, overwrite, inputs) as tmp, single_process_layout():
         (chunk,) = build_empty_chunks(cfg, ParallelConfig(), info.torch_dtype)
         load_chunks([chunk], src / WEIGHTS_DIR)
         params = {name: p.detach() for name, p in chunk.named_parameters()}

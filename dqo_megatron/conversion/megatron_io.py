@@ -18,8 +18,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional, Sequence
@@ -29,7 +27,7 @@ import yaml
 
 from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.loader import from_dict, to_dict
-from dqo_megatron.paths import honour_umask
+from dqo_megatron.outputs import OutputError, check_apart, refuse_existing, staged_dir
 from dqo_megatron.conversion.record_writer import (
     _WRITER_THREADS,
     _fast_records_ok,
@@ -113,38 +111,28 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, CheckpointInfo]:
 
 # ------------------------------------------------------------------------------------------- output
 @contextlib.contextmanager
-def staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `out` that becomes `out` when the block succeeds.
+def staged_output(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """A temporary directory beside `out` that becomes `out` when the block succeeds
+    (`dqo_megatron.outputs.staged_dir`, its refusals raised as ConversionError).
 
-    Fails before any work when `out` exists and not `overwrite`. On error the temporary directory is
-    removed, so no partial output is ever visible under `out`; on success an existing `out` is replaced
-    (renamed aside, then deleted) only after the new one is complete.
+    Fails before any work when `out` exists and not `overwrite`, or when `out` is, lies inside or
+    contains one of `inputs`. On error the temporary directory is removed, so no partial output is
+    ever visible under `out`; an existing `out` is replaced only after the new one is complete.
     """
-    out = Path(out).absolute()
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    check_output(Path(out).absolute(), overwrite, inputs)
+    with staged_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         yield tmp
-        honour_umask(tmp)  # mkdtemp / mkstemp made it private; the output is not
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """ConversionError when `out` exists (and not `overwrite`) or is a file."""
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"output {out} exists and is not a directory")
+def check_output(out: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """ConversionError when `out` exists (and not `overwrite`), is a file, or overlaps one of `inputs`."""
+    try:
+        check_apart([out], inputs)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a directory")
+        refuse_existing([out], overwrite)
+    except OutputError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------- the model

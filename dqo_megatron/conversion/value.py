@@ -65,11 +65,12 @@ def value_from_megatron(src: str | Path, out: str | Path, *, overwrite: bool = F
     """Write a value checkpoint `out` from the policy checkpoint `src` (trunk copied, head zero or from
     `value_head`); returns the seconds it took."""
     start = time.perf_counter()
-    check_output(Path(out).absolute(), overwrite)
+    inputs = [Path(src)] + ([Path(value_head)] if value_head is not None else [])
+    check_output(Path(out).absolute(), overwrite, inputs)
     cfg, info = read_metadata(src)
     if info.kind != "policy":
         raise ConversionError(f"{src} is already a {info.kind} checkpoint")
-    with staged_output(out, overwrite) as tmp, single_process_layout():
+    with staged_output(out, overwrite, inputs) as tmp, single_process_layout():
         (chunk,) = build_empty_chunks(cfg, ParallelConfig(), info.torch_dtype)
         load_chunks([chunk], Path(src) / WEIGHTS_DIR)
         attach_value_head(chunk, cfg, value_head)

@@ -10,7 +10,8 @@ own file; document i of every file belongs to the same record:
     <prefix>_meta.{bin,idx}               float64 per document, META_FIELDS                     [10]
     <prefix>.json                         manifest: fields, tokenizer, prompt ids, inputs, counts
 
-The manifest is written last (atomically), so a prefix with a manifest is complete.
+The manifest is written last, so a prefix with a manifest is complete; `preprocess` builds all of them
+in a hidden sibling directory and moves them into place at the end (`dqo_megatron.outputs`).
 
 Versions. The manifest's `meta_fields` names the meta columns in order, and readers go by those names.
 Version 2 added the `truncated` column (a response cut by the sampler's length limit, stored without
@@ -48,6 +49,12 @@ def part_prefix(prefix: str, part: str) -> str:
 def manifest_path(prefix: str) -> str:
     """Path of the manifest JSON of a prefix."""
     return prefix + ".json"
+
+
+def dataset_files(prefix: str) -> list[str]:
+    """Every file a dataset at `prefix` may have, the manifest (the marker of a complete dataset) last."""
+    parts = TOKEN_FILES + ("meta",)
+    return [part_prefix(prefix, p) + ext for p in parts for ext in (".bin", ".idx")] + [manifest_path(prefix)]
 
 
 def token_dtype(vocab_size: int):

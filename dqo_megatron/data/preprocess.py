@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Literal
 
 from dqo_megatron.config.loader import ConfigError
-from dqo_megatron.data.indexed import TrajectoryWriter
+from dqo_megatron.data.indexed import TrajectoryWriter, dataset_files
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, input_format, iter_raw, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, tokenize_records
+from dqo_megatron.outputs import staged_files
 
 
 @dataclass
@@ -40,6 +41,9 @@ class PreprocessConfig:
     skip_invalid: bool = False
     """Skip invalid records and count them by reason (printed in the summary) instead of stopping at
     the first with its file:line error."""
+    overwrite: bool = False
+    """Replace an existing dataset at output_prefix (only once the new one is complete); without it an
+    existing dataset is an error."""
     progress: bool = True
     """Show a progress bar on stderr."""
     start_method: Literal["fork", "spawn", "forkserver"] = "fork"
@@ -168,18 +172,30 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     Raises:
         RecordError: the first invalid record, unless cfg.skip_invalid (then it is counted).
         ValueError: no record survived.
+        OutputError (a ValueError): a dataset exists at cfg.output_prefix and not cfg.overwrite, or the
+            output would overwrite an input.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     files = expand_inputs(cfg.inputs)
+    tok = Tokenizer(cfg.tokenize.tokenizer)  # fail early, in the main process, on a bad tokenizer
+    # everything is written into a hidden sibling directory and moved into place once complete: a
+    # rejected record or a kill leaves an existing dataset at output_prefix as it was
+    inputs = list(cfg.inputs) + files + [cfg.tokenize.tokenizer.path]
+    with staged_files(dataset_files(cfg.output_prefix), overwrite=cfg.overwrite, inputs=inputs,
+                      what=f"dataset {cfg.output_prefix}") as staging:  # fmt: skip
+        return _write_dataset(cfg, files, tok, str(staging / os.path.basename(cfg.output_prefix)), t0)
+
+
+def _write_dataset(cfg: PreprocessConfig, files: list[str], tok: Tokenizer, prefix: str, t0: float) -> PreprocessSummary:
+    """Tokenize the records of `files` into a dataset at `prefix` (the staging copy of cfg.output_prefix)."""
+    from tqdm import tqdm
+
     tok_cfg = cfg.tokenize
-    tok = Tokenizer(tok_cfg.tokenizer)  # fail early, in the main process, on a bad tokenizer
     summary = PreprocessSummary()
     hist: Counter[int] = Counter()
     labels: dict[int, str] = {}
     file_index = {f: i for i, f in enumerate(files)}
-    writer = TrajectoryWriter(cfg.output_prefix, tok.vocab_size)
+    writer = TrajectoryWriter(prefix, tok.vocab_size)
     bar = tqdm(total=_count_inputs(files) if cfg.progress else None, disable=not cfg.progress, unit="rec",
                desc="preprocess", file=sys.stderr, dynamic_ncols=True)
     pool = None

@@ -23,6 +23,7 @@ from typing import Callable, Literal, Sequence
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.eval.scoring import ScoreSummary, grade_outputs, graded_to_dict, summarize
+from dqo_megatron.outputs import check_apart
 from dqo_megatron.paths import shared_data_dir
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
 from dqo_megatron.rollout.process_scores import CompletionCache, cache_key, prefix_seed
@@ -311,6 +312,9 @@ def evaluate(cfg: EvalConfig, backends: Sequence[GenerationBackend] | Callable[[
     Returns:
         EvalResults (accuracy per model, dataset, decoding, with MATH breakdowns).
     """
+    # what eval writes into output_dir (the directory itself is shared with the user's other files)
+    written = [Path(cfg.output_dir, name) for name in ("results.json", "results.md", "accuracy.png", "outputs", "cache")]
+    check_apart(written, list(cfg.models) + [s.path for s in cfg.dataset_specs()])
     specs, problems = load_datasets(cfg)
     results = EvalResults(cfg, specs, {s.name: len(problems[s.name]) for s in specs})
     if not callable(backends) and len(backends) != len(cfg.models):

@@ -50,6 +50,7 @@ from typing import Any, Literal, Sequence
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, iter_raw, parse_record
+from dqo_megatron.outputs import check_apart, refuse_existing, staged_file
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
 from dqo_megatron.rollout.steps import SPLITTERS, compile_pattern, split_steps
 from dqo_megatron.tasks.answers import extract_boxed, extract_gsm8k_answer
@@ -105,8 +106,10 @@ class ProcessScoresConfig:
     """MATH: seconds per answer comparison (a timeout counts as wrong)."""
     cache: str | None = None
     """Completion cache (JSON Lines); None: `<output>.cache.jsonl`; "" disables caching."""
-    overwrite: bool = False
+    replace_rewards: bool = False
     """Replace the process rewards a failed record already has (otherwise such a record is an error)."""
+    overwrite: bool = False
+    """Replace an existing output file (only once the new one is complete); without it, an error."""
     skip_invalid: bool = False
     """Skip invalid records (counted by reason; they are not written) instead of stopping at the first."""
     dry_run: bool = False
@@ -375,9 +378,9 @@ def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: Process
                 if rec.reference_answer is None:
                     raise RecordError("missing_field", "missing; process scores grade completions against it",
                                       path, line, "reference_answer")
-                if rec.process_rewards and not cfg.overwrite:
+                if rec.process_rewards and not cfg.replace_rewards:
                     raise RecordError("bad_process_rewards", "the record already has process rewards "
-                                      "(use --overwrite to replace them)", path, line, "process_rewards")
+                                      "(use --replace-rewards to replace them)", path, line, "process_rewards")
             except RecordError as err:
                 if not cfg.skip_invalid:
                     raise
@@ -482,6 +485,7 @@ def process_scores(cfg: ProcessScoresConfig, backend: GenerationBackend) -> Proc
     if cfg.dry_run:
         summary.seconds = time.perf_counter() - t0
         return summary
+    check_outputs(cfg)  # before hours of generation, not after
     _generate(cfg, backend, jobs, cache, summary)
     summary.solvable_prefixes = len({j.key for j in jobs if j.correct > 0})
     _write(cfg, scored, invalid, summary)
@@ -489,11 +493,20 @@ def process_scores(cfg: ProcessScoresConfig, backend: GenerationBackend) -> Proc
     return summary
 
 
+def check_outputs(cfg: ProcessScoresConfig) -> None:
+    """OutputError when cfg.output exists (and not cfg.overwrite), or when the output or the cache is, lies
+    inside or contains an input. Cheap: callers run it before loading a model."""
+    check_apart([cfg.output] + ([cfg.cache_path] if cfg.cache_path else []), _input_paths(cfg))
+    refuse_existing([cfg.output], cfg.overwrite)
+
+
+def _input_paths(cfg: ProcessScoresConfig) -> list[str]:
+    return list(cfg.inputs) + expand_inputs(cfg.inputs)
+
+
 def _write(cfg: ProcessScoresConfig, scored: dict, invalid: set, summary: ProcessScoresSummary) -> None:
     m = cfg.num_completions
-    tmp = cfg.output + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    try:
+    with staged_file(cfg.output, overwrite=cfg.overwrite, inputs=_input_paths(cfg)) as tmp:
         with open(tmp, "w", encoding="utf-8") as out:
             for path in expand_inputs(cfg.inputs):
                 for line, raw in iter_raw(path):
@@ -517,8 +530,3 @@ def _write(cfg: ProcessScoresConfig, scored: dict, invalid: set, summary: Proces
                                              "splitter": cfg.splitter}
                     parse_record(obj, path, line)  # what we write must pass the validator
                     out.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(tmp, cfg.output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

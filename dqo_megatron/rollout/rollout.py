@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dqo_megatron.config.loader import ConfigError, atomic_write_text
+from dqo_megatron.outputs import check_apart
 from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_difference, model_identity
 from dqo_megatron.rollout.sampling import derive_seed
@@ -453,21 +454,36 @@ def check_settings(cfg: RolloutConfig, settings: dict) -> None:
                           "write elsewhere, or set overwrite")  # fmt: skip
 
 
-def _prepare_output(cfg: RolloutConfig, settings: dict, problems: list, summary: RolloutSummary) -> set[int]:
+def _prepare_output(cfg: RolloutConfig, settings: dict, problems: list, summary: RolloutSummary) -> tuple[set[int], Path]:
+    """Problems already done and the file to append to: `cfg.output` (new or resumed) or, when
+    overwriting an existing output, a hidden sibling that replaces it once complete."""
     out, meta = Path(cfg.output), Path(cfg.output + ".meta.json")
-    if cfg.overwrite:
+    if cfg.overwrite and (out.exists() or meta.exists()):
+        # the old output stays as it was until the new one is complete (a kill loses nothing)
+        out = out.parent / f".{out.name}.overwrite-partial"
+        meta = Path(str(out) + ".meta.json")
         out.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
-    if out.exists() or meta.exists():
+    elif out.exists() or meta.exists():
         check_settings(cfg, settings)
         if not out.exists():
             out.touch()
         done, summary.truncated_bytes = scan_output(out, problems)
-        return done
+        return done, out
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta, json.dumps({"version": META_VERSION, "settings": settings}, indent=1) + "\n")
     out.touch()
-    return set()
+    return set(), out
+
+
+def _replace_output(staged: Path, output: str) -> None:
+    """Move a completed overwrite (records + sidecar) over `output`. The old sidecar goes first: a kill
+    in between leaves records without a sidecar, which a resume refuses, never new settings over old
+    records."""
+    meta = Path(output + ".meta.json")
+    meta.unlink(missing_ok=True)
+    os.replace(staged, output)
+    os.replace(str(staged) + ".meta.json", meta)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -487,6 +503,8 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
 
     problems = load_problems(cfg.problems, None if cfg.task == "auto" else cfg.task, limit=cfg.limit,
                              offset=cfg.offset)  # fmt: skip
+    check_apart([cfg.output, cfg.output + ".meta.json"],
+                [cfg.problems, cfg.model, cfg.tokenizer, cfg.run_config])  # in every mode
     check_settings(cfg, settings_of(cfg, problems))  # before a model is loaded
     own = backend is None
     if own:
@@ -508,13 +526,13 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
         if cfg.system_prompt is not None and fmt != "chat":
             raise ConfigError("system_prompt needs chat prompts, and this tokenizer has no chat template")
         summary = RolloutSummary(output=cfg.output, problems=len(problems), backend=backend.name)
-        done = _prepare_output(cfg, settings_of(cfg, problems, backend, fmt), problems, summary)
+        done, write_to = _prepare_output(cfg, settings_of(cfg, problems, backend, fmt), problems, summary)
         summary.resumed_problems = len(done)
         todo = [k for k in range(len(problems)) if k not in done]
         params = cfg.sampling_params()
         per_call = cfg.problems_per_call or (256 if backend.name == "vllm" else 8)
         start = time.perf_counter()
-        with open(cfg.output, "a", encoding="utf-8") as out, \
+        with open(write_to, "a", encoding="utf-8") as out, \
                 tqdm(total=len(todo) * cfg.n, unit="sample", desc="rollout", file=sys.stderr, disable=not cfg.progress,
                      dynamic_ncols=True) as bar:  # fmt: skip
             for first in range(0, len(todo), per_call):
@@ -536,6 +554,8 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
                     summary.samples += len(completions)
                     summary.generated_problems += 1
                     bar.update(len(completions))
+        if write_to != Path(cfg.output):
+            _replace_output(write_to, cfg.output)
         summary.seconds = time.perf_counter() - start
     finally:
         if own:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Literal
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, iter_raw, parse_record
+from dqo_megatron.outputs import staged_file
 from dqo_megatron.tasks.grading import check_answer
 from dqo_megatron.tasks.prompts import TASKS
 
@@ -28,7 +28,7 @@ class LabelConfig:
     inputs: list[str] = field(default_factory=list)
     """Record files (.jsonl/.parquet/datasets directory, globs allowed); each needs `reference_answer`."""
     output: str = ""
-    """Output JSON Lines file (written atomically)."""
+    """Output JSON Lines file (written beside it, renamed when complete)."""
     task: Literal["auto", "gsm8k", "math"] = "auto"
     """Answer format; auto: each record's `task` field."""
     timeout_s: float = 5.0
@@ -37,6 +37,8 @@ class LabelConfig:
     """Checking processes."""
     skip_invalid: bool = False
     """Skip invalid records and count them by reason instead of stopping at the first."""
+    overwrite: bool = False
+    """Replace an existing output file (only once the new one is complete); without it, an error."""
     progress: bool = True
     """Progress bar on stderr."""
 
@@ -100,31 +102,25 @@ def label_records(cfg: LabelConfig) -> LabelSummary:
     files = expand_inputs(cfg.inputs)
     items = ((f, line, raw, cfg.task, cfg.timeout_s) for f in files for line, raw in iter_raw(f))
     summary = LabelSummary()
-    tmp = cfg.output + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
-    try:
-        results = pool.imap(_label_one, items, chunksize=64) if pool else map(_label_one, items)
-        with open(tmp, "w", encoding="utf-8") as out, tqdm(disable=not cfg.progress, unit="rec", desc="label",
-                                                           file=sys.stderr) as bar:
-            for res in results:
-                summary.read += 1
-                bar.update(1)
-                if isinstance(res, RecordError):
-                    if not cfg.skip_invalid:
-                        raise res
-                    summary.skips.add(res)
-                    continue
-                out.write(json.dumps(res, ensure_ascii=False) + "\n")
-                summary.written += 1
-                summary.verdicts[res["label_reason"]] += 1
-        os.replace(tmp, cfg.output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    with staged_file(cfg.output, overwrite=cfg.overwrite, inputs=list(cfg.inputs) + files) as tmp:
+        pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
+        try:
+            results = pool.imap(_label_one, items, chunksize=64) if pool else map(_label_one, items)
+            with open(tmp, "w", encoding="utf-8") as out, tqdm(disable=not cfg.progress, unit="rec", desc="label",
+                                                               file=sys.stderr) as bar:  # fmt: skip
+                for res in results:
+                    summary.read += 1
+                    bar.update(1)
+                    if isinstance(res, RecordError):
+                        if not cfg.skip_invalid:
+                            raise res
+                        summary.skips.add(res)
+                        continue
+                    out.write(json.dumps(res, ensure_ascii=False) + "\n")
+                    summary.written += 1
+                    summary.verdicts[res["label_reason"]] += 1
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
     return summary

@@ -78,7 +78,7 @@ def test_existing_output_without_overwrite(hf_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
+    with pytest.raises(ConversionError, match="already exists .*; pass --overwrite"):
         hf_to_megatron(hf_dir, out)
     with pytest.raises(ConversionError, match="already exists"):
         megatron_to_hf(tmp_path / "anything", out)

@@ -43,6 +43,7 @@ def rows(n_failed=1):
 def run(tmp_path, counts, **kw):
     inp = write_records(tmp_path / "in.jsonl", rows(kw.pop("n_failed", 1)))
     stub = kw.pop("stub", None) or stub_for(counts)
+    kw.setdefault("overwrite", True)  # several tests rerun into one output; refusal: tests/reliability
     cfg = ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "out.jsonl"), model_id="stub-model",
                               progress=False, **kw)
     summary = process_scores(cfg, stub)
@@ -156,10 +157,10 @@ def test_record_errors_name_file_line_and_field(tmp_path):
     pre = rows()
     pre[1]["process_rewards"] = [[16, 1.0]]
     inp = write_records(tmp_path / "in2.jsonl", pre)
-    with pytest.raises(RecordError, match=r"in2.jsonl:2: field 'process_rewards'.*--overwrite"):
+    with pytest.raises(RecordError, match=r"in2.jsonl:2: field 'process_rewards'.*--replace-rewards"):
         process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), progress=False),
                        stub_for({}))
-    summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), overwrite=True,
+    summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), replace_rewards=True,
                                                  cache="", progress=False), stub_for({1: 0, 2: 1, 3: 0}))
     assert json.loads(open(tmp_path / "o.jsonl").readlines()[1])["process_rewards"] == [[16, 0.1], [33, 0.1]]
     # skip-invalid: counted, not written

@@ -63,9 +63,13 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     assert failed.extra["process_scores"]["prefix_correct"] == [0, 4, 4]
     # every_correct (the default, r = 0.1): each step of the longest solvable prefix (steps 1-3)
     assert failed.process_rewards == [(e, 0.1) for e in ENDS[:3]] and failed.reward == 0.0
-    # a rerun reads every completion from the cache
-    output2, out2 = _process_scores(tmp_path, tiny_model, "scored.jsonl")
-    assert "completions generated 0" in output2 and out2.read_text() == out.read_text()
+    # a rerun reads every completion from the cache (and must say --overwrite to replace its output)
+    first = out.read_text()
+    refused = runner.invoke(app, ["process-scores", str(tmp_path / "labeled.jsonl"), "-o", str(out), "-m",
+                                  tiny_model[0], "--no-progress"])  # fmt: skip
+    assert refused.exit_code == 2 and "already exists" in refused.output and out.read_text() == first
+    output2, out2 = _process_scores(tmp_path, tiny_model, "scored.jsonl", "--overwrite")
+    assert "completions generated 0" in output2 and out2.read_text() == first
     cache = {c["key"]: c["texts"] for c in map(json.loads, open(str(out) + ".cache.jsonl"))}
     assert len(cache) == 3 and all(len(t) == 4 for t in cache.values())
     assert len(set(map(tuple, cache.values()))) == 3  # different prefixes, different samples

@@ -1,0 +1,211 @@
+"""Outputs that are never half-written and never destroy what they were made from.
+
+Every command that writes a dataset, a checkpoint, a model directory or a records file goes through
+one of the three stagers here, so the rules hold for all of them:
+
+* **Written aside, renamed at the end.** The output is built in a temporary sibling (same directory,
+  so the final `os.replace` is a rename on one filesystem, never a copy) and moved into place only when
+  it is complete. A failure, a rejected record or a `kill -9` leaves at most a hidden
+  `.NAME.partial-*` sibling; whatever was at the output path before is untouched.
+* **An existing output is refused** unless the caller passes `overwrite`; even then it is replaced
+  only after the new one is complete (the old one is renamed aside first, then deleted).
+* **An output that is, lies inside, or contains an input is refused in every mode** (`overwrite`
+  included), compared after resolving symbolic links and, for existing files, by inode, so
+  `convert megatron-to-hf ck ck` or `rollout p.jsonl -o p.jsonl` fail before any work.
+
+`staged_file` (one file), `staged_dir` (a directory) and `staged_files` (a set of files that share a
+prefix, e.g. a dataset's `.bin/.idx/.json`) differ only in what they rename. A multi-file swap is not
+atomic as a whole: the old files are moved into a `.NAME.old-*` directory before the new ones arrive,
+and the file that marks the set complete (a dataset's manifest) is moved last, so a kill during the
+swap leaves either no marker (an incomplete set the readers refuse) and the old set recoverable beside
+it, or the whole new set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from dqo_megatron.paths import honour_umask
+
+PathLike = str | os.PathLike
+
+
+class OutputError(ValueError):
+    """An output that may not be written: it exists (and no overwrite), or it would destroy an input."""
+
+
+def _real(path: PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_apart(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> None:
+    """Raise OutputError when an output path equals an input, lies inside one, or contains one.
+
+    Args:
+        outputs: every path the command will create or replace.
+        inputs: every path it reads (files or directories; missing ones are compared by name).
+    """
+    inputs = [(i, _real(i)) for i in inputs if i is not None and os.fspath(i) != ""]
+    for out in outputs:
+        real_out = _real(out)
+        for given, real_in in inputs:
+            if real_out == real_in or _same_file(real_out, real_in):
+                how = "is"
+            elif real_out.is_relative_to(real_in):
+                how = "lies inside"
+            elif real_in.is_relative_to(real_out):
+                how = "contains"
+            else:
+                continue
+            raise OutputError(f"output {out} {how} the input {given}: writing it would destroy the input "
+                              "(refused even with --overwrite); choose another output path")  # fmt: skip
+
+
+def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "output") -> list[Path]:
+    """The paths of `paths` that exist; OutputError when there are any and not `overwrite`."""
+    existing = [Path(p) for p in paths if os.path.lexists(p)]
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise OutputError(f"{what} already exists ({shown}); pass --overwrite to replace it (it is replaced only "
+                          "after the new one is complete)")  # fmt: skip
+    return existing
+
+
+def _commit_file(tmp: Path, final: Path) -> None:
+    honour_umask(tmp)  # mkstemp made it private; the output is not
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """A temporary file beside `path` that becomes `path` when the block succeeds.
+
+    Checks run before any work: `path` apart from `inputs`, not an existing directory, not existing
+    unless `overwrite`. On error (or interrupt) the temporary file is removed and `path` is untouched.
+
+    Yields:
+        The temporary file's path (created, empty); write the whole output there.
+    """
+    final = Path(path).absolute()
+    check_apart([final], inputs)
+    if final.is_dir():
+        raise OutputError(f"output {final} is a directory; give a file path")
+    refuse_existing([final], overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _commit_file(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_dir(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """A temporary directory beside `path` that becomes `path` when the block succeeds.
+
+    Checks run before any work: `path` apart from `inputs`, not an existing file, not existing unless
+    `overwrite`. On error the temporary directory is removed; on success an existing `path` is renamed
+    aside, the new one renamed in, then the old one deleted.
+
+    Yields:
+        The temporary directory's path (created, empty).
+    """
+    final = Path(path).absolute()
+    check_apart([final], inputs)
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"output {final} exists and is not a directory")
+    refuse_existing([final], overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        honour_umask(tmp)  # mkdtemp / mkstemp made it private; the output is not
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_files(names: Sequence[PathLike], *, overwrite: bool, inputs: Iterable[PathLike] = (),
+                 what: str = "output") -> Iterator[Path]:  # fmt: skip
+    """A temporary directory in which the caller writes files named like `names`; they replace `names`
+    together when the block succeeds. `names[-1]` is the marker of a complete set (moved last).
+
+    All of `names` must share one parent directory. Files among `names` that the block did not write
+    are removed at the swap when they existed (a new set replaces the whole old set). Checks run before
+    any work: every name apart from `inputs`, none existing unless `overwrite`.
+
+    Yields:
+        The temporary directory; write `<tmp>/<basename of each name>`.
+    """
+    finals = [Path(n).absolute() for n in names]
+    parent = finals[0].parent
+    if any(f.parent != parent for f in finals):
+        raise ValueError(f"staged_files: {names} do not share one directory")
+    check_apart(finals, inputs)
+    refuse_existing(finals, overwrite, what)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{finals[-1].stem}.partial-", dir=parent))
+    try:
+        yield tmp
+        honour_umask(tmp)
+        _swap_files(tmp, finals)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_files(tmp: Path, finals: list[Path]) -> None:
+    marker = finals[-1]
+    old_files = [f for f in finals if os.path.lexists(f)]
+    old = None
+    if old_files:
+        old = Path(tempfile.mkdtemp(prefix=f".{marker.stem}.old-", dir=marker.parent))
+        # the marker first: from here on, readers see no complete old set, never a mix of old and new
+        for f in sorted(old_files, key=lambda f: f != marker):
+            os.replace(f, old / f.name)
+    for f in finals:  # the marker last: the new set is visible only once complete
+        staged = tmp / f.name
+        if staged.exists():
+            with open(staged, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(staged, f)
+    _fsync_dir(marker.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
