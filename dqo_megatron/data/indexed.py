@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -206,13 +207,28 @@ def meta_fields(manifest: dict[str, Any]) -> tuple[str, ...]:
     return tuple(manifest.get("meta_fields") or META_FIELDS_V1)
 
 
+def reference_staging_path(prefix: str) -> str:
+    """Where annotate writes reference log-probs before they replace <prefix>_ref_logprobs.bin."""
+    part = part_prefix(prefix, "ref_logprobs") + ".bin"
+    return os.path.join(os.path.dirname(part), "." + os.path.basename(part) + ".annotating")
+
+
+def stage_reference_logprobs(prefix: str) -> None:
+    """Copy <prefix>_ref_logprobs.bin to its staging path (one process, before any writer opens it).
+
+    Annotating in place would leave a dataset already marked filled with a mix of two references when
+    a rerun is killed; the copy is written instead and replaces the original only when complete."""
+    shutil.copyfile(part_prefix(prefix, "ref_logprobs") + ".bin", reference_staging_path(prefix))
+
+
 def open_reference_logprobs_for_update(prefix: str) -> tuple[np.memmap, np.ndarray, np.ndarray]:
-    """Writable view of the reference log-prob slot, for the trainer's annotate step.
+    """Writable view of the staged reference log-prob slot (see `stage_reference_logprobs`).
 
     Returns:
-        (values, starts, lengths): `values` a float32 memmap over <prefix>_ref_logprobs.bin; document i
-        occupies values[starts[i] : starts[i] + lengths[i]] (aligned with its tokens). Call
-        `mark_reference_logprobs_filled(prefix)` when every document is written.
+        (values, starts, lengths): `values` a float32 memmap over the staged copy of
+        <prefix>_ref_logprobs.bin; document i occupies values[starts[i] : starts[i] + lengths[i]]
+        (aligned with its tokens). Call `mark_reference_logprobs_filled(prefix)` when every document of
+        every writer is written.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -220,12 +236,18 @@ def open_reference_logprobs_for_update(prefix: str) -> tuple[np.memmap, np.ndarr
     ds = IndexedDataset(part, mmap=True)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     starts = np.asarray(ds.index.sequence_pointers, dtype=np.int64) // 4
-    values = np.memmap(part + ".bin", dtype=np.float32, mode="r+")
+    values = np.memmap(reference_staging_path(prefix), dtype=np.float32, mode="r+")
     return values, starts, lengths
 
 
 def mark_reference_logprobs_filled(prefix: str) -> None:
-    """Set `ref_logprobs_filled` in the manifest (atomically)."""
+    """Move the staged reference log-probs into place, then set `ref_logprobs_filled` in the manifest
+    (atomically). A kill in between leaves complete new values under the old flag: never a mix."""
+    staged = reference_staging_path(prefix)
+    if os.path.exists(staged):
+        with open(staged, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staged, part_prefix(prefix, "ref_logprobs") + ".bin")
     m = load_manifest(prefix)
     m["ref_logprobs_filled"] = True
     tmp = manifest_path(prefix) + ".tmp"

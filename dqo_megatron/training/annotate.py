@@ -52,7 +52,9 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     from dqo_megatron import parallel
     from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
     from dqo_megatron.data.dataset import TrajectoryDataset
-    from dqo_megatron.data.indexed import mark_reference_logprobs_filled, open_reference_logprobs_for_update
+    from dqo_megatron.data.indexed import (
+        mark_reference_logprobs_filled, open_reference_logprobs_for_update, stage_reference_logprobs,
+    )  # fmt: skip
     from dqo_megatron.training.data import to_model_batch
     from dqo_megatron.training.data_check import check_data_matches_model
     from dqo_megatron.training.init import load_initial_weights
@@ -76,6 +78,9 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     sampler = DistributedTrajectorySampler(len(dataset), mbs, info.dp_rank, info.dp_size, shuffle=False, drop_last=False)
     writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.get_context_parallel_rank() == 0)  # fmt: skip
+    if info.rank == 0:
+        stage_reference_logprobs(run.data.train_prefix)  # written aside: a killed rerun mixes nothing
+    torch.distributed.barrier()
     values, starts, _lengths = open_reference_logprobs_for_update(run.data.train_prefix) if writer else (None, None, None)
     batches = list(sampler)
     calls = math.ceil(len(batches) / micro_batches_per_call)

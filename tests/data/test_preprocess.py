@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from dqo_megatron.data.dataset import TrajectoryDataset
-from dqo_megatron.data.indexed import mark_reference_logprobs_filled, open_reference_logprobs_for_update
+from dqo_megatron.data.indexed import (
+    mark_reference_logprobs_filled, open_reference_logprobs_for_update, stage_reference_logprobs,
+)  # fmt: skip
 from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
 from dqo_megatron.data.records import RecordError, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, TokenizerConfig
@@ -219,12 +221,18 @@ def test_deterministic_bytes_any_workers(tmp_path, hf_tok_dir):
 def test_reference_logprob_slot_is_writable(tmp_path, hf_tok_dir):
     rows = [{"prompt": "p", "response": "answer " * (i + 1), "reward": 1} for i in range(4)]
     _, cfg = _run(tmp_path, rows, hf_tok_dir)
+    slot = Path(cfg.output_prefix + "_ref_logprobs.bin")
+    before = slot.read_bytes()
+    stage_reference_logprobs(cfg.output_prefix)
     values, starts, lengths = open_reference_logprobs_for_update(cfg.output_prefix)
     for i in range(4):
         values[starts[i]:starts[i] + lengths[i]] = -(i + 1)
     values.flush()
     del values
+    # written aside: until marked filled, the dataset's own file is untouched (a killed annotate mixes nothing)
+    assert slot.read_bytes() == before
     mark_reference_logprobs_filled(cfg.output_prefix)
+    assert slot.read_bytes() != before and sorted(p.name for p in slot.parent.glob(".*")) == []
     ds = TrajectoryDataset(cfg.output_prefix)
     assert ds.manifest["ref_logprobs_filled"]
     for i in range(4):
