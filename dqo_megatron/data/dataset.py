@@ -7,6 +7,7 @@ read as not truncated (every record then ended with EOS).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,10 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         Reads the token file once, in chunks (a plain scan: about a second per GB); ids outside the
         model's vocabulary would fail in its embedding (IndexError on CPU, a device assert on GPU)."""
         dtype = np.dtype(self.manifest.get("dtypes", {}).get("tokens", "int32"))
-        flat = np.memmap(part_prefix(self.prefix, "tokens") + ".bin", dtype=dtype, mode="r")
+        path = part_prefix(self.prefix, "tokens") + ".bin"
+        if os.path.getsize(path) == 0:  # numpy cannot map an empty file
+            return None
+        flat = np.memmap(path, dtype=dtype, mode="r")
         for a in range(0, len(flat), chunk):
             block = flat[a:a + chunk]
             if block.size and (int(block.max()) >= vocab_size or int(block.min()) < 0):

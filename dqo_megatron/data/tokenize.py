@@ -47,7 +47,9 @@ class TokenizerConfig:
     add_bos: bool = True
     """Prepend BOS to prompts that are not chat-templated (templates write their own BOS)."""
     eos_token: str | None = None
-    """Token appended to every response. None: the tokenizer's EOS (for Gemma-it give "<end_of_turn>")."""
+    """Token appended to every response. None: the tokenizer's EOS (for Gemma-it give "<end_of_turn>").
+    It must be one token of the vocabulary: anything else is refused when the tokenizer loads (it would
+    otherwise become <unk>)."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -210,7 +212,8 @@ class Tokenizer:
             self.vocab_size = len(self.hf)
             self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
             eos = cfg.eos_token or self.hf.eos_token
-            self.eos_id = self.special_token_id(eos, "eos_token") if eos is not None else None
+            self.eos_id = (self.special_token_id(eos, "eos_token" if cfg.eos_token else "the tokenizer's own eos_token")
+                           if eos is not None else None)  # fmt: skip
             self.has_offsets = bool(getattr(self.hf, "is_fast", False))
             # the Rust tokenizer itself: same ids and offsets as calling self.hf, without building a
             # BatchEncoding per call (that wrapper cost ~25% of preprocessing time)

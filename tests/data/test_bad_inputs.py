@@ -121,6 +121,20 @@ def test_float32_limit_is_exact():
         parse_record({"prompt": "p", "response": "r", "reward": FLOAT32_LIMIT})
 
 
+@pytest.mark.parametrize("patch,field,reason", [
+    ({"correct": 2**64}, "correct", "wrong_type"),  # a flag, stored as 1/0/-1: only true/false are accepted
+    ({"truncated": 10**30}, "truncated", "wrong_type"),
+    ({"process_rewards": [[2**64, 1.0]]}, "process_rewards[0]", "bad_process_rewards"),  # an offset past the text
+    ({"process_rewards": [[1.0, 1.0]]}, "process_rewards[0]", "wrong_type"),
+], ids=["correct", "truncated", "offset", "float-offset"])  # fmt: skip
+def test_integers_beyond_what_is_stored_are_refused(patch, field, reason):
+    """Integers that are not rewards are flags or offsets: out-of-range values never reach a column."""
+    with pytest.raises(RecordError) as info:
+        parse_record(json.dumps(_bad_row(patch)), "ints.jsonl", 9)
+    assert (info.value.reason, info.value.field) == (reason, field)
+    assert str(info.value).startswith(f"ints.jsonl:9: field '{field}': ")
+
+
 def test_rewards_that_overflow_only_when_summed_on_one_token(tmp_path, hf_tok_dir, valid_only):
     """Each value fits float32; a truncated record's outcome and last step share its last token."""
     bad = _bad_row({"reward": 3e38, "truncated": True, "process_rewards": [[2, 3e38]]})
