@@ -27,15 +27,18 @@ and `eval` in this process. Every stage writes into the run directory and says h
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -43,6 +46,8 @@ from dqo_megatron.config import ConfigError
 from dqo_megatron.demo.task import (
     AdditionTask,
 )
+
+logger = logging.getLogger(__name__)
 
 MARKER = "demo.json"
 """File that marks a directory as a demo run (such a directory may be replaced by the next demo)."""
@@ -57,7 +62,8 @@ class DemoConfig:
     """Sizes and knobs of the demo (defaults: the full demo, under 10 minutes on 2 CPU cores)."""
 
     run_dir: str = "runs/demo"
-    """Where everything goes; an existing demo run there is replaced, any other directory is an error."""
+    """Where everything goes; an existing demo run there is replaced once the new one completes (kept if it
+    fails), any other non-empty directory is an error."""
     seed: int = 0
     """Seeds the problems, demonstrations, model init, sampling and data order."""
     quick: bool = False
@@ -178,8 +184,14 @@ class Stages:
         return result
 
 
-def prepare_run_dir(path: Path) -> None:
-    """Create `path`; replace it when it holds an earlier demo (MARKER), refuse anything else."""
+@contextlib.contextmanager
+def fresh_run_dir(path: Path) -> Iterator[None]:
+    """Create `path` for a new demo, refusing anything that is not an earlier demo (MARKER) or empty.
+
+    An earlier demo is moved aside (`.NAME.old-*` beside it) and deleted only when the block succeeds;
+    when it fails, the failed run is kept as `NAME.failed` (its logs) and the earlier demo comes back.
+    """
+    old = None
     if path.exists():
         if not (path / MARKER).is_file():
             if path.is_dir() and not any(path.iterdir()):
@@ -187,8 +199,22 @@ def prepare_run_dir(path: Path) -> None:
             else:
                 raise ConfigError(f"{path} exists and is not a demo run directory: choose another --run-dir")
         else:
-            shutil.rmtree(path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
     path.mkdir(parents=True)
+    try:
+        yield
+    except BaseException:
+        if old is not None:
+            failed = path.with_name(path.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            os.replace(path, failed)
+            os.replace(old / path.name, path)
+            old.rmdir()
+            logger.warning("the demo failed: its run is in %s; the earlier demo is back in %s", failed, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def run_config(cfg: DemoConfig, run_dir: Path, *, seq: int, algorithm: str, train_prefix: str, steps: int,
@@ -268,11 +294,16 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
-    """Run every stage; returns the results (also written to run_dir/demo.json)."""
+    """Run every stage; returns the results (also written to run_dir/demo.json). An earlier demo in
+    run_dir is replaced only when this one completes (`fresh_run_dir`)."""
+    root = Path(cfg.run_dir).absolute()
+    with fresh_run_dir(root):
+        return _run_stages(cfg, root, echo)
+
+
+def _run_stages(cfg: DemoConfig, root: Path, echo: Callable[[str], None]) -> dict:
     from dqo_megatron.demo import stages
 
-    root = Path(cfg.run_dir).absolute()
-    prepare_run_dir(root)
     (root / "logs").mkdir()
     (root / MARKER).write_text(json.dumps({"config": asdict(cfg), "status": "running"}, indent=1))
     task = AdditionTask(cfg.digits, cfg.carry_drop)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from dqo_megatron.config import ConfigError
-from dqo_megatron.demo.pipeline import MARKER, DemoConfig, prepare_run_dir, run_demo
+from dqo_megatron.demo.pipeline import MARKER, DemoConfig, fresh_run_dir, run_demo
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -83,15 +83,15 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], echo: Callable[[str], None] = p
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={seeds}: give distinct seeds")
     root = Path(cfg.run_dir).absolute()
-    prepare_run_dir(root)
-    (root / MARKER).write_text(json.dumps({"seeds": seeds, "status": "running"}))
-    started = time.perf_counter()
-    results = []
-    for seed in seeds:
-        echo(f"=== seed {seed} ===")
-        results.append(run_demo(replace(cfg, seed=seed, run_dir=str(root / f"seed{seed}")), echo=echo))
-    text = write_summary(root, results)
-    summary = {"seeds": seeds, "status": "done", "seconds": time.perf_counter() - started,
-               "runs": [str(root / f"seed{s}") for s in seeds], "table": text}  # fmt: skip
-    (root / MARKER).write_text(json.dumps(summary, indent=1))
+    with fresh_run_dir(root):
+        (root / MARKER).write_text(json.dumps({"seeds": seeds, "status": "running"}))
+        started = time.perf_counter()
+        results = []
+        for seed in seeds:
+            echo(f"=== seed {seed} ===")
+            results.append(run_demo(replace(cfg, seed=seed, run_dir=str(root / f"seed{seed}")), echo=echo))
+        text = write_summary(root, results)
+        summary = {"seeds": seeds, "status": "done", "seconds": time.perf_counter() - started,
+                   "runs": [str(root / f"seed{s}") for s in seeds], "table": text}  # fmt: skip
+        (root / MARKER).write_text(json.dumps(summary, indent=1))
     return summary

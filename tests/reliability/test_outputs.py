@@ -249,6 +249,31 @@ def test_convert_refuses_output_equal_to_or_inside_its_source(tmp_path):
     assert snapshot(src) == before
 
 
+def test_a_demo_replaces_an_earlier_one_only_when_it_completes(tmp_path):
+    from dqo_megatron.config import ConfigError
+    from dqo_megatron.demo.pipeline import MARKER, fresh_run_dir
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / MARKER).write_text("earlier")
+    with pytest.raises(RuntimeError):
+        with fresh_run_dir(run):
+            (run / "partial.log").write_text("stage 3 failed")
+            raise RuntimeError("stage 3 failed")
+    assert snapshot(run) == {MARKER: b"earlier"}
+    assert snapshot(tmp_path / "demo.failed") == {"partial.log": b"stage 3 failed"}
+    with fresh_run_dir(run):
+        (run / MARKER).write_text("new")
+    assert snapshot(run) == {MARKER: b"new"} and sorted(os.listdir(tmp_path)) == ["demo", "demo.failed"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(ConfigError, match="not a demo run directory"):
+        with fresh_run_dir(mine):
+            raise AssertionError("not reached")
+    assert snapshot(mine) == {"thesis.tex": b"keep"}
+
+
 # -------------------------------------------------------------------------------------- no tracebacks
 def test_unexpected_errors_are_one_line_unless_debug(tmp_path, monkeypatch, sp_model):
     import dqo_megatron.data.preprocess as pre
