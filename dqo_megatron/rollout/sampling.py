@@ -19,6 +19,7 @@ on which other rows share the batch, the device, or the order rows finish in.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -115,6 +116,16 @@ def check_finite_logits(logits: torch.Tensor) -> None:
         raise NonFiniteLogitsError(f"the model produced non-finite logits (NaN/inf) for {rows} of {logits.shape[0]} "
                                    "rows: its weights are damaged or overflow their dtype; check the checkpoint "
                                    "(convert/export --verify checks it)")  # fmt: skip
+
+
+def check_finite_logprobs(rows: Sequence[Sequence[float]], source: str) -> None:
+    """Raise `NonFiniteLogitsError` when a per-token log-prob of `rows` is NaN or +-inf (a sampled token
+    always has a finite log-prob, so such values mean non-finite logits inside an engine, e.g. vLLM)."""
+    bad = sum(1 for row in rows if not all(math.isfinite(v) for v in row))
+    if bad:
+        raise NonFiniteLogitsError(f"{source} returned non-finite log-probs (NaN/inf) for {bad} of {len(rows)} "
+                                   "samples: the model's weights are damaged or overflow their dtype; check the "
+                                   "checkpoint (convert/export --verify checks it)")  # fmt: skip
 
 
 def sample_step(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0,

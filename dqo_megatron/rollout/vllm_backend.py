@@ -25,7 +25,7 @@ from typing import Sequence
 
 from dqo_megatron.rollout.backend import Completion, SamplingParams
 from dqo_megatron.rollout.framing import has_tokenizer, load_tokenizer, prepare_call, stop_token_ids
-from dqo_megatron.rollout.sampling import sample_seed
+from dqo_megatron.rollout.sampling import check_finite_logprobs, sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class VLLMBackend:
             for r, (ctx, ids, res) in enumerate(zip(contexts, gen_ids, scored)):
                 plp = res.prompt_logprobs  # position p: {token id: Logprob} of token p given tokens < p
                 raw[r] = [float(plp[len(ctx) + k][t].logprob) for k, t in enumerate(ids)]
+        check_finite_logprobs(sampled + raw, "vLLM")
         out_rows: list[list[Completion]] = [[] for _ in prompts]
         for r, (i, _) in enumerate(rows):
             out_rows[i].append(decoder.completion(prefix_ids[i], gen_ids[r], raw[r], sampled[r]))

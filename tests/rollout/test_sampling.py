@@ -78,3 +78,13 @@ def test_non_finite_logits_stop_generation_with_a_clear_error():
     logits[1, 4] = float("inf")
     with pytest.raises(NonFiniteLogitsError):
         sample_step(logits, torch.rand(3, dtype=torch.float64), 0.0)
+
+
+def test_non_finite_logprobs_of_an_engine_are_refused():
+    """vLLM's logits are not ours to check: the log-probs it returns for the sampled tokens are."""
+    from dqo_megatron.rollout.sampling import NonFiniteLogitsError, check_finite_logprobs
+
+    check_finite_logprobs([[-0.1, -2.0], [], [-30.0]], "vLLM")  # finite: no error
+    for bad in (float("nan"), float("-inf"), float("inf")):
+        with pytest.raises(NonFiniteLogitsError, match="vLLM returned non-finite log-probs .* for 1 of 3 samples"):
+            check_finite_logprobs([[-0.1, -2.0], [bad], [-30.0]], "vLLM")
