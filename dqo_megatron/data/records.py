@@ -116,6 +116,7 @@ def _is_number(x: Any) -> bool:
 FLOAT32_LIMIT = 2.0**128 - 2.0**103
 """Numbers at or beyond this magnitude round to +-inf in float32 (halfway between float32's largest
 value, 2**128 - 2**104, and 2**128), the dtype rewards and log-probs are stored in."""
+_F32_LOW = -FLOAT32_LIMIT
 
 
 def _float(value: Any, fld: str, where: dict) -> float:
@@ -126,9 +127,10 @@ def _float(value: Any, fld: str, where: dict) -> float:
     except OverflowError:  # an integer beyond float64 (JSON has no size limit on integers)
         raise RecordError("not_representable", f"an integer of {value.bit_length()} bits is beyond float32, the dtype "
                           "it is stored in (|x| <= 3.4028235e+38)", field=fld, **where) from None  # fmt: skip
-    if not math.isfinite(v):
-        raise RecordError("non_finite", f"must be finite, got {v}", field=fld, **where)
-    if abs(v) >= FLOAT32_LIMIT:  # finite here, inf once stored: refuse it rather than train on inf
+    if not _F32_LOW < v < FLOAT32_LIMIT:  # one comparison per value on the common path (NaN fails it too)
+        if not math.isfinite(v):
+            raise RecordError("non_finite", f"must be finite, got {v}", field=fld, **where)
+        # finite here, inf once stored: refuse it rather than train on inf
         raise RecordError("not_representable", f"{v!r} is finite but beyond float32, the dtype it is stored in "
                           "(|x| <= 3.4028235e+38)", field=fld, **where)  # fmt: skip
     return v
@@ -136,8 +138,17 @@ def _float(value: Any, fld: str, where: dict) -> float:
 
 # A lone UTF-16 surrogate comes from a `\ud800`-style escape (json.loads accepts it) or from a str a
 # caller built; paired escapes decode to one code point and never leave a surrogate behind.
-_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = frozenset((int, float, bool, type(None)))
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _find_surrogate(obj: Any, path: str) -> tuple[str, str, int, bool] | None:
@@ -153,7 +164,7 @@ def _find_surrogate(obj: Any, path: str) -> tuple[str, str, int, bool] | None:
             hit = _find_surrogate(v, f"{path}.{k}" if path else str(k))
             if hit:
                 return hit
-    elif isinstance(obj, (list, tuple)):
+    elif isinstance(obj, (list, tuple)) and not _SCALARS.issuperset(map(type, obj)):  # skip lists of numbers fast
         for i, v in enumerate(obj):
             if isinstance(v, (str, dict, list, tuple)):
                 hit = _find_surrogate(v, f"{path}[{i}]")
@@ -165,8 +176,10 @@ def _find_surrogate(obj: Any, path: str) -> tuple[str, str, int, bool] | None:
 def _check_unicode(obj: Any, raw: Any, where: dict) -> None:
     """RecordError `invalid_unicode` naming the field when a string cannot be encoded as UTF-8: it would
     crash the tokenizer or the JSON writer of label / process-scores far from its file:line."""
-    if isinstance(raw, str) and not _SURROGATE_HINT.search(raw):
-        return  # the common case: one C-speed scan of the line, no walk
+    if isinstance(raw, str):  # the common case: a C-speed scan or two of the line, no walk
+        escaped = "\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
+        if not escaped and (raw.isascii() or _encodes(raw)):
+            return
     hit = _find_surrogate(obj, "")
     if hit is None:
         return
