@@ -302,8 +302,12 @@ class TrainConfig:
     keep_last_checkpoints: int = 3
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a successful save)."""
     resume: str = "auto"
-    """auto: continue from the newest complete checkpoint in run_dir if any; none: start fresh;
-    or a checkpoint directory."""
+    """auto: continue from the newest intact checkpoint in run_dir if any (a damaged newer one is reported
+    and skipped); none: start fresh; or a checkpoint directory (damage is then an error)."""
+    verify_checkpoints: Literal["full", "size", "off"] = "full"
+    """Check a checkpoint against the manifest its save wrote before loading it (resume, export): full:
+    sizes and CRC32 of every file (reads it once more, ~4 GB/s per core plus the disk); size: sizes only;
+    off: no check (torch's reader errors are still reported naming the file)."""
     max_consecutive_nonfinite: int = 5
     """A step with a NaN/inf loss or gradient is skipped and counted; stop after this many in a row."""
     distributed_optimizer: bool = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,20 @@ from dqo_megatron.conversion.record_writer import (
     _Writeback,
 )
 from dqo_megatron.conversion.registry import ConversionError
+from dqo_megatron.training.checkpoint_integrity import (
+    MANIFEST_FILE,
+    ManifestError,
+    all_gather,
+    children_die_with_parent,
+    dcp_size_problems,
+    deferred_single_rank_errors,
+    one_line,
+    save_error_message,
+    verify_directory,
+    write_manifest_everywhere,
+)
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INFO_FILE = "checkpoint.json"
@@ -223,6 +238,7 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
     written; every storage is released once written. The chunks are unusable afterwards.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     weights_dir = Path(weights_dir)
     if torch.distributed.get_rank() == 0:
@@ -237,8 +253,21 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
     state = sharded_state_dict(chunks)
     if consume:
         _build_factories_consuming_params(state, deferred)
-    with _in_process_write_results(), _in_process_file_writer(free_written=consume, deferred=deferred):
-        dist_checkpointing.save(state, str(weights_dir))
+    errors: list[BaseException] = []
+    try:
+        with _in_process_write_results(), _in_process_file_writer(free_written=consume, deferred=deferred), \
+                deferred_single_rank_errors(errors), children_die_with_parent():  # fmt: skip
+            dist_checkpointing.save(state, str(weights_dir))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        errors.insert(0, exc)
+    failure = save_error_message(errors, weights_dir)[0] if errors else None
+    failures = [f"rank {rank}: {f}" for rank, f in enumerate(all_gather(failure)) if f is not None]
+    if failures:
+        raise ConversionError(f"saving {weights_dir} failed ({'; '.join(failures)})")
+    try:  # what load_chunks checks (training.checkpoint_integrity, shared with training checkpoints)
+        write_manifest_everywhere(weights_dir)
+    except ManifestError as exc:  # raised on every rank alike
+        raise ConversionError(str(exc)) from None
 
 
 def _build_factories_consuming_params(state: dict, deferred: Optional[dict] = None) -> None:
@@ -320,6 +349,16 @@ def _hand_over_parts(pieces: list, source: torch.Tensor, parts: tuple) -> bool:
     for piece, part in plan:
         piece.data = part
     return True
+
+
+@contextlib.contextmanager
+def in_process_writer() -> Iterator[None]:
+    """During a synchronous `dist_checkpointing.save`: the torch_dist files are written by threads of this
+    process and the results collected in-process (`_in_process_file_writer`, `_in_process_write_results`):
+    no forked writer processes and no Manager process, so nothing can outlive a killed saver. Training
+    checkpoints use it too."""
+    with _in_process_write_results(), _in_process_file_writer():
+        yield
 
 
 @contextlib.contextmanager
@@ -484,18 +523,35 @@ def _deferred_value(tensor: torch.Tensor, param: torch.Tensor, deferred: _Deferr
 
 
 # ------------------------------------------------------------------------------ tensor records
-def load_chunks(chunks: list, weights_dir: str | Path) -> None:
-    """Load `weights_dir` into this rank's chunks in place, whatever layout saved it (collective)."""
+def load_chunks(chunks: list, weights_dir: str | Path, verify: str = "full") -> None:
+    """Load `weights_dir` into this rank's chunks in place, whatever layout saved it (collective).
+
+    The files are checked against the manifest `save_chunks` wrote first (`verify`: full = sizes and
+    CRC32, size, off; directories written before manifests existed: against torch's index, with a
+    warning). ConversionError naming the file when one is missing, truncated or changed, or when torch's
+    reader fails on it."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     weights_dir = Path(weights_dir)
     if not (weights_dir / "metadata.json").is_file():
         raise ConversionError(f"{weights_dir}: not a Megatron distributed checkpoint (no metadata.json)")
+    check = verify_directory(weights_dir, verify)
+    if check.problems:
+        more = f" (and {len(check.problems) - 3} more)" if len(check.problems) > 3 else ""
+        raise ConversionError(f"checkpoint {weights_dir} is damaged: {'; '.join(check.problems[:3])}{more}")
+    if not check.has_manifest and verify != "off" and torch.distributed.get_rank() == 0:
+        logger.warning("%s has no %s (written before manifests existed): checked against torch's index only, not "
+                       "checksummed", weights_dir, MANIFEST_FILE)  # fmt: skip
     try:
         state = dist_checkpointing.load(sharded_state_dict(chunks), str(weights_dir))
     except CheckpointingException as exc:
         raise ConversionError(f"{weights_dir}: cannot be loaded into this model: {exc}") from None
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's reader errors, in one line
+        located = "".join(f"; {p}" for p in dcp_size_problems(weights_dir)[:3])
+        raise ConversionError(f"checkpoint {weights_dir}: torch's checkpoint reader failed ({one_line(exc)})"
+                              f"{located}") from None  # fmt: skip
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"chunk{i}"], strict=True)
 

@@ -6,6 +6,7 @@ Layout of a checkpoint root (``run_dir/checkpoints``)::
       latest                  text: the step of the newest checkpoint (written by tmp + rename)
       step_00000100/          one complete checkpoint
         COMPLETE              JSON marker, written last (fsync) -- a directory without it is ignored
+        MANIFEST.json         size and CRC32 of every other file (`checkpoint_integrity`), before COMPLETE
         .metadata, *.distcp,  megatron.core.dist_checkpointing (torch_dist): the model chunks'
         common.pt,            `sharded_state_dict()` under "model" (or "model0", "model1", ... under
         metadata.json         virtual PP, as Megatron-LM) and the optimizer's under "optimizer"
@@ -13,10 +14,17 @@ Layout of a checkpoint root (``run_dir/checkpoints``)::
         rng/rank_00000.pt     one per rank: python / numpy / torch / CUDA / Megatron tracker RNG
       .tmp_step_00000200/     a save in progress (or killed); never read, removed by the next save
 
-Atomicity: every rank writes into ``.tmp_step_N``; after a barrier rank 0 writes ``COMPLETE``, renames
-the directory to ``step_N`` (one `os.replace`), then rewrites ``latest``, then prunes. A crash at any
-point leaves the previous ``step_*`` directory untouched and complete; `find_latest_checkpoint`
-trusts ``latest`` only when it names a complete directory and otherwise scans for the newest one.
+Atomicity: every rank writes into ``.tmp_step_N``; after a barrier the ranks checksum what they wrote,
+rank 0 writes ``MANIFEST.json`` and ``COMPLETE``, renames the directory to ``step_N`` (one
+`os.replace`), then rewrites ``latest``, then prunes. A crash at any point leaves the previous
+``step_*`` directory untouched and complete. A failure on any rank fails the save on every rank (no
+rank is left waiting); a full disk is named as such and the partial directory removed at once.
+
+Integrity: `load_checkpoint` checks the files against the manifest first (``verify``: full = sizes and
+CRC32, size, off) and raises `CheckpointDamaged` naming the file; `resume_checkpoint` (``resume=auto``)
+then falls back to the newest intact checkpoint. Errors of torch's reader (a BaseException) become one
+CheckpointError line. Checkpoints saved before manifests existed load with a warning, checked against
+the sizes torch's ``.metadata`` implies.
 
 Model and optimizer are stored by global (layout-free) keys, so a checkpoint saved under one TP/PP/VPP
 layout loads under another; RNG states are per rank and are restored only under the same layout.
@@ -39,105 +47,58 @@ import contextlib
 import json
 import logging
 import os
-import random
-import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from dqo_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported: callers import them from here
+    _TMP_PREFIX,
+    _TRASH_PREFIX,
+    COMPLETE_MARKER,
+    EXTRA_STATE_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    RNG_DIR,
+    CheckpointDamaged,
+    CheckpointError,
+    check_plain,
+    find_latest_checkpoint,
+    fsync_dir,
+    is_complete,
+    list_checkpoints,
+    load_torch,
+    marker_says_manifest,
+    read_marker,
+    resolve_resume,
+    resume_candidates,
+    save_torch,
+    step_dir_name,
+    write_text_atomically,
+)
+from dqo_megatron.training.checkpoint_integrity import (
+    MANIFEST_FILE,
+    ManifestError,
+    all_gather,
+    broadcast,
+    children_die_with_parent,
+    collect_manifest,
+    dcp_size_problems,
+    deferred_single_rank_errors,
+    is_damage,
+    manifest_bytes,
+    one_line,
+    save_error_message,
+    verify_directory,
+    write_manifest,
+)
+from dqo_megatron.training.rng_state import rng_state, set_rng_state  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-COMPLETE_MARKER = "COMPLETE"
-LATEST_FILE = "latest"
-EXTRA_STATE_FILE = "extra_state.pt"
-RNG_DIR = "rng"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-_TMP_PREFIX = ".tmp_"
-_TRASH_PREFIX = ".trash_"
 _MEMBERS = ("policy", "value", "reference")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not match the model/optimizer it is loaded into."""
-
-
-def step_dir_name(step: int) -> str:
-    """``step_00000042`` for step 42 (the name of a checkpoint directory under the root)."""
-    return f"step_{int(step):08d}"
-
-
-# ------------------------------------------------------------------------------------------ finding
-def is_complete(path: str | Path) -> bool:
-    """Whether `path` is a checkpoint directory whose save finished (has the COMPLETE marker)."""
-    return (Path(path) / COMPLETE_MARKER).is_file()
-
-
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every complete ``step_*`` directory under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_RE.match(entry.name)
-        if match and entry.is_dir() and is_complete(entry):
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def find_latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint to resume from under `root`, or None when there is none.
-
-    ``<root>/latest`` wins when it names a complete ``step_*`` directory (so a run resumed from an
-    older checkpoint keeps following its own line, even if newer directories of an abandoned line
-    exist). Otherwise (missing, unreadable, or pointing at an incomplete/removed directory) the newest
-    complete ``step_*`` directory is returned. ``.tmp_*`` directories are never considered.
-    """
-    root = Path(root)
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        text = latest.read_text().strip()
-        try:
-            candidate = root / step_dir_name(int(text))
-        except ValueError:
-            logger.warning("checkpoint root %s: %s holds %r, not a step; scanning instead", root, latest, text)
-        else:
-            if is_complete(candidate):
-                return candidate
-            logger.warning("checkpoint root %s: %s names %s, which is not a complete checkpoint; scanning "
-                           "for the newest complete one", root, latest, candidate.name)  # fmt: skip
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def resolve_resume(root: str | Path | None, resume: str | None) -> Path | None:
-    """What to resume from: ``"auto"`` -> `find_latest_checkpoint(root)` (None when there is none),
-    ``"none"`` / ``""`` / None -> None, anything else -> that checkpoint directory.
-
-    Raises FileNotFoundError / CheckpointError naming the path when an explicit checkpoint is missing or
-    incomplete.
-    """
-    choice = "" if resume is None else str(resume).strip()
-    if choice.lower() in ("", "none"):
-        return None
-    if choice.lower() == "auto":
-        return None if root is None else find_latest_checkpoint(root)
-    path = Path(choice).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    if not is_complete(path):
-        hint = ""
-        if path.is_dir() and list_checkpoints(path):
-            hint = " (it is a checkpoint root: use resume 'auto' or name one of its step_* directories)"
-        elif _TMP_PREFIX in path.name:
-            hint = " (a save that never finished)"
-        raise CheckpointError(f"resume checkpoint {path} is not a complete checkpoint: no {COMPLETE_MARKER} "
-                              f"marker{hint}")  # fmt: skip
-    return path
 
 
 # --------------------------------------------------------------------------- model state dicts
@@ -204,7 +165,7 @@ def _load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
         raise CheckpointError(f"{where}: the checkpoint's model does not fit this model: {err}") from err
 
 
-# --------------------------------------------------------------------------------------------- RNG
+# ------------------------------------------------------------------------------------------ layout
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
@@ -218,110 +179,6 @@ def _layout() -> dict:
         "cp": ps.get_context_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
     }
-
-
-def rng_state() -> dict:
-    """This process's RNG states: python, numpy (as tensors), torch CPU, CUDA (current device), and
-    Megatron's model-parallel RNG tracker (the TP-region / expert / data-parallel generators)."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional for us; nothing to save then
-        pass
-    else:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    state["tracker"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
-    return state
-
-
-def set_rng_state(state: Mapping) -> None:
-    """Restore what `rng_state` returned (parts absent from `state` are left alone)."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        try:
-            import numpy as np
-        except ImportError:
-            pass
-        else:
-            s = state["numpy"]
-            np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                                 s["cached_gaussian"]))  # fmt: skip
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if state.get("tracker"):
-        get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
-
-
-def _as_tuple(obj):
-    # random.setstate wants the nested tuples back exactly (torch.save keeps tuples; be safe anyway).
-    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
-
-
-# ---------------------------------------------------------------------------------- file helpers
-_PLAIN = (type(None), bool, int, float, str, torch.Tensor)
-
-
-def check_plain(obj: Any, where: str = "extra") -> None:
-    """Raise TypeError (naming the place) unless `obj` is made of tensors, python scalars/strings and
-    dicts/lists/tuples of those -- what ``torch.load(weights_only=True)`` reads back."""
-    if isinstance(obj, _PLAIN):
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            check_plain(item, f"{where}[{i}]")
-        return
-    if isinstance(obj, dict):
-        for key, item in obj.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"checkpoint {where}: key {key!r} is a {type(key).__name__}; use str or int keys")
-            check_plain(item, f"{where}[{key!r}]")
-        return
-    raise TypeError(f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints keep "
-                    "only tensors, python scalars/strings and dicts/lists of them (convert with int(), "
-                    "float() or torch.tensor())")  # fmt: skip
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_torch(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _load_torch(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # noqa: BLE001 - name the file whatever went wrong
-        raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
 def _schedulers(scheduler) -> dict:
@@ -355,9 +212,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
 
     A save replacing an existing ``step_N`` (e.g. a run resumed at N and stopped again) moves the old one
     aside first; a crash between the two renames leaves the previous step as the newest complete one.
+    Raises CheckpointError on every rank when any rank failed (a full disk: "no space left on device
+    writing <dir>: N MiB free", the partial directory removed).
     """
-    from megatron.core import dist_checkpointing
-
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
     extra = dict(extra or {})
@@ -373,7 +230,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     started = time.perf_counter()
 
     # 1. A clean temporary directory (rank 0), seen by everyone before they write.
-    error = None
+    failure = None
     if rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -384,60 +241,100 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
                     stale.unlink(missing_ok=True)
             tmp.mkdir()
         except OSError as err:
-            error = f"cannot create {tmp}: {type(err).__name__}: {err}"
-    _raise_if_any(_gather_errors(error), final)
+            failure = _failure(err, tmp, f"cannot create {tmp}")
+    _raise_if_any(_gather_errors(failure), final, tmp)
 
     # 2. Model + optimizer (all ranks, collective), extra state (rank 0), RNG (each rank).
     models = [_unwrap(c) for c in model_chunks]
     state = _models_sharded_state_dict(models)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_sharding_metadata())
-    dist_checkpointing.save(state, str(tmp))
-    error = None
+    errors = _write_shards(state, tmp)
     try:
         if rank == 0:
-            _save_torch({"format_version": FORMAT_VERSION, "step": int(step), "extra": extra,
-                         "schedulers": schedulers, "layout": _layout(), "model_keys": _model_keys(len(models)),
-                         "has_optimizer": optimizer is not None}, tmp / EXTRA_STATE_FILE)  # fmt: skip
+            save_torch({"format_version": FORMAT_VERSION, "step": int(step), "extra": extra,
+                        "schedulers": schedulers, "layout": _layout(), "model_keys": _model_keys(len(models)),
+                        "has_optimizer": optimizer is not None}, tmp / EXTRA_STATE_FILE)  # fmt: skip
         (tmp / RNG_DIR).mkdir(exist_ok=True)
-        _save_torch({"layout": _layout(), "rank": rank, "state": rng}, tmp / RNG_DIR / f"rank_{rank:05d}.pt")
+        save_torch({"layout": _layout(), "rank": rank, "state": rng}, tmp / RNG_DIR / f"rank_{rank:05d}.pt")
     except Exception as err:  # noqa: BLE001 - shared below so that no rank waits forever
-        error = f"writing {tmp}: {type(err).__name__}: {err}"
-    _raise_if_any(_gather_errors(error), final)  # also: every rank's files are written
+        errors.append(err)
+    failure = _failure(errors[0], tmp, f"writing {tmp}", errors[1:]) if errors else None
+    _raise_if_any(_gather_errors(failure), final, tmp)  # also: every rank's files are written
 
-    # 3. Commit (rank 0): marker, rename, latest, prune.
-    error = None
+    # 3. Checksums (every rank, its own files), then the commit (rank 0): manifest, marker, rename,
+    #    latest, prune.
+    try:
+        manifest = collect_manifest(tmp, exclude=(COMPLETE_MARKER,))
+    except ManifestError as err:  # raised on every rank alike
+        raise CheckpointError(f"saving checkpoint {final} failed: {err}; the previous checkpoints are untouched") from None
+    failure = None
     if rank == 0:
         try:
-            _commit(root, tmp, final, step, world)
+            _commit(root, tmp, final, step, world, manifest)
             _prune(root, step, keep_last, keep_steps)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = f"{type(err).__name__}: {err}"
-    _raise_if_any(_gather_errors(error), final)
+            failure = _failure(err, tmp, "")
+    _raise_if_any(_gather_errors(failure), final, tmp)
     if rank == 0:
-        logger.info("saved checkpoint %s (%.1f s)", final, time.perf_counter() - started)
+        logger.info("saved checkpoint %s (%.1f s, %.1f MiB)", final, time.perf_counter() - started,
+                    manifest_bytes(manifest) / 2**20)  # fmt: skip
     return final
 
 
-def _gather_errors(error: str | None) -> list[tuple[int, str]]:
-    """Every rank's error message (rank, message), on every rank; doubles as a barrier."""
-    every: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, error)
-    return [(rank, message) for rank, message in enumerate(every) if message is not None]
+def _write_shards(state: dict, directory: Path) -> list[BaseException]:
+    """`dist_checkpointing.save(state, directory)` (collective); the exceptions it raised or deferred.
+
+    The torch_dist files are written by threads of this process (`megatron_io.in_process_writer`), not
+    by forked children that would outlive a killed trainer; any process Megatron still forks dies with
+    this one; the files only rank 0 writes report their errors instead of raising mid-protocol."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dqo_megatron.conversion.megatron_io import in_process_writer
+
+    errors: list[BaseException] = []
+    try:
+        with in_process_writer(), deferred_single_rank_errors(errors), children_die_with_parent():
+            dist_checkpointing.save(state, str(directory))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        errors.insert(0, err)
+    return errors
 
 
-def _raise_if_any(errors: list[tuple[int, str]], final: Path) -> None:
-    if errors:
-        listed = "; ".join(f"rank {rank}: {message}" for rank, message in errors)
-        raise CheckpointError(f"saving checkpoint {final} failed ({listed}); the previous checkpoints are untouched")
+def _failure(err: BaseException, directory: Path, doing: str, more: Sequence[BaseException] = ()) -> tuple[str, bool]:
+    """``(message, disk_full)`` for a save error: the disk named when it is full, else the error in one line."""
+    message, full = save_error_message([err, *more], directory)
+    return (f"{doing}: {message}" if doing and not full else message), full
 
 
-def _write_marker(tmp: Path, step: int, world: int) -> None:
+def _gather_errors(failure: tuple[str, bool] | None) -> list[tuple[int, str, bool]]:
+    """Every rank's ``(rank, message, disk_full)``, on every rank; doubles as a barrier."""
+    every = all_gather(failure)
+    return [(rank, message, full) for rank, item in enumerate(every) if item is not None for message, full in [item]]
+
+
+def _raise_if_any(errors: list[tuple[int, str, bool]], final: Path, tmp: Path) -> None:
+    if not errors:
+        return
+    full = [e for e in errors if e[2]]
+    if full:  # one disk for all: the same message from several ranks says it once
+        listed = "; ".join(dict.fromkeys(message for _, message, _ in full))
+    else:
+        listed = "; ".join(f"rank {rank}: {message}" for rank, message, _ in errors)
+    if full and torch.distributed.get_rank() == 0:  # its space is what the next try needs
+        shutil.rmtree(tmp, ignore_errors=True)
+    removed = "the partial checkpoint was removed, " if full else ""
+    raise CheckpointError(f"saving checkpoint {final} failed ({listed}); {removed}the previous checkpoints are untouched")
+
+
+def _write_marker(tmp: Path, step: int, world: int, manifest: dict) -> None:
     with open(tmp / COMPLETE_MARKER, "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "time": time.time()}, f)
+        json.dump({"format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "time": time.time(),
+                   "manifest": MANIFEST_FILE, "bytes": manifest_bytes(manifest)}, f)  # fmt: skip
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)  # the marker and everything written before it are durable before the rename
+    fsync_dir(tmp)  # the marker and everything written before it are durable before the rename
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -447,15 +344,16 @@ def _publish(tmp: Path, final: Path) -> None:
         trash = final.with_name(f"{_TRASH_PREFIX}{final.name}.{os.getpid()}")
         os.replace(final, trash)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _commit(root: Path, tmp: Path, final: Path, step: int, world: int) -> None:
-    _write_marker(tmp, step, world)
+def _commit(root: Path, tmp: Path, final: Path, step: int, world: int, manifest: dict) -> None:
+    write_manifest(tmp, manifest)  # before the marker: a complete checkpoint always has its manifest
+    _write_marker(tmp, step, world, manifest)
     _publish(tmp, final)
-    _write_text_atomically(root / LATEST_FILE, f"{int(step)}\n")
+    write_text_atomically(root / LATEST_FILE, f"{int(step)}\n")
 
 
 def _prune(root: Path, step: int, keep_last: int | None, keep_steps: Sequence[int] = ()) -> None:
@@ -481,7 +379,7 @@ _warned_rng = False
 
 
 def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], optimizer=None, scheduler=None,
-                    restore_rng: bool = True) -> dict:  # fmt: skip
+                    restore_rng: bool = True, verify: str = "full") -> dict:  # fmt: skip
     """Load a checkpoint written by `save_checkpoint` into this rank's chunks; return its `extra`.
 
     Collective. Works under any TP/PP/VPP/DP layout (global keys); the number of chunks may differ
@@ -490,54 +388,101 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], o
     when the checkpoint has this rank's file and was saved under the same layout (else: one warning).
     The returned dict is the saved `extra`, with ``"step"`` set to the saved step if it had none.
 
-    Raises CheckpointError naming the path when it is incomplete or does not fit the model/optimizer.
+    `verify` (full | size | off): what is checked against the manifest before anything is read.
+    Raises, on every rank alike: CheckpointDamaged naming the file when a file is missing, truncated or
+    changed (by the manifest, or as torch's reader finds it); CheckpointError naming the path when the
+    checkpoint is incomplete or does not fit the model/optimizer.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     path = Path(path)
-    if not is_complete(path):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    meta = _load_torch(path / EXTRA_STATE_FILE)
-    if optimizer is not None and not meta.get("has_optimizer", True):
-        raise CheckpointError(f"{path} was saved without optimizer state; pass optimizer=None to load the model")
+    marker = read_marker(path)
+    check = verify_directory(path, verify, manifest_required=marker_says_manifest(marker))
+    if check.problems:
+        raise CheckpointDamaged(_damage_message(path, check.problems))
+    if not check.has_manifest and verify != "off" and torch.distributed.get_rank() == 0:
+        logger.warning("checkpoint %s has no %s (saved before manifests existed): checked against torch's index "
+                       "only, not checksummed", path, MANIFEST_FILE)  # fmt: skip
 
     models = [_unwrap(c) for c in model_chunks]
-    state = _models_sharded_state_dict(models)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
+    meta, state = _on_every_rank(lambda: _prepare_load(path, models, optimizer), path)
     # Tensors we need that the checkpoint lacks (another model, value mode or reference setting):
-    # checked before Megatron's load, which fails obscurely on them. They differ per rank, so they
-    # are gathered and every rank raises together (a lone raise would leave the others hanging).
-    lacking = _lacking_tensor_keys(state, path)
-    every: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, lacking)
-    lacking = sorted({key for keys in every for key in keys})
+    # checked before Megatron's load, which fails obscurely on them. They differ per rank.
+    mine = _on_every_rank(lambda: _lacking_tensor_keys(state, path), path)
+    lacking = sorted({key for keys in all_gather(mine) for key in keys})
     if lacking:
         shown = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
         raise CheckpointError(f"{path} lacks {len(lacking)} tensors this model/optimizer needs: {shown} "
                               "(different model, value mode or reference setting?)")  # fmt: skip
+    loaded = _on_every_rank(lambda: _read_shards(path, state), path)
+    _on_every_rank(lambda: _apply(path, meta, loaded, models, optimizer, scheduler, restore_rng), path)
+    extra = dict(meta.get("extra", {}))
+    extra.setdefault("step", meta["step"])
+    return extra
+
+
+def _damage_message(path: Path, problems: Sequence[str]) -> str:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return f"checkpoint {path} is damaged: {'; '.join(problems[:3])}{more}"
+
+
+def _on_every_rank(fn: Callable, path: Path):
+    """``fn()`` on every rank; when it fails on any rank, the same error on every rank (no rank is left
+    waiting in the next collective). torch's CheckpointException (a BaseException) and other errors of
+    reading become CheckpointDamaged / CheckpointError naming the path (and the damaged file if found)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    result, failure = None, None
     try:
-        loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as err:  # noqa: BLE001 - e.g. a different optimizer param grouping; name the path
-        raise CheckpointError(f"{path}: cannot load into this model/optimizer: {type(err).__name__}: {err}") from err
+        result = fn()
+    except CheckpointError as err:
+        failure = (str(err), isinstance(err, CheckpointDamaged))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - every error becomes one line
+        failure = _reader_failure(path, err)
+    failures = [f for f in all_gather(failure) if f is not None]
+    if failures:
+        message = "; ".join(dict.fromkeys(m for m, _ in failures))
+        raise (CheckpointDamaged if any(d for _, d in failures) else CheckpointError)(message)
+    return result
+
+
+def _reader_failure(path: Path, err: BaseException) -> tuple[str, bool]:
+    """``(message, damaged)`` for an error out of Megatron's / torch's checkpoint reader."""
+    located = dcp_size_problems(path)  # name the file when one is short or missing
+    if located or is_damage(err):
+        where = f"; {'; '.join(located[:3])}" if located else ""
+        return f"checkpoint {path} is damaged: torch's checkpoint reader failed ({one_line(err)}){where}", True
+    return f"{path}: cannot load into this model/optimizer: {one_line(err)}", False
+
+
+def _prepare_load(path: Path, models: list, optimizer) -> tuple[dict, dict]:
+    meta = load_torch(path / EXTRA_STATE_FILE)
+    if optimizer is not None and not meta.get("has_optimizer", True):
+        raise CheckpointError(f"{path} was saved without optimizer state; pass optimizer=None to load the model")
+    state = _models_sharded_state_dict(models)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
+    return meta, state
+
+
+def _read_shards(path: Path, state: dict) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    return dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+
+
+def _apply(path: Path, meta: dict, loaded: dict, models: list, optimizer, scheduler, restore_rng: bool) -> None:
     for key, model in zip(_model_keys(len(models)), models):
         _load_model_state(model, loaded[key], f"{path} [{key}]")
     if optimizer is not None:
         with _param_groups_of_this_run(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-
     saved = meta.get("schedulers", {})
     for name, sched in _schedulers(scheduler).items():
         if name not in saved:
             raise CheckpointError(f"{path} has no state for scheduler {name!r} (it has: {sorted(saved) or 'none'})")
         sched.load_state_dict(saved[name])
-
     if restore_rng:
         _restore_rng(path, meta)
-    extra = dict(meta.get("extra", {}))
-    extra.setdefault("step", meta["step"])
-    return extra
 
 
 def _lacking_tensor_keys(state: dict, path: Path) -> list[str]:
@@ -548,6 +493,42 @@ def _lacking_tensor_keys(state: dict, path: Path) -> list[str]:
 
     stored = dist_checkpointing.load_tensors_metadata(str(path))
     return sorted({v.key for v in nested_values(state) if isinstance(v, ShardedTensor) and v.key not in stored})
+
+
+# ------------------------------------------------------------------------------------------ resume
+def resume_checkpoint(root: str | Path | None, resume: str | None, model_chunks: Sequence[torch.nn.Module],
+                      optimizer=None, scheduler=None, verify: str = "full") -> tuple[Path, dict] | None:  # fmt: skip
+    """Resume as `resume` says; return ``(checkpoint path, its extra)`` or None (start fresh). Collective.
+
+    ``"auto"``: the checkpoints under `root` newest first (`resume_candidates`, listed by rank 0 so
+    every rank tries the same ones): a damaged one is reported (which file, why) and skipped, the
+    newest intact one is loaded; when every one is damaged, CheckpointError. ``"none"`` / ``""`` /
+    None: None. A path: that checkpoint, and any damage is an error (no silent fallback).
+    """
+    choice = "" if resume is None else str(resume).strip()
+    if choice.lower() in ("", "none") or (choice.lower() == "auto" and root is None):
+        return None
+    if choice.lower() != "auto":
+        path = resolve_resume(root, choice)
+        return path, load_checkpoint(path, model_chunks, optimizer, scheduler, verify=verify)
+    rank = torch.distributed.get_rank()
+    damaged = []
+    for path in broadcast(resume_candidates(root) if rank == 0 else None):
+        try:
+            extra = load_checkpoint(path, model_chunks, optimizer, scheduler, verify=verify)
+        except CheckpointDamaged as err:
+            damaged.append(str(err))
+            if rank == 0:
+                logger.warning("%s; skipping it (left as it is) and trying the previous checkpoint", err)
+            continue
+        if damaged and rank == 0:
+            logger.warning("resuming from %s, the newest intact checkpoint (%d newer damaged one(s) skipped)", path,
+                           len(damaged))  # fmt: skip
+        return path, extra
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint under {root}: {' | '.join(damaged)}; restore one, or start over "
+                              "with train.resume=none (the damaged ones are left as they are)")  # fmt: skip
+    return None
 
 
 @contextlib.contextmanager
@@ -602,7 +583,7 @@ def _restore_rng(path: Path, meta: dict) -> None:
     elif not file.is_file():
         reason = f"no RNG state for rank {rank}"
     if reason is None:
-        saved = _load_torch(file)
+        saved = load_torch(file)
         set_rng_state(saved["state"])
         return
     if not _warned_rng:
