@@ -17,6 +17,53 @@ from typing import Optional
 
 from dqo_megatron.config import ConfigError, InitConfig, ParallelConfig, RunConfig
 
+RUN_CONFIG_FILE = "config.yaml"
+"""What `dqo-megatron train` writes into run_dir (beside run_dir/checkpoints/)."""
+
+
+def check_training_checkpoint(checkpoint: str | Path) -> Path:
+    """`checkpoint` as a Path when it is a complete training checkpoint (``run_dir/checkpoints/step_N``);
+    otherwise CheckpointError saying what it is instead (missing, a file, a run or checkpoint root, a
+    conversion checkpoint, an unfinished save, not a checkpoint). Its files are checked at load."""
+    from dqo_megatron.conversion.megatron_io import INFO_FILE, WEIGHTS_DIR
+    from dqo_megatron.training.checkpointing import (
+        _TMP_PREFIX, COMPLETE_MARKER, EXTRA_STATE_FILE, CheckpointError, list_checkpoints,
+    )  # fmt: skip
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a training checkpoint (a file; name a run_dir/checkpoints/step_XXXXXXXX "
+                              "directory)")  # fmt: skip
+    inside = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+    if inside:
+        raise CheckpointError(f"{path} is a run directory or checkpoint root, not one checkpoint: name one of its "
+                              f"step_* directories (the newest: {inside[-1][1]})")  # fmt: skip
+    if (path / INFO_FILE).is_file() and (path / WEIGHTS_DIR).is_dir():
+        raise CheckpointError(f"{path} is a dqo-megatron conversion checkpoint, not a training checkpoint: "
+                              "`dqo-megatron convert megatron-to-hf` exports it")  # fmt: skip
+    if path.name.startswith(_TMP_PREFIX):
+        raise CheckpointError(f"{path} is a checkpoint save that never finished (no {COMPLETE_MARKER} marker)")
+    for needed in (COMPLETE_MARKER, EXTRA_STATE_FILE):
+        if not (path / needed).is_file():
+            raise CheckpointError(f"{path} is not a training checkpoint (no {needed})")
+    return path
+
+
+def export_config_path(checkpoint: str | Path, config: str | Path | None = None) -> Path:
+    """The run config to export `checkpoint` with: `config` if given, else ``run_dir/config.yaml`` of the
+    run_dir the checkpoint is in. The checkpoint is checked first (`check_training_checkpoint`), so that
+    a wrong checkpoint path is reported as such and not as a missing config file."""
+    path = check_training_checkpoint(checkpoint)
+    if config is not None:
+        return Path(config)
+    found = path.absolute().parent.parent / RUN_CONFIG_FILE
+    if not found.is_file():
+        raise ConfigError(f"{found} does not exist: checkpoint {path} is not in the run_dir/checkpoints/ of a "
+                          "`dqo-megatron train` run; pass the run's config with --config")  # fmt: skip
+    return found
+
 
 def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str | Path, *,
                               overwrite: bool = False) -> Path:  # fmt: skip
@@ -30,18 +77,16 @@ def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str |
     from dqo_megatron.conversion.megatron_io import (
         HF_DIR, WEIGHTS_DIR, CheckpointInfo, dtype_name, save_chunks, staged_output, write_metadata,
     )  # fmt: skip
-    from dqo_megatron.training.checkpointing import is_complete, load_checkpoint
+    from dqo_megatron.training.checkpointing import load_checkpoint
     from dqo_megatron.training.policy_value import build_policy_value_chunks
 
-    checkpoint = Path(checkpoint)
-    if not is_complete(checkpoint):
-        raise ConfigError(f"{checkpoint} is not a complete training checkpoint (no COMPLETE marker)")
+    checkpoint = check_training_checkpoint(checkpoint)
     single = copy.deepcopy(run)
     single.parallel = ParallelConfig()
     single.init = InitConfig()
     parallel.initialize(single.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(single, with_value=False, with_reference=False)
-    load_checkpoint(checkpoint, [chunk], restore_rng=False)
+    load_checkpoint(checkpoint, [chunk], restore_rng=False, verify=run.train.verify_checkpoints)  # damage: named
     with staged_output(out, overwrite) as staging:
         save_chunks([chunk.policy], staging / WEIGHTS_DIR)
         param_dtype = next(chunk.policy.parameters()).dtype
@@ -65,6 +110,7 @@ def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path,
     from dqo_megatron.conversion.megatron_io import check_output
 
     out = Path(out)
+    check_training_checkpoint(checkpoint)  # a wrong checkpoint path is the first thing to report
     check_output(out.absolute(), overwrite)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))

@@ -1,7 +1,7 @@
 """The train loop: DQO (or a baseline) on Megatron-Core, top to bottom.
 
     setup      process groups -> data -> models (policy, value, reference) -> DDP -> optimizer, schedule
-    resume     from the newest complete checkpoint in run_dir (or the one named)
+    resume     from the newest intact checkpoint in run_dir (or the one named); run_dir locked
     loop       micro-batches -> Megatron's forward/backward schedule -> step (skipped if non-finite)
                -> log -> checkpoint every N steps and on SIGTERM
     finish     final checkpoint, summary
@@ -106,15 +106,25 @@ def _any_rank(flag: bool) -> bool:
 
 
 def train(run: RunConfig) -> TrainSummary:
-    """Train `run.algorithm` on `run.data.train_prefix` for `run.train.train_steps` steps (collective)."""
+    """Train `run.algorithm` on `run.data.train_prefix` for `run.train.train_steps` steps (collective).
+
+    Holds `run.run_dir`'s lock for the whole run (`run_dir_lock`): a second run on the same run_dir
+    refuses to start (RunDirInUse naming the holder) before it writes anything there."""
     from dqo_megatron import parallel
-    from dqo_megatron.data.dataset import TrajectoryDataset
-    from dqo_megatron.training.data import MicroBatches
-    from dqo_megatron.training.data_check import check_data_matches_model
+    from dqo_megatron.training.run_dir_lock import run_dir_lock
 
     if not run.data.train_prefix:
         raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
     info = parallel.initialize(run.parallel, seed=run.train.seed)
+    with run_dir_lock(run.run_dir):
+        return _train(run, info)
+
+
+def _train(run: RunConfig, info) -> TrainSummary:
+    from dqo_megatron.data.dataset import TrajectoryDataset
+    from dqo_megatron.training.data import MicroBatches
+    from dqo_megatron.training.data_check import check_data_matches_model
+
     num_microbatches = run.num_microbatches(info.world_size)
     is_logger = info.rank == 0
 
@@ -177,9 +187,11 @@ def train(run: RunConfig) -> TrainSummary:
     if ckpt_root is not None:
         from dqo_megatron.training import checkpointing
 
-        resume_from = checkpointing.resolve_resume(ckpt_root, t.resume)
+        # the newest intact checkpoint: damaged newer ones are reported (file, why) and skipped
+        resumed = checkpointing.resume_checkpoint(ckpt_root, t.resume, ddp, optimizer, scheduler,
+                                                  verify=t.verify_checkpoints)  # fmt: skip
+        resume_from, extra = resumed if resumed is not None else (None, None)
     if resume_from is not None:
-        extra = checkpointing.load_checkpoint(resume_from, ddp, optimizer, scheduler)
         summary.start_step = int(extra["step"])
         batches.load_state_dict(extra["data"])
         if is_logger:
