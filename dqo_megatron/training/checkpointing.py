@@ -211,9 +211,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
         keep_steps: steps never pruned, whatever `keep_last` says (e.g. the best evaluated checkpoint).
 
     A save replacing an existing ``step_N`` (e.g. a run resumed at N and stopped again) moves the old one
-    aside first; a crash between the two renames leaves the previous step as the newest complete one.
-    Raises CheckpointError on every rank when any rank failed (a full disk: "no space left on device
-    writing <dir>: N MiB free", the partial directory removed).
+    aside first. Raises CheckpointError on every rank when any rank failed (a full disk: "no space left
+    on device writing <dir>: N MiB free", the partial directory removed).
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
@@ -230,19 +229,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     started = time.perf_counter()
 
     # 1. A clean temporary directory (rank 0), seen by everyone before they write.
-    failure = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by killed saves; never read
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
-            tmp.mkdir()
-        except OSError as err:
-            failure = _failure(err, tmp, f"cannot create {tmp}")
-    _raise_if_any(_gather_errors(failure), final, tmp)
+    _raise_if_any(_gather_errors(_fresh_directory(root, tmp) if rank == 0 else None), final, tmp)
 
     # 2. Model + optimizer (all ranks, collective), extra state (rank 0), RNG (each rank).
     models = [_unwrap(c) for c in model_chunks]
@@ -280,6 +267,21 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
         logger.info("saved checkpoint %s (%.1f s, %.1f MiB)", final, time.perf_counter() - started,
                     manifest_bytes(manifest) / 2**20)  # fmt: skip
     return final
+
+
+def _fresh_directory(root: Path, tmp: Path) -> tuple[str, bool] | None:
+    """Rank 0: create `tmp` under `root` after removing what killed saves left (``.tmp_*``, never read)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{_TMP_PREFIX}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        tmp.mkdir()
+    except OSError as err:
+        return _failure(err, tmp, f"cannot create {tmp}")
+    return None
 
 
 def _write_shards(state: dict, directory: Path) -> list[BaseException]:
