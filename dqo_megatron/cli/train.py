@@ -81,11 +81,11 @@ def export(
     from dqo_megatron.config import ConfigError, RunConfig, load_config
     from dqo_megatron.parallel import destroy
     from dqo_megatron.conversion import ConversionError
-    from dqo_megatron.training.export import export_policy_to_hf, export_policy_to_megatron
+    from dqo_megatron.training.export import export_config_path, export_policy_to_hf, export_policy_to_megatron
 
     configure_logging()
-    config = config or checkpoint.absolute().parent.parent / "config.yaml"
     try:
+        config = export_config_path(checkpoint, config)  # a wrong checkpoint path is named as such
         if fmt not in ("hf", "megatron"):
             raise ValueError(f"--format {fmt!r}: choose hf or megatron")
         run = load_config(RunConfig, config)

@@ -530,6 +530,14 @@ def load_chunks(chunks: list, weights_dir: str | Path, verify: str = "full") -> 
     CRC32, size, off; directories written before manifests existed: against torch's index, with a
     warning). ConversionError naming the file when one is missing, truncated or changed, or when torch's
     reader fails on it."""
+    state = checked_load(sharded_state_dict(chunks), weights_dir, verify)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"chunk{i}"], strict=True)
+
+
+def checked_load(sharded: dict, weights_dir: str | Path, verify: str = "full") -> dict:
+    """`dist_checkpointing.load(sharded, weights_dir)` after checking the files against the manifest
+    (`verify`: full, size, off); every failure a ConversionError of one line naming the file."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
@@ -545,15 +553,13 @@ def load_chunks(chunks: list, weights_dir: str | Path, verify: str = "full") -> 
         logger.warning("%s has no %s (written before manifests existed): checked against torch's index only, not "
                        "checksummed", weights_dir, MANIFEST_FILE)  # fmt: skip
     try:
-        state = dist_checkpointing.load(sharded_state_dict(chunks), str(weights_dir))
+        return dist_checkpointing.load(sharded, str(weights_dir))
     except CheckpointingException as exc:
         raise ConversionError(f"{weights_dir}: cannot be loaded into this model: {exc}") from None
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's reader errors, in one line
         located = "".join(f"; {p}" for p in dcp_size_problems(weights_dir)[:3])
         raise ConversionError(f"checkpoint {weights_dir}: torch's checkpoint reader failed ({one_line(exc)})"
                               f"{located}") from None  # fmt: skip
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"chunk{i}"], strict=True)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from dqo_megatron.conversion.megatron_io import (
     WEIGHTS_DIR,
     CheckpointInfo,
     build_empty_chunks,
+    checked_load,
     check_output,
     load_chunks,
     read_metadata,
@@ -34,7 +35,6 @@ from dqo_megatron.conversion.registry import ConversionError
 
 def load_value_head(head: torch.nn.Module, value_ckpt: str | Path) -> None:
     """Fill `head` from the ``value_head.*`` tensors of a value checkpoint (collective)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     _cfg, info = read_metadata(value_ckpt)
@@ -42,8 +42,8 @@ def load_value_head(head: torch.nn.Module, value_ckpt: str | Path) -> None:
         raise ConversionError(f"{value_ckpt} is a {info.kind} checkpoint; the head must come from a value checkpoint")
     sharded = make_sharded_tensors_for_checkpoint(head.state_dict(keep_vars=True), "value_head.", {}, ())
     try:
-        state = dist_checkpointing.load(sharded, str(Path(value_ckpt) / WEIGHTS_DIR))
-    except Exception as exc:  # noqa: BLE001 - shape mismatch and missing keys surface as various types
+        state = checked_load(sharded, Path(value_ckpt) / WEIGHTS_DIR)
+    except ConversionError as exc:
         raise ConversionError(f"cannot take the value head from {value_ckpt}: {exc}") from None
     head.load_state_dict({k.removeprefix("value_head."): v for k, v in state.items()}, strict=True)
 

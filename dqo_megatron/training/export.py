@@ -87,7 +87,7 @@ def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str |
     parallel.initialize(single.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(single, with_value=False, with_reference=False)
     load_checkpoint(checkpoint, [chunk], restore_rng=False, verify=run.train.verify_checkpoints)  # damage: named
-    with staged_output(out, overwrite) as staging:
+    with staged_output(out, overwrite, [checkpoint]) as staging:
         save_chunks([chunk.policy], staging / WEIGHTS_DIR)
         param_dtype = next(chunk.policy.parameters()).dtype
         write_metadata(staging, run.model, CheckpointInfo(family=run.model.family, dtype=dtype_name(param_dtype),
@@ -111,7 +111,7 @@ def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path,
 
     out = Path(out)
     check_training_checkpoint(checkpoint)  # a wrong checkpoint path is the first thing to report
-    check_output(out.absolute(), overwrite)
+    check_output(out.absolute(), overwrite, [checkpoint])
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
     try:

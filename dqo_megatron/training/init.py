@@ -33,7 +33,7 @@ def _load_member(chunks: list, member: str, path: str, run: RunConfig) -> None:
             if chunk.value_head is not None:
                 unwrap_gpt(gpt).value_head = chunk.value_head
     try:
-        load_chunks(gpts, Path(path) / WEIGHTS_DIR)
+        load_chunks(gpts, Path(path) / WEIGHTS_DIR, verify=run.train.verify_checkpoints)
     finally:
         if lend:
             for gpt in gpts:

@@ -115,9 +115,26 @@ def train(run: RunConfig) -> TrainSummary:
 
     if not run.data.train_prefix:
         raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
+    _check_run_dir_apart(run)
     info = parallel.initialize(run.parallel, seed=run.train.seed)
     with run_dir_lock(run.run_dir):
         return _train(run, info)
+
+
+def _check_run_dir_apart(run: RunConfig) -> None:
+    """ConfigError when what the run writes (its checkpoints, which it prunes, its config, its logs)
+    would overlap what it reads: the dataset, the init checkpoints, the eval problems."""
+    from dqo_megatron.data.indexed import dataset_files
+    from dqo_megatron.outputs import OutputError, check_apart
+
+    root = Path(run.run_dir)
+    written = [root / "checkpoints", root / "config.yaml", root / "tensorboard"]
+    read = dataset_files(run.data.train_prefix) + [run.init.policy, run.init.reference, run.init.value,
+                                                   run.eval.problems]  # fmt: skip
+    try:
+        check_apart(written, [p for p in read if p])
+    except OutputError as exc:
+        raise ConfigError(f"run_dir={run.run_dir}: {exc}") from None
 
 
 def _train(run: RunConfig, info) -> TrainSummary:

@@ -302,3 +302,17 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch, sp_model):
     monkeypatch.setattr(pre, "preprocess", full)
     r = runner.invoke(app, ["preprocess", "x.jsonl", "-o", str(tmp_path / "d"), "-t", sp_model])
     assert r.exit_code == 2 and "no space left on device writing" in r.output and "MiB free" in r.output
+
+
+def test_train_refuses_a_run_dir_whose_outputs_hold_its_inputs(tmp_path):
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.training.trainer import _check_run_dir_apart
+
+    run_dir = tmp_path / "run"
+    ok = [f"run_dir={run_dir}", f"data.train_prefix={tmp_path / 'data' / 'train'}"]
+    _check_run_dir_apart(load_config(RunConfig, None, ok))  # apart: no error
+    # the checkpoints the run prunes would hold its starting point; its config would overwrite the dataset's
+    for bad in (f"init.policy={run_dir / 'checkpoints' / 'step_00000010'}", f"data.train_prefix={run_dir / 'checkpoints' / 'data'}",
+                f"eval.problems={run_dir / 'tensorboard' / 'p.jsonl'}", f"init.reference={run_dir}"):
+        with pytest.raises(ConfigError, match=f"run_dir={run_dir}: output .* the input"):
+            _check_run_dir_apart(load_config(RunConfig, None, ok + [bad]))
