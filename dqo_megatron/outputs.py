@@ -6,7 +6,8 @@ one of the three stagers here, so the rules hold for all of them:
 * **Written aside, renamed at the end.** The output is built in a temporary sibling (same directory,
   so the final `os.replace` is a rename on one filesystem, never a copy) and moved into place only when
   it is complete. A failure, a rejected record or a `kill -9` leaves at most a hidden
-  `.NAME.partial-*` sibling; whatever was at the output path before is untouched.
+  `.NAME.partial-HOST-PID-*` sibling (removed by the next run on that host once PID is gone); whatever
+  was at the output path before is untouched.
 * **An existing output is refused** unless the caller passes `overwrite`; even then it is replaced
   only after the new one is complete (the old one is renamed aside first, then deleted).
 * **An output that is, lies inside, or contains an input is refused in every mode** (`overwrite`
@@ -24,8 +25,11 @@ it, or the whole new set.
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -33,6 +37,7 @@ from typing import Iterable, Iterator, Sequence
 from dqo_megatron.paths import honour_umask
 
 PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
 
 
 class OutputError(ValueError):
@@ -83,6 +88,45 @@ def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "out
     return existing
 
 
+def _staging_prefix(name: str) -> str:
+    """`.NAME.partial-HOST-PID-`: whose staging it is, so that a later run can tell a dead run's leftovers."""
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_staging(parent: Path, name: str) -> list[Path]:
+    """Remove the staging leftovers (`.NAME.partial-HOST-PID-*`) of killed runs on this host in `parent`,
+    and warn about `.NAME.old-*` directories (an output moved aside by a run killed mid-swap: possibly the
+    only copy, so never deleted here). Returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for entry in parent.glob(f".{glob.escape(name)}.partial-*"):
+        rest = entry.name[len(f".{name}.partial-"):]
+        owner, _, tail = rest.rpartition("-")
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d staging leftover(s) of killed runs beside %s", len(removed), parent / name)
+    for entry in parent.glob(f".{glob.escape(name)}.old-*"):
+        logger.warning("%s: an earlier output moved aside by a run killed while replacing %s; restore it or "
+                       "remove it", entry, parent / name)  # fmt: skip
+    return removed
+
+
 def _commit_file(tmp: Path, final: Path) -> None:
     honour_umask(tmp)  # mkstemp made it private; the output is not
     with open(tmp, "rb") as handle:
@@ -115,7 +159,8 @@ def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
         raise OutputError(f"output {final} is a directory; give a file path")
     refuse_existing([final], overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    sweep_stale_staging(final.parent, final.name)
+    fd, name = tempfile.mkstemp(prefix=_staging_prefix(final.name), dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -143,7 +188,8 @@ def staged_dir(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = 
         raise OutputError(f"output {final} exists and is not a directory")
     refuse_existing([final], overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    sweep_stale_staging(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name), dir=final.parent))
     try:
         yield tmp
         honour_umask(tmp)  # mkdtemp / mkstemp made it private; the output is not
@@ -180,7 +226,8 @@ def staged_files(names: Sequence[PathLike], *, overwrite: bool, inputs: Iterable
     check_apart(finals, inputs)
     refuse_existing(finals, overwrite, what)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{finals[-1].stem}.partial-", dir=parent))
+    sweep_stale_staging(parent, finals[-1].stem)
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(finals[-1].stem), dir=parent))
     try:
         yield tmp
         honour_umask(tmp)

@@ -88,6 +88,20 @@ def test_stagers_refuse_existing_and_keep_it_on_failure(tmp_path):
     assert sorted(os.listdir(directory)) == ["v"] and sorted(os.listdir(tmp_path)) == ["model", "out.jsonl"]
 
 
+def test_only_dead_runs_staging_is_swept(tmp_path):
+    import socket
+
+    from dqo_megatron.outputs import sweep_stale_staging
+
+    host = socket.gethostname()
+    mine, dead, elsewhere = (tmp_path / f".x.partial-{host}-{os.getpid()}-a1", tmp_path / f".x.partial-{host}-999999999-b2",
+                             tmp_path / ".x.partial-otherhost-1-c3")  # fmt: skip
+    for d in (mine, dead, elsewhere):
+        d.mkdir()
+    assert sweep_stale_staging(tmp_path, "x") == [dead]
+    assert mine.exists() and elsewhere.exists() and not dead.exists()
+
+
 def test_a_file_set_is_swapped_whole_marker_last(tmp_path):
     names = [tmp_path / "d_a.bin", tmp_path / "d_b.bin", tmp_path / "d.json"]
     for n in names:
@@ -162,7 +176,11 @@ def test_preprocess_killed_mid_run_leaves_the_old_dataset(tmp_path, sp_model):
     finally:
         proc.wait()
     visible = {k: v for k, v in snapshot(out).items() if not k.startswith(".")}
-    assert visible == before  # the staging directory may stay behind, hidden; the dataset is the old one
+    assert visible == before  # the staging directory stays behind, hidden; the dataset is the old one
+    assert len(list(out.glob(".data.partial-*"))) == 1
+    # the next run removes the dead run's leftovers
+    assert _preprocess([_records(tmp_path / "small.jsonl", 10)], out / "data", sp_model, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 # ------------------------------------------------------------------------------------ records files
