@@ -26,7 +26,7 @@ def _run(fn, *args, **kwargs) -> None:
         report = fn(*args, **kwargs)
     except ConversionError as exc:
         typer.echo(f"conversion failed: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     if report.parity is not None:
         typer.echo(report.parity.summary())
     typer.echo(f"wrote {report.output} ({report.model.family}, {report.dtype}) in {report.seconds:.1f} s")
@@ -92,5 +92,5 @@ def value_from_megatron(
         seconds = convert(src, out, overwrite=overwrite, value_head=value_head)
     except ConversionError as exc:
         typer.echo(f"conversion failed: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     typer.echo(f"wrote value checkpoint {out} in {seconds:.1f} s")

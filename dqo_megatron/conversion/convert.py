@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ def _fail_on_parity(report: ParityReport) -> None:
         raise ConversionError(f"{report.summary()}; nothing was written")
 
 
+def check_tolerance(tolerance: float) -> None:
+    """ConversionError unless `tolerance` (the largest |logit difference| --verify accepts) is finite and >= 0."""
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConversionError(f"--tolerance {tolerance}: must be a finite number >= 0 (default {DEFAULT_TOLERANCE})")
+
+
 def hf_to_megatron(
     src: str | Path,
     out: str | Path,
@@ -120,6 +127,7 @@ def hf_to_megatron(
     output without `overwrite`, failed parity); nothing is left at `out` then.
     """
     start = time.perf_counter()
+    check_tolerance(tolerance)
     src, out = Path(src), Path(out)
     if value_head is not None and not value:
         raise ConversionError("value_head (--value-head) needs value=True (--value)")
@@ -225,17 +233,21 @@ def megatron_to_hf(
         verify: compare logits of the written HF model with the checkpoint; refuse to write on failure.
     """
     start = time.perf_counter()
+    check_tolerance(tolerance)
     src, out = Path(src), Path(out)
     inputs = [src] + ([Path(tokenizer)] if tokenizer is not None else [])
     check_output(out.absolute(), overwrite, inputs)
+    if tokenizer is not None and Path(tokenizer).is_file():
+        raise ConversionError(f"--tokenizer {tokenizer} is a file: give the directory holding the tokenizer files "
+                              "(tokenizer.json / tokenizer.model / tokenizer_config.json ...)")  # fmt: skip
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ConversionError(f"tokenizer directory {tokenizer} does not exist")
     cfg, info = read_metadata(src)
     if info.kind != "policy":
         raise ConversionError(f"{src} is a {info.kind} checkpoint; only policy checkpoints have an HF equivalent")
     fam = family(cfg.family)
     out_dtype = info.torch_dtype if dtype == "auto" else _resolve_dtype(dtype, set(), src)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else src / HF_DIR
-    if tokenizer is not None and not tokenizer_dir.is_dir():
-        raise ConversionError(f"tokenizer directory {tokenizer_dir} does not exist")
     max_bytes = hf_io.parse_size(max_shard_size)
     base_config = None
     if (src / HF_DIR / "config.json").is_file():

@@ -7,6 +7,7 @@ shards from tensor sizes first, then converts, writes and frees one shard at a t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -19,6 +20,21 @@ import torch
 from dqo_megatron.config import ModelConfig
 from dqo_megatron.conversion.layout import fuse_gate_up
 from dqo_megatron.conversion.registry import ConversionError, Family, TensorRule
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """`safetensors.safe_open(file)` for torch; ConversionError naming the file when it is not a readable
+    safetensors file (truncated, overwritten, not safetensors at all)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConversionError(f"{file}: not a readable safetensors file (damaged or truncated? {first})") from None
+    with handle:
+        yield handle
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -53,9 +69,11 @@ class HFCheckpoint:
     def open(cls, path: str | Path) -> "HFCheckpoint":
         """Read config.json and the tensor index (headers only); ConversionError when the directory,
         config.json, the weights or any shard named by the index is missing."""
-        from safetensors import safe_open
 
         path = Path(path)
+        if path.is_file():
+            raise ConversionError(f"{path} is a file: give the HF model directory that holds it (config.json + "
+                                  "safetensors)")  # fmt: skip
         if not path.is_dir():
             raise ConversionError(f"HF checkpoint directory {path} does not exist")
         config_file = path / "config.json"
@@ -75,7 +93,7 @@ class HFCheckpoint:
             if missing:
                 raise ConversionError(f"{path}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}")
         elif (path / SINGLE_FILE).is_file():
-            with safe_open(path / SINGLE_FILE, framework="pt") as handle:
+            with open_safetensors(path / SINGLE_FILE) as handle:
                 weight_map = {name: SINGLE_FILE for name in handle.keys()}
         else:
             found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())
@@ -89,11 +107,10 @@ class HFCheckpoint:
 
     def dtypes(self) -> set[torch.dtype]:
         """The dtypes of the floating-point tensors (reads headers only)."""
-        from safetensors import safe_open
 
         found = set()
         for shard in self.shards():
-            with safe_open(self.path / shard, framework="pt") as handle:
+            with open_safetensors(self.path / shard) as handle:
                 for name in handle.keys():
                     dtype = _safetensors_dtype(handle.get_slice(name).get_dtype())
                     if dtype.is_floating_point:
@@ -187,13 +204,12 @@ def stream_megatron_tensors(ckpt: HFCheckpoint, rules: Sequence[TensorRule], dty
     `defer`: rules that combine several inputs (QKV, gated fc1) yield a `DeferredTensor` instead of
     the combined copy.
     """
-    from safetensors import safe_open
 
     by_hf = {name: rule for rule in rules for name in rule.hf}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     shards = ckpt.shards()
     for shard in _progress(shards, len(shards), "reading HF shards", progress):
-        with safe_open(ckpt.path / shard, framework="pt") as handle:
+        with open_safetensors(ckpt.path / shard) as handle:
             for name in handle.keys():
                 rule = by_hf.get(name)
                 if rule is None:

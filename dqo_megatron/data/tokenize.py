@@ -60,8 +60,26 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.kind={self.kind!r}: choose auto, hf or sentencepiece")
         if self.kind == "auto":
             self.kind = "sentencepiece" if self.path.endswith(".model") and os.path.isfile(self.path) else "hf"
+        _check_tokenizer_path(self.path, self.kind)
         if self.name is None:
             self.name = os.path.basename(os.path.normpath(self.path))
+
+
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_tokenizer_path(path: str, kind: str) -> None:
+    """ConfigError naming what is wrong with a tokenizer path before a library reports it its own way."""
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"tokenizer.path={path!r} is not readable (permission denied)")
+    if kind == "sentencepiece" and not os.path.isfile(path):
+        raise ConfigError(f"tokenizer.path={path!r}: a sentencepiece tokenizer is a .model file")
+    if kind == "hf" and os.path.isfile(path):
+        raise ConfigError(f"tokenizer.path={path!r} is a file but not a sentencepiece .model: give an HF tokenizer "
+                          "directory (tokenizer.json / tokenizer_config.json) or a .model file")  # fmt: skip
+    if kind == "hf" and not any(os.path.isfile(os.path.join(path, f)) for f in _HF_TOKENIZER_FILES):
+        raise ConfigError(f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(_HF_TOKENIZER_FILES[:3])}): "
+                          "give the directory of an HF tokenizer or a sentencepiece .model file")  # fmt: skip
 
 
 @dataclass
@@ -181,6 +199,11 @@ def tokenizer_difference(ours: dict, theirs: dict, names: tuple[str, str] = ("th
     return "; ".join(parts) or f"hash {str(ours.get('sha256'))[:12]} != {str(theirs.get('sha256'))[:12]}"
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
 class Tokenizer:
     """A loaded HF or sentencepiece tokenizer behind one small interface."""
 
@@ -191,7 +214,10 @@ class Tokenizer:
         if cfg.kind == "sentencepiece":
             import sentencepiece as spm
 
-            self.sp = spm.SentencePieceProcessor(model_file=cfg.path)
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=cfg.path)
+            except (RuntimeError, OSError) as exc:
+                raise ConfigError(f"tokenizer {cfg.path!r}: not a sentencepiece model ({_first_line(exc)})") from None
             self.hf = None
             self.vocab_size = int(self.sp.vocab_size())
             self.bos_id = int(self.sp.bos_id())
@@ -202,7 +228,10 @@ class Tokenizer:
             from transformers import AutoTokenizer
 
             self.sp = None
-            self.hf = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+            try:
+                self.hf = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+            except (ValueError, OSError, TypeError, KeyError) as exc:
+                raise ConfigError(f"tokenizer {cfg.path!r}: transformers cannot load it ({_first_line(exc)})") from None
             if cfg.chat_template is not None:
                 tpl = cfg.chat_template
                 if os.path.isfile(tpl):

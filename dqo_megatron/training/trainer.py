@@ -127,6 +127,8 @@ def _check_run_dir_apart(run: RunConfig) -> None:
     from dqo_megatron.data.indexed import dataset_files
     from dqo_megatron.outputs import OutputError, check_apart
 
+    if not run.run_dir:  # a run that writes nothing
+        return
     root = Path(run.run_dir)
     written = [root / "checkpoints", root / "config.yaml", root / "tensorboard"]
     read = dataset_files(run.data.train_prefix) + [run.init.policy, run.init.reference, run.init.value,

@@ -128,12 +128,12 @@ def test_cli_errors_exit_non_zero_with_the_reason(hf_dir, tmp_path):
 
     runner = CliRunner()
     result = runner.invoke(convert_app, ["hf-to-megatron", str(hf_dir), str(tmp_path / "out"), "--tp", "3"])
-    assert result.exit_code == 1 and "cannot be split into TP=3" in result.output
+    assert result.exit_code == 2 and "cannot be split into TP=3" in result.output
     (tmp_path / "exists").mkdir()
     result = runner.invoke(convert_app, ["megatron-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "exists")])
-    assert result.exit_code == 1 and "already exists" in result.output
+    assert result.exit_code == 2 and "already exists" in result.output
     result = runner.invoke(convert_app, ["megatron-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "out2")])
-    assert result.exit_code == 1 and "does not exist" in result.output
+    assert result.exit_code == 2 and "does not exist" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
 
 
