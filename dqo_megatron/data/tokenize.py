@@ -351,9 +351,14 @@ class Tokenizer:
         return enc["input_ids"], [[s for s, _ in om] if want else None for om, want in zip(enc["offset_mapping"], offsets)]
 
     def decode(self, ids) -> str:
-        """Text of token ids (tests and debugging)."""
+        """Text of token ids; ValueError when an id is beyond this tokenizer (a model that does not match it)."""
         ids = [int(i) for i in ids]
-        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
+        try:
+            return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
+        except (IndexError, OverflowError) as exc:
+            top = max(ids, default=-1)
+            raise ValueError(f"token id {top} is beyond tokenizer {self.cfg.path!r} (vocabulary {self.vocab_size}): the "
+                             f"tokenizer does not match the model that produced it ({type(exc).__name__})") from None
 
 
 def _byte_to_char(text: str) -> np.ndarray:

@@ -147,6 +147,12 @@ def resolve_device(device: str) -> str:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}, CUDA "
+                             f"{torch.version.cuda or 'not compiled in'}); use --device cpu or auto")  # fmt: skip
     return device
 
 

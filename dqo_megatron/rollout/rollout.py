@@ -177,6 +177,11 @@ class RolloutConfig:
             raise ConfigError("system_prompt needs prompt_format chat (or auto with a chat template)")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}: must be an integer")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ConfigError(f"stop={self.stop!r}: stop strings must be non-empty (an empty one ends every sample "
+                              "at once)")  # fmt: skip
+        if os.path.isdir(self.output):
+            raise ConfigError(f"output={self.output!r} is a directory: give the output .jsonl file path")
 
     def sampling_params(self) -> SamplingParams:
         """The backend's `SamplingParams`."""
@@ -433,7 +438,13 @@ def check_settings(cfg: RolloutConfig, settings: dict) -> None:
     if not meta.exists():
         raise ConfigError(f"{out} exists without {meta.name}: not a rollout output this tool can resume; "
                           "remove it or set overwrite")  # fmt: skip
-    stored = json.loads(meta.read_text()).get("settings", {})
+    try:
+        stored = json.loads(meta.read_text(encoding="utf-8"))["settings"]
+        if not isinstance(stored, dict):
+            raise TypeError(f"settings is a {type(stored).__name__}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{meta}: not a rollout settings file this tool wrote ({type(exc).__name__}: {exc}); "
+                          f"move {out} and {meta.name} away, or set overwrite to start over") from None  # fmt: skip
     settings = dict(settings)
     now_id, then_id = settings.pop("model_identity", None), stored.get("model_identity")
     if now_id is not None and then_id is None and str(out) not in _WARNED_NO_IDENTITY:

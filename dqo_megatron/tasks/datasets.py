@@ -55,16 +55,25 @@ def _rows(path: Path):
         for i, row in enumerate(ds):
             yield i + 1, dict(row)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}); is this a problems file?") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+            except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({getattr(exc, 'msg', exc)})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{lineno}: a string holds a lone surrogate escape (\\ud800-\\udfff), which is "
+                                 "not valid Unicode") from None
             yield lineno, row
 
 

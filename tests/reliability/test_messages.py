@@ -96,3 +96,49 @@ def test_a_refused_pickle_is_not_answered_with_advice_to_unpickle_it():
                   "with `weights_only` set to `False` will likely succeed")  # fmt: skip
     line = one_line(pickle.UnpicklingError(torch_text))
     assert "weights_only=True" in line and "refuses" in line and "set to `False`" not in line and "\n" not in line
+
+
+def test_problem_files_name_the_bad_line(tmp_path):
+    from dqo_megatron.tasks.datasets import load_problems
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n" + '{"question": "x\\ud800", "answer": "#### 2"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: a string holds a lone surrogate"):
+        load_problems(path)
+    path.write_bytes(json.dumps({"question": "1+1?", "answer": "#### 2"}).encode() + b"\n\x80\x81 garbage\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8 text"):
+        load_problems(path)
+
+
+def test_rollout_options_and_sidecars_that_cannot_work(tmp_path, monkeypatch):
+    import torch
+
+    from dqo_megatron.config import ConfigError
+    from dqo_megatron.rollout.framing import resolve_device
+    from dqo_megatron.rollout.rollout import RolloutConfig, check_settings
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    with pytest.raises(ConfigError, match="stop strings must be non-empty"):
+        RolloutConfig(problems=str(problems), output=str(tmp_path / "o.jsonl"), stop=[""])
+    with pytest.raises(ConfigError, match="is a directory"):
+        RolloutConfig(problems=str(problems), output=str(tmp_path))
+    out = tmp_path / "o.jsonl"
+    out.write_text("")
+    cfg = RolloutConfig(problems=str(problems), output=str(out))
+    for sidecar in ('{"version": 1, "sett', "[1, 2]", '{"settings": [1]}'):
+        (tmp_path / "o.jsonl.meta.json").write_text(sidecar)
+        with pytest.raises(ConfigError, match=r"o.jsonl.meta.json: not a rollout settings file"):
+            check_settings(cfg, {"n": 20})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA GPU is usable here"):
+        resolve_device("cuda")
+
+
+def test_a_token_beyond_the_tokenizer_says_the_tokenizer_does_not_match(sp_model):
+    from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig
+
+    tok = Tokenizer(TokenizerConfig(path=sp_model))
+    with pytest.raises(ValueError, match="token id 600 is beyond tokenizer .* \\(vocabulary 512\\): the tokenizer does "
+                                         "not match the model"):  # fmt: skip
+        tok.decode([5, 600])
