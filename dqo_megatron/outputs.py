@@ -132,10 +132,11 @@ def _commit_file(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -198,7 +199,7 @@ def staged_dir(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = 
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -252,7 +253,7 @@ def _swap_files(tmp: Path, finals: list[Path]) -> None:
             with open(staged, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(staged, f)
-    _fsync_dir(marker.parent)
+    fsync_dir(marker.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dqo_megatron.outputs import fsync_dir
 from dqo_megatron.training.checkpoint_integrity import MANIFEST_FILE, is_damage, one_line
 
 logger = logging.getLogger(__name__)
@@ -175,15 +176,6 @@ def check_plain(obj: Any, where: str = "extra") -> None:
     raise TypeError(f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints keep "
                     "only tensors, python scalars/strings and dicts/lists of them (convert with int(), "
                     "float() or torch.tensor())")  # fmt: skip
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_torch(obj: Any, path: Path) -> None:
