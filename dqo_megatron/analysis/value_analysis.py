@@ -49,7 +49,7 @@ from dqo_megatron.analysis.scores import (
 )  # fmt: skip
 from dqo_megatron.config import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, TrajectoryRecord, read_records, write_jsonl
-from dqo_megatron.outputs import check_apart
+from dqo_megatron.outputs import check_apart, refuse_existing
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, step_token_indices, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class ValueAnalysisConfig:
     """Write the PNGs (needs matplotlib)."""
     write_pairs: bool = False
     """Also write pairs_<label>.jsonl (token-level checkpoints): value, score and drop of every step."""
+    overwrite: bool = False
+    """Replace the results of an earlier analysis in out_dir (value_analysis.jsonl); without it, an error."""
 
     def __post_init__(self) -> None:
         for name in ("checkpoints", "records"):
@@ -416,6 +418,7 @@ def run_value_analysis(cfg: ValueAnalysisConfig) -> list[dict[str, Any]]:
     from dqo_megatron.conversion.megatron_io import single_process_layout
 
     out_dir = Path(cfg.out_dir)
+    refuse_existing([out_dir / RESULTS_FILE], cfg.overwrite, f"an earlier analysis in {out_dir}")
     checkpoints = resolve_checkpoints(cfg.checkpoints, cfg.run_config)
     check_apart([out_dir], [c.path for c in checkpoints] + list(cfg.records))  # run_dir/analysis is fine
     targets = [_value_target(c) for c in checkpoints]  # before any work

@@ -39,6 +39,7 @@ def value_analysis(
     no_plot: bool = typer.Option(False, "--no-plot", help="No PNG (no matplotlib needed)."),
     pairs: bool = typer.Option(False, "--pairs", help="Also write pairs_<label>.jsonl (value, score and drop of every step)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid or too long records instead of stopping."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier analysis in the output directory."),
 ) -> None:
     """How a trained value network tracks solvability on held-out answers (all of them, correct and failed).
 
@@ -55,7 +56,7 @@ def value_analysis(
     configure_logging()
     try:
         cfg = ValueAnalysisConfig(
-            checkpoints=list(checkpoints), records=list(records), out_dir=str(out_dir),
+            checkpoints=list(checkpoints), records=list(records), out_dir=str(out_dir), overwrite=overwrite,
             run_config=str(config) if config else None, score=score, initial_value=not no_initial,
             splitter=splitter, split_pattern=split_pattern, max_steps=max_steps,
             batch_size=batch_size, max_records=max_records, skip_invalid=skip_invalid, dtype=dtype,

@@ -85,9 +85,12 @@ def export(
 
     configure_logging()
     try:
-        config = export_config_path(checkpoint, config)  # a wrong checkpoint path is named as such
         if fmt not in ("hf", "megatron"):
             raise ValueError(f"--format {fmt!r}: choose hf or megatron")
+        if fmt == "megatron" and verify:
+            raise ValueError("--verify compares the written HF model with the checkpoint: it needs --format hf (a "
+                             "Megatron export is the checkpoint's own weights, loaded back by the next run)")
+        config = export_config_path(checkpoint, config)  # a wrong checkpoint path is named as such
         run = load_config(RunConfig, config)
         if fmt == "megatron":
             written = export_policy_to_megatron(run, checkpoint, out, overwrite=overwrite)

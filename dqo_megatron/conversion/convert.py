@@ -96,6 +96,24 @@ def _fail_on_parity(report: ParityReport) -> None:
         raise ConversionError(f"{report.summary()}; nothing was written")
 
 
+def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> None:
+    """ConversionError when the tokenizer to ship with a model has more tokens than the model has
+    embedding rows: it would produce ids the model cannot take. (Fewer is normal: vocabularies are padded.)"""
+    if not tokenizer_dir.is_dir():
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - side files that are not a loadable tokenizer are copied as they are
+        logger.warning("%s: not checked against the model's vocabulary (transformers cannot load it: %s)",
+                       tokenizer_dir, type(exc).__name__)  # fmt: skip
+        return
+    if size > vocab_size:
+        raise ConversionError(f"tokenizer {tokenizer_dir} has {size} tokens, the model {vocab_size}: it does not "
+                              "belong to this model (ids beyond the vocabulary cannot be embedded)")  # fmt: skip
+
+
 def check_tolerance(tolerance: float) -> None:
     """ConversionError unless `tolerance` (the largest |logit difference| --verify accepts) is finite and >= 0."""
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
@@ -248,6 +266,7 @@ def megatron_to_hf(
     fam = family(cfg.family)
     out_dtype = info.torch_dtype if dtype == "auto" else _resolve_dtype(dtype, set(), src)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else src / HF_DIR
+    check_tokenizer_fits(tokenizer_dir, cfg.vocab_size)
     max_bytes = hf_io.parse_size(max_shard_size)
     base_config = None
     if (src / HF_DIR / "config.json").is_file():

@@ -26,6 +26,7 @@ from dqo_megatron.eval.scoring import ScoreSummary, grade_outputs, graded_to_dic
 from dqo_megatron.outputs import check_apart
 from dqo_megatron.paths import shared_data_dir
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
+from dqo_megatron.rollout.identity import identity_tag
 from dqo_megatron.rollout.process_scores import CompletionCache, cache_key, prefix_seed
 from dqo_megatron.tasks.datasets import Problem, load_problems
 
@@ -282,9 +283,10 @@ def _evaluate_model(cfg: EvalConfig, name: str, path: str, backend: GenerationBa
     out_dir = Path(cfg.output_dir)
     cache = CompletionCache(str(out_dir / "cache" / f"{safe_name(name)}.jsonl") if cfg.cache else None)
     all_prompts = [p.prompt for spec in specs for p in problems[spec.name]]
+    model_tag = identity_tag(path)  # a model replaced at the same path is generated from again
     for decoding in cfg.decodings:
         params = cfg.sampling_params(decoding)
-        outputs, stats = generate_outputs(backend, all_prompts, params, seed=cfg.seed, model_id=path, cache=cache,
+        outputs, stats = generate_outputs(backend, all_prompts, params, seed=cfg.seed, model_id=model_tag, cache=cache,
                                           per_call=cfg.problems_per_call, progress=cfg.progress,
                                           desc=f"{name} {decoding}")
         results.stats.setdefault(name, {})[decoding] = stats

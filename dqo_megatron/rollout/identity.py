@@ -20,6 +20,7 @@ the identity.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -104,6 +105,16 @@ def model_identity(path: str | Path | None, tokenizer: str | Path | None = None)
         fp = tokenizer_fingerprint(str(tokenizer))
         parts["tokenizer"].update((fp or {}).get("sha256", "none").encode())
     return {**{k: h.hexdigest() for k, h in parts.items()}, "files": counted}
+
+
+def identity_tag(model: str) -> str:
+    """`model` (a path, or any name) with a hash of its `model_identity` appended when it is a local model,
+    so that keys built from it (completion caches of eval and process-scores) change when the files at
+    that path change: a model replaced in place is generated from again, never answered from the cache."""
+    ident = model_identity(model)
+    if ident is None:
+        return model
+    return f"{model}@{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
 def identity_difference(before: dict, now: dict) -> str:

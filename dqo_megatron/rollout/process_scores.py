@@ -52,6 +52,7 @@ from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, iter_raw, parse_record
 from dqo_megatron.outputs import check_apart, refuse_existing, staged_file
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
+from dqo_megatron.rollout.identity import identity_tag
 from dqo_megatron.rollout.steps import SPLITTERS, compile_pattern, split_steps
 from dqo_megatron.tasks.answers import extract_boxed, extract_gsm8k_answer
 from dqo_megatron.tasks.grading import check_answer
@@ -288,6 +289,10 @@ class CompletionCache:
                     self.entries[obj["key"]] = texts
                     if isinstance(obj.get("finish"), list):
                         self.finish[obj["key"]] = obj["finish"]
+            if self.bad_lines and not self.entries:
+                # appending to it would damage a file that is not ours (records, a model's config, a tokenizer)
+                raise ValueError(f"{path}: not a completion cache (no line of it is a cache entry); give another "
+                                 "cache path, or remove the file")  # fmt: skip
             if self.bad_lines:
                 log.warning("%s: %d unreadable cache line(s) ignored (an interrupted write?)", path, self.bad_lines)
 
@@ -360,6 +365,7 @@ def is_failed(rec) -> bool:
 def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: ProcessScoresSummary):
     """Read every input once: validate, split failed responses, build the distinct prefix jobs."""
     params = cfg.sampling_params()
+    model_tag = identity_tag(cfg.model_id)  # a model replaced at the same path is not answered from the cache
     pattern = compile_pattern(cfg.split_pattern) if cfg.splitter == "regex" else None
     scored: dict[tuple[str, int], _Scored] = {}
     invalid: set[tuple[str, int]] = set()
@@ -394,7 +400,7 @@ def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: Process
             for end in ends[:-1]:  # the full response (prefix K) is known to be wrong
                 prefix = rec.response[:end]
                 seed = prefix_seed(cfg.seed, rec.prompt, prefix)
-                key = cache_key(rec.prompt, prefix, params, seed, cfg.model_id, backend.name)
+                key = cache_key(rec.prompt, prefix, params, seed, model_tag, backend.name)
                 # graded per reference: the same prompt could carry another reference in another file
                 ident = (key, task, rec.reference_answer)
                 job = jobs.get(ident)
@@ -496,7 +502,10 @@ def process_scores(cfg: ProcessScoresConfig, backend: GenerationBackend) -> Proc
 def check_outputs(cfg: ProcessScoresConfig) -> None:
     """OutputError when cfg.output exists (and not cfg.overwrite), or when the output or the cache is, lies
     inside or contains an input. Cheap: callers run it before loading a model."""
-    check_apart([cfg.output] + ([cfg.cache_path] if cfg.cache_path else []), _input_paths(cfg))
+    inputs = _input_paths(cfg)
+    check_apart([cfg.output], inputs)
+    if cfg.cache_path:  # appended to: never a file or directory of anything else
+        check_apart([cfg.cache_path], inputs + [cfg.model_id, cfg.output])
     refuse_existing([cfg.output], cfg.overwrite)
 
 

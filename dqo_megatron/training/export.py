@@ -65,6 +65,11 @@ def export_config_path(checkpoint: str | Path, config: str | Path | None = None)
     return found
 
 
+def _export_inputs(run: RunConfig, checkpoint: str | Path, tokenizer: Optional[str] = None) -> list:
+    """What an export reads: the checkpoint, the base model whose hf/ files it copies, the tokenizer."""
+    return [p for p in (checkpoint, run.init.policy, tokenizer) if p]
+
+
 def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str | Path, *,
                               overwrite: bool = False) -> Path:  # fmt: skip
     """Write the policy of training checkpoint `checkpoint` (of `run`) as a dqo-megatron conversion
@@ -87,7 +92,7 @@ def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str |
     parallel.initialize(single.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(single, with_value=False, with_reference=False)
     load_checkpoint(checkpoint, [chunk], restore_rng=False, verify=run.train.verify_checkpoints)  # damage: named
-    with staged_output(out, overwrite, [checkpoint]) as staging:
+    with staged_output(out, overwrite, _export_inputs(run, checkpoint)) as staging:
         save_chunks([chunk.policy], staging / WEIGHTS_DIR)
         param_dtype = next(chunk.policy.parameters()).dtype
         write_metadata(staging, run.model, CheckpointInfo(family=run.model.family, dtype=dtype_name(param_dtype),
@@ -111,7 +116,7 @@ def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path,
 
     out = Path(out)
     check_training_checkpoint(checkpoint)  # a wrong checkpoint path is the first thing to report
-    check_output(out.absolute(), overwrite, [checkpoint])
+    check_output(out.absolute(), overwrite, _export_inputs(run, checkpoint, tokenizer))
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
     try:

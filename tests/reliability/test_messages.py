@@ -142,3 +142,76 @@ def test_a_token_beyond_the_tokenizer_says_the_tokenizer_does_not_match(sp_model
     with pytest.raises(ValueError, match="token id 600 is beyond tokenizer .* \\(vocabulary 512\\): the tokenizer does "
                                          "not match the model"):  # fmt: skip
         tok.decode([5, 600])
+
+
+def test_a_completion_cache_is_never_someone_elses_file(tmp_path):
+    from dqo_megatron.outputs import OutputError
+    from dqo_megatron.rollout.process_scores import CompletionCache, ProcessScoresConfig, check_outputs
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("{}\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for cache in (model / "config.json", tmp_path / "out.jsonl"):
+        cfg = ProcessScoresConfig(inputs=[str(inp)], output=str(tmp_path / "out.jsonl"), model_id=str(model),
+                                  cache=str(cache), progress=False)  # fmt: skip
+        with pytest.raises(OutputError, match="refused even with --overwrite"):
+            check_outputs(cfg)
+    records = tmp_path / "scored.jsonl"
+    records.write_text(json.dumps({"prompt": "p", "response": "r", "reward": 1}) + "\n")
+    before = records.read_bytes()
+    with pytest.raises(ValueError, match="scored.jsonl: not a completion cache"):
+        CompletionCache(str(records))
+    assert records.read_bytes() == before
+    (tmp_path / "cache.jsonl").write_text(json.dumps({"key": "k", "texts": ["a"]}) + "\n" + '{"key": "torn')
+    assert CompletionCache(str(tmp_path / "cache.jsonl")).get("k") == ["a"]  # a torn last line: still a cache
+
+
+def test_a_model_replaced_in_place_gets_another_cache_key(tmp_path):
+    from dqo_megatron.rollout.identity import identity_tag
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "model.safetensors").write_bytes(b"\0" * 1000)
+    first = identity_tag(str(model))
+    assert first.startswith(f"{model}@") and identity_tag(str(model)) == first
+    (model / "model.safetensors").write_bytes(b"\1" * 1000)
+    assert identity_tag(str(model)) != first
+    assert identity_tag("stub-model") == "stub-model"  # not a path: the name as given
+
+
+def test_value_analysis_refuses_to_replace_earlier_results(tmp_path, sp_model):
+    from dqo_megatron.analysis.value_analysis import RESULTS_FILE, ValueAnalysisConfig, run_value_analysis
+    from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
+    from dqo_megatron.outputs import OutputError
+
+    out = tmp_path / "va"
+    out.mkdir()
+    (out / RESULTS_FILE).write_text("earlier\n")
+    cfg = ValueAnalysisConfig(checkpoints=[str(tmp_path / "ck")], records=[str(tmp_path / "r.jsonl")], out_dir=str(out),
+                              tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=sp_model)))  # fmt: skip
+    with pytest.raises(OutputError, match="an earlier analysis in .* already exists .*--overwrite"):
+        run_value_analysis(cfg)
+    assert (out / RESULTS_FILE).read_text() == "earlier\n"
+
+
+def test_export_and_config_misuse(tmp_path):
+    r = runner.invoke(app, ["export", str(tmp_path / "ck"), str(tmp_path / "o"), "--format", "megatron", "--verify"])
+    _one_line_error(r, "--verify compares the written HF model", "--format hf")
+    garbage = tmp_path / "c.yaml"
+    garbage.write_bytes(b"\x80\x81\x82 not yaml")
+    r = runner.invoke(app, ["train", "-c", str(garbage)])
+    _one_line_error(r, "c.yaml: not a YAML config")
+
+
+def test_a_tokenizer_larger_than_the_model_is_not_shipped_with_it(hf_tok_dir):
+    from pathlib import Path
+
+    from dqo_megatron.conversion import ConversionError
+    from dqo_megatron.conversion.convert import check_tokenizer_fits
+
+    check_tokenizer_fits(Path(hf_tok_dir), 512)  # 300 tokens in 512 rows: fine (padded vocabularies)
+    with pytest.raises(ConversionError, match="has 300 tokens, the model 256: it does not belong to this model"):
+        check_tokenizer_fits(Path(hf_tok_dir), 256)
