@@ -25,11 +25,13 @@ it, or the whole new set.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -79,8 +81,13 @@ def check_apart(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> None
 
 
 def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "output") -> list[Path]:
-    """The paths of `paths` that exist; OutputError when there are any and not `overwrite`."""
+    """The paths of `paths` that exist; OutputError when there are any and not `overwrite`, and always for a
+    device, pipe or socket (a rename would replace the node itself, e.g. /dev/null, with a file)."""
     existing = [Path(p) for p in paths if os.path.lexists(p)]
+    for p in existing:
+        mode = os.stat(p).st_mode if p.exists() else 0
+        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OutputError(f"output {p} is a device, pipe or socket, not a file: give a file path")
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise OutputError(f"{what} already exists ({shown}); pass --overwrite to replace it (it is replaced only "
@@ -145,6 +152,18 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def naming_full_disk(path: PathLike) -> Iterator[None]:
+    """Re-raise a full disk or quota (ENOSPC, EDQUOT) without a file name as one naming `path`: a failed
+    `write` does not say which file it was writing, and the message should say which disk is full."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not exc.filename:
+            raise OSError(exc.errno, os.strerror(exc.errno), os.fspath(path)) from None
+        raise
+
+
+@contextlib.contextmanager
 def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
     """A temporary file beside `path` that becomes `path` when the block succeeds.
 
@@ -165,8 +184,9 @@ def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        _commit_file(tmp, final)
+        with naming_full_disk(final):
+            yield tmp
+            _commit_file(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -192,7 +212,8 @@ def staged_dir(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = 
     sweep_stale_staging(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name), dir=final.parent))
     try:
-        yield tmp
+        with naming_full_disk(final):
+            yield tmp
         honour_umask(tmp)  # mkdtemp / mkstemp made it private; the output is not
         old = None
         if final.exists():
@@ -230,7 +251,8 @@ def staged_files(names: Sequence[PathLike], *, overwrite: bool, inputs: Iterable
     sweep_stale_staging(parent, finals[-1].stem)
     tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(finals[-1].stem), dir=parent))
     try:
-        yield tmp
+        with naming_full_disk(finals[-1].parent):
+            yield tmp
         honour_umask(tmp)
         _swap_files(tmp, finals)
     except BaseException:

@@ -259,6 +259,9 @@ def sequence_values(model: ValueModel, sequences: Sequence[np.ndarray], batch_si
         for row, i in enumerate(idx):
             batch[row, : len(sequences[i])] = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
         values = model(batch).double().cpu().numpy()
+        if not np.isfinite(values).all():
+            raise ValueError(f"the value network gives non-finite values (NaN/inf) for {len(idx)} sequences: its "
+                             "weights are damaged or training diverged; check the checkpoint (it cannot be analysed)")
         for row, i in enumerate(idx):
             out[i] = values[row, : len(sequences[i])]
     return out  # type: ignore[return-value]

@@ -21,7 +21,8 @@ DEBUG_ENV = "DQO_DEBUG"
 _state = {"debug": False}
 
 # Errors of bad input or of the environment (a missing file, a full disk, an optional library not
-# installed): their messages say what and where, so they are all the user needs.
+# installed): their messages say what and where, so they are all the user needs. Other exception
+# classes join them with a class attribute `user_facing = True` (CheckpointError, TrainingDiverged).
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
@@ -45,10 +46,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code a command ends with when `exc` reaches the top."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"error: {_os_error_message(exc)}", 2
-    from dqo_megatron.training.checkpointing import CheckpointError
-
     text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, _INPUT_ERRORS + (CheckpointError,)):
+    if isinstance(exc, _INPUT_ERRORS) or getattr(exc, "user_facing", False):
         return f"error: {text}", 2
     first = text.splitlines()[0][:500]  # some libraries put whole tracebacks in their messages
     return (f"error: {type(exc).__name__}: {first}\n(an unexpected error: rerun with --debug or {DEBUG_ENV}=1 for "

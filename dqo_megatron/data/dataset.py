@@ -16,6 +16,37 @@ import torch
 from dqo_megatron.data.indexed import load_manifest, meta_fields, part_prefix
 
 
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+"""The first bytes of a Megatron .idx file (megatron.core.datasets.indexed_dataset)."""
+
+
+def open_part(prefix: str, part: str, manifest: dict):
+    """Megatron's memory-mapped `IndexedDataset` of one part, after checking what its reader would
+    otherwise fail on with an assertion naming no file: both files exist, the index has Megatron's header,
+    and the data file holds exactly the bytes the index points to. ValueError naming the file."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    base = part_prefix(prefix, part)
+    idx, binary = base + ".idx", base + ".bin"
+    for path in (idx, binary):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: the dataset {prefix} is incomplete (preprocess it again)")
+    with open(idx, "rb") as f:
+        if f.read(len(_INDEX_MAGIC)) != _INDEX_MAGIC:
+            raise ValueError(f"{idx}: not a Megatron index file (damaged? preprocess the dataset again)")
+    try:
+        ds = IndexedDataset(base, mmap=True)
+    except (AssertionError, ValueError, OSError, IndexError) as exc:
+        raise ValueError(f"{idx}: damaged index ({type(exc).__name__}: {exc}); preprocess the dataset again") from None
+    itemsize = np.dtype(manifest.get("dtypes", {}).get(part, ds.index.dtype)).itemsize
+    n = len(ds.sequence_lengths)
+    expected = int(ds.index.sequence_pointers[-1]) + int(ds.sequence_lengths[-1]) * itemsize if n else 0
+    if os.path.getsize(binary) != expected:
+        raise ValueError(f"{binary}: {os.path.getsize(binary)} bytes, its index points to {expected} (truncated or "
+                         "damaged; preprocess the dataset again)")  # fmt: skip
+    return ds
+
+
 class TrajectoryDataset(torch.utils.data.Dataset):
     """Documents of `<prefix>_*` as dicts of numpy arrays.
 
@@ -34,12 +65,10 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, prefix: str):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         self.prefix = prefix
         self.manifest = load_manifest(prefix)
-        self.parts = {p: IndexedDataset(part_prefix(prefix, p), mmap=True) for p in self.manifest["parts"] if p != "meta"}
-        meta_ds = IndexedDataset(part_prefix(prefix, "meta"), mmap=True)
+        self.parts = {p: open_part(prefix, p, self.manifest) for p in self.manifest["parts"] if p != "meta"}
+        meta_ds = open_part(prefix, "meta", self.manifest)
         n = self.manifest["num_documents"]
         # the columns of `meta`, in order, as the manifest names them (a version-1 dataset has no "truncated")
         self.meta_fields = fields = meta_fields(self.manifest)
@@ -118,6 +147,21 @@ class TrajectoryDataset(torch.utils.data.Dataset):
                 starts = np.asarray(self.parts["tokens"].index.sequence_pointers, dtype=np.int64) // dtype.itemsize
                 doc = int(np.searchsorted(starts, pos, side="right") - 1)
                 return doc, int(flat[pos])
+        return None
+
+    def first_nonfinite(self, part: str, chunk: int = 1 << 26) -> int | None:
+        """The first document whose float32 `part` (rewards, behavior_logprobs, ref_logprobs) holds NaN or
+        inf, or None. preprocess never writes one; a damaged or edited file can (one scan, like the ids)."""
+        path = part_prefix(self.prefix, part) + ".bin"
+        if part not in self.parts or os.path.getsize(path) == 0:
+            return None
+        flat = np.memmap(path, dtype=np.float32, mode="r")
+        for a in range(0, len(flat), chunk):
+            block = flat[a:a + chunk]
+            if not np.isfinite(block).all():
+                pos = a + int(np.flatnonzero(~np.isfinite(block))[0])
+                starts = np.asarray(self.parts[part].index.sequence_pointers, dtype=np.int64) // 4
+                return int(np.searchsorted(starts, pos, side="right") - 1)
         return None
 
     def groups(self) -> dict[int, np.ndarray]:

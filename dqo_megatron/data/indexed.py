@@ -194,8 +194,13 @@ def load_manifest(prefix: str) -> dict[str, Any]:
     path = manifest_path(prefix)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {prefix!r} is not a finished `dqo-megatron preprocess` output")
-    with open(path, encoding="utf-8") as f:
-        m = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a dataset manifest ({type(exc).__name__}: {exc}); preprocess it again") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: not a dataset manifest (a JSON {type(m).__name__}, not an object)")
     if m.get("format") != FORMAT_NAME or m.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT_NAME} "
                          f"v{' or v'.join(map(str, READABLE_VERSIONS))}")  # fmt: skip

@@ -28,6 +28,7 @@ and `eval` in this process. Every stage writes into the run directory and says h
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -119,6 +120,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"tp={self.tp}, pp={self.pp}: must be >= 1")
+        _check_layout(self.tp, self.pp)
         if not 1 <= self.digits <= 6:
             raise ConfigError(f"digits={self.digits}: choose 1..6")
         if self.quick:  # the same stages at a size CI affords (2-digit problems; accuracies not meaningful)
@@ -156,6 +158,19 @@ VOCAB = 128
 """Sentencepiece pieces of the demo tokenizer."""
 
 
+def _check_layout(tp: int, pp: int) -> None:
+    """ConfigError (before any stage runs) when the demo's model cannot be split into TP x PP."""
+    from dqo_megatron.config import ModelConfig, ParallelConfig, validate_model_layout
+    from dqo_megatron.config.loader import from_dict
+
+    model = from_dict(ModelConfig, model_config(64), "model")
+    try:
+        validate_model_layout(model, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                              seq_length=64)  # fmt: skip
+    except ConfigError as exc:
+        raise ConfigError(f"--tp {tp} --pp {pp}: the demo's model cannot be split so: {exc}") from None
+
+
 @dataclass
 class StageResult:
     """What one stage did."""
@@ -184,6 +199,23 @@ class Stages:
         return result
 
 
+def _restore_after_a_killed_replacement(path: Path) -> None:
+    """A demo killed while replacing an earlier one left that one in `.NAME.old-*` and its own partial run
+    at `path`: put the earlier one back (the partial run goes to NAME.failed) before anything else."""
+    for aside in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not (aside / path.name / MARKER).is_file():
+            continue
+        failed = path.with_name(path.name + ".failed")
+        if path.exists():
+            shutil.rmtree(failed, ignore_errors=True)
+            os.replace(path, failed)
+        os.replace(aside / path.name, path)
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.warning("restored the earlier demo in %s (a demo replacing it was killed; its partial run is in %s)",
+                       path, failed)  # fmt: skip
+        return
+
+
 @contextlib.contextmanager
 def fresh_run_dir(path: Path) -> Iterator[None]:
     """Create `path` for a new demo, refusing anything that is not an earlier demo (MARKER) or empty.
@@ -191,6 +223,7 @@ def fresh_run_dir(path: Path) -> Iterator[None]:
     An earlier demo is moved aside (`.NAME.old-*` beside it) and deleted only when the block succeeds;
     when it fails, the failed run is kept as `NAME.failed` (its logs) and the earlier demo comes back.
     """
+    _restore_after_a_killed_replacement(path)
     old = None
     if path.exists():
         if not (path / MARKER).is_file():
@@ -243,6 +276,14 @@ def _child_env() -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "OMP_NUM_THREADS": "1"}
 
 
+def _dies_with_us():
+    """A `preexec_fn` that makes a stage's process die with the demo (even a `kill -9` of it), so that no
+    stage keeps writing into a run directory nobody runs any more."""
+    from dqo_megatron.training.checkpoint_integrity import die_with_parent
+
+    return functools.partial(die_with_parent, os.getpid())
+
+
 def megatron_command(cfg: DemoConfig, args: list[str], log: Path, env_extra: dict | None = None) -> None:
     """Run `dqo-megatron <args>` as a subprocess (torchrun with tp*pp ranks when > 1); output into `log`."""
     world = cfg.tp * cfg.pp
@@ -255,7 +296,7 @@ def megatron_command(cfg: DemoConfig, args: list[str], log: Path, env_extra: dic
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_dies_with_us())
     if done.returncode != 0:
         tail = log.read_text().splitlines()[-25:]
         raise RuntimeError(f"`{' '.join(args[:1])}` failed (exit {done.returncode}); log {log}:\n" + "\n".join(tail))
@@ -265,7 +306,7 @@ def single_command(args: list[str], log: Path) -> None:
     """Run a single-process `dqo-megatron <args>` (export: always TP=PP=1) with its output in `log`."""
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, "-m", "dqo_megatron", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env=_child_env())  # fmt: skip
+                              env=_child_env(), preexec_fn=_dies_with_us())  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"`{args[0]}` failed (exit {done.returncode}); log {log}:\n"
                            + "\n".join(log.read_text().splitlines()[-25:]))  # fmt: skip

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dqo_megatron.config.loader import ConfigError, atomic_write_text
-from dqo_megatron.outputs import check_apart
+from dqo_megatron.outputs import check_apart, naming_full_disk
 from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_difference, model_identity
 from dqo_megatron.rollout.sampling import derive_seed
@@ -543,7 +543,7 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
         params = cfg.sampling_params()
         per_call = cfg.problems_per_call or (256 if backend.name == "vllm" else 8)
         start = time.perf_counter()
-        with open(write_to, "a", encoding="utf-8") as out, \
+        with naming_full_disk(cfg.output), open(write_to, "a", encoding="utf-8") as out, \
                 tqdm(total=len(todo) * cfg.n, unit="sample", desc="rollout", file=sys.stderr, disable=not cfg.progress,
                      dynamic_ncols=True) as bar:  # fmt: skip
             for first in range(0, len(todo), per_call):

@@ -33,6 +33,9 @@ _TRASH_PREFIX = ".trash_"
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not match the model/optimizer it is loaded into."""
 
+    user_facing = True
+    """Its message says what is wrong and where: the CLI shows it as bad input, not as a bug."""
+
 
 class CheckpointDamaged(CheckpointError):
     """A checkpoint's files are missing, truncated or changed since the save (the message names the file).

@@ -508,6 +508,11 @@ def resume_checkpoint(root: str | Path | None, resume: str | None, model_chunks:
     None: None. A path: that checkpoint, and any damage is an error (no silent fallback).
     """
     choice = "" if resume is None else str(resume).strip()
+    if choice.lower() in ("", "none") and root is not None and list_checkpoints(root):
+        steps = [step for step, _ in list_checkpoints(root)]
+        raise CheckpointError(f"{root} holds checkpoints (steps {steps[0]}..{steps[-1]}) that a fresh start "
+                              "(train.resume=none) would overwrite: continue them with train.resume=auto, or start "
+                              "over in another run_dir (or move them away first)")  # fmt: skip
     if choice.lower() in ("", "none") or (choice.lower() == "auto" and root is None):
         return None
     if choice.lower() != "auto":
@@ -529,7 +534,7 @@ def resume_checkpoint(root: str | Path | None, resume: str | None, model_chunks:
         return path, extra
     if damaged:
         raise CheckpointError(f"no intact checkpoint under {root}: {' | '.join(damaged)}; restore one, or start over "
-                              "with train.resume=none (the damaged ones are left as they are)")  # fmt: skip
+                              "in another run_dir (the damaged ones are left as they are)")  # fmt: skip
     return None
 
 

@@ -73,6 +73,12 @@ def check_data_matches_model(dataset, run: RunConfig, log: bool = True) -> list[
         raise ConfigError(f"{dataset.prefix}: document {doc} (from {dataset.source_of(doc)}) holds token id {token}, "
                           f"outside the model's vocabulary (model.vocab_size={vocab}{_ckpt_note(run)}): the data "
                           "was tokenized for another model; preprocess it with this model's tokenizer")  # fmt: skip
+    for part in ("rewards", "behavior_logprobs", "ref_logprobs"):
+        doc = dataset.first_nonfinite(part)
+        if doc is not None:
+            raise ConfigError(f"{dataset.prefix}_{part}.bin: document {doc} (from {dataset.source_of(doc)}) holds NaN "
+                              "or inf, which preprocess never writes: the file is damaged or was edited; preprocess "
+                              "(and annotate) the dataset again")  # fmt: skip
     warnings += _compare_tokenizers(manifest_path, tok, run, allow)
     if log:
         for w in warnings:
@@ -88,10 +94,10 @@ def _compare_tokenizers(manifest_path: str, tok: dict, run: RunConfig, allow: bo
     from dqo_megatron.data.tokenize import tokenizer_difference, tokenizer_fingerprint
 
     theirs = model_tokenizers(run)
-    if not theirs:
-        logger.info("%s: the model comes with no tokenizer (no tokenizer files in an init checkpoint's hf/, no "
-                    "eval.tokenizer): only its vocabulary size is checked against the data", manifest_path)  # fmt: skip
-        return []
+    if not theirs:  # a warning: the check the user may count on could not be made
+        return [f"{manifest_path}: the model comes with no tokenizer (no tokenizer files in an init checkpoint's hf/, "
+                "no eval.tokenizer), so the data's tokenizer cannot be compared with it: only the vocabulary size and "
+                "the token ids are checked"]  # fmt: skip
     if not tok.get("sha256"):
         return [f"{manifest_path} records no tokenizer hash (written before preprocess recorded one, or by hand): "
                 f"cannot check that its tokenizer {tok.get('name')!r} is the model's ({theirs[0][1]}); preprocess "

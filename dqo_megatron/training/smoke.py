@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dqo_megatron.config import RunConfig, save_config
+from dqo_megatron.config import ConfigError, RunConfig, save_config
 from dqo_megatron.training.step import (
     StepResult,
     attach_finalize,
@@ -63,6 +63,8 @@ def run_smoke(run: RunConfig, steps: int | None = None) -> SmokeReport:
     from dqo_megatron import parallel
     from dqo_megatron.models import build_model_chunks
 
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps={steps!r}: must be an integer >= 1 (or unset: train.train_steps)")
     start = time.perf_counter()
     info = parallel.initialize(run.parallel, seed=run.train.seed)
     num_microbatches = run.num_microbatches(info.world_size)

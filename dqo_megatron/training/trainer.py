@@ -75,6 +75,13 @@ class TrainSummary:
     """This rank's trained `PolicyValueModel` chunks (for evaluation in the same process)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped: train.max_consecutive_nonfinite steps in a row had a non-finite loss."""
+
+    user_facing = True
+    """The message says what to change (the learning rate, the data): not a bug."""
+
+
 class _SigtermFlag:
     """Turn SIGTERM into a flag the loop checks between steps (a preempted job saves, then exits)."""
 
@@ -294,8 +301,8 @@ def _train(run: RunConfig, info) -> TrainSummary:
     if metrics_file is not None:
         metrics_file.close()
     if summary.stopped_by == "nonfinite":
-        raise RuntimeError(f"stopped after {t.max_consecutive_nonfinite} consecutive steps with a NaN/inf loss "
-                           f"(step {step}); lower train.lr or check the data")  # fmt: skip
+        raise TrainingDiverged(f"stopped after {t.max_consecutive_nonfinite} consecutive steps with a NaN/inf loss "
+                               f"(step {step}); lower train.lr or check the data")  # fmt: skip
     return summary
 
 

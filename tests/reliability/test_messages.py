@@ -215,3 +215,89 @@ def test_a_tokenizer_larger_than_the_model_is_not_shipped_with_it(hf_tok_dir):
     check_tokenizer_fits(Path(hf_tok_dir), 512)  # 300 tokens in 512 rows: fine (padded vocabularies)
     with pytest.raises(ConversionError, match="has 300 tokens, the model 256: it does not belong to this model"):
         check_tokenizer_fits(Path(hf_tok_dir), 256)
+
+
+def test_damaged_dataset_files_are_named(tmp_path, sp_model):
+    from dqo_megatron.data.dataset import TrajectoryDataset
+
+    rec = tmp_path / "r.jsonl"
+    rec.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "an answer", "reward": 1}) + "\n" for i in range(4)))
+    prefix = tmp_path / "d" / "train"
+    assert runner.invoke(app, ["preprocess", str(rec), "-o", str(prefix), "-t", sp_model, "--no-progress"]).exit_code == 0
+    TrajectoryDataset(str(prefix))  # intact: opens
+    files = {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")}
+    cases = [("train_meta.idx", os.urandom(100), "train_meta.idx: not a Megatron index file"),
+             ("train_tokens.bin", files["train_tokens.bin"][:-3], "train_tokens.bin: .* bytes, its index points to"),
+             ("train.json", b"{", "train.json: not a dataset manifest"),
+             ("train.json", b"[1]", "train.json: not a dataset manifest")]  # fmt: skip
+    for name, damaged, message in cases:
+        (tmp_path / "d" / name).write_bytes(damaged)
+        with pytest.raises(ValueError, match=message):
+            TrajectoryDataset(str(prefix))
+        (tmp_path / "d" / name).write_bytes(files[name])
+    (tmp_path / "d" / "train_ref_logprobs.idx").unlink()
+    with pytest.raises(ValueError, match="train_ref_logprobs.idx is missing"):
+        TrajectoryDataset(str(prefix))
+
+
+def test_nonfinite_stored_rewards_are_refused_before_training(tmp_path, sp_model):
+    import numpy as np
+
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.data.dataset import TrajectoryDataset
+    from dqo_megatron.training.data_check import check_data_matches_model
+
+    rec = tmp_path / "r.jsonl"
+    rec.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "an answer", "reward": 1}) + "\n" for i in range(4)))
+    prefix = str(tmp_path / "train")
+    assert runner.invoke(app, ["preprocess", str(rec), "-o", prefix, "-t", sp_model, "--no-progress"]).exit_code == 0
+    rewards = np.memmap(prefix + "_rewards.bin", dtype=np.float32, mode="r+")
+    rewards[-1] = np.nan
+    rewards.flush()
+    del rewards
+    run = load_config(RunConfig, None, [f"data.train_prefix={prefix}", "model.vocab_size=512"])
+    with pytest.raises(ConfigError, match=r"train_rewards.bin: document 3 \(from .*r.jsonl:4\) holds NaN or inf"):
+        check_data_matches_model(TrajectoryDataset(prefix), run, log=False)
+
+
+def test_settings_that_cannot_mean_anything(tmp_path):
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.demo.pipeline import DemoConfig
+
+    for bad in ("train.lr=inf", "train.lr=nan", "value.lr=-inf", "train.clip_grad=.inf"):
+        with pytest.raises(ConfigError, match="expected a finite number"):
+            load_config(RunConfig, None, [bad])
+    with pytest.raises(ConfigError, match="is a directory: give the YAML file"):
+        load_config(RunConfig, tmp_path, [])
+    with pytest.raises(ConfigError, match="--tp 3 --pp 1: the demo's model cannot be split"):
+        DemoConfig(tp=3)
+    r = runner.invoke(app, ["smoke", "--steps", "0"])
+    _one_line_error(r, "steps=0: must be an integer >= 1")
+
+
+def test_outputs_that_are_devices_are_refused(tmp_path):
+    from dqo_megatron.outputs import OutputError, staged_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="is a device, pipe or socket"):
+        with staged_file(fifo, overwrite=True):
+            raise AssertionError("not reached")
+    assert fifo.is_fifo()
+    with pytest.raises(OutputError, match="is a device, pipe or socket"):
+        with staged_file("/dev/null", overwrite=True):
+            raise AssertionError("not reached")
+
+
+def test_a_full_disk_names_the_output_not_the_working_directory(tmp_path):
+    import errno
+
+    from dqo_megatron.cli._app import describe
+    from dqo_megatron.outputs import staged_file
+
+    target = tmp_path / "full" / "out.jsonl"
+    with pytest.raises(OSError) as info:
+        with staged_file(target, overwrite=False):
+            raise OSError(errno.ENOSPC, "No space left on device")  # what a failed write raises: no file name
+    message, code = describe(info.value)
+    assert code == 2 and f"no space left on device writing {target}" in message and "MiB free" in message

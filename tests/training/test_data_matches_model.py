@@ -63,7 +63,9 @@ def test_a_larger_vocabulary_is_refused_with_both_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"document \d+ \(from .*\) holds token id (2[5-9]\d), outside the model's "
                                           r"vocabulary \(model.vocab_size=256"):  # fmt: skip
         check_data_matches_model(ds, _run(prefix, vocab=256, allow_tokenizer_mismatch=True))
-    assert check_data_matches_model(ds, _run(prefix, vocab=300)) == []  # the model that fits
+    # the model that fits: only the warning that it has no tokenizer to compare with
+    (warning,) = check_data_matches_model(ds, _run(prefix, vocab=300))
+    assert "the model comes with no tokenizer" in warning
 
 
 def test_allowed_larger_vocabulary_whose_ids_fit_is_a_warning(tmp_path):
@@ -71,8 +73,8 @@ def test_allowed_larger_vocabulary_whose_ids_fit_is_a_warning(tmp_path):
     ds = TrajectoryDataset(prefix)
     with pytest.raises(ConfigError, match="has 260 tokens, the model 256"):
         check_data_matches_model(ds, _run(prefix))
-    (warning,) = check_data_matches_model(ds, _run(prefix, allow_tokenizer_mismatch=True))
-    assert "allowed by data.allow_tokenizer_mismatch" in warning
+    allowed, no_tokenizer = check_data_matches_model(ds, _run(prefix, allow_tokenizer_mismatch=True))
+    assert "allowed by data.allow_tokenizer_mismatch" in allowed and "comes with no tokenizer" in no_tokenizer
 
 
 def test_ids_beyond_the_model_are_refused_even_when_the_manifest_says_they_fit(tmp_path):
@@ -115,8 +117,9 @@ def test_an_old_manifest_without_a_hash_is_a_warning(tmp_path):
     tok = _tokenizer_dir(tmp_path / "tok", "a b c")
     (warning,) = check_data_matches_model(TrajectoryDataset(prefix), _run(prefix, eval_tokenizer=tok))
     assert "records no tokenizer hash" in warning and "'synthetic'" in warning and "preprocess again" in warning
-    # a model without any tokenizer: nothing to compare, nothing to warn about
-    assert check_data_matches_model(TrajectoryDataset(prefix), _run(prefix)) == []
+    # a model without any tokenizer: nothing to compare, and the warning says so
+    (warning,) = check_data_matches_model(TrajectoryDataset(prefix), _run(prefix))
+    assert "the model comes with no tokenizer" in warning and "only the vocabulary size and the token ids" in warning
 
 
 def _train(run: RunConfig):
