@@ -283,6 +283,16 @@ def test_a_demo_replaces_an_earlier_one_only_when_it_completes(tmp_path):
     with fresh_run_dir(run):
         (run / MARKER).write_text("new")
     assert snapshot(run) == {MARKER: b"new"} and sorted(os.listdir(tmp_path)) == ["demo", "demo.failed"]
+    # a demo killed (-9) while replacing this one left it aside and its own partial run in place
+    aside = tmp_path / ".demo.old-x1"
+    aside.mkdir()
+    os.replace(run, aside / "demo")
+    run.mkdir()
+    (run / MARKER).write_text("running")
+    with fresh_run_dir(run):  # the next demo puts the complete one back first, then replaces it as usual
+        assert not aside.exists() and snapshot(tmp_path / "demo.failed") == {MARKER: b"running"}
+        (run / MARKER).write_text("newest")
+    assert snapshot(run) == {MARKER: b"newest"} and sorted(os.listdir(tmp_path)) == ["demo", "demo.failed"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep")
