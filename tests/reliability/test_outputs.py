@@ -344,3 +344,17 @@ def test_train_refuses_a_run_dir_whose_outputs_hold_its_inputs(tmp_path):
                 f"eval.problems={run_dir / 'tensorboard' / 'p.jsonl'}", f"init.reference={run_dir}"):
         with pytest.raises(ConfigError, match=f"run_dir={run_dir}: output .* the input"):
             _check_run_dir_apart(load_config(RunConfig, None, ok + [bad]))
+
+
+def test_a_fresh_start_never_overwrites_existing_checkpoints(tmp_path):
+    from dqo_megatron.training.checkpointing import CheckpointError, resume_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000002" / "COMPLETE").write_text("{}")
+    (root / ".tmp_step_00000004").mkdir()  # an unfinished save is not a checkpoint to protect
+    for choice in ("none", "", None):
+        with pytest.raises(CheckpointError, match=r"holds checkpoints \(steps 2..2\) that a fresh start .* would "
+                                                  "overwrite"):  # fmt: skip
+            resume_checkpoint(root, choice, [])
+    assert resume_checkpoint(tmp_path / "fresh", "none", []) is None  # nothing there: a fresh start
