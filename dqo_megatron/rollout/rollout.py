@@ -487,6 +487,16 @@ def _prepare_output(cfg: RolloutConfig, settings: dict, problems: list, summary:
     return set(), out
 
 
+def _drop_if_empty(written: Path, output: str) -> None:
+    """After a failed run: remove the records file it was writing (and its sidecar) when it holds no
+    record, so a refused model or a crash before the first problem leaves no empty output behind; a
+    staged overwrite is removed whatever it holds (the old output stays as it was)."""
+    staged = written != Path(output)
+    if written.exists() and (staged or written.stat().st_size == 0):
+        written.unlink()
+        Path(str(written) + ".meta.json").unlink(missing_ok=True)
+
+
 def _replace_output(staged: Path, output: str) -> None:
     """Move a completed overwrite (records + sidecar) over `output`. The old sidecar goes first: a kill
     in between leaves records without a sidecar, which a resume refuses, never new settings over old
@@ -537,6 +547,7 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
         if cfg.system_prompt is not None and fmt != "chat":
             raise ConfigError("system_prompt needs chat prompts, and this tokenizer has no chat template")
         summary = RolloutSummary(output=cfg.output, problems=len(problems), backend=backend.name)
+        write_to = None
         done, write_to = _prepare_output(cfg, settings_of(cfg, problems, backend, fmt), problems, summary)
         summary.resumed_problems = len(done)
         todo = [k for k in range(len(problems)) if k not in done]
@@ -567,8 +578,11 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
                     bar.update(len(completions))
         if write_to != Path(cfg.output):
             _replace_output(write_to, cfg.output)
+        write_to = None  # complete
         summary.seconds = time.perf_counter() - start
     finally:
+        if write_to is not None:
+            _drop_if_empty(write_to, cfg.output)
         if own:
             backend.close()
     logger.info("rollout done: %s", summary.report().replace("\n", "; "))

@@ -245,7 +245,14 @@ def test_rollout_overwrite_replaces_only_when_complete(tmp_path, stories_files):
     again = RolloutConfig(**{**cfg.__dict__, "overwrite": True, "temperature": 0.5})
     with pytest.raises(RuntimeError, match="backend died"):
         run_rollout(again, FailsOnSecondCall(tok, [_completion(tok, "Tom ran.")]))
-    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(".")} == before
+    assert snapshot(tmp_path) == before  # the old output as it was, the staged one removed
+    # a new output whose first call fails leaves nothing behind (no empty file + sidecar to trip a resume)
+    fresh = RolloutConfig(**{**cfg.__dict__, "output": str(tmp_path / "new.jsonl")})
+    failing = FailsOnSecondCall(tok, [_completion(tok, "Tom ran.")])
+    failing.calls.append("pretend a first call happened")
+    with pytest.raises(RuntimeError, match="backend died"):
+        run_rollout(fresh, failing)
+    assert snapshot(tmp_path) == before
     summary = run_rollout(again, StubBackend(tok, [_completion(tok, "Tom ran.")]))
     assert summary.written == 6 and "Tom ran." in Path(cfg.output).read_text()
     assert json.loads(Path(cfg.output + ".meta.json").read_text())["settings"]["temperature"] == 0.5
