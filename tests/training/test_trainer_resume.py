@@ -134,14 +134,19 @@ def test_export_trained_policy_to_hf(setup):
     again = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode != 0 and "exists" in again.stderr  # no silent overwrite
-    # the base model the run started from (whose hf/ files export copies) is never an export's output
-    base = Path(yaml.safe_load((tmp / "uninterrupted" / "config.yaml").read_text())["init"]["policy"])
-    before = sorted((p.relative_to(base), p.stat().st_size) for p in base.rglob("*") if p.is_file())
+    # the base model a run started from (whose hf/ files export copies) is never an export's output
+    config = yaml.safe_load((tmp / "uninterrupted" / "config.yaml").read_text())
+    base = tmp / "base_model"
+    (base / "hf").mkdir(parents=True)
+    (base / "hf" / "tokenizer.json").write_text("{}")
+    config["init"]["policy"] = str(base)
+    (tmp / "with_base.yaml").write_text(yaml.safe_dump(config))
     for target in (base, base / "hf"):
         refused = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(target),
-                                  "--overwrite"], capture_output=True, text=True, timeout=600)  # fmt: skip
+                                  "--overwrite", "--config", str(tmp / "with_base.yaml")], capture_output=True,
+                                 text=True, timeout=600)  # fmt: skip
         assert refused.returncode == 2 and "the input" in refused.stderr, refused.stderr[-2000:]
-    assert sorted((p.relative_to(base), p.stat().st_size) for p in base.rglob("*") if p.is_file()) == before
+    assert sorted(p.name for p in base.rglob("*")) == ["hf", "tokenizer.json"]
     # --format megatron writes a checkpoint that init.policy takes; converted to HF it equals the HF export
     meg = tmp / "exported_megatron"
     done = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(meg), "--format",
