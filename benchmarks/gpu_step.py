@@ -146,9 +146,10 @@ def _sync() -> None:
 
 def measure(args, setup: str, precision: str, seq: int, fp8_recipe: str, backend: str) -> dict:
     """Build one setup, take warmup + timed steps, free it; one row of the table."""
+    from dqo_megatron.algorithms import get as get_algorithm
     from dqo_megatron.config import LossConfig, ModelConfig, PrecisionConfig, RunConfig, TrainConfig, ValueConfig
     from dqo_megatron.parallel import device_for_this_process
-    from dqo_megatron.training.algorithms import NEEDS_VALUE, rl_forward_step
+    from dqo_megatron.training.algorithms import rl_forward_step
     from dqo_megatron.training.flops import step_flops
     from dqo_megatron.training.policy_value import (
         build_policy_value_chunks,
@@ -168,7 +169,8 @@ def measure(args, setup: str, precision: str, seq: int, fp8_recipe: str, backend
            "micro_batch": args.micro_batch, "backend": backend}  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    chunks = build_policy_value_chunks(run, with_value=NEEDS_VALUE[algorithm], with_reference=False, backend=backend)
+    learns_value = get_algorithm(algorithm).needs_value
+    chunks = build_policy_value_chunks(run, with_value=learns_value, with_reference=False, backend=backend)
     ddp = wrap_with_ddp(chunks)
     attach_finalize(ddp, finalize_policy_value_grads)
     optimizer = build_optimizer(ddp, lr=run.train.lr, clip_grad=run.train.clip_grad)

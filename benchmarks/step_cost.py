@@ -93,7 +93,7 @@ class Ours:
     """Our trainer's pieces for one `RunConfig`: chunks -> init -> DDP -> optimizer; `step(batch)`."""
 
     def __init__(self, run):
-        from dqo_megatron.training.algorithms import NEEDS_VALUE
+        from dqo_megatron.algorithms import get as get_algorithm
         from dqo_megatron.training.init import load_initial_weights
         from dqo_megatron.training.policy_value import (
             build_policy_value_chunks,
@@ -104,7 +104,8 @@ class Ours:
 
         self.run = run
         # Reference log-probs come with the batch: no reference model in the run.
-        self.chunks = build_policy_value_chunks(run, with_value=NEEDS_VALUE[run.algorithm], with_reference=False)
+        learns_value = get_algorithm(run.algorithm).needs_value
+        self.chunks = build_policy_value_chunks(run, with_value=learns_value, with_reference=False)
         load_initial_weights(run, self.chunks)
         self.ddp = wrap_with_ddp(self.chunks)
         attach_finalize(self.ddp, finalize_policy_value_grads)

@@ -240,6 +240,7 @@ def _bf16_policy_value_loss_inputs():
     that reach the loss."""
     from functools import partial
 
+    import dqo_megatron.algorithms.dqo as dqo_algorithm
     import dqo_megatron.training.algorithms as algorithms
     from dqo_megatron import parallel
     from dqo_megatron.config import LossConfig
@@ -256,7 +257,7 @@ def _bf16_policy_value_loss_inputs():
     with torch.no_grad():
         model.value_head.weight.normal_(0, 0.5)
     seen = {}
-    real = algorithms.dqo_losses
+    real = dqo_algorithm.dqo_losses
 
     def spy(logprobs, ref, behavior, values, rewards, mask, **kwargs):
         seen.update(logprobs=logprobs.dtype, ref=ref.dtype, behavior=behavior.dtype, values=values.dtype)
@@ -264,7 +265,7 @@ def _bf16_policy_value_loss_inputs():
         seen["loss"] = out.loss_func_output()[0].dtype
         return out
 
-    algorithms.dqo_losses = spy
+    dqo_algorithm.dqo_losses = spy
     try:
         batch = make_rl_batch(LLAMA.vocab_size, 2, 16, with_ref=True)
         run = RunConfig(model=LLAMA, loss=LossConfig(beta=0.1, lam=0.9), train=TrainConfig(seq_length=16))
@@ -272,7 +273,7 @@ def _bf16_policy_value_loss_inputs():
         loss_sum, _count, _metrics = loss_func(output)
         loss_sum.backward()
     finally:
-        algorithms.dqo_losses = real
+        dqo_algorithm.dqo_losses = real
     trunk = {p.dtype for n, p in model.policy.named_parameters() if "layers" in n}
     return {"trunk": trunk, "output": output.dtype, "head": model.value_head.weight.dtype, **seen,
             "grads_finite": all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)}

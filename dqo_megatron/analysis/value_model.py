@@ -63,11 +63,12 @@ def _run_config_for(step_dir: Path, run_config: Optional[str | Path]) -> RunConf
         raise ConfigError(f"{step_dir}: the run's config {path} does not exist (give the run's resolved config "
                           "with --config / run_config)")  # fmt: skip
     run = load_config(RunConfig, path)
-    from dqo_megatron.training.algorithms import NEEDS_VALUE
+    from dqo_megatron.algorithms import all_algorithms, get
 
-    if not NEEDS_VALUE[run.algorithm]:
+    if not get(run.algorithm).needs_value:
+        with_value = ", ".join(a.name for a in all_algorithms() if a.needs_value)
         raise ConfigError(f"{step_dir}: run config {path} has algorithm={run.algorithm!r}, which learns no value "
-                          "network (only dqo and dro do)")  # fmt: skip
+                          f"network (only {with_value} do)")  # fmt: skip
     return run
 
 

@@ -371,9 +371,6 @@ class InitConfig:
     head starts at zero (value.head_init_std)."""
 
 
-Algorithm = Literal["dqo", "dro", "dpo", "kto", "sft", "rs"]
-
-
 @dataclass
 class LossConfig:
     """Coefficients of DQO and the baselines (see docs/algorithms.md)."""
@@ -549,8 +546,9 @@ class RunConfig:
     """Training data."""
     init: InitConfig = field(default_factory=InitConfig)
     """Initial weights."""
-    algorithm: Algorithm = "dqo"
-    """What to train: dqo (default), or a baseline: dro, dpo, kto, sft, rs (rejection sampling)."""
+    algorithm: str = "dqo"
+    """What to train: dqo (default), or a baseline: dro, dpo, kto, sft, rs (rejection sampling); any name
+    registered in `dqo_megatron.algorithms` (docs/algorithms.md, "Adding an algorithm")."""
     loss: LossConfig = field(default_factory=LossConfig)
     """Loss coefficients."""
     value: ValueConfig = field(default_factory=ValueConfig)
@@ -561,7 +559,11 @@ class RunConfig:
     """Where logs, checkpoints and the resolved config go (None: nothing is written)."""
 
     def __post_init__(self) -> None:
+        from dqo_megatron.algorithms import names
+
         problems = []
+        if self.algorithm not in names():
+            problems.append(f"algorithm={self.algorithm!r}: choose one of {', '.join(names())}")
         if self.train.seq_length > self.model.seq_length:
             problems.append(
                 f"train.seq_length={self.train.seq_length} exceeds model.seq_length={self.model.seq_length}"

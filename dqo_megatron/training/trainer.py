@@ -23,15 +23,9 @@ from pathlib import Path
 
 import torch
 
+from dqo_megatron.algorithms import get as get_algorithm
 from dqo_megatron.config import ConfigError, RunConfig, save_config
-from dqo_megatron.training.algorithms import (
-    BATCH_MODE,
-    NEEDS_REFERENCE,
-    NEEDS_VALUE,
-    ROWS_PER_ITEM,
-    derived_metrics,
-    rl_forward_step,
-)
+from dqo_megatron.training.algorithms import derived_metrics, rl_forward_step
 from dqo_megatron.training.flops import peak_tflops_per_device, step_flops
 from dqo_megatron.training.init import load_initial_weights
 from dqo_megatron.training.policy_value import (
@@ -153,6 +147,7 @@ def _train(run: RunConfig, info) -> TrainSummary:
 
     num_microbatches = run.num_microbatches(info.world_size)
     is_logger = info.rank == 0
+    algorithm = get_algorithm(run.algorithm)
 
     # ---- data
     dataset = TrajectoryDataset(run.data.train_prefix)
@@ -161,15 +156,15 @@ def _train(run: RunConfig, info) -> TrainSummary:
     if run.data.reference == "data" and not has_ref:
         raise ConfigError(f"data.reference=data but {run.data.train_prefix} has no reference log-probs: run "
                           "`dqo-megatron annotate` first or set data.reference=model")  # fmt: skip
-    if run.algorithm == "kto" and run.data.reference == "data":
-        raise ConfigError("algorithm=kto needs a reference model in the run (its mismatched prompt/response rows are "
-                          "not in the data): set data.reference=model or auto")  # fmt: skip
-    ref_from_data = has_ref and run.data.reference != "model" and run.algorithm != "kto"
-    needs_ref_model = NEEDS_REFERENCE[run.algorithm] and not ref_from_data
+    if algorithm.needs_reference and not algorithm.reference_from_data and run.data.reference == "data":
+        raise ConfigError(f"algorithm={run.algorithm} needs a reference model in the run (not all its rows are in "
+                          "the data: KTO's mismatched prompt/response rows): set data.reference=model or auto")  # fmt: skip
+    ref_from_data = has_ref and run.data.reference != "model" and algorithm.reference_from_data
+    needs_ref_model = algorithm.needs_reference and not ref_from_data
     batches = MicroBatches(dataset, seq_length=run.train.seq_length, micro_batch_size=run.train.micro_batch_size,
                            dp_rank=info.dp_rank, dp_size=info.dp_size, seed=run.train.seed, shuffle=run.data.shuffle,
                            pad_id=run.data.pad_id, with_ref_logprobs=ref_from_data, device=info.device,
-                           mode=BATCH_MODE[run.algorithm], max_pairs_per_prompt=run.loss.dpo_max_pairs_per_prompt)  # fmt: skip
+                           mode=algorithm.batch_mode, max_pairs_per_prompt=run.loss.dpo_max_pairs_per_prompt)  # fmt: skip
     if is_logger:
         behavior_share = float(dataset.has_behavior.mean()) if len(dataset) else 0.0
         logger.info("data: %d documents from %s; reference log-probs from %s; behavior log-probs from the data for "
@@ -178,7 +173,7 @@ def _train(run: RunConfig, info) -> TrainSummary:
                     100 * behavior_share)  # fmt: skip
 
     # ---- models, optimizer, schedule
-    chunks = build_policy_value_chunks(run, with_value=NEEDS_VALUE[run.algorithm], with_reference=needs_ref_model)
+    chunks = build_policy_value_chunks(run, with_value=algorithm.needs_value, with_reference=needs_ref_model)
     initialized = load_initial_weights(run, chunks)
     if is_logger:
         logger.info("models: %s", initialized)
@@ -188,7 +183,7 @@ def _train(run: RunConfig, info) -> TrainSummary:
                           "supports CUDA tensors only; set it to false on CPU")  # fmt: skip
     ddp = wrap_with_ddp(chunks, use_distributed_optimizer=t.distributed_optimizer)
     attach_finalize(ddp, finalize_policy_value_grads)
-    learns_value = NEEDS_VALUE[run.algorithm]
+    learns_value = algorithm.needs_value
     optimizer = build_optimizer(ddp, lr=t.lr, min_lr=t.min_lr, clip_grad=t.clip_grad, weight_decay=t.weight_decay,
                                 adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
                                 value_lr=run.value.resolved_lr(t.lr), value_min_lr=run.value.resolved_min_lr(t.lr, t.min_lr),
@@ -228,7 +223,7 @@ def _train(run: RunConfig, info) -> TrainSummary:
                          resumed_at=summary.start_step if resume_from is not None else None)  # fmt: skip
     writer = _tensorboard(run) if is_logger else None
     wandb_run = _wandb(run) if is_logger else None
-    rows = t.global_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]]
+    rows = t.global_batch_size * algorithm.rows_per_item
     flops = step_flops(run.model, rows * t.seq_length, t.seq_length, value_network=bool(chunks[0].value),
                        reference_model=chunks[0].reference is not None)  # fmt: skip
     peak = peak_tflops_per_device(t.peak_tflops)
@@ -236,7 +231,7 @@ def _train(run: RunConfig, info) -> TrainSummary:
 
     # ---- loop
     step = summary.start_step
-    pipeline_mbs = pipeline_micro_batch_size(ddp[0], t.micro_batch_size * ROWS_PER_ITEM[BATCH_MODE[run.algorithm]])
+    pipeline_mbs = pipeline_micro_batch_size(ddp[0], t.micro_batch_size * algorithm.rows_per_item)
     nonfinite_in_a_row = 0
     started = time.perf_counter()
     with _SigtermFlag() as sigterm:

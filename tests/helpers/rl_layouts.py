@@ -7,9 +7,10 @@ from functools import partial
 import torch
 
 from dqo_megatron import parallel
+from dqo_megatron.algorithms import get as get_algorithm
 from dqo_megatron.config import RunConfig
 from dqo_megatron.models.weights import load_full_state, local_to_global_names, shard_tensor_for_rank
-from dqo_megatron.training.algorithms import NEEDS_VALUE, rl_forward_step
+from dqo_megatron.training.algorithms import rl_forward_step
 from dqo_megatron.training.policy_value import (
     build_policy_value_chunks,
     finalize_policy_value_grads,
@@ -50,7 +51,8 @@ def make_rl_batch(vocab: int, rows: int, seq: int, *, with_ref: bool, seed: int 
 
 def _setup(run: RunConfig, with_reference: bool, full=None):
     info = parallel.initialize(run.parallel, seed=run.train.seed)
-    chunks = build_policy_value_chunks(run, with_value=NEEDS_VALUE[run.algorithm], with_reference=with_reference)
+    learns_value = get_algorithm(run.algorithm).needs_value
+    chunks = build_policy_value_chunks(run, with_value=learns_value, with_reference=with_reference)
     if full is not None:
         for chunk in chunks:
             _load(chunk, full)
@@ -91,7 +93,7 @@ layout (a TP-duplicated or PP-shared parameter twice) changes the step."""
 
 def _step(run, ddp, optimizer, mbs):
     data = microbatch_iterators(ddp, mbs)
-    clips = {"policy": CLIP, "value": CLIP} if NEEDS_VALUE[run.algorithm] else None  # as the trainer does
+    clips = {"policy": CLIP, "value": CLIP} if get_algorithm(run.algorithm).needs_value else None  # as the trainer does
     return train_step(ddp, optimizer, data, num_microbatches=len(mbs), seq_length=run.train.seq_length,
                       micro_batch_size=pipeline_micro_batch_size(ddp[0], run.train.micro_batch_size),
                       forward_step=partial(rl_forward_step, run), metric_key="loss", member_clips=clips)  # fmt: skip
