@@ -80,14 +80,20 @@ def check_apart(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> None
                               "(refused even with --overwrite); choose another output path")  # fmt: skip
 
 
+def refuse_special(path: PathLike) -> None:
+    """OutputError when `path` exists as a device, pipe or socket: writing an output there and renaming it
+    in would replace the node itself (e.g. /dev/null) with a file."""
+    mode = os.stat(path).st_mode if os.path.exists(path) else 0
+    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"output {path} is a device, pipe or socket, not a file: give a file path")
+
+
 def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "output") -> list[Path]:
     """The paths of `paths` that exist; OutputError when there are any and not `overwrite`, and always for a
     device, pipe or socket (a rename would replace the node itself, e.g. /dev/null, with a file)."""
     existing = [Path(p) for p in paths if os.path.lexists(p)]
     for p in existing:
-        mode = os.stat(p).st_mode if p.exists() else 0
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise OutputError(f"output {p} is a device, pipe or socket, not a file: give a file path")
+        refuse_special(p)
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise OutputError(f"{what} already exists ({shown}); pass --overwrite to replace it (it is replaced only "

@@ -34,8 +34,9 @@ def debug_enabled() -> bool:
 def _os_error_message(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         where = exc.filename or "."
+        disk = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
         try:
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(where)) or ".").free / 2**20
+            free = shutil.disk_usage(disk or ".").free / 2**20
             return f"no space left on device writing {where} ({free:.0f} MiB free); free space and rerun"
         except OSError:
             return f"no space left on device writing {where}; free space and rerun"

@@ -25,6 +25,11 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }  # fmt: skip
 
 
+MAX_LR = 1.0
+"""The largest learning rate accepted: Adam's update is about lr per weight per step, so above 1 every step
+overwrites the weights (a typo such as 1e35 would otherwise train NaN)."""
+
+
 def _fail(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
@@ -324,6 +329,8 @@ class TrainConfig:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.lr < 0 or self.clip_grad < 0 or self.min_lr < 0 or self.weight_decay < 0:
             problems.append("train.lr, train.min_lr, train.clip_grad and train.weight_decay must be >= 0")
+        if self.lr > MAX_LR:
+            problems.append(f"train.lr={self.lr}: above {MAX_LR} (Adam moves every weight by about lr per step)")
         if self.min_lr > self.lr:
             problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
         for name in ("lr_warmup_steps", "save_interval"):
@@ -456,6 +463,8 @@ class ValueConfig:
         problems = []
         if self.lr is not None and self.lr < 0:
             problems.append(f"value.lr={self.lr} must be >= 0")
+        if self.lr is not None and self.lr > MAX_LR:
+            problems.append(f"value.lr={self.lr}: above {MAX_LR} (Adam moves every weight by about lr per step)")
         if self.min_lr is not None and self.min_lr < 0:
             problems.append(f"value.min_lr={self.min_lr} must be >= 0")
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:

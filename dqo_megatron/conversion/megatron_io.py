@@ -557,9 +557,22 @@ def checked_load(sharded: dict, weights_dir: str | Path, verify: str = "full") -
     except CheckpointingException as exc:
         raise ConversionError(f"{weights_dir}: cannot be loaded into this model: {exc}") from None
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's reader errors, in one line
-        located = "".join(f"; {p}" for p in dcp_size_problems(weights_dir)[:3])
+        located = "".join(f"; {p}" for p in dcp_size_problems(weights_dir)[:3] + _unreadable_common(weights_dir))
         raise ConversionError(f"checkpoint {weights_dir}: torch's checkpoint reader failed ({one_line(exc)})"
                               f"{located}") from None  # fmt: skip
+
+
+def _unreadable_common(weights_dir: Path) -> list[str]:
+    """[a line naming common.pt] when that pickle (Megatron's non-tensor state) does not load, else []:
+    torch's reader fails on it with errors that name no file (IndexError, EOFError, ...)."""
+    common = weights_dir / "common.pt"
+    if not common.is_file():
+        return []
+    try:
+        torch.load(common, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the finding
+        return [f"{common}: unreadable ({type(exc).__name__}; damaged or not written by Megatron)"]
+    return []
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from dqo_megatron.data.indexed import TrajectoryWriter, dataset_files
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, input_format, iter_raw, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, tokenize_records
 from dqo_megatron.outputs import staged_files
+from dqo_megatron.processes import die_with_parent
 
 
 @dataclass
@@ -116,8 +117,10 @@ _WORKER_TOK: Tokenizer | None = None
 _WORKER_CFG: TokenizeConfig | None = None
 
 
-def _init_worker(cfg: TokenizeConfig, tok: Tokenizer | None = None) -> None:
+def _init_worker(cfg: TokenizeConfig, tok: Tokenizer | None = None, parent_pid: int | None = None) -> None:
     global _WORKER_TOK, _WORKER_CFG
+    if parent_pid is not None:  # a worker of a killed preprocess ends with it
+        die_with_parent(parent_pid)
     _WORKER_CFG = cfg
     _WORKER_TOK = tok if tok is not None else Tokenizer(cfg.tokenizer)
 
@@ -212,7 +215,8 @@ def _write_dataset(cfg: PreprocessConfig, files: list[str], tok: Tokenizer, pref
         gc.freeze()
     try:
         if cfg.workers > 1:
-            pool = mp.get_context(cfg.start_method).Pool(cfg.workers, initializer=_init_worker, initargs=(tok_cfg,))
+            pool = mp.get_context(cfg.start_method).Pool(cfg.workers, initializer=_init_worker,
+                                                          initargs=(tok_cfg, None, os.getpid()))
             results = pool.imap(_work, _chunks(files, cfg.chunk_size))
         else:
             _init_worker(tok_cfg, tok)

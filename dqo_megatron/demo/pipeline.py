@@ -28,7 +28,6 @@ and `eval` in this process. Every stage writes into the run directory and says h
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -279,9 +278,9 @@ def _child_env() -> dict:
 def _dies_with_us():
     """A `preexec_fn` that makes a stage's process die with the demo (even a `kill -9` of it), so that no
     stage keeps writing into a run directory nobody runs any more."""
-    from dqo_megatron.training.checkpoint_integrity import die_with_parent
+    from dqo_megatron.processes import dies_with_this_process
 
-    return functools.partial(die_with_parent, os.getpid())
+    return dies_with_this_process()
 
 
 def megatron_command(cfg: DemoConfig, args: list[str], log: Path, env_extra: dict | None = None) -> None:

@@ -50,7 +50,7 @@ from typing import Any, Literal, Sequence
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, iter_raw, parse_record
-from dqo_megatron.outputs import check_apart, refuse_existing, staged_file
+from dqo_megatron.outputs import OutputError, check_apart, refuse_existing, staged_file
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_tag
 from dqo_megatron.rollout.steps import SPLITTERS, compile_pattern, split_steps
@@ -505,7 +505,10 @@ def check_outputs(cfg: ProcessScoresConfig) -> None:
     inputs = _input_paths(cfg)
     check_apart([cfg.output], inputs)
     if cfg.cache_path:  # appended to: never a file or directory of anything else
-        check_apart([cfg.cache_path], inputs + [cfg.model_id, cfg.output])
+        try:
+            check_apart([cfg.cache_path], inputs + [cfg.model_id, cfg.output])
+        except OutputError as exc:
+            raise OutputError(f"--cache {cfg.cache_path}: {exc}") from None
     refuse_existing([cfg.output], cfg.overwrite)
 
 

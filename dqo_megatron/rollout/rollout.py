@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dqo_megatron.config.loader import ConfigError, atomic_write_text
-from dqo_megatron.outputs import check_apart, naming_full_disk
+from dqo_megatron.outputs import check_apart, naming_full_disk, refuse_special
 from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_difference, model_identity
 from dqo_megatron.rollout.sampling import derive_seed
@@ -526,6 +526,7 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
                              offset=cfg.offset)  # fmt: skip
     check_apart([cfg.output, cfg.output + ".meta.json"],
                 [cfg.problems, cfg.model, cfg.tokenizer, cfg.run_config])  # in every mode
+    refuse_special(cfg.output)
     check_settings(cfg, settings_of(cfg, problems))  # before a model is loaded
     own = backend is None
     if own:

@@ -17,6 +17,7 @@ from typing import Literal
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, iter_raw, parse_record
 from dqo_megatron.outputs import staged_file
+from dqo_megatron.processes import dies_with_this_process
 from dqo_megatron.tasks.grading import check_answer
 from dqo_megatron.tasks.prompts import TASKS
 
@@ -103,7 +104,8 @@ def label_records(cfg: LabelConfig) -> LabelSummary:
     items = ((f, line, raw, cfg.task, cfg.timeout_s) for f in files for line, raw in iter_raw(f))
     summary = LabelSummary()
     with staged_file(cfg.output, overwrite=cfg.overwrite, inputs=list(cfg.inputs) + files) as tmp:
-        pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
+        pool = (mp.get_context("fork").Pool(cfg.workers, initializer=dies_with_this_process())  # a killed label's too
+                if cfg.workers > 1 else None)  # fmt: skip
         try:
             results = pool.imap(_label_one, items, chunksize=64) if pool else map(_label_one, items)
             with open(tmp, "w", encoding="utf-8") as out, tqdm(disable=not cfg.progress, unit="rec", desc="label",

@@ -23,7 +23,6 @@ files are spread over all ranks by size and checked in parallel.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import heapq
 import json
@@ -32,13 +31,14 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from dqo_megatron.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -476,18 +476,7 @@ def deferred_single_rank_errors(errors: list) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------- writer processes
-_PR_SET_PDEATHSIG = 1
 _fork_guard = {"active": 0, "parent": None, "registered": False}
-
-
-def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
-    """Make this process get `sig` when its parent dies (Linux ``PR_SET_PDEATHSIG``), and exit now if
-    the parent (`parent_pid`) is already gone. Elsewhere: only the second part."""
-    with contextlib.suppress(AttributeError, OSError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _before_fork() -> None:

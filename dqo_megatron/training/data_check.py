@@ -93,7 +93,9 @@ def _ckpt_note(run: RunConfig) -> str:
 def _compare_tokenizers(manifest_path: str, tok: dict, run: RunConfig, allow: bool) -> list[str]:
     from dqo_megatron.data.tokenize import tokenizer_difference, tokenizer_fingerprint
 
-    theirs = model_tokenizers(run)
+    # an hf/ directory may hold only config.json: a tokenizer is what has tokenizer files
+    theirs = [(setting, path, fp) for setting, path in model_tokenizers(run)
+              if (fp := tokenizer_fingerprint(path)) is not None]  # fmt: skip
     if not theirs:  # a warning: the check the user may count on could not be made
         return [f"{manifest_path}: the model comes with no tokenizer (no tokenizer files in an init checkpoint's hf/, "
                 "no eval.tokenizer), so the data's tokenizer cannot be compared with it: only the vocabulary size and "
@@ -103,10 +105,7 @@ def _compare_tokenizers(manifest_path: str, tok: dict, run: RunConfig, allow: bo
                 f"cannot check that its tokenizer {tok.get('name')!r} is the model's ({theirs[0][1]}); preprocess "
                 "again to have it checked"]  # fmt: skip
     out = []
-    for setting, path in theirs:
-        fp = tokenizer_fingerprint(path)
-        if fp is None:
-            continue
+    for setting, path, fp in theirs:
         diff = tokenizer_difference(tok, fp, ("the data's", "the model's"))
         if diff is None:
             continue

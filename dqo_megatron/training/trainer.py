@@ -316,6 +316,10 @@ def _evaluate_and_save(evals, chunks, step: int, save, writer, summary: TrainSum
 def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t, keep_steps=()) -> Path:
     from dqo_megatron.training import checkpointing
 
+    # a step whose loss was finite can still leave inf/NaN weights (a huge LR): never save those
+    if _any_rank(not all(bool(torch.isfinite(p).all()) for chunk in ddp for p in chunk.parameters())):
+        raise TrainingDiverged(f"the weights became non-finite (NaN/inf) by step {step}: not saved; lower train.lr "
+                               "(or value.lr) and resume from the last checkpoint")  # fmt: skip
     # Every data-parallel rank is at the same sampler position (epoch, batch): one state serves all.
     return checkpointing.save_checkpoint(root, step, ddp, optimizer, scheduler,
                                          extra={"step": step, "data": batches.state_dict()},

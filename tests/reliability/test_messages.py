@@ -301,3 +301,77 @@ def test_a_full_disk_names_the_output_not_the_working_directory(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")  # what a failed write raises: no file name
     message, code = describe(info.value)
     assert code == 2 and f"no space left on device writing {target}" in message and "MiB free" in message
+
+
+def _save_with_nan_weights(root: str) -> str:
+    """One rank: the trainer's save of a model whose weights hold a NaN (as a huge LR leaves them)."""
+    import torch
+
+    from dqo_megatron.training.trainer import TrainingDiverged, _save
+
+    torch.distributed.init_process_group("gloo")
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    try:
+        _save(__import__("pathlib").Path(root), 3, [model], None, None, None, None)
+    except TrainingDiverged as exc:
+        return str(exc)
+    return "saved"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from tests.helpers.distributed import run_distributed
+
+    (message,) = run_distributed(_save_with_nan_weights, 1, str(tmp_path / "checkpoints"))
+    assert "weights became non-finite (NaN/inf) by step 3: not saved" in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_learning_rates_no_optimizer_survives(tmp_path):
+    from dqo_megatron.config import ConfigError, RunConfig, load_config
+
+    for bad in ("train.lr=1e35", "value.lr=2"):
+        with pytest.raises(ConfigError, match="above 1.0"):
+            load_config(RunConfig, None, [bad])
+
+
+def test_a_model_hf_dir_without_tokenizer_files_is_no_tokenizer(tmp_path, sp_model):
+    from dqo_megatron.config import RunConfig, load_config
+    from dqo_megatron.data.dataset import TrajectoryDataset
+    from dqo_megatron.training.data_check import check_data_matches_model
+
+    rec = tmp_path / "r.jsonl"
+    rec.write_text(json.dumps({"prompt": "q", "response": "an answer", "reward": 1}) + "\n")
+    prefix = str(tmp_path / "train")
+    assert runner.invoke(app, ["preprocess", str(rec), "-o", prefix, "-t", sp_model, "--no-progress"]).exit_code == 0
+    base = tmp_path / "base"
+    (base / "hf").mkdir(parents=True)
+    (base / "hf" / "config.json").write_text("{}")  # a converted model's hf/ may hold only its config
+    run = load_config(RunConfig, None, [f"data.train_prefix={prefix}", "model.vocab_size=512", f"init.policy={base}"])
+    (warning,) = check_data_matches_model(TrajectoryDataset(prefix), run, log=False)
+    assert "the model comes with no tokenizer" in warning
+
+
+def test_a_rollout_output_that_is_a_device_is_refused(tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = runner.invoke(app, ["rollout", str(problems), "-o", str(fifo), "-m", str(tmp_path / "no-model"), "--overwrite",
+                            "--no-progress"])  # fmt: skip
+    _one_line_error(r, "is a device, pipe or socket")
+    assert fifo.is_fifo() and sorted(os.listdir(tmp_path)) == ["p.jsonl", "pipe"]
+
+
+def test_an_unreadable_common_pt_is_named(tmp_path):
+    from dqo_megatron.conversion import ConversionError
+    from dqo_megatron.conversion.megatron_io import checked_load
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                       "common_backend": "torch", "common_backend_version": 1}))
+    (weights / "common.pt").write_text("one line of text\n")
+    with pytest.raises(ConversionError, match=r"common.pt: unreadable"):
+        checked_load({}, weights, verify="off")
