@@ -39,3 +39,17 @@ def names() -> tuple[str, ...]:
 def all_algorithms() -> tuple[Algorithm, ...]:
     """The registered algorithms, in registration order."""
     return tuple(_REGISTRY.values())
+
+
+def markdown_table() -> str:
+    """The registered algorithms as the table in docs/algorithms.md ("Adding an algorithm")."""
+
+    def cells(items) -> str:
+        return ", ".join(f"`{item}`" for item in items)
+
+    rows = []
+    for a in all_algorithms():
+        reference = ("yes (a model)" if not a.reference_from_data else "yes") if a.needs_reference else "no"
+        rows.append(f"| `{a.name}` | {'yes' if a.needs_value else 'no'} | {reference} | `{a.batch_mode}` | "
+                    f"{a.rows_per_item} | {cells(a.config_keys)} | {cells(a.metrics)} |")  # fmt: skip
+    return "\n".join(rows)

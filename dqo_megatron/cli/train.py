@@ -16,7 +16,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see examples/configs/)."),
     resume: Optional[str] = typer.Option(None, help="auto (default: newest checkpoint in run_dir), none, or a checkpoint directory."),
 ) -> None:
-    """Train `algorithm` (dqo, dro, dpo, kto, sft, rs) on `data.train_prefix`; writes run_dir/{config.yaml,checkpoints,tensorboard}.
+    """Train `algorithm` (dqo, dro, dpo, kto, sft, rs, or one registered in dqo_megatron.algorithms) on `data.train_prefix`; writes run_dir/{config.yaml,checkpoints,tensorboard}.
 
     Several processes: `torchrun --nproc-per-node 8 -m dqo_megatron train -c examples/configs/qwen2-7b-gsm8k-dqo.yaml`.
     """

@@ -41,6 +41,38 @@ def test_unknown_and_duplicate_names_are_refused():
         Algorithm(name="x", loss=lambda x: None, batch_mode="triples")
 
 
+def test_docs_table_is_the_registry():
+    from pathlib import Path
+
+    from dqo_megatron.algorithms.registry import markdown_table
+
+    docs = Path(__file__).resolve().parents[2].joinpath("docs", "algorithms.md").read_text()
+    assert markdown_table() in docs, "docs/algorithms.md's table of algorithms is stale: paste markdown_table()"
+
+
+@pytest.mark.parametrize("name", ["dqo", "dro", "dpo", "kto", "sft", "rs"])
+def test_each_algorithm_logs_the_metrics_it_declares(name):
+    """One micro-batch of 4 rows through `Algorithm.loss`: the declared metrics are what it logs."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 8)
+    mask[:, 3:7] = 1
+    rewards = torch.zeros(4, 8)
+    rewards[::2, 6] = 1.0
+    logp = (-torch.rand(4, 8, generator=gen) - 0.5).requires_grad_()
+    values = torch.rand(4, 8, generator=gen).requires_grad_()
+    batch = {"desirable": torch.tensor([True, False])}  # KTO: rows [0, 2) the documents, [2, 4) mismatched
+    run = RunConfig(model=MODEL, train=TrainConfig(seq_length=SEQ), algorithm=name)
+    inputs = LossInputs(run=run, batch=batch, logp=logp, values=values, ref=-torch.rand(4, 8, generator=gen) - 0.5,
+                        behavior=None, mask=mask, rewards=rewards, document_ids=None)  # fmt: skip
+    algorithm = algorithms.get(name)
+    loss_sum, count, metrics = algorithm.loss(inputs)
+    assert set(metrics) == set(algorithm.metrics)
+    assert loss_sum.requires_grad and int(count) > 0
+    loss_sum.backward()
+    assert logp.grad.abs().sum() > 0
+    assert (values.grad is not None and values.grad.abs().sum() > 0) == algorithm.needs_value
+
+
 def _toy_loss(x: LossInputs):
     """NLL of the responses plus a regression of V(s_h) on the row's reward sum: a loss no built-in
     algorithm has, with a value network, and a metric of its own."""
