@@ -568,11 +568,15 @@ class RunConfig:
     """Where logs, checkpoints and the resolved config go (None: nothing is written)."""
 
     def __post_init__(self) -> None:
-        from dqo_megatron.algorithms import names
+        from dqo_megatron.algorithms import get, names
 
         problems = []
         if self.algorithm not in names():
             problems.append(f"algorithm={self.algorithm!r}: choose one of {', '.join(names())}")
+        elif get(self.algorithm).needs_value and self.value.resolved_lr(self.train.lr) > MAX_LR:
+            problems.append(f"the value network's learning rate {self.value.resolved_lr(self.train.lr):g} (value.lr, "
+                            f"else value.lr_ratio={self.value.lr_ratio:g} x train.lr={self.train.lr:g}) is above "
+                            f"{MAX_LR}")  # fmt: skip
         if self.train.seq_length > self.model.seq_length:
             problems.append(
                 f"train.seq_length={self.train.seq_length} exceeds model.seq_length={self.model.seq_length}"

@@ -331,9 +331,11 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 def test_learning_rates_no_optimizer_survives(tmp_path):
     from dqo_megatron.config import ConfigError, RunConfig, load_config
 
-    for bad in ("train.lr=1e35", "value.lr=2"):
+    for bad in (["train.lr=1e35"], ["value.lr=2"], ["value.lr_ratio=1e41"], ["train.lr=1.0"]):
         with pytest.raises(ConfigError, match="above 1.0"):
-            load_config(RunConfig, None, [bad])
+            load_config(RunConfig, None, bad)
+    # the value network's rate only matters to algorithms that have one
+    load_config(RunConfig, None, ["algorithm=sft", "train.lr=1.0"])
 
 
 def test_a_model_hf_dir_without_tokenizer_files_is_no_tokenizer(tmp_path, sp_model):
