@@ -198,6 +198,14 @@ def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
         raise
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Create or replace `path` with `text` in one rename: readers never see half a file, and the file
+    gets the permissions of the umask. For files a command owns and rewrites (manifests, sidecars,
+    reports); an output a user names goes through `staged_file` and its refusals."""
+    with staged_file(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 @contextlib.contextmanager
 def staged_dir(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
     """A temporary directory beside `path` that becomes `path` when the block succeeds.

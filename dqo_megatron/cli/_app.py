@@ -15,6 +15,8 @@ import shutil
 
 import typer
 
+from dqo_megatron.errors import first_line
+
 DEBUG_ENV = "DQO_DEBUG"
 """Environment variable that, set to 1 / true / yes, shows tracebacks (the same as --debug)."""
 
@@ -50,8 +52,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, _INPUT_ERRORS) or getattr(exc, "user_facing", False):
         return f"error: {text}", 2
-    first = text.splitlines()[0][:500]  # some libraries put whole tracebacks in their messages
-    return (f"error: {type(exc).__name__}: {first}\n(an unexpected error: rerun with --debug or {DEBUG_ENV}=1 for "
+    return (f"error: {first_line(exc, 500)}\n(an unexpected error: rerun with --debug or {DEBUG_ENV}=1 for "
             "the traceback, and report it)"), 1  # fmt: skip
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from dqo_megatron.paths import honour_umask
+from dqo_megatron.outputs import atomic_write_text  # noqa: F401 (re-exported: callers import it from here)
 
 T = TypeVar("T")
 
@@ -199,23 +198,6 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides=(
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        honour_umask(tmp)  # mkstemp's 0o600 would make the output private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(config: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

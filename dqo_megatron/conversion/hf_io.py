@@ -20,6 +20,7 @@ import torch
 from dqo_megatron.config import ModelConfig
 from dqo_megatron.conversion.layout import fuse_gate_up
 from dqo_megatron.conversion.registry import ConversionError, Family, TensorRule
+from dqo_megatron.errors import first_line
 
 
 @contextlib.contextmanager
@@ -31,8 +32,8 @@ def open_safetensors(file: Path) -> Iterator[Any]:
     try:
         handle = safe_open(file, framework="pt")
     except (SafetensorError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ConversionError(f"{file}: not a readable safetensors file (damaged or truncated? {first})") from None
+        raise ConversionError(f"{file}: not a readable safetensors file (damaged or truncated? "
+                              f"{first_line(exc, 200)})") from None
     with handle:
         yield handle
 

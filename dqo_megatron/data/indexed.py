@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dqo_megatron.outputs import atomic_write_text
+
 FORMAT_NAME = "dqo-trajectories"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -168,11 +170,7 @@ class TrajectoryWriter:
             "has_behavior_logprobs": self.any_behavior, "ref_logprobs_filled": False,
             "num_truncated": self.n_truncated, "prompt_ids": list(self.prompt_index), **extra,
         }
-        tmp = manifest_path(self.prefix) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, ensure_ascii=False, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, manifest_path(self.prefix))
+        write_manifest(self.prefix, manifest)
         return manifest
 
     def abort(self) -> None:
@@ -187,6 +185,11 @@ class TrajectoryWriter:
                     os.remove(part_prefix(self.prefix, part) + ext)
                 except FileNotFoundError:
                     pass
+
+
+def write_manifest(prefix: str, manifest: dict[str, Any]) -> None:
+    """Write (replace) the manifest of a prefix in one rename."""
+    atomic_write_text(manifest_path(prefix), json.dumps(manifest, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def load_manifest(prefix: str) -> dict[str, Any]:
@@ -255,8 +258,4 @@ def mark_reference_logprobs_filled(prefix: str) -> None:
         os.replace(staged, part_prefix(prefix, "ref_logprobs") + ".bin")
     m = load_manifest(prefix)
     m["ref_logprobs_filled"] = True
-    tmp = manifest_path(prefix) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(m, f, indent=1, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, manifest_path(prefix))
+    write_manifest(prefix, m)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from dqo_megatron.outputs import staged_file
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 """Roles accepted in chat-message prompts."""
 
@@ -445,12 +447,9 @@ def record_to_dict(rec: TrajectoryRecord) -> dict[str, Any]:
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
     """Write dicts as UTF-8 JSON Lines (atomically: to a temp file, then renamed); return the count."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with staged_file(path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n

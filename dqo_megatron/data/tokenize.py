@@ -28,6 +28,7 @@ import numpy as np
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, TrajectoryRecord
+from dqo_megatron.errors import first_line
 
 
 @dataclass
@@ -65,7 +66,15 @@ class TokenizerConfig:
             self.name = os.path.basename(os.path.normpath(self.path))
 
 
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Files that make a directory an HF tokenizer directory."""
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """True when `path` is a sentencepiece .model file or a directory holding tokenizer files."""
+    if os.path.isfile(path):
+        return os.fspath(path).endswith(".model")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
 def _check_tokenizer_path(path: str, kind: str) -> None:
@@ -77,8 +86,8 @@ def _check_tokenizer_path(path: str, kind: str) -> None:
     if kind == "hf" and os.path.isfile(path):
         raise ConfigError(f"tokenizer.path={path!r} is a file but not a sentencepiece .model: give an HF tokenizer "
                           "directory (tokenizer.json / tokenizer_config.json) or a .model file")  # fmt: skip
-    if kind == "hf" and not any(os.path.isfile(os.path.join(path, f)) for f in _HF_TOKENIZER_FILES):
-        raise ConfigError(f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(_HF_TOKENIZER_FILES[:3])}): "
+    if kind == "hf" and not has_tokenizer(path):
+        raise ConfigError(f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}): "
                           "give the directory of an HF tokenizer or a sentencepiece .model file")  # fmt: skip
 
 
@@ -199,11 +208,6 @@ def tokenizer_difference(ours: dict, theirs: dict, names: tuple[str, str] = ("th
     return "; ".join(parts) or f"hash {str(ours.get('sha256'))[:12]} != {str(theirs.get('sha256'))[:12]}"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
-
-
 class Tokenizer:
     """A loaded HF or sentencepiece tokenizer behind one small interface."""
 
@@ -217,7 +221,7 @@ class Tokenizer:
             try:
                 self.sp = spm.SentencePieceProcessor(model_file=cfg.path)
             except (RuntimeError, OSError) as exc:
-                raise ConfigError(f"tokenizer {cfg.path!r}: not a sentencepiece model ({_first_line(exc)})") from None
+                raise ConfigError(f"tokenizer {cfg.path!r}: not a sentencepiece model ({first_line(exc)})") from None
             self.hf = None
             self.vocab_size = int(self.sp.vocab_size())
             self.bos_id = int(self.sp.bos_id())
@@ -231,7 +235,7 @@ class Tokenizer:
             try:
                 self.hf = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
             except (ValueError, OSError, TypeError, KeyError) as exc:
-                raise ConfigError(f"tokenizer {cfg.path!r}: transformers cannot load it ({_first_line(exc)})") from None
+                raise ConfigError(f"tokenizer {cfg.path!r}: transformers cannot load it ({first_line(exc)})") from None
             if cfg.chat_template is not None:
                 tpl = cfg.chat_template
                 if os.path.isfile(tpl):

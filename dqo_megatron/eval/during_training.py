@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dqo_megatron.config import ConfigError, RunConfig
+from dqo_megatron.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +178,7 @@ class EvalSchedule:
             kept = [e for e in read_evaluations(self.run_dir) if resumed_at is not None and e.step <= resumed_at]
             path = Path(self.run_dir) / EVALS_FILE
             if path.exists() or kept:
-                tmp = path.with_name(EVALS_FILE + ".tmp")
-                tmp.write_text("".join(json.dumps(asdict(e)) + "\n" for e in kept))
-                os.replace(tmp, path)
+                atomic_write_text(path, "".join(json.dumps(asdict(e)) + "\n" for e in kept))
             holder = [kept]
         torch.distributed.broadcast_object_list(holder, src=0)
         return holder[0]

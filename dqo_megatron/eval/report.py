@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from dqo_megatron.eval.run import EvalResults
+from dqo_megatron.outputs import atomic_write_text
 
 MISSING = "–"
 """Shown for a cell that was not measured."""
@@ -108,19 +109,13 @@ def write_png(results: EvalResults, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_reports(results: EvalResults, output_dir: str | os.PathLike) -> dict[str, Path]:
     """Write results.json, results.md and accuracy.png into `output_dir`; return their paths by kind."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "accuracy.png"}
-    _atomic_write(paths["json"], json.dumps(results.to_dict(), indent=1, ensure_ascii=False) + "\n")
-    _atomic_write(paths["markdown"], markdown_report(results))
+    atomic_write_text(paths["json"], json.dumps(results.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["markdown"], markdown_report(results))
     tmp = paths["png"].with_name("accuracy.tmp.png")
     write_png(results, tmp)
     os.replace(tmp, paths["png"])

@@ -23,7 +23,7 @@ from typing import Callable, Literal, Sequence
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.eval.scoring import ScoreSummary, grade_outputs, graded_to_dict, summarize
-from dqo_megatron.outputs import check_apart
+from dqo_megatron.outputs import check_apart, staged_file
 from dqo_megatron.paths import shared_data_dir
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_tag
@@ -269,13 +269,10 @@ def generate_outputs(backend: GenerationBackend, prompts: Sequence[str], params:
 
 def _write_problem_outputs(path: Path, problems: list[Problem], graded, finish: list[list[str]],
                            decoding: str) -> None:  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with staged_file(path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p, g, fin in zip(problems, graded, finish):
             row = {"id": p.id, "decoding": decoding, "prompt": p.prompt, **graded_to_dict(g), "finish_reasons": fin}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _evaluate_model(cfg: EvalConfig, name: str, path: str, backend: GenerationBackend, specs: list[DatasetSpec],

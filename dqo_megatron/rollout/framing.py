@@ -13,19 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig
+from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig, has_tokenizer  # noqa: F401 (has_tokenizer: re-exported)
 from dqo_megatron.rollout.backend import Completion
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-"""Files that make a directory an HF tokenizer directory."""
-
-
-def has_tokenizer(path: str | Path) -> bool:
-    """True when `path` is a sentencepiece .model file or a directory holding tokenizer files."""
-    path = Path(path)
-    if path.is_file():
-        return path.suffix == ".model"
-    return path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str | Path, *, name: str | None = None, chat_template: str | None = None,

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from dqo_megatron.config.loader import ConfigError, atomic_write_text
-from dqo_megatron.outputs import check_apart, naming_full_disk, refuse_special
+from dqo_megatron.config.loader import ConfigError
+from dqo_megatron.outputs import atomic_write_text, check_apart, naming_full_disk, refuse_special
 from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_difference, model_identity
 from dqo_megatron.rollout.sampling import derive_seed

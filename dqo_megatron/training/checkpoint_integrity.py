@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from dqo_megatron.errors import first_line
 from dqo_megatron.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -368,13 +369,11 @@ def one_line(err: BaseException) -> str:
             inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
             parts.append(f"rank {rank}: {one_line(inner)}")
         return "; ".join(dict.fromkeys(parts))
-    text = str(err).strip().splitlines()
     if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
         # torch's text goes on to suggest weights_only=False, i.e. running whatever the file holds: not advice to pass on
         return (f"{type(err).__name__}: a pickled file of the checkpoint holds something torch.load(weights_only=True) "
                 "refuses (damaged, or not written by Megatron/dqo-megatron); it is not loaded")  # fmt: skip
-    first = text[0][:300] if text else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return first_line(err)
 
 
 _DAMAGE_WORDS = ("PytorchStreamReader", "zip archive", "corrupt", "unexpected EOF", "truncated")
