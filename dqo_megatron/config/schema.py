@@ -281,7 +281,7 @@ class TrainConfig:
     seq_length: int = 64
     """Tokens per sequence fed to the model (<= model.seq_length)."""
     lr: float = 1e-4
-    """Peak learning rate."""
+    """Peak learning rate (at most 1; no setting anywhere takes inf or NaN)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     seed: int = 1234
@@ -434,7 +434,8 @@ class ValueConfig:
     """separate: a second GPT of the policy's architecture with a scalar head (the paper's setting);
     shared: a scalar head on the policy's trunk (cheaper; the trunk gets both losses' gradients)."""
     lr: Optional[float] = None
-    """Peak learning rate of the value parameters. None: train.lr x value.lr_ratio."""
+    """Peak learning rate of the value parameters. None: train.lr x value.lr_ratio. Either way at most 1 for
+    algorithms with a value network."""
     lr_ratio: float = 10.0
     """value.lr = this x train.lr when value.lr is None. The value network fits a regression target
     from a zero-initialized head and must move faster than the policy it criticizes: at ratio 1 the
