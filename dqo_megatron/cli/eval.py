@@ -184,7 +184,8 @@ def eval_(
     """Accuracy on GSM8K / MATH / MATH500, greedy and sampled, one table row per model (the paper's Table 3
     layout), with MATH per-subject and per-level tables, a JSON file and a PNG chart."""
     from dqo_megatron.config.loader import ConfigError
-    from dqo_megatron.eval.run import EvalConfig, evaluate
+    from dqo_megatron.eval.config import EvalConfig
+    from dqo_megatron.eval.run import evaluate
 
     configure_logging()
     try:

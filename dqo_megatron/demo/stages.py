@@ -253,7 +253,8 @@ class Context:
         return {"base": str(self.path("hf", "base")), **{ROWS[a]: str(self.path("hf", a)) for a in self.cfg.algorithms}}
 
     def evaluate(self):
-        from dqo_megatron.eval.run import EvalConfig, evaluate
+        from dqo_megatron.eval.config import EvalConfig
+        from dqo_megatron.eval.run import evaluate
 
         models = self.models()
         cfg = EvalConfig(models=list(models.values()), names=list(models), output_dir=str(self.path("eval")),

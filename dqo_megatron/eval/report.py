@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from dqo_megatron.eval.run import EvalResults
+from dqo_megatron.eval.results import EvalResults
 from dqo_megatron.outputs import atomic_write_text
 
 MISSING = "–"
