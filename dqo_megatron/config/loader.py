@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type, or inconsistent."""
 
 
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError naming every problem found, so a user fixes them all in one edit."""
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

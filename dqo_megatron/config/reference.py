@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import textwrap
 
-from dqo_megatron.config import schema
+from dqo_megatron.config.run import RunConfig
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -43,12 +43,21 @@ def markdown_reference() -> str:
         "overridden on the command line as `section.key=value` (values are parsed as YAML).",
         "",
     ]
-    sections = [(None, schema.RunConfig)] + [
-        (f.name, f.default_factory) for f in dataclasses.fields(schema.RunConfig) if dataclasses.is_dataclass(f.default_factory)
+    # Sections in RunConfig's field order, whichever module defines each: the reference reads like a config file.
+    sections = [(None, RunConfig)] + [
+        (f.name, f.default_factory)
+        for f in dataclasses.fields(RunConfig)
+        if dataclasses.is_dataclass(f.default_factory)
     ]
     for name, cls in sections:
-        lines += [f"## `{name}`" if name else "## top level", "", (cls.__doc__ or "").strip(), "",
-                  "| key | default | meaning |", "| --- | --- | --- |"]  # fmt: skip
+        lines += [
+            f"## `{name}`" if name else "## top level",
+            "",
+            (cls.__doc__ or "").strip(),
+            "",
+            "| key | default | meaning |",
+            "| --- | --- | --- |",
+        ]
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             key = f"{name}.{f.name}" if name else f.name
