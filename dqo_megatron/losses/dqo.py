@@ -200,11 +200,23 @@ def truncated_importance_weights(logprobs: Tensor, behavior_logprobs: Tensor, re
         return _importance_weights(segments, logp, behavior_logp, level, clip, self_normalize, reduction)
 
 
-def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Optional[Tensor], values: Tensor,
-               rewards: Tensor, response_mask: Tensor, *, beta: float, lam: float,
-               is_level: str = "trajectory", is_clip: float = 2.0, is_self_normalize: bool = False,
-               is_apply_to: str = "both", reduction: str = "token",
-               document_ids: Optional[Tensor] = None) -> PolicyValueLossOutput:  # fmt: skip
+def dqo_losses(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    behavior_logprobs: Optional[Tensor],
+    values: Tensor,
+    rewards: Tensor,
+    response_mask: Tensor,
+    *,
+    beta: float,
+    lam: float,
+    is_level: str = "trajectory",
+    is_clip: float = 2.0,
+    is_self_normalize: bool = False,
+    is_apply_to: str = "both",
+    reduction: str = "token",
+    document_ids: Optional[Tensor] = None,
+) -> PolicyValueLossOutput:
     """DQO's policy (Q-function) loss and value loss, in Megatron's `(loss_sum, count, metrics)` form.
 
     Args (`[batch, seq]`, aligned per response position h):
@@ -236,22 +248,13 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
     is_truncated_frac, kl_ref (mean logp - ref_logp), entropy_proxy (-mean logp); all but the two
     losses are means over response tokens.
     """
-    shape = check_token_tensors(response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                                behavior_logprobs=behavior_logprobs, values=values, rewards=rewards)
-    for name, tensor in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs),
-                         ("behavior_logprobs", behavior_logprobs), ("values", values)):
-        if tensor is not None:
-            check_float(name, tensor)
-    check_positive("beta", beta)
-    _check_lam(lam)
-    check_choice("is_level", is_level, IS_LEVELS)
-    check_positive("is_clip", is_clip)
-    check_choice("is_apply_to", is_apply_to, IS_TARGETS)
-    check_choice("reduction", reduction, REDUCTIONS)
+    shape = _check_dqo_tensors(logprobs, ref_logprobs, behavior_logprobs, values, rewards, response_mask)
+    _check_dqo_options(beta, lam, is_level, is_clip, is_apply_to, reduction)
     mask = as_bool_mask(response_mask)
     segments = ResponseSegments(mask, check_document_ids(document_ids, shape))
     dtype = compute_dtype(logprobs, ref_logprobs, behavior_logprobs, values, rewards)
 
+    # logp and value keep their gradient: each is the only path of one loss's gradient.
     logp = masked(logprobs, mask, dtype)
     value = masked(values, mask, dtype)
     ref_logp = masked(ref_logprobs, mask, dtype, detach=True)
@@ -260,38 +263,141 @@ def dqo_losses(logprobs: Tensor, ref_logprobs: Tensor, behavior_logprobs: Option
 
     with torch.no_grad():
         returns = _returns(segments, reward, logp.detach(), ref_logp, value.detach(), beta, lam)
-        next_return = segments.next_value(returns)
-        importance = _importance_weights(segments, logp.detach(), behavior_logp, is_level, is_clip,
-                                         is_self_normalize, reduction)
-        reduce_weights, count = reduction_weights(segments, reduction, dtype)
-        weighted = importance.weights * reduce_weights
-        policy_weights = weighted if is_apply_to in ("both", "policy") else reduce_weights
-        value_weights = weighted if is_apply_to in ("both", "value") else reduce_weights
+        importance = _importance_weights(
+            segments, logp.detach(), behavior_logp, is_level, is_clip, is_self_normalize, reduction
+        )
+        policy_weights, value_weights, count = _loss_weights(segments, importance.weights, is_apply_to, reduction)
 
-    log_ratio = logp - ref_logp
-    q_residual = beta * log_ratio + value.detach() - reward - next_return
-    policy_loss_sum = (policy_weights * 0.5 * q_residual.square()).sum()
-    value_loss_sum = (value_weights * 0.5 * (value - returns).square()).sum()
+    policy_loss_sum = _policy_loss_sum(segments, logp, ref_logp, value, reward, returns, policy_weights, beta)
+    value_loss_sum = _value_loss_sum(value, returns, value_weights)
+    metrics = _dqo_metrics(
+        segments, logp, ref_logp, value, reward, returns, importance, beta, policy_loss_sum, value_loss_sum, count
+    )
+    return PolicyValueLossOutput(
+        loss_sum=policy_loss_sum + value_loss_sum,
+        count=count,
+        metrics=metrics,
+        policy_loss_sum=policy_loss_sum,
+        value_loss_sum=value_loss_sum,
+    )
 
+
+def _check_dqo_tensors(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    behavior_logprobs: Optional[Tensor],
+    values: Tensor,
+    rewards: Tensor,
+    response_mask: Tensor,
+) -> torch.Size:
+    """Check `dqo_losses`' tensors (same `[batch, seq]` shape, floating log-probs and values); return the shape."""
+    shape = check_token_tensors(
+        response_mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        behavior_logprobs=behavior_logprobs,
+        values=values,
+        rewards=rewards,
+    )
+    for name, tensor in (
+        ("logprobs", logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("behavior_logprobs", behavior_logprobs),
+        ("values", values),
+    ):
+        if tensor is not None:
+            check_float(name, tensor)
+    return shape
+
+
+def _check_dqo_options(
+    beta: float, lam: float, is_level: str, is_clip: float, is_apply_to: str, reduction: str
+) -> None:
+    """Check `dqo_losses`' coefficients and choices (ValueError naming the argument)."""
+    check_positive("beta", beta)
+    _check_lam(lam)
+    check_choice("is_level", is_level, IS_LEVELS)
+    check_positive("is_clip", is_clip)
+    check_choice("is_apply_to", is_apply_to, IS_TARGETS)
+    check_choice("reduction", reduction, REDUCTIONS)
+
+
+def _loss_weights(
+    segments: ResponseSegments, importance_weights: Tensor, is_apply_to: str, reduction: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token weights of the policy and the value loss `[batch, seq]` each, and the reduction's count.
+
+    Each is the reduction's weight (1 per token, or 1/len(document) per token for "sequence"), times the
+    importance weight when `is_apply_to` names that loss; summing weight x loss then gives Megatron's
+    `loss_sum` for `count` (tokens or documents).
+    """
+    reduce_weights, count = reduction_weights(segments, reduction, importance_weights.dtype)
+    weighted = importance_weights * reduce_weights
+    policy_weights = weighted if is_apply_to in ("both", "policy") else reduce_weights
+    value_weights = weighted if is_apply_to in ("both", "value") else reduce_weights
+    return policy_weights, value_weights, count
+
+
+def _policy_loss_sum(
+    segments: ResponseSegments,
+    logp: Tensor,
+    ref_logp: Tensor,
+    value: Tensor,
+    reward: Tensor,
+    returns: Tensor,
+    weights: Tensor,
+    beta: float,
+) -> Tensor:
+    """sum_h w_h * 1/2 * (beta * (logp_h - ref_logp_h) + sg(V_h) - r_h - G_(h+1))^2, a scalar.
+
+    The Q-function `beta * log pi + V` against its soft-Bellman target `r_h + G_(h+1)`, where `G_(h+1)`
+    (`[batch, seq]` `returns` shifted to the next response position, 0 after a document's last) stands in
+    for V(s_(h+1)). Only `logp` carries gradient: this loss moves the policy, not the value network.
+    """
     with torch.no_grad():
-        num_tokens = segments.num_tokens()
-        shaped_reward = reward - beta * log_ratio
-        td_error = torch.where(mask, shaped_reward + segments.next_value(value) - value, torch.zeros_like(value))
-        metrics = {
-            "policy_loss": ratio_metric(policy_loss_sum, count),
-            "value_loss": ratio_metric(value_loss_sum, count),
-            "value_mean": ratio_metric(value.sum(), num_tokens),
-            "td_error_abs_mean": ratio_metric(td_error.abs().sum(), num_tokens),
-            "return_mean": ratio_metric(returns.sum(), num_tokens),
-            "return_sq_mean": ratio_metric(returns.square().sum(), num_tokens),
-            "advantage_mean": ratio_metric((returns - value).sum(), num_tokens),
-            "advantage_sq_mean": ratio_metric((returns - value).square().sum(), num_tokens),
-            "is_weight_mean": ratio_metric(importance.mean * num_tokens, num_tokens),
-            # A maximum does not add up: reported as [max, 1], Megatron shows the mean of micro-batch maxima.
-            "is_weight_max": ratio_metric(importance.max, 1),
-            "is_truncated_frac": ratio_metric(importance.truncated_fraction * num_tokens, num_tokens),
-            "kl_ref": ratio_metric(log_ratio.sum(), num_tokens),
-            "entropy_proxy": ratio_metric(-logp.sum(), num_tokens),
-        }
-    return PolicyValueLossOutput(loss_sum=policy_loss_sum + value_loss_sum, count=count, metrics=metrics,
-                                 policy_loss_sum=policy_loss_sum, value_loss_sum=value_loss_sum)
+        next_return = segments.next_value(returns)
+    q_residual = beta * (logp - ref_logp) + value.detach() - reward - next_return
+    return (weights * 0.5 * q_residual.square()).sum()
+
+
+def _value_loss_sum(value: Tensor, returns: Tensor, weights: Tensor) -> Tensor:
+    """sum_h w_h * 1/2 * (V_h - G_h)^2 over `[batch, seq]` tensors, a scalar: V regressed on the lambda-returns."""
+    return (weights * 0.5 * (value - returns).square()).sum()
+
+
+@torch.no_grad()
+def _dqo_metrics(
+    segments: ResponseSegments,
+    logp: Tensor,
+    ref_logp: Tensor,
+    value: Tensor,
+    reward: Tensor,
+    returns: Tensor,
+    importance: ImportanceWeights,
+    beta: float,
+    policy_loss_sum: Tensor,
+    value_loss_sum: Tensor,
+    count: Tensor,
+) -> dict[str, Tensor]:
+    """`dqo_losses`' metrics, each `[numerator, denominator]` (see its docstring); inputs `[batch, seq]`."""
+    mask = segments.mask
+    num_tokens = segments.num_tokens()
+    log_ratio = logp - ref_logp
+    shaped_reward = reward - beta * log_ratio
+    td_error = torch.where(mask, shaped_reward + segments.next_value(value) - value, torch.zeros_like(value))
+    return {
+        "policy_loss": ratio_metric(policy_loss_sum, count),
+        "value_loss": ratio_metric(value_loss_sum, count),
+        "value_mean": ratio_metric(value.sum(), num_tokens),
+        "td_error_abs_mean": ratio_metric(td_error.abs().sum(), num_tokens),
+        "return_mean": ratio_metric(returns.sum(), num_tokens),
+        "return_sq_mean": ratio_metric(returns.square().sum(), num_tokens),
+        "advantage_mean": ratio_metric((returns - value).sum(), num_tokens),
+        "advantage_sq_mean": ratio_metric((returns - value).square().sum(), num_tokens),
+        "is_weight_mean": ratio_metric(importance.mean * num_tokens, num_tokens),
+        # A maximum does not add up: reported as [max, 1], Megatron shows the mean of micro-batch maxima.
+        "is_weight_max": ratio_metric(importance.max, 1),
+        "is_truncated_frac": ratio_metric(importance.truncated_fraction * num_tokens, num_tokens),
+        "kl_ref": ratio_metric(log_ratio.sum(), num_tokens),
+        "entropy_proxy": ratio_metric(-logp.sum(), num_tokens),
+    }
