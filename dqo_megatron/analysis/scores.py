@@ -114,7 +114,7 @@ def resolve_split(split: SplitConfig, splitter: Optional[str], records: Iterable
     Raises:
         ConfigError: a regex splitter without a pattern (the pattern is not recorded by process-scores).
     """
-    from dqo_megatron.rollout.steps import SPLITTERS
+    from dqo_megatron.process_scores.steps import SPLITTERS
 
     if splitter is None:
         named = Counter(r.extra[PROCESS_SCORES_FIELD].get("splitter") for r in records
@@ -197,7 +197,7 @@ def plan_steps(rec: TrajectoryRecord, kind: str, split: SplitConfig) -> Optional
             return None
         if outcome == 0.0:  # only the whole response is known: unsolvable
             return StepPlan(ends=[len(rec.response)], outcome=0.0)
-        from dqo_megatron.rollout.steps import split_steps
+        from dqo_megatron.process_scores.steps import split_steps
 
         if not rec.response:  # nothing to split: the empty response is the single (terminal) step
             return StepPlan(ends=[0], outcome=1.0, n_solvable=1)

@@ -99,7 +99,7 @@ def process_scores(
     failed response; a prefix is correct when any completion is; rewards per step into process_rewards."""
     from dqo_megatron.config.loader import ConfigError
     from dqo_megatron.data.records import RecordError
-    from dqo_megatron.rollout.process_scores import ProcessScoresConfig, check_outputs, process_scores as run
+    from dqo_megatron.process_scores import ProcessScoresConfig, check_outputs, process_scores as run
 
     configure_logging()
     try:

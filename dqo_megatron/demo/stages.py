@@ -150,7 +150,7 @@ class Context:
                 f"{s.samples_per_s:.0f} samples/s", {"rollouts": str(self.path("rollouts.jsonl"))})  # fmt: skip
 
     def _score(self, records: Path, output: Path, backend):
-        from dqo_megatron.rollout.process_scores import ProcessScoresConfig, process_scores
+        from dqo_megatron.process_scores import ProcessScoresConfig, process_scores
 
         return process_scores(ProcessScoresConfig(inputs=[str(records)], output=str(output),
                                                   model_id=str(self.path("hf", "base")), splitter="lines",

@@ -74,7 +74,7 @@ def greedy_correct(backend, problems: list, max_new_tokens: int) -> int:
     """How many of `problems` (`tasks.datasets.Problem`) `backend` answers correctly with greedy decoding."""
     from dqo_megatron.eval.scoring import grade_outputs
     from dqo_megatron.rollout.backend import SamplingParams
-    from dqo_megatron.rollout.process_scores import prefix_seed
+    from dqo_megatron.process_scores.cache import prefix_seed
 
     if not problems:
         return 0

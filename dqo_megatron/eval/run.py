@@ -27,7 +27,7 @@ from dqo_megatron.eval.scoring import grade_outputs, graded_to_dict, summarize
 from dqo_megatron.outputs import check_apart, staged_file
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_tag
-from dqo_megatron.rollout.process_scores import CompletionCache, cache_key, prefix_seed
+from dqo_megatron.process_scores.cache import CompletionCache, cache_key, prefix_seed
 from dqo_megatron.tasks.datasets import Problem, load_problems
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ PEARSON_MIN = 0.8
 
 def make_task_records(n: int, seed: int, scored: bool = True) -> list[dict]:
     """`n` answers of the task in the module docstring; failed ones with exact process scores."""
-    from dqo_megatron.rollout.steps import split_steps
+    from dqo_megatron.process_scores.steps import split_steps
 
     rng = random.Random(seed)
     rows = []

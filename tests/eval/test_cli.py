@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dqo_megatron.cli import app
 from tests.eval.stubs import StubBackend
-from tests.eval.test_process_scores import ENDS, rows, stub_for, write_records
+from tests.process_scores.test_process_scores import ENDS, rows, stub_for, write_records
 
 runner = CliRunner()
 

@@ -146,7 +146,7 @@ def test_a_token_beyond_the_tokenizer_says_the_tokenizer_does_not_match(sp_model
 
 def test_a_completion_cache_is_never_someone_elses_file(tmp_path):
     from dqo_megatron.outputs import OutputError
-    from dqo_megatron.rollout.process_scores import CompletionCache, ProcessScoresConfig, check_outputs
+    from dqo_megatron.process_scores import CompletionCache, ProcessScoresConfig, check_outputs
 
     inp = tmp_path / "in.jsonl"
     inp.write_text("{}\n")

@@ -201,7 +201,7 @@ def test_label_refuses_existing_and_its_own_input(tmp_path):
 
 
 def test_process_scores_refuses_its_input_and_cache(tmp_path):
-    from dqo_megatron.rollout.process_scores import ProcessScoresConfig, check_outputs
+    from dqo_megatron.process_scores import ProcessScoresConfig, check_outputs
 
     inp = tmp_path / "in.jsonl"
     inp.write_text("{}\n")

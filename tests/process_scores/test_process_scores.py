@@ -8,8 +8,7 @@ import pytest
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, parse_record
-from dqo_megatron.rollout.process_scores import (ProcessScoresConfig, assign_process_rewards, prefix_seed,
-                                                 process_scores)
+from dqo_megatron.process_scores import ProcessScoresConfig, assign_process_rewards, prefix_seed, process_scores
 from tests.eval.stubs import StubBackend
 
 PROMPT = "Tom has 8 apples. He eats half, then buys 6. How many does he have?"
@@ -129,7 +128,7 @@ def test_seeds_do_not_depend_on_batching_and_duplicates_generate_once(tmp_path):
 def test_dry_run_states_cost_and_writes_nothing(tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="dqo_megatron.rollout.process_scores"):
+    with caplog.at_level(logging.INFO, logger="dqo_megatron.process_scores.scores"):
         summary, stub = None, stub_for({1: 0, 2: 0, 3: 0})
         inp = write_records(tmp_path / "in.jsonl", rows(2))
         summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), dry_run=True,
@@ -185,7 +184,7 @@ def test_config_errors_name_the_field(kw, field):
 
 
 def test_each_distinct_answer_is_checked_once(tmp_path, monkeypatch):
-    import dqo_megatron.rollout.process_scores as ps
+    import dqo_megatron.process_scores.scores as ps
 
     calls = []
     real = ps.check_answer

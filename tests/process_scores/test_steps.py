@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dqo_megatron.rollout.steps import cap_steps, split_steps, step_texts
+from dqo_megatron.process_scores.steps import cap_steps, split_steps, step_texts
 
 
 def texts(response, **kw):
