@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Literal
 
@@ -187,93 +188,153 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     # everything is written into a hidden sibling directory and moved into place once complete: a
     # rejected record or a kill leaves an existing dataset at output_prefix as it was
     inputs = list(cfg.inputs) + files + [cfg.tokenize.tokenizer.path]
-    with staged_files(dataset_files(cfg.output_prefix), overwrite=cfg.overwrite, inputs=inputs,
-                      what=f"dataset {cfg.output_prefix}") as staging:  # fmt: skip
+    with staged_files(
+        dataset_files(cfg.output_prefix), overwrite=cfg.overwrite, inputs=inputs, what=f"dataset {cfg.output_prefix}"
+    ) as staging:
         return _write_dataset(cfg, files, tok, str(staging / os.path.basename(cfg.output_prefix)), t0)
 
 
-def _write_dataset(cfg: PreprocessConfig, files: list[str], tok: Tokenizer, prefix: str, t0: float) -> PreprocessSummary:
+def _write_dataset(
+    cfg: PreprocessConfig, files: list[str], tok: Tokenizer, prefix: str, t0: float
+) -> PreprocessSummary:
     """Tokenize the records of `files` into a dataset at `prefix` (the staging copy of cfg.output_prefix)."""
     from tqdm import tqdm
 
-    tok_cfg = cfg.tokenize
     summary = PreprocessSummary()
-    hist: Counter[int] = Counter()
-    labels: dict[int, str] = {}
+    lengths: Counter[int] = Counter()  # written documents per length bucket, keyed by the bucket's lower end
     file_index = {f: i for i, f in enumerate(files)}
     writer = TrajectoryWriter(prefix, tok.vocab_size)
-    bar = tqdm(total=_count_inputs(files) if cfg.progress else None, disable=not cfg.progress, unit="rec",
-               desc="preprocess", file=sys.stderr, dynamic_ncols=True)
-    pool = None
-    # Keep the objects that exist now (torch, megatron, transformers: ~0.5M) out of the cyclic GC's
-    # full collections while records stream through (they cost ~15% of the run); freezing before
-    # forking workers is also what the gc docs recommend. Nothing is collected differently: objects
-    # created during the run are tracked as usual, and the frozen ones return to the oldest generation
-    # at the end. Left alone when the caller froze objects itself or disabled the GC.
-    frozen = gc.isenabled() and gc.get_freeze_count() == 0
-    if frozen:
-        gc.freeze()
+    bar = tqdm(
+        total=_count_inputs(files) if cfg.progress else None,
+        disable=not cfg.progress,
+        unit="rec",
+        desc="preprocess",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
-        if cfg.workers > 1:
-            pool = mp.get_context(cfg.start_method).Pool(cfg.workers, initializer=_init_worker,
-                                                          initargs=(tok_cfg, None, os.getpid()))
-            results = pool.imap(_work, _chunks(files, cfg.chunk_size))
-        else:
-            _init_worker(tok_cfg, tok)
-            results = map(_work, _chunks(files, cfg.chunk_size))
-        for chunk_results in results:
-            samples: list = []  # written once per chunk (same bytes as one write per sample)
-            for res in chunk_results:
-                summary.read += 1
-                if isinstance(res, RecordError):
-                    if not cfg.skip_invalid:
-                        writer.add_many(samples, [file_index[s.file] for s in samples])  # errors in input order
-                        raise res
-                    summary.skips.add(res)
-                    continue
-                samples.append(res)
-                T = len(res.tokens)
-                summary.tokens += T
-                summary.prompt_tokens += res.prompt_length
-                summary.truncated_prompts += res.truncated_prompt_tokens > 0
-                summary.truncated_responses += res.truncated
-                lo, label = _bucket(T)
-                hist[lo] += 1
-                labels[lo] = label
-            writer.add_many(samples, [file_index[s.file] for s in samples])
-            summary.written += len(samples)
-            bar.update(len(chunk_results))
-            if summary.skips.total:
-                bar.set_postfix(skipped=summary.skips.total, refresh=False)
-        if summary.written == 0:
-            raise ValueError(f"no valid record in {files}\n{summary.skips.report()}")
-        summary.response_tokens = summary.tokens - summary.prompt_tokens
-        summary.length_histogram = {labels[k]: hist[k] for k in sorted(hist)}
-        summary.prompts = len(writer.prompt_index)
-        summary.seconds = time.perf_counter() - t0
-        writer.finalize({
-            "tokenizer": {"name": tok.name, "kind": tok_cfg.tokenizer.kind, "eos_id": int(tok.eos_id),
-                          "bos_id": int(tok.bos_id), **tok.identity()},
-            "inputs": [os.path.basename(f) for f in files],
-            "settings": {"max_length": tok_cfg.max_length, "overlong": tok_cfg.overlong,
-                         "behavior_logprobs_include_eos": tok_cfg.behavior_logprobs_include_eos,
-                         "skip_invalid": cfg.skip_invalid},
-            "summary": {"read": summary.read, "written": summary.written, "skipped": dict(sorted(summary.skips.counts.items())),
-                        "tokens": summary.tokens, "truncated_prompts": summary.truncated_prompts,
-                        "truncated_responses": summary.truncated_responses,
-                        "length_histogram": summary.length_histogram},
-        })
+        # Frozen before the pool forks its workers (see _gc_frozen).
+        with _gc_frozen(), _tokenized_chunks(cfg, files, tok) as results:
+            for chunk_results in results:
+                _write_chunk(writer, chunk_results, summary, lengths, file_index, cfg.skip_invalid)
+                bar.update(len(chunk_results))
+                if summary.skips.total:
+                    bar.set_postfix(skipped=summary.skips.total, refresh=False)
+            if summary.written == 0:
+                raise ValueError(f"no valid record in {files}\n{summary.skips.report()}")
+            summary.response_tokens = summary.tokens - summary.prompt_tokens
+            summary.length_histogram = {_bucket(lo)[1]: lengths[lo] for lo in sorted(lengths)}
+            summary.prompts = len(writer.prompt_index)
+            summary.seconds = time.perf_counter() - t0
+            writer.finalize(_manifest(cfg, tok, files, summary))
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    return summary
+
+
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Keep the objects that exist now out of the cyclic GC's full collections while records stream through.
+
+    They are torch, megatron, transformers (~0.5M objects), and their full collections cost ~15% of the
+    run; freezing before forking workers is also what the gc docs recommend. Nothing is collected
+    differently: objects created during the run are tracked as usual, and the frozen ones return to the
+    oldest generation at the end. Left alone when the caller froze objects itself or disabled the GC.
+    """
+    frozen = gc.isenabled() and gc.get_freeze_count() == 0
+    if frozen:
+        gc.freeze()
+    try:
+        yield
+    finally:
         if frozen:
             gc.unfreeze()
-    return summary
+
+
+@contextmanager
+def _tokenized_chunks(cfg: PreprocessConfig, files: list[str], tok: Tokenizer) -> Iterator[Iterator[list]]:
+    """The parsed and tokenized records of `files`, one list (samples and RecordErrors) per chunk, in input order.
+
+    cfg.workers > 1: from a pool of worker processes (each loads its own tokenizer; the pool ends with
+    the block); 1: in this process, with `tok`.
+    """
+    if cfg.workers == 1:
+        _init_worker(cfg.tokenize, tok)
+        yield map(_work, _chunks(files, cfg.chunk_size))
+        return
+    pool = mp.get_context(cfg.start_method).Pool(
+        cfg.workers, initializer=_init_worker, initargs=(cfg.tokenize, None, os.getpid())
+    )
+    try:
+        yield pool.imap(_work, _chunks(files, cfg.chunk_size))
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _write_chunk(
+    writer: TrajectoryWriter,
+    chunk_results: list,
+    summary: PreprocessSummary,
+    lengths: Counter[int],
+    file_index: dict[str, int],
+    skip_invalid: bool,
+) -> None:
+    """Write one chunk's samples and count them (and its invalid records) into `summary` and `lengths`.
+
+    An invalid record raises its RecordError unless `skip_invalid`, after the samples before it are
+    written, so that errors come in input order whatever the chunk size.
+    """
+    samples: list = []  # written once per chunk (same bytes as one write per sample)
+    for res in chunk_results:
+        summary.read += 1
+        if isinstance(res, RecordError):
+            if not skip_invalid:
+                writer.add_many(samples, [file_index[s.file] for s in samples])
+                raise res
+            summary.skips.add(res)
+            continue
+        samples.append(res)
+        summary.tokens += len(res.tokens)
+        summary.prompt_tokens += res.prompt_length
+        summary.truncated_prompts += res.truncated_prompt_tokens > 0
+        summary.truncated_responses += res.truncated
+        lengths[_bucket(len(res.tokens))[0]] += 1
+    writer.add_many(samples, [file_index[s.file] for s in samples])
+    summary.written += len(samples)
+
+
+def _manifest(cfg: PreprocessConfig, tok: Tokenizer, files: list[str], summary: PreprocessSummary) -> dict:
+    """What the dataset's manifest records of its making: tokenizer identity, inputs, settings, summary."""
+    tok_cfg = cfg.tokenize
+    return {
+        "tokenizer": {
+            "name": tok.name,
+            "kind": tok_cfg.tokenizer.kind,
+            "eos_id": int(tok.eos_id),
+            "bos_id": int(tok.bos_id),
+            **tok.identity(),
+        },
+        "inputs": [os.path.basename(f) for f in files],
+        "settings": {
+            "max_length": tok_cfg.max_length,
+            "overlong": tok_cfg.overlong,
+            "behavior_logprobs_include_eos": tok_cfg.behavior_logprobs_include_eos,
+            "skip_invalid": cfg.skip_invalid,
+        },
+        "summary": {
+            "read": summary.read,
+            "written": summary.written,
+            "skipped": dict(sorted(summary.skips.counts.items())),
+            "tokens": summary.tokens,
+            "truncated_prompts": summary.truncated_prompts,
+            "truncated_responses": summary.truncated_responses,
+            "length_histogram": summary.length_histogram,
+        },
+    }
 
 
 def config_dict(cfg: PreprocessConfig) -> dict:
