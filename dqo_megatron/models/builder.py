@@ -67,33 +67,34 @@ def transformer_config_kwargs(
 ) -> dict:
     """The `TransformerConfig` fields of `transformer_config` (no checks; testable without a GPU).
 
+    One group per concern: the architecture (the family switches), the parallel layout, the numerical
+    formats (FP8's own fields from `dqo_megatron.models.precision`) and the kernel fusions. The loss
+    contract is per-token (`calculate_per_token_loss=True`: loss functions return sums and token counts,
+    and Megatron divides by the global count once).
+    """
+    from dqo_megatron.models.precision import fp8_transformer_config_kwargs
+
+    return {
+        **_architecture_kwargs(model),
+        **_parallel_kwargs(parallel, cuda),
+        **_dtype_kwargs(precision.resolved_dtype(cuda)),
+        **_fusion_kwargs(model, backend, cuda),
+        "calculate_per_token_loss": True,
+        **fp8_transformer_config_kwargs(precision),
+    }
+
+
+def _architecture_kwargs(model: ModelConfig) -> dict:
+    """Shapes, norm, activation, biases, dropout and init of `model`'s family.
+
     Per family: Qwen2's QKV bias is `add_qkv_bias` (Megatron gives linear_qkv a bias, TE's fused
     layernorm-linear too); Gemma's zero-centred gamma is `layernorm_zero_centered_gamma` (read by our
     RMSNorm and by TE's `TENorm` / `TELayerNormColumnParallelLinear` as `zero_centered_gamma`), its
     tanh GeGLU is the activation Megatron's MLP applies on either spec, and its embedding scale is a
-    hook on the embedding (`build_gpt_model`), independent of the spec. The loss contract is per-token
-    (`calculate_per_token_loss=True`: loss functions return sums and token counts, and Megatron
-    divides by the global count once).
-
-    Fusions: RoPE is fused: TE's kernel when TE is installed (and a GPU is there to run it), else ours
-    (`dqo_megatron.models.rope`, one autograd op instead of Megatron's chunk/cat/cat; put in Megatron's
-    empty fused-RoPE slot here, since `TransformerConfig` refuses ``apply_rope_fusion`` without one).
-    SwiGLU is fused on both specs: on the TE spec by Megatron's fused bias-SwiGLU (there is no bias; it
-    fuses the gate), Megatron-LM's default with TE; on the local spec by the spec's `SwiGLU` module
-    (`use_te_activation_func`, the flag under which Megatron's MLP applies a spec's activation
-    module). Gemma's tanh GeGLU stays unfused: Megatron fuses only `F.gelu`/`F.silu`. The other
-    fusions need apex, TE or custom kernels and are off on the local spec.
-    `gradient_accumulation_fusion` stays off: it makes TE write weight gradients into `main_grad`,
-    which exists only under Megatron DDP, and models are also run without it (conversion checks, tests).
+    hook on the embedding (`build_gpt_model`), independent of the spec.
     """
-    from dqo_megatron.models.rope import install_rope_kernel
-
-    fuse_rope = install_rope_kernel(cuda)
-    dtype_name = precision.resolved_dtype(cuda)
-    dtype = _DTYPES[dtype_name]
     swiglu = model.activation != "geglu"
-    te = backend == "te"
-    kwargs = dict(
+    return dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -110,36 +111,66 @@ def transformer_config_kwargs(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
+    )
+
+
+def _parallel_kwargs(parallel: ParallelConfig, cuda: bool) -> dict:
+    """The TP/PP/VPP/CP/SP layout, and how ranks initialize and exchange pipeline activations."""
+    return dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype_name == "bf16",
-        fp16=dtype_name == "fp16",
-        calculate_per_token_loss=True,
         use_cpu_initialization=not cuda,
         # gloo matches a batched isend/irecv between the same pair of ranks out of order (PP=2 with
         # virtual stages sends activations and gradients both ways): measured wrong losses. NCCL is fine.
         batch_p2p_comm=cuda,
+    )
+
+
+def _dtype_kwargs(dtype_name: str) -> dict:
+    """Parameter and pipeline-message dtype for 'fp32', 'bf16' or 'fp16'; softmax always in fp32."""
+    dtype = _DTYPES[dtype_name]
+    return dict(
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype_name == "bf16",
+        fp16=dtype_name == "fp16",
+        attention_softmax_in_fp32=True,
+    )
+
+
+def _fusion_kwargs(model: ModelConfig, backend: str, cuda: bool) -> dict:
+    """Which kernels are fused on layer spec `backend` ('te' or 'local').
+
+    RoPE is fused: TE's kernel when TE is installed (and a GPU is there to run it), else ours
+    (`dqo_megatron.models.rope`, one autograd op instead of Megatron's chunk/cat/cat; put in Megatron's
+    empty fused-RoPE slot here, since `TransformerConfig` refuses ``apply_rope_fusion`` without one).
+    SwiGLU is fused on both specs: on the TE spec by Megatron's fused bias-SwiGLU (there is no bias; it
+    fuses the gate), Megatron-LM's default with TE; on the local spec by the spec's `SwiGLU` module
+    (`use_te_activation_func`, the flag under which Megatron's MLP applies a spec's activation
+    module). Gemma's tanh GeGLU stays unfused: Megatron fuses only `F.gelu`/`F.silu`. The other
+    fusions need apex, TE or custom kernels and are off on the local spec.
+    `gradient_accumulation_fusion` stays off: it makes TE write weight gradients into `main_grad`,
+    which exists only under Megatron DDP, and models are also run without it (conversion checks, tests).
+    """
+    from dqo_megatron.models.rope import install_rope_kernel
+
+    swiglu = model.activation != "geglu"
+    te = backend == "te"
+    return dict(
         bias_activation_fusion=te and swiglu,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=fuse_rope,
+        apply_rope_fusion=install_rope_kernel(cuda),
         # On the local spec, SwiGLU runs as the spec's activation module (`local_spec.SwiGLU`); Megatron
         # reads the module only under this flag (named for TE's modules, which fill it on TE specs).
         use_te_activation_func=not te and swiglu,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
-        attention_softmax_in_fp32=True,
     )
-    from dqo_megatron.models.precision import fp8_transformer_config_kwargs
-
-    kwargs.update(fp8_transformer_config_kwargs(precision))
-    return kwargs
 
 
 def select_backend(requested: Backend = "auto") -> str:
@@ -151,8 +182,10 @@ def select_backend(requested: Backend = "auto") -> str:
         raise RuntimeError(f"Transformer Engine layer spec requested but unusable: {reason}")
     if requested == "local" or (requested == "auto" and not usable):
         if requested == "auto":
-            _log_once(f"Transformer Engine not used ({reason}); using the local layer spec "
-                      "(torch SDPA attention, fp32 RMSNorm)")  # fmt: skip
+            _log_once(
+                f"Transformer Engine not used ({reason}); using the local layer spec "
+                "(torch SDPA attention, fp32 RMSNorm)"
+            )
         return "local"
     return "te"
 
@@ -246,8 +279,9 @@ def build_model_chunks(
     stages = [None] if vpp is None else list(range(vpp))
     chunks = []
     for vp_stage in stages:
-        gpt = build_gpt_model(model, parallel, precision, backend=backend, vp_stage=vp_stage,
-                              config_overrides=config_overrides)  # fmt: skip
+        gpt = build_gpt_model(
+            model, parallel, precision, backend=backend, vp_stage=vp_stage, config_overrides=config_overrides
+        )
         gpt = gpt.to(device_for_this_process())
         if gpt.config.bf16 or gpt.config.fp16:
             gpt = Float16Module(gpt.config, gpt)
