@@ -21,13 +21,14 @@ def train(
     Several processes: `torchrun --nproc-per-node 8 -m dqo_megatron train -c examples/configs/qwen2-7b-gsm8k-dqo.yaml`.
     """
     from dqo_megatron.config import ConfigError, RunConfig, load_config
+    from dqo_megatron.eval.during_training import HeldOutEvaluator
     from dqo_megatron.parallel import destroy
     from dqo_megatron.training.trainer import train as run_training
 
     configure_logging()
     try:
         run = load_config(RunConfig, config, list(overrides or []) + ([f"train.resume={resume}"] if resume else []))
-        summary = run_training(run)
+        summary = run_training(run, make_evaluator=HeldOutEvaluator)
     except (ConfigError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -65,7 +65,7 @@ def plot_training_curves(sft_run: Path, runs: dict[str, Path], path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dqo_megatron.eval.during_training import read_evaluations
+    from dqo_megatron.training.evals import read_evaluations
 
     fig, axes = plt.subplots(1, 1 + len(CURVES), figsize=(4 * (1 + len(CURVES)), 3.6))
     rows = read_metrics(sft_run)

@@ -206,7 +206,7 @@ class Context:
         algorithm = "dqo" if name == "dqo_ps" else name
         run_dir = self._train(name, algorithm=algorithm, train_prefix=str(data), steps=steps, lr=cfg.rl_lr,
                               init_policy=str(self.path("base")), extra=extra)  # fmt: skip
-        from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
+        from dqo_megatron.training.evals import best_evaluation, read_evaluations
 
         if not single:
             self._validate_checkpoints(run_dir)
@@ -229,10 +229,11 @@ class Context:
         writes it, for layouts its in-training evaluator does not support."""
         import time
 
-        from dqo_megatron.eval.during_training import Evaluation, append_evaluation, greedy_correct
+        from dqo_megatron.eval.during_training import greedy_correct
         from dqo_megatron.rollout.megatron_backend import MegatronBackend
         from dqo_megatron.tasks.datasets import load_problems
         from dqo_megatron.training.checkpointing import list_checkpoints
+        from dqo_megatron.training.evals import Evaluation, append_evaluation
 
         problems = load_problems(self.path("validation.jsonl"), task="gsm8k")
         for step, path in list_checkpoints(run_dir / "checkpoints"):

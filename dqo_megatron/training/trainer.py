@@ -23,6 +23,7 @@ from pathlib import Path
 from dqo_megatron.config import ConfigError, RunConfig
 from dqo_megatron.training.algorithms import derived_metrics, rl_forward_step
 from dqo_megatron.training.checkpointer import Checkpointer, TrainingDiverged, _save  # noqa: F401  (_save: tests)
+from dqo_megatron.training.evals import EvalSchedule, EvaluatorFactory, build_evaluator
 from dqo_megatron.training.metrics_logger import MetricsLogger, learning_rates  # noqa: F401  (learning_rates: tests)
 from dqo_megatron.training.run_setup import TrainParts, setup
 from dqo_megatron.training.step import microbatch_iterators, train_step
@@ -63,13 +64,16 @@ class TrainSummary:
         self.skipped_nonfinite += 0 if result.update_successful else 1
 
 
-def train(run: RunConfig) -> TrainSummary:
+def train(run: RunConfig, make_evaluator: EvaluatorFactory | None = None) -> TrainSummary:
     """Train `run.algorithm` on `run.data.train_prefix` for `run.train.train_steps` steps (collective).
+
+    `make_evaluator(run, dp_rank, dp_size)` builds what measures the policy every `eval.interval` steps
+    (`dqo_megatron.eval.during_training.HeldOutEvaluator`, which `dqo-megatron train` passes); it is
+    called only when the interval is set, and then required (ConfigError without it).
 
     Holds `run.run_dir`'s lock for the whole run (`run_dir_lock`): a second run on the same run_dir
     refuses to start (RunDirInUse naming the holder) before it writes anything there."""
     from dqo_megatron import parallel
-    from dqo_megatron.eval.during_training import EvalSchedule
     from dqo_megatron.training.run_dir_lock import run_dir_lock
 
     _check_run(run)
@@ -78,8 +82,9 @@ def train(run: RunConfig) -> TrainSummary:
         parts = setup(run, info)
         checkpointer = Checkpointer(run, parts)
         summary = TrainSummary(start_step=checkpointer.resume(), model_chunks=parts.chunks)
-        evals = EvalSchedule(run, info.dp_rank, info.dp_size, parts.is_logger, start=parts.value_warmup,
-                             resumed_at=checkpointer.resumed_at)  # fmt: skip
+        evaluator = build_evaluator(run, make_evaluator, info.dp_rank, info.dp_size)
+        evals = EvalSchedule(run, parts.is_logger, evaluator, start=parts.value_warmup,
+                             resumed_at=checkpointer.resumed_at)
         step = summary.start_step
         with MetricsLogger(run, parts, start_step=step) as metrics:
             with checkpointer:  # SIGTERM becomes a flag: the step is saved, then the run stops

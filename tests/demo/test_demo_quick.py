@@ -58,7 +58,7 @@ def test_stage_outputs_are_valid(quick_demo):
     assert (run_dir / "base" / "model_config.yaml").is_file()
     for algo in ("sft", "dro", "dqo", "dqo_ps"):
         assert list((run_dir / "runs" / algo / "checkpoints").glob("step_*/COMPLETE"))
-    from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
+    from dqo_megatron.training.evals import best_evaluation, read_evaluations
 
     results = json.loads((run_dir / "demo.json").read_text())
     for algo in ("dro", "dqo", "dqo_ps"):
@@ -95,7 +95,7 @@ def test_training_reduced_the_loss(quick_demo):
 def test_quick_demo_under_tensor_parallelism_validates_saved_checkpoints(tmp_path):
     """--tp 2: the in-training evaluator needs TP = 1, so the demo validates the saved checkpoints
     afterwards (megatron backend at TP = 1) and picks from them by the same rule (~2.5 min)."""
-    from dqo_megatron.eval.during_training import best_evaluation, read_evaluations
+    from dqo_megatron.training.evals import best_evaluation, read_evaluations
 
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "dqo_megatron", "demo", "--quick", "--tp", "2", "--run-dir",

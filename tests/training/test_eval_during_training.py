@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dqo_megatron.config import ConfigError, ParallelConfig, RunConfig, TrainEvalConfig
-from dqo_megatron.eval.during_training import (
-    Evaluation,
-    append_evaluation,
-    best_evaluation,
-    check_layout,
-    read_evaluations,
-)
+from dqo_megatron.eval.during_training import check_layout
+from dqo_megatron.training.evals import Evaluation, append_evaluation, best_evaluation, build_evaluator, read_evaluations
 
 
 def test_the_rule_picks_the_highest_accuracy_and_the_earliest_on_ties():
@@ -51,7 +46,7 @@ def test_pruning_spares_the_kept_steps(tmp_path):
 
 
 def test_evaluations_start_when_the_policy_starts_moving():
-    from dqo_megatron.eval.during_training import EvalSchedule
+    from dqo_megatron.training.evals import EvalSchedule
 
     schedule = EvalSchedule.__new__(EvalSchedule)  # the schedule alone, without loading problems
     schedule.interval, schedule.start, schedule.last_step, schedule.evaluations = 25, 40, 130, []
@@ -59,3 +54,13 @@ def test_evaluations_start_when_the_policy_starts_moving():
     assert [s for s in range(131) if schedule.due(s)] == [40, 65, 90, 115, 130]
     schedule.evaluations.append(Evaluation(65, 0.5, 5, 10, 1.0))  # measured before a resume: not again
     assert not schedule.due(65)
+
+
+def test_an_interval_without_an_evaluator_is_refused_and_none_is_built_without_one():
+    run = RunConfig(eval=TrainEvalConfig(problems="p", interval=5))
+    with pytest.raises(ConfigError, match="eval.interval=5 needs an evaluator"):
+        build_evaluator(run, None, 0, 1)
+    built = []
+    assert build_evaluator(run, lambda *a: built.append(a) or "evaluator", 1, 2) == "evaluator"
+    assert built == [(run, 1, 2)]
+    assert build_evaluator(RunConfig(), lambda *a: built.append(a), 0, 1) is None and len(built) == 1
