@@ -32,142 +32,21 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import yaml
-
 from dqo_megatron.config import ConfigError
-from dqo_megatron.demo.task import (
-    AdditionTask,
-)
+from dqo_megatron.demo.config import ROWS, DemoConfig
+from dqo_megatron.demo.stages import Context
+from dqo_megatron.demo.task import AdditionTask
 
 logger = logging.getLogger(__name__)
 
 MARKER = "demo.json"
 """File that marks a directory as a demo run (such a directory may be replaced by the next demo)."""
-
-
-ROWS = {"dro": "DRO", "dqo": "DQO", "dqo_ps": "DQO+PS"}
-"""The trained rows (algorithm key -> row name); `dqo_ps` is DQO on the rollouts with process scores."""
-
-
-@dataclass
-class DemoConfig:
-    """Sizes and knobs of the demo (defaults: the full demo, under 10 minutes on 2 CPU cores)."""
-
-    run_dir: str = "runs/demo"
-    """Where everything goes; an existing demo run there is replaced once the new one completes (kept if it
-    fails), any other non-empty directory is an error."""
-    seed: int = 0
-    """Seeds the problems, demonstrations, model init, sampling and data order."""
-    quick: bool = False
-    """Smaller sizes everywhere (CI: the same stages in under 3 minutes)."""
-    tp: int = 1
-    """Tensor-parallel size of the Megatron stages (torchrun with gloo when > 1)."""
-    pp: int = 1
-    """Pipeline-parallel size of the Megatron stages."""
-    digits: int = 3
-    """Digits per operand: an answer has `digits` column steps; every column but the first may need a
-    carry-in (a decisive step). 3 is the most the demo's tiny model learns in its warm-up budget (at 4 its
-    base answers misread digits: 1.5% greedy accuracy, docs/demo.md)."""
-    carry_drop: float = 0.6
-    """Probability that a demonstration forgets a due carry (> 0.5: the warm policy's greedy step is wrong)."""
-    demonstrations: int = 4000
-    """Demonstrations for the supervised warm-up."""
-    sft_steps: int = 600
-    """Warm-up optimizer steps (batch 32)."""
-    rollout_problems: int = 512
-    """Training problems the base policy samples answers to (many problems, few samples each: a value
-    fitted on 64 problems x 8 samples memorized the problems and learned no step, docs/demo.md)."""
-    samples_per_problem: int = 4
-    """N: samples per training problem (about 40% of them correct)."""
-    value_warmup_steps: int = 400
-    """Critic warm-up of every row with a value (DRO, DQO, DQO+PS): the value network alone first
-    (value.warmup_steps), on data that is then exactly on-policy (importance weights 1)."""
-    rl_steps: int = 100
-    """Policy optimizer steps of each trained row after the warm-up (batch 32, the same data)."""
-    rl_lr: float = 1e-5
-    """Peak learning rate of the policy (DQO, DRO). At 3e-5 every row's validation accuracy peaked at the
-    first evaluation (25 policy steps) and fell by 14-19 points by step 100 (seed 0, docs/demo.md)."""
-    value_lr_ratio: float = 100.0
-    """Value learning rate = this x rl_lr: 1e-3, the best of 1e-5..3e-3 for this tiny value network in a
-    400-step value-only fit (benchmarks/value_lr.py, docs/algorithms.md); the trainer's default ratio is 10."""
-    beta: float = 0.1
-    """KL coefficient of DQO and DRO."""
-    eval_interval: int = 10
-    """Greedy accuracy on the validation problems every this many RL steps; the best step is the
-    checkpoint evaluated on the test problems (the paper picks checkpoints by evaluation)."""
-    validation_problems: int = 100
-    """Held-out problems (disjoint from the test problems) that pick each row's checkpoint."""
-    eval_problems: int = 500
-    """Held-out test problems of the accuracy table."""
-    analysis_problems: int = 100
-    """Held-out problems whose sampled answers get synthetic process scores (value analysis)."""
-    process_completions: int = 8
-    """M: completions per step prefix in process scores (the paper: 20)."""
-    step_reward: float = 0.1
-    """Process reward of each step of a solvable prefix (every_correct)."""
-    algorithms: tuple[str, ...] = ("dro", "dqo", "dqo_ps")
-    """Trained from the base policy, each with the same data and budget (dqo_ps: with process scores)."""
-
-    def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ConfigError(f"tp={self.tp}, pp={self.pp}: must be >= 1")
-        _check_layout(self.tp, self.pp)
-        if not 1 <= self.digits <= 6:
-            raise ConfigError(f"digits={self.digits}: choose 1..6")
-        if self.quick:  # the same stages at a size CI affords (2-digit problems; accuracies not meaningful)
-            self.digits = min(self.digits, 2)
-            self.demonstrations = min(self.demonstrations, 2000)
-            self.sft_steps = min(self.sft_steps, 300)
-            self.rollout_problems = min(self.rollout_problems, 48)
-            self.samples_per_problem = min(self.samples_per_problem, 4)
-            self.value_warmup_steps = min(self.value_warmup_steps, 6)
-            self.rl_steps = min(self.rl_steps, 12)
-            self.eval_interval = min(self.eval_interval, 6)
-            self.validation_problems = min(self.validation_problems, 16)
-            self.eval_problems = min(self.eval_problems, 40)
-            self.analysis_problems = min(self.analysis_problems, 12)
-            self.process_completions = min(self.process_completions, 2)
-        if self.value_warmup_steps < 0:
-            raise ConfigError(f"value_warmup_steps={self.value_warmup_steps}: must be >= 0")
-        for name in ("demonstrations", "sft_steps", "rollout_problems", "samples_per_problem", "rl_steps",
-                     "eval_interval", "validation_problems", "eval_problems", "analysis_problems",
-                     "process_completions"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        unknown = set(self.algorithms) - set(ROWS)
-        if unknown or not self.algorithms:
-            raise ConfigError(f"algorithms={list(self.algorithms)}: choose from {', '.join(ROWS)}")
-
-
-def model_config(seq_length: int) -> dict:
-    """The tiny Llama-family policy (about 0.1M parameters) built from Megatron's layer spec."""
-    return dict(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4,
-                num_query_groups=4, vocab_size=VOCAB, seq_length=seq_length)  # fmt: skip
-
-
-VOCAB = 128
-"""Sentencepiece pieces of the demo tokenizer."""
-
-
-def _check_layout(tp: int, pp: int) -> None:
-    """ConfigError (before any stage runs) when the demo's model cannot be split into TP x PP."""
-    from dqo_megatron.config import ModelConfig, ParallelConfig, validate_model_layout
-    from dqo_megatron.config.loader import from_dict
-
-    model = from_dict(ModelConfig, model_config(64), "model")
-    try:
-        validate_model_layout(model, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                              seq_length=64)  # fmt: skip
-    except ConfigError as exc:
-        raise ConfigError(f"--tp {tp} --pp {pp}: the demo's model cannot be split so: {exc}") from None
 
 
 @dataclass
@@ -249,90 +128,6 @@ def fresh_run_dir(path: Path) -> Iterator[None]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def run_config(cfg: DemoConfig, run_dir: Path, *, seq: int, algorithm: str, train_prefix: str, steps: int,
-               lr: float, init_policy: str | None = None, extra: dict | None = None) -> dict:  # fmt: skip
-    """A training config (the same YAML a user writes) for one of the demo's runs (`seq` tokens a row)."""
-    config = {
-        "model": model_config(seq),
-        "parallel": {"tensor_model_parallel_size": cfg.tp, "pipeline_model_parallel_size": cfg.pp},
-        "algorithm": algorithm,
-        "train": {"micro_batch_size": 32 // cfg.pp, "global_batch_size": 32,
-                  "seq_length": seq, "lr": lr, "train_steps": steps, "seed": cfg.seed + 1,
-                  "log_interval": max(steps // 10, 1), "keep_last_checkpoints": 1},  # fmt: skip
-        "data": {"train_prefix": train_prefix},
-        "run_dir": str(run_dir),
-    }
-    if init_policy:
-        config["init"] = {"policy": init_policy}
-    for section, values in (extra or {}).items():
-        config.setdefault(section, {}).update(values)
-    return config
-
-
-def _child_env() -> dict:
-    # A child picks its own rendezvous: never one inherited from a launcher that started the demo.
-    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "OMP_NUM_THREADS": "1"}
-
-
-def _dies_with_us():
-    """A `preexec_fn` that makes a stage's process die with the demo (even a `kill -9` of it), so that no
-    stage keeps writing into a run directory nobody runs any more."""
-    from dqo_megatron.processes import dies_with_this_process
-
-    return dies_with_this_process()
-
-
-def megatron_command(cfg: DemoConfig, args: list[str], log: Path, env_extra: dict | None = None) -> None:
-    """Run `dqo-megatron <args>` as a subprocess (torchrun with tp*pp ranks when > 1); output into `log`."""
-    world = cfg.tp * cfg.pp
-    if world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "dqo_megatron", *args]  # fmt: skip
-    else:
-        cmd = [sys.executable, "-m", "dqo_megatron", *args]
-    env = {**_child_env(), **(env_extra or {})}
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_dies_with_us())
-    if done.returncode != 0:
-        tail = log.read_text().splitlines()[-25:]
-        raise RuntimeError(f"`{' '.join(args[:1])}` failed (exit {done.returncode}); log {log}:\n" + "\n".join(tail))
-
-
-def single_command(args: list[str], log: Path) -> None:
-    """Run a single-process `dqo-megatron <args>` (export: always TP=PP=1) with its output in `log`."""
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "dqo_megatron", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env=_child_env(), preexec_fn=_dies_with_us())  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"`{args[0]}` failed (exit {done.returncode}); log {log}:\n"
-                           + "\n".join(log.read_text().splitlines()[-25:]))  # fmt: skip
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a training run's metrics.jsonl."""
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete training checkpoint of a run."""
-    from dqo_megatron.training.checkpointing import find_latest_checkpoint
-
-    found = find_latest_checkpoint(run_dir / "checkpoints")
-    if found is None:
-        raise RuntimeError(f"{run_dir} has no complete checkpoint")
-    return found
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    """Write `data` as YAML."""
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage; returns the results (also written to run_dir/demo.json). An earlier demo in
     run_dir is replaced only when this one completes (`fresh_run_dir`)."""
@@ -342,14 +137,12 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
 
 
 def _run_stages(cfg: DemoConfig, root: Path, echo: Callable[[str], None]) -> dict:
-    from dqo_megatron.demo import stages
-
     (root / "logs").mkdir()
     (root / MARKER).write_text(json.dumps({"config": asdict(cfg), "status": "running"}, indent=1))
     task = AdditionTask(cfg.digits, cfg.carry_drop)
     runner = Stages(total=9 + len(cfg.algorithms), echo=echo)
     started = time.perf_counter()
-    ctx = stages.Context(cfg=cfg, root=root, task=task)
+    ctx = Context(cfg=cfg, root=root, task=task)
     runner.run("task", f"synthetic {cfg.digits}-digit column addition, held-out splits, imperfect demonstrations",
                ctx.make_task)  # fmt: skip
     runner.run("tokenizer", "train a sentencepiece BPE model on the task's text; sequence lengths", ctx.make_tokenizer)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dqo_megatron.demo.pipeline import read_metrics
+from dqo_megatron.demo.config import ROWS
+from dqo_megatron.demo.runs import read_metrics
 
 
 def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
@@ -17,9 +18,6 @@ def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
 
 def summary_paragraph(cfg, measured: dict, seconds: float) -> str:
     """One paragraph saying what happened, with the numbers."""
-    from dqo_megatron.demo.pipeline import ROWS
-    from dqo_megatron.demo.stages import describe_value_row
-
     acc = measured["accuracy"]
     base = acc["base"]["greedy"]
     parts = [
@@ -45,6 +43,17 @@ def summary_paragraph(cfg, measured: dict, seconds: float) -> str:
         parts.append("Value analysis on held-out answers: " + "; ".join(describe_value_row(r) for r in rows) + ".")
     parts.append(f"Seed {cfg.seed}; the whole demo took {seconds / 60:.1f} minutes.")
     return " ".join(parts)
+
+
+def describe_value_row(row: dict) -> str:
+    """One line: DQO's per-step Pearson and drop, or DRO's V(x) correlation."""
+    def num(x):
+        return f"{x:.2f}" if isinstance(x, (int, float)) else "n/a"
+
+    if row["value_target"] == "prompt":
+        return f"{row['label']}: V(x) vs prompt success r = {num(row['initial_pearson'])} (V is trained at the prompt only)"
+    return (f"{row['label']}: Pearson {num(row['pearson'])} over {row['steps']} steps, value drop at the first "
+            f"unsolvable step {num(row['drop'])} (solvable steps {num(row['solvable_change'])})")
 
 
 CURVES = (
@@ -101,8 +110,6 @@ def plot_training_curves(sft_run: Path, runs: dict[str, Path], path: Path) -> Pa
 def write_report(ctx, seconds: float, done: list) -> list[Path]:
     """Write report.md (table, stage timings, summary) and training_curves.png into the run directory."""
     cfg, measured = ctx.cfg, ctx.measured
-    from dqo_megatron.demo.pipeline import ROWS
-
     runs = {ROWS[a]: ctx.path("runs", a) for a in cfg.algorithms}
     curves = plot_training_curves(ctx.path("runs", "sft"), runs, ctx.path("training_curves.png"))
     summary = summary_paragraph(cfg, measured, seconds)

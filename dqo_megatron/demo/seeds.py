@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from dqo_megatron.config import ConfigError
-from dqo_megatron.demo.pipeline import MARKER, DemoConfig, fresh_run_dir, run_demo
+from dqo_megatron.demo.config import DemoConfig
+from dqo_megatron.demo.pipeline import MARKER, fresh_run_dir, run_demo
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

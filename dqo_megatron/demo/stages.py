@@ -1,14 +1,13 @@
-"""The demo's stages (see pipeline.py for the order). Each returns (one-line summary, outputs written)."""
+"""The demo's stages (pipeline.py runs them in order). Each returns (one-line summary, outputs written)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dqo_megatron.demo.pipeline import (
-    ROWS,
-    VOCAB,
-    DemoConfig,
+from dqo_megatron.demo.config import ROWS, VOCAB, DemoConfig
+from dqo_megatron.demo.report import describe_value_row, write_report
+from dqo_megatron.demo.runs import (
     latest_checkpoint,
     megatron_command,
     read_metrics,
@@ -294,8 +293,6 @@ class Context:
         return "; ".join(parts), {"dir": str(self.path("value_analysis"))}
 
     def report(self, seconds: float, done: list):
-        from dqo_megatron.demo.report import write_report
-
         paths = write_report(self, seconds, done)
         return f"wrote {', '.join(Path(p).name for p in paths)}", {"files": [str(p) for p in paths]}
 
@@ -304,8 +301,6 @@ class Context:
         return {"config": asdict(self.cfg), "status": "done", "seconds": seconds, "measured": self.measured,
                 "stages": [{"name": s.name, "seconds": s.seconds, "summary": s.summary, "outputs": s.outputs}
                            for s in done]}  # fmt: skip
-
-
 
 
 def value_summary(row: dict) -> dict:
@@ -319,14 +314,3 @@ def value_summary(row: dict) -> dict:
             "pearson": row.get("pearson"), "steps": row.get("n"), "drop": first.get("mean"), "drops": first.get("n"),
             "solvable_change": solvable.get("mean"), "initial_pearson": initial.get("pearson"),
             "reason": row.get("reason") or row.get("undefined_reason")}  # fmt: skip
-
-
-def describe_value_row(row: dict) -> str:
-    """One line: DQO's per-step Pearson and drop, or DRO's V(x) correlation."""
-    def num(x):
-        return f"{x:.2f}" if isinstance(x, (int, float)) else "n/a"
-
-    if row["value_target"] == "prompt":
-        return f"{row['label']}: V(x) vs prompt success r = {num(row['initial_pearson'])} (V is trained at the prompt only)"
-    return (f"{row['label']}: Pearson {num(row['pearson'])} over {row['steps']} steps, value drop at the first "
-            f"unsolvable step {num(row['drop'])} (solvable steps {num(row['solvable_change'])})")

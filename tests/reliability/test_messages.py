@@ -262,7 +262,7 @@ def test_nonfinite_stored_rewards_are_refused_before_training(tmp_path, sp_model
 
 def test_settings_that_cannot_mean_anything(tmp_path):
     from dqo_megatron.config import ConfigError, RunConfig, load_config
-    from dqo_megatron.demo.pipeline import DemoConfig
+    from dqo_megatron.demo.config import DemoConfig
 
     for bad in ("train.lr=inf", "train.lr=nan", "value.lr=-inf", "train.clip_grad=.inf"):
         with pytest.raises(ConfigError, match="expected a finite number"):
