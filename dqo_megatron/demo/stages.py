@@ -48,6 +48,7 @@ class Context:
 
     @property
     def tokenizer(self) -> str:
+        """The demo tokenizer (a sentencepiece model in the run directory)."""
         return str(self.path("tokenizer.model"))
 
     def _tokenize_config(self):
@@ -57,6 +58,7 @@ class Context:
 
     # ------------------------------------------------------------------ data and warm-up
     def make_task(self):
+        """Stage `task`: held-out splits, training problems and imperfect demonstrations."""
         cfg, task = self.cfg, self.task
         held = (cfg.eval_problems, cfg.validation_problems, cfg.analysis_problems)
         held_out = make_problems(task, sum(held), seed=10_000 + cfg.seed)
@@ -76,6 +78,7 @@ class Context:
                 {"problems": str(self.path("train.jsonl")), "test": str(self.path("test.jsonl"))})  # fmt: skip
 
     def make_tokenizer(self):
+        """Stage `tokenizer`: a BPE model of the task's text; row and answer lengths from it."""
         import sentencepiece as spm
 
         problems = make_problems(self.task, 2000, seed=self.cfg.seed + 7)
@@ -106,6 +109,7 @@ class Context:
         return run_dir
 
     def warm_up(self):
+        """Stage `warm-up`: SFT from random init, exported to HF and converted back: the base policy."""
         self.path("configs").mkdir(exist_ok=True)
         docs = self._preprocess(self.path("demonstrations.jsonl"), self.path("data", "demonstrations"))
         run_dir = self._train("sft", algorithm="sft", train_prefix=str(self.path("data", "demonstrations")),
@@ -143,6 +147,7 @@ class Context:
                                          progress=False, **SAMPLING))  # fmt: skip
 
     def rollout(self):
+        """Stage `rollout`: N labeled samples per training problem from the base policy."""
         s = self._rollout(self.path("train.jsonl"), self.path("rollouts.jsonl"), self.cfg.samples_per_problem)
         self.measured["rollout_accuracy"] = s.correct / max(s.labeled, 1)
         return (f"{s.written} labeled samples ({100 * s.correct / max(s.labeled, 1):.0f}% correct), "
@@ -159,6 +164,7 @@ class Context:
                                                   progress=False, **SAMPLING), backend)  # fmt: skip
 
     def process_scores(self):
+        """Stage `process scores`: step rewards of the failed training answers and of held-out answers."""
         self._rollout(self.path("analysis.jsonl"), self.path("analysis_rollouts.jsonl"), 4)
         backend = self._backend(str(self.path("hf", "base")))
         try:  # the training rollouts (the paper's DQO + process scores) and the held-out answers (analysis)
@@ -179,6 +185,7 @@ class Context:
         megatron_command(self.cfg, ["annotate", "-c", str(config)], self.path("logs", f"annotate_{name}.log"))
 
     def prepare_data(self):
+        """Stage `data`: preprocess the rollouts (with and without process scores); reference log-probs."""
         docs = self._preprocess(self.path("rollouts.jsonl"), self.path("data", "rollouts"))
         self._annotate(self.path("data", "rollouts"), "rollouts")
         outputs = {"prefix": str(self.path("data", "rollouts"))}
@@ -189,6 +196,7 @@ class Context:
         return f"{docs}, reference log-probs stored", outputs
 
     def train_rl(self, name: str):
+        """Stage `DRO`/`DQO`/`DQO+PS`: train from the base policy; export the checkpoint validation picks."""
         cfg = self.cfg
         data = self.path("data", "rollouts_ps" if name == "dqo_ps" else "rollouts")
         evaluation = {"problems": str(self.path("validation.jsonl")), "interval": cfg.eval_interval, "task": "gsm8k",
@@ -253,6 +261,7 @@ class Context:
         return {"base": str(self.path("hf", "base")), **{ROWS[a]: str(self.path("hf", a)) for a in self.cfg.algorithms}}
 
     def evaluate(self):
+        """Stage `eval`: base and the trained rows on the test problems, greedy and sampled."""
         from dqo_megatron.eval.config import EvalConfig
         from dqo_megatron.eval.run import evaluate
 
@@ -268,6 +277,7 @@ class Context:
         return f"greedy/sampled accuracy %: {line}", {"table": str(self.path("eval", "results.md"))}
 
     def value_analysis(self):
+        """Stage `value analysis`: each run's values against the held-out answers' process scores."""
         from dqo_megatron.analysis.value_analysis import ValueAnalysisConfig, run_value_analysis
         from dqo_megatron.training.checkpointing import list_checkpoints
 
@@ -293,6 +303,7 @@ class Context:
         return "; ".join(parts), {"dir": str(self.path("value_analysis"))}
 
     def report(self, seconds: float, done: list):
+        """Stage `report`: report.md and training_curves.png."""
         paths = write_report(self, seconds, done)
         return f"wrote {', '.join(Path(p).name for p in paths)}", {"files": [str(p) for p in paths]}
 
