@@ -156,7 +156,8 @@ def measure(args, setup: str, precision: str, seq: int, fp8_recipe: str, backend
         finalize_policy_value_grads,
         pipeline_micro_batch_size,
     )
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.step import train_step
 
     algorithm, value_mode = SETUPS[setup]
     model = ModelConfig(**MODELS[args.model], seq_length=seq)

@@ -94,13 +94,13 @@ class Ours:
 
     def __init__(self, run):
         from dqo_megatron.algorithms import get as get_algorithm
-        from dqo_megatron.training.init import load_initial_weights
+        from dqo_megatron.training.initial_weights import load_initial_weights
         from dqo_megatron.training.policy_value import (
             build_policy_value_chunks,
             finalize_policy_value_grads,
             pipeline_micro_batch_size,
         )
-        from dqo_megatron.training.step import attach_finalize, build_optimizer, wrap_with_ddp
+        from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
 
         self.run = run
         # Reference log-probs come with the batch: no reference model in the run.

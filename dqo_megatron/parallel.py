@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -133,3 +134,30 @@ def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def unwrap(module: torch.nn.Module, found: Callable[[torch.nn.Module], bool], what: str) -> torch.nn.Module:
+    """The first module, going inward through ``.module`` (Megatron DDP, Float16Module, our own
+    wrappers), for which `found` is true; TypeError "<outer type> has no <what>" when none is.
+
+    The one place that knows wrappers nest by ``.module``: e.g.
+    ``unwrap(chunk, lambda m: hasattr(m, "decoder"), "decoder")`` is the GPTModel inside a DDP chunk."""
+    inner = module
+    while not found(inner) and hasattr(inner, "module"):
+        inner = inner.module
+    if not found(inner):
+        raise TypeError(f"{type(module).__name__} has no {what}")
+    return inner
+
+
+def cp_local_positions(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global token positions held by `cp_rank` under Megatron's load-balanced CP layout.
+
+    The sequence of length ``local_len * cp_size`` is cut into ``2*cp_size`` chunks; the rank holds
+    chunks ``cp_rank`` and ``2*cp_size-1-cp_rank`` (so causal attention costs every rank the same).
+    Returns ``[local_len]`` int64.
+    """
+    chunk = local_len // 2
+    first = torch.arange(chunk, device=device) + cp_rank * chunk
+    second = torch.arange(chunk, device=device) + (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([first, second])

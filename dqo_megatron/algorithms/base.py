@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 ROWS_PER_ITEM = {"samples": 1, "pairs": 2, "kto": 2}
 """Rows of a micro-batch per `train.micro_batch_size` unit, by batch mode (see
-`dqo_megatron.training.data.MicroBatches`): samples = one row per document; pairs = rows [0, B) chosen,
+`dqo_megatron.training.microbatches.MicroBatches`): samples = one row per document; pairs = rows [0, B) chosen,
 [B, 2B) rejected (DPO); kto = rows [0, B) the documents, [B, 2B) mismatched prompt/response rows."""
 
 LossTriple = tuple[torch.Tensor, torch.Tensor, dict]

@@ -145,10 +145,10 @@ class _TrunkAndHead(torch.nn.Module):
         self.value_head = head
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        """``<member>.*`` of the trunk and ``value_head.*`` (see `policy_value_sharded_state_dict`)."""
-        from dqo_megatron.training.checkpointing import policy_value_sharded_state_dict
+        """``<member>.*`` of the trunk and ``value_head.*`` (see `members_sharded_state_dict`)."""
+        from dqo_megatron.training.policy_value import members_sharded_state_dict
 
-        return policy_value_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        return members_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load member by member (a Float16Module-wrapped trunk's own names carry ``module.``)."""

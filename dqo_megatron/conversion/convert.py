@@ -292,7 +292,8 @@ def megatron_to_hf(
         hf_io.write_hf_safetensors(tmp, rules, get, hf_bytes, max_bytes, progress)
         hf_io.write_json(tmp / "config.json", fam.config_to_hf(cfg, base_config, out_dtype))
         hf_io.copy_side_files(tokenizer_dir, tmp)
-        del chunk, params
+        params.clear()  # frees the tensors (the closures above still name the dict)
+        del chunk
         if verify:
             cast = out_dtype if out_dtype != info.torch_dtype else None
             parity = verify_parity(tmp, src, tolerance, round_megatron_to=cast)

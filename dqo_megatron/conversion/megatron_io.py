@@ -39,7 +39,7 @@ from dqo_megatron.conversion.record_writer import (
     _Writeback,
 )
 from dqo_megatron.conversion.registry import ConversionError
-from dqo_megatron.training.checkpoint_integrity import (
+from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     ManifestError,
     all_gather,
@@ -264,7 +264,7 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
     failures = [f"rank {rank}: {f}" for rank, f in enumerate(all_gather(failure)) if f is not None]
     if failures:
         raise ConversionError(f"saving {weights_dir} failed ({'; '.join(failures)})")
-    try:  # what load_chunks checks (training.checkpoint_integrity, shared with training checkpoints)
+    try:  # what load_chunks checks (checkpoint_integrity, shared with training checkpoints)
         write_manifest_everywhere(weights_dir)
     except ManifestError as exc:  # raised on every rank alike
         raise ConversionError(str(exc)) from None

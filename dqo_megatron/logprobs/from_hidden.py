@@ -201,9 +201,9 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
 
     With tied embeddings this is the shared embedding weight; only on the last pipeline stage.
     """
-    from dqo_megatron.models.value_head import unwrap_gpt
+    from dqo_megatron.parallel import unwrap
 
-    gpt = unwrap_gpt(model)
+    gpt = unwrap(model, lambda m: hasattr(m, "share_embeddings_and_output_weights"), "output layer")
     if gpt.share_embeddings_and_output_weights:
         return gpt.shared_embedding_or_output_weight()
     return gpt.output_layer.weight

@@ -6,7 +6,7 @@ parallelism (CP) a rank only holds part of each sequence:
 * SP (over the TP group): hidden states are ``[s/tp, b, h]``; rank r holds the contiguous positions
   ``[r*s/tp, (r+1)*s/tp)``.
 * CP (load-balanced, Megatron's layout): the sequence is cut into ``2*cp`` equal chunks and rank r holds
-  chunks ``r`` and ``2*cp-1-r`` (`dqo_megatron.models.local_spec.cp_local_positions`), so every rank
+  chunks ``r`` and ``2*cp-1-r`` (`dqo_megatron.parallel.cp_local_positions`), so every rank
   does a similar share of causal attention.
 
 Gradients: a gather's adjoint is "add up the gradients every rank sends to my piece, keep my piece".
@@ -117,7 +117,7 @@ def gather_from_sequence_parallel(
 
 def _cp_order(local_len: int, cp: int, device) -> torch.Tensor:
     """For the rank-major concatenation of all CP ranks' parts: the global position of each entry."""
-    from dqo_megatron.models.local_spec import cp_local_positions
+    from dqo_megatron.parallel import cp_local_positions
 
     if local_len % 2:
         raise ValueError(f"under CP each rank holds two equal chunks; local length {local_len} is odd")
@@ -157,7 +157,7 @@ def split_for_context_parallel(x: torch.Tensor, cp_group=None, *, dim: int = 1) 
     cp = group_size(cp_group)
     if cp == 1:
         return x
-    from dqo_megatron.models.local_spec import cp_local_positions
+    from dqo_megatron.parallel import cp_local_positions
 
     length = x.shape[dim]
     if length % (2 * cp):

@@ -40,6 +40,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from dqo_megatron.parallel import cp_local_positions
+
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dim, in fp32: ``y = x / sqrt(mean(x^2) + eps) * gamma``.
@@ -116,18 +118,6 @@ class _AllGatherSeq(torch.autograd.Function):
         grad = grad.contiguous()
         torch.distributed.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local], None
-
-
-def cp_local_positions(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """Global token positions held by `cp_rank` under Megatron's load-balanced CP layout.
-
-    The sequence of length ``local_len * cp_size`` is cut into ``2*cp_size`` chunks; the rank holds
-    chunks ``cp_rank`` and ``2*cp_size-1-cp_rank``. Returns ``[local_len]`` int64.
-    """
-    chunk = local_len // 2
-    first = torch.arange(chunk, device=device) + cp_rank * chunk
-    second = torch.arange(chunk, device=device) + (2 * cp_size - 1 - cp_rank) * chunk
-    return torch.cat([first, second])
 
 
 class SDPACoreAttention(MegatronModule):

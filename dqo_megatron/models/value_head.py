@@ -38,6 +38,8 @@ from typing import Iterator, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from dqo_megatron.parallel import unwrap
+
 VALUE_HEAD_ATTR = "is_value_head"
 """Attribute set to True on every value-head parameter (the key for its own parameter group)."""
 
@@ -109,12 +111,7 @@ def split_value_head_params(module: torch.nn.Module) -> tuple[list, list]:
 
 def unwrap_gpt(model: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside Megatron DDP / Float16Module wrappers (anything with a ``decoder``)."""
-    inner = model
-    while not hasattr(inner, "decoder") and hasattr(inner, "module"):
-        inner = inner.module
-    if not hasattr(inner, "decoder"):
-        raise TypeError(f"{type(model).__name__} has no decoder (not a Megatron GPTModel?)")
-    return inner
+    return unwrap(model, lambda m: hasattr(m, "decoder"), "decoder (not a Megatron GPTModel?)")
 
 
 class FinalHiddenStates:

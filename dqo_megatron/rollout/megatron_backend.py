@@ -7,7 +7,7 @@ Two kinds of checkpoint are read, in one process at TP=PP=1 (whatever layout wro
 * a training checkpoint ``run_dir/checkpoints/step_N`` (its policy), with the run's config
   (default ``run_dir/config.yaml``); the tokenizer then comes from ``init.policy``'s ``hf/``.
 
-Decoding is `dqo_megatron.models.generate.generate`: no KV cache (each step re-runs the prefix),
+Decoding is `dqo_megatron.rollout.megatron_generate.generate`: no KV cache (each step re-runs the prefix),
 fine for the small models this backend is for (checking a trained policy on CPU, tests). Token
 choice and log-probs use the same `sampling` code and per-row seeds as the transformers backend, so
 on the same weights both give the same samples up to float rounding (greedy: the same tokens).
@@ -173,7 +173,7 @@ class MegatronBackend:
     def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
                  prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
         """`params.n` completions per prompt (see `GenerationBackend.generate`)."""
-        from dqo_megatron.models.generate import generate
+        from dqo_megatron.rollout.megatron_generate import generate
 
         prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
                                                              seeds, params)  # fmt: skip

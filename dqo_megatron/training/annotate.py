@@ -55,9 +55,9 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     from dqo_megatron.data.indexed import (
         mark_reference_logprobs_filled, open_reference_logprobs_for_update, stage_reference_logprobs,
     )  # fmt: skip
-    from dqo_megatron.training.data import to_model_batch
+    from dqo_megatron.training.microbatches import to_model_batch
     from dqo_megatron.training.data_check import check_data_matches_model
-    from dqo_megatron.training.init import load_initial_weights
+    from dqo_megatron.training.initial_weights import load_initial_weights
 
     if not run.data.train_prefix:
         raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")

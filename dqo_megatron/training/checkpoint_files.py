@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dqo_megatron.outputs import fsync_dir
-from dqo_megatron.training.checkpoint_integrity import MANIFEST_FILE, is_damage, one_line
+from dqo_megatron.checkpoint_integrity import MANIFEST_FILE, is_damage, one_line
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ Everything of ours is read back with ``torch.load(weights_only=True)``: `extra` 
 must be tensors and Python primitives (checked at save time).
 
 `PolicyValueModel` (several GPTs + a value head in one chunk) gets its sharded state dict from
-`policy_value_sharded_state_dict`: each member's GPT keys under ``policy.`` / ``value.`` /
+`policy_value.members_sharded_state_dict`: each member's GPT keys under ``policy.`` / ``value.`` /
 ``reference.`` (a frozen reference held in the run is saved too, so a resume needs nothing else),
 and the replicated head as ``value_head.weight`` / ``value_head.bias``.
 
@@ -78,7 +78,7 @@ from dqo_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported
     step_dir_name,
     write_text_atomically,
 )
-from dqo_megatron.training.checkpoint_integrity import (
+from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     ManifestError,
     all_gather,
@@ -95,11 +95,9 @@ from dqo_megatron.training.checkpoint_integrity import (
     write_manifest,
 )
 from dqo_megatron.training.rng_state import rng_state, set_rng_state  # noqa: F401 - re-exported
+from dqo_megatron.training.policy_value import PolicyValueModel, load_members_state
 
 logger = logging.getLogger(__name__)
-
-_MEMBERS = ("policy", "value", "reference")
-
 
 # --------------------------------------------------------------------------- model state dicts
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -115,26 +113,6 @@ def _sharding_metadata() -> dict:
     return {"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "fully_sharded_model_space"}
 
 
-def policy_value_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple = (),
-                                    metadata: dict | None = None) -> dict:  # fmt: skip
-    """Sharded state dict of a `PolicyValueModel`: its members' GPT keys under ``<prefix><member>.``,
-    the value head (``weight [1, h]``, ``bias [1]``, replicated over TP and DP/CP, present on the last
-    pipeline stage only) as plain ShardedTensors under ``<prefix>value_head.``."""
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-    state = {}
-    for name in _MEMBERS:
-        member = getattr(model, name, None)
-        if member is not None:
-            state.update(member.sharded_state_dict(prefix=f"{prefix}{name}.", sharded_offsets=sharded_offsets,
-                                                   metadata=metadata))  # fmt: skip
-    if getattr(model, "value_head", None) is not None:
-        head = model.value_head.state_dict(keep_vars=True)
-        # No TP axis: every TP/DP/CP rank holds the whole head; replica ids make one rank save it.
-        state.update(make_sharded_tensors_for_checkpoint(head, f"{prefix}value_head.", {}, sharded_offsets))
-    return state
-
-
 def _model_keys(n_chunks: int) -> list[str]:
     return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
 
@@ -145,20 +123,11 @@ def _models_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict:
 
 
 def _load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
-    """`model.load_state_dict(state)`, member by member for a `PolicyValueModel` (its members may be
-    wrapped in Float16Module, whose parameter names carry an extra ``module.`` the checkpoint keys lack)."""
-    from dqo_megatron.training.policy_value import PolicyValueModel
-
+    """`model.load_state_dict(state)` (member by member for a `PolicyValueModel`), any mismatch a
+    CheckpointError naming `where`."""
     try:
         if isinstance(model, PolicyValueModel):
-            for name in _MEMBERS:
-                member = getattr(model, name)
-                if member is not None:
-                    sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
-                    _unwrap(member).load_state_dict(sub, strict=True)
-            if model.value_head is not None:
-                sub = {k[len("value_head.") :]: v for k, v in state.items() if k.startswith("value_head.")}
-                model.value_head.load_state_dict(sub, strict=True)
+            load_members_state(model, state)
         else:
             model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -25,6 +25,9 @@ import math
 
 import torch
 
+MEMBER_KEY = "dqo_member"
+"""Param-group key marking the value network's group ("value"; the optimizer setup tags it)."""
+
 MEMBERS = ("policy", "value")
 """Members in the fixed order every rank reduces their norms in (a rank may hold none of a member's
 parameters, e.g. the value head off the last pipeline stage: it still takes part in the all-reduce)."""
@@ -32,8 +35,6 @@ parameters, e.g. the value head off the last pipeline stage: it still takes part
 
 def member_of(param_group: dict) -> str:
     """"value" for the value network's param groups, else "policy"."""
-    from dqo_megatron.training.step import MEMBER_KEY
-
     return param_group.get(MEMBER_KEY) or "policy"
 
 

@@ -133,7 +133,7 @@ def _wandb(run: RunConfig):
 
 def learning_rates(optimizer) -> dict[str, float]:
     """{"policy": lr, "value": lr} now (the value entry only when the run learns a value network)."""
-    from dqo_megatron.training.step import MEMBER_KEY
+    from dqo_megatron.training.member_step import MEMBER_KEY
 
     out: dict[str, float] = {}
     for group in optimizer.param_groups:

@@ -26,9 +26,14 @@ import torch
 
 from dqo_megatron.logprobs import gather_from_sequence_parallel, output_weight, token_logprobs_from_hidden
 from dqo_megatron.models.value_head import VALUE_HEAD_ATTR, ValueHead, final_hidden_states_only, unwrap_gpt
+from dqo_megatron.parallel import unwrap
 
 LOGP, VALUE, REF_LOGP = 0, 1, 2
 """Indices of the last dimension of `PolicyValueModel`'s output on the last stage."""
+
+
+MEMBERS = ("policy", "value", "reference")
+"""The member attributes a `PolicyValueModel` may hold, in checkpoint-key order."""
 
 
 class PolicyValueModel(torch.nn.Module):
@@ -103,10 +108,8 @@ class PolicyValueModel(torch.nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """Megatron's checkpoint interface: each member's GPT keys under ``<prefix>policy.`` /
         ``value.`` / ``reference.`` and the replicated head under ``<prefix>value_head.``
-        (see `dqo_megatron.training.checkpointing.policy_value_sharded_state_dict`)."""
-        from dqo_megatron.training.checkpointing import policy_value_sharded_state_dict
-
-        return policy_value_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        (`members_sharded_state_dict`)."""
+        return members_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens, position_ids, labels: ``[b, s_local]`` (this CP rank's part).
@@ -160,6 +163,42 @@ class PolicyValueModel(torch.nn.Module):
         return torch.stack([logp, values, ref], dim=-1)
 
 
+def members_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple = (),
+                                    metadata: dict | None = None) -> dict:  # fmt: skip
+    """Sharded state dict of a `PolicyValueModel`: its members' GPT keys under ``<prefix><member>.``,
+    the value head (``weight [1, h]``, ``bias [1]``, replicated over TP and DP/CP, present on the last
+    pipeline stage only) as plain ShardedTensors under ``<prefix>value_head.``."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    state = {}
+    for name in MEMBERS:
+        member = getattr(model, name, None)
+        if member is not None:
+            state.update(member.sharded_state_dict(prefix=f"{prefix}{name}.", sharded_offsets=sharded_offsets,
+                                                   metadata=metadata))  # fmt: skip
+    if getattr(model, "value_head", None) is not None:
+        head = model.value_head.state_dict(keep_vars=True)
+        # No TP axis: every TP/DP/CP rank holds the whole head; replica ids make one rank save it.
+        state.update(make_sharded_tensors_for_checkpoint(head, f"{prefix}value_head.", {}, sharded_offsets))
+    return state
+
+
+def load_members_state(model, state: dict) -> None:
+    """Load a `members_sharded_state_dict`-shaped `state` member by member (strict; RuntimeError on a
+    mismatch): members may be wrapped in Float16Module, whose parameter names carry an extra
+    ``module.`` the checkpoint keys lack."""
+    from megatron.core.utils import unwrap_model
+
+    for name in MEMBERS:
+        member = getattr(model, name)
+        if member is not None:
+            sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            unwrap_model(member).load_state_dict(sub, strict=True)
+    if model.value_head is not None:
+        sub = {k[len("value_head.") :]: v for k, v in state.items() if k.startswith("value_head.")}
+        model.value_head.load_state_dict(sub, strict=True)
+
+
 def finalize_policy_value_grads(model: list, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """Megatron's `finalize_model_grads`, plus the tied-embedding gradient all-reduce between the first
     and last pipeline stages for every member with tied embeddings (Megatron's handles one model)."""
@@ -172,9 +211,8 @@ def finalize_policy_value_grads(model: list, num_tokens=None, pg_collection=None
     group = parallel_state.get_embedding_group()
     if torch.distributed.get_rank() not in torch.distributed.get_process_group_ranks(group):
         return
-    chunk = model[0] if parallel_state.is_pipeline_first_stage(ignore_virtual=True) else model[-1]
-    while not isinstance(chunk, PolicyValueModel) and hasattr(chunk, "module"):
-        chunk = chunk.module
+    outer = model[0] if parallel_state.is_pipeline_first_stage(ignore_virtual=True) else model[-1]
+    chunk = unwrap(outer, lambda m: isinstance(m, PolicyValueModel), "PolicyValueModel")
     for member in (chunk.policy, chunk.value):
         gpt = unwrap_gpt(member) if member is not None else None
         if gpt is not None and gpt.share_embeddings_and_output_weights:
@@ -185,10 +223,10 @@ def finalize_policy_value_grads(model: list, num_tokens=None, pg_collection=None
 
 def pipeline_micro_batch_size(model: "PolicyValueModel | torch.nn.Module", micro_batch_size: int) -> int:
     """The micro-batch size to give Megatron's schedule: members stack along the batch dimension."""
-    inner = model
-    while not isinstance(inner, PolicyValueModel) and hasattr(inner, "module"):
-        inner = inner.module
-    members = len(inner.members) if isinstance(inner, PolicyValueModel) else 1
+    try:
+        members = len(unwrap(model, lambda m: isinstance(m, PolicyValueModel), "PolicyValueModel").members)
+    except TypeError:  # a bare GPT chunk: one member
+        members = 1
     return micro_batch_size * members
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dqo_megatron.training.checkpoint_files import CheckpointError
-from dqo_megatron.training.checkpoint_integrity import broadcast
+from dqo_megatron.checkpoint_integrity import broadcast
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ import torch
 
 from dqo_megatron.algorithms import get as get_algorithm
 from dqo_megatron.config import ConfigError, RunConfig
-from dqo_megatron.training.init import load_initial_weights
+from dqo_megatron.training.initial_weights import load_initial_weights
 from dqo_megatron.training.policy_value import (
     build_policy_value_chunks,
     finalize_policy_value_grads,
     pipeline_micro_batch_size,
 )
-from dqo_megatron.training.step import attach_finalize, build_optimizer, build_scheduler, wrap_with_ddp
+from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, build_scheduler, wrap_with_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def setup(run: RunConfig, info) -> TrainParts:
 def _data(run: RunConfig, info, algorithm, is_logger: bool):
     """(dataset, this rank's MicroBatches, whether a reference model is needed in the run)."""
     from dqo_megatron.data.dataset import TrajectoryDataset
-    from dqo_megatron.training.data import MicroBatches
+    from dqo_megatron.training.microbatches import MicroBatches
     from dqo_megatron.training.data_check import check_data_matches_model
 
     dataset = TrajectoryDataset(run.data.train_prefix)

@@ -14,14 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dqo_megatron.config import ConfigError, RunConfig, save_config
-from dqo_megatron.training.step import (
-    StepResult,
-    attach_finalize,
-    build_optimizer,
-    microbatch_iterators,
-    train_step,
-    wrap_with_ddp,
-)
+from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+from dqo_megatron.training.step import StepResult, microbatch_iterators, train_step
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from dqo_megatron.config import ConfigError, RunConfig
 from dqo_megatron.training.algorithms import derived_metrics, rl_forward_step
-from dqo_megatron.training.checkpointer import Checkpointer, TrainingDiverged, _save  # noqa: F401  (_save: tests)
+from dqo_megatron.training.checkpointer import Checkpointer, TrainingDiverged
 from dqo_megatron.training.evals import EvalSchedule, EvaluatorFactory, build_evaluator
-from dqo_megatron.training.metrics_logger import MetricsLogger, learning_rates  # noqa: F401  (learning_rates: tests)
+from dqo_megatron.training.metrics_logger import MetricsLogger
 from dqo_megatron.training.run_setup import TrainParts, setup
 from dqo_megatron.training.step import microbatch_iterators, train_step
 

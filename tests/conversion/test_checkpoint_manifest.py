@@ -1,4 +1,4 @@
-"""Conversion checkpoints carry the same manifest as training checkpoints (`training.checkpoint_integrity`):
+"""Conversion checkpoints carry the same manifest as training checkpoints (`checkpoint_integrity`):
 written by `save_chunks`, checked by `load_chunks`. A damaged ``weights/`` file is a ConversionError
 naming it (nothing written); a directory from before manifests still loads; a full disk during the
 save is named and leaves no output."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dqo_megatron.training.checkpoint_integrity import MANIFEST_FILE, file_crc32
+from dqo_megatron.checkpoint_integrity import MANIFEST_FILE, file_crc32
 from tests.conversion.ranks import _allow_children, convert_rank, tiny_hf_model
 from tests.helpers.distributed import run_distributed
 

@@ -123,7 +123,8 @@ def lm_training_curve(model_cfg: ModelConfig, precision: PrecisionConfig, steps:
                       lr: float = 1e-3, seed: int = 0, backend: str = "te") -> list[float]:  # fmt: skip
     """Losses of `steps` optimizer steps (Adam, constant LR) on `pattern_batch` data; one GPU."""
     from dqo_megatron.models import build_model_chunks
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, lm_forward_step, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.step import lm_forward_step, train_step
 
     info = parallel.initialize(ParallelConfig(), seed=1234)  # same init weights in every run
     chunks = build_model_chunks(model_cfg, ParallelConfig(), precision, backend=backend)
@@ -143,7 +144,7 @@ def lm_training_curve(model_cfg: ModelConfig, precision: PrecisionConfig, steps:
 def _setup_fp32(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, full_state=None):
     from dqo_megatron.models import build_model_chunks
     from dqo_megatron.models.weights import load_full_state
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
     from tests.helpers.layouts import LR, SEED
 
     info = parallel.initialize(parallel_cfg, seed=SEED)
@@ -181,7 +182,7 @@ def layout_deviation(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch
     sees on its own shards (compared on the CPU)."""
     from megatron.core import parallel_state as ps
 
-    from dqo_megatron.models.local_spec import cp_local_positions
+    from dqo_megatron.parallel import cp_local_positions
     from dqo_megatron.models.weights import local_to_global_names, shard_tensor_for_rank
     from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, train_step
     from tests.helpers.layouts import _collect_logits, micro_batches
@@ -230,7 +231,8 @@ def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: in
     from dqo_megatron.training.algorithms import rl_forward_step
     from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
     from dqo_megatron.training.policy_value import pipeline_micro_batch_size
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.step import train_step
     from tests.helpers.rl_layouts import make_rl_batch
 
     run = RunConfig(model=model_cfg, algorithm="dqo", loss=LossConfig(beta=0.1, lam=0.9),

@@ -12,17 +12,10 @@ import torch
 from dqo_megatron import parallel
 from dqo_megatron.config import ModelConfig, ParallelConfig
 from dqo_megatron.models import build_model_chunks
-from dqo_megatron.models.local_spec import cp_local_positions
+from dqo_megatron.parallel import cp_local_positions
 from dqo_megatron.models.weights import full_state_of_unsharded, load_full_state, local_to_global_names, shard_tensor_for_rank
-from dqo_megatron.training.step import (
-    attach_finalize,
-    build_optimizer,
-    lm_forward_step,
-    microbatch_iterators,
-    slice_batch_for_context_parallel,
-    train_step,
-    wrap_with_ddp,
-)
+from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, slice_batch_for_context_parallel, train_step
 
 LR = 0.05
 SEED = 1234

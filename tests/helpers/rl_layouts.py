@@ -16,7 +16,8 @@ from dqo_megatron.training.policy_value import (
     finalize_policy_value_grads,
     pipeline_micro_batch_size,
 )
-from dqo_megatron.training.step import attach_finalize, build_optimizer, microbatch_iterators, train_step, wrap_with_ddp
+from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+from dqo_megatron.training.step import microbatch_iterators, train_step
 from tests.helpers.layouts import micro_batches
 
 LR = 0.05

@@ -20,7 +20,7 @@ from dqo_megatron.logprobs import (
     token_logprobs_from_hidden,
     token_logprobs_from_logits,
 )
-from dqo_megatron.models.local_spec import cp_local_positions
+from dqo_megatron.parallel import cp_local_positions
 from tests.helpers.distributed import run_distributed
 from tests.logprobs.reference import random_case, reference_logprobs
 
@@ -163,7 +163,7 @@ def _model_tp2_sp_body() -> dict:
 
     from dqo_megatron.models import build_model_chunks
     from dqo_megatron.models.value_head import FinalHiddenStates, ValueHead, final_hidden_states_only
-    from dqo_megatron.training.step import wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import wrap_with_ddp
 
     cfg_parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     parallel.initialize(cfg_parallel)

@@ -88,7 +88,7 @@ def test_tokenizer_paths_that_are_not_tokenizers(tmp_path, hf_dir):
 
 
 def test_a_refused_pickle_is_not_answered_with_advice_to_unpickle_it():
-    from dqo_megatron.training.checkpoint_integrity import one_line
+    from dqo_megatron.checkpoint_integrity import one_line
 
     torch_text = ("Weights only load failed. This file can still be loaded, to do so you have two options, do those "
                   "steps only if you trust the source of the checkpoint.\n (1) In PyTorch 2.6, we changed the default "
@@ -307,7 +307,7 @@ def _save_with_nan_weights(root: str) -> str:
     """One rank: the trainer's save of a model whose weights hold a NaN (as a huge LR leaves them)."""
     import torch
 
-    from dqo_megatron.training.trainer import TrainingDiverged, _save
+    from dqo_megatron.training.checkpointer import TrainingDiverged, _save
 
     torch.distributed.init_process_group("gloo")
     model = torch.nn.Linear(2, 2)

@@ -55,7 +55,7 @@ def _log_weights(ds: TrajectoryDataset, policy) -> tuple[np.ndarray, np.ndarray]
     log-probs. Returns float64 ``[D]`` and the documents' truncated flags, bool ``[D]``."""
     from dqo_megatron.data.batching import pad_collate
     from dqo_megatron.logprobs import token_logprobs_from_logits
-    from dqo_megatron.training.data import to_model_batch
+    from dqo_megatron.training.microbatches import to_model_batch
 
     docs = [i for i in range(len(ds)) if ds.has_behavior[i]]
     batch = to_model_batch(pad_collate([ds[i] for i in docs], pad_id=0), with_ref_logprobs=False)

@@ -21,16 +21,8 @@ from dqo_megatron import parallel
 from dqo_megatron.config import LossConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig, ValueConfig
 from dqo_megatron.models import build_model_chunks
 from dqo_megatron.training import checkpointing
-from dqo_megatron.training.step import (
-    attach_finalize,
-    build_optimizer,
-    build_scheduler,
-    lm_forward_step,
-    microbatch_iterators,
-    reduce_metrics,
-    train_step,
-    wrap_with_ddp,
-)
+from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, build_scheduler, wrap_with_ddp
+from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, reduce_metrics, train_step
 from tests.helpers.layouts import make_batch, micro_batches
 
 SEQ, GLOBAL_BATCH, VOCAB, MBS = 32, 4, 256, 1

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from dqo_megatron.training import checkpointing
-from dqo_megatron.training.checkpoint_integrity import (
+from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     disk_full_message,
     file_crc32,

@@ -28,7 +28,7 @@ def _answer(prompt):
 
 
 def _accuracy(model) -> float:
-    from dqo_megatron.models.generate import generate
+    from dqo_megatron.rollout.megatron_generate import generate
 
     outs = generate(model, PROMPTS, max_new_tokens=2, eos_id=EOS, vocab_size=MODEL.vocab_size)
     return float(np.mean([o.tokens == [_answer(p), EOS] for p, o in zip(PROMPTS, outs)]))
@@ -38,7 +38,8 @@ def _warm_up(steps: int):
     import torch
 
     from dqo_megatron.models import build_model_chunks
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.step import train_step
 
     (gpt,) = build_model_chunks(MODEL, ParallelConfig())
     ddp = wrap_with_ddp([gpt])
@@ -67,7 +68,7 @@ def _experiment(tmp: str, warm_steps: int, dqo_steps: int):
     from dqo_megatron.conversion.megatron_io import CheckpointInfo, save_chunks, write_metadata
     from dqo_megatron.data.indexed import TrajectoryWriter
     from dqo_megatron.data.tokenize import TokenizedSample
-    from dqo_megatron.models.generate import generate
+    from dqo_megatron.rollout.megatron_generate import generate
     from dqo_megatron.training.trainer import train
 
     parallel.initialize(ParallelConfig(), seed=0)

@@ -33,7 +33,8 @@ def _one_step(run: RunConfig, clips: dict | None):
     from dqo_megatron import parallel
     from dqo_megatron.training.algorithms import rl_forward_step
     from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.step import train_step
 
     parallel.initialize(run.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(run, with_value=True, with_reference=False)
@@ -95,8 +96,8 @@ def _lrs_over_steps(run: RunConfig):
     """The policy's and value's learning rates over 11 steps of a schedule with a 3-step critic warm-up."""
     from dqo_megatron import parallel
     from dqo_megatron.training.policy_value import build_policy_value_chunks
-    from dqo_megatron.training.step import build_optimizer, build_scheduler, wrap_with_ddp
-    from dqo_megatron.training.trainer import learning_rates
+    from dqo_megatron.training.megatron_setup import build_optimizer, build_scheduler, wrap_with_ddp
+    from dqo_megatron.training.metrics_logger import learning_rates
 
     parallel.initialize(run.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(run, with_value=True, with_reference=False)
@@ -128,7 +129,8 @@ def _first_policy_step_after_warmup(run: RunConfig, correct: bool):
     from dqo_megatron import parallel
     from dqo_megatron.training.algorithms import rl_forward_step
     from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, build_scheduler, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, build_scheduler, wrap_with_ddp
+    from dqo_megatron.training.step import train_step
 
     parallel.initialize(run.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(run, with_value=True, with_reference=False)

@@ -11,7 +11,7 @@ from dqo_megatron.data.batching import pad_collate
 from dqo_megatron.data.dataset import TrajectoryDataset
 from dqo_megatron.data.indexed import TrajectoryWriter
 from dqo_megatron.data.tokenize import TokenizedSample
-from dqo_megatron.training.data import MicroBatches, mismatched_rows, to_model_batch
+from dqo_megatron.training.microbatches import MicroBatches, mismatched_rows, to_model_batch
 
 TRUNCATED = (1, 4, 6)
 """Documents written as truncated (cut by the sampler's length limit)."""

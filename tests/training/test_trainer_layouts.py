@@ -129,7 +129,8 @@ def _skip_keeps_weights():
 
     from dqo_megatron import parallel
     from dqo_megatron.models import build_model_chunks
-    from dqo_megatron.training.step import attach_finalize, build_optimizer, lm_loss_func, train_step, wrap_with_ddp
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.step import lm_loss_func, train_step
 
     parallel.initialize(ParallelConfig())
     (gpt,) = build_model_chunks(MODEL, ParallelConfig())

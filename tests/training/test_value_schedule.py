@@ -24,8 +24,8 @@ def _expected(step: int, peak: float, final: float, warmup: int, style: str) -> 
 def _lrs_over_steps(run: RunConfig):
     from dqo_megatron import parallel
     from dqo_megatron.training.policy_value import build_policy_value_chunks
-    from dqo_megatron.training.step import build_optimizer, build_scheduler, wrap_with_ddp
-    from dqo_megatron.training.trainer import learning_rates
+    from dqo_megatron.training.megatron_setup import build_optimizer, build_scheduler, wrap_with_ddp
+    from dqo_megatron.training.metrics_logger import learning_rates
 
     parallel.initialize(run.parallel, seed=run.train.seed)
     chunks = build_policy_value_chunks(run, with_value=True, with_reference=False)
