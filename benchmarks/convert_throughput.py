@@ -30,11 +30,27 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-                 rope_theta=1000000.0, rms_norm_eps=1e-6)  # fmt: skip
-SMALL = dict(QWEN2_05B, hidden_size=128, num_hidden_layers=2, intermediate_size=256, vocab_size=4096,
-             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+QWEN2_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+SMALL = dict(
+    QWEN2_05B,
+    hidden_size=128,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    vocab_size=4096,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def write_random_qwen2(path: Path, shape: dict, shards: int = 2) -> int:
@@ -53,12 +69,20 @@ def write_random_qwen2(path: Path, shape: dict, shards: int = 2) -> int:
     names: list[tuple[str, tuple]] = [("model.embed_tokens.weight", (v, h))]
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                  (p + "self_attn.q_proj.weight", (heads * d, h)), (p + "self_attn.q_proj.bias", (heads * d,)),
-                  (p + "self_attn.k_proj.weight", (groups * d, h)), (p + "self_attn.k_proj.bias", (groups * d,)),
-                  (p + "self_attn.v_proj.weight", (groups * d, h)), (p + "self_attn.v_proj.bias", (groups * d,)),
-                  (p + "self_attn.o_proj.weight", (h, heads * d)), (p + "mlp.gate_proj.weight", (f, h)),
-                  (p + "mlp.up_proj.weight", (f, h)), (p + "mlp.down_proj.weight", (h, f))]  # fmt: skip
+        names += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (heads * d, h)),
+            (p + "self_attn.q_proj.bias", (heads * d,)),
+            (p + "self_attn.k_proj.weight", (groups * d, h)),
+            (p + "self_attn.k_proj.bias", (groups * d,)),
+            (p + "self_attn.v_proj.weight", (groups * d, h)),
+            (p + "self_attn.v_proj.bias", (groups * d,)),
+            (p + "self_attn.o_proj.weight", (h, heads * d)),
+            (p + "mlp.gate_proj.weight", (f, h)),
+            (p + "mlp.up_proj.weight", (f, h)),
+            (p + "mlp.down_proj.weight", (h, f)),
+        ]
     names.append(("model.norm.weight", (h,)))
     path.mkdir(parents=True)
     per_shard = -(-len(names) // shards)
@@ -71,10 +95,19 @@ def write_random_qwen2(path: Path, shape: dict, shards: int = 2) -> int:
             total += t.numel()
         save_file(chunk, str(path / file), metadata={"format": "pt"})
         del chunk
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 2 * total},
-                                                                   "weight_map": weight_map}))  # fmt: skip
-    config = dict(shape, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
-                  torch_dtype="bfloat16", use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)  # fmt: skip
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 2 * total}, "weight_map": weight_map})
+    )
+    config = dict(
+        shape,
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_act="silu",
+        torch_dtype="bfloat16",
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return total
 
@@ -136,8 +169,12 @@ def run_one(which: str, src: Path, out: Path, sample_memory: bool) -> dict:
     os.sync()
     code = _CHILD.format(repo=str(REPO))
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, which, str(src), str(out)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, which, str(src), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
 
     def sample():
@@ -164,7 +201,9 @@ def run_one(which: str, src: Path, out: Path, sample_memory: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="Where to write the checkpoints (default: a temp dir).")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where to write the checkpoints (default: a temp dir)."
+    )
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each, alternating (the best is reported).")
     parser.add_argument("--small", action="store_true", help="A tiny shape (smoke-test the benchmark itself).")
     args = parser.parse_args()
@@ -173,11 +212,16 @@ def main() -> None:
     src = work / "hf_src"
     try:
         if not src.exists():  # in a process of its own: a child inherits its parent's peak RSS as ru_maxrss
-            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-                    f"from convert_throughput import *; from pathlib import Path; "
-                    f"print(write_random_qwen2(Path({str(src)!r}), {'SMALL' if args.small else 'QWEN2_05B'}))")  # fmt: skip
-            count = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-                        .stdout.split()[-1])  # fmt: skip
+            code = (
+                f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                f"from convert_throughput import *; from pathlib import Path; "
+                f"print(write_random_qwen2(Path({str(src)!r}), {'SMALL' if args.small else 'QWEN2_05B'}))"
+            )
+            count = int(
+                subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[
+                    -1
+                ]
+            )
             print(f"source: random Qwen2, {count / 1e6:.0f}M parameters, bf16, {src}")
         runs: dict[str, list[dict]] = {"transformers": [], "ours": []}
         mem: dict[str, list[dict]] = {"transformers": [], "ours": []}
@@ -186,20 +230,31 @@ def main() -> None:
             for which in ("transformers", "ours")[:: 1 if repeat % 2 == 0 else -1]:
                 runs[which].append(run_one(which, src, work / f"out_{which}", sample_memory=False))
                 mem[which].append(run_one(which, src, work / f"out_{which}", sample_memory=True))
-                print(which, json.dumps({k: round(v, 2) for k, v in runs[which][-1].items()}),
-                      f"peak PSS {mem[which][-1]['peak_pss_mib']:.0f} MiB")
+                print(
+                    which,
+                    json.dumps({k: round(v, 2) for k, v in runs[which][-1].items()}),
+                    f"peak PSS {mem[which][-1]['peak_pss_mib']:.0f} MiB",
+                )
         best = {w: min(r, key=lambda x: x["seconds"]) for w, r in runs.items()}
         peak = {w: min(x["peak_pss_mib"] for x in r) for w, r in mem.items()}
         ratio = best["ours"]["seconds"] / best["transformers"]["seconds"]
-        print("\n| | time (s, imports excluded) | wall incl. start-up (s) | peak PSS, process tree (MiB) | ru_maxrss (MiB) |")
+        print(
+            "\n| | time (s, imports excluded) | wall incl. start-up (s) "
+            "| peak PSS, process tree (MiB) | ru_maxrss (MiB) |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for which in ("transformers", "ours"):
             b = best[which]
-            print(f"| {which} | {b['seconds']:.2f} | {b['wall_seconds']:.2f} | {peak[which]:.0f} | {b['maxrss_mib']:.0f} |")
+            print(
+                f"| {which} | {b['seconds']:.2f} | {b['wall_seconds']:.2f} "
+                f"| {peak[which]:.0f} | {b['maxrss_mib']:.0f} |"
+            )
         median = {w: statistics.median(x["seconds"] for x in r) for w, r in runs.items()}
-        print(f"\ntime ratio ours/transformers = {ratio:.2f} (target <= 1.5; medians "
-              f"{median['ours']:.2f} / {median['transformers']:.2f} s = {median['ours'] / median['transformers']:.2f}); "
-              f"peak memory ours/transformers = {peak['ours'] / peak['transformers']:.2f} (target <= 1.0)")
+        print(
+            f"\ntime ratio ours/transformers = {ratio:.2f} (target <= 1.5; medians "
+            f"{median['ours']:.2f} / {median['transformers']:.2f} s = {median['ours'] / median['transformers']:.2f}); "
+            f"peak memory ours/transformers = {peak['ours'] / peak['transformers']:.2f} (target <= 1.0)"
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -63,29 +63,60 @@ PEAKS: list[tuple[str, float, Optional[float]]] = [
 
 MODELS = {
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, FFN 5632, 32 heads / 4 KV groups, vocab 32000.
-    "llama-1b": dict(family="llama", num_layers=22, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=32,
-                     num_query_groups=4, vocab_size=32000, tie_embeddings=False),
+    "llama-1b": dict(
+        family="llama",
+        num_layers=22,
+        hidden_size=2048,
+        ffn_hidden_size=5632,
+        num_attention_heads=32,
+        num_query_groups=4,
+        vocab_size=32000,
+        tie_embeddings=False,
+    ),
     # Qwen2-1.5B's shape (tied, 151936 vocabulary: the output layer weighs ~1/4 of the FLOPs at seq 2048).
-    "qwen2-1.5b": dict(family="qwen2", num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
-                       num_query_groups=2, vocab_size=151936, tie_embeddings=True),
+    "qwen2-1.5b": dict(
+        family="qwen2",
+        num_layers=28,
+        hidden_size=1536,
+        ffn_hidden_size=8960,
+        num_attention_heads=12,
+        num_query_groups=2,
+        vocab_size=151936,
+        tie_embeddings=True,
+    ),
     # For --dry-run and CPU plumbing tests.
-    "tiny": dict(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                 num_query_groups=2, vocab_size=512, tie_embeddings=False),
-}  # fmt: skip
+    "tiny": dict(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=512,
+        tie_embeddings=False,
+    ),
+}
 
 SETUPS = {"sft": ("sft", "separate"), "dqo": ("dqo", "separate"), "dqo-shared": ("dqo", "shared")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--model", choices=sorted(MODELS), default="llama-1b")
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096], help="sequence lengths")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per (single) micro-batch")
     p.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=["sft", "dqo", "dqo-shared"])
     p.add_argument("--precisions", nargs="+", choices=["bf16", "fp8"], default=["bf16", "fp8"])
-    p.add_argument("--fp8-recipe", default="auto", choices=["auto", "delayed", "tensorwise", "blockwise", "mxfp8"],
-                   help="auto: mxfp8 on Blackwell, else tensorwise (current scaling), else delayed")
+    p.add_argument(
+        "--fp8-recipe",
+        default="auto",
+        choices=["auto", "delayed", "tensorwise", "blockwise", "mxfp8"],
+        help="auto: mxfp8 on Blackwell, else tensorwise (current scaling), else delayed",
+    )
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"], help="layer spec (auto: TE if usable)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -93,8 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-fp8", type=float, default=None, help="override the FP8 peak TFLOP/s per GPU")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and environment as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown section here")
-    p.add_argument("--dry-run", action="store_true",
-                   help="tiny model, seq 64, 2 steps, on whatever device is here (CPU: fp32): checks the plumbing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny model, seq 64, 2 steps, on whatever device is here (CPU: fp32): checks the plumbing",
+    )
     args = p.parse_args(argv)
     if args.dry_run:
         args.model, args.seq, args.steps, args.warmup = "tiny", [64], 2, 1
@@ -132,10 +166,15 @@ def synthetic_batch(vocab: int, rows: int, seq: int, device, seed: int = 0) -> d
         mask[r, prompt - 1 : end] = 1
         rewards[r, end - 1] = float(torch.randint(0, 2, (1,), generator=gen))
     uniform = -math.log(vocab)
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(seq).expand(rows, seq),
-             "response_mask": mask, "rewards": rewards,
-             "behavior_logprobs": (uniform + 0.02 * torch.randn(rows, seq, generator=gen)) * mask,
-             "ref_logprobs": (uniform + 0.05 * torch.randn(rows, seq, generator=gen)) * mask}  # fmt: skip
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "position_ids": torch.arange(seq).expand(rows, seq),
+        "response_mask": mask,
+        "rewards": rewards,
+        "behavior_logprobs": (uniform + 0.02 * torch.randn(rows, seq, generator=gen)) * mask,
+        "ref_logprobs": (uniform + 0.05 * torch.randn(rows, seq, generator=gen)) * mask,
+    }
     return {k: v.contiguous().to(device) for k, v in batch.items()}
 
 
@@ -151,23 +190,38 @@ def measure(args, setup: str, precision: str, seq: int, fp8_recipe: str, backend
     from dqo_megatron.parallel import device_for_this_process
     from dqo_megatron.training.algorithms import rl_forward_step
     from dqo_megatron.training.flops import step_flops
+    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
     from dqo_megatron.training.policy_value import (
         build_policy_value_chunks,
         finalize_policy_value_grads,
         pipeline_micro_batch_size,
     )
-    from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
     from dqo_megatron.training.step import train_step
 
     algorithm, value_mode = SETUPS[setup]
     model = ModelConfig(**MODELS[args.model], seq_length=seq)
     prec = PrecisionConfig(dtype="auto", fp8=fp8_recipe if precision == "fp8" else None)
-    run = RunConfig(model=model, algorithm=algorithm, precision=prec, loss=LossConfig(beta=0.1, lam=0.95),
-                    value=ValueConfig(mode=value_mode),
-                    train=TrainConfig(micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
-                                      seq_length=seq, lr=1e-6, clip_grad=1.0))  # fmt: skip
-    row = {"setup": setup, "precision": precision if precision == "bf16" else f"fp8 ({fp8_recipe})", "seq": seq,
-           "micro_batch": args.micro_batch, "backend": backend}  # fmt: skip
+    run = RunConfig(
+        model=model,
+        algorithm=algorithm,
+        precision=prec,
+        loss=LossConfig(beta=0.1, lam=0.95),
+        value=ValueConfig(mode=value_mode),
+        train=TrainConfig(
+            micro_batch_size=args.micro_batch,
+            global_batch_size=args.micro_batch,
+            seq_length=seq,
+            lr=1e-6,
+            clip_grad=1.0,
+        ),
+    )
+    row = {
+        "setup": setup,
+        "precision": precision if precision == "bf16" else f"fp8 ({fp8_recipe})",
+        "seq": seq,
+        "micro_batch": args.micro_batch,
+        "backend": backend,
+    }
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     learns_value = get_algorithm(algorithm).needs_value
@@ -177,8 +231,16 @@ def measure(args, setup: str, precision: str, seq: int, fp8_recipe: str, backend
     optimizer = build_optimizer(ddp, lr=run.train.lr, clip_grad=run.train.clip_grad)
     batch = synthetic_batch(model.vocab_size, args.micro_batch, seq, device_for_this_process())
     mbs = pipeline_micro_batch_size(ddp[0], args.micro_batch)
-    step = partial(train_step, ddp, optimizer, num_microbatches=1, seq_length=seq, micro_batch_size=mbs,
-                   forward_step=partial(rl_forward_step, run), metric_key="loss")  # fmt: skip
+    step = partial(
+        train_step,
+        ddp,
+        optimizer,
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_step=partial(rl_forward_step, run),
+        metric_key="loss",
+    )
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         _sync()
@@ -190,13 +252,22 @@ def measure(args, setup: str, precision: str, seq: int, fp8_recipe: str, backend
         losses.append(result.loss)
     seconds = statistics.median(times)
     tokens = args.micro_batch * seq
-    flops = step_flops(model, tokens, seq, value_network=algorithm == "dqo" and value_mode == "separate",
-                       reference_model=False)  # fmt: skip
-    row.update(step_ms=seconds * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
-               tokens_per_s=tokens / seconds, tflops_per_gpu=flops / seconds / 1e12, model_flops_per_step=flops,
-               loss_first=losses[0], loss_last=losses[-1], finite=all(math.isfinite(x) for x in losses),
-               peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               params=sum(p.numel() for p in chunks[0].parameters()))  # fmt: skip
+    flops = step_flops(
+        model, tokens, seq, value_network=algorithm == "dqo" and value_mode == "separate", reference_model=False
+    )
+    row.update(
+        step_ms=seconds * 1e3,
+        step_ms_min=min(times) * 1e3,
+        step_ms_max=max(times) * 1e3,
+        tokens_per_s=tokens / seconds,
+        tflops_per_gpu=flops / seconds / 1e12,
+        model_flops_per_step=flops,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        finite=all(math.isfinite(x) for x in losses),
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        params=sum(p.numel() for p in chunks[0].parameters()),
+    )
     del step, optimizer, ddp, chunks, batch
     gc.collect()
     if torch.cuda.is_available():
@@ -222,51 +293,79 @@ def environment(args) -> dict:
         mcore = megatron.core.__version__
     except Exception:  # noqa: BLE001
         mcore = "not importable"
-    return {"date": str(datetime.date.today()), "commit": git("rev-parse", "--short", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "device": hw.device_name or f"CPU ({platform.processor() or platform.machine()})",
-            "capability": list(hw.capability) if hw.capability else None, "cuda": hw.cuda_version,
-            "gpus_visible": torch.cuda.device_count() if hw.cuda else 0, "python": platform.python_version(),
-            "torch": torch.__version__, "megatron_core": mcore, "transformer_engine": hw.te_version or f"no ({hw.te_reason})",
-            "command": "python benchmarks/gpu_step.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    return {
+        "date": str(datetime.date.today()),
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "device": hw.device_name or f"CPU ({platform.processor() or platform.machine()})",
+        "capability": list(hw.capability) if hw.capability else None,
+        "cuda": hw.cuda_version,
+        "gpus_visible": torch.cuda.device_count() if hw.cuda else 0,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": mcore,
+        "transformer_engine": hw.te_version or f"no ({hw.te_reason})",
+        "command": "python benchmarks/gpu_step.py " + " ".join(sys.argv[1:]),
+    }
 
 
 def markdown(env: dict, rows: list[dict], args, peak_bf16, peak_fp8) -> str:
     def pct(x, peak):
         return "n/a" if peak is None or x is None else f"{100 * x / peak:.1f}%"
 
-    lines = [f"### One training step on one GPU ({env['device']})", "",
-             f"{env['date']}, commit {env['commit']}{' (uncommitted changes)' if env['dirty'] else ''}; {env['device']} "
-             f"(compute capability {env['capability']}), CUDA {env['cuda']}; Python {env['python']}, torch {env['torch']}, "
-             f"megatron-core {env['megatron_core']}, Transformer Engine: {env['transformer_engine']}.",
-             f"Command: `{env['command']}`. Model: `{args.model}` ({MODELS[args.model]}); micro-batch {args.micro_batch}; "
-             f"median of {args.steps} steps after {args.warmup} warm-up steps. Peaks used (dense TFLOP/s): "
-             f"bf16 {peak_bf16 or 'unknown'}, FP8 {peak_fp8 or 'unknown'}.", "",
-             "| setup | precision | spec | seq | step ms (min-max) | tokens/s | TFLOP/s per GPU | MFU vs bf16 peak | "
-             "MFU vs FP8 peak | peak mem GiB | loss first -> last |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = [
+        f"### One training step on one GPU ({env['device']})",
+        "",
+        f"{env['date']}, commit {env['commit']}{' (uncommitted changes)' if env['dirty'] else ''}; {env['device']} "
+        f"(compute capability {env['capability']}), CUDA {env['cuda']}; Python {env['python']}, torch {env['torch']}, "
+        f"megatron-core {env['megatron_core']}, Transformer Engine: {env['transformer_engine']}.",
+        f"Command: `{env['command']}`. Model: `{args.model}` ({MODELS[args.model]}); micro-batch {args.micro_batch}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps. Peaks used (dense TFLOP/s): "
+        f"bf16 {peak_bf16 or 'unknown'}, FP8 {peak_fp8 or 'unknown'}.",
+        "",
+        "| setup | precision | spec | seq | step ms (min-max) | tokens/s | TFLOP/s per GPU | MFU vs bf16 peak | "
+        "MFU vs FP8 peak | peak mem GiB | loss first -> last |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['setup']} | {r['precision']} | {r.get('backend', '')} | {r['seq']} | skipped: {r['skipped']} "
-                         "| | | | | | |")  # fmt: skip
+            lines.append(
+                f"| {r['setup']} | {r['precision']} | {r.get('backend', '')} | {r['seq']} | skipped: {r['skipped']} "
+                "| | | | | | |"
+            )
             continue
         mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {r['setup']} | {r['precision']} | {r['backend']} | {r['seq']} | {r['step_ms']:.1f} "
-                     f"({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | {r['tokens_per_s']:,.0f} | {r['tflops_per_gpu']:.1f} | "
-                     f"{pct(r['tflops_per_gpu'], peak_bf16)} | {pct(r['tflops_per_gpu'], peak_fp8)} | {mem} | "
-                     f"{r['loss_first']:.4f} -> {r['loss_last']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| {r['setup']} | {r['precision']} | {r['backend']} | {r['seq']} | {r['step_ms']:.1f} "
+            f"({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | {r['tokens_per_s']:,.0f} | {r['tflops_per_gpu']:.1f} | "
+            f"{pct(r['tflops_per_gpu'], peak_bf16)} | {pct(r['tflops_per_gpu'], peak_fp8)} | {mem} | "
+            f"{r['loss_first']:.4f} -> {r['loss_last']:.4f} |"
+        )
     ratios = []
     for r in rows:
         if r["precision"].startswith("fp8") and "skipped" not in r:
-            base = next((b for b in rows if b["precision"] == "bf16" and b["setup"] == r["setup"] and b["seq"] == r["seq"]
-                         and "skipped" not in b), None)  # fmt: skip
+            base = next(
+                (
+                    b
+                    for b in rows
+                    if b["precision"] == "bf16"
+                    and b["setup"] == r["setup"]
+                    and b["seq"] == r["seq"]
+                    and "skipped" not in b
+                ),
+                None,
+            )
             if base:
-                ratios.append(f"{r['setup']} seq {r['seq']}: FP8 / bf16 tokens/s = "
-                              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} (target >= 1.2)")  # fmt: skip
+                ratios.append(
+                    f"{r['setup']} seq {r['seq']}: FP8 / bf16 tokens/s = "
+                    f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} (target >= 1.2)"
+                )
     for r in rows:
         if r["setup"] == "dqo" and r["precision"] == "bf16" and "skipped" not in r and peak_bf16:
-            ratios.append(f"dqo seq {r['seq']} bf16 ({r['backend']} spec): MFU {100 * r['tflops_per_gpu'] / peak_bf16:.1f}% "
-                          "of the bf16 peak (target >= 35%)")  # fmt: skip
+            ratios.append(
+                f"dqo seq {r['seq']} bf16 ({r['backend']} spec): MFU {100 * r['tflops_per_gpu'] / peak_bf16:.1f}% "
+                "of the bf16 peak (target >= 35%)"
+            )
     if ratios:
         lines += ["", *[f"- {x}" for x in ratios]]
     return "\n".join(lines) + "\n"
@@ -321,8 +420,17 @@ def main(argv=None) -> int:
     if args.markdown:
         args.markdown.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "peaks": {"bf16": peak_bf16, "fp8": peak_fp8},
-                                         "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "peaks": {"bf16": peak_bf16, "fp8": peak_fp8},
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     parallel.destroy()
     return 0
 

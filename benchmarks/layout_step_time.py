@@ -20,8 +20,14 @@ import subprocess
 import sys
 import time
 
-MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=172", "model.num_attention_heads=4",
-         "train.seq_length=32", "train.micro_batch_size=1"]  # fmt: skip
+MODEL = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=172",
+    "model.num_attention_heads=4",
+    "train.seq_length=32",
+    "train.micro_batch_size=1",
+]
 LAYOUTS = {
     "single process": (1, []),
     "DP=2": (2, []),
@@ -30,7 +36,7 @@ LAYOUTS = {
     "PP=2": (2, ["parallel.pipeline_model_parallel_size=2"]),
     "CP=2": (2, ["parallel.context_parallel_size=2"]),
     "TP=2 x PP=2 (4 ranks)": (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
-}  # fmt: skip
+}
 
 
 def import_seconds(module: str) -> float:
@@ -46,8 +52,21 @@ def run_layout(world: int, overrides: list[str], steps: int) -> tuple[float, flo
     for item in overrides:
         if "=" in item and item.split("=")[0].endswith("_size"):
             dp //= int(item.split("=")[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "-m", "dqo_megatron",
-           "smoke", "--steps", str(steps), *MODEL, *overrides, f"train.global_batch_size={2 * dp}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(world),
+        "-m",
+        "dqo_megatron",
+        "smoke",
+        "--steps",
+        str(steps),
+        *MODEL,
+        *overrides,
+        f"train.global_batch_size={2 * dp}",
+    ]
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - start
@@ -65,11 +84,15 @@ def main() -> None:
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"date {datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
-    print(f"import torch: {import_seconds('torch'):.2f} s; import megatron.core: "
-          f"{import_seconds('megatron.core'):.2f} s; import dqo_megatron.models: "
-          f"{import_seconds('dqo_megatron.models'):.2f} s")  # fmt: skip
+    print(
+        f"date {datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    print(
+        f"import torch: {import_seconds('torch'):.2f} s; import megatron.core: "
+        f"{import_seconds('megatron.core'):.2f} s; import dqo_megatron.models: "
+        f"{import_seconds('dqo_megatron.models'):.2f} s"
+    )
     print("\n| layout | ranks | steady step (ms) | launch to exit (s) |\n| --- | --- | --- | --- |")
     for name, (world, overrides) in LAYOUTS.items():
         step_ms, wall = run_layout(world, overrides, args.steps)

@@ -58,8 +58,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_case(path: str, vocab: int, seq: int, hidden_size: int, chunk_size: int | None, threads: int,
-             repeats: int = 1) -> dict:
+def run_case(
+    path: str, vocab: int, seq: int, hidden_size: int, chunk_size: int | None, threads: int, repeats: int = 1
+) -> dict:
     """Run one case in this process; return its measurements (call in a fresh process)."""
     import torch
 
@@ -94,8 +95,7 @@ def run_case(path: str, vocab: int, seq: int, hidden_size: int, chunk_size: int 
 
     def step():
         if path == "fused":
-            logp = token_logprobs_from_hidden(hidden, weight, labels, chunk_size=chunk,
-                                              accumulate_into_main_grad=True)  # fmt: skip
+            logp = token_logprobs_from_hidden(hidden, weight, labels, chunk_size=chunk, accumulate_into_main_grad=True)
         else:
             logits = LinearIntoMainGrad.apply(hidden, weight).transpose(0, 1)  # [1, s, V]
             if path == "naive":
@@ -120,10 +120,18 @@ def run_case(path: str, vocab: int, seq: int, hidden_size: int, chunk_size: int 
         times.append((time.perf_counter() - wall, time.process_time() - cpu))
     seconds, cpu_seconds = min(times)
     check = float(logp.detach().double().sum())
-    return {"path": path, "vocab": vocab, "seq": seq, "hidden": hidden_size, "chunk": chunk if path != "naive" else None,
-            "peak_extra_mib": (peak - baseline) / 1024, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "exact_peak": exact,
-            "checksum": check}  # fmt: skip
+    return {
+        "path": path,
+        "vocab": vocab,
+        "seq": seq,
+        "hidden": hidden_size,
+        "chunk": chunk if path != "naive" else None,
+        "peak_extra_mib": (peak - baseline) / 1024,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "exact_peak": exact,
+        "checksum": check,
+    }
 
 
 def _environment() -> str:
@@ -138,8 +146,10 @@ def _environment() -> str:
     except OSError:
         commit = "?"
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; Python {platform.python_version()}, "
-            f"torch {torch.__version__}; commit {commit}; {datetime.date.today().isoformat()}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; Python {platform.python_version()}, "
+        f"torch {torch.__version__}; commit {commit}; {datetime.date.today().isoformat()}"
+    )
 
 
 def main() -> None:
@@ -162,8 +172,23 @@ def main() -> None:
     for vocab in args.vocab:
         for seq in args.seq:
             for path in args.paths:
-                cmd = [sys.executable, __file__, "--one", "--vocab", str(vocab), "--seq", str(seq), "--paths", path,
-                       "--hidden", str(args.hidden), "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    "--vocab",
+                    str(vocab),
+                    "--seq",
+                    str(seq),
+                    "--paths",
+                    path,
+                    "--hidden",
+                    str(args.hidden),
+                    "--threads",
+                    str(args.threads),
+                    "--repeats",
+                    str(args.repeats),
+                ]
                 if args.chunk_size:
                     cmd += ["--chunk-size", str(args.chunk_size)]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -172,8 +197,11 @@ def main() -> None:
                     raise RuntimeError(f"{path} V={vocab} s={seq} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"  {path:8s} V={vocab:>7d} s={seq:>5d}: {row['peak_extra_mib']:9.1f} MiB "
-                      f"{row['seconds']:7.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"  {path:8s} V={vocab:>7d} s={seq:>5d}: {row['peak_extra_mib']:9.1f} MiB {row['seconds']:7.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(render(rows, args))
 
 
@@ -181,7 +209,8 @@ def render(rows: list[dict], args) -> str:
     """Markdown table: per (vocab, seq) the three paths, with ratios to naive."""
     lines = [
         f"Command: `.venv/bin/python benchmarks/logprob_memory.py` (hidden {args.hidden}, batch 1, fp32, "
-        f"{args.threads} threads, best of {args.repeats} timed run(s), chunk {'auto (128 MiB of fp32 logits)' if not args.chunk_size else args.chunk_size})",
+        f"{args.threads} threads, best of {args.repeats} timed run(s), "
+        f"chunk {args.chunk_size or 'auto (128 MiB of fp32 logits)'})",
         "",
         f"Machine: {_environment()}",
         "",
@@ -194,9 +223,11 @@ def render(rows: list[dict], args) -> str:
         mem_ratio = f"{r['peak_extra_mib'] / base['peak_extra_mib']:.1%}" if base else ""
         time_ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base else ""
         cpu_ratio = f"{r['cpu_seconds'] / base['cpu_seconds']:.2f}x" if base else ""
-        lines.append(f"| {r['vocab']:,} | {r['seq']:,} | {r['path']} | {r['chunk'] or '-'} | "
-                     f"{r['peak_extra_mib']:,.0f} | {mem_ratio} | {r['seconds']:.2f} | {time_ratio} | "
-                     f"{r['cpu_seconds']:.2f} | {cpu_ratio} |")  # fmt: skip
+        lines.append(
+            f"| {r['vocab']:,} | {r['seq']:,} | {r['path']} | {r['chunk'] or '-'} | "
+            f"{r['peak_extra_mib']:,.0f} | {mem_ratio} | {r['seconds']:.2f} | {time_ratio} | "
+            f"{r['cpu_seconds']:.2f} | {cpu_ratio} |"
+        )
     if not all(r["exact_peak"] for r in rows):
         lines.append("\n(peak RSS could not be reset here: figures are since process start, an upper bound)")
     return "\n".join(lines)

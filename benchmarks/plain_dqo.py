@@ -71,8 +71,18 @@ class PlainDQO:
         lr, clip_grad, betas, eps: AdamW and gradient clipping (Megatron's defaults).
     """
 
-    def __init__(self, hf_dir: str, loss, *, lr: float, clip_grad: float = 1.0, head_weight=None, head_bias=None,
-                 betas=(0.9, 0.999), eps: float = 1e-8):  # fmt: skip
+    def __init__(
+        self,
+        hf_dir: str,
+        loss,
+        *,
+        lr: float,
+        clip_grad: float = 1.0,
+        head_weight=None,
+        head_bias=None,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         import transformers
 
         load = dict(torch_dtype=torch.float32, attn_implementation="sdpa")
@@ -111,9 +121,21 @@ class PlainDQO:
         if behavior is not None:
             behavior = torch.where(torch.isnan(behavior), ref, behavior)
         c = self.loss
-        return dqo_losses(logp, ref, behavior, values, batch["rewards"], batch["response_mask"], beta=c.beta,
-                          lam=c.lam, is_level=c.is_level, is_clip=c.is_clip, is_self_normalize=c.is_self_normalize,
-                          reduction=c.reduction, document_ids=batch.get("document_ids"))  # fmt: skip
+        return dqo_losses(
+            logp,
+            ref,
+            behavior,
+            values,
+            batch["rewards"],
+            batch["response_mask"],
+            beta=c.beta,
+            lam=c.lam,
+            is_level=c.is_level,
+            is_clip=c.is_clip,
+            is_self_normalize=c.is_self_normalize,
+            reduction=c.reduction,
+            document_ids=batch.get("document_ids"),
+        )
 
     def step(self, batch: dict) -> dict:
         """One optimizer step; returns the step's ``loss``, ``policy_loss``, ``value_loss`` (token means)."""
@@ -123,5 +145,8 @@ class PlainDQO:
         (out.loss_sum / count).backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         self.optimizer.step()
-        return {"loss": float(out.loss_sum.detach() / count), "policy_loss": float(out.policy_loss_sum.detach() / count),
-                "value_loss": float(out.value_loss_sum.detach() / count)}  # fmt: skip
+        return {
+            "loss": float(out.loss_sum.detach() / count),
+            "policy_loss": float(out.policy_loss_sum.detach() / count),
+            "value_loss": float(out.value_loss_sum.detach() / count),
+        }

@@ -58,8 +58,9 @@ TARGETS = {"dqo separate / sft": 2.1, "dqo shared / sft": 1.15, "dqo separate (o
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: see the module docstring, 'Clocks')")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: see the module docstring, 'Clocks')"
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=688)
     p.add_argument("--layers", type=int, default=4)
@@ -80,10 +81,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def write_hf_model(args, root: Path) -> Path:
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
-                                      tie_word_embeddings=False, rms_norm_eps=1e-5, torch_dtype="float32")  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        torch_dtype="float32",
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(root / "hf", safe_serialization=True)
     return root / "hf"
@@ -95,12 +104,12 @@ class Ours:
     def __init__(self, run):
         from dqo_megatron.algorithms import get as get_algorithm
         from dqo_megatron.training.initial_weights import load_initial_weights
+        from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
         from dqo_megatron.training.policy_value import (
             build_policy_value_chunks,
             finalize_policy_value_grads,
             pipeline_micro_batch_size,
         )
-        from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
 
         self.run = run
         # Reference log-probs come with the batch: no reference model in the run.
@@ -110,28 +119,51 @@ class Ours:
         self.ddp = wrap_with_ddp(self.chunks)
         attach_finalize(self.ddp, finalize_policy_value_grads)
         t = run.train
-        self.optimizer = build_optimizer(self.ddp, lr=t.lr, min_lr=t.min_lr, clip_grad=t.clip_grad,
-                                         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-                                         adam_beta2=t.adam_beta2, value_lr=run.value.lr)  # fmt: skip
+        self.optimizer = build_optimizer(
+            self.ddp,
+            lr=t.lr,
+            min_lr=t.min_lr,
+            clip_grad=t.clip_grad,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            value_lr=run.value.lr,
+        )
         self.micro_batch_size = pipeline_micro_batch_size(self.ddp[0], t.micro_batch_size)
 
     def step(self, batch: dict) -> dict:
         from dqo_megatron.training.algorithms import rl_forward_step
         from dqo_megatron.training.step import train_step
 
-        result = train_step(self.ddp, self.optimizer, iter([batch]), num_microbatches=1,
-                            seq_length=self.run.train.seq_length, micro_batch_size=self.micro_batch_size,
-                            forward_step=partial(rl_forward_step, self.run), metric_key="loss")  # fmt: skip
-        return {"loss": result.loss, **{k: result.metrics[k] for k in ("policy_loss", "value_loss") if k in result.metrics}}
+        result = train_step(
+            self.ddp,
+            self.optimizer,
+            iter([batch]),
+            num_microbatches=1,
+            seq_length=self.run.train.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            forward_step=partial(rl_forward_step, self.run),
+            metric_key="loss",
+        )
+        return {
+            "loss": result.loss,
+            **{k: result.metrics[k] for k in ("policy_loss", "value_loss") if k in result.metrics},
+        }
 
 
 def make_run(model, ckpt: str, args, algorithm: str, value_mode: str = "separate"):
     from dqo_megatron.config import InitConfig, LossConfig, RunConfig, TrainConfig, ValueConfig
 
-    return RunConfig(model=model, algorithm=algorithm, loss=LossConfig(beta=0.1, lam=1.0),
-                     value=ValueConfig(mode=value_mode), init=InitConfig(policy=ckpt),
-                     train=TrainConfig(micro_batch_size=args.batch, global_batch_size=args.batch,
-                                       seq_length=args.seq, lr=args.lr, clip_grad=1.0))  # fmt: skip
+    return RunConfig(
+        model=model,
+        algorithm=algorithm,
+        loss=LossConfig(beta=0.1, lam=1.0),
+        value=ValueConfig(mode=value_mode),
+        init=InitConfig(policy=ckpt),
+        train=TrainConfig(
+            micro_batch_size=args.batch, global_batch_size=args.batch, seq_length=args.seq, lr=args.lr, clip_grad=1.0
+        ),
+    )
 
 
 def check_losses_equal(ours: Ours, plain, batch: dict, steps: int, tolerance: float) -> list[str]:
@@ -148,9 +180,11 @@ def check_losses_equal(ours: Ours, plain, batch: dict, steps: int, tolerance: fl
         a, b = ours.step(batch), plain.step(batch)
         rel = {k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in ("loss", "policy_loss", "value_loss")}
         worst = max(worst, *rel.values())
-        lines.append(f"step {i + 1}: loss ours {a['loss']:.7f} plain {b['loss']:.7f}; policy {a['policy_loss']:.7f} / "
-                     f"{b['policy_loss']:.7f}; value {a['value_loss']:.7f} / {b['value_loss']:.7f}; "
-                     f"max rel diff {max(rel.values()):.1e}")  # fmt: skip
+        lines.append(
+            f"step {i + 1}: loss ours {a['loss']:.7f} plain {b['loss']:.7f}; policy {a['policy_loss']:.7f} / "
+            f"{b['policy_loss']:.7f}; value {a['value_loss']:.7f} / {b['value_loss']:.7f}; "
+            f"max rel diff {max(rel.values()):.1e}"
+        )
     if worst > tolerance:
         raise SystemExit("losses differ (ours vs plain) beyond tolerance %.1e:\n%s" % (tolerance, "\n".join(lines)))
     return lines
@@ -170,10 +204,15 @@ def environment(args) -> str:
     import megatron.core
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+    ).stdout.strip()
     cpu = platform.processor() or platform.machine()
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -181,10 +220,12 @@ def environment(args) -> str:
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (f"{datetime.date.today()}, commit {commit}{' (tree with uncommitted changes)' if dirty else ''}; "
-            f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} "
-            f"(interop {torch.get_num_interop_threads()}); Python {platform.python_version()}, torch {torch.__version__}, "
-            f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")  # fmt: skip
+    return (
+        f"{datetime.date.today()}, commit {commit}{' (tree with uncommitted changes)' if dirty else ''}; "
+        f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} "
+        f"(interop {torch.get_num_interop_threads()}); Python {platform.python_version()}, torch {torch.__version__}, "
+        f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}"
+    )
 
 
 def main(argv=None) -> None:
@@ -194,11 +235,12 @@ def main(argv=None) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    from plain_dqo import PlainDQO, make_batch
+
     from dqo_megatron import parallel
     from dqo_megatron.config import ParallelConfig
     from dqo_megatron.conversion.convert import hf_to_megatron
     from dqo_megatron.conversion.megatron_io import read_metadata
-    from plain_dqo import PlainDQO, make_batch
 
     omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = f"{omp}.venv/bin/python benchmarks/step_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -233,12 +275,19 @@ def main(argv=None) -> None:
             if round_ >= args.warmup:
                 times[name].append(seconds * 1e3)
                 cpu_times[name].append(cpu_seconds * 1e3)
-        print(f"round {round_ + 1}/{args.warmup + args.steps}: "
-              + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items() if t), file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"round {round_ + 1}/{args.warmup + args.steps}: "
+            + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items() if t),
+            file=sys.stderr,
+            flush=True,
+        )
     median = {name: statistics.median(t) for name, t in times.items()}
     cpu_median = {name: statistics.median(t) for name, t in cpu_times.items()}
-    pairs = {"dqo separate / sft": ("dqo separate", "sft"), "dqo shared / sft": ("dqo shared", "sft"),
-             "dqo separate (ours) / plain dqo": ("dqo separate", "plain dqo")}  # fmt: skip
+    pairs = {
+        "dqo separate / sft": ("dqo separate", "sft"),
+        "dqo shared / sft": ("dqo shared", "sft"),
+        "dqo separate (ours) / plain dqo": ("dqo separate", "plain dqo"),
+    }
     ratios = {k: median[a] / median[b] for k, (a, b) in pairs.items()}
     cpu_ratios = {k: cpu_median[a] / cpu_median[b] for k, (a, b) in pairs.items()}
     # Paired: the two setups' CPU times in the same round, divided; machine drift between rounds cancels.
@@ -247,17 +296,25 @@ def main(argv=None) -> None:
     print("\n## DQO step cost\n")
     print(f"Command: `{command}`\n")
     print(environment(args) + "\n")
-    print(f"Model: Llama, {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads "
-          f"({args.kv_heads} KV), vocab {args.vocab}, untied head, fp32; batch: {args.batch} x {args.seq} tokens "
-          f"(one micro-batch). Median of {args.steps} steps after {args.warmup} warmup rounds, setups interleaved "
-          "round-robin in one process.\n")  # fmt: skip
-    print("| setup | median wall ms/step | min | max | median CPU ms/step | tokens/s (wall) |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    print(
+        f"Model: Llama, {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads "
+        f"({args.kv_heads} KV), vocab {args.vocab}, untied head, fp32; batch: {args.batch} x {args.seq} tokens "
+        f"(one micro-batch). Median of {args.steps} steps after {args.warmup} warmup rounds, setups interleaved "
+        "round-robin in one process.\n"
+    )
+    print(
+        "| setup | median wall ms/step | min | max | median CPU ms/step | tokens/s (wall) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
     for name, t in times.items():
-        print(f"| {name} | {median[name]:.0f} | {min(t):.0f} | {max(t):.0f} | {cpu_median[name]:.0f} | "
-              f"{tokens / median[name] * 1e3:.0f} |")  # fmt: skip
-    print("\n| ratio | CPU time, median of per-round ratios | CPU time, ratio of medians | wall, ratio of medians "
-          "| target | met (paired CPU / CPU / wall) |\n| --- | ---: | ---: | ---: | ---: | --- |")  # fmt: skip
+        print(
+            f"| {name} | {median[name]:.0f} | {min(t):.0f} | {max(t):.0f} | {cpu_median[name]:.0f} | "
+            f"{tokens / median[name] * 1e3:.0f} |"
+        )
+    print(
+        "\n| ratio | CPU time, median of per-round ratios | CPU time, ratio of medians | wall, ratio of medians "
+        "| target | met (paired CPU / CPU / wall) |\n| --- | ---: | ---: | ---: | ---: | --- |"
+    )
     for name, value in ratios.items():
         target, cpu = TARGETS[name], cpu_ratios[name]
         met = "/".join("yes" if v <= target else "NO" for v in (paired[name], cpu, value))

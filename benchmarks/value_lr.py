@@ -24,8 +24,14 @@ from pathlib import Path
 def fit(demo: Path, ratio: float, steps: int, out: Path, name: str = "dqo") -> Path:
     """Run the value-only fit for one ratio; returns its run directory."""
     run_dir = out / f"ratio_{ratio:g}"
-    overrides = [f"run_dir={run_dir}", f"value.lr_ratio={ratio}", f"value.warmup_steps={steps}",
-                 f"train.train_steps={steps}", "eval.interval=0", "train.keep_last_checkpoints=1"]  # fmt: skip
+    overrides = [
+        f"run_dir={run_dir}",
+        f"value.lr_ratio={ratio}",
+        f"value.warmup_steps={steps}",
+        f"train.train_steps={steps}",
+        "eval.interval=0",
+        "train.keep_last_checkpoints=1",
+    ]
     cmd = [sys.executable, "-m", "dqo_megatron", "train", "-c", str(demo / "configs" / f"{name}.yaml"), *overrides]
     with open(out / f"ratio_{ratio:g}.log", "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -43,10 +49,16 @@ def analyse(demo: Path, run_dir: Path, out: Path) -> dict:
 
     seq = json.loads((demo / "demo.json").read_text())["measured"]["seq_length"]
     tokenize = TokenizeConfig(tokenizer=TokenizerConfig(path=str(demo / "tokenizer.model")), max_length=seq + 1)
-    (row,) = run_value_analysis(ValueAnalysisConfig(checkpoints=[str(find_latest_checkpoint(run_dir / "checkpoints"))],
-                                                    records=[str(demo / "analysis_scored.jsonl")], tokenize=tokenize,
-                                                    out_dir=str(out / f"analysis_{run_dir.name}"), skip_invalid=True,
-                                                    plot=False))  # fmt: skip
+    (row,) = run_value_analysis(
+        ValueAnalysisConfig(
+            checkpoints=[str(find_latest_checkpoint(run_dir / "checkpoints"))],
+            records=[str(demo / "analysis_scored.jsonl")],
+            tokenize=tokenize,
+            out_dir=str(out / f"analysis_{run_dir.name}"),
+            skip_invalid=True,
+            plot=False,
+        )
+    )
     return value_summary(row)
 
 
@@ -58,16 +70,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/value_lr"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = ["| value.lr_ratio | value.lr | explained variance (train, last 10 steps) | held-out Pearson | "
-             "drop at first unsolvable step | change over solvable steps |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| value.lr_ratio | value.lr | explained variance (train, last 10 steps) | held-out Pearson | "
+        "drop at first unsolvable step | change over solvable steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for ratio in args.ratios:
         run_dir = fit(args.demo, ratio, args.steps, args.out)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         ev = [r["value_explained_var"] for r in rows[-10:]]
         lr = json.loads((args.demo / "demo.json").read_text())["config"]["rl_lr"] * ratio
         s = analyse(args.demo, run_dir, args.out)
-        lines.append(f"| {ratio:g} | {lr:.1e} | {sum(ev) / len(ev):.3f} | {s['pearson']:.3f} | {s['drop']:.3f} | "
-                     f"{s['solvable_change']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {ratio:g} | {lr:.1e} | {sum(ev) / len(ev):.3f} | {s['pearson']:.3f} | {s['drop']:.3f} | "
+            f"{s['solvable_change']:.3f} |"
+        )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     (args.out / "value_lr.md").write_text(table + "\n")

@@ -53,8 +53,10 @@ _THREADS = 4
 """Files hashed at once by one rank (zlib and file reads release the GIL)."""
 _RANK_FILES = (re.compile(r"__(\d+)_\d+\.distcp$"), re.compile(r"^rng/rank_(\d+)\.pt$"))
 _SHORT_WRITE = re.compile(r"unexpected pos \d+ vs \d+|file write failed")
-_FULL_TEXT = {errno.ENOSPC: re.compile(rf"\[Errno {errno.ENOSPC}\]|No space left on device"),
-              errno.EDQUOT: re.compile(rf"\[Errno {errno.EDQUOT}\]|Disk quota exceeded")}  # fmt: skip
+_FULL_TEXT = {
+    errno.ENOSPC: re.compile(rf"\[Errno {errno.ENOSPC}\]|No space left on device"),
+    errno.EDQUOT: re.compile(rf"\[Errno {errno.EDQUOT}\]|Disk quota exceeded"),
+}
 """An OSError's text inside another error's message (torch passes worker errors on as text)."""
 _LOW_SPACE_BYTES = 64 << 20
 
@@ -223,8 +225,10 @@ def read_manifest(directory: str | Path) -> dict | None:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ManifestError(f"{path}: damaged ({type(err).__name__}: {err})") from None
     if algorithm != "crc32" or manifest.get("format_version") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path}: format {manifest.get('format_version')} / algorithm {algorithm!r}; this "
-                            f"code reads format {MANIFEST_FORMAT}, crc32")  # fmt: skip
+        raise ManifestError(
+            f"{path}: format {manifest.get('format_version')} / algorithm {algorithm!r}; this "
+            f"code reads format {MANIFEST_FORMAT}, crc32"
+        )
     if not sizes_ok or _files_crc(files) != stored:
         raise ManifestError(f"{path}: damaged (its own checksum does not match its contents)")
     return manifest
@@ -301,8 +305,10 @@ def _check_files(directory: Path, expected: dict, mode: str) -> tuple[list[str],
         except OSError as err:
             return f"{path}: unreadable ({type(err).__name__}: {err})", 0
         if f"{crc:08x}" != want["crc32"]:
-            return (f"{path}: checksum {crc:08x}, the manifest says {want['crc32']} (contents changed since the "
-                    "save: damaged or overwritten)"), size  # fmt: skip
+            return (
+                f"{path}: checksum {crc:08x}, the manifest says {want['crc32']} (contents changed since the "
+                "save: damaged or overwritten)"
+            ), size
         return None, size
 
     names = sorted(expected)
@@ -370,9 +376,12 @@ def one_line(err: BaseException) -> str:
             parts.append(f"rank {rank}: {one_line(inner)}")
         return "; ".join(dict.fromkeys(parts))
     if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
-        # torch's text goes on to suggest weights_only=False, i.e. running whatever the file holds: not advice to pass on
-        return (f"{type(err).__name__}: a pickled file of the checkpoint holds something torch.load(weights_only=True) "
-                "refuses (damaged, or not written by Megatron/dqo-megatron); it is not loaded")  # fmt: skip
+        # torch's text goes on to suggest weights_only=False, i.e. running whatever the file holds:
+        # not advice to pass on
+        return (
+            f"{type(err).__name__}: a pickled file of the checkpoint holds something torch.load(weights_only=True) "
+            "refuses (damaged, or not written by Megatron/dqo-megatron); it is not loaded"
+        )
     return first_line(err)
 
 
@@ -383,8 +392,10 @@ def is_damage(err: BaseException) -> bool:
     """Whether `err` (from reading a checkpoint) says a file is missing, short or garbled, as opposed to a
     checkpoint that does not fit the model (which an older checkpoint of the same run would not fix)."""
     for exc in causes(err):
-        if isinstance(exc, (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError,
-                            json.JSONDecodeError)):  # fmt: skip
+        if isinstance(
+            exc,
+            (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError),
+        ):
             return True
         if isinstance(exc, RuntimeError) and any(word in str(exc) for word in _DAMAGE_WORDS):
             return True
@@ -426,8 +437,10 @@ def disk_full_message(err: BaseException, directory: str | Path) -> str | None:
             continue
         if space is None or space[0] < max(_LOW_SPACE_BYTES, space[1] // 200):
             return f"no space left on device writing {directory} (torch's writer: {match.group(0)}): {free}"
-        return (f"short write to {directory} (torch's writer: {match.group(0)}) although {free}: over a quota, "
-                "or an I/O error of the device")  # fmt: skip
+        return (
+            f"short write to {directory} (torch's writer: {match.group(0)}) although {free}: over a quota, "
+            "or an I/O error of the device"
+        )
     return None
 
 
@@ -463,7 +476,11 @@ def deferred_single_rank_errors(errors: list) -> Iterator[None]:
 
         return call
 
-    saved = [(TorchCommonSaveStrategy, "save_common"), (FileSystemWriterAsync, "finish"), (serialization, "save_config")]
+    saved = [
+        (TorchCommonSaveStrategy, "save_common"),
+        (FileSystemWriterAsync, "finish"),
+        (serialization, "save_config"),
+    ]
     originals = [(owner, name, owner.__dict__[name]) for owner, name in saved if name in owner.__dict__]
     for owner, name, original in originals:
         setattr(owner, name, deferring(original))

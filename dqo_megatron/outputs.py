@@ -76,8 +76,10 @@ def check_apart(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> None
                 how = "contains"
             else:
                 continue
-            raise OutputError(f"output {out} {how} the input {given}: writing it would destroy the input "
-                              "(refused even with --overwrite); choose another output path")  # fmt: skip
+            raise OutputError(
+                f"output {out} {how} the input {given}: writing it would destroy the input "
+                "(refused even with --overwrite); choose another output path"
+            )
 
 
 def refuse_special(path: PathLike) -> None:
@@ -96,8 +98,10 @@ def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "out
         refuse_special(p)
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise OutputError(f"{what} already exists ({shown}); pass --overwrite to replace it (it is replaced only "
-                          "after the new one is complete)")  # fmt: skip
+        raise OutputError(
+            f"{what} already exists ({shown}); pass --overwrite to replace it (it is replaced only "
+            "after the new one is complete)"
+        )
     return existing
 
 
@@ -123,7 +127,7 @@ def sweep_stale_staging(parent: Path, name: str) -> list[Path]:
     removed = []
     host = socket.gethostname()
     for entry in parent.glob(f".{glob.escape(name)}.partial-*"):
-        rest = entry.name[len(f".{name}.partial-"):]
+        rest = entry.name[len(f".{name}.partial-") :]
         owner, _, tail = rest.rpartition("-")
         owner_host, _, pid = owner.rpartition("-")
         if owner_host == host and pid.isdigit() and not _alive(int(pid)):
@@ -135,8 +139,11 @@ def sweep_stale_staging(parent: Path, name: str) -> list[Path]:
     if removed:
         logger.info("removed %d staging leftover(s) of killed runs beside %s", len(removed), parent / name)
     for entry in parent.glob(f".{glob.escape(name)}.old-*"):
-        logger.warning("%s: an earlier output moved aside by a run killed while replacing %s; restore it or "
-                       "remove it", entry, parent / name)  # fmt: skip
+        logger.warning(
+            "%s: an earlier output moved aside by a run killed while replacing %s; restore it or remove it",
+            entry,
+            parent / name,
+        )
     return removed
 
 
@@ -243,8 +250,9 @@ def staged_dir(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = 
 
 
 @contextlib.contextmanager
-def staged_files(names: Sequence[PathLike], *, overwrite: bool, inputs: Iterable[PathLike] = (),
-                 what: str = "output") -> Iterator[Path]:  # fmt: skip
+def staged_files(
+    names: Sequence[PathLike], *, overwrite: bool, inputs: Iterable[PathLike] = (), what: str = "output"
+) -> Iterator[Path]:
     """A temporary directory in which the caller writes files named like `names`; they replace `names`
     together when the block succeeds. `names[-1]` is the marker of a complete set (moved last).
 

@@ -108,12 +108,17 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
     if info.rank == 0:
         logger.info(
             "parallel layout: world=%d TP=%d PP=%d%s CP=%d DP=%d SP=%s backend=%s",
-            world_size, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+            world_size,
+            parallel.tensor_model_parallel_size,
+            parallel.pipeline_model_parallel_size,
             f" (VPP={parallel.virtual_pipeline_model_parallel_size})"
-            if parallel.virtual_pipeline_model_parallel_size else "",
-            parallel.context_parallel_size, dp_size, parallel.sequence_parallel,
+            if parallel.virtual_pipeline_model_parallel_size
+            else "",
+            parallel.context_parallel_size,
+            dp_size,
+            parallel.sequence_parallel,
             torch.distributed.get_backend(),
-        )  # fmt: skip
+        )
     return info
 
 

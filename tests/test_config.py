@@ -15,19 +15,35 @@ def _load(*overrides, path=None):
 @pytest.mark.parametrize(
     "overrides, must_name",
     [
-        (["parallel.tensor_model_parallel_size=3"], ["parallel.tensor_model_parallel_size=3", "model.num_attention_heads"]),
-        (["model.num_attention_heads=8", "model.num_query_groups=2", "model.hidden_size=64",
-          "parallel.tensor_model_parallel_size=4"], ["model.num_query_groups=2"]),
+        (
+            ["parallel.tensor_model_parallel_size=3"],
+            ["parallel.tensor_model_parallel_size=3", "model.num_attention_heads"],
+        ),
+        (
+            [
+                "model.num_attention_heads=8",
+                "model.num_query_groups=2",
+                "model.hidden_size=64",
+                "parallel.tensor_model_parallel_size=4",
+            ],
+            ["model.num_query_groups=2"],
+        ),
         (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel", "tensor_model_parallel_size"]),
         (["parallel.pipeline_model_parallel_size=3"], ["model.num_layers=2", "pipeline_model_parallel_size=3"]),
-        (["parallel.context_parallel_size=2", "train.seq_length=30"], ["train.seq_length=30", "context_parallel_size=2"]),
+        (
+            ["parallel.context_parallel_size=2", "train.seq_length=30"],
+            ["train.seq_length=30", "context_parallel_size=2"],
+        ),
         (["model.num_attention_heads=3", "model.num_query_groups=2"], ["num_attention_heads=3", "num_query_groups=2"]),
         (["train.seq_length=512"], ["train.seq_length=512", "model.seq_length=128"]),
         (["model.family=mistral"], ["model.family", "gemma", "llama", "qwen2"]),
         (["model.hidden_size=abc"], ["model.hidden_size", "integer"]),
         (["model.hidden_sise=64"], ["model.hidden_sise", "did you mean 'hidden_size'"]),
         (["precision.fp8_param=true"], ["precision.fp8_param", "precision.fp8"]),
-        (["parallel.virtual_pipeline_model_parallel_size=2"], ["virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size >= 2"]),
+        (
+            ["parallel.virtual_pipeline_model_parallel_size=2"],
+            ["virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size >= 2"],
+        ),
         (["model.kv_channels=8"], ["model.kv_channels=8", "gemma"]),
     ],
 )
@@ -43,7 +59,9 @@ def test_world_size_must_divide():
     with pytest.raises(ConfigError, match="world size 6 is not divisible .*= 4"):
         run.validate_layout(6)
     assert run.validate_layout(8) == 2
-    with pytest.raises(ConfigError, match="global_batch_size=4 must be a multiple of train.micro_batch_size=1 x data-parallel size 8"):
+    with pytest.raises(
+        ConfigError, match="global_batch_size=4 must be a multiple of train.micro_batch_size=1 x data-parallel size 8"
+    ):
         run.validate_layout(32)
     assert run.num_microbatches(8) == 2
 
@@ -107,8 +125,10 @@ def test_every_field_has_a_docstring():
 
 def test_valid_layouts_pass():
     ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
-    RunConfig(model=ModelConfig(num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2,
-              virtual_pipeline_model_parallel_size=2))  # fmt: skip
+    RunConfig(
+        model=ModelConfig(num_layers=4),
+        parallel=ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+    )
 
 
 KNOWN_SIZES = {"qwen2-7b.yaml": 7_615_616_512, "gemma-7b.yaml": 8_537_680_896, "llama3-8b.yaml": 8_030_261_248}

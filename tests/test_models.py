@@ -12,15 +12,39 @@ from dqo_megatron.models import expected_parameter_count
 from tests.helpers.distributed import run_distributed
 
 FAMILIES = {
-    "llama-mha-untied": ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96,
-                                    num_attention_heads=4, vocab_size=300),
-    "llama-gqa-tied": ModelConfig(family="llama", num_layers=3, hidden_size=64, ffn_hidden_size=96,
-                                  num_attention_heads=8, num_query_groups=2, vocab_size=300, tie_embeddings=True),
-    "qwen2": ModelConfig(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96,
-                         num_attention_heads=4, num_query_groups=2, vocab_size=300),
-    "gemma": ModelConfig(family="gemma", num_layers=2, hidden_size=64, ffn_hidden_size=96,
-                         num_attention_heads=4, num_query_groups=1, kv_channels=48, vocab_size=300),
-}  # fmt: skip
+    "llama-mha-untied": ModelConfig(
+        family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=300
+    ),
+    "llama-gqa-tied": ModelConfig(
+        family="llama",
+        num_layers=3,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=8,
+        num_query_groups=2,
+        vocab_size=300,
+        tie_embeddings=True,
+    ),
+    "qwen2": ModelConfig(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=300,
+    ),
+    "gemma": ModelConfig(
+        family="gemma",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=1,
+        kv_channels=48,
+        vocab_size=300,
+    ),
+}
 
 
 def _build_and_run(model_cfg: ModelConfig):
@@ -89,16 +113,39 @@ def test_family_defaults():
 
 def test_parameter_formula_on_a_known_model():
     # Llama-2-7B: 6,738,415,616 parameters (32 layers, hidden 4096, FFN 11008, 32 heads, vocab 32000)
-    llama2_7b = ModelConfig(family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
-                            num_attention_heads=32, vocab_size=32000, seq_length=4096)  # fmt: skip
+    llama2_7b = ModelConfig(
+        family="llama",
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_attention_heads=32,
+        vocab_size=32000,
+        seq_length=4096,
+    )
     assert expected_parameter_count(llama2_7b) == 6_738_415_616
     # Qwen2-7B: 7,615,616,512 (28 layers, hidden 3584, FFN 18944, 28 heads, 4 KV heads, vocab 152064)
-    qwen2_7b = ModelConfig(family="qwen2", num_layers=28, hidden_size=3584, ffn_hidden_size=18944,
-                           num_attention_heads=28, num_query_groups=4, vocab_size=152064, seq_length=4096)  # fmt: skip
+    qwen2_7b = ModelConfig(
+        family="qwen2",
+        num_layers=28,
+        hidden_size=3584,
+        ffn_hidden_size=18944,
+        num_attention_heads=28,
+        num_query_groups=4,
+        vocab_size=152064,
+        seq_length=4096,
+    )
     assert expected_parameter_count(qwen2_7b) == 7_615_616_512
     # Gemma-7B: 8,537,680,896 (28 layers, hidden 3072, FFN 24576, 16 heads of 256, vocab 256000, tied)
-    gemma_7b = ModelConfig(family="gemma", num_layers=28, hidden_size=3072, ffn_hidden_size=24576,
-                           num_attention_heads=16, kv_channels=256, vocab_size=256000, seq_length=4096)  # fmt: skip
+    gemma_7b = ModelConfig(
+        family="gemma",
+        num_layers=28,
+        hidden_size=3072,
+        ffn_hidden_size=24576,
+        num_attention_heads=16,
+        kv_channels=256,
+        vocab_size=256000,
+        seq_length=4096,
+    )
     assert expected_parameter_count(gemma_7b) == 8_537_680_896
 
 

@@ -27,17 +27,49 @@ REL_TOL = 2e-5
 SEQ, GLOBAL_BATCH, VOCAB = 32, 4, 256
 
 MODELS = {
-    "llama-gqa": ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                             num_attention_heads=4, num_query_groups=2, vocab_size=VOCAB, seq_length=SEQ),
-    "llama-tied-4l": ModelConfig(family="llama", num_layers=4, hidden_size=64, ffn_hidden_size=128,
-                                 num_attention_heads=4, num_query_groups=2, vocab_size=VOCAB, seq_length=SEQ,
-                                 tie_embeddings=True),
-    "qwen2": ModelConfig(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                         num_attention_heads=4, num_query_groups=2, vocab_size=VOCAB, seq_length=SEQ),
-    "gemma": ModelConfig(family="gemma", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                         num_attention_heads=4, num_query_groups=2, kv_channels=24, vocab_size=VOCAB,
-                         seq_length=SEQ),
-}  # fmt: skip
+    "llama-gqa": ModelConfig(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+    ),
+    "llama-tied-4l": ModelConfig(
+        family="llama",
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        tie_embeddings=True,
+    ),
+    "qwen2": ModelConfig(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+    ),
+    "gemma": ModelConfig(
+        family="gemma",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=24,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+    ),
+}
 
 # name: (model, world size, layout)
 LAYOUTS = {
@@ -48,8 +80,12 @@ LAYOUTS = {
     "dp2": ("llama-gqa", 2, {}),
     "pp2-vpp2-tied": ("llama-tied-4l", 2, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
     "tp2-pp2-tied": ("llama-tied-4l", 4, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
-    "tp2-sp-cp2-gemma": ("gemma", 4, dict(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2)),
-}  # fmt: skip
+    "tp2-sp-cp2-gemma": (
+        "gemma",
+        4,
+        dict(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2),
+    ),
+}
 
 
 @pytest.fixture(scope="module")

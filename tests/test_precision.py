@@ -25,32 +25,49 @@ TE = "2.8.0"
 
 
 def gpu(name: str, capability: tuple[int, int], cuda: str = "12.9", te: str | None = TE) -> Hardware:
-    return Hardware(cuda=True, device_name=name, capability=capability, cuda_version=cuda, te_version=te,
-                    te_reason="" if te else "transformer_engine cannot be imported (ImportError: no module)")  # fmt: skip
+    return Hardware(
+        cuda=True,
+        device_name=name,
+        capability=capability,
+        cuda_version=cuda,
+        te_version=te,
+        te_reason="" if te else "transformer_engine cannot be imported (ImportError: no module)",
+    )
 
 
-A100, L40S, H100, B200, RTX5090 = (gpu("NVIDIA A100-SXM4-80GB", (8, 0)), gpu("NVIDIA L40S", (8, 9)),
-                                   gpu("NVIDIA H100 80GB HBM3", (9, 0)), gpu("NVIDIA B200", (10, 0)),
-                                   gpu("NVIDIA GeForce RTX 5090", (12, 0)))  # fmt: skip
+A100, L40S, H100, B200, RTX5090 = (
+    gpu("NVIDIA A100-SXM4-80GB", (8, 0)),
+    gpu("NVIDIA L40S", (8, 9)),
+    gpu("NVIDIA H100 80GB HBM3", (9, 0)),
+    gpu("NVIDIA B200", (10, 0)),
+    gpu("NVIDIA GeForce RTX 5090", (12, 0)),
+)
 CPU = Hardware(cuda=False, te_reason="CUDA is not available")
 
 
 # ------------------------------------------------------------------------------------------ the config
 def test_recipe_defaults_follow_transformer_engine():
     assert PrecisionConfig().fp8 is None and PrecisionConfig().resolved_fp8_format is None
-    assert {r: PrecisionConfig(fp8=r).resolved_fp8_format for r in ("delayed", "tensorwise", "blockwise", "mxfp8")} == \
-        {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}  # fmt: skip
+    assert {r: PrecisionConfig(fp8=r).resolved_fp8_format for r in ("delayed", "tensorwise", "blockwise", "mxfp8")} == {
+        "delayed": "hybrid",
+        "tensorwise": "hybrid",
+        "blockwise": "e4m3",
+        "mxfp8": "e4m3",
+    }
     assert PrecisionConfig(fp8="delayed", fp8_format="e4m3").resolved_fp8_format == "e4m3"
     assert PrecisionConfig(fp8="mxfp8").fp8_alignment == 32 and PrecisionConfig(fp8="delayed").fp8_alignment == 16
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    (dict(fp8_param=True), "precision.fp8_param"),
-    (dict(fp8_format="e4m3"), "precision.fp8_format"),
-    (dict(dtype="fp32", fp8="delayed"), "precision.fp8"),
-    (dict(dtype="fp16", fp8="tensorwise"), "precision.fp8"),
-    (dict(fp8="delayed", fp8_amax_history_len=0), "precision.fp8_amax_history_len"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(fp8_param=True), "precision.fp8_param"),
+        (dict(fp8_format="e4m3"), "precision.fp8_format"),
+        (dict(dtype="fp32", fp8="delayed"), "precision.fp8"),
+        (dict(dtype="fp16", fp8="tensorwise"), "precision.fp8"),
+        (dict(fp8="delayed", fp8_amax_history_len=0), "precision.fp8_amax_history_len"),
+    ],
+)
 def test_inconsistent_precision_fields_are_refused_by_name(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         PrecisionConfig(**kwargs)
@@ -61,23 +78,46 @@ def test_unknown_recipe_is_refused_when_loading(tmp_path):
         load_config(RunConfig, None, ["precision.fp8=nvfp4"])
 
 
-@pytest.mark.parametrize(("model", "parallel", "train", "precision", "field"), [
-    (dict(hidden_size=72, num_attention_heads=4), {}, {}, "delayed", "model.hidden_size=72"),
-    (dict(ffn_hidden_size=136), {}, {}, "delayed", "model.ffn_hidden_size=136"),
-    # 160 is a multiple of 16, but each of 4 TP ranks holds 40 columns
-    (dict(ffn_hidden_size=160), dict(tensor_model_parallel_size=4), {}, "tensorwise",
-     "parallel.tensor_model_parallel_size=4"),
-    # Gemma-style head dim 40: 4 heads x 40 = 160, a multiple of 16, but 40 columns on each of 4 TP ranks
-    (dict(family="gemma", num_attention_heads=4, kv_channels=40, ffn_hidden_size=256),
-     dict(tensor_model_parallel_size=4), {}, "delayed", "model.kv_channels=40"),
-    (dict(family="gemma", num_attention_heads=2, kv_channels=36), {}, {}, "tensorwise", "model.kv_channels=36"),
-    (dict(seq_length=128), {}, dict(micro_batch_size=1, seq_length=100), "delayed", "train.seq_length=100"),
-    # 1 x 96 tokens over CP=2: 48 per rank, a multiple of 16 but not of mxfp8's 32
-    (dict(seq_length=128), dict(context_parallel_size=2), dict(seq_length=96), "mxfp8", "parallel.context_parallel_size=2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model", "parallel", "train", "precision", "field"),
+    [
+        (dict(hidden_size=72, num_attention_heads=4), {}, {}, "delayed", "model.hidden_size=72"),
+        (dict(ffn_hidden_size=136), {}, {}, "delayed", "model.ffn_hidden_size=136"),
+        # 160 is a multiple of 16, but each of 4 TP ranks holds 40 columns
+        (
+            dict(ffn_hidden_size=160),
+            dict(tensor_model_parallel_size=4),
+            {},
+            "tensorwise",
+            "parallel.tensor_model_parallel_size=4",
+        ),
+        # Gemma-style head dim 40: 4 heads x 40 = 160, a multiple of 16, but 40 columns on each of 4 TP ranks
+        (
+            dict(family="gemma", num_attention_heads=4, kv_channels=40, ffn_hidden_size=256),
+            dict(tensor_model_parallel_size=4),
+            {},
+            "delayed",
+            "model.kv_channels=40",
+        ),
+        (dict(family="gemma", num_attention_heads=2, kv_channels=36), {}, {}, "tensorwise", "model.kv_channels=36"),
+        (dict(seq_length=128), {}, dict(micro_batch_size=1, seq_length=100), "delayed", "train.seq_length=100"),
+        # 1 x 96 tokens over CP=2: 48 per rank, a multiple of 16 but not of mxfp8's 32
+        (
+            dict(seq_length=128),
+            dict(context_parallel_size=2),
+            dict(seq_length=96),
+            "mxfp8",
+            "parallel.context_parallel_size=2",
+        ),
+    ],
+)
 def test_fp8_dimensions_not_multiples_are_refused_naming_the_field(model, parallel, train, precision, field):
-    kwargs = dict(model=ModelConfig(**{**SMALL, **model}), parallel=ParallelConfig(**parallel),
-                  train=TrainConfig(**train), precision=PrecisionConfig(fp8=precision))  # fmt: skip
+    kwargs = dict(
+        model=ModelConfig(**{**SMALL, **model}),
+        parallel=ParallelConfig(**parallel),
+        train=TrainConfig(**train),
+        precision=PrecisionConfig(fp8=precision),
+    )
     with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         RunConfig(**kwargs)
     RunConfig(**{**kwargs, "precision": PrecisionConfig()})  # the same layout is fine without FP8
@@ -93,8 +133,11 @@ def test_fp8_dimensions_that_fit_pass_and_the_paper_models_fit():
 def test_fp8_param_needs_the_distributed_optimizer():
     with pytest.raises(ConfigError, match=r"train\.distributed_optimizer"):
         RunConfig(model=ModelConfig(**SMALL), precision=PrecisionConfig(fp8="delayed", fp8_param=True))
-    RunConfig(model=ModelConfig(**SMALL), precision=PrecisionConfig(fp8="delayed", fp8_param=True),
-              train=TrainConfig(distributed_optimizer=True))  # fmt: skip
+    RunConfig(
+        model=ModelConfig(**SMALL),
+        precision=PrecisionConfig(fp8="delayed", fp8_param=True),
+        train=TrainConfig(distributed_optimizer=True),
+    )
 
 
 # ------------------------------------------------------------------------------- the hardware checks
@@ -103,13 +146,29 @@ def test_no_fp8_needs_nothing(hardware):
     assert fp8_support_problems(PrecisionConfig(), hardware, "local") == []
 
 
-@pytest.mark.parametrize(("hardware", "recipe", "ok"), [
-    (L40S, "delayed", True), (L40S, "tensorwise", True), (L40S, "blockwise", False), (L40S, "mxfp8", False),
-    (H100, "delayed", True), (H100, "tensorwise", True), (H100, "blockwise", True), (H100, "mxfp8", False),
-    (B200, "delayed", True), (B200, "tensorwise", True), (B200, "blockwise", True), (B200, "mxfp8", True),
-    (A100, "delayed", False), (A100, "tensorwise", False), (A100, "blockwise", False), (A100, "mxfp8", False),
-    (RTX5090, "delayed", True), (RTX5090, "mxfp8", False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("hardware", "recipe", "ok"),
+    [
+        (L40S, "delayed", True),
+        (L40S, "tensorwise", True),
+        (L40S, "blockwise", False),
+        (L40S, "mxfp8", False),
+        (H100, "delayed", True),
+        (H100, "tensorwise", True),
+        (H100, "blockwise", True),
+        (H100, "mxfp8", False),
+        (B200, "delayed", True),
+        (B200, "tensorwise", True),
+        (B200, "blockwise", True),
+        (B200, "mxfp8", True),
+        (A100, "delayed", False),
+        (A100, "tensorwise", False),
+        (A100, "blockwise", False),
+        (A100, "mxfp8", False),
+        (RTX5090, "delayed", True),
+        (RTX5090, "mxfp8", False),
+    ],
+)
 def test_recipes_by_compute_capability(hardware, recipe, ok):
     problems = fp8_support_problems(PrecisionConfig(fp8=recipe), hardware, "te")
     assert (problems == []) == ok, problems
@@ -133,7 +192,10 @@ def test_recipes_need_a_recent_enough_transformer_engine():
     assert fp8_support_problems(PrecisionConfig(fp8="delayed"), old, "te") == []
     (problem,) = fp8_support_problems(PrecisionConfig(fp8="tensorwise"), old, "te")
     assert "Transformer Engine >= 2.2.0.dev0" in problem and "2.1.0" in problem
-    assert fp8_support_problems(PrecisionConfig(fp8="tensorwise"), gpu("H100", (9, 0), te="2.2.0.dev0+5fdd7bb"), "te") == []
+    assert (
+        fp8_support_problems(PrecisionConfig(fp8="tensorwise"), gpu("H100", (9, 0), te="2.2.0.dev0+5fdd7bb"), "te")
+        == []
+    )
 
 
 def test_fp8_without_cuda_or_transformer_engine_or_its_spec():
@@ -147,8 +209,14 @@ def test_fp8_without_cuda_or_transformer_engine_or_its_spec():
 
 def test_check_also_refuses_dimensions_and_low_precision_on_cpu():
     with pytest.raises(ConfigError, match=r"model\.hidden_size=72"):
-        check_precision_supported(PrecisionConfig(fp8="delayed"), "bf16", backend="te", hardware=H100,
-                                  model=ModelConfig(**{**SMALL, "hidden_size": 72}), parallel=ParallelConfig())  # fmt: skip
+        check_precision_supported(
+            PrecisionConfig(fp8="delayed"),
+            "bf16",
+            backend="te",
+            hardware=H100,
+            model=ModelConfig(**{**SMALL, "hidden_size": 72}),
+            parallel=ParallelConfig(),
+        )
     with pytest.raises(ConfigError, match=r"precision\.dtype=bf16 needs a GPU"):
         check_precision_supported(PrecisionConfig(dtype="bf16"), "bf16", backend="local", hardware=CPU)
     check_precision_supported(PrecisionConfig(fp8="delayed"), "bf16", backend="te", hardware=H100, model=LLAMA)
@@ -163,7 +231,9 @@ def _fake_cuda(monkeypatch, name: str, capability: tuple[int, int], te_version: 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.version, "cuda", "12.9")
-    status = (True, f"transformer_engine {te_version}") if te_version else (False, "transformer_engine cannot be imported")
+    status = (
+        (True, f"transformer_engine {te_version}") if te_version else (False, "transformer_engine cannot be imported")
+    )
     monkeypatch.setattr(compat, "transformer_engine_status", lambda: status)
     monkeypatch.setattr(precision_mod, "_transformer_engine_version", lambda: te_version)
 
@@ -172,8 +242,13 @@ def test_detect_hardware_reads_the_device(monkeypatch):
     assert detect_hardware().cuda == torch.cuda.is_available()
     _fake_cuda(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), "2.8.0")
     hw = detect_hardware()
-    assert (hw.cuda, hw.capability, hw.device_name, hw.cuda_version, hw.te_version) == \
-        (True, (9, 0), "NVIDIA H100 80GB HBM3", "12.9", "2.8.0")  # fmt: skip
+    assert (hw.cuda, hw.capability, hw.device_name, hw.cuda_version, hw.te_version) == (
+        True,
+        (9, 0),
+        "NVIDIA H100 80GB HBM3",
+        "12.9",
+        "2.8.0",
+    )
     _fake_cuda(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0), None)
     assert detect_hardware().te_version is None and "cannot be imported" in detect_hardware().te_reason
 
@@ -191,8 +266,9 @@ def test_transformer_config_refuses_fp8_on_a_faked_a100(monkeypatch):
 def test_fp8_fields_for_megatron_core():
     assert fp8_transformer_config_kwargs(PrecisionConfig()) == {}
     got = fp8_transformer_config_kwargs(PrecisionConfig(fp8="blockwise", fp8_param=True))
-    assert got == dict(fp8="e4m3", fp8_recipe="blockwise", fp8_param=True, fp8_amax_history_len=1024,
-                       fp8_amax_compute_algo="max")  # fmt: skip
+    assert got == dict(
+        fp8="e4m3", fp8_recipe="blockwise", fp8_param=True, fp8_amax_history_len=1024, fp8_amax_compute_algo="max"
+    )
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = TransformerConfig.__dataclass_fields__
@@ -209,7 +285,9 @@ def test_family_switches_reach_both_specs(model):
     from dqo_megatron.models.builder import transformer_config_kwargs
 
     for backend in ("te", "local"):
-        kw = transformer_config_kwargs(model, ParallelConfig(), PrecisionConfig(dtype="bf16"), backend=backend, cuda=True)
+        kw = transformer_config_kwargs(
+            model, ParallelConfig(), PrecisionConfig(dtype="bf16"), backend=backend, cuda=True
+        )
         assert kw["add_qkv_bias"] == (model.family == "qwen2")
         assert kw["layernorm_zero_centered_gamma"] == (model.family == "gemma")
         assert kw["normalization"] == "RMSNorm" and kw["bf16"] and kw["params_dtype"] == torch.bfloat16
@@ -238,7 +316,6 @@ def test_cpu_kwargs_build_a_transformer_config_with_fp8_fields():
 def _bf16_policy_value_loss_inputs():
     """One process: a bf16 policy + value network (Float16Module, as on GPU), one DQO loss; the dtypes
     that reach the loss."""
-    from functools import partial
 
     import dqo_megatron.algorithms.dqo as dqo_algorithm
     import dqo_megatron.training.algorithms as algorithms
@@ -275,8 +352,13 @@ def _bf16_policy_value_loss_inputs():
     finally:
         dqo_algorithm.dqo_losses = real
     trunk = {p.dtype for n, p in model.policy.named_parameters() if "layers" in n}
-    return {"trunk": trunk, "output": output.dtype, "head": model.value_head.weight.dtype, **seen,
-            "grads_finite": all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)}
+    return {
+        "trunk": trunk,
+        "output": output.dtype,
+        "head": model.value_head.weight.dtype,
+        **seen,
+        "grads_finite": all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None),
+    }
 
 
 def test_bf16_model_gives_fp32_loss_inputs():

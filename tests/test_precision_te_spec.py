@@ -17,7 +17,7 @@ FAMILIES = {
     "llama": ModelConfig(family="llama", num_attention_heads=4, num_query_groups=2, **COMMON),
     "qwen2": ModelConfig(family="qwen2", num_attention_heads=4, num_query_groups=2, **COMMON),
     "gemma": ModelConfig(family="gemma", num_attention_heads=2, num_query_groups=1, kv_channels=96, **COMMON),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -15,11 +15,28 @@ from tests.helpers.rl_layouts import LR, make_rl_batch, rl_layout_step, rl_refer
 
 REL_TOL = 2e-5
 SEQ, ROWS, VOCAB = 32, 4, 256
-MODEL = ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                    num_query_groups=2, vocab_size=VOCAB, seq_length=SEQ)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=VOCAB,
+    seq_length=SEQ,
+)
 
-GEMMA = ModelConfig(family="gemma", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                    num_query_groups=2, kv_channels=24, vocab_size=VOCAB, seq_length=SEQ)  # tied embeddings  # fmt: skip
+GEMMA = ModelConfig(
+    family="gemma",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=24,
+    vocab_size=VOCAB,
+    seq_length=SEQ,
+)  # tied embeddings
 
 # name: (algorithm, value mode, reference from the model?, lambda, model)
 SETUPS = {
@@ -35,15 +52,27 @@ LAYOUTS = {
     "cp2": (2, dict(context_parallel_size=2)),
     "dp2": (2, {}),
 }
-CASES = [(s, layout) for s in SETUPS for layout in LAYOUTS if s == "dqo-separate-dataref" or layout in ("pp2", "cp2", "tp2-sp")]
-CASES = [c for c in CASES if not (c[0].startswith("dqo-gemma") and c[1] != "pp2")] + [("dqo-gemma-tied-modelref", "tp2")]
+CASES = [
+    (s, layout)
+    for s in SETUPS
+    for layout in LAYOUTS
+    if s == "dqo-separate-dataref" or layout in ("pp2", "cp2", "tp2-sp")
+]
+CASES = [c for c in CASES if not (c[0].startswith("dqo-gemma") and c[1] != "pp2")] + [
+    ("dqo-gemma-tied-modelref", "tp2")
+]
 
 
 def _run(setup: str, parallel: dict | None = None) -> RunConfig:
     algorithm, mode, _, lam, model = SETUPS[setup]
-    return RunConfig(model=model, parallel=ParallelConfig(**(parallel or {})),
-                     train=TrainConfig(micro_batch_size=1, global_batch_size=ROWS, seq_length=SEQ),
-                     algorithm=algorithm, loss=LossConfig(beta=0.5, lam=lam), value=ValueConfig(mode=mode))  # fmt: skip
+    return RunConfig(
+        model=model,
+        parallel=ParallelConfig(**(parallel or {})),
+        train=TrainConfig(micro_batch_size=1, global_batch_size=ROWS, seq_length=SEQ),
+        algorithm=algorithm,
+        loss=LossConfig(beta=0.5, lam=lam),
+        value=ValueConfig(mode=mode),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +90,7 @@ def references():
     return get
 
 
-@pytest.mark.parametrize("setup, layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
+@pytest.mark.parametrize("setup, layout", CASES, ids=[f"{setup}-{layout}" for setup, layout in CASES])
 def test_rl_step_matches_single_process(setup, layout, references):
     batch, ref = references(setup)
     world, parallel = LAYOUTS[layout]

@@ -21,15 +21,33 @@ def _final_loss(output: str) -> float:
 
 
 def test_torchrun_tp2_equals_single_process(tmp_path):
-    single = subprocess.run([sys.executable, "-m", "dqo_megatron", "smoke", *STEPS, f"run_dir={tmp_path / 'one'}"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "smoke", *STEPS, f"run_dir={tmp_path / 'one'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-         str(find_free_port()), "-m", "dqo_megatron", "smoke", *STEPS,
-         "parallel.tensor_model_parallel_size=2", f"run_dir={tmp_path / 'tp2'}"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(find_free_port()),
+            "-m",
+            "dqo_megatron",
+            "smoke",
+            *STEPS,
+            "parallel.tensor_model_parallel_size=2",
+            f"run_dir={tmp_path / 'tp2'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     output = launched.stdout + launched.stderr
     assert "world=2" in output
@@ -40,7 +58,11 @@ def test_torchrun_tp2_equals_single_process(tmp_path):
 
 
 def test_bad_layout_exits_with_a_message():
-    bad = subprocess.run([sys.executable, "-m", "dqo_megatron", "smoke", "parallel.sequence_parallel=true"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "smoke", "parallel.sequence_parallel=true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1" in bad.stderr

@@ -13,5 +13,15 @@ for _module in (dqo, dro, dpo, kto, sft, rs):
     if _module.ALGORITHM.name not in names():
         register(_module.ALGORITHM)
 
-__all__ = ["ROWS_PER_ITEM", "Algorithm", "LossInputs", "LossTriple", "all_algorithms", "get", "loss_triple",
-           "names", "register", "unregister"]
+__all__ = [
+    "ROWS_PER_ITEM",
+    "Algorithm",
+    "LossInputs",
+    "LossTriple",
+    "all_algorithms",
+    "get",
+    "loss_triple",
+    "names",
+    "register",
+    "unregister",
+]

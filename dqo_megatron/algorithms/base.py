@@ -83,8 +83,9 @@ class Algorithm:
 
     def __post_init__(self) -> None:
         if self.batch_mode not in ROWS_PER_ITEM:
-            raise ValueError(f"algorithm {self.name!r}: batch_mode={self.batch_mode!r}: "
-                             f"choose one of {sorted(ROWS_PER_ITEM)}")
+            raise ValueError(
+                f"algorithm {self.name!r}: batch_mode={self.batch_mode!r}: choose one of {sorted(ROWS_PER_ITEM)}"
+            )
 
     @property
     def rows_per_item(self) -> int:

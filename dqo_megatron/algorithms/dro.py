@@ -18,9 +18,21 @@ def loss(x: LossInputs) -> LossTriple:
 
 
 ALGORITHM = Algorithm(
-    name="dro", loss=loss, needs_value=True, needs_reference=True, batch_mode="samples",
+    name="dro",
+    loss=loss,
+    needs_value=True,
+    needs_reference=True,
+    batch_mode="samples",
     config_keys=("loss.beta", "loss.truncated", "value.*"),
-    metrics=("policy_loss", "value_loss", "value_mean", "reward_mean", "log_ratio_mean", "kl_ref", "entropy_proxy",
-             *VALUE_METRICS),
+    metrics=(
+        "policy_loss",
+        "value_loss",
+        "value_mean",
+        "reward_mean",
+        "log_ratio_mean",
+        "kl_ref",
+        "entropy_proxy",
+        *VALUE_METRICS,
+    ),
     summary="Direct Reward Optimization: one value per prompt, the whole response as one action",
-)  # fmt: skip
+)

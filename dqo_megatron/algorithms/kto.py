@@ -13,14 +13,27 @@ def loss(x: LossInputs) -> LossTriple:
     policy_seq, ref_seq = sequence_logprobs(x.logp, x.mask), sequence_logprobs(x.ref, x.mask)
     half = policy_seq.shape[0] // 2
     desirable = x.batch["desirable"].to(x.logp.device).bool()
-    return loss_triple(kto_loss(policy_seq[:half], ref_seq[:half], desirable, policy_seq[half:], ref_seq[half:],
-                                beta=cfg.beta, desirable_weight=cfg.kto_desirable_weight,
-                                undesirable_weight=cfg.kto_undesirable_weight))  # fmt: skip
+    return loss_triple(
+        kto_loss(
+            policy_seq[:half],
+            ref_seq[:half],
+            desirable,
+            policy_seq[half:],
+            ref_seq[half:],
+            beta=cfg.beta,
+            desirable_weight=cfg.kto_desirable_weight,
+            undesirable_weight=cfg.kto_undesirable_weight,
+        )
+    )
 
 
 ALGORITHM = Algorithm(
-    name="kto", loss=loss, needs_reference=True, reference_from_data=False, batch_mode="kto",
+    name="kto",
+    loss=loss,
+    needs_reference=True,
+    reference_from_data=False,
+    batch_mode="kto",
     config_keys=("loss.beta", "loss.kto_desirable_weight", "loss.kto_undesirable_weight"),
     metrics=("kto_loss", "kl_reference", "desirable_reward_mean", "undesirable_reward_mean"),
     summary="Kahneman-Tversky Optimization: desirable / undesirable responses, no pairs",
-)  # fmt: skip
+)

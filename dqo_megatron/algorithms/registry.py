@@ -50,6 +50,8 @@ def markdown_table() -> str:
     rows = []
     for a in all_algorithms():
         reference = ("yes (a model)" if not a.reference_from_data else "yes") if a.needs_reference else "no"
-        rows.append(f"| `{a.name}` | {'yes' if a.needs_value else 'no'} | {reference} | `{a.batch_mode}` | "
-                    f"{a.rows_per_item} | {cells(a.config_keys)} | {cells(a.metrics)} |")  # fmt: skip
+        rows.append(
+            f"| `{a.name}` | {'yes' if a.needs_value else 'no'} | {reference} | `{a.batch_mode}` | "
+            f"{a.rows_per_item} | {cells(a.config_keys)} | {cells(a.metrics)} |"
+        )
     return "\n".join(rows)

@@ -8,11 +8,16 @@ from dqo_megatron.losses import rejection_sampling_loss
 
 def loss(x: LossInputs) -> LossTriple:
     """`rejection_sampling_loss`: the NLL of the responses whose reward sum reaches 1."""
-    return loss_triple(rejection_sampling_loss(x.logp, x.rewards, x.mask, reduction=x.run.loss.reduction,
-                                               document_ids=x.document_ids))  # fmt: skip
+    return loss_triple(
+        rejection_sampling_loss(x.logp, x.rewards, x.mask, reduction=x.run.loss.reduction, document_ids=x.document_ids)
+    )
 
 
 ALGORITHM = Algorithm(
-    name="rs", loss=loss, batch_mode="samples", config_keys=("loss.reduction",), metrics=("nll", "accepted_frac"),
+    name="rs",
+    loss=loss,
+    batch_mode="samples",
+    config_keys=("loss.reduction",),
+    metrics=("nll", "accepted_frac"),
     summary="rejection sampling: the negative log-likelihood of the correct sampled responses",
-)  # fmt: skip
+)

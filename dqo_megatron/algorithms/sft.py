@@ -12,6 +12,10 @@ def loss(x: LossInputs) -> LossTriple:
 
 
 ALGORITHM = Algorithm(
-    name="sft", loss=loss, batch_mode="samples", config_keys=("loss.reduction",), metrics=("nll",),
+    name="sft",
+    loss=loss,
+    batch_mode="samples",
+    config_keys=("loss.reduction",),
+    metrics=("nll",),
     summary="supervised fine-tuning: the negative log-likelihood of the responses",
-)  # fmt: skip
+)

@@ -38,8 +38,11 @@ def outcome_rewards(batch: dict, mask: torch.Tensor, rewards: torch.Tensor) -> t
     if batch.get("outcome_reward") is not None:
         return batch["outcome_reward"].to(rewards.device, torch.float32)
     last = last_response_position(mask)
-    return torch.where(last >= 0, rewards.gather(1, last.clamp(min=0)[:, None])[:, 0].float(),
-                       torch.zeros_like(last, dtype=torch.float32))  # fmt: skip
+    return torch.where(
+        last >= 0,
+        rewards.gather(1, last.clamp(min=0)[:, None])[:, 0].float(),
+        torch.zeros_like(last, dtype=torch.float32),
+    )
 
 
 def last_response_position(mask: torch.Tensor) -> torch.Tensor:
@@ -57,12 +60,15 @@ def response_metrics(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, 
         seq = torch.where(m, logp.detach().float() - ref.float(), torch.zeros_like(logp, dtype=torch.float32)).sum(1)
         has = m.any(dim=1)
         good, bad = has & (outcome > 0), has & ~(outcome > 0)
-        return {"log_ratio_correct": torch.stack([seq[good].sum(), good.sum().float()]),
-                "log_ratio_incorrect": torch.stack([seq[bad].sum(), bad.sum().float()])}  # fmt: skip
+        return {
+            "log_ratio_correct": torch.stack([seq[good].sum(), good.sum().float()]),
+            "log_ratio_incorrect": torch.stack([seq[bad].sum(), bad.sum().float()]),
+        }
 
 
-def handle_truncated(batch: dict, mask: torch.Tensor, rewards: torch.Tensor, values: torch.Tensor,
-                     how: str) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+def handle_truncated(
+    batch: dict, mask: torch.Tensor, rewards: torch.Tensor, values: torch.Tensor, how: str
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Apply `loss.truncated` to rows whose response was cut by the length limit (``batch["truncated"]``).
 
     bootstrap: the state after the last token, s_(H+1), is not terminal. The value read one position
@@ -88,8 +94,14 @@ def handle_truncated(batch: dict, mask: torch.Tensor, rewards: torch.Tensor, val
         nxt = (last + 1).clamp(max=mask.shape[1] - 1)
         bootstrap_value = values.detach().gather(1, nxt[:, None])[:, 0].to(rewards.dtype)
         add = torch.zeros_like(rewards)
-        add.scatter_(1, last.clamp(min=0)[:, None], torch.where(boot, bootstrap_value, torch.zeros_like(bootstrap_value))[:, None])
+        add.scatter_(
+            1,
+            last.clamp(min=0)[:, None],
+            torch.where(boot, bootstrap_value, torch.zeros_like(bootstrap_value))[:, None],
+        )
         rewards = rewards + add
-    metrics = {"truncated_bootstrapped": torch.stack([boot.sum().float(), torch.tensor(rows, device=mask.device)]),
-               "truncated_excluded": torch.stack([excluded.sum().float(), torch.tensor(rows, device=mask.device)])}  # fmt: skip
+    metrics = {
+        "truncated_bootstrapped": torch.stack([boot.sum().float(), torch.tensor(rows, device=mask.device)]),
+        "truncated_excluded": torch.stack([excluded.sum().float(), torch.tensor(rows, device=mask.device)]),
+    }
     return mask, rewards, {k: v.to(rewards.device) for k, v in metrics.items()}

@@ -103,8 +103,15 @@ def binned_means(x, y, bins: int = 10, discrete_max: int = 12) -> list[dict[str,
     out = []
     for g in groups:
         xs, ys = x[g], y[g]
-        out.append({"lo": float(xs.min()), "hi": float(xs.max()), "count": int(g.sum()),
-                    "mean": float(ys.mean()), "std": float(ys.std())})  # fmt: skip
+        out.append(
+            {
+                "lo": float(xs.min()),
+                "hi": float(xs.max()),
+                "count": int(g.sum()),
+                "mean": float(ys.mean()),
+                "std": float(ys.std()),
+            }
+        )
     return out
 
 

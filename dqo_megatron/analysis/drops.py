@@ -43,8 +43,12 @@ def step_drops(v0: float, after: np.ndarray) -> np.ndarray:
     return before - after
 
 
-def collect_drops(v0: Sequence[float], after: Sequence[np.ndarray], n_solvable: Sequence[int],
-                  first_unsolvable: Sequence[Optional[int]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def collect_drops(
+    v0: Sequence[float],
+    after: Sequence[np.ndarray],
+    n_solvable: Sequence[int],
+    first_unsolvable: Sequence[Optional[int]],
+) -> tuple[np.ndarray, np.ndarray]:
     """The drops at first unsolvable steps and at steps that stay solvable, over many responses.
 
     Args (one entry per response):
@@ -76,11 +80,18 @@ def drop_summary(first: np.ndarray, solvable: np.ndarray, **counts: int) -> dict
     """The JSON block: ``first_unsolvable`` and ``solvable`` (n, mean, std of the drops), ``excess``
     (difference of the means, None when either is empty), ``reason`` (why the drop is undefined, or None)
     and the given `counts` (e.g. failed responses without a first unsolvable step, sampler misses)."""
-    out: dict[str, Any] = {"first_unsolvable": _stats(first), "solvable": _stats(solvable), "excess": None,
-                           "reason": None, **counts}  # fmt: skip
+    out: dict[str, Any] = {
+        "first_unsolvable": _stats(first),
+        "solvable": _stats(solvable),
+        "excess": None,
+        "reason": None,
+        **counts,
+    }
     if first.size and solvable.size:
         out["excess"] = float(first.mean() - solvable.mean())
     if not first.size:
-        out["reason"] = ("no failed response with a located first unsolvable step (failed responses need "
-                         "process_scores: `dqo-megatron process-scores`)")  # fmt: skip
+        out["reason"] = (
+            "no failed response with a located first unsolvable step (failed responses need "
+            "process_scores: `dqo-megatron process-scores`)"
+        )
     return out

@@ -29,8 +29,10 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the value-analysis plot needs matplotlib (pip install matplotlib), or turn the plot "
-                          "off (plot=False / --no-plot)") from exc  # fmt: skip
+        raise ImportError(
+            "the value-analysis plot needs matplotlib (pip install matplotlib), or turn the plot "
+            "off (plot=False / --no-plot)"
+        ) from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -86,7 +88,9 @@ def _drop_hist(ax, first: np.ndarray, solvable: np.ndarray, drop: Optional[dict]
         ax.legend(fontsize=8)
     title = "value drop per step"
     if drop and drop.get("first_unsolvable", {}).get("n"):
-        title += f"\nfirst unsolvable {_fmt(drop['first_unsolvable']['mean'])}, solvable {_fmt(drop['solvable']['mean'])}"
+        title += (
+            f"\nfirst unsolvable {_fmt(drop['first_unsolvable']['mean'])}, solvable {_fmt(drop['solvable']['mean'])}"
+        )
     elif drop:
         title += "\n(no first unsolvable step located)"
     else:
@@ -115,18 +119,34 @@ def plot_checkpoint(analysis, row: dict[str, Any], path: str | Path, seed: int =
         ax.set_xlabel("prompt success rate over its held-out responses")
         ax.set_ylabel("V(x) at the last prompt token (mean per prompt)")
         init = row.get("initial") or {}
-        ax.set_title(f"{row['label']} [{row.get('algorithm')}]: V(x) only\nPearson {_fmt(init.get('pearson'))}   "
-                     f"n = {init.get('prompts', 0)} prompts", fontsize=10)  # fmt: skip
+        ax.set_title(
+            f"{row['label']} [{row.get('algorithm')}]: V(x) only\nPearson {_fmt(init.get('pearson'))}   "
+            f"n = {init.get('prompts', 0)} prompts",
+            fontsize=10,
+        )
         ax.grid(alpha=0.3)
         return _save(fig, plt, path)
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
-    _scatter_and_bins(left, mid, analysis.step_values, analysis.step_scores, row.get("bins") or [],
-                      SCORE_LABELS.get(row["score"], row["score"]), seed)  # fmt: skip
-    _drop_hist(right, analysis.first_drops, analysis.solvable_drops,
-               row["drop"] if row.get("drop") and "first_unsolvable" in row["drop"] else None)  # fmt: skip
+    _scatter_and_bins(
+        left,
+        mid,
+        analysis.step_values,
+        analysis.step_scores,
+        row.get("bins") or [],
+        SCORE_LABELS.get(row["score"], row["score"]),
+        seed,
+    )
+    _drop_hist(
+        right,
+        analysis.first_drops,
+        analysis.solvable_drops,
+        row["drop"] if row.get("drop") and "first_unsolvable" in row["drop"] else None,
+    )
     algo = f" [{row['algorithm']}]" if row.get("algorithm") else ""
-    fig.suptitle(f"{row['label']}{algo}: V vs process score over all answers\nPearson {_fmt(row.get('pearson'))}   "
-                 f"Spearman {_fmt(row.get('spearman'))}   n = {row.get('n')} steps")  # fmt: skip
+    fig.suptitle(
+        f"{row['label']}{algo}: V vs process score over all answers\nPearson {_fmt(row.get('pearson'))}   "
+        f"Spearman {_fmt(row.get('spearman'))}   n = {row.get('n')} steps"
+    )
     return _save(fig, plt, path)
 
 
@@ -144,8 +164,9 @@ def plot_trend(rows: list[dict[str, Any]], path: str | Path) -> Path:
         return r
 
     token_level = any(r.get("per_step") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if token_level else 1, figsize=(12 if token_level else 6, 4.5),
-                             constrained_layout=True, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, 2 if token_level else 1, figsize=(12 if token_level else 6, 4.5), constrained_layout=True, squeeze=False
+    )
     ax = axes[0, 0]
     if token_level:
         ax.plot(steps, series(lambda r: r.get("pearson")), "o-", label="per-step Pearson")

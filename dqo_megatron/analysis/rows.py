@@ -50,17 +50,30 @@ def build_row(ckpt, target: str, stats: dict[str, Any], meta: dict[str, Any], re
     """
     per_step = stats["per_step"]
     return {
-        "checkpoint": str(ckpt.path.absolute()), "label": ckpt.label, "kind": ckpt.kind,
-        "run": str(ckpt.run_dir.absolute()) if ckpt.run_dir is not None else None, "step": ckpt.step,
-        "algorithm": ckpt.run.algorithm if ckpt.run is not None else None, "value_target": target,
-        "value_mode": ckpt.value_mode, **meta,
-        "per_step": per_step, "reason": reason,
-        "n": per_step["n"] if per_step else None, "pearson": per_step["pearson"] if per_step else None,
+        "checkpoint": str(ckpt.path.absolute()),
+        "label": ckpt.label,
+        "kind": ckpt.kind,
+        "run": str(ckpt.run_dir.absolute()) if ckpt.run_dir is not None else None,
+        "step": ckpt.step,
+        "algorithm": ckpt.run.algorithm if ckpt.run is not None else None,
+        "value_target": target,
+        "value_mode": ckpt.value_mode,
+        **meta,
+        "per_step": per_step,
+        "reason": reason,
+        "n": per_step["n"] if per_step else None,
+        "pearson": per_step["pearson"] if per_step else None,
         "spearman": per_step["spearman"] if per_step else None,
         "undefined_reason": per_step["reason"] if per_step else reason,
-        "value_stats": stats["value"], "score_stats": stats["score"], "bins": stats["bins"],
-        "drop": stats["drop"], "initial": stats["initial"], "plot": None, "trend_plot": None, "pairs": None,
-    }  # fmt: skip
+        "value_stats": stats["value"],
+        "score_stats": stats["score"],
+        "bins": stats["bins"],
+        "drop": stats["drop"],
+        "initial": stats["initial"],
+        "plot": None,
+        "trend_plot": None,
+        "pairs": None,
+    }
 
 
 def _f(x: Optional[float]) -> str:

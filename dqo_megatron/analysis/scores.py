@@ -60,9 +60,12 @@ SCORE_KINDS = ("auto", "prefix_success", "prefix_solvable", "process_reward", "r
 """Accepted values of `ValueAnalysisConfig.score` (see the module docstring)."""
 PREFIX_KINDS = ("prefix_success", "prefix_solvable")
 """Score kinds read from solvability (process_scores and outcomes): the only ones with drop statistics."""
-SCORE_LABELS = {"prefix_success": "fraction of correct completions from the prefix",
-                "prefix_solvable": "prefix solvable (1/0)", "process_reward": "process reward of the step",
-                "return_to_go": "reward after the step (return to go)"}  # fmt: skip
+SCORE_LABELS = {
+    "prefix_success": "fraction of correct completions from the prefix",
+    "prefix_solvable": "prefix solvable (1/0)",
+    "process_reward": "process reward of the step",
+    "return_to_go": "reward after the step (return to go)",
+}
 """Axis labels of the score kinds."""
 PROCESS_SCORES_FIELD = "process_scores"
 """The record field written by `dqo-megatron process-scores` (kept in `TrajectoryRecord.extra`)."""
@@ -71,7 +74,7 @@ PROCESS_SCORES_FIELD = "process_scores"
 @dataclass
 class SplitConfig:
     """How a correct response without ``process_scores`` is cut into steps (as `process-scores` cuts
-    the failed ones: `dqo_megatron.rollout.steps.split_steps`)."""
+    the failed ones: `dqo_megatron.process_scores.steps.split_steps`)."""
 
     splitter: str = "auto"
     split_pattern: Optional[str] = None
@@ -117,15 +120,20 @@ def resolve_split(split: SplitConfig, splitter: Optional[str], records: Iterable
     from dqo_megatron.process_scores.steps import SPLITTERS
 
     if splitter is None:
-        named = Counter(r.extra[PROCESS_SCORES_FIELD].get("splitter") for r in records
-                        if isinstance(r.extra.get(PROCESS_SCORES_FIELD), dict))  # fmt: skip
+        named = Counter(
+            r.extra[PROCESS_SCORES_FIELD].get("splitter")
+            for r in records
+            if isinstance(r.extra.get(PROCESS_SCORES_FIELD), dict)
+        )
         named.pop(None, None)
         splitter = next(iter(named)) if len(named) == 1 else "auto"
     if splitter not in SPLITTERS:
         raise ConfigError(f"splitter={splitter!r}: choose one of {list(SPLITTERS)}")
     if splitter == "regex" and not split.split_pattern:
-        raise ConfigError("the steps are split by a regex (process_scores.splitter or --splitter): give the same "
-                          "pattern with --split-pattern, so correct responses are cut like the failed ones")  # fmt: skip
+        raise ConfigError(
+            "the steps are split by a regex (process_scores.splitter or --splitter): give the same "
+            "pattern with --split-pattern, so correct responses are cut like the failed ones"
+        )
     return SplitConfig(splitter=splitter, split_pattern=split.split_pattern, max_steps=split.max_steps)
 
 
@@ -148,8 +156,9 @@ def parse_process_scores(rec: TrajectoryRecord) -> Optional[tuple[list[int], lis
         return None
 
     def bad(field: str, message: str) -> RecordError:
-        return RecordError("bad_process_scores", message, field=f"{PROCESS_SCORES_FIELD}{field}", file=rec.file,
-                           line=rec.line)  # fmt: skip
+        return RecordError(
+            "bad_process_scores", message, field=f"{PROCESS_SCORES_FIELD}{field}", file=rec.file, line=rec.line
+        )
 
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
@@ -164,14 +173,17 @@ def parse_process_scores(rec: TrajectoryRecord) -> Optional[tuple[list[int], lis
     prev = 0
     for i, e in enumerate(ends):
         if not prev < e <= len(rec.response):
-            raise bad(f".step_ends[{i}]", f"offset {e} must be > {prev} (previous) and <= {len(rec.response)} "
-                                          "(response length)")  # fmt: skip
+            raise bad(
+                f".step_ends[{i}]",
+                f"offset {e} must be > {prev} (previous) and <= {len(rec.response)} (response length)",
+            )
         prev = e
     if not isinstance(counts, list) or not all(is_int(c) for c in counts):
         raise bad(".prefix_correct", "must be a list of integer counts")
     if len(counts) != len(ends) - 1:
-        raise bad(".prefix_correct", f"{len(ends)} steps need {len(ends) - 1} counts (prefixes 1..K-1), got "
-                                     f"{len(counts)}")  # fmt: skip
+        raise bad(
+            ".prefix_correct", f"{len(ends)} steps need {len(ends) - 1} counts (prefixes 1..K-1), got {len(counts)}"
+        )
     for i, c in enumerate(counts):
         if not 0 <= c <= m:
             raise bad(f".prefix_correct[{i}]", f"{c} correct of {m} completions")
@@ -205,14 +217,26 @@ def plan_steps(rec: TrajectoryRecord, kind: str, split: SplitConfig) -> Optional
         return StepPlan(ends=ends, outcome=1.0, n_solvable=len(ends))
     ends, counts, m = parsed
     if outcome is None:
-        raise RecordError("missing_field", "needed as the score of the last step (the whole response)",
-                          field="reward", file=rec.file, line=rec.line)  # fmt: skip
+        raise RecordError(
+            "missing_field",
+            "needed as the score of the last step (the whole response)",
+            field="reward",
+            file=rec.file,
+            line=rec.line,
+        )
     if outcome == 1.0:
         return StepPlan(ends=ends, outcome=1.0, counts=counts, m=m, n_solvable=len(ends))
     solvable = [k for k, c in enumerate(counts) if c > 0]
     first = solvable[-1] + 1 if solvable else 0
-    return StepPlan(ends=ends, outcome=0.0, counts=counts, m=m, n_solvable=first, first_unsolvable=first,
-                    sampler_miss=any(c == 0 for c in counts[:first]))  # fmt: skip
+    return StepPlan(
+        ends=ends,
+        outcome=0.0,
+        counts=counts,
+        m=m,
+        n_solvable=first,
+        first_unsolvable=first,
+        sampler_miss=any(c == 0 for c in counts[:first]),
+    )
 
 
 def step_scores(rec: TrajectoryRecord, kind: str, plan: StepPlan, token_index: list[int]) -> np.ndarray:
@@ -240,8 +264,9 @@ def step_scores(rec: TrajectoryRecord, kind: str, plan: StepPlan, token_index: l
     if kind != "return_to_go":
         raise ValueError(f"score kind {kind!r}: choose one of {list(SCORE_KINDS[1:])} (auto must be resolved first)")
     if rec.reward is None:
-        raise RecordError("missing_field", "return_to_go scores need the outcome reward", field="reward",
-                          file=rec.file, line=rec.line)  # fmt: skip
+        raise RecordError(
+            "missing_field", "return_to_go scores need the outcome reward", field="reward", file=rec.file, line=rec.line
+        )
     tok = np.asarray(token_index, dtype=np.int64)
     later = tok[None, :] > tok[:, None]  # [i, j]: step j's token comes after step i's
     return (later * rewards[None, :]).sum(axis=1) + float(rec.reward)

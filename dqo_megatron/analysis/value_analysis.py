@@ -41,21 +41,44 @@ import numpy as np
 from dqo_megatron.analysis.correlation import binned_means, correlation_summary
 from dqo_megatron.analysis.drops import collect_drops, drop_summary, step_drops
 from dqo_megatron.analysis.rows import (
-    RESULTS_FILE, build_row, format_row, json_safe, load_rows, trend_file_names, trend_groups,
-)  # fmt: skip
+    RESULTS_FILE,
+    build_row,
+    format_row,
+    json_safe,
+    load_rows,
+    trend_file_names,
+    trend_groups,
+)
 from dqo_megatron.analysis.scores import (
-    PREFIX_KINDS, SCORE_KINDS, ScoreKind, SplitConfig, StepPlan, plan_steps, resolve_score_kind, resolve_split,
+    PREFIX_KINDS,
+    SCORE_KINDS,
+    ScoreKind,
+    SplitConfig,
+    StepPlan,
+    plan_steps,
+    resolve_score_kind,
+    resolve_split,
     step_scores,
-)  # fmt: skip
+)
 from dqo_megatron.config import ConfigError
 from dqo_megatron.data.records import RecordError, SkipCounter, TrajectoryRecord, read_records, write_jsonl
-from dqo_megatron.outputs import check_apart, refuse_existing
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, step_token_indices, tokenize_records
+from dqo_megatron.outputs import check_apart, refuse_existing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULTS_FILE", "VALUE_TARGETS", "Analysis", "StepSample", "ValueAnalysisConfig", "analyze_values",
-           "format_row", "load_rows", "prepare_samples", "run_value_analysis"]  # fmt: skip
+__all__ = [
+    "RESULTS_FILE",
+    "VALUE_TARGETS",
+    "Analysis",
+    "StepSample",
+    "ValueAnalysisConfig",
+    "analyze_values",
+    "format_row",
+    "load_rows",
+    "prepare_samples",
+    "run_value_analysis",
+]
 
 VALUE_TARGETS = {"dqo": "token", "dro": "prompt", None: "token"}
 """Where each algorithm trains V: token (every response state) or prompt (V(x) only). None: a value
@@ -183,9 +206,16 @@ class Analysis:
     """``[n_prompts]`` the prompt's success rate over its held-out responses."""
 
 
-def prepare_samples(records: Iterable[TrajectoryRecord], tok: Tokenizer, cfg: TokenizeConfig, score: str,
-                    skips: SkipCounter, skip_invalid: bool, counts: Counter,
-                    split: Optional[SplitConfig] = None) -> list[StepSample]:  # fmt: skip
+def prepare_samples(
+    records: Iterable[TrajectoryRecord],
+    tok: Tokenizer,
+    cfg: TokenizeConfig,
+    score: str,
+    skips: SkipCounter,
+    skip_invalid: bool,
+    counts: Counter,
+    split: Optional[SplitConfig] = None,
+) -> list[StepSample]:
     """Tokenize records as preprocessing does and locate their steps' tokens.
 
     Records a prefix score cannot score (no process_scores, no known outcome) are skipped and counted
@@ -244,8 +274,14 @@ def prepare_samples(records: Iterable[TrajectoryRecord], tok: Tokenizer, cfg: To
     return samples
 
 
-def _locate(rec: TrajectoryRecord, sample, plan: StepPlan, response: Optional[tuple[list[int], list[int]]],
-            score: str, counts: Counter) -> StepSample:  # fmt: skip
+def _locate(
+    rec: TrajectoryRecord,
+    sample,
+    plan: StepPlan,
+    response: Optional[tuple[list[int], list[int]]],
+    score: str,
+    counts: Counter,
+) -> StepSample:
     """The StepSample of one tokenized record: its steps' token positions, scores and solvability."""
     P = sample.prompt_length
     positions, scores, kept = np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64)
@@ -253,8 +289,9 @@ def _locate(rec: TrajectoryRecord, sample, plan: StepPlan, response: Optional[tu
     if plan.ends:
         r_ids, r_starts = response
         if list(sample.tokens[P : P + len(r_ids)]) != list(r_ids):  # cannot happen unless tokenization changed
-            raise RuntimeError(f"{rec.file}:{rec.line}: the response tokens differ between tokenize_records "
-                               "and encode_responses")  # fmt: skip
+            raise RuntimeError(
+                f"{rec.file}:{rec.line}: the response tokens differ between tokenize_records and encode_responses"
+            )
         index = step_token_indices(r_starts, plan.ends)
         all_scores = step_scores(rec, score, plan, index)
         keep = np.array([k < len(r_ids) for k in index], dtype=bool)  # False only for trailing steps
@@ -269,9 +306,20 @@ def _locate(rec: TrajectoryRecord, sample, plan: StepPlan, response: Optional[tu
     if plan.outcome is not None:
         counts["correct" if plan.outcome == 1.0 else "failed"] += 1
     first = plan.first_unsolvable if plan.first_unsolvable is not None and plan.first_unsolvable < n_kept else None
-    return StepSample(tokens=sample.tokens, prompt_length=P, positions=positions, scores=scores, step_index=kept,
-                      prompt_id=rec.prompt_id, success=plan.outcome, n_solvable=min(plan.n_solvable, n_kept),
-                      first_unsolvable=first, sampler_miss=plan.sampler_miss, file=rec.file, line=rec.line)  # fmt: skip
+    return StepSample(
+        tokens=sample.tokens,
+        prompt_length=P,
+        positions=positions,
+        scores=scores,
+        step_index=kept,
+        prompt_id=rec.prompt_id,
+        success=plan.outcome,
+        n_solvable=min(plan.n_solvable, n_kept),
+        first_unsolvable=first,
+        sampler_miss=plan.sampler_miss,
+        file=rec.file,
+        line=rec.line,
+    )
 
 
 def read_held_out(cfg: ValueAnalysisConfig, skips: SkipCounter) -> list[TrajectoryRecord]:
@@ -296,13 +344,23 @@ def _initial(samples: list[StepSample], values: list[np.ndarray], out: Analysis)
             per_prompt[s.prompt_id].append((float(v[s.prompt_length - 1]), s.success))
     out.prompt_values = np.array([np.mean([a for a, _ in p]) for p in per_prompt.values()], dtype=np.float64)
     out.prompt_success = np.array([np.mean([b for _, b in p]) for p in per_prompt.values()], dtype=np.float64)
-    return {**correlation_summary(out.prompt_values, out.prompt_success), "prompts": int(out.prompt_values.size),
-            "responses": int(sum(len(p) for p in per_prompt.values())),
-            "value": _summary_stats(out.prompt_values), "success_rate": _summary_stats(out.prompt_success)}  # fmt: skip
+    return {
+        **correlation_summary(out.prompt_values, out.prompt_success),
+        "prompts": int(out.prompt_values.size),
+        "responses": int(sum(len(p) for p in per_prompt.values())),
+        "value": _summary_stats(out.prompt_values),
+        "success_rate": _summary_stats(out.prompt_success),
+    }
 
 
-def analyze_values(samples: list[StepSample], values: list[np.ndarray], bins: int = 10, initial_value: bool = True,
-                   per_step: bool = True, drops: bool = True) -> Analysis:  # fmt: skip
+def analyze_values(
+    samples: list[StepSample],
+    values: list[np.ndarray],
+    bins: int = 10,
+    initial_value: bool = True,
+    per_step: bool = True,
+    drops: bool = True,
+) -> Analysis:
     """Pair per-step values with scores, measure the drops, and summarize.
 
     Args:
@@ -319,18 +377,24 @@ def analyze_values(samples: list[StepSample], values: list[np.ndarray], bins: in
         after = [v[s.positions] for s, v in zip(samples, values)]
         out.step_values = np.concatenate(after or [np.zeros(0)])
         out.step_scores = np.concatenate([s.scores for s in samples] or [np.zeros(0)])
-        out.stats.update(per_step=correlation_summary(out.step_values, out.step_scores),
-                         value=_summary_stats(out.step_values), score=_summary_stats(out.step_scores),
-                         bins=binned_means(out.step_scores, out.step_values, bins=bins))  # fmt: skip
+        out.stats.update(
+            per_step=correlation_summary(out.step_values, out.step_scores),
+            value=_summary_stats(out.step_values),
+            score=_summary_stats(out.step_scores),
+            bins=binned_means(out.step_scores, out.step_values, bins=bins),
+        )
         if drops:
             v0 = [float(v[s.prompt_length - 1]) for s, v in zip(samples, values)]
-            out.first_drops, out.solvable_drops = collect_drops(v0, after, [s.n_solvable for s in samples],
-                                                                [s.first_unsolvable for s in samples])  # fmt: skip
+            out.first_drops, out.solvable_drops = collect_drops(
+                v0, after, [s.n_solvable for s in samples], [s.first_unsolvable for s in samples]
+            )
             failed = [s for s in samples if s.success == 0.0 and s.positions.size]
             out.stats["drop"] = drop_summary(
-                out.first_drops, out.solvable_drops,
+                out.first_drops,
+                out.solvable_drops,
                 failed_without_first_unsolvable=sum(s.first_unsolvable is None for s in failed),
-                sampler_misses=sum(s.sampler_miss for s in failed))  # fmt: skip
+                sampler_misses=sum(s.sampler_miss for s in failed),
+            )
     if initial_value:
         out.stats["initial"] = _initial(samples, values, out)
     return out
@@ -342,19 +406,39 @@ def _write_pairs(path: Path, samples: list[StepSample], values: list[np.ndarray]
     for s, v in zip(samples, values):
         d = step_drops(v[s.prompt_length - 1], v[s.positions]) if s.positions.size else []
         for j, pos, score, drop in zip(s.step_index, s.positions, s.scores, d):
-            group = ("solvable" if j < s.n_solvable else "first_unsolvable" if j == s.first_unsolvable
-                     else "after_unsolvable" if s.first_unsolvable is not None and j > s.first_unsolvable else None)  # fmt: skip
-            rows.append({"file": s.file, "line": s.line, "prompt_id": s.prompt_id, "step": int(j),
-                         "position": int(pos), "value": float(v[pos]), "score": float(score), "drop": float(drop),
-                         "group": group, "correct": s.success})  # fmt: skip
+            group = (
+                "solvable"
+                if j < s.n_solvable
+                else "first_unsolvable"
+                if j == s.first_unsolvable
+                else "after_unsolvable"
+                if s.first_unsolvable is not None and j > s.first_unsolvable
+                else None
+            )
+            rows.append(
+                {
+                    "file": s.file,
+                    "line": s.line,
+                    "prompt_id": s.prompt_id,
+                    "step": int(j),
+                    "position": int(pos),
+                    "value": float(v[pos]),
+                    "score": float(score),
+                    "drop": float(drop),
+                    "group": group,
+                    "correct": s.success,
+                }
+            )
     write_jsonl(rows, path)
 
 
 def _value_target(ckpt) -> str:
     algorithm = ckpt.run.algorithm if ckpt.run is not None else None
     if algorithm not in VALUE_TARGETS:
-        raise ConfigError(f"{ckpt.path}: algorithm={algorithm!r} has a value network but no value analysis is "
-                          f"defined for it (known: {', '.join(a for a in VALUE_TARGETS if a)})")  # fmt: skip
+        raise ConfigError(
+            f"{ckpt.path}: algorithm={algorithm!r} has a value network but no value analysis is "
+            f"defined for it (known: {', '.join(a for a in VALUE_TARGETS if a)})"
+        )
     return VALUE_TARGETS[algorithm]
 
 
@@ -362,24 +446,41 @@ def _check_inputs(checkpoints, targets, samples, counts, score, cfg, tok) -> Non
     """Fail before loading any model: nothing to analyse, or token ids the checkpoints cannot embed."""
     if "token" in targets and counts["steps"] == 0:
         source = "process_scores or a known outcome" if score in PREFIX_KINDS else "process_rewards"
-        raise ConfigError(f"no step to analyse: none of the {counts['records']} usable records of {cfg.records} has "
-                          f"{source} (score {score}; {counts['unscored']} unscored)")  # fmt: skip
+        raise ConfigError(
+            f"no step to analyse: none of the {counts['records']} usable records of {cfg.records} has "
+            f"{source} (score {score}; {counts['unscored']} unscored)"
+        )
     if "prompt" in targets and not any(s.success is not None for s in samples):
-        raise ConfigError(f"no record of {cfg.records} has a known outcome (correct or reward): V(x) of a DRO "
-                          "checkpoint is compared with each prompt's success rate")  # fmt: skip
+        raise ConfigError(
+            f"no record of {cfg.records} has a known outcome (correct or reward): V(x) of a DRO "
+            "checkpoint is compared with each prompt's success rate"
+        )
     top = max(int(s.tokens.max()) for s in samples)
     longest = max(len(s.tokens) for s in samples)
     for ckpt in checkpoints:
         if top >= ckpt.model.vocab_size:
-            raise ConfigError(f"{ckpt.path}: token id {top} from tokenizer {tok.name!r} is outside the model's "
-                              f"vocabulary ({ckpt.model.vocab_size}): wrong tokenizer for this checkpoint?")  # fmt: skip
+            raise ConfigError(
+                f"{ckpt.path}: token id {top} from tokenizer {tok.name!r} is outside the model's "
+                f"vocabulary ({ckpt.model.vocab_size}): wrong tokenizer for this checkpoint?"
+            )
         if longest > ckpt.model.seq_length:
-            logger.warning("%s: the longest record has %d tokens, more than model.seq_length %d",
-                           ckpt.path, longest, ckpt.model.seq_length)  # fmt: skip
+            logger.warning(
+                "%s: the longest record has %d tokens, more than model.seq_length %d",
+                ckpt.path,
+                longest,
+                ckpt.model.seq_length,
+            )
 
 
-def _analyse_checkpoint(ckpt, target: str, samples: list[StepSample], cfg: ValueAnalysisConfig, score: str,
-                        meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:  # fmt: skip
+def _analyse_checkpoint(
+    ckpt,
+    target: str,
+    samples: list[StepSample],
+    cfg: ValueAnalysisConfig,
+    score: str,
+    meta: dict[str, Any],
+    out_dir: Path,
+) -> dict[str, Any]:
     """Load one checkpoint, read its values, and return its row (plot and pairs written)."""
     from dqo_megatron.analysis.value_model import load_value_model, sequence_values
 
@@ -392,8 +493,14 @@ def _analyse_checkpoint(ckpt, target: str, samples: list[StepSample], cfg: Value
     model = load_value_model(ckpt, cfg.dtype)
     values = sequence_values(model, sequences, cfg.batch_size)
     del model
-    analysis = analyze_values(samples, values, cfg.bins, initial_value=cfg.initial_value or not token_level,
-                              per_step=token_level, drops=token_level and score in PREFIX_KINDS)  # fmt: skip
+    analysis = analyze_values(
+        samples,
+        values,
+        cfg.bins,
+        initial_value=cfg.initial_value or not token_level,
+        per_step=token_level,
+        drops=token_level and score in PREFIX_KINDS,
+    )
     row = build_row(ckpt, target, analysis.stats, meta, reason=None if token_level else PROMPT_ONLY_REASON)
     if token_level and score not in PREFIX_KINDS:
         row["drop"] = {"reason": f"score {score}: the drop needs solvability (prefix_success or prefix_solvable)"}
@@ -429,17 +536,34 @@ def run_value_analysis(cfg: ValueAnalysisConfig) -> list[dict[str, Any]]:
     split = resolve_split(SplitConfig(split_pattern=cfg.split_pattern, max_steps=cfg.max_steps), cfg.splitter, records)
     samples = prepare_samples(records, tok, cfg.tokenize, score, skips, cfg.skip_invalid, counts, split)
     if not samples:
-        raise ConfigError(f"no usable record in {cfg.records} ({counts['unscored']} without process_scores or a "
-                          f"known outcome, {skips.total} invalid)")  # fmt: skip
+        raise ConfigError(
+            f"no usable record in {cfg.records} ({counts['unscored']} without process_scores or a "
+            f"known outcome, {skips.total} invalid)"
+        )
     _check_inputs(checkpoints, targets, samples, counts, score, cfg, tok)
-    logger.info("value analysis: %d records (%d correct, %d failed, %d with steps), %d steps; %d unscored, %d "
-                "skipped", counts["records"], counts["correct"], counts["failed"], counts["records_with_steps"],
-                counts["steps"], counts["unscored"], skips.total)  # fmt: skip
-    meta = {"score": score, "splitter": split.splitter if score in PREFIX_KINDS else None, "tokenizer": tok.name,
-            "records_files": cfg.records, "records": counts["records"], "correct_records": counts["correct"],
-            "failed_records": counts["failed"], "records_with_steps": counts["records_with_steps"],
-            "unscored_records": counts["unscored"], "terminal_steps_dropped": counts["terminal_steps"],
-            "skipped": dict(skips.counts)}  # fmt: skip
+    logger.info(
+        "value analysis: %d records (%d correct, %d failed, %d with steps), %d steps; %d unscored, %d skipped",
+        counts["records"],
+        counts["correct"],
+        counts["failed"],
+        counts["records_with_steps"],
+        counts["steps"],
+        counts["unscored"],
+        skips.total,
+    )
+    meta = {
+        "score": score,
+        "splitter": split.splitter if score in PREFIX_KINDS else None,
+        "tokenizer": tok.name,
+        "records_files": cfg.records,
+        "records": counts["records"],
+        "correct_records": counts["correct"],
+        "failed_records": counts["failed"],
+        "records_with_steps": counts["records_with_steps"],
+        "unscored_records": counts["unscored"],
+        "terminal_steps_dropped": counts["terminal_steps"],
+        "skipped": dict(skips.counts),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     with single_process_layout():

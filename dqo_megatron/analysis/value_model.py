@@ -60,15 +60,19 @@ def _run_config_for(step_dir: Path, run_config: Optional[str | Path]) -> RunConf
 
     path = Path(run_config) if run_config else step_dir.absolute().parent.parent / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"{step_dir}: the run's config {path} does not exist (give the run's resolved config "
-                          "with --config / run_config)")  # fmt: skip
+        raise ConfigError(
+            f"{step_dir}: the run's config {path} does not exist (give the run's resolved config "
+            "with --config / run_config)"
+        )
     run = load_config(RunConfig, path)
     from dqo_megatron.algorithms import all_algorithms, get
 
     if not get(run.algorithm).needs_value:
         with_value = ", ".join(a.name for a in all_algorithms() if a.needs_value)
-        raise ConfigError(f"{step_dir}: run config {path} has algorithm={run.algorithm!r}, which learns no value "
-                          f"network (only {with_value} do)")  # fmt: skip
+        raise ConfigError(
+            f"{step_dir}: run config {path} has algorithm={run.algorithm!r}, which learns no value "
+            f"network (only {with_value} do)"
+        )
     return run
 
 
@@ -77,8 +81,16 @@ def _training_checkpoint(step_dir: Path, run_config: Optional[str | Path]) -> Va
     match = _STEP_RE.match(step_dir.name)
     step = int(match.group(1)) if match else None
     run_dir = step_dir.absolute().parent.parent
-    return ValueCheckpoint(path=step_dir, kind="training", model=run.model, value_mode=run.value.mode, run=run,
-                           step=step, run_dir=run_dir, label=f"{run_dir.name}-{step_dir.name}")  # fmt: skip
+    return ValueCheckpoint(
+        path=step_dir,
+        kind="training",
+        model=run.model,
+        value_mode=run.value.mode,
+        run=run,
+        step=step,
+        run_dir=run_dir,
+        label=f"{run_dir.name}-{step_dir.name}",
+    )
 
 
 def resolve_checkpoints(paths: Sequence[str | Path], run_config: Optional[str | Path] = None) -> list[ValueCheckpoint]:
@@ -109,18 +121,29 @@ def resolve_checkpoints(paths: Sequence[str | Path], run_config: Optional[str | 
         elif (path / INFO_FILE).is_file():
             cfg, info = read_metadata(path)
             if info.kind != "value":
-                raise ConfigError(f"{path} is a {info.kind} conversion checkpoint: it has no value head (make one "
-                                  "with `dqo-megatron convert hf-to-megatron --value`, or analyse a DQO training "
-                                  "checkpoint)")  # fmt: skip
-            found.append(ValueCheckpoint(path=path, kind="value_conversion", model=cfg, value_mode="value_checkpoint",
-                                         label=path.absolute().name))  # fmt: skip
+                raise ConfigError(
+                    f"{path} is a {info.kind} conversion checkpoint: it has no value head (make one "
+                    "with `dqo-megatron convert hf-to-megatron --value`, or analyse a DQO training "
+                    "checkpoint)"
+                )
+            found.append(
+                ValueCheckpoint(
+                    path=path,
+                    kind="value_conversion",
+                    model=cfg,
+                    value_mode="value_checkpoint",
+                    label=path.absolute().name,
+                )
+            )
         else:
             root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
             steps = list_checkpoints(root)
             if not steps:
-                raise ConfigError(f"{path} is neither a complete training checkpoint (no COMPLETE marker), a run "
-                                  f"directory / checkpoint root with complete step_* checkpoints, nor a value "
-                                  f"conversion checkpoint (no {INFO_FILE})")  # fmt: skip
+                raise ConfigError(
+                    f"{path} is neither a complete training checkpoint (no COMPLETE marker), a run "
+                    f"directory / checkpoint root with complete step_* checkpoints, nor a value "
+                    f"conversion checkpoint (no {INFO_FILE})"
+                )
             found.extend(_training_checkpoint(step_dir, run_config) for _, step_dir in steps)
     labels: dict[str, int] = {}
     for ckpt in found:  # unique labels: they name output files
@@ -155,7 +178,7 @@ class _TrunkAndHead(torch.nn.Module):
         from dqo_megatron.models.value_head import unwrap_gpt
 
         def sub(prefix: str) -> dict:
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
         unwrap_gpt(getattr(self, self.member)).load_state_dict(sub(f"{self.member}."), strict=strict)
         self.value_head.load_state_dict(sub("value_head."), strict=strict)
@@ -239,8 +262,9 @@ def load_value_model(ckpt: ValueCheckpoint, dtype: str = "auto") -> ValueModel:
     return ValueModel(trunk, head)
 
 
-def sequence_values(model: ValueModel, sequences: Sequence[np.ndarray], batch_size: int = 8,
-                    pad_id: int = 0) -> list[np.ndarray]:  # fmt: skip
+def sequence_values(
+    model: ValueModel, sequences: Sequence[np.ndarray], batch_size: int = 8, pad_id: int = 0
+) -> list[np.ndarray]:
     """Per-position values of each token sequence, batched by similar length with right padding.
 
     Args:
@@ -254,15 +278,17 @@ def sequence_values(model: ValueModel, sequences: Sequence[np.ndarray], batch_si
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[Optional[np.ndarray]] = [None] * len(sequences)
     for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start:start + max(1, batch_size)]
+        idx = order[start : start + max(1, batch_size)]
         width = max(len(sequences[i]) for i in idx)
         batch = torch.full((len(idx), width), pad_id, dtype=torch.long)
         for row, i in enumerate(idx):
             batch[row, : len(sequences[i])] = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
         values = model(batch).double().cpu().numpy()
         if not np.isfinite(values).all():
-            raise ValueError(f"the value network gives non-finite values (NaN/inf) for {len(idx)} sequences: its "
-                             "weights are damaged or training diverged; check the checkpoint (it cannot be analysed)")
+            raise ValueError(
+                f"the value network gives non-finite values (NaN/inf) for {len(idx)} sequences: its "
+                "weights are damaged or training diverged; check the checkpoint (it cannot be analysed)"
+            )
         for row, i in enumerate(idx):
             out[i] = values[row, : len(sequences[i])]
     return out  # type: ignore[return-value]

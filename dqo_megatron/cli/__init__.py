@@ -4,15 +4,17 @@ The library (everything outside `dqo_megatron.cli`) never imports typer.
 Each area registers its commands in its own module; add a module here to add commands.
 """
 
-from dqo_megatron.cli._app import app
-from dqo_megatron.cli import general  # noqa: F401  (registers `version`, `smoke`)
-from dqo_megatron.cli import convert  # noqa: F401
-from dqo_megatron.cli import train  # noqa: F401  (registers `train`)
-from dqo_megatron.cli import data  # noqa: F401
-from dqo_megatron.cli import rollout  # noqa: F401  (registers `rollout`)
+from dqo_megatron.cli import (
+    analysis,  # noqa: F401  (registers `value-analysis`)
+    convert,  # noqa: F401
+    data,  # noqa: F401
+    demo,  # noqa: F401  (registers `demo`)
+    general,  # noqa: F401  (registers `version`, `smoke`)
+    rollout,  # noqa: F401  (registers `rollout`)
+    train,  # noqa: F401  (registers `train`)
+)
 from dqo_megatron.cli import eval as _eval  # noqa: F401  (registers `process-scores`, `eval`)
-from dqo_megatron.cli import analysis  # noqa: F401  (registers `value-analysis`)
-from dqo_megatron.cli import demo  # noqa: F401  (registers `demo`)
+from dqo_megatron.cli._app import app
 
 
 def main() -> None:

@@ -52,8 +52,10 @@ def describe(exc: BaseException) -> tuple[str, int]:
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, _INPUT_ERRORS) or getattr(exc, "user_facing", False):
         return f"error: {text}", 2
-    return (f"error: {first_line(exc, 500)}\n(an unexpected error: rerun with --debug or {DEBUG_ENV}=1 for "
-            "the traceback, and report it)"), 1  # fmt: skip
+    return (
+        f"error: {first_line(exc, 500)}\n(an unexpected error: rerun with --debug or {DEBUG_ENV}=1 for "
+        "the traceback, and report it)"
+    ), 1
 
 
 def _guarded(fn):
@@ -98,7 +100,9 @@ app = GuardedTyper(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks of errors (also: {DEBUG_ENV}=1).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks of errors (also: {DEBUG_ENV}=1)."),
+) -> None:
     """DQO (Direct Q-function Optimization) and offline-RL baselines on Megatron-Core."""
     _state["debug"] = debug
 

@@ -12,34 +12,71 @@ from dqo_megatron.cli._app import app, configure_logging
 
 @app.command("value-analysis")
 def value_analysis(
-    checkpoints: List[str] = typer.Argument(..., help="Training checkpoints (run_dir/checkpoints/step_N), run directories "
-                                            "(all their checkpoints) or value checkpoints (convert --value)."),
-    records: List[str] = typer.Option(..., "--records", "-r", help="Held-out record files, all answers, failed ones with "
-                                      "process_scores (repeatable; globs ok)."),
-    tokenizer: str = typer.Option(..., "--tokenizer", "-t", help="The run's tokenizer: HF directory or sentencepiece .model."),
-    out_dir: Path = typer.Option(..., "--output-dir", "-o", help="Writes value_analysis.jsonl, value_<label>.png and trend_<run>.png here."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The run's config (default: run_dir/config.yaml beside the checkpoints)."),
-    score: str = typer.Option("auto", help="prefix_success (correct fraction of process-scores completions), prefix_solvable (1/0), "
-                              "process_reward, return_to_go; auto: prefix_success if records have process_scores, else process_reward."),
-    splitter: Optional[str] = typer.Option(None, help="How correct responses without process_scores are cut into steps: "
-                                           "auto | lines | paragraphs | step_markers | regex (default: the splitter "
-                                           "the records' process_scores name, else auto)."),
-    split_pattern: Optional[str] = typer.Option(None, help="Boundary regex for --splitter regex (as given to process-scores)."),
-    max_steps: Optional[int] = typer.Option(None, help="Cap on steps per correct response (as given to process-scores)."),
-    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template (string or .jinja file), as given to preprocess."),
-    no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Encode prompt text as is (plus BOS), as given to preprocess."),
+    checkpoints: List[str] = typer.Argument(
+        ...,
+        help="Training checkpoints (run_dir/checkpoints/step_N), run directories "
+        "(all their checkpoints) or value checkpoints (convert --value).",
+    ),
+    records: List[str] = typer.Option(
+        ...,
+        "--records",
+        "-r",
+        help="Held-out record files, all answers, failed ones with process_scores (repeatable; globs ok).",
+    ),
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", "-t", help="The run's tokenizer: HF directory or sentencepiece .model."
+    ),
+    out_dir: Path = typer.Option(
+        ..., "--output-dir", "-o", help="Writes value_analysis.jsonl, value_<label>.png and trend_<run>.png here."
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="The run's config (default: run_dir/config.yaml beside the checkpoints)."
+    ),
+    score: str = typer.Option(
+        "auto",
+        help="prefix_success (correct fraction of process-scores completions), prefix_solvable (1/0), "
+        "process_reward, return_to_go; auto: prefix_success if records have process_scores, else process_reward.",
+    ),
+    splitter: Optional[str] = typer.Option(
+        None,
+        help="How correct responses without process_scores are cut into steps: "
+        "auto | lines | paragraphs | step_markers | regex (default: the splitter "
+        "the records' process_scores name, else auto).",
+    ),
+    split_pattern: Optional[str] = typer.Option(
+        None, help="Boundary regex for --splitter regex (as given to process-scores)."
+    ),
+    max_steps: Optional[int] = typer.Option(
+        None, help="Cap on steps per correct response (as given to process-scores)."
+    ),
+    chat_template: Optional[str] = typer.Option(
+        None, help="Jinja chat template (string or .jinja file), as given to preprocess."
+    ),
+    no_chat_template: bool = typer.Option(
+        False, "--no-chat-template", help="Encode prompt text as is (plus BOS), as given to preprocess."
+    ),
     eos_token: Optional[str] = typer.Option(None, help="Token appended to responses, as given to preprocess."),
     max_length: int = typer.Option(4096, help="Longest sequence in tokens (prompt + response + EOS)."),
     overlong: str = typer.Option("drop", help="Longer sequences: drop | truncate_prompt_left."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
     max_records: Optional[int] = typer.Option(None, help="Use at most this many records."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16."),
-    no_initial: bool = typer.Option(False, "--no-initial", help="DQO: skip the V(s0) vs prompt success-rate correlation "
-                                    "(DRO checkpoints always get it: it is their only measure)."),
+    no_initial: bool = typer.Option(
+        False,
+        "--no-initial",
+        help="DQO: skip the V(s0) vs prompt success-rate correlation "
+        "(DRO checkpoints always get it: it is their only measure).",
+    ),
     no_plot: bool = typer.Option(False, "--no-plot", help="No PNG (no matplotlib needed)."),
-    pairs: bool = typer.Option(False, "--pairs", help="Also write pairs_<label>.jsonl (value, score and drop of every step)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip and count invalid or too long records instead of stopping."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier analysis in the output directory."),
+    pairs: bool = typer.Option(
+        False, "--pairs", help="Also write pairs_<label>.jsonl (value, score and drop of every step)."
+    ),
+    skip_invalid: bool = typer.Option(
+        False, "--skip-invalid", help="Skip and count invalid or too long records instead of stopping."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the results of an earlier analysis in the output directory."
+    ),
 ) -> None:
     """How a trained value network tracks solvability on held-out answers (all of them, correct and failed).
 
@@ -56,16 +93,33 @@ def value_analysis(
     configure_logging()
     try:
         cfg = ValueAnalysisConfig(
-            checkpoints=list(checkpoints), records=list(records), out_dir=str(out_dir), overwrite=overwrite,
-            run_config=str(config) if config else None, score=score, initial_value=not no_initial,
-            splitter=splitter, split_pattern=split_pattern, max_steps=max_steps,
-            batch_size=batch_size, max_records=max_records, skip_invalid=skip_invalid, dtype=dtype,
-            plot=not no_plot, write_pairs=pairs,
+            checkpoints=list(checkpoints),
+            records=list(records),
+            out_dir=str(out_dir),
+            overwrite=overwrite,
+            run_config=str(config) if config else None,
+            score=score,
+            initial_value=not no_initial,
+            splitter=splitter,
+            split_pattern=split_pattern,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            max_records=max_records,
+            skip_invalid=skip_invalid,
+            dtype=dtype,
+            plot=not no_plot,
+            write_pairs=pairs,
             tokenize=TokenizeConfig(
-                tokenizer=TokenizerConfig(path=tokenizer, chat_template=chat_template,
-                                          use_chat_template=not no_chat_template, eos_token=eos_token),
-                max_length=max_length, overlong=overlong),
-        )  # fmt: skip
+                tokenizer=TokenizerConfig(
+                    path=tokenizer,
+                    chat_template=chat_template,
+                    use_chat_template=not no_chat_template,
+                    eos_token=eos_token,
+                ),
+                max_length=max_length,
+                overlong=overlong,
+            ),
+        )
         rows = run_value_analysis(cfg)
     except RecordError as exc:
         typer.echo(f"invalid record (use --skip-invalid to skip and count): {exc}", err=True)

@@ -9,8 +9,9 @@ import typer
 
 from dqo_megatron.cli._app import GuardedTyper, app, configure_logging
 
-convert_app = GuardedTyper(help="Convert checkpoints between Hugging Face and Megatron (see docs/checkpoints.md).",
-                          no_args_is_help=True)  # fmt: skip
+convert_app = GuardedTyper(
+    help="Convert checkpoints between Hugging Face and Megatron (see docs/checkpoints.md).", no_args_is_help=True
+)
 app.add_typer(convert_app, name="convert")
 
 
@@ -50,12 +51,24 @@ def hf_to_megatron(
     from dqo_megatron.conversion import hf_to_megatron as convert
 
     try:
-        layout = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+        layout = ParallelConfig(
+            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+        )
     except ConfigError as exc:
         typer.echo(f"conversion failed: {exc}", err=True)
         raise typer.Exit(2) from None
-    _run(convert, src, out, overwrite=overwrite, dtype=dtype, layouts=[layout], verify=verify, tolerance=tolerance,
-         value=value, value_head=value_head)  # fmt: skip
+    _run(
+        convert,
+        src,
+        out,
+        overwrite=overwrite,
+        dtype=dtype,
+        layouts=[layout],
+        verify=verify,
+        tolerance=tolerance,
+        value=value,
+        value_head=value_head,
+    )
 
 
 @convert_app.command("megatron-to-hf")
@@ -66,14 +79,25 @@ def megatron_to_hf(
     verify: bool = typer.Option(False, "--verify", help="Compare logits of the written model; fail above --tolerance."),
     tolerance: float = typer.Option(1e-3, help="Max |logit difference| accepted by --verify (fp32)."),
     dtype: str = typer.Option("auto", help="Written dtype: auto (the checkpoint's), fp32, bf16, fp16."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Copy tokenizer files from here (default: the checkpoint's hf/)."),
+    tokenizer: Optional[Path] = typer.Option(
+        None, help="Copy tokenizer files from here (default: the checkpoint's hf/)."
+    ),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors file, e.g. 5GB, 500MB."),
 ) -> None:
     """Megatron distributed checkpoint -> HF safetensors + config.json + tokenizer (plain transformers)."""
     from dqo_megatron.conversion import megatron_to_hf as convert
 
-    _run(convert, src, out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size,
-         verify=verify, tolerance=tolerance)  # fmt: skip
+    _run(
+        convert,
+        src,
+        out,
+        overwrite=overwrite,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        max_shard_size=max_shard_size,
+        verify=verify,
+        tolerance=tolerance,
+    )
 
 
 @convert_app.command("value-from-megatron")

@@ -21,7 +21,9 @@ def version() -> None:
 
 @app.command()
 def smoke(
-    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides, e.g. parallel.tensor_model_parallel_size=2"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Config overrides, e.g. parallel.tensor_model_parallel_size=2"
+    ),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see examples/configs/)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: train.train_steps)."),
 ) -> None:

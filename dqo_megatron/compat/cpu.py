@@ -55,9 +55,7 @@ PATCHED_MODULES: tuple[PatchedModule, ...] = (
     PatchedModule("megatron.core.tensor_parallel.mappings", "torch.cuda.current_device()", "SP"),
     PatchedModule("megatron.core.tensor_parallel.layers", "torch.cuda.current_device()", "SP backward"),
     PatchedModule("megatron.core.tensor_parallel.random", "torch.cuda.manual_seed", "RNG tracker (SP)"),
-    PatchedModule(
-        "megatron.core.distributed.param_and_grad_buffer", "torch.cuda.current_device()", "Megatron DDP"
-    ),
+    PatchedModule("megatron.core.distributed.param_and_grad_buffer", "torch.cuda.current_device()", "Megatron DDP"),
     PatchedModule("megatron.core.optimizer.clip_grads", "device='cuda'", "grad norm / clipping"),
     PatchedModule("megatron.core.optimizer.optimizer", "device='cuda'", "FP32Optimizer"),
     PatchedModule(
@@ -70,9 +68,7 @@ PATCHED_MODULES: tuple[PatchedModule, ...] = (
         "torch.cuda.synchronize()",
         "checkpoint save",
     ),
-    PatchedModule(
-        "megatron.core.dist_checkpointing.strategies.state_dict_saver", "device='cuda'", "checkpoint save"
-    ),
+    PatchedModule("megatron.core.dist_checkpointing.strategies.state_dict_saver", "device='cuda'", "checkpoint save"),
 )
 
 
@@ -144,9 +140,18 @@ class _CudaOnCpu:
 
 
 _FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "empty_strided",
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "empty_strided",
     "as_tensor",
-)  # fmt: skip
+)
 
 
 class _TorchOnCpu(types.ModuleType):
@@ -244,15 +249,19 @@ PATCHED_FUNCTIONS: tuple[PatchedFunction, ...] = (
         "torch.cuda.FloatTensor",
         lambda _orig: _clip_grad_by_total_norm_fp32,
     ),
-    PatchedFunction("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", "torch.cuda", lambda _o: _get_rng_state),
-    PatchedFunction("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", "_lazy_call", lambda _o: _set_rng_state),
+    PatchedFunction(
+        "megatron.core.tensor_parallel.random", "_get_cuda_rng_state", "torch.cuda", lambda _o: _get_rng_state
+    ),
+    PatchedFunction(
+        "megatron.core.tensor_parallel.random", "_set_cuda_rng_state", "_lazy_call", lambda _o: _set_rng_state
+    ),
     PatchedFunction(
         "megatron.core.models.common.language_module.language_module:LanguageModule",
         "setup_embeddings_and_output_layer",
         "weight.data.cuda()",
         _wrap_setup_embeddings,
     ),
-)  # fmt: skip
+)
 
 
 def resolve_owner(owner: str) -> Any:
@@ -308,8 +317,7 @@ def apply_cpu_patches(force: bool = False) -> bool:
         setattr(owner, patch.attribute, patch.make(original))
     _APPLIED = True
     logger.info(
-        "CUDA not available: patched %d megatron-core modules and %d functions for CPU "
-        "(dqo_megatron.compat.cpu)",
+        "CUDA not available: patched %d megatron-core modules and %d functions for CPU (dqo_megatron.compat.cpu)",
         len(PATCHED_MODULES),
         len(PATCHED_FUNCTIONS),
     )

@@ -44,7 +44,6 @@ class InitConfig:
     head starts at zero (value.head_init_std)."""
 
 
-
 @dataclass
 class TrainEvalConfig:
     """Held-out accuracy measured during training, and the checkpoint it picks (docs/training.md)."""
@@ -80,4 +79,3 @@ class TrainEvalConfig:
         if self.interval and not self.problems:
             problems.append("eval.interval is set but eval.problems is not: name a held-out problems file")
         raise_problems(problems)
-

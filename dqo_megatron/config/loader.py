@@ -131,9 +131,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown config key '{dotted}'{hint}; valid keys here: {', '.join(sorted(fields))}"
-            )
+            raise ConfigError(f"unknown config key '{dotted}'{hint}; valid keys here: {', '.join(sorted(fields))}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)

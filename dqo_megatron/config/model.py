@@ -23,9 +23,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "qwen2": dict(
         rotary_base=1000000.0, norm_epsilon=1e-6, tie_embeddings=False, add_qkv_bias=True, activation="swiglu"
     ),
-    "gemma": dict(
-        rotary_base=10000.0, norm_epsilon=1e-6, tie_embeddings=True, add_qkv_bias=False, activation="geglu"
-    ),
+    "gemma": dict(rotary_base=10000.0, norm_epsilon=1e-6, tie_embeddings=True, add_qkv_bias=False, activation="geglu"),
 }
 
 
@@ -70,9 +68,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILY_DEFAULTS:
-            raise ConfigError(
-                f"model.family={self.family!r} is not supported; choose one of {sorted(FAMILY_DEFAULTS)}"
-            )
+            raise ConfigError(f"model.family={self.family!r} is not supported; choose one of {sorted(FAMILY_DEFAULTS)}")
         for name, value in FAMILY_DEFAULTS[self.family].items():
             if name != "activation" and getattr(self, name) is None:
                 setattr(self, name, value)
@@ -149,8 +145,7 @@ class ParallelConfig:
                 problems.append(f"parallel.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
             elif vpp > 1 and self.pipeline_model_parallel_size < 2:
                 problems.append(
-                    "parallel.virtual_pipeline_model_parallel_size needs "
-                    "parallel.pipeline_model_parallel_size >= 2"
+                    "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size >= 2"
                 )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             problems.append(
@@ -171,7 +166,6 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 FP8_DEFAULT_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
 """Each recipe's default `fp8_format`: Transformer Engine's own default for the recipe's class
 (DelayedScaling / Float8CurrentScaling: HYBRID; Float8BlockScaling / MXFP8BlockScaling: E4M3)."""
-
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:

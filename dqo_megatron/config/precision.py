@@ -130,4 +130,3 @@ def fp8_dimension_problems(
                 f"tokens per micro-batch {why}"
             )
     return problems
-

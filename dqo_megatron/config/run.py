@@ -85,4 +85,3 @@ class RunConfig:
         """Micro-batches per optimizer step on each data-parallel rank."""
         dp = self.validate_layout(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
-

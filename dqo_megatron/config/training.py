@@ -12,7 +12,6 @@ MAX_LR = 1.0
 overwrites the weights (a typo such as 1e35 would otherwise train NaN)."""
 
 
-
 @dataclass
 class TrainConfig:
     """Batching and optimization of a run (the trainer adds its own sections)."""
@@ -83,7 +82,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
         raise_problems(problems)
-
 
 
 @dataclass
@@ -210,4 +208,3 @@ class ValueConfig:
     def resolved_clip_grad(self, train_clip_grad: float) -> float:
         """The value parameters' own gradient-norm clip (0: none)."""
         return train_clip_grad if self.clip_grad is None else self.clip_grad
-

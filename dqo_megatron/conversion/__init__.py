@@ -10,7 +10,17 @@ from dqo_megatron.conversion.registry import ConversionError, Family, TensorRule
 from dqo_megatron.conversion.verify import DEFAULT_TOLERANCE, ParityReport, verify_parity
 
 __all__ = [
-    "ConversionError", "ConversionReport", "DEFAULT_TOLERANCE", "Family", "ParityReport", "TensorRule",
-    "check_layouts", "families", "family", "family_for_hf_config", "hf_to_megatron", "megatron_to_hf",
+    "ConversionError",
+    "ConversionReport",
+    "DEFAULT_TOLERANCE",
+    "Family",
+    "ParityReport",
+    "TensorRule",
+    "check_layouts",
+    "families",
+    "family",
+    "family_for_hf_config",
+    "hf_to_megatron",
+    "megatron_to_hf",
     "verify_parity",
-]  # fmt: skip
+]

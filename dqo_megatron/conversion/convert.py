@@ -27,10 +27,10 @@ from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.schema import validate_model_layout
 from dqo_megatron.conversion import hf_io
 from dqo_megatron.conversion.megatron_io import (
+    DTYPES,
     HF_DIR,
     WEIGHTS_DIR,
     CheckpointInfo,
-    DTYPES,
     build_empty_chunks,
     check_output,
     defer,
@@ -84,8 +84,9 @@ def _resolve_dtype(requested: str, found: set[torch.dtype], where: Path) -> torc
             raise ConversionError(f"dtype {requested!r} is not one of auto, fp32, bf16, fp16")
         return DTYPES[name]
     if len(found) != 1:
-        raise ConversionError(f"{where}: floating tensors have dtypes {sorted(map(str, found))}; pass dtype "
-                              "explicitly (fp32, bf16, fp16)")  # fmt: skip
+        raise ConversionError(
+            f"{where}: floating tensors have dtypes {sorted(map(str, found))}; pass dtype explicitly (fp32, bf16, fp16)"
+        )
     dtype = next(iter(found))
     dtype_name(dtype)  # refuses float64 and friends
     return dtype
@@ -106,12 +107,17 @@ def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> None:
 
         size = len(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
     except Exception as exc:  # noqa: BLE001 - side files that are not a loadable tokenizer are copied as they are
-        logger.warning("%s: not checked against the model's vocabulary (transformers cannot load it: %s)",
-                       tokenizer_dir, type(exc).__name__)  # fmt: skip
+        logger.warning(
+            "%s: not checked against the model's vocabulary (transformers cannot load it: %s)",
+            tokenizer_dir,
+            type(exc).__name__,
+        )
         return
     if size > vocab_size:
-        raise ConversionError(f"tokenizer {tokenizer_dir} has {size} tokens, the model {vocab_size}: it does not "
-                              "belong to this model (ids beyond the vocabulary cannot be embedded)")  # fmt: skip
+        raise ConversionError(
+            f"tokenizer {tokenizer_dir} has {size} tokens, the model {vocab_size}: it does not "
+            "belong to this model (ids beyond the vocabulary cannot be embedded)"
+        )
 
 
 def check_tolerance(tolerance: float) -> None:
@@ -158,8 +164,15 @@ def hf_to_megatron(
     rules = hf_io.plan_import(ckpt, fam, cfg)
     source_dtypes = ckpt.dtypes()
     torch_dtype = _resolve_dtype(dtype, source_dtypes, src)
-    logger.info("converting %s (%s, %d layers, hidden %d) to %s in %s", src, fam.name, cfg.num_layers,
-                cfg.hidden_size, out, dtype_name(torch_dtype))  # fmt: skip
+    logger.info(
+        "converting %s (%s, %d layers, hidden %d) to %s in %s",
+        src,
+        fam.name,
+        cfg.num_layers,
+        cfg.hidden_size,
+        out,
+        dtype_name(torch_dtype),
+    )
     parity = None
     with staged_output(out, overwrite, inputs) as tmp, single_process_layout():
         with _gc_paused():
@@ -173,8 +186,11 @@ def hf_to_megatron(
                 kind = "value"
             save_chunks([chunk], tmp / WEIGHTS_DIR, consume=True)
             del chunk
-        write_metadata(tmp, cfg, CheckpointInfo(family=fam.name, dtype=dtype_name(torch_dtype), kind=kind,
-                                                source=str(src.absolute())))  # fmt: skip
+        write_metadata(
+            tmp,
+            cfg,
+            CheckpointInfo(family=fam.name, dtype=dtype_name(torch_dtype), kind=kind, source=str(src.absolute())),
+        )
         (tmp / HF_DIR).mkdir()
         shutil.copy2(src / "config.json", tmp / HF_DIR / "config.json")
         hf_io.copy_side_files(src, tmp / HF_DIR)
@@ -216,8 +232,10 @@ def _fill_from_hf(chunk, tensors) -> None:
             raise ConversionError(f"converted tensor {name} has no parameter in the Megatron model")
         param = params[name]
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ConversionError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron parameter shape "
-                                  f"{tuple(param.shape)} (config.json disagrees with the weights)")  # fmt: skip
+            raise ConversionError(
+                f"{name}: converted shape {tuple(tensor.shape)} != Megatron parameter shape "
+                f"{tuple(param.shape)} (config.json disagrees with the weights)"
+            )
         if isinstance(tensor, hf_io.DeferredTensor) and tensor.dtype == param.dtype:
             defer(param, tensor.make, tensor.parts)
         elif isinstance(tensor, hf_io.DeferredTensor):
@@ -256,8 +274,10 @@ def megatron_to_hf(
     inputs = [src] + ([Path(tokenizer)] if tokenizer is not None else [])
     check_output(out.absolute(), overwrite, inputs)
     if tokenizer is not None and Path(tokenizer).is_file():
-        raise ConversionError(f"--tokenizer {tokenizer} is a file: give the directory holding the tokenizer files "
-                              "(tokenizer.json / tokenizer.model / tokenizer_config.json ...)")  # fmt: skip
+        raise ConversionError(
+            f"--tokenizer {tokenizer} is a file: give the directory holding the tokenizer files "
+            "(tokenizer.json / tokenizer.model / tokenizer_config.json ...)"
+        )
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConversionError(f"tokenizer directory {tokenizer} does not exist")
     cfg, info = read_metadata(src)
@@ -285,8 +305,11 @@ def megatron_to_hf(
 
         def hf_bytes(rule) -> int:
             rows = params[rule.megatron]
-            numel = rows.numel() if "word_embeddings" not in rule.megatron and "output_layer" not in rule.megatron \
-                else cfg.vocab_size * rows.shape[1]  # fmt: skip
+            numel = (
+                rows.numel()
+                if "word_embeddings" not in rule.megatron and "output_layer" not in rule.megatron
+                else cfg.vocab_size * rows.shape[1]
+            )
             return numel * torch.tensor([], dtype=out_dtype).element_size()
 
         hf_io.write_hf_safetensors(tmp, rules, get, hf_bytes, max_bytes, progress)

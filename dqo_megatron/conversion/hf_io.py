@@ -32,18 +32,27 @@ def open_safetensors(file: Path) -> Iterator[Any]:
     try:
         handle = safe_open(file, framework="pt")
     except (SafetensorError, OSError) as exc:
-        raise ConversionError(f"{file}: not a readable safetensors file (damaged or truncated? "
-                              f"{first_line(exc, 200)})") from None
+        raise ConversionError(
+            f"{file}: not a readable safetensors file (damaged or truncated? {first_line(exc, 200)})"
+        ) from None
     with handle:
         yield handle
+
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
-)  # fmt: skip
+)
 """Files copied verbatim between HF directories and the Megatron checkpoint (tokenizer, generation)."""
 
 
@@ -73,8 +82,9 @@ class HFCheckpoint:
 
         path = Path(path)
         if path.is_file():
-            raise ConversionError(f"{path} is a file: give the HF model directory that holds it (config.json + "
-                                  "safetensors)")  # fmt: skip
+            raise ConversionError(
+                f"{path} is a file: give the HF model directory that holds it (config.json + safetensors)"
+            )
         if not path.is_dir():
             raise ConversionError(f"HF checkpoint directory {path} does not exist")
         config_file = path / "config.json"
@@ -98,8 +108,10 @@ class HFCheckpoint:
                 weight_map = {name: SINGLE_FILE for name in handle.keys()}
         else:
             found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())
-            raise ConversionError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
-                                  f"read; found: {', '.join(found[:8]) or 'nothing'})")  # fmt: skip
+            raise ConversionError(
+                f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
+                f"read; found: {', '.join(found[:8]) or 'nothing'})"
+            )
         return cls(path=path, config=config, weight_map=weight_map)
 
     def shards(self) -> list[str]:
@@ -119,8 +131,17 @@ class HFCheckpoint:
         return found
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
@@ -134,8 +155,10 @@ def plan_import(ckpt: HFCheckpoint, family: Family, cfg: ModelConfig) -> list[Te
     needed = {name: rule.megatron for rule in rules for name in rule.hf}
     missing = [f"{name} (for {meg})" for name, meg in needed.items() if name not in ckpt.weight_map]
     if missing:
-        raise ConversionError(f"{ckpt.path}: tensors missing from the checkpoint: {', '.join(missing[:6])}"
-                              + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))  # fmt: skip
+        raise ConversionError(
+            f"{ckpt.path}: tensors missing from the checkpoint: {', '.join(missing[:6])}"
+            + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        )
     unexpected = [n for n in ckpt.weight_map if n not in needed and not family.ignored_hf_tensor(n, cfg)]
     if unexpected:
         raise ConversionError(
@@ -187,16 +210,21 @@ def _deferred(rule: TensorRule, inputs: tuple[torch.Tensor, ...]) -> Optional[De
     if not isinstance(rows, torch.Tensor) or rows.dim() != first.dim() or any(d != 1 for d in rows.shape[1:]):
         return None
     parts: tuple[torch.Tensor, ...] = ()
-    if rule.to_megatron in _ROW_CONCATENATIONS and all(t.is_contiguous() and t.shape == first.shape
-                                                       and t.dtype == rows.dtype for t in inputs):  # fmt: skip
+    if rule.to_megatron in _ROW_CONCATENATIONS and all(
+        t.is_contiguous() and t.shape == first.shape and t.dtype == rows.dtype for t in inputs
+    ):
         parts = inputs
     shape = torch.Size((rows.shape[0], *first.shape[1:]))
     return DeferredTensor(shape, rows.dtype, functools.partial(rule.to_megatron, *inputs), parts)
 
 
-def stream_megatron_tensors(ckpt: HFCheckpoint, rules: Sequence[TensorRule], dtype: Optional[torch.dtype] = None,
-                            progress: bool = True,
-                            defer: bool = False) -> Iterator[tuple[str, torch.Tensor | DeferredTensor]]:  # fmt: skip
+def stream_megatron_tensors(
+    ckpt: HFCheckpoint,
+    rules: Sequence[TensorRule],
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    defer: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | DeferredTensor]]:
     """Yield ``(megatron name, tensor)`` for every rule, reading one shard at a time.
 
     A rule is converted as soon as all its HF inputs have been read; inputs of rules whose partners live
@@ -247,9 +275,14 @@ def parse_size(text: str | int) -> int:
         raise ConversionError(f"cannot read size {text!r} (use e.g. 5GB, 500MB)") from None
 
 
-def write_hf_safetensors(out_dir: Path, rules: Sequence[TensorRule], get_megatron: Callable[[str], torch.Tensor],
-                         hf_sizes: Callable[[TensorRule], int], max_shard_bytes: int,
-                         progress: bool = True) -> list[str]:  # fmt: skip
+def write_hf_safetensors(
+    out_dir: Path,
+    rules: Sequence[TensorRule],
+    get_megatron: Callable[[str], torch.Tensor],
+    hf_sizes: Callable[[TensorRule], int],
+    max_shard_bytes: int,
+    progress: bool = True,
+) -> list[str]:
     """Write the HF tensors of `rules` as ``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` +
     index, at most `max_shard_bytes` per shard (a single larger tensor gets a shard of its own).
 

@@ -32,8 +32,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gr
         raise ValueError(f"q/k/v trailing shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
-                   head_dim: int) -> torch.Tensor:  # fmt: skip
+def interleave_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, head_dim: int
+) -> torch.Tensor:
     """Megatron's fused QKV from HF's separate projections.
 
     q ``[heads*d, ...]``, k/v ``[groups*d, ...]`` (weights ``[., h]`` or biases ``[.]``) ->
@@ -48,21 +49,28 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return torch.cat([q_, k_, v_], dim=1).reshape((heads + 2 * groups) * head_dim, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(
+    qkv: torch.Tensor, heads: int, groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `interleave_qkv`: fused ``[(heads+2*groups)*d, ...]`` -> (q ``[heads*d, ...]``,
     k ``[groups*d, ...]``, v ``[groups*d, ...]``), each contiguous."""
     if heads % groups:
         raise ValueError(f"query heads {heads} must be a multiple of KV groups {groups}")
     rows = (heads + 2 * groups) * head_dim
     if qkv.shape[0] != rows:
-        raise ValueError(f"fused qkv has {qkv.shape[0]} rows; expected {rows} for {heads} heads, "
-                         f"{groups} KV groups, head_dim {head_dim}")  # fmt: skip
+        raise ValueError(
+            f"fused qkv has {qkv.shape[0]} rows; expected {rows} for {heads} heads, "
+            f"{groups} KV groups, head_dim {head_dim}"
+        )
     rest = qkv.shape[1:]
     per_group = heads // groups
     blocks = qkv.reshape(groups, (per_group + 2) * head_dim, *rest)
     q, k, v = torch.split(blocks, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(heads * head_dim, *rest).contiguous(), k.reshape(groups * head_dim, *rest).contiguous(),
-            v.reshape(groups * head_dim, *rest).contiguous())  # fmt: skip
+    return (
+        q.reshape(heads * head_dim, *rest).contiguous(),
+        k.reshape(groups * head_dim, *rest).contiguous(),
+        v.reshape(groups * head_dim, *rest).contiguous(),
+    )
 
 
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -26,19 +26,6 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 import torch
 import yaml
 
-from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
-from dqo_megatron.config.loader import from_dict, to_dict
-from dqo_megatron.outputs import OutputError, check_apart, refuse_existing, staged_dir
-from dqo_megatron.conversion.record_writer import (
-    _WRITER_THREADS,
-    _fast_records_ok,
-    _file_backed_ranges,
-    _malloc_trim,
-    _release,
-    _write_tensor_record,
-    _Writeback,
-)
-from dqo_megatron.conversion.registry import ConversionError
 from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     ManifestError,
@@ -51,6 +38,19 @@ from dqo_megatron.checkpoint_integrity import (
     verify_directory,
     write_manifest_everywhere,
 )
+from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from dqo_megatron.config.loader import from_dict, to_dict
+from dqo_megatron.conversion.record_writer import (
+    _WRITER_THREADS,
+    _fast_records_ok,
+    _file_backed_ranges,
+    _malloc_trim,
+    _release,
+    _write_tensor_record,
+    _Writeback,
+)
+from dqo_megatron.conversion.registry import ConversionError
+from dqo_megatron.outputs import OutputError, check_apart, refuse_existing, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,9 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, CheckpointInfo]:
     except (json.JSONDecodeError, TypeError) as exc:
         raise ConversionError(f"{path / INFO_FILE}: unreadable ({exc})") from None
     if info.format_version != FORMAT_VERSION:
-        raise ConversionError(f"{path}: checkpoint format version {info.format_version}, this code reads "
-                              f"{FORMAT_VERSION}")  # fmt: skip
+        raise ConversionError(
+            f"{path}: checkpoint format version {info.format_version}, this code reads {FORMAT_VERSION}"
+        )
     if info.dtype not in DTYPES:
         raise ConversionError(f"{path / INFO_FILE}: dtype {info.dtype!r} not one of {sorted(DTYPES)}")
     try:
@@ -193,10 +194,14 @@ def defer(param: torch.nn.Parameter, make: Callable[[], torch.Tensor], parts: Se
     (`save_chunks` does whenever it cannot write the value itself).
     """
     parts = tuple(parts)
-    if parts and ((sum(p.shape[0] for p in parts), *parts[0].shape[1:]) != tuple(param.shape)
-                  or any(p.dtype != param.dtype or p.shape[1:] != parts[0].shape[1:] for p in parts)):  # fmt: skip
-        raise ValueError(f"parts {[tuple(p.shape) for p in parts]} ({parts[0].dtype}) do not concatenate into "
-                         f"{tuple(param.shape)} ({param.dtype})")  # fmt: skip
+    if parts and (
+        (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) != tuple(param.shape)
+        or any(p.dtype != param.dtype or p.shape[1:] != parts[0].shape[1:] for p in parts)
+    ):
+        raise ValueError(
+            f"parts {[tuple(p.shape) for p in parts]} ({parts[0].dtype}) do not concatenate into "
+            f"{tuple(param.shape)} ({param.dtype})"
+        )
     setattr(param, _DEFERRED, _Deferred(make, parts))
     if param.numel() == 0 or not _whole_storage(param.data):  # the writer finds buffers by their address
         _materialize(param)
@@ -220,8 +225,10 @@ def _materialize(param: torch.Tensor) -> None:
 def _computed(deferred: _Deferred, param: torch.Tensor) -> torch.Tensor:
     value = deferred.make()
     if value.shape != param.shape or value.dtype != param.dtype:
-        raise ConversionError(f"a deferred tensor computed {tuple(value.shape)} {value.dtype}, its parameter is "
-                              f"{tuple(param.shape)} {param.dtype}")  # fmt: skip
+        raise ConversionError(
+            f"a deferred tensor computed {tuple(value.shape)} {value.dtype}, its parameter is "
+            f"{tuple(param.shape)} {param.dtype}"
+        )
     return value.contiguous()
 
 
@@ -246,8 +253,12 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
     torch.distributed.barrier()
     deferred: dict[int, tuple[torch.Tensor, _Deferred]] = {}
     if consume and _in_process_writer_available():
-        deferred = {param.untyped_storage().data_ptr(): (param, getattr(param, _DEFERRED))
-                    for chunk in chunks for param in chunk.parameters() if hasattr(param, _DEFERRED)}  # fmt: skip
+        deferred = {
+            param.untyped_storage().data_ptr(): (param, getattr(param, _DEFERRED))
+            for chunk in chunks
+            for param in chunk.parameters()
+            if hasattr(param, _DEFERRED)
+        }
     else:
         materialize_deferred(chunks)
     state = sharded_state_dict(chunks)
@@ -255,8 +266,12 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
         _build_factories_consuming_params(state, deferred)
     errors: list[BaseException] = []
     try:
-        with _in_process_write_results(), _in_process_file_writer(free_written=consume, deferred=deferred), \
-                deferred_single_rank_errors(errors), children_die_with_parent():  # fmt: skip
+        with (
+            _in_process_write_results(),
+            _in_process_file_writer(free_written=consume, deferred=deferred),
+            deferred_single_rank_errors(errors),
+            children_die_with_parent(),
+        ):
             dist_checkpointing.save(state, str(weights_dir))
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         errors.insert(0, exc)
@@ -325,8 +340,11 @@ def _build_factories_consuming_params(state: dict, deferred: Optional[dict] = No
 
 def _whole_storage(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is its whole storage, in order (not a view of a part of it)."""
-    return (tensor.storage_offset() == 0 and tensor.is_contiguous()
-            and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes())  # fmt: skip
+    return (
+        tensor.storage_offset() == 0
+        and tensor.is_contiguous()
+        and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
+    )
 
 
 def _hand_over_parts(pieces: list, source: torch.Tensor, parts: tuple) -> bool:
@@ -425,8 +443,9 @@ def _in_process_file_writer(free_written: bool = False, deferred: Optional[dict]
         FileSystemWriterAsync.write_preloaded_data_multiproc = original
 
 
-def _write_buckets_in_process(original, free_written, deferred, transform_list, use_msc, rank, write_buckets,
-                              results_queue) -> None:  # fmt: skip
+def _write_buckets_in_process(
+    original, free_written, deferred, transform_list, use_msc, rank, write_buckets, results_queue
+) -> None:
     """Drop-in for `FileSystemWriterAsync.write_preloaded_data_multiproc`: puts ``{file index: [WriteResult]}``
     (or the exception) on `results_queue`, like Megatron's."""
     import inspect
@@ -455,8 +474,9 @@ def _write_buckets_in_process(original, free_written, deferred, transform_list, 
         with open(file_name, "wb") as stream:
             followed = writeback.follow(stream)
             try:
-                results = [_write_item(*transform_list, stream, data, item, storage_key, **extra)
-                           for item, data in bytes_data]  # fmt: skip
+                results = [
+                    _write_item(*transform_list, stream, data, item, storage_key, **extra) for item, data in bytes_data
+                ]
                 tensors = list(tensor_data)
                 if free_written:  # owned (freeable) tensors first: memory falls before mapped ones are paged in
                     tensors.sort(key=lambda entry: not entry[1].untyped_storage().resizable())
@@ -510,8 +530,10 @@ def _computed_buckets(write_buckets: list, deferred: dict) -> list:
         entry = deferred.get(tensor.untyped_storage().data_ptr())
         return tensor if entry is None else _deferred_value(tensor, *entry)
 
-    return [(name, key, (bytes_data, [(item, value(tensor)) for item, tensor in tensor_data]))
-            for name, key, (bytes_data, tensor_data) in write_buckets]  # fmt: skip
+    return [
+        (name, key, (bytes_data, [(item, value(tensor)) for item, tensor in tensor_data]))
+        for name, key, (bytes_data, tensor_data) in write_buckets
+    ]
 
 
 def _deferred_value(tensor: torch.Tensor, param: torch.Tensor, deferred: _Deferred) -> torch.Tensor:
@@ -550,16 +572,20 @@ def checked_load(sharded: dict, weights_dir: str | Path, verify: str = "full") -
         more = f" (and {len(check.problems) - 3} more)" if len(check.problems) > 3 else ""
         raise ConversionError(f"checkpoint {weights_dir} is damaged: {'; '.join(check.problems[:3])}{more}")
     if not check.has_manifest and verify != "off" and torch.distributed.get_rank() == 0:
-        logger.warning("%s has no %s (written before manifests existed): checked against torch's index only, not "
-                       "checksummed", weights_dir, MANIFEST_FILE)  # fmt: skip
+        logger.warning(
+            "%s has no %s (written before manifests existed): checked against torch's index only, not checksummed",
+            weights_dir,
+            MANIFEST_FILE,
+        )
     try:
         return dist_checkpointing.load(sharded, str(weights_dir))
     except CheckpointingException as exc:
         raise ConversionError(f"{weights_dir}: cannot be loaded into this model: {exc}") from None
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's reader errors, in one line
         located = "".join(f"; {p}" for p in dcp_size_problems(weights_dir)[:3] + _unreadable_common(weights_dir))
-        raise ConversionError(f"checkpoint {weights_dir}: torch's checkpoint reader failed ({one_line(exc)})"
-                              f"{located}") from None  # fmt: skip
+        raise ConversionError(
+            f"checkpoint {weights_dir}: torch's checkpoint reader failed ({one_line(exc)}){located}"
+        ) from None
 
 
 def _unreadable_common(weights_dir: Path) -> list[str]:
@@ -586,9 +612,11 @@ def single_process_layout() -> Iterator[None]:
     if torch.distributed.is_initialized():
         if torch.distributed.get_world_size() != 1 or (
             parallel_state.model_parallel_is_initialized()
-            and (parallel_state.get_tensor_model_parallel_world_size() != 1
-                 or parallel_state.get_pipeline_model_parallel_world_size() != 1)
-        ):  # fmt: skip
+            and (
+                parallel_state.get_tensor_model_parallel_world_size() != 1
+                or parallel_state.get_pipeline_model_parallel_world_size() != 1
+            )
+        ):
             raise ConversionError("conversion runs in a single process at TP=1 PP=1; run it outside torchrun")
         if not parallel_state.model_parallel_is_initialized():
             parallel.initialize(ParallelConfig())

@@ -217,8 +217,11 @@ def _fast_records_ok() -> bool:
     if not torch.serialization.get_crc32_options():
         return False
     generator = torch.Generator().manual_seed(0)
-    samples = [torch.randn(37, 5, generator=generator).to(torch.bfloat16), torch.randn(3, generator=generator),
-               torch.arange(1000, dtype=torch.int64).reshape(10, 100)]  # fmt: skip
+    samples = [
+        torch.randn(37, 5, generator=generator).to(torch.bfloat16),
+        torch.randn(3, generator=generator),
+        torch.arange(1000, dtype=torch.int64).reshape(10, 100),
+    ]
     try:
         for sample in samples:
             ours, reference = io.BytesIO(), io.BytesIO()

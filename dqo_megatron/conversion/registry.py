@@ -97,8 +97,10 @@ class Family:
         """Raise ConversionError for HF options our Megatron model does not build (checked on import)."""
         act = hf.get("hidden_act", self.hidden_acts[0])
         if act not in self.hidden_acts:
-            raise ConversionError(f"{where}: hidden_act={act!r} is not supported for {self.name} "
-                                  f"(expected one of {list(self.hidden_acts)})")  # fmt: skip
+            raise ConversionError(
+                f"{where}: hidden_act={act!r} is not supported for {self.name} "
+                f"(expected one of {list(self.hidden_acts)})"
+            )
         if hf.get("mlp_bias"):
             raise ConversionError(f"{where}: mlp_bias=true is not supported (the Megatron model has no MLP bias)")
 
@@ -190,20 +192,35 @@ class Family:
             attn = hf + "self_attn."
             out += [
                 TensorRule(meg + "input_layernorm.weight", (hf + "input_layernorm.weight",), _identity, _one),
-                TensorRule(meg + "self_attention.linear_qkv.weight",
-                           tuple(f"{attn}{p}_proj.weight" for p in "qkv"), to_qkv, from_qkv),
-            ]  # fmt: skip
+                TensorRule(
+                    meg + "self_attention.linear_qkv.weight",
+                    tuple(f"{attn}{p}_proj.weight" for p in "qkv"),
+                    to_qkv,
+                    from_qkv,
+                ),
+            ]
             if cfg.add_qkv_bias:
-                out.append(TensorRule(meg + "self_attention.linear_qkv.bias",
-                                      tuple(f"{attn}{p}_proj.bias" for p in "qkv"), to_qkv, from_qkv))  # fmt: skip
+                out.append(
+                    TensorRule(
+                        meg + "self_attention.linear_qkv.bias",
+                        tuple(f"{attn}{p}_proj.bias" for p in "qkv"),
+                        to_qkv,
+                        from_qkv,
+                    )
+                )
             out += [
                 TensorRule(meg + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), _identity, _one),
-                TensorRule(meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",),
-                           _identity, _one),
-                TensorRule(meg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-                           fuse_gate_up, split_gate_up),
+                TensorRule(
+                    meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), _identity, _one
+                ),
+                TensorRule(
+                    meg + "mlp.linear_fc1.weight",
+                    (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+                    fuse_gate_up,
+                    split_gate_up,
+                ),
                 TensorRule(meg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), _identity, _one),
-            ]  # fmt: skip
+            ]
         out.append(TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), _identity, _one))
         if not cfg.tie_embeddings:
             out.append(TensorRule("output_layer.weight", ("lm_head.weight",), _identity, unpad))
@@ -265,6 +282,4 @@ def family_for_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> F
             if hf.get("model_type") == fam.model_type:
                 return fam
     supported = sorted(a for fam in known for a in fam.architectures)
-    raise ConversionError(
-        f"{where}: unknown architecture {archs or hf.get('model_type')!r}; supported: {supported}"
-    )
+    raise ConversionError(f"{where}: unknown architecture {archs or hf.get('model_type')!r}; supported: {supported}")

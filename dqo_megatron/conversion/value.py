@@ -21,8 +21,8 @@ from dqo_megatron.conversion.megatron_io import (
     WEIGHTS_DIR,
     CheckpointInfo,
     build_empty_chunks,
-    checked_load,
     check_output,
+    checked_load,
     load_chunks,
     read_metadata,
     save_chunks,
@@ -60,8 +60,9 @@ def attach_value_head(chunk, cfg: ModelConfig, init_from: Optional[str | Path] =
     return head
 
 
-def value_from_megatron(src: str | Path, out: str | Path, *, overwrite: bool = False,
-                        value_head: Optional[str | Path] = None) -> float:  # fmt: skip
+def value_from_megatron(
+    src: str | Path, out: str | Path, *, overwrite: bool = False, value_head: Optional[str | Path] = None
+) -> float:
     """Write a value checkpoint `out` from the policy checkpoint `src` (trunk copied, head zero or from
     `value_head`); returns the seconds it took."""
     start = time.perf_counter()
@@ -75,8 +76,11 @@ def value_from_megatron(src: str | Path, out: str | Path, *, overwrite: bool = F
         load_chunks([chunk], Path(src) / WEIGHTS_DIR)
         attach_value_head(chunk, cfg, value_head)
         save_chunks([chunk], tmp / WEIGHTS_DIR)
-        write_metadata(tmp, cfg, CheckpointInfo(family=info.family, dtype=info.dtype, kind="value",
-                                                source=str(Path(src).absolute())))  # fmt: skip
+        write_metadata(
+            tmp,
+            cfg,
+            CheckpointInfo(family=info.family, dtype=info.dtype, kind="value", source=str(Path(src).absolute())),
+        )
         hf_src = Path(src) / "hf"
         if hf_src.is_dir():
             import shutil

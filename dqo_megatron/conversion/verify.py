@@ -50,8 +50,12 @@ class ParityReport:
     def passed(self) -> bool:
         """max_abs_diff within tolerance, no decisive greedy disagreement, and nothing non-finite: two
         models full of NaN agree perfectly on every comparison that skips NaN, so that alone cannot pass."""
-        return (self.max_abs_diff <= self.tolerance and self.decisive_disagreements == 0
-                and self.nonfinite_logits == 0 and not self.nonfinite_weights)  # fmt: skip
+        return (
+            self.max_abs_diff <= self.tolerance
+            and self.decisive_disagreements == 0
+            and self.nonfinite_logits == 0
+            and not self.nonfinite_weights
+        )
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
@@ -62,10 +66,12 @@ class ParityReport:
             bad += f"; non-finite weights in {len(self.nonfinite_weights)} tensors: {shown}"
         if self.nonfinite_logits:
             bad += f"; {self.nonfinite_logits} non-finite logits"
-        return (f"parity {verdict}: max |logit diff| = {self.max_abs_diff:.3e} (tolerance {self.tolerance:.1e}, "
-                f"max |logit| {self.max_abs_logit:.2f}); greedy next-token agreement "
-                f"{100 * self.greedy_agreement:.1f}% of {self.positions} positions "
-                f"({self.decisive_disagreements} decisive disagreements){bad}")  # fmt: skip
+        return (
+            f"parity {verdict}: max |logit diff| = {self.max_abs_diff:.3e} (tolerance {self.tolerance:.1e}, "
+            f"max |logit| {self.max_abs_logit:.2f}); greedy next-token agreement "
+            f"{100 * self.greedy_agreement:.1f}% of {self.positions} positions "
+            f"({self.decisive_disagreements} decisive disagreements){bad}"
+        )
 
 
 def default_prompts(vocab_size: int, seq_length: int, bos_token_id: Optional[int] = None) -> list[list[int]]:
@@ -106,7 +112,7 @@ def round_parameters(module: torch.nn.Module, dtype: Optional[torch.dtype]) -> N
 
 @torch.no_grad()
 def nonfinite_parameters(module: torch.nn.Module, label: str) -> list[str]:
-    """"<label>:<name> (<count>)" for every parameter or buffer of `module` holding NaN or inf."""
+    """ "<label>:<name> (<count>)" for every parameter or buffer of `module` holding NaN or inf."""
     tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
     out = []
     for name, tensor in tensors:
@@ -117,8 +123,12 @@ def nonfinite_parameters(module: torch.nn.Module, label: str) -> list[str]:
 
 
 @torch.no_grad()
-def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]], round_to: Optional[torch.dtype] = None,
-              nonfinite: Optional[list] = None) -> list[torch.Tensor]:  # fmt: skip
+def hf_logits(
+    hf_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    round_to: Optional[torch.dtype] = None,
+    nonfinite: Optional[list] = None,
+) -> list[torch.Tensor]:
     """Logits ``[len, vocab]`` (fp32) of the transformers model in `hf_dir` (no custom code, eager attention),
     its weights first rounded through `round_to` when given; non-finite parameters are appended to
     `nonfinite` when given."""
@@ -135,8 +145,12 @@ def hf_logits(hf_dir: str | Path, prompts: Sequence[Sequence[int]], round_to: Op
     return out
 
 
-def compare_logits(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor], tolerance: float,
-                   prompts: Sequence[Sequence[int]] = ()) -> ParityReport:  # fmt: skip
+def compare_logits(
+    reference: Sequence[torch.Tensor],
+    candidate: Sequence[torch.Tensor],
+    tolerance: float,
+    prompts: Sequence[Sequence[int]] = (),
+) -> ParityReport:
     """`ParityReport` of `candidate` (Megatron) against `reference` (HF) logits, prompt by prompt.
 
     Non-finite logits are counted (and fail the report); the differences and maxima are taken over the
@@ -155,14 +169,26 @@ def compare_logits(reference: Sequence[torch.Tensor], candidate: Sequence[torch.
         gap = ref.gather(-1, ref_top[:, None]) - ref.gather(-1, cand_top[:, None])
         decisive += (gap.squeeze(-1) > 2 * tolerance).sum().item()
         positions += ref.shape[0]
-    return ParityReport(max_abs_diff=max_diff, max_abs_logit=max_logit, greedy_agreement=agree / max(positions, 1),
-                        decisive_disagreements=decisive, positions=positions, tolerance=tolerance,
-                        prompts=[list(p) for p in prompts], nonfinite_logits=nonfinite)  # fmt: skip
+    return ParityReport(
+        max_abs_diff=max_diff,
+        max_abs_logit=max_logit,
+        greedy_agreement=agree / max(positions, 1),
+        decisive_disagreements=decisive,
+        positions=positions,
+        tolerance=tolerance,
+        prompts=[list(p) for p in prompts],
+        nonfinite_logits=nonfinite,
+    )
 
 
-def verify_parity(hf_dir: str | Path, megatron_dir: str | Path, tolerance: float = DEFAULT_TOLERANCE,
-                  prompts: Optional[Sequence[Sequence[int]]] = None, round_hf_to: Optional[torch.dtype] = None,
-                  round_megatron_to: Optional[torch.dtype] = None) -> ParityReport:  # fmt: skip
+def verify_parity(
+    hf_dir: str | Path,
+    megatron_dir: str | Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    prompts: Optional[Sequence[Sequence[int]]] = None,
+    round_hf_to: Optional[torch.dtype] = None,
+    round_megatron_to: Optional[torch.dtype] = None,
+) -> ParityReport:
     """Run both checkpoints on `prompts` (default: `default_prompts`) and compare; see the module doc.
 
     `round_hf_to` / `round_megatron_to`: when the conversion changed the dtype, round the source side's
@@ -171,9 +197,14 @@ def verify_parity(hf_dir: str | Path, megatron_dir: str | Path, tolerance: float
     Loads the Megatron checkpoint from disk at TP=1 PP=1 in fp32 (in this process; creates a
     single-process group if none exists). Does not raise on failure: check `report.passed`.
     """
-    from dqo_megatron.conversion.hf_io import HFCheckpoint
-    from dqo_megatron.conversion.megatron_io import build_empty_chunks, load_chunks, read_metadata, single_process_layout
     from dqo_megatron.config import ParallelConfig
+    from dqo_megatron.conversion.hf_io import HFCheckpoint
+    from dqo_megatron.conversion.megatron_io import (
+        build_empty_chunks,
+        load_chunks,
+        read_metadata,
+        single_process_layout,
+    )
 
     cfg, _info = read_metadata(megatron_dir)
     if prompts is None:

@@ -13,10 +13,22 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-PER_TOKEN = {"tokens": torch.long, "loss_mask": torch.bool, "rewards": torch.float32,
-             "behavior_logprobs": torch.float32, "ref_logprobs": torch.float32}
-PER_DOC = {"prompt_length": torch.long, "prompt_index": torch.long, "outcome_reward": torch.float32,
-           "correct": torch.long, "has_behavior_logprobs": torch.bool, "truncated": torch.bool, "index": torch.long}
+PER_TOKEN = {
+    "tokens": torch.long,
+    "loss_mask": torch.bool,
+    "rewards": torch.float32,
+    "behavior_logprobs": torch.float32,
+    "ref_logprobs": torch.float32,
+}
+PER_DOC = {
+    "prompt_length": torch.long,
+    "prompt_index": torch.long,
+    "outcome_reward": torch.float32,
+    "correct": torch.long,
+    "has_behavior_logprobs": torch.bool,
+    "truncated": torch.bool,
+    "index": torch.long,
+}
 PER_DOC_DEFAULTS = {"truncated": False}
 """Per-document keys a sample dict may lack (one built by hand before the key existed): their value then."""
 
@@ -25,8 +37,11 @@ def _per_doc(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The PER_DOC keys of `samples` as ``[len(samples)]`` tensors (PER_DOC_DEFAULTS for a missing key)."""
     out = {}
     for key, dt in PER_DOC.items():
-        values = [s.get(key, PER_DOC_DEFAULTS[key]) for s in samples] if key in PER_DOC_DEFAULTS \
-            else [s[key] for s in samples]  # fmt: skip
+        values = (
+            [s.get(key, PER_DOC_DEFAULTS[key]) for s in samples]
+            if key in PER_DOC_DEFAULTS
+            else [s[key] for s in samples]
+        )
         out[key] = torch.tensor(values, dtype=dt)
     return out
 
@@ -35,8 +50,9 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def pad_collate(samples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 8,
-                max_length: int | None = None) -> dict[str, torch.Tensor]:
+def pad_collate(
+    samples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 8, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad samples to one length, rounded up to a multiple of `pad_to_multiple_of`.
 
     Returns (B = len(samples), L = padded length):
@@ -94,7 +110,9 @@ def pack(samples: Sequence[dict[str, Any]], row_length: int, pad_id: int) -> dic
         rows[-1].append(d)
         used += T
     R = len(rows)
-    out = {key: torch.full((R, row_length), pad_id if key == "tokens" else 0, dtype=dt) for key, dt in PER_TOKEN.items()}
+    out = {
+        key: torch.full((R, row_length), pad_id if key == "tokens" else 0, dtype=dt) for key, dt in PER_TOKEN.items()
+    }
     pos = torch.zeros((R, row_length), dtype=torch.long)
     doc = torch.full((R, row_length), -1, dtype=torch.long)
     cu = [0]
@@ -104,9 +122,9 @@ def pack(samples: Sequence[dict[str, Any]], row_length: int, pad_id: int) -> dic
             s = samples[d]
             T = len(s["tokens"])
             for key in PER_TOKEN:
-                out[key][r, at:at + T] = torch.as_tensor(np.asarray(s[key]))
-            pos[r, at:at + T] = torch.arange(T)
-            doc[r, at:at + T] = d
+                out[key][r, at : at + T] = torch.as_tensor(np.asarray(s[key]))
+            pos[r, at : at + T] = torch.arange(T)
+            doc[r, at : at + T] = d
             at += T
             cu.append(r * row_length + at)
         if at < row_length:
@@ -133,8 +151,16 @@ class DistributedTrajectorySampler:
     `state_dict(consumed_batches=k)` with the number of batches the trainer really consumed.
     """
 
-    def __init__(self, num_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if num_samples < 1 or micro_batch_size < 1:
             raise ValueError(f"need num_samples >= 1 and micro_batch_size >= 1, got {num_samples}, {micro_batch_size}")
         if not 0 <= dp_rank < dp_size:
@@ -143,8 +169,10 @@ class DistributedTrajectorySampler:
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.global_batch = micro_batch_size * dp_size
         if drop_last and num_samples < self.global_batch:
-            raise ValueError(f"{num_samples} samples cannot fill one global batch of {self.global_batch} "
-                             f"(micro_batch_size {micro_batch_size} x dp_size {dp_size}); set drop_last=False")
+            raise ValueError(
+                f"{num_samples} samples cannot fill one global batch of {self.global_batch} "
+                f"(micro_batch_size {micro_batch_size} x dp_size {dp_size}); set drop_last=False"
+            )
         self.epoch = 0
         self.position = 0
 
@@ -167,7 +195,7 @@ class DistributedTrajectorySampler:
             order = np.concatenate([order, np.resize(order, nb * self.global_batch - self.n)])
         while self.position < nb:
             start = self.position * self.global_batch + self.rank * self.mbs
-            batch = order[start:start + self.mbs].tolist()
+            batch = order[start : start + self.mbs].tolist()
             self.position += 1
             yield batch
         self.epoch += 1
@@ -180,8 +208,15 @@ class DistributedTrajectorySampler:
     def state_dict(self, consumed_batches: int | None = None) -> dict[str, int]:
         """Position to resume from; `consumed_batches` overrides the count of batches done in this epoch."""
         pos = self.position if consumed_batches is None else int(consumed_batches)
-        return {"epoch": self.epoch, "position": pos, "seed": self.seed, "num_samples": self.n,
-                "global_batch": self.global_batch, "shuffle": int(self.shuffle), "drop_last": int(self.drop_last)}
+        return {
+            "epoch": self.epoch,
+            "position": pos,
+            "seed": self.seed,
+            "num_samples": self.n,
+            "global_batch": self.global_batch,
+            "shuffle": int(self.shuffle),
+            "drop_last": int(self.drop_last),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume from a state_dict; raise ValueError if it was saved with different data or settings."""

@@ -15,7 +15,6 @@ import torch
 
 from dqo_megatron.data.indexed import load_manifest, meta_fields, part_prefix
 
-
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 """The first bytes of a Megatron .idx file (megatron.core.datasets.indexed_dataset)."""
 
@@ -42,8 +41,10 @@ def open_part(prefix: str, part: str, manifest: dict):
     n = len(ds.sequence_lengths)
     expected = int(ds.index.sequence_pointers[-1]) + int(ds.sequence_lengths[-1]) * itemsize if n else 0
     if os.path.getsize(binary) != expected:
-        raise ValueError(f"{binary}: {os.path.getsize(binary)} bytes, its index points to {expected} (truncated or "
-                         "damaged; preprocess the dataset again)")  # fmt: skip
+        raise ValueError(
+            f"{binary}: {os.path.getsize(binary)} bytes, its index points to {expected} (truncated or "
+            "damaged; preprocess the dataset again)"
+        )
     return ds
 
 
@@ -74,8 +75,10 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         self.meta_fields = fields = meta_fields(self.manifest)
         widths = np.asarray(meta_ds.sequence_lengths, dtype=np.int64)
         if len(widths) != n or (n and not (widths == len(fields)).all()):
-            raise ValueError(f"{part_prefix(prefix, 'meta')}: {len(widths)} rows of widths {sorted(set(widths.tolist()))}, "
-                             f"the manifest says {n} rows of {len(fields)} fields {list(fields)}")  # fmt: skip
+            raise ValueError(
+                f"{part_prefix(prefix, 'meta')}: {len(widths)} rows of widths {sorted(set(widths.tolist()))}, "
+                f"the manifest says {n} rows of {len(fields)} fields {list(fields)}"
+            )
         # the meta part is n fixed-width rows; read it as one [n, F] block
         flat = meta_ds.get(0, 0, len(fields) * n) if n else np.zeros(0)
         # copy: the view would dangle once meta_ds (and its mmap) is garbage-collected
@@ -93,7 +96,9 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         # absent before format version 2: every document then ended with EOS
         self.truncated = self.meta[:, col["truncated"]].astype(bool) if "truncated" in col else np.zeros(n, dtype=bool)
         self.prompt_ids: list[str] = self.manifest["prompt_ids"]
-        if not np.array_equal(self.prompt_lengths + self.meta[:, col["response_length"]].astype(np.int64), self.lengths):
+        if not np.array_equal(
+            self.prompt_lengths + self.meta[:, col["response_length"]].astype(np.int64), self.lengths
+        ):
             raise ValueError(f"{prefix}: meta lengths disagree with the token file (mixed outputs under one prefix?)")
 
     def __len__(self) -> int:
@@ -141,7 +146,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             return None
         flat = np.memmap(path, dtype=dtype, mode="r")
         for a in range(0, len(flat), chunk):
-            block = flat[a:a + chunk]
+            block = flat[a : a + chunk]
             if block.size and (int(block.max()) >= vocab_size or int(block.min()) < 0):
                 pos = a + int(np.flatnonzero((block >= vocab_size) | (block < 0))[0])
                 starts = np.asarray(self.parts["tokens"].index.sequence_pointers, dtype=np.int64) // dtype.itemsize
@@ -157,7 +162,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             return None
         flat = np.memmap(path, dtype=np.float32, mode="r")
         for a in range(0, len(flat), chunk):
-            block = flat[a:a + chunk]
+            block = flat[a : a + chunk]
             if not np.isfinite(block).all():
                 pos = a + int(np.flatnonzero(~np.isfinite(block))[0])
                 starts = np.asarray(self.parts[part].index.sequence_pointers, dtype=np.int64) // 4

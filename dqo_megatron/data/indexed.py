@@ -36,8 +36,17 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 """Versions `load_manifest` accepts (1: before the `truncated` column)."""
 TOKEN_FILES = ("tokens", "rewards", "behavior_logprobs", "ref_logprobs")
-META_FIELDS_V1 = ("prompt_length", "response_length", "prompt_index", "outcome_reward", "correct",
-                  "has_behavior_logprobs", "truncated_prompt_tokens", "input_index", "line")
+META_FIELDS_V1 = (
+    "prompt_length",
+    "response_length",
+    "prompt_index",
+    "outcome_reward",
+    "correct",
+    "has_behavior_logprobs",
+    "truncated_prompt_tokens",
+    "input_index",
+    "line",
+)
 """The meta columns of version 1 (also what a manifest without `meta_fields` means)."""
 META_FIELDS = META_FIELDS_V1 + ("truncated",)
 """Per-document metadata columns of <prefix>_meta (float64; integers are exact below 2**53). `truncated`:
@@ -78,10 +87,17 @@ class TrajectoryWriter:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.prefix = prefix
         self.vocab_size = vocab_size
-        dtypes = {"tokens": token_dtype(vocab_size), "rewards": np.float32, "behavior_logprobs": np.float32,
-                  "ref_logprobs": np.float32, "meta": np.float64}
+        dtypes = {
+            "tokens": token_dtype(vocab_size),
+            "rewards": np.float32,
+            "behavior_logprobs": np.float32,
+            "ref_logprobs": np.float32,
+            "meta": np.float64,
+        }
         self.dtypes = dtypes
-        self.builders = {k: IndexedDatasetBuilder(part_prefix(prefix, k) + ".bin", dtype=dt) for k, dt in dtypes.items()}
+        self.builders = {
+            k: IndexedDatasetBuilder(part_prefix(prefix, k) + ".bin", dtype=dt) for k, dt in dtypes.items()
+        }
         self.prompt_index: dict[str, int] = {}
         self.n_docs = 0
         self.n_tokens = 0
@@ -104,8 +120,21 @@ class TrajectoryWriter:
         self._add("rewards", s.rewards.astype(np.float32))
         self._add("behavior_logprobs", s.behavior_logprobs if has_blp else np.zeros(T, np.float32))
         self._add("ref_logprobs", np.zeros(T, np.float32))
-        meta = np.array([s.prompt_length, T - s.prompt_length, pidx, s.outcome_reward, s.correct, int(has_blp),
-                         s.truncated_prompt_tokens, input_index, s.line, int(s.truncated)], dtype=np.float64)
+        meta = np.array(
+            [
+                s.prompt_length,
+                T - s.prompt_length,
+                pidx,
+                s.outcome_reward,
+                s.correct,
+                int(has_blp),
+                s.truncated_prompt_tokens,
+                input_index,
+                s.line,
+                int(s.truncated),
+            ],
+            dtype=np.float64,
+        )
         self._add("meta", meta)
         self.n_truncated += int(s.truncated)
         self.n_docs += 1
@@ -132,14 +161,33 @@ class TrajectoryWriter:
         total = len(tokens)
         self._add_many("tokens", tokens.astype(self.dtypes["tokens"]), lengths)
         self._add_many("rewards", np.concatenate([s.rewards for s in samples]).astype(np.float32, copy=False), lengths)
-        blp = (np.concatenate([s.behavior_logprobs if h else np.zeros(len(s.tokens), np.float32)
-                               for s, h in zip(samples, has)]).astype(np.float32, copy=False)
-               if any(has) else np.zeros(total, np.float32))
+        blp = (
+            np.concatenate(
+                [s.behavior_logprobs if h else np.zeros(len(s.tokens), np.float32) for s, h in zip(samples, has)]
+            ).astype(np.float32, copy=False)
+            if any(has)
+            else np.zeros(total, np.float32)
+        )
         self._add_many("behavior_logprobs", blp, lengths)
         self._add_many("ref_logprobs", np.zeros(total, np.float32), lengths)
-        meta = np.array([[s.prompt_length, T - s.prompt_length, p, s.outcome_reward, s.correct, int(h),
-                          s.truncated_prompt_tokens, i, s.line, int(s.truncated)]
-                         for s, T, p, h, i in zip(samples, lengths, pidx, has, input_indices)], dtype=np.float64)
+        meta = np.array(
+            [
+                [
+                    s.prompt_length,
+                    T - s.prompt_length,
+                    p,
+                    s.outcome_reward,
+                    s.correct,
+                    int(h),
+                    s.truncated_prompt_tokens,
+                    i,
+                    s.line,
+                    int(s.truncated),
+                ]
+                for s, T, p, h, i in zip(samples, lengths, pidx, has, input_indices)
+            ],
+            dtype=np.float64,
+        )
         self._add_many("meta", meta, [len(META_FIELDS)] * n)
         self.n_truncated += sum(int(s.truncated) for s in samples)
         self.n_docs += n
@@ -164,11 +212,19 @@ class TrajectoryWriter:
             for ext in (".bin", ".idx"):
                 os.remove(part_prefix(self.prefix, "behavior_logprobs") + ext)
         manifest = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "parts": parts,
-            "dtypes": {p: np.dtype(self.dtypes[p]).name for p in parts}, "meta_fields": list(META_FIELDS),
-            "num_documents": self.n_docs, "num_tokens": self.n_tokens, "vocab_size": self.vocab_size,
-            "has_behavior_logprobs": self.any_behavior, "ref_logprobs_filled": False,
-            "num_truncated": self.n_truncated, "prompt_ids": list(self.prompt_index), **extra,
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "parts": parts,
+            "dtypes": {p: np.dtype(self.dtypes[p]).name for p in parts},
+            "meta_fields": list(META_FIELDS),
+            "num_documents": self.n_docs,
+            "num_tokens": self.n_tokens,
+            "vocab_size": self.vocab_size,
+            "has_behavior_logprobs": self.any_behavior,
+            "ref_logprobs_filled": False,
+            "num_truncated": self.n_truncated,
+            "prompt_ids": list(self.prompt_index),
+            **extra,
         }
         write_manifest(self.prefix, manifest)
         return manifest
@@ -205,8 +261,10 @@ def load_manifest(prefix: str) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise ValueError(f"{path}: not a dataset manifest (a JSON {type(m).__name__}, not an object)")
     if m.get("format") != FORMAT_NAME or m.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT_NAME} "
-                         f"v{' or v'.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+        raise ValueError(
+            f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT_NAME} "
+            f"v{' or v'.join(map(str, READABLE_VERSIONS))}"
+        )
     return m
 
 

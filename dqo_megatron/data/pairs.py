@@ -16,8 +16,9 @@ def is_positive(correct: np.ndarray, outcome_rewards: np.ndarray, threshold: flo
     return np.where(correct >= 0, correct == 1, np.asarray(outcome_rewards) >= threshold)
 
 
-def build_dpo_pairs(prompt_index: np.ndarray, positive: np.ndarray, max_pairs_per_prompt: int = 12,
-                    seed: int = 0) -> np.ndarray:
+def build_dpo_pairs(
+    prompt_index: np.ndarray, positive: np.ndarray, max_pairs_per_prompt: int = 12, seed: int = 0
+) -> np.ndarray:
     """All (chosen, rejected) document pairs of each prompt, subsampled to at most N per prompt.
 
     Args:

@@ -59,8 +59,10 @@ class PreprocessConfig:
         if not self.output_prefix:
             raise ConfigError("output_prefix is empty: give where to write, e.g. data/gsm8k_train")
         if self.output_prefix.endswith(("/", os.sep)) or os.path.isdir(self.output_prefix):
-            raise ConfigError(f"output_prefix={self.output_prefix!r} is a directory: give a file prefix inside it, "
-                              f"e.g. {os.path.join(self.output_prefix, 'train')} (writes train.json, train_*.bin/.idx)")
+            raise ConfigError(
+                f"output_prefix={self.output_prefix!r} is a directory: give a file prefix inside it, "
+                f"e.g. {os.path.join(self.output_prefix, 'train')} (writes train.json, train_*.bin/.idx)"
+            )
         if isinstance(self.tokenize, dict):
             self.tokenize = TokenizeConfig(**self.tokenize)
         if self.tokenize is None:

@@ -25,8 +25,21 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 """Roles accepted in chat-message prompts."""
 
 KNOWN_FIELDS = (
-    "prompt", "response", "reward", "correct", "prompt_id", "id", "process_rewards", "process_segments",
-    "behavior_logprobs", "behavior_tokenizer", "truncated", "reference_answer", "source", "task", "metadata",
+    "prompt",
+    "response",
+    "reward",
+    "correct",
+    "prompt_id",
+    "id",
+    "process_rewards",
+    "process_segments",
+    "behavior_logprobs",
+    "behavior_tokenizer",
+    "truncated",
+    "reference_answer",
+    "source",
+    "task",
+    "metadata",
 )
 """Fields the format defines; other fields are kept in `TrajectoryRecord.extra`."""
 _KNOWN_FIELDS = frozenset(KNOWN_FIELDS)
@@ -123,18 +136,29 @@ _F32_LOW = -FLOAT32_LIMIT
 
 def _float(value: Any, fld: str, where: dict) -> float:
     if not _is_number(value):
-        raise RecordError("wrong_type", f"expected a number, got {type(value).__name__} {value!r:.40}", field=fld, **where)
+        raise RecordError(
+            "wrong_type", f"expected a number, got {type(value).__name__} {value!r:.40}", field=fld, **where
+        )
     try:
         v = float(value)
     except OverflowError:  # an integer beyond float64 (JSON has no size limit on integers)
-        raise RecordError("not_representable", f"an integer of {value.bit_length()} bits is beyond float32, the dtype "
-                          "it is stored in (|x| <= 3.4028235e+38)", field=fld, **where) from None  # fmt: skip
+        raise RecordError(
+            "not_representable",
+            f"an integer of {value.bit_length()} bits is beyond float32, the dtype "
+            "it is stored in (|x| <= 3.4028235e+38)",
+            field=fld,
+            **where,
+        ) from None
     if not _F32_LOW < v < FLOAT32_LIMIT:  # one comparison per value on the common path (NaN fails it too)
         if not math.isfinite(v):
             raise RecordError("non_finite", f"must be finite, got {v}", field=fld, **where)
         # finite here, inf once stored: refuse it rather than train on inf
-        raise RecordError("not_representable", f"{v!r} is finite but beyond float32, the dtype it is stored in "
-                          "(|x| <= 3.4028235e+38)", field=fld, **where)  # fmt: skip
+        raise RecordError(
+            "not_representable",
+            f"{v!r} is finite but beyond float32, the dtype it is stored in (|x| <= 3.4028235e+38)",
+            field=fld,
+            **where,
+        )
     return v
 
 
@@ -187,9 +211,13 @@ def _check_unicode(obj: Any, raw: Any, where: dict) -> None:
         return
     path, text, i, is_key = hit
     code = f"\\u{ord(text[i]):04x}"
-    raise RecordError("invalid_unicode", f"{'a key in it ' if is_key else ''}holds a lone surrogate {code} at "
-                      f"character {i}: valid JSON, but not encodable as UTF-8 (fix the producer, or skip the record)",
-                      field=path, **where)  # fmt: skip
+    raise RecordError(
+        "invalid_unicode",
+        f"{'a key in it ' if is_key else ''}holds a lone surrogate {code} at "
+        f"character {i}: valid JSON, but not encodable as UTF-8 (fix the producer, or skip the record)",
+        field=path,
+        **where,
+    )
 
 
 def _opt_str(obj: dict, name: str, where: dict, allow_int: bool = False) -> str | None:
@@ -225,7 +253,9 @@ def _parse_prompt(value: Any, where: dict) -> str | list[dict[str, str]]:
             raise RecordError("wrong_type", "a message must be an object {role, content}", field=f, **where)
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
-            raise RecordError("wrong_type", f"role {role!r} is not one of {list(CHAT_ROLES)}", field=f + ".role", **where)
+            raise RecordError(
+                "wrong_type", f"role {role!r} is not one of {list(CHAT_ROLES)}", field=f + ".role", **where
+            )
         if not isinstance(content, str):
             raise RecordError("wrong_type", "content must be a string", field=f + ".content", **where)
         out.append({"role": role, "content": content})
@@ -235,8 +265,12 @@ def _parse_prompt(value: Any, where: dict) -> str | list[dict[str, str]]:
 def _parse_process(obj: dict, response: str, where: dict) -> list[tuple[int, float]]:
     pr, segs = obj.get("process_rewards"), obj.get("process_segments")
     if pr is not None and segs is not None:
-        raise RecordError("bad_process_rewards", "give process_rewards or process_segments, not both",
-                          field="process_rewards", **where)
+        raise RecordError(
+            "bad_process_rewards",
+            "give process_rewards or process_segments, not both",
+            field="process_rewards",
+            **where,
+        )
     steps: list[tuple[int, float]] = []
     if segs is not None:
         if not isinstance(segs, list):
@@ -252,8 +286,12 @@ def _parse_process(obj: dict, response: str, where: dict) -> list[tuple[int, flo
             elif s.get("reward") not in (None, 0, 0.0):
                 raise RecordError("bad_process_rewards", "an empty segment cannot carry a reward", field=f, **where)
         if "".join(s["text"] for s in segs) != response:
-            raise RecordError("bad_process_rewards", "the segments' texts do not concatenate to the response",
-                              field="process_segments", **where)
+            raise RecordError(
+                "bad_process_rewards",
+                "the segments' texts do not concatenate to the response",
+                field="process_segments",
+                **where,
+            )
         return steps
     if pr is None:
         return steps
@@ -268,15 +306,20 @@ def _parse_process(obj: dict, response: str, where: dict) -> list[tuple[int, flo
         if not isinstance(off, int) or isinstance(off, bool):
             raise RecordError("wrong_type", f"end offset must be an integer, got {off!r}", field=f, **where)
         if not prev < off <= len(response):
-            raise RecordError("bad_process_rewards",
-                              f"end offset {off} must be > {prev} (previous) and <= {len(response)} (response length)",
-                              field=f, **where)
+            raise RecordError(
+                "bad_process_rewards",
+                f"end offset {off} must be > {prev} (previous) and <= {len(response)} (response length)",
+                field=f,
+                **where,
+            )
         steps.append((off, _float(rew, f + "[1]", where)))
         prev = off
     return steps
 
 
-def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_reward: bool = True) -> TrajectoryRecord:
+def parse_record(
+    raw: str | dict, file: str = "<input>", line: int = 0, require_reward: bool = True
+) -> TrajectoryRecord:
     """Validate one record (a JSON line or an already-decoded row) into a `TrajectoryRecord`.
 
     Args:
@@ -305,8 +348,12 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
     if not isinstance(response, str):
         raise RecordError("wrong_type", f"expected a string, got {type(response).__name__}", field="response", **where)
     if response == "":
-        raise RecordError("empty_response", "is empty (a response is at least one character; EOS is added later)",
-                          field="response", **where)
+        raise RecordError(
+            "empty_response",
+            "is empty (a response is at least one character; EOS is added later)",
+            field="response",
+            **where,
+        )
     correct = obj.get("correct")
     if correct is not None and not isinstance(correct, bool):
         raise RecordError("wrong_type", f"expected true/false, got {correct!r:.40}", field="correct", **where)
@@ -316,7 +363,9 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
     elif correct is not None:
         reward = 1.0 if correct else 0.0
     elif require_reward:
-        raise RecordError("missing_field", "missing (give `reward` (number) or `correct` (bool))", field="reward", **where)
+        raise RecordError(
+            "missing_field", "missing (give `reward` (number) or `correct` (bool))", field="reward", **where
+        )
     steps = _parse_process(obj, response, where)
     blp = obj.get("behavior_logprobs")
     if blp is not None:
@@ -325,8 +374,12 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
         blp = [_float(v, f"behavior_logprobs[{i}]", where) for i, v in enumerate(blp)]
         for i, v in enumerate(blp):
             if v > 1e-4:
-                raise RecordError("bad_behavior_logprobs", f"a log-probability must be <= 0, got {v}",
-                                  field=f"behavior_logprobs[{i}]", **where)
+                raise RecordError(
+                    "bad_behavior_logprobs",
+                    f"a log-probability must be <= 0, got {v}",
+                    field=f"behavior_logprobs[{i}]",
+                    **where,
+                )
     truncated = obj.get("truncated")  # null (a Parquet / datasets column other rows fill) = not truncated
     if truncated is not None and not isinstance(truncated, bool):
         raise RecordError("wrong_type", f"expected true/false, got {truncated!r:.40}", field="truncated", **where)
@@ -335,12 +388,23 @@ def parse_record(raw: str | dict, file: str = "<input>", line: int = 0, require_
         raise RecordError("wrong_type", "expected an object", field="metadata", **where)
     prompt_id = _opt_str(obj, "prompt_id", where, allow_int=True)
     return TrajectoryRecord(
-        prompt=prompt, response=response, reward=reward, prompt_id=prompt_id or prompt_hash(prompt),
-        process_rewards=steps, behavior_logprobs=blp,
-        behavior_tokenizer=_opt_str(obj, "behavior_tokenizer", where), truncated=bool(truncated), correct=correct,
-        id=_opt_str(obj, "id", where, allow_int=True), reference_answer=_opt_str(obj, "reference_answer", where),
-        source=_opt_str(obj, "source", where), task=_opt_str(obj, "task", where), metadata=meta or {},
-        extra={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}, file=file, line=line,
+        prompt=prompt,
+        response=response,
+        reward=reward,
+        prompt_id=prompt_id or prompt_hash(prompt),
+        process_rewards=steps,
+        behavior_logprobs=blp,
+        behavior_tokenizer=_opt_str(obj, "behavior_tokenizer", where),
+        truncated=bool(truncated),
+        correct=correct,
+        id=_opt_str(obj, "id", where, allow_int=True),
+        reference_answer=_opt_str(obj, "reference_answer", where),
+        source=_opt_str(obj, "source", where),
+        task=_opt_str(obj, "task", where),
+        metadata=meta or {},
+        extra={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
+        file=file,
+        line=line,
     )
 
 
@@ -359,7 +423,7 @@ def expand_inputs(paths: str | Path | Iterable[str | Path]) -> list[str]:
 
 
 def input_format(path: str) -> str:
-    """"jsonl", "parquet" or "hf_disk" (a `datasets.Dataset.save_to_disk` directory), from the path."""
+    """ "jsonl", "parquet" or "hf_disk" (a `datasets.Dataset.save_to_disk` directory), from the path."""
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
             return "hf_disk"
@@ -403,8 +467,9 @@ def iter_raw(path: str, chunk_rows: int = 1024) -> Iterator[tuple[int, str | dic
             yield row, rec
 
 
-def read_records(paths, skip_invalid: bool = False, skips: SkipCounter | None = None,
-                 require_reward: bool = True) -> Iterator[TrajectoryRecord]:
+def read_records(
+    paths, skip_invalid: bool = False, skips: SkipCounter | None = None, require_reward: bool = True
+) -> Iterator[TrajectoryRecord]:
     """Validated records of all inputs, in order.
 
     Args:

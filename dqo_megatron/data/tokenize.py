@@ -56,7 +56,9 @@ class TokenizerConfig:
         if not self.path:
             raise ConfigError("tokenizer.path is empty: give an HF tokenizer directory or a sentencepiece .model file")
         if not os.path.exists(self.path):
-            raise ConfigError(f"tokenizer.path={self.path!r} does not exist (tokenizers are loaded from local files only)")
+            raise ConfigError(
+                f"tokenizer.path={self.path!r} does not exist (tokenizers are loaded from local files only)"
+            )
         if self.kind not in ("auto", "hf", "sentencepiece"):
             raise ConfigError(f"tokenizer.kind={self.kind!r}: choose auto, hf or sentencepiece")
         if self.kind == "auto":
@@ -84,11 +86,15 @@ def _check_tokenizer_path(path: str, kind: str) -> None:
     if kind == "sentencepiece" and not os.path.isfile(path):
         raise ConfigError(f"tokenizer.path={path!r}: a sentencepiece tokenizer is a .model file")
     if kind == "hf" and os.path.isfile(path):
-        raise ConfigError(f"tokenizer.path={path!r} is a file but not a sentencepiece .model: give an HF tokenizer "
-                          "directory (tokenizer.json / tokenizer_config.json) or a .model file")  # fmt: skip
+        raise ConfigError(
+            f"tokenizer.path={path!r} is a file but not a sentencepiece .model: give an HF tokenizer "
+            "directory (tokenizer.json / tokenizer_config.json) or a .model file"
+        )
     if kind == "hf" and not has_tokenizer(path):
-        raise ConfigError(f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}): "
-                          "give the directory of an HF tokenizer or a sentencepiece .model file")  # fmt: skip
+        raise ConfigError(
+            f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}): "
+            "give the directory of an HF tokenizer or a sentencepiece .model file"
+        )
 
 
 @dataclass
@@ -148,9 +154,16 @@ PROMPT_CACHE_SIZE = 4096
 """Distinct prompts whose token ids a worker keeps (cleared when full)."""
 
 TOKENIZER_IDENTITY_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 """The files of an HF tokenizer directory that its identity hash covers: exactly the tokenizer files that
 `convert hf-to-megatron` copies into a checkpoint's hf/ (conversion.hf_io.TOKENIZER_FILES without
 generation_config.json), so a source directory and its checkpoint's copy hash the same."""
@@ -175,8 +188,11 @@ def tokenizer_fingerprint(path: str) -> dict | None:
     if os.path.isfile(path):
         files = {"tokenizer.model": _sha256_file(path)}
     elif os.path.isdir(path):
-        files = {n: _sha256_file(os.path.join(path, n)) for n in TOKENIZER_IDENTITY_FILES
-                 if os.path.isfile(os.path.join(path, n))}  # fmt: skip
+        files = {
+            n: _sha256_file(os.path.join(path, n))
+            for n in TOKENIZER_IDENTITY_FILES
+            if os.path.isfile(os.path.join(path, n))
+        }
     else:
         return None
     if not files:
@@ -245,8 +261,11 @@ class Tokenizer:
             self.vocab_size = len(self.hf)
             self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
             eos = cfg.eos_token or self.hf.eos_token
-            self.eos_id = (self.special_token_id(eos, "eos_token" if cfg.eos_token else "the tokenizer's own eos_token")
-                           if eos is not None else None)  # fmt: skip
+            self.eos_id = (
+                self.special_token_id(eos, "eos_token" if cfg.eos_token else "the tokenizer's own eos_token")
+                if eos is not None
+                else None
+            )
             self.has_offsets = bool(getattr(self.hf, "is_fast", False))
             # the Rust tokenizer itself: same ids and offsets as calling self.hf, without building a
             # BatchEncoding per call (that wrapper cost ~25% of preprocessing time)
@@ -265,9 +284,11 @@ class Tokenizer:
             i = self.hf.convert_tokens_to_ids(token)
             back = self.hf.convert_ids_to_tokens(i) if isinstance(i, int) and i >= 0 else None
         if back != token:
-            raise ConfigError(f"{option}={token!r} is not a token of tokenizer {self.name!r} ({self.cfg.path}): it "
-                              f"would become {back!r} (id {i}); give a token of its vocabulary, e.g. its EOS "
-                              f"{self._default_eos()!r}")  # fmt: skip
+            raise ConfigError(
+                f"{option}={token!r} is not a token of tokenizer {self.name!r} ({self.cfg.path}): it "
+                f"would become {back!r} (id {i}); give a token of its vocabulary, e.g. its EOS "
+                f"{self._default_eos()!r}"
+            )
         return int(i)
 
     def _default_eos(self) -> str | None:
@@ -293,15 +314,25 @@ class Tokenizer:
         chat = isinstance(prompt, list)
         if self.sp is not None:
             if chat:
-                raise RecordError("chat_without_template", "chat-message prompts need an HF tokenizer with a chat "
-                                  "template; a sentencepiece model has none (give the prompt as text)", field="prompt", **where)
+                raise RecordError(
+                    "chat_without_template",
+                    "chat-message prompts need an HF tokenizer with a chat "
+                    "template; a sentencepiece model has none (give the prompt as text)",
+                    field="prompt",
+                    **where,
+                )
             return ([self.bos_id] if self.cfg.add_bos and self.bos_id >= 0 else []) + self.sp.encode(prompt)
         if self.cfg.use_chat_template and self.hf.chat_template:
             messages = prompt if chat else [{"role": "user", "content": prompt}]
             return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if chat:
-            raise RecordError("chat_without_template", "chat-message prompt, but the tokenizer has no chat template "
-                              "(or use_chat_template is off); set tokenizer.chat_template", field="prompt", **where)
+            raise RecordError(
+                "chat_without_template",
+                "chat-message prompt, but the tokenizer has no chat template "
+                "(or use_chat_template is off); set tokenizer.chat_template",
+                field="prompt",
+                **where,
+            )
         bos = self.hf.bos_token if (self.cfg.add_bos and self.hf.bos_token) else ""
         return bos + prompt
 
@@ -348,11 +379,15 @@ class Tokenizer:
             raise ValueError("process rewards need a fast (Rust) HF tokenizer for character offsets")
         if self.fast is not None:
             encs = self.fast.encode_batch(texts, add_special_tokens=False)
-            return [e.ids for e in encs], [[s for s, _ in e.offsets] if want else None for e, want in zip(encs, offsets)]
+            return [e.ids for e in encs], [
+                [s for s, _ in e.offsets] if want else None for e, want in zip(encs, offsets)
+            ]
         enc = self.hf(texts, add_special_tokens=False, return_offsets_mapping=any(offsets))
         if not any(offsets):
             return enc["input_ids"], [None] * len(texts)
-        return enc["input_ids"], [[s for s, _ in om] if want else None for om, want in zip(enc["offset_mapping"], offsets)]
+        return enc["input_ids"], [
+            [s for s, _ in om] if want else None for om, want in zip(enc["offset_mapping"], offsets)
+        ]
 
     def decode(self, ids) -> str:
         """Text of token ids; ValueError when an id is beyond this tokenizer (a model that does not match it)."""
@@ -361,8 +396,10 @@ class Tokenizer:
             return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
         except (IndexError, OverflowError) as exc:
             top = max(ids, default=-1)
-            raise ValueError(f"token id {top} is beyond tokenizer {self.cfg.path!r} (vocabulary {self.vocab_size}): the "
-                             f"tokenizer does not match the model that produced it ({type(exc).__name__})") from None
+            raise ValueError(
+                f"token id {top} is beyond tokenizer {self.cfg.path!r} (vocabulary {self.vocab_size}): the "
+                f"tokenizer does not match the model that produced it ({type(exc).__name__})"
+            ) from None
 
 
 def _byte_to_char(text: str) -> np.ndarray:
@@ -386,8 +423,9 @@ def step_token_indices(starts: list[int], step_ends: list[int]) -> list[int]:
     return [int(max(i, 0)) for i in idx]
 
 
-def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: TokenizeConfig
-                     ) -> list[TokenizedSample | RecordError]:
+def tokenize_records(
+    tok: Tokenizer, records: list[TrajectoryRecord], cfg: TokenizeConfig
+) -> list[TokenizedSample | RecordError]:
     """Tokenize a chunk of records; each slot holds a sample or the RecordError that rejects it.
 
     Reasons: chat_without_template, behavior_tokenizer_mismatch, behavior_logprobs_length, too_long,
@@ -406,10 +444,14 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
     check_blp = cfg.check_behavior_tokenizer
     keys, keep, todo, todo_keys, pending = [], [], [], [], set()
     for i, r in enumerate(records):
-        if (check_blp and r.behavior_logprobs is not None and r.behavior_tokenizer
-                and r.behavior_tokenizer != tok.name):
-            out[i] = RecordError("behavior_tokenizer_mismatch", f"log-probs are for tokenizer {r.behavior_tokenizer!r}, "
-                                 f"we tokenize with {tok.name!r}", field="behavior_tokenizer", file=r.file, line=r.line)
+        if check_blp and r.behavior_logprobs is not None and r.behavior_tokenizer and r.behavior_tokenizer != tok.name:
+            out[i] = RecordError(
+                "behavior_tokenizer_mismatch",
+                f"log-probs are for tokenizer {r.behavior_tokenizer!r}, we tokenize with {tok.name!r}",
+                field="behavior_tokenizer",
+                file=r.file,
+                line=r.line,
+            )
             continue
         prompt = r.prompt
         key = prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
@@ -438,12 +480,18 @@ def tokenize_records(tok: Tokenizer, records: list[TrajectoryRecord], cfg: Token
     return out  # type: ignore[return-value]
 
 
-def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, tok: Tokenizer,
-              cfg: TokenizeConfig) -> TokenizedSample | RecordError:
+def _assemble(
+    r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, tok: Tokenizer, cfg: TokenizeConfig
+) -> TokenizedSample | RecordError:
     where = {"file": r.file, "line": r.line}
     if r.truncated and not r_ids:  # the outcome reward would land on a prompt token
-        return RecordError("empty_response", "truncated: true, but the response gives no token with tokenizer "
-                           f"{tok.name!r} (and a truncated response gets no EOS)", field="response", **where)
+        return RecordError(
+            "empty_response",
+            "truncated: true, but the response gives no token with tokenizer "
+            f"{tok.name!r} (and a truncated response gets no EOS)",
+            field="response",
+            **where,
+        )
     eos = [] if r.truncated else [tok.eos_id]
     n_resp = len(r_ids) + len(eos)
     if r.behavior_logprobs is not None:
@@ -454,23 +502,35 @@ def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, t
         else:
             want, what = n_resp - 1, " before EOS"
         if len(r.behavior_logprobs) != want:
-            return RecordError("behavior_logprobs_length", f"has {len(r.behavior_logprobs)} values but the response "
-                               f"has {want} tokens{what} with tokenizer {tok.name!r}", field="behavior_logprobs",
-                               **where)  # fmt: skip
+            return RecordError(
+                "behavior_logprobs_length",
+                f"has {len(r.behavior_logprobs)} values but the response "
+                f"has {want} tokens{what} with tokenizer {tok.name!r}",
+                field="behavior_logprobs",
+                **where,
+            )
     cut = 0  # prompt tokens cut from the left
     total = len(p_ids) + n_resp
     if total > cfg.max_length:
         if cfg.overlong == "drop":
             return RecordError("too_long", f"{total} tokens > max_length {cfg.max_length}", **where)
         if n_resp + 1 > cfg.max_length:
-            return RecordError("response_too_long", f"response alone has {n_resp} tokens{' incl. EOS' if eos else ''}; "
-                               f"with one prompt token that exceeds max_length {cfg.max_length} (responses are never "
-                               "cut)", **where)  # fmt: skip
+            return RecordError(
+                "response_too_long",
+                f"response alone has {n_resp} tokens{' incl. EOS' if eos else ''}; "
+                f"with one prompt token that exceeds max_length {cfg.max_length} (responses are never "
+                "cut)",
+                **where,
+            )
         cut = total - cfg.max_length
         p_ids = p_ids[cut:]
     if not p_ids:
-        return RecordError("empty_prompt", "the prompt gives no tokens (a response needs a state to start from)",
-                       field="prompt", **where)
+        return RecordError(
+            "empty_prompt",
+            "the prompt gives no tokens (a response needs a state to start from)",
+            field="prompt",
+            **where,
+        )
     P = len(p_ids)
     tokens = np.asarray(p_ids + r_ids + eos, dtype=np.int64)
     rewards = np.zeros(len(tokens), dtype=np.float32)
@@ -484,14 +544,27 @@ def _assemble(r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, t
     if not np.isfinite(rewards).all():
         # each value fits float32 (parse_record checks), but rewards sharing a token add up beyond it
         t = int(np.flatnonzero(~np.isfinite(rewards))[0])
-        return RecordError("not_representable", f"the rewards on token {t} (outcome and/or process rewards on the "
-                           "same token) add up beyond float32, the dtype they are stored in",
-                           field="process_rewards" if r.process_rewards else "reward", **where)  # fmt: skip
+        return RecordError(
+            "not_representable",
+            f"the rewards on token {t} (outcome and/or process rewards on the "
+            "same token) add up beyond float32, the dtype they are stored in",
+            field="process_rewards" if r.process_rewards else "reward",
+            **where,
+        )
     blp = None
     if r.behavior_logprobs is not None:
         blp = np.zeros(len(tokens), dtype=np.float32)
-        blp[P:P + len(r.behavior_logprobs)] = np.asarray(r.behavior_logprobs, dtype=np.float32)
-    return TokenizedSample(tokens=tokens, prompt_length=P, rewards=rewards, behavior_logprobs=blp,
-                           prompt_id=r.prompt_id, outcome_reward=outcome,
-                           correct=-1 if r.correct is None else int(r.correct), truncated_prompt_tokens=cut,
-                           truncated=r.truncated, file=r.file, line=r.line)
+        blp[P : P + len(r.behavior_logprobs)] = np.asarray(r.behavior_logprobs, dtype=np.float32)
+    return TokenizedSample(
+        tokens=tokens,
+        prompt_length=P,
+        rewards=rewards,
+        behavior_logprobs=blp,
+        prompt_id=r.prompt_id,
+        outcome_reward=outcome,
+        correct=-1 if r.correct is None else int(r.correct),
+        truncated_prompt_tokens=cut,
+        truncated=r.truncated,
+        file=r.file,
+        line=r.line,
+    )

@@ -90,9 +90,18 @@ class DemoConfig:
             self.process_completions = min(self.process_completions, 2)
         if self.value_warmup_steps < 0:
             raise ConfigError(f"value_warmup_steps={self.value_warmup_steps}: must be >= 0")
-        for name in ("demonstrations", "sft_steps", "rollout_problems", "samples_per_problem", "rl_steps",
-                     "eval_interval", "validation_problems", "eval_problems", "analysis_problems",
-                     "process_completions"):  # fmt: skip
+        for name in (
+            "demonstrations",
+            "sft_steps",
+            "rollout_problems",
+            "samples_per_problem",
+            "rl_steps",
+            "eval_interval",
+            "validation_problems",
+            "eval_problems",
+            "analysis_problems",
+            "process_completions",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         unknown = set(self.algorithms) - set(ROWS)
@@ -102,8 +111,16 @@ class DemoConfig:
 
 def model_config(seq_length: int) -> dict:
     """The tiny Llama-family policy (about 0.1M parameters) built from Megatron's layer spec."""
-    return dict(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4,
-                num_query_groups=4, vocab_size=VOCAB, seq_length=seq_length)  # fmt: skip
+    return dict(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=172,
+        num_attention_heads=4,
+        num_query_groups=4,
+        vocab_size=VOCAB,
+        seq_length=seq_length,
+    )
 
 
 VOCAB = 128
@@ -117,7 +134,8 @@ def _check_layout(tp: int, pp: int) -> None:
 
     model = from_dict(ModelConfig, model_config(64), "model")
     try:
-        validate_model_layout(model, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                              seq_length=64)  # fmt: skip
+        validate_model_layout(
+            model, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seq_length=64
+        )
     except ConfigError as exc:
         raise ConfigError(f"--tp {tp} --pp {pp}: the demo's model cannot be split so: {exc}") from None

@@ -89,8 +89,9 @@ def _restore_after_a_killed_replacement(path: Path) -> None:
             os.replace(path, failed)
         os.replace(aside / path.name, path)
         shutil.rmtree(aside, ignore_errors=True)
-        logger.warning("restored the earlier demo in %s (a demo replacing it was killed; its partial run is in %s)",
-                       path, failed)  # fmt: skip
+        logger.warning(
+            "restored the earlier demo in %s (a demo replacing it was killed; its partial run is in %s)", path, failed
+        )
         return
 
 
@@ -143,22 +144,41 @@ def _run_stages(cfg: DemoConfig, root: Path, echo: Callable[[str], None]) -> dic
     runner = Stages(total=9 + len(cfg.algorithms), echo=echo)
     started = time.perf_counter()
     ctx = Context(cfg=cfg, root=root, task=task)
-    runner.run("task", f"synthetic {cfg.digits}-digit column addition, held-out splits, imperfect demonstrations",
-               ctx.make_task)  # fmt: skip
+    runner.run(
+        "task",
+        f"synthetic {cfg.digits}-digit column addition, held-out splits, imperfect demonstrations",
+        ctx.make_task,
+    )
     runner.run("tokenizer", "train a sentencepiece BPE model on the task's text; sequence lengths", ctx.make_tokenizer)
     runner.run("warm-up", f"SFT of a tiny llama GPT on the demonstrations ({cfg.sft_steps} steps)", ctx.warm_up)
-    runner.run("rollout", f"{cfg.samples_per_problem} samples x {cfg.rollout_problems} problems from the base "
-               "policy, labeled", ctx.rollout)  # fmt: skip
-    runner.run("process scores", f"synthetic process scores of the training and held-out answers "
-               f"(M={cfg.process_completions})", ctx.process_scores)  # fmt: skip
-    runner.run("data", "preprocess the rollouts (with and without process scores); annotate reference log-probs",
-               ctx.prepare_data)  # fmt: skip
+    runner.run(
+        "rollout",
+        f"{cfg.samples_per_problem} samples x {cfg.rollout_problems} problems from the base policy, labeled",
+        ctx.rollout,
+    )
+    runner.run(
+        "process scores",
+        f"synthetic process scores of the training and held-out answers (M={cfg.process_completions})",
+        ctx.process_scores,
+    )
+    runner.run(
+        "data",
+        "preprocess the rollouts (with and without process scores); annotate reference log-probs",
+        ctx.prepare_data,
+    )
     for algo in cfg.algorithms:
-        runner.run(ROWS[algo], f"train {ROWS[algo]} from the base policy ({cfg.value_warmup_steps} value-only + "
-                   f"{cfg.rl_steps} steps, checkpoint picked on {cfg.validation_problems} validation problems)",
-                   lambda algo=algo: ctx.train_rl(algo))  # fmt: skip
-    runner.run("eval", f"base vs {', '.join(ROWS[a] for a in cfg.algorithms)} on {cfg.eval_problems} held-out "
-               "problems, greedy and sampled", ctx.evaluate)  # fmt: skip
+        runner.run(
+            ROWS[algo],
+            f"train {ROWS[algo]} from the base policy ({cfg.value_warmup_steps} value-only + "
+            f"{cfg.rl_steps} steps, checkpoint picked on {cfg.validation_problems} validation problems)",
+            lambda algo=algo: ctx.train_rl(algo),
+        )
+    runner.run(
+        "eval",
+        f"base vs {', '.join(ROWS[a] for a in cfg.algorithms)} on {cfg.eval_problems} held-out "
+        "problems, greedy and sampled",
+        ctx.evaluate,
+    )
     runner.run("value analysis", "values vs process scores on held-out answers", ctx.value_analysis)
     runner.run("report", "table, curves, summary", lambda: ctx.report(time.perf_counter() - started, runner.done))
     results = ctx.results(runner.done, time.perf_counter() - started)

@@ -36,8 +36,10 @@ def summary_paragraph(cfg, measured: dict, seconds: float) -> str:
         name = ROWS[algo]
         g = acc[name]["greedy"]
         step = measured.get(f"{algo}_selection", {}).get("picked_step")
-        parts.append(f"{name} (step {step}) reached {100 * g:.1f}% greedy ({100 * (g - base):+.1f} points) and "
-                     f"{100 * acc[name]['sample']:.1f}% sampled.")  # fmt: skip
+        parts.append(
+            f"{name} (step {step}) reached {100 * g:.1f}% greedy ({100 * (g - base):+.1f} points) and "
+            f"{100 * acc[name]['sample']:.1f}% sampled."
+        )
     rows = measured.get("value_analysis", [])
     if rows:
         parts.append("Value analysis on held-out answers: " + "; ".join(describe_value_row(r) for r in rows) + ".")
@@ -47,13 +49,17 @@ def summary_paragraph(cfg, measured: dict, seconds: float) -> str:
 
 def describe_value_row(row: dict) -> str:
     """One line: DQO's per-step Pearson and drop, or DRO's V(x) correlation."""
+
     def num(x):
         return f"{x:.2f}" if isinstance(x, (int, float)) else "n/a"
 
     if row["value_target"] == "prompt":
-        return f"{row['label']}: V(x) vs prompt success r = {num(row['initial_pearson'])} (V is trained at the prompt only)"
-    return (f"{row['label']}: Pearson {num(row['pearson'])} over {row['steps']} steps, value drop at the first "
-            f"unsolvable step {num(row['drop'])} (solvable steps {num(row['solvable_change'])})")
+        r = num(row["initial_pearson"])
+        return f"{row['label']}: V(x) vs prompt success r = {r} (V is trained at the prompt only)"
+    return (
+        f"{row['label']}: Pearson {num(row['pearson'])} over {row['steps']} steps, value drop at the first "
+        f"unsolvable step {num(row['drop'])} (solvable steps {num(row['solvable_change'])})"
+    )
 
 
 CURVES = (
@@ -87,9 +93,19 @@ def plot_training_curves(sft_run: Path, runs: dict[str, Path], path: Path) -> Pa
         steps = [r["step"] for r in rows]
         for ax, (key, _, _) in zip(axes[1:], CURVES):
             if key == "log_ratio":
-                ax.plot(steps, [r.get("log_ratio_correct", float("nan")) for r in rows], color=color, label=f"{name} correct")
-                ax.plot(steps, [r.get("log_ratio_incorrect", float("nan")) for r in rows], color=color, linestyle="--",
-                        label=f"{name} incorrect")  # fmt: skip
+                ax.plot(
+                    steps,
+                    [r.get("log_ratio_correct", float("nan")) for r in rows],
+                    color=color,
+                    label=f"{name} correct",
+                )
+                ax.plot(
+                    steps,
+                    [r.get("log_ratio_incorrect", float("nan")) for r in rows],
+                    color=color,
+                    linestyle="--",
+                    label=f"{name} incorrect",
+                )
             elif key == "validation":
                 evals = read_evaluations(run_dir)
                 ax.plot([e.step for e in evals], [100 * e.accuracy for e in evals], marker="o", color=color, label=name)
@@ -116,10 +132,12 @@ def write_report(ctx, seconds: float, done: list) -> list[Path]:
     measured["summary"] = summary
     plots = sorted(p.name for p in ctx.path("value_analysis").glob("*.png"))
     stages = "\n".join(f"| {s.name} | {s.seconds:.1f} | {s.summary} |" for s in done)
-    text = (f"# DQO demo (seed {cfg.seed})\n\n{accuracy_table(measured['accuracy'])}\n\n{summary}\n\n"
-            f"Training curves: `training_curves.png`. Value vs process scores: "
-            f"{', '.join(f'`value_analysis/{p}`' for p in plots) or 'none'}. Per-problem outputs: `eval/`.\n\n"
-            f"| stage | seconds | result |\n| --- | --- | --- |\n{stages}\n")  # fmt: skip
+    text = (
+        f"# DQO demo (seed {cfg.seed})\n\n{accuracy_table(measured['accuracy'])}\n\n{summary}\n\n"
+        f"Training curves: `training_curves.png`. Value vs process scores: "
+        f"{', '.join(f'`value_analysis/{p}`' for p in plots) or 'none'}. Per-problem outputs: `eval/`.\n\n"
+        f"| stage | seconds | result |\n| --- | --- | --- |\n{stages}\n"
+    )
     report = ctx.path("report.md")
     report.write_text(text)
     return [report, curves]

@@ -13,16 +13,34 @@ import yaml
 
 from dqo_megatron.demo.config import DemoConfig, model_config
 
-def run_config(cfg: DemoConfig, run_dir: Path, *, seq: int, algorithm: str, train_prefix: str, steps: int,
-               lr: float, init_policy: str | None = None, extra: dict | None = None) -> dict:  # fmt: skip
+
+def run_config(
+    cfg: DemoConfig,
+    run_dir: Path,
+    *,
+    seq: int,
+    algorithm: str,
+    train_prefix: str,
+    steps: int,
+    lr: float,
+    init_policy: str | None = None,
+    extra: dict | None = None,
+) -> dict:
     """A training config (the same YAML a user writes) for one of the demo's runs (`seq` tokens a row)."""
     config = {
         "model": model_config(seq),
         "parallel": {"tensor_model_parallel_size": cfg.tp, "pipeline_model_parallel_size": cfg.pp},
         "algorithm": algorithm,
-        "train": {"micro_batch_size": 32 // cfg.pp, "global_batch_size": 32,
-                  "seq_length": seq, "lr": lr, "train_steps": steps, "seed": cfg.seed + 1,
-                  "log_interval": max(steps // 10, 1), "keep_last_checkpoints": 1},  # fmt: skip
+        "train": {
+            "micro_batch_size": 32 // cfg.pp,
+            "global_batch_size": 32,
+            "seq_length": seq,
+            "lr": lr,
+            "train_steps": steps,
+            "seed": cfg.seed + 1,
+            "log_interval": max(steps // 10, 1),
+            "keep_last_checkpoints": 1,
+        },
         "data": {"train_prefix": train_prefix},
         "run_dir": str(run_dir),
     }
@@ -51,8 +69,16 @@ def megatron_command(cfg: DemoConfig, args: list[str], log: Path, env_extra: dic
     """Run `dqo-megatron <args>` as a subprocess (torchrun with tp*pp ranks when > 1); output into `log`."""
     world = cfg.tp * cfg.pp
     if world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "dqo_megatron", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world}",
+            "-m",
+            "dqo_megatron",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "dqo_megatron", *args]
     env = {**_child_env(), **(env_extra or {})}
@@ -68,11 +94,17 @@ def megatron_command(cfg: DemoConfig, args: list[str], log: Path, env_extra: dic
 def single_command(args: list[str], log: Path) -> None:
     """Run a single-process `dqo-megatron <args>` (export: always TP=PP=1) with its output in `log`."""
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "dqo_megatron", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env=_child_env(), preexec_fn=_dies_with_us())  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "dqo_megatron", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            preexec_fn=_dies_with_us(),
+        )
     if done.returncode != 0:
-        raise RuntimeError(f"`{args[0]}` failed (exit {done.returncode}); log {log}:\n"
-                           + "\n".join(log.read_text().splitlines()[-25:]))  # fmt: skip
+        raise RuntimeError(
+            f"`{args[0]}` failed (exit {done.returncode}); log {log}:\n" + "\n".join(log.read_text().splitlines()[-25:])
+        )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -35,13 +35,17 @@ def seeds_table(results: list[dict]) -> str:
     then each seed's numbers."""
     seeds = [r["config"]["seed"] for r in results]
     names = list(results[0]["measured"]["accuracy"])
-    lines = [f"| model | greedy (mean +- std, {len(seeds)} seeds) | sampled | greedy per seed ({', '.join(map(str, seeds))}) |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"| model | greedy (mean +- std, {len(seeds)} seeds) | sampled "
+        f"| greedy per seed ({', '.join(map(str, seeds))}) |",
+        "| --- | --- | --- | --- |",
+    ]
     for name in names:
         greedy = [r["measured"]["accuracy"][name]["greedy"] for r in results]
         sample = [r["measured"]["accuracy"][name]["sample"] for r in results]
-        lines.append(f"| {name} | {_fmt(greedy, 100)} | {_fmt(sample, 100)} | "
-                     f"{' / '.join(f'{100 * g:.1f}' for g in greedy)} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {_fmt(greedy, 100)} | {_fmt(sample, 100)} | {' / '.join(f'{100 * g:.1f}' for g in greedy)} |"
+        )
     return "\n".join(lines)
 
 
@@ -58,12 +62,20 @@ def value_table(results: list[dict]) -> str:
                 value = row.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     stats[key].append(float(value))
-    lines = ["| row | per-step Pearson r (V, process score) | value drop at the first unsolvable step | "
-             "mean V change over solvable steps | V(x) vs prompt success, Pearson r |",
-             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| row | per-step Pearson r (V, process score) | value drop at the first unsolvable step | "
+        "mean V change over solvable steps | V(x) vs prompt success, Pearson r |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for label, stats in per_row.items():
-        cells = [_fmt(stats[k], digits=3) if stats[k] else "n/a (V trained at the prompt only)" if k != "initial_pearson"
-                 else "n/a" for k in keys]  # fmt: skip
+        cells = [
+            _fmt(stats[k], digits=3)
+            if stats[k]
+            else "n/a (V trained at the prompt only)"
+            if k != "initial_pearson"
+            else "n/a"
+            for k in keys
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -71,10 +83,12 @@ def value_table(results: list[dict]) -> str:
 def write_summary(root: Path, results: list[dict]) -> str:
     """seeds.md in `root`: the accuracy and value tables over the seeds' demo.json results."""
     minutes = [r["seconds"] / 60 for r in results]
-    text = (f"# DQO demo over {len(results)} seeds\n\nTest accuracy (%), {results[0]['config']['eval_problems']} "
-            f"held-out problems per seed:\n\n{seeds_table(results)}\n\nValue analysis of the picked checkpoints "
-            f"(held-out answers), mean +- std over the seeds:\n\n{value_table(results)}\n\n"
-            f"Minutes per seed: {', '.join(f'{m:.1f}' for m in minutes)}.\n")  # fmt: skip
+    text = (
+        f"# DQO demo over {len(results)} seeds\n\nTest accuracy (%), {results[0]['config']['eval_problems']} "
+        f"held-out problems per seed:\n\n{seeds_table(results)}\n\nValue analysis of the picked checkpoints "
+        f"(held-out answers), mean +- std over the seeds:\n\n{value_table(results)}\n\n"
+        f"Minutes per seed: {', '.join(f'{m:.1f}' for m in minutes)}.\n"
+    )
     (root / "seeds.md").write_text(text)
     return text
 
@@ -92,7 +106,12 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], echo: Callable[[str], None] = p
             echo(f"=== seed {seed} ===")
             results.append(run_demo(replace(cfg, seed=seed, run_dir=str(root / f"seed{seed}")), echo=echo))
         text = write_summary(root, results)
-        summary = {"seeds": seeds, "status": "done", "seconds": time.perf_counter() - started,
-                   "runs": [str(root / f"seed{s}") for s in seeds], "table": text}  # fmt: skip
+        summary = {
+            "seeds": seeds,
+            "status": "done",
+            "seconds": time.perf_counter() - started,
+            "runs": [str(root / f"seed{s}") for s in seeds],
+            "table": text,
+        }
         (root / MARKER).write_text(json.dumps(summary, indent=1))
     return summary

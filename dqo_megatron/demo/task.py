@@ -93,7 +93,9 @@ def write_problems(task: AdditionTask, problems, path: str | Path) -> Path:
     path = Path(path)
     with open(path, "w", encoding="utf-8") as f:
         for a, b in problems:
-            f.write(json.dumps({"id": f"{a}+{b}", "question": task.question(a, b), "answer": task.solution(a, b)}) + "\n")
+            f.write(
+                json.dumps({"id": f"{a}+{b}", "question": task.question(a, b), "answer": task.solution(a, b)}) + "\n"
+            )
     return path
 
 
@@ -113,9 +115,19 @@ def write_demonstrations(task: AdditionTask, problems, path: str | Path, seed: i
             response = task.solution(a, b, rng)
             ok = check_answer("gsm8k", response, task.solution(a, b)).correct
             right += ok
-            f.write(json.dumps({"prompt": build_prompt("gsm8k", task.question(a, b)), "response": response,
-                                "reward": float(ok), "prompt_id": f"{a}+{b}", "task": "gsm8k",
-                                "source": "demo-demonstrations"}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": build_prompt("gsm8k", task.question(a, b)),
+                        "response": response,
+                        "reward": float(ok),
+                        "prompt_id": f"{a}+{b}",
+                        "task": "gsm8k",
+                        "source": "demo-demonstrations",
+                    }
+                )
+                + "\n"
+            )
     return path, right / max(len(problems), 1)
 
 
@@ -142,11 +154,21 @@ def train_tokenizer(texts: list[str], path: str | Path, vocab_size: int = 128) -
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        user_defined_symbols=["\n"], pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0,
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        character_coverage=1.0,
         minloglevel=2,
-    )  # fmt: skip
+    )
     path = Path(path)
     path.write_bytes(buf.getvalue())
     return path
@@ -162,7 +184,7 @@ def sequence_lengths(task: AdditionTask, sp) -> tuple[int, int]:
     """
     from dqo_megatron.tasks.prompts import build_prompt
 
-    largest = 10 ** task.digits - 1
+    largest = 10**task.digits - 1
     prompt = 1 + len(sp.encode(build_prompt("gsm8k", task.question(largest, largest))))
     answer = len(sp.encode(task.solution(largest, largest))) + 1
     max_new = answer + answer // 2 + 2

@@ -13,10 +13,18 @@ See docs/evaluation.md.
 from dqo_megatron.eval.config import BUILTIN_DATASETS, DECODINGS, EvalConfig
 from dqo_megatron.eval.results import EvalResults
 from dqo_megatron.eval.run import evaluate
-from dqo_megatron.eval.scoring import (Accuracy, GradedProblem, ScoreSummary, grade_outputs, score_outputs,
-                                       summarize)
+from dqo_megatron.eval.scoring import Accuracy, GradedProblem, ScoreSummary, grade_outputs, score_outputs, summarize
 
 __all__ = [
-    "BUILTIN_DATASETS", "DECODINGS", "EvalConfig", "EvalResults", "evaluate",
-    "Accuracy", "GradedProblem", "ScoreSummary", "grade_outputs", "score_outputs", "summarize",
+    "BUILTIN_DATASETS",
+    "DECODINGS",
+    "EvalConfig",
+    "EvalResults",
+    "evaluate",
+    "Accuracy",
+    "GradedProblem",
+    "ScoreSummary",
+    "grade_outputs",
+    "score_outputs",
+    "summarize",
 ]

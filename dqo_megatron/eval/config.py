@@ -91,7 +91,9 @@ class EvalConfig:
         if not self.names:
             self.names = [Path(m.rstrip("/")).name or m for m in self.models]
         if len(self.names) != len(self.models):
-            raise ConfigError(f"names: {len(self.names)} names for {len(self.models)} models (give one --name per --model)")
+            raise ConfigError(
+                f"names: {len(self.names)} names for {len(self.models)} models (give one --name per --model)"
+            )
         if len(set(self.names)) != len(self.names):
             raise ConfigError(f"names: must be unique, got {self.names} (pass --name for each model)")
         if not self.output_dir:
@@ -125,8 +127,13 @@ class EvalConfig:
         """The backend's SamplingParams of a decoding."""
         if decoding == "greedy":
             return SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
-        return SamplingParams(n=self.num_samples, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens)
+        return SamplingParams(
+            n=self.num_samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+        )
 
     def dataset_specs(self) -> list[DatasetSpec]:
         """The datasets with their labels, files and tasks."""

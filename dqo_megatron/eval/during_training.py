@@ -27,10 +27,15 @@ from dqo_megatron.training.evals import Evaluation
 def check_layout(run: RunConfig) -> None:
     """ConfigError when `eval.interval` is set on a layout the in-training evaluator cannot run."""
     p = run.parallel
-    if run.eval.interval and (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                              p.context_parallel_size) != (1, 1, 1):  # fmt: skip
-        raise ConfigError("eval.interval needs TP = PP = CP = 1 (the greedy decoder holds a whole model per "
-                          "process); set eval.interval=0 and evaluate saved checkpoints with `dqo-megatron eval`")  # fmt: skip
+    if run.eval.interval and (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    ) != (1, 1, 1):
+        raise ConfigError(
+            "eval.interval needs TP = PP = CP = 1 (the greedy decoder holds a whole model per "
+            "process); set eval.interval=0 and evaluate saved checkpoints with `dqo-megatron eval`"
+        )
 
 
 def _tokenizer_and_stops(run: RunConfig) -> tuple[str, str | None]:
@@ -42,15 +47,17 @@ def _tokenizer_and_stops(run: RunConfig) -> tuple[str, str | None]:
         hf = Path(run.init.policy) / HF_DIR
         if hf.is_dir():
             return str(hf), str(hf)
-    raise ConfigError("eval.interval needs a tokenizer: set eval.tokenizer (HF directory or sentencepiece .model), "
-                      "or start from a `convert hf-to-megatron` checkpoint (init.policy) that holds hf/")  # fmt: skip
+    raise ConfigError(
+        "eval.interval needs a tokenizer: set eval.tokenizer (HF directory or sentencepiece .model), "
+        "or start from a `convert hf-to-megatron` checkpoint (init.policy) that holds hf/"
+    )
 
 
 def greedy_correct(backend, problems: list, max_new_tokens: int) -> int:
     """How many of `problems` (`tasks.datasets.Problem`) `backend` answers correctly with greedy decoding."""
     from dqo_megatron.eval.scoring import grade_outputs
-    from dqo_megatron.rollout.backend import SamplingParams
     from dqo_megatron.process_scores.cache import prefix_seed
+    from dqo_megatron.rollout.backend import SamplingParams
 
     if not problems:
         return 0
@@ -82,19 +89,24 @@ class HeldOutEvaluator:
         from dqo_megatron.rollout.megatron_backend import MegatronBackend
 
         started = time.perf_counter()
-        backend = MegatronBackend.over_module(policy, self.run.model, self.tokenizer, hf_dir=self.hf_dir,
-                                              batch_size=self.run.eval.batch_size)  # fmt: skip
+        backend = MegatronBackend.over_module(
+            policy, self.run.model, self.tokenizer, hf_dir=self.hf_dir, batch_size=self.run.eval.batch_size
+        )
         correct, failure = 0, None
         try:  # a failure on one rank must not leave the others waiting in the all-reduce below
             correct = greedy_correct(backend, self.mine, self.run.eval.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             failure = exc
-        counts = torch.tensor([float(correct), float(len(self.mine)), float(failure is not None)],
-                              device=next(policy.parameters()).device)  # fmt: skip
+        counts = torch.tensor(
+            [float(correct), float(len(self.mine)), float(failure is not None)], device=next(policy.parameters()).device
+        )
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         if counts[2] > 0:
-            raise RuntimeError(f"held-out evaluation at step {step} failed on {int(counts[2])} rank(s)"
-                               + (f": {type(failure).__name__}: {failure}" if failure else "")) from failure
+            raise RuntimeError(
+                f"held-out evaluation at step {step} failed on {int(counts[2])} rank(s)"
+                + (f": {type(failure).__name__}: {failure}" if failure else "")
+            ) from failure
         correct, n = int(counts[0]), int(counts[1])
-        return Evaluation(step=step, accuracy=correct / max(n, 1), correct=correct, problems=n,
-                          seconds=time.perf_counter() - started)  # fmt: skip
+        return Evaluation(
+            step=step, accuracy=correct / max(n, 1), correct=correct, problems=n, seconds=time.perf_counter() - started
+        )

@@ -52,7 +52,7 @@ def _breakdown(results: EvalResults, dataset: str, attr: str) -> list[str]:
             first = first or groups
             rows.append([f"{model} ({dec})"] + [_pct(groups[k].accuracy) if k in groups else MISSING for k in keys])
     counts = ["problems"] + [str(first[k].n) if first and k in first else MISSING for k in keys]
-    label = ("Level " if attr == "by_level" else "")
+    label = "Level " if attr == "by_level" else ""
     return _md_table(["model"] + [label + k for k in keys], rows + [counts])
 
 
@@ -67,9 +67,11 @@ def markdown_report(results: EvalResults) -> str:
     if "greedy" in cfg.decodings:
         out.append(f"greedy: temperature 0, max_new_tokens {cfg.max_new_tokens}.")
     if "sample" in cfg.decodings:
-        out.append(f"sample: temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}, "
-                   f"{cfg.num_samples} sample(s) per problem (accuracy = mean over samples), "
-                   f"max_new_tokens {cfg.max_new_tokens}, seed {cfg.seed}.")
+        out.append(
+            f"sample: temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}, "
+            f"{cfg.num_samples} sample(s) per problem (accuracy = mean over samples), "
+            f"max_new_tokens {cfg.max_new_tokens}, seed {cfg.seed}."
+        )
     out.append("Models: " + "; ".join(f"{n} = `{p}`" for n, p in zip(cfg.names, cfg.models)) + ".")
     for d in results.datasets:
         for attr, title in (("by_subject", "by subject"), ("by_level", "by level")):
@@ -96,8 +98,15 @@ def write_png(results: EvalResults, path: str | os.PathLike) -> None:
         bars = ax.bar(xs, [100 * v if v is not None else 0 for v in vals], width, label=name)
         for bar, v in zip(bars, vals):
             if v is not None:
-                ax.annotate(f"{100 * v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+                ax.annotate(
+                    f"{100 * v:.1f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 1),
+                    textcoords="offset points",
+                )
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([f"{label}\n(n={results.problems[d]})" for d, _, label in cols], fontsize=8)
     ax.set_ylabel("accuracy (%)")

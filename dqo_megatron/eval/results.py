@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from dqo_megatron.eval.config import DatasetSpec, EvalConfig
 from dqo_megatron.eval.scoring import ScoreSummary
 
+
 @dataclass
 class RunStats:
     """Generation cost of one model and decoding."""
@@ -52,7 +53,9 @@ class EvalResults:
             "models": [{"name": n, "path": p} for n, p in zip(self.config.names, self.config.models)],
             "datasets": [asdict(d) | {"problems": self.problems[d.name]} for d in self.datasets],
             "decodings": {d: asdict(self.config.sampling_params(d)) for d in self.config.decodings},
-            "results": {m: {d: {k: s.to_dict() for k, s in by_dec.items()} for d, by_dec in by_ds.items()}
-                        for m, by_ds in self.scores.items()},
+            "results": {
+                m: {d: {k: s.to_dict() for k, s in by_dec.items()} for d, by_dec in by_ds.items()}
+                for m, by_ds in self.scores.items()
+            },
             "generation": {m: {k: s.to_dict() for k, s in by_dec.items()} for m, by_dec in self.stats.items()},
         }

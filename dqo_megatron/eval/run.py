@@ -25,9 +25,9 @@ from dqo_megatron.eval.report import write_reports
 from dqo_megatron.eval.results import EvalResults, RunStats
 from dqo_megatron.eval.scoring import grade_outputs, graded_to_dict, summarize
 from dqo_megatron.outputs import check_apart, staged_file
+from dqo_megatron.process_scores.cache import CompletionCache, cache_key, prefix_seed
 from dqo_megatron.rollout.backend import GenerationBackend, SamplingParams
 from dqo_megatron.rollout.identity import identity_tag
-from dqo_megatron.process_scores.cache import CompletionCache, cache_key, prefix_seed
 from dqo_megatron.tasks.datasets import Problem, load_problems
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,25 @@ def load_datasets(cfg: EvalConfig) -> tuple[list[DatasetSpec], dict[str, list[Pr
     out = {}
     for spec in specs:
         if not os.path.exists(spec.path):
-            raise FileNotFoundError(f"dataset {spec.name!r}: {spec.path} does not exist (set data_dir / $DQO_SHARED_DATA)")
+            raise FileNotFoundError(
+                f"dataset {spec.name!r}: {spec.path} does not exist (set data_dir / $DQO_SHARED_DATA)"
+            )
         out[spec.name] = select(load_problems(spec.path, task=spec.task), cfg.limit, cfg.limit_mode)
     return specs, out
 
 
-def generate_outputs(backend: GenerationBackend, prompts: Sequence[str], params: SamplingParams, *, seed: int,
-                     model_id: str, cache: CompletionCache, per_call: int, progress: bool = False,
-                     desc: str = "generate") -> tuple[dict[str, tuple[list[str], list[str]]], RunStats]:  # fmt: skip
+def generate_outputs(
+    backend: GenerationBackend,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    seed: int,
+    model_id: str,
+    cache: CompletionCache,
+    per_call: int,
+    progress: bool = False,
+    desc: str = "generate",
+) -> tuple[dict[str, tuple[list[str], list[str]]], RunStats]:
     """Generate `params.n` samples for each distinct prompt (cached ones are read, not generated).
 
     Returns:
@@ -73,16 +84,21 @@ def generate_outputs(backend: GenerationBackend, prompts: Sequence[str], params:
     todo = [p for p in unique if cache.get(keys[p]) is None]
     stats = RunStats(prompts=len(unique))
     t0 = time.perf_counter()
-    with tqdm(total=len(todo) * params.n, disable=not progress, unit="sample", desc=desc, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(todo) * params.n, disable=not progress, unit="sample", desc=desc, file=sys.stderr, dynamic_ncols=True
+    ) as bar:
         for start in range(0, len(todo), per_call):
-            batch = todo[start:start + per_call]
+            batch = todo[start : start + per_call]
             out = backend.generate(batch, params, seeds=[prefix_seed(seed, p, "") for p in batch])
             if len(out) != len(batch) or any(len(c) != params.n for c in out):
-                raise RuntimeError(f"backend {backend.name!r} returned {[len(c) for c in out]} samples for "
-                                   f"{len(batch)} prompts; expected {params.n} each")
-            cache.put_many([(keys[p], [c.text for c in comps]) for p, comps in zip(batch, out)],
-                           [[c.finish_reason for c in comps] for comps in out])
+                raise RuntimeError(
+                    f"backend {backend.name!r} returned {[len(c) for c in out]} samples for "
+                    f"{len(batch)} prompts; expected {params.n} each"
+                )
+            cache.put_many(
+                [(keys[p], [c.text for c in comps]) for p, comps in zip(batch, out)],
+                [[c.finish_reason for c in comps] for comps in out],
+            )
             stats.generated += len(batch) * params.n
             bar.update(len(batch) * params.n)
     stats.seconds = time.perf_counter() - t0
@@ -93,40 +109,67 @@ def generate_outputs(backend: GenerationBackend, prompts: Sequence[str], params:
     return result, stats
 
 
-def _write_problem_outputs(path: Path, problems: list[Problem], graded, finish: list[list[str]],
-                           decoding: str) -> None:  # fmt: skip
+def _write_problem_outputs(path: Path, problems: list[Problem], graded, finish: list[list[str]], decoding: str) -> None:
     with staged_file(path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p, g, fin in zip(problems, graded, finish):
             row = {"id": p.id, "decoding": decoding, "prompt": p.prompt, **graded_to_dict(g), "finish_reasons": fin}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _evaluate_model(cfg: EvalConfig, name: str, path: str, backend: GenerationBackend, specs: list[DatasetSpec],
-                    problems: dict[str, list[Problem]], results: EvalResults) -> None:  # fmt: skip
+def _evaluate_model(
+    cfg: EvalConfig,
+    name: str,
+    path: str,
+    backend: GenerationBackend,
+    specs: list[DatasetSpec],
+    problems: dict[str, list[Problem]],
+    results: EvalResults,
+) -> None:
     out_dir = Path(cfg.output_dir)
     cache = CompletionCache(str(out_dir / "cache" / f"{safe_name(name)}.jsonl") if cfg.cache else None)
     all_prompts = [p.prompt for spec in specs for p in problems[spec.name]]
     model_tag = identity_tag(path)  # a model replaced at the same path is generated from again
     for decoding in cfg.decodings:
         params = cfg.sampling_params(decoding)
-        outputs, stats = generate_outputs(backend, all_prompts, params, seed=cfg.seed, model_id=model_tag, cache=cache,
-                                          per_call=cfg.problems_per_call, progress=cfg.progress,
-                                          desc=f"{name} {decoding}")
+        outputs, stats = generate_outputs(
+            backend,
+            all_prompts,
+            params,
+            seed=cfg.seed,
+            model_id=model_tag,
+            cache=cache,
+            per_call=cfg.problems_per_call,
+            progress=cfg.progress,
+            desc=f"{name} {decoding}",
+        )
         results.stats.setdefault(name, {})[decoding] = stats
         for spec in specs:
             probs = problems[spec.name]
-            graded = grade_outputs(probs, [outputs[p.prompt][0] for p in probs], timeout_s=cfg.timeout_s,
-                                   progress=cfg.progress)
+            graded = grade_outputs(
+                probs, [outputs[p.prompt][0] for p in probs], timeout_s=cfg.timeout_s, progress=cfg.progress
+            )
             summary = summarize(graded)
             results.scores.setdefault(name, {}).setdefault(spec.name, {})[decoding] = summary
-            _write_problem_outputs(out_dir / "outputs" / safe_name(name) / f"{safe_name(spec.name)}.{decoding}.jsonl",
-                                   probs, graded, [outputs[p.prompt][1] for p in probs], decoding)
-            log.info("%s %s %s: accuracy %.2f%% (%d problems)", name, spec.label, decoding, 100 * summary.accuracy,
-                     summary.overall.n)
+            _write_problem_outputs(
+                out_dir / "outputs" / safe_name(name) / f"{safe_name(spec.name)}.{decoding}.jsonl",
+                probs,
+                graded,
+                [outputs[p.prompt][1] for p in probs],
+                decoding,
+            )
+            log.info(
+                "%s %s %s: accuracy %.2f%% (%d problems)",
+                name,
+                spec.label,
+                decoding,
+                100 * summary.accuracy,
+                summary.overall.n,
+            )
 
 
-def evaluate(cfg: EvalConfig, backends: Sequence[GenerationBackend] | Callable[[str], GenerationBackend],
-             write: bool = True) -> EvalResults:  # fmt: skip
+def evaluate(
+    cfg: EvalConfig, backends: Sequence[GenerationBackend] | Callable[[str], GenerationBackend], write: bool = True
+) -> EvalResults:
     """Run the evaluation and (with `write`) write results.json, results.md, accuracy.png and outputs/.
 
     Args:
@@ -138,7 +181,9 @@ def evaluate(cfg: EvalConfig, backends: Sequence[GenerationBackend] | Callable[[
         EvalResults (accuracy per model, dataset, decoding, with MATH breakdowns).
     """
     # what eval writes into output_dir (the directory itself is shared with the user's other files)
-    written = [Path(cfg.output_dir, name) for name in ("results.json", "results.md", "accuracy.png", "outputs", "cache")]
+    written = [
+        Path(cfg.output_dir, name) for name in ("results.json", "results.md", "accuracy.png", "outputs", "cache")
+    ]
     check_apart(written, list(cfg.models) + [s.path for s in cfg.dataset_specs()])
     specs, problems = load_datasets(cfg)
     results = EvalResults(cfg, specs, {s.name: len(problems[s.name]) for s in specs})

@@ -88,10 +88,13 @@ class ScoreSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (accuracies as fractions; breakdowns keyed by subject / level)."""
-        return {**self.overall.to_dict(), "samples_per_problem": self.samples_per_problem,
-                "by_subject": {k: v.to_dict() for k, v in self.by_subject.items()},
-                "by_level": {k: v.to_dict() for k, v in self.by_level.items()},
-                "reasons": dict(sorted(self.reasons.items()))}
+        return {
+            **self.overall.to_dict(),
+            "samples_per_problem": self.samples_per_problem,
+            "by_subject": {k: v.to_dict() for k, v in self.by_subject.items()},
+            "by_level": {k: v.to_dict() for k, v in self.by_level.items()},
+            "reasons": dict(sorted(self.reasons.items())),
+        }
 
 
 def _level(value: Any) -> str | None:
@@ -99,11 +102,12 @@ def _level(value: Any) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
-    return text[len("Level"):].strip() if text.lower().startswith("level") else text
+    return text[len("Level") :].strip() if text.lower().startswith("level") else text
 
 
-def grade_outputs(problems: Sequence[Problem], outputs: Sequence[str | Sequence[str]], timeout_s: float = 5.0,
-                  progress: bool = False) -> list[GradedProblem]:  # fmt: skip
+def grade_outputs(
+    problems: Sequence[Problem], outputs: Sequence[str | Sequence[str]], timeout_s: float = 5.0, progress: bool = False
+) -> list[GradedProblem]:
     """Judge each problem's output(s) with `tasks.grading.check_answer`.
 
     Args:
@@ -125,11 +129,19 @@ def grade_outputs(problems: Sequence[Problem], outputs: Sequence[str | Sequence[
             raise ValueError(f"problem {p.id}: no outputs")
         verdicts = [check_answer(p.task, r, p.reference, timeout_s=timeout_s) for r in responses]
         meta = p.metadata or {}
-        graded.append(GradedProblem(
-            id=p.id, task=p.task, responses=responses, correct=[v.correct for v in verdicts],
-            extracted=[v.extracted for v in verdicts], reasons=[v.reason for v in verdicts],
-            reference=reference_answer(p.task, p.reference),
-            subject=meta.get("subject"), level=_level(meta.get("level"))))
+        graded.append(
+            GradedProblem(
+                id=p.id,
+                task=p.task,
+                responses=responses,
+                correct=[v.correct for v in verdicts],
+                extracted=[v.extracted for v in verdicts],
+                reasons=[v.reason for v in verdicts],
+                reference=reference_answer(p.task, p.reference),
+                subject=meta.get("subject"),
+                level=_level(meta.get("level")),
+            )
+        )
     return graded
 
 
@@ -153,8 +165,9 @@ def summarize(graded: Sequence[GradedProblem]) -> ScoreSummary:
     return s
 
 
-def score_outputs(problems: Sequence[Problem], outputs: Sequence[str | Sequence[str]],
-                  timeout_s: float = 5.0) -> ScoreSummary:  # fmt: skip
+def score_outputs(
+    problems: Sequence[Problem], outputs: Sequence[str | Sequence[str]], timeout_s: float = 5.0
+) -> ScoreSummary:
     """`summarize(grade_outputs(problems, outputs))`: the accuracy of fixed outputs."""
     return summarize(grade_outputs(problems, outputs, timeout_s=timeout_s))
 

@@ -85,7 +85,13 @@ def logsumexp_and_target(
 
 
 def grad_of_logits(
-    z: torch.Tensor, labels: torch.Tensor, vocab_start: int, lse: Optional[torch.Tensor], grad_out: torch.Tensor, *, owned: bool
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    lse: Optional[torch.Tensor],
+    grad_out: torch.Tensor,
+    *,
+    owned: bool,
 ) -> torch.Tensor:
     """``grad_out * ([j == y] - exp(z_j - lse))`` on this rank's shard: ``[..., V/tp]``, compute dtype.
 

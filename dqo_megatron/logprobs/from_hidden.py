@@ -97,8 +97,9 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
         if need_w:
-            grad_w = weight.main_grad if ctx.into_main_grad else torch.zeros(weight.shape, dtype=dtype,
-                                                                               device=weight.device)  # fmt: skip
+            grad_w = (
+                weight.main_grad if ctx.into_main_grad else torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+            )
         local_vocab, h = weight.shape
         for s0, s1 in chunk_bounds(labels.shape[0], ctx.chunk_size):
             h_c = hidden[s0:s1].to(weight.dtype)
@@ -182,17 +183,21 @@ def token_logprobs_from_hidden(
         else:
             hidden = copy_to_tensor_parallel(hidden, tp_group)
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [s, b, h] and weight [V/tp, h], got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")  # fmt: skip
+        raise ValueError(
+            f"expected hidden [s, b, h] and weight [V/tp, h], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != (hidden.shape[1], hidden.shape[0]):
-        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states of {hidden.shape[0]} positions "
-                         f"x batch {hidden.shape[1]} (labels are [b, s] over the whole sequence)")  # fmt: skip
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match hidden states of {hidden.shape[0]} positions "
+            f"x batch {hidden.shape[1]} (labels are [b, s] over the whole sequence)"
+        )
     if accumulate_into_main_grad and getattr(weight, "main_grad", None) is None:
         raise ValueError("accumulate_into_main_grad needs weight.main_grad (Megatron DDP's gradient buffer)")
     if chunk_size is None:
         chunk_size = auto_chunk_size(hidden.shape[1], weight.shape[0])
-    out = _TokenLogprobsFromHidden.apply(hidden, weight, labels.t().long(), tp_group, chunk_size,
-                                         accumulate_into_main_grad, keep_logits)  # fmt: skip
+    out = _TokenLogprobsFromHidden.apply(
+        hidden, weight, labels.t().long(), tp_group, chunk_size, accumulate_into_main_grad, keep_logits
+    )
     return out.t().contiguous()
 
 

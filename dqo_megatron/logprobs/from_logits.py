@@ -55,8 +55,9 @@ class _TokenLogprobsFromLogits(torch.autograd.Function):
         for s0, s1 in chunk_bounds(labels.shape[1], ctx.chunk_size):
             piece = logits[:, s0:s1]
             z = piece.to(dtype)
-            grad[:, s0:s1] = grad_of_logits(z, labels[:, s0:s1], ctx.vocab_start, lse[:, s0:s1],
-                                            grad_out[:, s0:s1], owned=z is not piece)  # fmt: skip
+            grad[:, s0:s1] = grad_of_logits(
+                z, labels[:, s0:s1], ctx.vocab_start, lse[:, s0:s1], grad_out[:, s0:s1], owned=z is not piece
+            )
             del z
         return grad, None, None, None
 
@@ -88,8 +89,9 @@ def token_logprobs_from_logits(
         with ``d/dz_j = [j == y] - softmax(z)_j``; the gradient has the logits' dtype.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits [b, s, V] and labels [b, s], got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")  # fmt: skip
+        raise ValueError(
+            f"expected logits [b, s, V] and labels [b, s], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     return _TokenLogprobsFromLogits.apply(logits, labels.long(), tp_group, chunk_size)

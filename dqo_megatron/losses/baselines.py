@@ -48,8 +48,16 @@ def _segments(response_mask: Tensor, document_ids: Optional[Tensor], shape: torc
     return mask, ResponseSegments(mask, check_document_ids(document_ids, shape))
 
 
-def dro_losses(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, rewards: Tensor, response_mask: Tensor,
-               *, beta: float, document_ids: Optional[Tensor] = None) -> PolicyValueLossOutput:
+def dro_losses(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    values: Tensor,
+    rewards: Tensor,
+    response_mask: Tensor,
+    *,
+    beta: float,
+    document_ids: Optional[Tensor] = None,
+) -> PolicyValueLossOutput:
     """DRO's policy and value losses, one term per document (sequence); `count` = number of documents.
 
     Args (`[batch, seq]`, as in `dqo_losses`): logprobs (gradient), ref_logprobs, values (gradient; only
@@ -65,8 +73,9 @@ def dro_losses(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, rewards: 
     Metrics: policy_loss, value_loss, value_mean (V(s_1) per document), reward_mean (R per document),
     log_ratio_mean (S per document), kl_ref and entropy_proxy (per token, as in `dqo_losses`).
     """
-    shape = check_token_tensors(response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                                rewards=rewards)
+    shape = check_token_tensors(
+        response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards
+    )
     for name, tensor in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):
         check_float(name, tensor)
     check_positive("beta", beta)
@@ -102,12 +111,16 @@ def dro_losses(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, rewards: 
             "kl_ref": ratio_metric(log_ratio.sum(), num_tokens),
             "entropy_proxy": ratio_metric(-logp.sum(), num_tokens),
         }
-    return PolicyValueLossOutput(loss_sum=policy_loss_sum + value_loss_sum, count=count, metrics=metrics,
-                                 policy_loss_sum=policy_loss_sum, value_loss_sum=value_loss_sum)
+    return PolicyValueLossOutput(
+        loss_sum=policy_loss_sum + value_loss_sum,
+        count=count,
+        metrics=metrics,
+        policy_loss_sum=policy_loss_sum,
+        value_loss_sum=value_loss_sum,
+    )
 
 
-def sequence_logprobs(logprobs: Tensor, response_mask: Tensor, *,
-                      document_ids: Optional[Tensor] = None) -> Tensor:
+def sequence_logprobs(logprobs: Tensor, response_mask: Tensor, *, document_ids: Optional[Tensor] = None) -> Tensor:
     """Sum of the response log-probs of each document: `[batch, seq]` -> `[num_documents]`.
 
     `log pi(y|x) = sum_(h in y) logp_h`, differentiable, in fp32 (fp64 for fp64 input). Documents are
@@ -121,8 +134,9 @@ def sequence_logprobs(logprobs: Tensor, response_mask: Tensor, *,
     return segments.per_document(segments.document_total(logp))
 
 
-def preference_pairs(group_ids: Tensor, rewards: Tensor, *, max_pairs_per_group: int = 12,
-                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def preference_pairs(
+    group_ids: Tensor, rewards: Tensor, *, max_pairs_per_group: int = 12, generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, Tensor]:
     """DPO pairs: within each group (prompt), every (i, j) with `rewards[i] > rewards[j]`, at most
     `max_pairs_per_group` of them per group, drawn uniformly without replacement when there are more.
 
@@ -166,8 +180,9 @@ def _check_sequence_tensors(**tensors: Tensor) -> torch.Size:
     return shape
 
 
-def dpo_loss(chosen_logps: Tensor, ref_chosen_logps: Tensor, rejected_logps: Tensor, ref_rejected_logps: Tensor,
-             *, beta: float) -> LossOutput:
+def dpo_loss(
+    chosen_logps: Tensor, ref_chosen_logps: Tensor, rejected_logps: Tensor, ref_rejected_logps: Tensor, *, beta: float
+) -> LossOutput:
     """DPO on `[pairs]` sequence log-prob sums (see `sequence_logprobs`, `preference_pairs`).
 
         loss_p = -log sigmoid(beta * ((logp_w - ref_logp_w) - (logp_l - ref_logp_l)))
@@ -176,10 +191,18 @@ def dpo_loss(chosen_logps: Tensor, ref_chosen_logps: Tensor, rejected_logps: Ten
     Metrics: dpo_loss, reward_accuracy (fraction of pairs with a positive margin), reward_margin_mean,
     chosen_reward_mean and rejected_reward_mean (implicit rewards `beta * (logp - ref_logp)`).
     """
-    _check_sequence_tensors(chosen_logps=chosen_logps, ref_chosen_logps=ref_chosen_logps,
-                            rejected_logps=rejected_logps, ref_rejected_logps=ref_rejected_logps)
-    for name, tensor in (("chosen_logps", chosen_logps), ("ref_chosen_logps", ref_chosen_logps),
-                         ("rejected_logps", rejected_logps), ("ref_rejected_logps", ref_rejected_logps)):
+    _check_sequence_tensors(
+        chosen_logps=chosen_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    for name, tensor in (
+        ("chosen_logps", chosen_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("rejected_logps", rejected_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
         check_float(name, tensor)
     check_positive("beta", beta)
     dtype = compute_dtype(chosen_logps, ref_chosen_logps, rejected_logps, ref_rejected_logps)
@@ -199,9 +222,17 @@ def dpo_loss(chosen_logps: Tensor, ref_chosen_logps: Tensor, rejected_logps: Ten
     return LossOutput(loss_sum=loss_sum, count=count, metrics=metrics)
 
 
-def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_kl_logps: Tensor,
-             ref_kl_logps: Tensor, *, beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> LossOutput:
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    policy_kl_logps: Tensor,
+    ref_kl_logps: Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
     """KTO (Ethayarajh et al. 2024) on `[n]` sequence log-prob sums.
 
     Args: policy_logps / ref_logps `[n]`: log pi(y_i|x_i) and log pi_ref(y_i|x_i); desirable `[n]` bool
@@ -219,8 +250,12 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_
     """
     _check_sequence_tensors(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
     _check_sequence_tensors(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
-    for name, tensor in (("policy_logps", policy_logps), ("ref_logps", ref_logps),
-                         ("policy_kl_logps", policy_kl_logps), ("ref_kl_logps", ref_kl_logps)):
+    for name, tensor in (
+        ("policy_logps", policy_logps),
+        ("ref_logps", ref_logps),
+        ("policy_kl_logps", policy_kl_logps),
+        ("ref_kl_logps", ref_kl_logps),
+    ):
         check_float(name, tensor)
     if desirable.dtype != torch.bool:
         raise ValueError(f"desirable must be a bool tensor, got dtype {desirable.dtype}")
@@ -234,9 +269,11 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_
     with torch.no_grad():
         kl_reference = (policy_kl_logps.to(dtype) - ref_kl_logps.to(dtype)).mean().clamp(min=0)
     # 1 - sigmoid(x) = sigmoid(-x), without the cancellation near x >> 0.
-    losses = torch.where(desirable,
-                         desirable_weight * torch.sigmoid(-beta * (log_ratio - kl_reference)),
-                         undesirable_weight * torch.sigmoid(-beta * (kl_reference - log_ratio)))
+    losses = torch.where(
+        desirable,
+        desirable_weight * torch.sigmoid(-beta * (log_ratio - kl_reference)),
+        undesirable_weight * torch.sigmoid(-beta * (kl_reference - log_ratio)),
+    )
     loss_sum = losses.sum()
     count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
     with torch.no_grad():
@@ -245,8 +282,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_
             "kto_loss": ratio_metric(loss_sum, count),
             "kl_reference": ratio_metric(kl_reference, 1),
             "desirable_reward_mean": ratio_metric(torch.where(desirable, log_ratio, zero).sum(), desirable.sum()),
-            "undesirable_reward_mean": ratio_metric(torch.where(desirable, zero, log_ratio).sum(),
-                                                    (~desirable).sum()),
+            "undesirable_reward_mean": ratio_metric(torch.where(desirable, zero, log_ratio).sum(), (~desirable).sum()),
         }
     return LossOutput(loss_sum=loss_sum, count=count, metrics=metrics)
 
@@ -256,8 +292,9 @@ def _nll(segments: ResponseSegments, logp: Tensor, reduction: str) -> tuple[Tens
     return -(per_token * logp).sum(), count
 
 
-def sft_loss(logprobs: Tensor, response_mask: Tensor, *, reduction: str = "token",
-             document_ids: Optional[Tensor] = None) -> LossOutput:
+def sft_loss(
+    logprobs: Tensor, response_mask: Tensor, *, reduction: str = "token", document_ids: Optional[Tensor] = None
+) -> LossOutput:
     """Negative log-likelihood of the response tokens: `-mean_h logp_h` (token or sequence mean).
 
     `[batch, seq]` inputs as in `dqo_losses`; `count` = response tokens (token) or documents (sequence).
@@ -271,8 +308,15 @@ def sft_loss(logprobs: Tensor, response_mask: Tensor, *, reduction: str = "token
     return LossOutput(loss_sum=loss_sum, count=count, metrics={"nll": ratio_metric(loss_sum, count)})
 
 
-def rejection_sampling_loss(logprobs: Tensor, rewards: Tensor, response_mask: Tensor, *, min_reward: float = 1.0,
-                            reduction: str = "token", document_ids: Optional[Tensor] = None) -> LossOutput:
+def rejection_sampling_loss(
+    logprobs: Tensor,
+    rewards: Tensor,
+    response_mask: Tensor,
+    *,
+    min_reward: float = 1.0,
+    reduction: str = "token",
+    document_ids: Optional[Tensor] = None,
+) -> LossOutput:
     """Rejection sampling: the SFT NLL restricted to documents whose total reward `sum_h r_h` is at least
     `min_reward` (1.0: the correct responses under the paper's 0/1 outcome reward).
 

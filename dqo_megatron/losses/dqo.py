@@ -74,17 +74,26 @@ def _check_lam(lam: float) -> None:
         raise ValueError(f"lam={lam!r} must be in [0, 1]")
 
 
-def _returns(segments: ResponseSegments, rewards: Tensor, logp: Tensor, ref_logp: Tensor, values: Tensor,
-             beta: float, lam: float) -> Tensor:
+def _returns(
+    segments: ResponseSegments, rewards: Tensor, logp: Tensor, ref_logp: Tensor, values: Tensor, beta: float, lam: float
+) -> Tensor:
     """lambda-returns on prepared (masked, detached, compute-dtype) tensors."""
     shaped_reward = rewards - beta * (logp - ref_logp)
     one_step_part = shaped_reward + (1.0 - lam) * segments.next_value(values)
     return segments.discounted_suffix_sum(one_step_part, lam)
 
 
-def lambda_returns(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, values: Tensor,
-                   response_mask: Tensor, *, beta: float, lam: float,
-                   document_ids: Optional[Tensor] = None) -> Tensor:
+def lambda_returns(
+    rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    values: Tensor,
+    response_mask: Tensor,
+    *,
+    beta: float,
+    lam: float,
+    document_ids: Optional[Tensor] = None,
+) -> Tensor:
     """KL-regularized lambda-returns `G` `[batch, seq]` (no gradient; 0 off the response).
 
     Args (all `[batch, seq]`, aligned per response position h):
@@ -106,8 +115,9 @@ def lambda_returns(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, valu
     `G_h = (1-lam) sum_(n=1..H-h) lam^(n-1) G^(n)_h + lam^(H-h) G^(H-h+1)_h`,
     `G^(n)_h = sum_(t=h..h+n-1) r~_t + V_(h+n)`.
     """
-    shape = check_token_tensors(response_mask, rewards=rewards, logprobs=logprobs,
-                                ref_logprobs=ref_logprobs, values=values)
+    shape = check_token_tensors(
+        response_mask, rewards=rewards, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values
+    )
     for name, tensor in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):
         check_float(name, tensor)
     check_positive("beta", beta)
@@ -135,8 +145,15 @@ class ImportanceWeights:
     truncated_fraction: Tensor
 
 
-def _importance_weights(segments: ResponseSegments, logp: Tensor, behavior_logp: Tensor, level: str,
-                        clip: float, self_normalize: bool, reduction: str) -> ImportanceWeights:
+def _importance_weights(
+    segments: ResponseSegments,
+    logp: Tensor,
+    behavior_logp: Tensor,
+    level: str,
+    clip: float,
+    self_normalize: bool,
+    reduction: str,
+) -> ImportanceWeights:
     """Importance weights on prepared (masked, detached, compute-dtype) tensors."""
     mask = segments.mask
     dtype = logp.dtype
@@ -166,10 +183,17 @@ def _importance_weights(segments: ResponseSegments, logp: Tensor, behavior_logp:
     return ImportanceWeights(weights=weights, mean=mean, max=largest, truncated_fraction=truncated_fraction)
 
 
-def truncated_importance_weights(logprobs: Tensor, behavior_logprobs: Tensor, response_mask: Tensor, *,
-                                 level: str = "trajectory", clip: float = 2.0, self_normalize: bool = False,
-                                 reduction: str = "token",
-                                 document_ids: Optional[Tensor] = None) -> ImportanceWeights:
+def truncated_importance_weights(
+    logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    response_mask: Tensor,
+    *,
+    level: str = "trajectory",
+    clip: float = 2.0,
+    self_normalize: bool = False,
+    reduction: str = "token",
+    document_ids: Optional[Tensor] = None,
+) -> ImportanceWeights:
     """Truncated importance weights of the current policy against the behavior policy (no gradient).
 
     Args (`[batch, seq]`): logprobs = log pi_theta(a_h|s_h); behavior_logprobs = log mu(a_h|s_h) of the

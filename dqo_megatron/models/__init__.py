@@ -3,5 +3,4 @@
 from dqo_megatron.models.builder import build_gpt_model, build_model_chunks, select_backend, transformer_config
 from dqo_megatron.models.params import expected_parameter_count
 
-__all__ = ["build_gpt_model", "build_model_chunks", "select_backend", "transformer_config",
-           "expected_parameter_count"]  # fmt: skip
+__all__ = ["build_gpt_model", "build_model_chunks", "select_backend", "transformer_config", "expected_parameter_count"]

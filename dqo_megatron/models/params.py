@@ -17,8 +17,13 @@ def expected_parameter_count(model: ModelConfig, padded_vocab_size: int | None =
       final norm  h
     """
     vocab = padded_vocab_size or model.vocab_size
-    h, d, n, g, f = (model.hidden_size, model.kv_channels, model.num_attention_heads,
-                     model.num_query_groups, model.ffn_hidden_size)  # fmt: skip
+    h, d, n, g, f = (
+        model.hidden_size,
+        model.kv_channels,
+        model.num_attention_heads,
+        model.num_query_groups,
+        model.ffn_hidden_size,
+    )
     qkv = h * (n * d + 2 * g * d) + ((n * d + 2 * g * d) if model.add_qkv_bias else 0)
     per_layer = qkv + n * d * h + 3 * h * f + 2 * h
     embeddings = vocab * h * (1 if model.tie_embeddings else 2)

@@ -57,9 +57,14 @@ def detect_hardware() -> Hardware:
     te_version = _transformer_engine_version() if usable else None
     if not cuda:
         return Hardware(cuda=False, te_version=te_version, te_reason="" if usable else reason)
-    return Hardware(cuda=True, device_name=torch.cuda.get_device_name(),
-                    capability=tuple(torch.cuda.get_device_capability()), cuda_version=torch.version.cuda,
-                    te_version=te_version, te_reason="" if usable else reason)  # fmt: skip
+    return Hardware(
+        cuda=True,
+        device_name=torch.cuda.get_device_name(),
+        capability=tuple(torch.cuda.get_device_capability()),
+        cuda_version=torch.version.cuda,
+        te_version=te_version,
+        te_reason="" if usable else reason,
+    )
 
 
 def _transformer_engine_version() -> Optional[str]:
@@ -87,12 +92,20 @@ FP8_REQUIREMENTS: dict[str, FP8Requirement] = {
     "tensorwise": FP8Requirement((8, 9), None, None, "2.2.0.dev0", "an Ada, Hopper or Blackwell GPU"),
     "blockwise": FP8Requirement((9, 0), None, "12.9", "2.3.0.dev0", "a Hopper or Blackwell GPU and CUDA >= 12.9"),
     "mxfp8": FP8Requirement((10, 0), (12, 0), None, "2.1.0", "a Blackwell data-centre GPU (B200/GB200/B300)"),
-}  # fmt: skip
+}
 
-_TE_CHECKS = {"delayed": "is_fp8_available", "tensorwise": "is_fp8_available",
-              "blockwise": "is_fp8_block_scaling_available", "mxfp8": "is_mxfp8_available"}  # fmt: skip
-_TE_CHECKS_OLD = {"delayed": "check_fp8_support", "tensorwise": "check_fp8_support",
-                  "blockwise": "check_fp8_block_scaling_support", "mxfp8": "check_mxfp8_support"}  # fmt: skip
+_TE_CHECKS = {
+    "delayed": "is_fp8_available",
+    "tensorwise": "is_fp8_available",
+    "blockwise": "is_fp8_block_scaling_available",
+    "mxfp8": "is_mxfp8_available",
+}
+_TE_CHECKS_OLD = {
+    "delayed": "check_fp8_support",
+    "tensorwise": "check_fp8_support",
+    "blockwise": "check_fp8_block_scaling_support",
+    "mxfp8": "check_mxfp8_support",
+}
 
 
 def _version(text: str):
@@ -110,21 +123,30 @@ def fp8_support_problems(precision: PrecisionConfig, hardware: Hardware, backend
     need = FP8_REQUIREMENTS[recipe]
     field = f"precision.fp8={recipe}"
     if not hardware.cuda:
-        return [f"{field} needs {need.hardware} with Transformer Engine; CUDA is not available here "
-                "(unset precision.fp8 to train in bf16/fp32)"]  # fmt: skip
+        return [
+            f"{field} needs {need.hardware} with Transformer Engine; CUDA is not available here "
+            "(unset precision.fp8 to train in bf16/fp32)"
+        ]
     problems = []
     if hardware.te_version is None:
-        problems.append(f"{field} needs Transformer Engine, which is not usable here ({hardware.te_reason}); use "
-                        "NVIDIA's PyTorch container (see docs/gpu.md) or unset precision.fp8")  # fmt: skip
+        problems.append(
+            f"{field} needs Transformer Engine, which is not usable here ({hardware.te_reason}); use "
+            "NVIDIA's PyTorch container (see docs/gpu.md) or unset precision.fp8"
+        )
     elif backend != "te":
-        problems.append(f"{field} needs the Transformer Engine layer spec; the model is being built with the "
-                        f"'{backend}' spec, whose linears have no FP8 GEMMs (build with backend='auto' or 'te')")  # fmt: skip
+        problems.append(
+            f"{field} needs the Transformer Engine layer spec; the model is being built with the "
+            f"'{backend}' spec, whose linears have no FP8 GEMMs (build with backend='auto' or 'te')"
+        )
     cap = hardware.capability or (0, 0)
     if cap < need.min_capability or (need.max_capability is not None and cap >= need.max_capability):
-        problems.append(f"{field} needs {need.hardware} (compute capability >= {need.min_capability[0]}."
-                        f"{need.min_capability[1]}{'' if need.max_capability is None else f' and < {need.max_capability[0]}.{need.max_capability[1]}'}); "
-                        f"this {hardware.device_name or 'GPU'} has {cap[0]}.{cap[1]}"
-                        f"{' (use precision.fp8=delayed or tensorwise on Hopper)' if recipe == 'mxfp8' and cap >= (8, 9) else ''}")  # fmt: skip
+        below = "" if need.max_capability is None else " and < {}.{}".format(*need.max_capability)
+        problems.append(
+            f"{field} needs {need.hardware} (compute capability >= {need.min_capability[0]}."
+            f"{need.min_capability[1]}{below}); "
+            f"this {hardware.device_name or 'GPU'} has {cap[0]}.{cap[1]}"
+            f"{' (use precision.fp8=delayed or tensorwise on Hopper)' if recipe == 'mxfp8' and cap >= (8, 9) else ''}"
+        )
     if need.min_cuda and hardware.cuda_version and _version(hardware.cuda_version) < _version(need.min_cuda):
         problems.append(f"{field} needs CUDA >= {need.min_cuda}; torch here is built with CUDA {hardware.cuda_version}")
     if need.min_te and hardware.te_version and _version(hardware.te_version) < _version(need.min_te):
@@ -182,8 +204,10 @@ def check_precision_supported(
     if precision.fp8 is not None and not problems:
         verdict = te_recipe_support(precision.fp8)
         if verdict is not None and not verdict[0]:
-            problems.append(f"precision.fp8={precision.fp8}: Transformer Engine {hardware.te_version} says this "
-                            f"device cannot run it: {verdict[1] or 'unsupported'}")  # fmt: skip
+            problems.append(
+                f"precision.fp8={precision.fp8}: Transformer Engine {hardware.te_version} says this "
+                f"device cannot run it: {verdict[1] or 'unsupported'}"
+            )
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -31,8 +31,9 @@ def local_to_global_names(chunk: torch.nn.Module) -> dict[str, str]:
     return mapping
 
 
-def shard_tensor_for_rank(full: torch.Tensor, local: torch.Tensor, param, name: str, tp_rank: int, tp_size: int,
-                          gated_fc1: bool = True) -> torch.Tensor:  # fmt: skip
+def shard_tensor_for_rank(
+    full: torch.Tensor, local: torch.Tensor, param, name: str, tp_rank: int, tp_size: int, gated_fc1: bool = True
+) -> torch.Tensor:
     """This TP rank's slice of `full`, shaped like `local` (vocab rows beyond `full` are zero-padded)."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         out = full
@@ -70,7 +71,9 @@ def shard_full_state(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor]) -
         if global_name not in full:
             raise KeyError(f"full state has no '{global_name}' (needed for local '{local_name}')")
         param = params[local_name]
-        out[local_name] = shard_tensor_for_rank(full[global_name], param.data, param, global_name, tp_rank, tp_size, gated)
+        out[local_name] = shard_tensor_for_rank(
+            full[global_name], param.data, param, global_name, tp_rank, tp_size, gated
+        )
     return out
 
 

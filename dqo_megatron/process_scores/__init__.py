@@ -17,9 +17,20 @@ from dqo_megatron.process_scores.scores import AnswerMemo, check_outputs, is_fai
 from dqo_megatron.process_scores.steps import SPLITTERS, cap_steps, compile_pattern, split_steps, step_texts
 
 __all__ = [
-    "CompletionCache", "cache_key", "prefix_seed",
-    "ProcessScoresConfig", "ProcessScoresSummary",
-    "ASSIGN_MODES", "assign_process_rewards",
-    "AnswerMemo", "check_outputs", "is_failed", "process_scores",
-    "SPLITTERS", "cap_steps", "compile_pattern", "split_steps", "step_texts",
+    "CompletionCache",
+    "cache_key",
+    "prefix_seed",
+    "ProcessScoresConfig",
+    "ProcessScoresSummary",
+    "ASSIGN_MODES",
+    "assign_process_rewards",
+    "AnswerMemo",
+    "check_outputs",
+    "is_failed",
+    "process_scores",
+    "SPLITTERS",
+    "cap_steps",
+    "compile_pattern",
+    "split_steps",
+    "step_texts",
 ]

@@ -31,8 +31,9 @@ def prefix_seed(seed: int, prompt: Any, prefix: str) -> int:
 
 def cache_key(prompt: Any, prefix: str, params: SamplingParams, seed: int, model: str, backend: str) -> str:
     """Cache key of one prefix's completions (sha256 of everything that determines them)."""
-    blob = _canonical({"prompt": prompt, "prefix": prefix, "params": asdict(params), "seed": seed,
-                       "model": model, "backend": backend})
+    blob = _canonical(
+        {"prompt": prompt, "prefix": prefix, "params": asdict(params), "seed": seed, "model": model, "backend": backend}
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -65,8 +66,10 @@ class CompletionCache:
                         self.finish[obj["key"]] = obj["finish"]
             if self.bad_lines and not self.entries:
                 # appending to it would damage a file that is not ours (records, a model's config, a tokenizer)
-                raise ValueError(f"{path}: not a completion cache (no line of it is a cache entry); give another "
-                                 "cache path, or remove the file")  # fmt: skip
+                raise ValueError(
+                    f"{path}: not a completion cache (no line of it is a cache entry); give another "
+                    "cache path, or remove the file"
+                )
             if self.bad_lines:
                 log.warning("%s: %d unreadable cache line(s) ignored (an interrupted write?)", path, self.bad_lines)
 

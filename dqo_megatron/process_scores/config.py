@@ -12,6 +12,7 @@ from dqo_megatron.process_scores.steps import SPLITTERS, compile_pattern
 from dqo_megatron.rollout.backend import SamplingParams
 from dqo_megatron.tasks.prompts import TASKS
 
+
 @dataclass
 class ProcessScoresConfig:
     """Inputs, output, splitting, sampling and reward assignment of a process-scores run."""
@@ -105,8 +106,13 @@ class ProcessScoresConfig:
 
     def sampling_params(self) -> SamplingParams:
         """The backend's SamplingParams for the completions (n = num_completions)."""
-        return SamplingParams(n=self.num_completions, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, max_new_tokens=self.max_new_tokens)
+        return SamplingParams(
+            n=self.num_completions,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+        )
 
     @property
     def cache_path(self) -> str | None:
@@ -145,16 +151,20 @@ class ProcessScoresSummary:
 
     def plan(self, m: int) -> str:
         """The cost statement printed before generation."""
-        return (f"process-scores: {self.records} records, {self.failed} failed -> {self.prefixes} step prefixes "
-                f"({self.unique_prefixes} distinct, {self.cached_prefixes} cached) x M={m}: "
-                f"{(self.unique_prefixes - self.cached_prefixes) * m} completions to generate "
-                f"(of {self.completions_total})")
+        return (
+            f"process-scores: {self.records} records, {self.failed} failed -> {self.prefixes} step prefixes "
+            f"({self.unique_prefixes} distinct, {self.cached_prefixes} cached) x M={m}: "
+            f"{(self.unique_prefixes - self.cached_prefixes) * m} completions to generate "
+            f"(of {self.completions_total})"
+        )
 
     def report(self) -> str:
         """Human-readable summary."""
         rate = self.completions_generated / self.seconds if self.seconds > 0 else 0.0
-        return (f"records {self.records}, failed {self.failed}, prefixes {self.prefixes} ({self.unique_prefixes} distinct, "
-                f"{self.solvable_prefixes} solvable), completions generated {self.completions_generated} "
-                f"({rate:.1f}/s), answer checks {self.answer_checks}, cached prefixes {self.cached_prefixes}, "
-                f"records with process rewards "
-                f"{self.rewarded_records}, {self.seconds:.1f} s\n{self.skips.report()}")
+        return (
+            f"records {self.records}, failed {self.failed}, prefixes {self.prefixes} ({self.unique_prefixes} distinct, "
+            f"{self.solvable_prefixes} solvable), completions generated {self.completions_generated} "
+            f"({rate:.1f}/s), answer checks {self.answer_checks}, cached prefixes {self.cached_prefixes}, "
+            f"records with process rewards "
+            f"{self.rewarded_records}, {self.seconds:.1f} s\n{self.skips.report()}"
+        )

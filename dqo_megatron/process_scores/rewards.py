@@ -11,8 +11,13 @@ ASSIGN_MODES = ("last_correct", "every_correct", "value")
 """How prefix solvability becomes step rewards (`dqo_megatron.process_scores.scores` describes them)."""
 
 
-def assign_process_rewards(ends: Sequence[int], correct_counts: Sequence[int], num_completions: int,
-                           assign: str = "every_correct", step_reward: float = 0.1) -> list[tuple[int, float]]:  # fmt: skip
+def assign_process_rewards(
+    ends: Sequence[int],
+    correct_counts: Sequence[int],
+    num_completions: int,
+    assign: str = "every_correct",
+    step_reward: float = 0.1,
+) -> list[tuple[int, float]]:
     """Step rewards of one failed response, as `process_rewards` pairs (zero rewards left out).
 
     Args:

@@ -27,8 +27,9 @@ on the last token and a process reward on the last token of its step, so with DQ
 
 The outcome reward (`reward`, `correct`) is left as it is: the per-token rewards are its sum with the
 process rewards (the combination is "add"); with every_correct, K x r < 1 (K = steps of a response; the
-default r = 0.1 suits up to ~9 steps) keeps a failed response's return below a correct one's (1). Each scored record also gets a `process_scores` field (step ends,
-correct completions per prefix, M) for analysis (e.g. value-network correlation).
+default r = 0.1 suits up to ~9 steps) keeps a failed response's return below a correct one's (1).
+Each scored record also gets a `process_scores` field (step ends, correct completions per prefix, M)
+for analysis (e.g. value-network correlation).
 
 Cost: (number of prefixes) x M completions, stated before generation and shown by a progress bar.
 Identical (prompt, prefix) pairs are generated once. Completions are cached on disk (JSON Lines, one line
@@ -107,14 +108,29 @@ def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: Process
                     continue
                 task = cfg.task if cfg.task != "auto" else rec.task
                 if task not in TASKS:
-                    raise RecordError("missing_field", f"task {task!r} unknown: set `task` (gsm8k/math) on the "
-                                      "record or pass --task", path, line, "task")
+                    raise RecordError(
+                        "missing_field",
+                        f"task {task!r} unknown: set `task` (gsm8k/math) on the record or pass --task",
+                        path,
+                        line,
+                        "task",
+                    )
                 if rec.reference_answer is None:
-                    raise RecordError("missing_field", "missing; process scores grade completions against it",
-                                      path, line, "reference_answer")
+                    raise RecordError(
+                        "missing_field",
+                        "missing; process scores grade completions against it",
+                        path,
+                        line,
+                        "reference_answer",
+                    )
                 if rec.process_rewards and not cfg.replace_rewards:
-                    raise RecordError("bad_process_rewards", "the record already has process rewards "
-                                      "(use --replace-rewards to replace them)", path, line, "process_rewards")
+                    raise RecordError(
+                        "bad_process_rewards",
+                        "the record already has process rewards (use --replace-rewards to replace them)",
+                        path,
+                        line,
+                        "process_rewards",
+                    )
             except RecordError as err:
                 if not cfg.skip_invalid:
                     raise
@@ -170,22 +186,36 @@ class AnswerMemo:
         return hit
 
 
-def _generate(cfg: ProcessScoresConfig, backend: GenerationBackend, jobs: list[_Job], cache: CompletionCache,
-              summary: ProcessScoresSummary) -> None:  # fmt: skip
+def _generate(
+    cfg: ProcessScoresConfig,
+    backend: GenerationBackend,
+    jobs: list[_Job],
+    cache: CompletionCache,
+    summary: ProcessScoresSummary,
+) -> None:
     from tqdm import tqdm
 
     params = cfg.sampling_params()
     m = cfg.num_completions
     todo = list({j.key: j for j in jobs if cache.get(j.key) is None}.values())  # each key generated once
-    with tqdm(total=len(todo) * m, disable=not cfg.progress, unit="compl", desc="process-scores",
-              file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(todo) * m,
+        disable=not cfg.progress,
+        unit="compl",
+        desc="process-scores",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
         for start in range(0, len(todo), cfg.prefixes_per_call):
-            batch = todo[start:start + cfg.prefixes_per_call]
-            out = backend.generate([j.prompt for j in batch], params, seeds=[j.seed for j in batch],
-                                   prefixes=[j.prefix for j in batch])
+            batch = todo[start : start + cfg.prefixes_per_call]
+            out = backend.generate(
+                [j.prompt for j in batch], params, seeds=[j.seed for j in batch], prefixes=[j.prefix for j in batch]
+            )
             if len(out) != len(batch) or any(len(c) != m for c in out):
-                raise RuntimeError(f"backend {backend.name!r} returned {[len(c) for c in out]} completions for "
-                                   f"{len(batch)} prefixes; expected {m} each")
+                raise RuntimeError(
+                    f"backend {backend.name!r} returned {[len(c) for c in out]} completions for "
+                    f"{len(batch)} prefixes; expected {m} each"
+                )
             new = [(j.key, [c.text for c in comps]) for j, comps in zip(batch, out)]
             cache.put_many(new, [[c.finish_reason for c in comps] for comps in out])
             summary.completions_generated += len(batch) * m
@@ -255,7 +285,9 @@ def _write(cfg: ProcessScoresConfig, scored: dict, invalid: set, summary: Proces
                     item = scored.get((path, line))
                     if item is None:
                         # passed through unchanged (byte for byte for JSON Lines input)
-                        out.write((raw.rstrip("\r\n") if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)) + "\n")
+                        out.write(
+                            (raw.rstrip("\r\n") if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)) + "\n"
+                        )
                         continue
                     obj = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
                     counts = [j.correct for j in item.jobs]
@@ -265,8 +297,13 @@ def _write(cfg: ProcessScoresConfig, scored: dict, invalid: set, summary: Proces
                     if rewards:
                         obj["process_rewards"] = [[e, r] for e, r in rewards]
                         summary.rewarded_records += 1
-                    obj["process_scores"] = {"step_ends": item.ends, "prefix_correct": counts, "num_completions": m,
-                                             "assign": cfg.assign, "step_reward": cfg.step_reward,
-                                             "splitter": cfg.splitter}
+                    obj["process_scores"] = {
+                        "step_ends": item.ends,
+                        "prefix_correct": counts,
+                        "num_completions": m,
+                        "assign": cfg.assign,
+                        "step_reward": cfg.step_reward,
+                        "splitter": cfg.splitter,
+                    }
                     parse_record(obj, path, line)  # what we write must pass the validator
                     out.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")

@@ -48,7 +48,7 @@ def _merge_blank(response: str, ends: list[int]) -> list[int]:
             start = end
         # else: the blank piece joins the next step (or, at the very end, the previous one below)
     if not out or out[-1] != len(response):
-        if out and not response[out[-1]:].strip():
+        if out and not response[out[-1] :].strip():
             out[-1] = len(response)  # trailing blank text joins the last real step
         else:
             out.append(len(response))
@@ -74,8 +74,9 @@ def compile_pattern(pattern: str) -> re.Pattern:
         raise ValueError(f"split pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
 
-def split_steps(response: str, splitter: str = "auto", pattern: str | re.Pattern | None = None,
-                max_steps: int | None = None) -> list[int]:  # fmt: skip
+def split_steps(
+    response: str, splitter: str = "auto", pattern: str | re.Pattern | None = None, max_steps: int | None = None
+) -> list[int]:
     """End offsets (exclusive) of the reasoning steps of `response`; see the module docstring.
 
     Args:

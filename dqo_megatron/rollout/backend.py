@@ -88,8 +88,9 @@ class GenerationBackend(Protocol):
     tokenizer_name: str
     """Recorded as `behavior_tokenizer` (what preprocessing compares with its tokenizer's name)."""
 
-    def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
-                 prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int], prefixes: Sequence[str] | None = None
+    ) -> list[list[Completion]]:
         """`params.n` completions per prompt: result[i][j] is sample j of prompts[i].
 
         prompts: text or chat messages, len B. seeds: one int per prompt, len B; the same (prompt,

@@ -35,11 +35,23 @@ def resolve_kind(kind: str, model: str) -> str:
     return "transformers"
 
 
-def build_backend(kind: str = "auto", model: str = "", tokenizer: str | None = None, *, device: str = "auto",
-                  dtype: str = "auto", tensor_parallel: int = 1, tokenizer_name: str | None = None,
-                  batch_size: int = 64, chat_template: str | None = None, use_chat_template: bool = True,
-                  eos_token: str | None = None, trust_remote_code: bool = False, run_config: str | None = None,
-                  **engine_kwargs) -> GenerationBackend:  # fmt: skip
+def build_backend(
+    kind: str = "auto",
+    model: str = "",
+    tokenizer: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    tensor_parallel: int = 1,
+    tokenizer_name: str | None = None,
+    batch_size: int = 64,
+    chat_template: str | None = None,
+    use_chat_template: bool = True,
+    eos_token: str | None = None,
+    trust_remote_code: bool = False,
+    run_config: str | None = None,
+    **engine_kwargs,
+) -> GenerationBackend:
     """A ready `GenerationBackend` (call `.close()` when done).
 
     Args:
@@ -70,18 +82,36 @@ def build_backend(kind: str = "auto", model: str = "", tokenizer: str | None = N
         raise ValueError(f"options {sorted(engine_kwargs)} are vLLM engine arguments; backend is {resolved}")
     if tensor_parallel > 1 and resolved != "vllm":
         raise ValueError(f"tensor_parallel={tensor_parallel} needs the vllm backend ({resolved} runs on one device)")
-    framing = dict(tokenizer_name=tokenizer_name, chat_template=chat_template, use_chat_template=use_chat_template,
-                   eos_token=eos_token)  # fmt: skip
+    framing = dict(
+        tokenizer_name=tokenizer_name,
+        chat_template=chat_template,
+        use_chat_template=use_chat_template,
+        eos_token=eos_token,
+    )
     if resolved == "vllm":
         from dqo_megatron.rollout.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, tokenizer, tensor_parallel=tensor_parallel, dtype=dtype,
-                           trust_remote_code=trust_remote_code, **framing, **engine_kwargs)  # fmt: skip
+        return VLLMBackend(
+            model,
+            tokenizer,
+            tensor_parallel=tensor_parallel,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            **framing,
+            **engine_kwargs,
+        )
     if resolved == "transformers":
         from dqo_megatron.rollout.transformers_backend import TransformersBackend
 
-        return TransformersBackend(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                                   trust_remote_code=trust_remote_code, **framing)  # fmt: skip
+        return TransformersBackend(
+            model,
+            tokenizer,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            **framing,
+        )
     from dqo_megatron.rollout.megatron_backend import MegatronBackend
 
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda"):

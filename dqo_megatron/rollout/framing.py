@@ -17,15 +17,28 @@ from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig, has_tokenizer
 from dqo_megatron.rollout.backend import Completion
 
 
-def load_tokenizer(path: str | Path, *, name: str | None = None, chat_template: str | None = None,
-                   use_chat_template: bool = True, eos_token: str | None = None) -> Tokenizer:  # fmt: skip
+def load_tokenizer(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    chat_template: str | None = None,
+    use_chat_template: bool = True,
+    eos_token: str | None = None,
+) -> Tokenizer:
     """The preprocessing `Tokenizer` for `path` (an HF tokenizer directory or a sentencepiece .model).
 
     `name` is what records carry as `behavior_tokenizer`; None = the basename of `path`, the same
     default as `dqo-megatron preprocess -t PATH`.
     """
-    return Tokenizer(TokenizerConfig(path=str(path), name=name, chat_template=chat_template,
-                                     use_chat_template=use_chat_template, eos_token=eos_token))  # fmt: skip
+    return Tokenizer(
+        TokenizerConfig(
+            path=str(path),
+            name=name,
+            chat_template=chat_template,
+            use_chat_template=use_chat_template,
+            eos_token=eos_token,
+        )
+    )
 
 
 def stop_token_ids(tok: Tokenizer, model_dir: str | Path | None = None) -> set[int]:
@@ -50,8 +63,9 @@ def stop_token_ids(tok: Tokenizer, model_dir: str | Path | None = None) -> set[i
     return ids
 
 
-def encode_prompts(tok: Tokenizer, prompts: Sequence, prefixes: Sequence[str] | None = None
-                   ) -> tuple[list[list[int]], list[list[int]]]:  # fmt: skip
+def encode_prompts(
+    tok: Tokenizer, prompts: Sequence, prefixes: Sequence[str] | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each framed prompt and of its response prefix.
 
     Args:
@@ -90,7 +104,7 @@ def decode_continuation(tok: Tokenizer, prefix_ids: list[int], ids: list[int]) -
         return tok.decode(ids)
     head = tok.decode(prefix_ids)
     whole = tok.decode(list(prefix_ids) + list(ids))
-    return whole[len(head):] if whole.startswith(head) else tok.decode(ids)
+    return whole[len(head) :] if whole.startswith(head) else tok.decode(ids)
 
 
 @dataclass
@@ -116,8 +130,9 @@ class RowDecoder:
             return True
         return bool(self.stop) and any(s in self.text(prefix_ids, ids) for s in self.stop)
 
-    def completion(self, prefix_ids: list[int], ids: list[int], logprobs: list[float],
-                   sampled: list[float]) -> Completion:  # fmt: skip
+    def completion(
+        self, prefix_ids: list[int], ids: list[int], logprobs: list[float], sampled: list[float]
+    ) -> Completion:
         """The `Completion` of a finished row (text without the final stop token; ids and log-probs with it)."""
         text = self.text(prefix_ids, ids)
         if ids and ids[-1] in self.stop_ids:
@@ -126,12 +141,17 @@ class RowDecoder:
             reason = "stop"
         else:
             reason = "length"
-        return Completion(text=text, token_ids=[int(t) for t in ids], logprobs=[float(x) for x in logprobs],
-                          sampled_logprobs=[float(x) for x in sampled], finish_reason=reason)  # fmt: skip
+        return Completion(
+            text=text,
+            token_ids=[int(t) for t in ids],
+            logprobs=[float(x) for x in logprobs],
+            sampled_logprobs=[float(x) for x in sampled],
+            finish_reason=reason,
+        )
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; other values are returned as given."""
+    """ "auto" -> "cuda" when available, else "cpu"; other values are returned as given."""
     if device == "auto":
         import torch
 
@@ -140,8 +160,10 @@ def resolve_device(device: str) -> str:
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}, CUDA "
-                             f"{torch.version.cuda or 'not compiled in'}); use --device cpu or auto")  # fmt: skip
+            raise ValueError(
+                f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}, CUDA "
+                f"{torch.version.cuda or 'not compiled in'}); use --device cpu or auto"
+            )
     return device
 
 
@@ -150,8 +172,15 @@ def resolve_dtype(dtype: str, device: str):
     "float64" (tests: exact comparisons without float32 rounding)."""
     import torch
 
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}  # fmt: skip
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float64": torch.float64,
+    }
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if dtype not in names:
@@ -159,8 +188,9 @@ def resolve_dtype(dtype: str, device: str):
     return names[dtype]
 
 
-def prepare_call(tok: Tokenizer, stop_ids, prompts: Sequence, prefixes: Sequence[str] | None, seeds: Sequence[int],
-                 params) -> tuple[list[list[int]], list[list[int]], "RowDecoder", list[tuple[int, int]]]:  # fmt: skip
+def prepare_call(
+    tok: Tokenizer, stop_ids, prompts: Sequence, prefixes: Sequence[str] | None, seeds: Sequence[int], params
+) -> tuple[list[list[int]], list[list[int]], "RowDecoder", list[tuple[int, int]]]:
     """What every backend's `generate` starts with: the prompts' and prefixes' ids, the row decoder, and
     the rows ``(prompt index, sample index)`` (``len(prompts) * params.n``, prompt-major)."""
     if len(seeds) != len(prompts):

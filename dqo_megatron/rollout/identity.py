@@ -47,8 +47,12 @@ def _part(rel: str, size: int) -> str | None:
         return None
     if name in TOKENIZER_IDENTITY_FILES or (low.endswith(".model") and size <= 64 * WHOLE_LIMIT):
         return "tokenizer"
-    if (low.endswith(_WEIGHT_SUFFIXES) or low.endswith(".index.json") or name == ".metadata"
-            or rel.split(os.sep)[0] == "weights"):  # fmt: skip
+    if (
+        low.endswith(_WEIGHT_SUFFIXES)
+        or low.endswith(".index.json")
+        or name == ".metadata"
+        or rel.split(os.sep)[0] == "weights"
+    ):
         return "weights"
     return "config"
 

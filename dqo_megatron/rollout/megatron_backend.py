@@ -78,15 +78,27 @@ class MegatronBackend:
 
     name = "megatron"
 
-    def __init__(self, model: str, tokenizer: str | None = None, *, tokenizer_name: str | None = None,
-                 run_config: str | None = None, dtype: str = "auto", batch_size: int = 64,
-                 chat_template: str | None = None, use_chat_template: bool = True, eos_token: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        tokenizer_name: str | None = None,
+        run_config: str | None = None,
+        dtype: str = "auto",
+        batch_size: int = 64,
+        chat_template: str | None = None,
+        use_chat_template: bool = True,
+        eos_token: str | None = None,
+    ):
         from dqo_megatron.conversion.megatron_io import HF_DIR, single_process_layout
 
         path = Path(model)
         if not is_megatron_checkpoint(path):
-            raise FileNotFoundError(f"{model}: neither a `convert hf-to-megatron` directory (checkpoint.json, "
-                                    "model_config.yaml, weights/) nor a complete training checkpoint (COMPLETE)")
+            raise FileNotFoundError(
+                f"{model}: neither a `convert hf-to-megatron` directory (checkpoint.json, "
+                "model_config.yaml, weights/) nor a complete training checkpoint (COMPLETE)"
+            )
         self._layout = contextlib.ExitStack()
         self._layout.enter_context(single_process_layout())
         try:
@@ -104,15 +116,33 @@ class MegatronBackend:
             raise FileNotFoundError(f"{model}: no tokenizer files in {tok_path}; pass the tokenizer")
         if tokenizer_name is None and tokenizer is None and base is not None:
             tokenizer_name = _source_name(base)
-        self._attach_tokenizer(load_tokenizer(tok_path, name=tokenizer_name, chat_template=chat_template,
-                                              use_chat_template=use_chat_template, eos_token=eos_token),
-                               hf_dir, batch_size, str(model))  # fmt: skip
-        logger.info("megatron backend: %s (%s), tokenizer %s", model, next(self.gpt.parameters()).dtype,
-                    self.tokenizer_name)  # fmt: skip
+        self._attach_tokenizer(
+            load_tokenizer(
+                tok_path,
+                name=tokenizer_name,
+                chat_template=chat_template,
+                use_chat_template=use_chat_template,
+                eos_token=eos_token,
+            ),
+            hf_dir,
+            batch_size,
+            str(model),
+        )
+        logger.info(
+            "megatron backend: %s (%s), tokenizer %s", model, next(self.gpt.parameters()).dtype, self.tokenizer_name
+        )
 
     @classmethod
-    def over_module(cls, gpt, model_config, tokenizer: str, *, batch_size: int = 64,
-                    tokenizer_name: str | None = None, hf_dir: str | None = None) -> "MegatronBackend":  # fmt: skip
+    def over_module(
+        cls,
+        gpt,
+        model_config,
+        tokenizer: str,
+        *,
+        batch_size: int = 64,
+        tokenizer_name: str | None = None,
+        hf_dir: str | None = None,
+    ) -> "MegatronBackend":
         """A backend over a GPTModel already in memory (e.g. the policy being trained, for held-out
         accuracy during training): nothing is loaded and `close` leaves the model and process groups alone.
 
@@ -170,18 +200,29 @@ class MegatronBackend:
         base = Path(run.init.policy) if run.init.policy else None
         return chunk.policy.eval(), run.model, base
 
-    def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
-                 prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int], prefixes: Sequence[str] | None = None
+    ) -> list[list[Completion]]:
         """`params.n` completions per prompt (see `GenerationBackend.generate`)."""
         from dqo_megatron.rollout.megatron_generate import generate
 
-        prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
-                                                             seeds, params)  # fmt: skip
+        prompt_ids, prefix_ids, decoder, rows = prepare_call(
+            self.tokenizer, self.stop_ids, prompts, prefixes, seeds, params
+        )
         stop = (lambda r, toks: decoder.finished(prefix_ids[rows[r][0]], toks)) if params.stop else None
-        gens = generate(self.gpt, [prompt_ids[i] + prefix_ids[i] for i, _ in rows], max_new_tokens=params.max_new_tokens,
-                        eos_id=sorted(self.stop_ids), vocab_size=self.model_config.vocab_size,
-                        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                        seeds=[sample_seed(seeds[i], j) for i, j in rows], stop=stop, max_batch=self.batch_size)  # fmt: skip
+        gens = generate(
+            self.gpt,
+            [prompt_ids[i] + prefix_ids[i] for i, _ in rows],
+            max_new_tokens=params.max_new_tokens,
+            eos_id=sorted(self.stop_ids),
+            vocab_size=self.model_config.vocab_size,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seeds=[sample_seed(seeds[i], j) for i, j in rows],
+            stop=stop,
+            max_batch=self.batch_size,
+        )
         out: list[list[Completion]] = [[] for _ in prompts]
         for (i, _), g in zip(rows, gens):
             out[i].append(decoder.completion(prefix_ids[i], g.tokens, g.logprobs, g.sampled_logprobs))

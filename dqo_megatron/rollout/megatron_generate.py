@@ -33,10 +33,21 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | Sequence[int], vocab_size: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             seeds: Sequence[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
-             max_batch: int = 64) -> list[Generation]:  # fmt: skip
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | Sequence[int],
+    vocab_size: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    max_batch: int = 64,
+) -> list[Generation]:
     """Continue each prompt until EOS, `stop` or `max_new_tokens`.
 
     Args:
@@ -75,7 +86,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
             active = []
             for length, group in by_length.items():
                 for start in range(0, len(group), max_batch):
-                    chunk = group[start:start + max_batch]
+                    chunk = group[start : start + max_batch]
                     ids = torch.tensor([rows[i] for i in chunk], device=device)
                     positions = torch.arange(length, device=device).expand(len(chunk), -1)
                     logits = gpt(ids, positions, None)[:, -1, :vocab_size]
@@ -87,8 +98,11 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
                         res.logprobs.append(raw[k])
                         res.sampled_logprobs.append(sampled[k])
                         rows[i].append(tokens[k])
-                        done = (tokens[k] in eos or len(res.tokens) >= max_new_tokens
-                                or (stop is not None and stop(i, res.tokens)))
+                        done = (
+                            tokens[k] in eos
+                            or len(res.tokens) >= max_new_tokens
+                            or (stop is not None and stop(i, res.tokens))
+                        )
                         if not done:
                             active.append(i)
     finally:

@@ -151,13 +151,23 @@ class RolloutConfig:
             raise ConfigError("problems is empty: give a problem file (e.g. ../shared/data/gsm8k/train.jsonl)")
         if not self.output:
             raise ConfigError("output is empty: give the output .jsonl path")
-        choices = {"backend": ("auto", "vllm", "transformers", "megatron"), "task": ("auto", "gsm8k", "math"),
-                   "prompt_format": ("auto", "chat", "text"), "behavior_logprobs": ("raw", "sampled", "none")}  # fmt: skip
+        choices = {
+            "backend": ("auto", "vllm", "transformers", "megatron"),
+            "task": ("auto", "gsm8k", "math"),
+            "prompt_format": ("auto", "chat", "text"),
+            "behavior_logprobs": ("raw", "sampled", "none"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
-        for name, low in (("n", 1), ("max_new_tokens", 1), ("batch_size", 1), ("tensor_parallel", 1), ("offset", 0),
-                          ("top_k", 0)):  # fmt: skip
+        for name, low in (
+            ("n", 1),
+            ("max_new_tokens", 1),
+            ("batch_size", 1),
+            ("tensor_parallel", 1),
+            ("offset", 0),
+            ("top_k", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= {low}")
@@ -178,15 +188,22 @@ class RolloutConfig:
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}: must be an integer")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ConfigError(f"stop={self.stop!r}: stop strings must be non-empty (an empty one ends every sample "
-                              "at once)")  # fmt: skip
+            raise ConfigError(
+                f"stop={self.stop!r}: stop strings must be non-empty (an empty one ends every sample at once)"
+            )
         if os.path.isdir(self.output):
             raise ConfigError(f"output={self.output!r} is a directory: give the output .jsonl file path")
 
     def sampling_params(self) -> SamplingParams:
         """The backend's `SamplingParams`."""
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, stop=tuple(self.stop))  # fmt: skip
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            stop=tuple(self.stop),
+        )
 
 
 @dataclass
@@ -230,19 +247,23 @@ class RolloutSummary:
 
     def report(self) -> str:
         """Human-readable summary."""
-        lines = [f"rollout -> {self.output} (backend {self.backend})",
-                 f"problems: {self.problems} ({self.resumed_problems} already done, {self.generated_problems} sampled now)",
-                 f"samples: {self.samples}, records written: {self.written}, tokens: {self.tokens}, "
-                 f"{self.seconds:.1f} s ({self.samples_per_s:.2f} samples/s, "
-                 f"{self.tokens / self.seconds if self.seconds > 0 else 0.0:.0f} tokens/s)",
-                 "finish reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(self.finish_reasons.items())) or "-")]  # fmt: skip
+        lines = [
+            f"rollout -> {self.output} (backend {self.backend})",
+            f"problems: {self.problems} ({self.resumed_problems} already done, {self.generated_problems} sampled now)",
+            f"samples: {self.samples}, records written: {self.written}, tokens: {self.tokens}, "
+            f"{self.seconds:.1f} s ({self.samples_per_s:.2f} samples/s, "
+            f"{self.tokens / self.seconds if self.seconds > 0 else 0.0:.0f} tokens/s)",
+            "finish reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(self.finish_reasons.items())) or "-"),
+        ]
         if self.dropped:
             lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())))
         if self.truncated:
             lines.append(f"truncated at max_new_tokens (written with truncated: true, no EOS): {self.truncated}")
         if self.logprobs_omitted:
-            lines.append("written without behavior_logprobs: "
-                         + ", ".join(f"{k} {v}" for k, v in sorted(self.logprobs_omitted.items())))
+            lines.append(
+                "written without behavior_logprobs: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.logprobs_omitted.items()))
+            )
         if self.labeled:
             lines.append(f"correct (label): {self.correct} / {self.labeled} ({self.correct / self.labeled:.4f})")
         if self.truncated_bytes:
@@ -292,8 +313,15 @@ def logprob_check(tok, completions: list[Completion]) -> list[Optional[str]]:
     return reasons
 
 
-def build_records(problem, problem_index: int, prompt, completions: list[Completion], cfg: RolloutConfig,
-                  backend: GenerationBackend, summary: RolloutSummary) -> list[dict]:  # fmt: skip
+def build_records(
+    problem,
+    problem_index: int,
+    prompt,
+    completions: list[Completion],
+    cfg: RolloutConfig,
+    backend: GenerationBackend,
+    summary: RolloutSummary,
+) -> list[dict]:
     """The records of one problem's samples (dropped samples counted in `summary`).
 
     A sample cut at max_new_tokens (finish_reason "length") gets `truncated: true`; its behavior
@@ -307,12 +335,24 @@ def build_records(problem, problem_index: int, prompt, completions: list[Complet
         if c.text == "":
             summary.dropped["empty_response"] += 1
             continue
-        meta = {"sample_index": j, "problem_index": problem_index, "finish_reason": c.finish_reason,
-                "backend": backend.name, "num_tokens": len(c.token_ids)}  # fmt: skip
+        meta = {
+            "sample_index": j,
+            "problem_index": problem_index,
+            "finish_reason": c.finish_reason,
+            "backend": backend.name,
+            "num_tokens": len(c.token_ids),
+        }
         if problem.metadata:
             meta["problem"] = problem.metadata
-        rec = {"prompt": prompt, "response": c.text, "prompt_id": problem.id, "id": f"{problem.id}#{j}",
-               "reference_answer": problem.reference, "task": problem.task, "source": cfg.problems}  # fmt: skip
+        rec = {
+            "prompt": prompt,
+            "response": c.text,
+            "prompt_id": problem.id,
+            "id": f"{problem.id}#{j}",
+            "reference_answer": problem.reference,
+            "task": problem.task,
+            "source": cfg.problems,
+        }
         if c.finish_reason == "length":
             rec["truncated"] = True  # no EOS was sampled: preprocessing appends none, training does not end here
             summary.truncated += 1
@@ -334,8 +374,9 @@ def build_records(problem, problem_index: int, prompt, completions: list[Complet
             from dqo_megatron.tasks.grading import check_answer
 
             v = check_answer(problem.task, c.text, problem.reference, timeout_s=cfg.label_timeout_s)
-            rec.update(reward=1.0 if v.correct else 0.0, correct=v.correct, extracted_answer=v.extracted,
-                       label_reason=v.reason)  # fmt: skip
+            rec.update(
+                reward=1.0 if v.correct else 0.0, correct=v.correct, extracted_answer=v.extracted, label_reason=v.reason
+            )
             summary.correct += int(v.correct)
             summary.labeled += 1
         rec["metadata"] = meta
@@ -376,8 +417,10 @@ def scan_output(path: str | Path, problems: list) -> tuple[set[int], int]:
             elif idx != cur or gsize != size:
                 raise ValueError(f"{path}:{lineno}: problem {idx} begins before problem {cur} is complete")
             if not 0 <= idx < len(problems) or rec.get("prompt_id") != problems[idx].id:
-                raise ValueError(f"{path}:{lineno}: record of problem {idx} ({rec.get('prompt_id')!r}) does not "
-                                 "match the problem list (problems file changed?)")
+                raise ValueError(
+                    f"{path}:{lineno}: record of problem {idx} ({rec.get('prompt_id')!r}) does not "
+                    "match the problem list (problems file changed?)"
+                )
             count += 1
             if count == size:
                 if idx in done:
@@ -391,8 +434,9 @@ def scan_output(path: str | Path, problems: list) -> tuple[set[int], int]:
             f.truncate(good_end)
             f.flush()
             os.fsync(f.fileno())
-        logger.warning("%s: cut %d bytes of an incomplete last problem (a killed run); it is sampled again",
-                       path, total - good_end)  # fmt: skip
+        logger.warning(
+            "%s: cut %d bytes of an incomplete last problem (a killed run); it is sampled again", path, total - good_end
+        )
     return done, total - good_end
 
 
@@ -403,12 +447,30 @@ def _problems_digest(problems: list) -> str:
     return h.hexdigest()
 
 
-def settings_of(cfg: RolloutConfig, problems: list, backend: GenerationBackend | None = None,
-                prompt_format: str | None = None) -> dict:  # fmt: skip
+def settings_of(
+    cfg: RolloutConfig, problems: list, backend: GenerationBackend | None = None, prompt_format: str | None = None
+) -> dict:
     """Everything that shapes the records (stored in the sidecar; a resume must match it). Without a
     backend: the part known before the model is loaded (checked first, so a mismatch fails fast)."""
-    keys = ("task", "offset", "limit", "n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "seed",
-            "system_prompt", "behavior_logprobs", "label", "chat_template", "use_chat_template", "eos_token", "dtype")  # fmt: skip
+    keys = (
+        "task",
+        "offset",
+        "limit",
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_new_tokens",
+        "stop",
+        "seed",
+        "system_prompt",
+        "behavior_logprobs",
+        "label",
+        "chat_template",
+        "use_chat_template",
+        "eos_token",
+        "dtype",
+    )
     out = {k: getattr(cfg, k) for k in keys}
     out.update(problems=str(Path(cfg.problems).absolute()), problems_sha256=_problems_digest(problems))
     model = cfg.model or (getattr(backend, "model_path", None) if backend is not None else None)
@@ -416,8 +478,12 @@ def settings_of(cfg: RolloutConfig, problems: list, backend: GenerationBackend |
     if identity is not None:  # known before the model is loaded: a changed model fails fast
         out["model_identity"] = identity
     if backend is not None:
-        out.update(model=str(Path(cfg.model).absolute()) if cfg.model else getattr(backend, "model_path", None),
-                   backend=backend.name, behavior_tokenizer=backend.tokenizer_name, prompt_format=prompt_format)  # fmt: skip
+        out.update(
+            model=str(Path(cfg.model).absolute()) if cfg.model else getattr(backend, "model_path", None),
+            backend=backend.name,
+            behavior_tokenizer=backend.tokenizer_name,
+            prompt_format=prompt_format,
+        )
     return json.loads(json.dumps(out))  # the JSON round trip makes it comparable with the stored copy
 
 
@@ -436,36 +502,49 @@ def check_settings(cfg: RolloutConfig, settings: dict) -> None:
     if cfg.overwrite or not (out.exists() or meta.exists()):
         return
     if not meta.exists():
-        raise ConfigError(f"{out} exists without {meta.name}: not a rollout output this tool can resume; "
-                          "remove it or set overwrite")  # fmt: skip
+        raise ConfigError(
+            f"{out} exists without {meta.name}: not a rollout output this tool can resume; remove it or set overwrite"
+        )
     try:
         stored = json.loads(meta.read_text(encoding="utf-8"))["settings"]
         if not isinstance(stored, dict):
             raise TypeError(f"settings is a {type(stored).__name__}")
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{meta}: not a rollout settings file this tool wrote ({type(exc).__name__}: {exc}); "
-                          f"move {out} and {meta.name} away, or set overwrite to start over") from None  # fmt: skip
+        raise ConfigError(
+            f"{meta}: not a rollout settings file this tool wrote ({type(exc).__name__}: {exc}); "
+            f"move {out} and {meta.name} away, or set overwrite to start over"
+        ) from None
     settings = dict(settings)
     now_id, then_id = settings.pop("model_identity", None), stored.get("model_identity")
     if now_id is not None and then_id is None and str(out) not in _WARNED_NO_IDENTITY:
         _WARNED_NO_IDENTITY.add(str(out))
-        logger.warning("%s was begun before rollout recorded the model's identity: cannot check that %s is the "
-                       "model that wrote it (only its path is compared); resuming", out, cfg.model or "the model")  # fmt: skip
+        logger.warning(
+            "%s was begun before rollout recorded the model's identity: cannot check that %s is the "
+            "model that wrote it (only its path is compared); resuming",
+            out,
+            cfg.model or "the model",
+        )
     if now_id is not None and then_id is not None:
         if now_id != then_id:
-            raise ConfigError(f"{out} was made by another model: {cfg.model or settings.get('model')}: "
-                              f"{identity_difference(then_id, now_id)} since the output was begun, and resuming "
-                              "would mix two policies in one file; resume with the model that wrote it, write to "
-                              "a new output (-o), or set overwrite (--overwrite) to start over")  # fmt: skip
+            raise ConfigError(
+                f"{out} was made by another model: {cfg.model or settings.get('model')}: "
+                f"{identity_difference(then_id, now_id)} since the output was begun, and resuming "
+                "would mix two policies in one file; resume with the model that wrote it, write to "
+                "a new output (-o), or set overwrite (--overwrite) to start over"
+            )
         settings.pop("model", None)  # the same model, perhaps moved: its path may differ
     diff = sorted(k for k in settings if stored.get(k) != settings[k])
     if diff:
         shown = "; ".join(f"{k}: {stored.get(k)!r} there, {settings[k]!r} now" for k in diff)
-        raise ConfigError(f"{out} was made with other settings ({shown}); resume with the same settings, "
-                          "write elsewhere, or set overwrite")  # fmt: skip
+        raise ConfigError(
+            f"{out} was made with other settings ({shown}); resume with the same settings, "
+            "write elsewhere, or set overwrite"
+        )
 
 
-def _prepare_output(cfg: RolloutConfig, settings: dict, problems: list, summary: RolloutSummary) -> tuple[set[int], Path]:
+def _prepare_output(
+    cfg: RolloutConfig, settings: dict, problems: list, summary: RolloutSummary
+) -> tuple[set[int], Path]:
     """Problems already done and the file to append to: `cfg.output` (new or resumed) or, when
     overwriting an existing output, a hidden sibling that replaces it once complete."""
     out, meta = Path(cfg.output), Path(cfg.output + ".meta.json")
@@ -522,10 +601,10 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
     from dqo_megatron.tasks.datasets import load_problems
     from dqo_megatron.tasks.prompts import build_messages
 
-    problems = load_problems(cfg.problems, None if cfg.task == "auto" else cfg.task, limit=cfg.limit,
-                             offset=cfg.offset)  # fmt: skip
-    check_apart([cfg.output, cfg.output + ".meta.json"],
-                [cfg.problems, cfg.model, cfg.tokenizer, cfg.run_config])  # in every mode
+    problems = load_problems(cfg.problems, None if cfg.task == "auto" else cfg.task, limit=cfg.limit, offset=cfg.offset)
+    check_apart(
+        [cfg.output, cfg.output + ".meta.json"], [cfg.problems, cfg.model, cfg.tokenizer, cfg.run_config]
+    )  # in every mode
     refuse_special(cfg.output)
     check_settings(cfg, settings_of(cfg, problems))  # before a model is loaded
     own = backend is None
@@ -534,17 +613,29 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
             raise ConfigError("model is empty: give an HF model directory or a dqo-megatron checkpoint")
         from dqo_megatron.rollout.factory import build_backend
 
-        backend = build_backend(cfg.backend, cfg.model, cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
-                                tensor_parallel=cfg.tensor_parallel, tokenizer_name=cfg.tokenizer_name,
-                                batch_size=cfg.batch_size, chat_template=cfg.chat_template,
-                                use_chat_template=cfg.use_chat_template, eos_token=cfg.eos_token,
-                                trust_remote_code=cfg.trust_remote_code, run_config=cfg.run_config)  # fmt: skip
+        backend = build_backend(
+            cfg.backend,
+            cfg.model,
+            cfg.tokenizer,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            tensor_parallel=cfg.tensor_parallel,
+            tokenizer_name=cfg.tokenizer_name,
+            batch_size=cfg.batch_size,
+            chat_template=cfg.chat_template,
+            use_chat_template=cfg.use_chat_template,
+            eos_token=cfg.eos_token,
+            trust_remote_code=cfg.trust_remote_code,
+            run_config=cfg.run_config,
+        )
     try:
         templated = bool(getattr(backend, "templated", False))
         fmt = cfg.prompt_format if cfg.prompt_format != "auto" else ("chat" if templated else "text")
         if fmt == "chat" and not templated and hasattr(backend, "templated"):
-            raise ConfigError("prompt_format=chat, but the tokenizer has no chat template (give chat_template, "
-                              "or use prompt_format text)")  # fmt: skip
+            raise ConfigError(
+                "prompt_format=chat, but the tokenizer has no chat template (give chat_template, "
+                "or use prompt_format text)"
+            )
         if cfg.system_prompt is not None and fmt != "chat":
             raise ConfigError("system_prompt needs chat prompts, and this tokenizer has no chat template")
         summary = RolloutSummary(output=cfg.output, problems=len(problems), backend=backend.name)
@@ -555,18 +646,33 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
         params = cfg.sampling_params()
         per_call = cfg.problems_per_call or (256 if backend.name == "vllm" else 8)
         start = time.perf_counter()
-        with naming_full_disk(cfg.output), open(write_to, "a", encoding="utf-8") as out, \
-                tqdm(total=len(todo) * cfg.n, unit="sample", desc="rollout", file=sys.stderr, disable=not cfg.progress,
-                     dynamic_ncols=True) as bar:  # fmt: skip
+        with (
+            naming_full_disk(cfg.output),
+            open(write_to, "a", encoding="utf-8") as out,
+            tqdm(
+                total=len(todo) * cfg.n,
+                unit="sample",
+                desc="rollout",
+                file=sys.stderr,
+                disable=not cfg.progress,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             for first in range(0, len(todo), per_call):
-                chunk = todo[first:first + per_call]
-                prompts = [build_messages(problems[k].task, problems[k].question, cfg.system_prompt) if fmt == "chat"
-                           else problems[k].prompt for k in chunk]  # fmt: skip
+                chunk = todo[first : first + per_call]
+                prompts = [
+                    build_messages(problems[k].task, problems[k].question, cfg.system_prompt)
+                    if fmt == "chat"
+                    else problems[k].prompt
+                    for k in chunk
+                ]
                 seeds = [derive_seed("problem", cfg.seed, problems[k].id) for k in chunk]
                 results = backend.generate(prompts, params, seeds=seeds)
                 if len(results) != len(chunk) or any(len(r) != cfg.n for r in results):
-                    raise RuntimeError(f"backend {backend.name!r} returned {[len(r) for r in results]} completions "
-                                       f"for {len(chunk)} prompts x n={cfg.n}")  # fmt: skip
+                    raise RuntimeError(
+                        f"backend {backend.name!r} returned {[len(r) for r in results]} completions "
+                        f"for {len(chunk)} prompts x n={cfg.n}"
+                    )
                 for k, prompt, completions in zip(chunk, prompts, results):
                     records = build_records(problems[k], k, prompt, completions, cfg, backend, summary)
                     if records:  # one write per problem, then flush + fsync: a kill tears at most this group
@@ -588,4 +694,3 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
             backend.close()
     logger.info("rollout done: %s", summary.report().replace("\n", "; "))
     return summary
-

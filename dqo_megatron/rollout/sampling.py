@@ -51,8 +51,11 @@ def draw_uniforms(generators: Sequence[torch.Generator]) -> torch.Tensor:
     Every row draws exactly one number per generated token, whether greedy or not, so a row's stream
     only depends on how many tokens it generated.
     """
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]) if generators \
+    return (
+        torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        if generators
         else torch.empty(0, dtype=torch.float64)
+    )
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -113,9 +116,11 @@ def check_finite_logits(logits: torch.Tensor) -> None:
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
         rows = int(bad.any(dim=-1).sum())
-        raise NonFiniteLogitsError(f"the model produced non-finite logits (NaN/inf) for {rows} of {logits.shape[0]} "
-                                   "rows: its weights are damaged or overflow their dtype; check the checkpoint "
-                                   "(convert/export --verify checks it)")  # fmt: skip
+        raise NonFiniteLogitsError(
+            f"the model produced non-finite logits (NaN/inf) for {rows} of {logits.shape[0]} "
+            "rows: its weights are damaged or overflow their dtype; check the checkpoint "
+            "(convert/export --verify checks it)"
+        )
 
 
 def check_finite_logprobs(rows: Sequence[Sequence[float]], source: str) -> None:
@@ -123,13 +128,16 @@ def check_finite_logprobs(rows: Sequence[Sequence[float]], source: str) -> None:
     always has a finite log-prob, so such values mean non-finite logits inside an engine, e.g. vLLM)."""
     bad = sum(1 for row in rows if not all(math.isfinite(v) for v in row))
     if bad:
-        raise NonFiniteLogitsError(f"{source} returned non-finite log-probs (NaN/inf) for {bad} of {len(rows)} "
-                                   "samples: the model's weights are damaged or overflow their dtype; check the "
-                                   "checkpoint (convert/export --verify checks it)")  # fmt: skip
+        raise NonFiniteLogitsError(
+            f"{source} returned non-finite log-probs (NaN/inf) for {bad} of {len(rows)} "
+            "samples: the model's weights are damaged or overflow their dtype; check the "
+            "checkpoint (convert/export --verify checks it)"
+        )
 
 
-def sample_step(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0,
-                top_p: float = 1.0) -> Step:  # fmt: skip
+def sample_step(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> Step:
     """Pick the next token of each row and report its raw and processed log-probs.
 
     Args:
@@ -157,8 +165,9 @@ def sample_step(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
     return Step(tokens, raw.gather(-1, tokens[:, None])[:, 0], sampled)
 
 
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int = 0,
-                      top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def sequence_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw and processed log-probs of given tokens from logits computed in one forward pass.
 
     Args:

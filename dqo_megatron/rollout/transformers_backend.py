@@ -27,8 +27,14 @@ import torch
 
 from dqo_megatron.rollout.backend import Completion, SamplingParams
 from dqo_megatron.rollout.framing import (
-    RowDecoder, has_tokenizer, load_tokenizer, prepare_call, resolve_device, resolve_dtype, stop_token_ids,
-)  # fmt: skip
+    RowDecoder,
+    has_tokenizer,
+    load_tokenizer,
+    prepare_call,
+    resolve_device,
+    resolve_dtype,
+    stop_token_ids,
+)
 from dqo_megatron.rollout.sampling import draw_uniforms, row_generators, sample_seed, sample_step
 
 logger = logging.getLogger(__name__)
@@ -52,10 +58,21 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model: str, tokenizer: str | None = None, *, tokenizer_name: str | None = None,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 64, chat_template: str | None = None,
-                 use_chat_template: bool = True, eos_token: str | None = None, trust_remote_code: bool = False,
-                 attn_implementation: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        tokenizer_name: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 64,
+        chat_template: str | None = None,
+        use_chat_template: bool = True,
+        eos_token: str | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM
 
         if not Path(model, "config.json").is_file():
@@ -65,8 +82,13 @@ class TransformersBackend:
             raise FileNotFoundError(f"{tok_path}: no tokenizer files; pass the tokenizer (HF directory or .model)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        self.tokenizer = load_tokenizer(tok_path, name=tokenizer_name, chat_template=chat_template,
-                                        use_chat_template=use_chat_template, eos_token=eos_token)  # fmt: skip
+        self.tokenizer = load_tokenizer(
+            tok_path,
+            name=tokenizer_name,
+            chat_template=chat_template,
+            use_chat_template=use_chat_template,
+            eos_token=eos_token,
+        )
         self.tokenizer_name = self.tokenizer.name
         self.templated = self.tokenizer.templated
         self.device = torch.device(resolve_device(device))
@@ -81,28 +103,39 @@ class TransformersBackend:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.stop_ids = stop_token_ids(self.tokenizer, model)
         self.pad_id = int(self.tokenizer.eos_id)  # any id: padded positions are masked out
-        logger.info("transformers backend: %s on %s (%s), tokenizer %s", model, self.device, self.dtype,
-                    self.tokenizer_name)  # fmt: skip
+        logger.info(
+            "transformers backend: %s on %s (%s), tokenizer %s", model, self.device, self.dtype, self.tokenizer_name
+        )
 
-    def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
-                 prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int], prefixes: Sequence[str] | None = None
+    ) -> list[list[Completion]]:
         """`params.n` completions per prompt (see `GenerationBackend.generate`)."""
-        prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
-                                                             seeds, params)  # fmt: skip
+        prompt_ids, prefix_ids, decoder, rows = prepare_call(
+            self.tokenizer, self.stop_ids, prompts, prefixes, seeds, params
+        )
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+            batch = rows[start : start + self.batch_size]
             contexts = {i: prompt_ids[i] + prefix_ids[i] for i, _ in batch}
             row_seeds = [sample_seed(seeds[i], j) for i, j in batch]
-            results = self._decode(contexts, [i for i, _ in batch], row_seeds, params, decoder,
-                                   {i: prefix_ids[i] for i, _ in batch})  # fmt: skip
+            results = self._decode(
+                contexts, [i for i, _ in batch], row_seeds, params, decoder, {i: prefix_ids[i] for i, _ in batch}
+            )
             for (i, j), completion in zip(batch, results):
                 out[i][j] = completion
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _decode(self, contexts: dict[int, list[int]], row_prompt: list[int], row_seeds: list[int],
-                params: SamplingParams, decoder: RowDecoder, prefixes: dict[int, list[int]]) -> list[Completion]:  # fmt: skip
+    def _decode(
+        self,
+        contexts: dict[int, list[int]],
+        row_prompt: list[int],
+        row_seeds: list[int],
+        params: SamplingParams,
+        decoder: RowDecoder,
+        prefixes: dict[int, list[int]],
+    ) -> list[Completion]:
         """Decode one batch: `row_prompt[r]` is the prompt of row r, `contexts[i]` its ids (prompt + prefix)."""
         from transformers import DynamicCache
 
@@ -113,13 +146,19 @@ class TransformersBackend:
         mask = torch.zeros((len(uniq), width), dtype=torch.long)
         for k, i in enumerate(uniq):  # left padding: every row's last position is its last real token
             ctx = contexts[i]
-            ids[k, width - len(ctx):] = torch.tensor(ctx)
-            mask[k, width - len(ctx):] = 1
+            ids[k, width - len(ctx) :] = torch.tensor(ctx)
+            mask[k, width - len(ctx) :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1, :self.vocab_size]  # fmt: skip
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, : self.vocab_size]
         # one cache row per sample: repeat each prompt's prefill for its samples
         src = torch.tensor([uniq.index(i) for i in row_prompt], device=dev)
         cache.batch_select_indices(src)
@@ -131,8 +170,9 @@ class TransformersBackend:
         sampled: list[list[float]] = [[] for _ in range(n)]
         active = list(range(n))  # row index of each cache row
         while True:
-            step = sample_step(logits, draw_uniforms([gens[r] for r in active]), params.temperature, params.top_k,
-                               params.top_p)  # fmt: skip
+            step = sample_step(
+                logits, draw_uniforms([gens[r] for r in active]), params.temperature, params.top_k, params.top_p
+            )
             toks, lps, sps = step.tokens.tolist(), step.logprobs.tolist(), step.sampled_logprobs.tolist()
             keep = []
             for k, r in enumerate(active):
@@ -150,8 +190,13 @@ class TransformersBackend:
                 active = [active[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             last_pos = last_pos + 1
-            logits = model(input_ids=step.tokens[:, None].to(dev), attention_mask=mask, position_ids=last_pos[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1, :self.vocab_size]  # fmt: skip
+            logits = model(
+                input_ids=step.tokens[:, None].to(dev),
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, : self.vocab_size]
         return [decoder.completion(prefixes[row_prompt[r]], tokens[r], raw[r], sampled[r]) for r in range(n)]
 
     def close(self) -> None:

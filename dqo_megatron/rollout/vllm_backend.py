@@ -29,8 +29,10 @@ from dqo_megatron.rollout.sampling import check_finite_logprobs, sample_seed
 
 logger = logging.getLogger(__name__)
 
-MISSING = ("the vllm backend needs vLLM, which is not installed here: on a GPU machine `pip install vllm` "
-           "(it brings its own CUDA torch; use a separate environment), or use backend='transformers'")  # fmt: skip
+MISSING = (
+    "the vllm backend needs vLLM, which is not installed here: on a GPU machine `pip install vllm` "
+    "(it brings its own CUDA torch; use a separate environment), or use backend='transformers'"
+)
 """Error message when vllm cannot be imported."""
 
 
@@ -61,10 +63,21 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model: str, tokenizer: str | None = None, *, tokenizer_name: str | None = None,
-                 tensor_parallel: int = 1, dtype: str = "auto", raw_logprobs: bool = True,
-                 chat_template: str | None = None, use_chat_template: bool = True, eos_token: str | None = None,
-                 trust_remote_code: bool = False, **engine_kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        tokenizer_name: str | None = None,
+        tensor_parallel: int = 1,
+        dtype: str = "auto",
+        raw_logprobs: bool = True,
+        chat_template: str | None = None,
+        use_chat_template: bool = True,
+        eos_token: str | None = None,
+        trust_remote_code: bool = False,
+        **engine_kwargs,
+    ):
         ok, why = vllm_available()
         if not ok:
             raise ImportError(f"{MISSING} [{why}]")
@@ -78,8 +91,13 @@ class VLLMBackend:
         tok_path = tokenizer or model
         if not has_tokenizer(tok_path):
             raise FileNotFoundError(f"{tok_path}: no tokenizer files; pass the tokenizer")
-        self.tokenizer = load_tokenizer(tok_path, name=tokenizer_name, chat_template=chat_template,
-                                        use_chat_template=use_chat_template, eos_token=eos_token)  # fmt: skip
+        self.tokenizer = load_tokenizer(
+            tok_path,
+            name=tokenizer_name,
+            chat_template=chat_template,
+            use_chat_template=use_chat_template,
+            eos_token=eos_token,
+        )
         self.tokenizer_name = self.tokenizer.name
         self.templated = self.tokenizer.templated
         self.stop_ids = stop_token_ids(self.tokenizer, model)
@@ -87,37 +105,63 @@ class VLLMBackend:
         self.model_path = str(model)
         vllm_tok = str(tok_path) if Path(tok_path).is_dir() else str(model)
         try:
-            self.llm = vllm.LLM(model=str(model), tokenizer=vllm_tok, tensor_parallel_size=tensor_parallel,
-                                dtype="auto" if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
-                                logprobs_mode="processed_logprobs", **engine_kwargs)  # fmt: skip
+            self.llm = vllm.LLM(
+                model=str(model),
+                tokenizer=vllm_tok,
+                tensor_parallel_size=tensor_parallel,
+                dtype="auto" if dtype == "auto" else dtype,
+                trust_remote_code=trust_remote_code,
+                logprobs_mode="processed_logprobs",
+                **engine_kwargs,
+            )
         except TypeError as exc:
             if "logprobs_mode" in str(exc):
-                raise ImportError(f"vLLM {vllm.__version__} has no logprobs_mode (needed for the log-probs of the "
-                                  "distribution sampled from): install vLLM >= 0.10.2") from exc
+                raise ImportError(
+                    f"vLLM {vllm.__version__} has no logprobs_mode (needed for the log-probs of the "
+                    "distribution sampled from): install vLLM >= 0.10.2"
+                ) from exc
             raise
-        logger.info("vllm backend: %s (TP=%d), vLLM %s, tokenizer %s", model, tensor_parallel, vllm.__version__,
-                    self.tokenizer_name)  # fmt: skip
+        logger.info(
+            "vllm backend: %s (TP=%d), vLLM %s, tokenizer %s",
+            model,
+            tensor_parallel,
+            vllm.__version__,
+            self.tokenizer_name,
+        )
 
     def _params(self, params: SamplingParams, seed: int | None, **extra):
         import vllm
 
         # every knob explicit: vLLM must not take defaults from the model's generation_config
         return vllm.SamplingParams(
-            n=1, temperature=params.temperature, top_p=params.top_p if not params.greedy else 1.0,
-            top_k=params.top_k if params.top_k > 0 and not params.greedy else -1, min_p=0.0,
-            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=seed,
-            max_tokens=params.max_new_tokens, stop=list(params.stop) or None, include_stop_str_in_output=True,
-            stop_token_ids=sorted(self.stop_ids), skip_special_tokens=False, logprobs=0, **extra,
-        )  # fmt: skip
+            n=1,
+            temperature=params.temperature,
+            top_p=params.top_p if not params.greedy else 1.0,
+            top_k=params.top_k if params.top_k > 0 and not params.greedy else -1,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            seed=seed,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
+            stop_token_ids=sorted(self.stop_ids),
+            skip_special_tokens=False,
+            logprobs=0,
+            **extra,
+        )
 
-    def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
-                 prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int], prefixes: Sequence[str] | None = None
+    ) -> list[list[Completion]]:
         """`params.n` completions per prompt (see `GenerationBackend.generate`)."""
         import vllm
         from vllm.inputs import TokensPrompt
 
-        prompt_ids, prefix_ids, decoder, rows = prepare_call(self.tokenizer, self.stop_ids, prompts, prefixes,
-                                                             seeds, params)  # fmt: skip
+        prompt_ids, prefix_ids, decoder, rows = prepare_call(
+            self.tokenizer, self.stop_ids, prompts, prefixes, seeds, params
+        )
         contexts = [prompt_ids[i] + prefix_ids[i] for i, _ in rows]
         requests = [TokensPrompt(prompt_token_ids=ctx) for ctx in contexts]
         sps = [self._params(params, sample_seed(seeds[i], j)) for i, j in rows]
@@ -133,10 +177,12 @@ class VLLMBackend:
                 sampled.append([float(out.logprobs[k][t].logprob) for k, t in enumerate(ids)])
         raw: list[list[float]] = [[] for _ in rows]
         if self.raw_logprobs:
-            score = vllm.SamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=1, prompt_logprobs=0,
-                                        detokenize=False)  # fmt: skip
-            scored = self.llm.generate([TokensPrompt(prompt_token_ids=ctx + ids) for ctx, ids in zip(contexts, gen_ids)],
-                                       score, use_tqdm=False)  # fmt: skip
+            score = vllm.SamplingParams(
+                n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=1, prompt_logprobs=0, detokenize=False
+            )
+            scored = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=ctx + ids) for ctx, ids in zip(contexts, gen_ids)], score, use_tqdm=False
+            )
             for r, (ctx, ids, res) in enumerate(zip(contexts, gen_ids, scored)):
                 plp = res.prompt_logprobs  # position p: {token id: Logprob} of token p given tokens < p
                 raw[r] = [float(plp[len(ctx) + k][t].logprob) for k, t in enumerate(ids)]

@@ -20,7 +20,7 @@ def extract_gsm8k_answer(text: str) -> str | None:
     pos = text.rfind(_GSM8K_MARK)
     if pos < 0:
         return None
-    tail = text[pos + len(_GSM8K_MARK):].lstrip("#").strip()
+    tail = text[pos + len(_GSM8K_MARK) :].lstrip("#").strip()
     line = tail.split("\n", 1)[0].strip()
     return line or None
 
@@ -56,7 +56,7 @@ def extract_boxed(text: str) -> str | None:
             elif ch == "}":
                 depth -= 1
                 if depth == 0:
-                    content = text[i + 1:j].strip()
+                    content = text[i + 1 : j].strip()
                     return content or None
             j += 1
         return None

@@ -60,7 +60,9 @@ def _rows(path: Path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}); is this a problems file?") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {exc.start}); is this a problems file?"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -72,18 +74,21 @@ def _rows(path: Path):
             try:
                 json.dumps(row, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError(f"{path}:{lineno}: a string holds a lone surrogate escape (\\ud800-\\udfff), which is "
-                                 "not valid Unicode") from None
+                raise ValueError(
+                    f"{path}:{lineno}: a string holds a lone surrogate escape (\\ud800-\\udfff), which is "
+                    "not valid Unicode"
+                ) from None
             yield lineno, row
 
 
 def guess_task(path: str | Path) -> str:
-    """"math" when the path mentions math (or MATH500), else "gsm8k"."""
+    """ "math" when the path mentions math (or MATH500), else "gsm8k"."""
     return "math" if "math" in str(path).lower() else "gsm8k"
 
 
-def load_problems(path: str | Path, task: str | None = None, limit: int | None = None,
-                  offset: int = 0) -> list[Problem]:  # fmt: skip
+def load_problems(
+    path: str | Path, task: str | None = None, limit: int | None = None, offset: int = 0
+) -> list[Problem]:
     """Read problems from a JSONL file or a saved HF dataset directory.
 
     Args:

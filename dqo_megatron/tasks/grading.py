@@ -36,8 +36,9 @@ def reference_answer(task: str, reference: str) -> str | None:
     return extract_boxed(reference) if ("\\boxed" in reference or "\\fbox" in reference) else reference.strip() or None
 
 
-def check_answer(task: str, response: str, reference: str, timeout_s: float = 5.0,
-                 exact_shortcut: bool = True) -> Verdict:
+def check_answer(
+    task: str, response: str, reference: str, timeout_s: float = 5.0, exact_shortcut: bool = True
+) -> Verdict:
     """Judge `response` (a model's full output) against `reference` (solution or bare answer).
 
     Args:

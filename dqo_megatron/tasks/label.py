@@ -69,7 +69,9 @@ class LabelSummary:
         """Human-readable summary."""
         acc = self.verdicts["correct"] / self.written if self.written else 0.0
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.verdicts.items()))
-        return f"records read: {self.read}, labeled: {self.written} (accuracy {acc:.4f}; {parts})\n{self.skips.report()}"
+        return (
+            f"records read: {self.read}, labeled: {self.written} (accuracy {acc:.4f}; {parts})\n{self.skips.report()}"
+        )
 
 
 def _label_one(item) -> dict | RecordError:
@@ -78,10 +80,17 @@ def _label_one(item) -> dict | RecordError:
         rec = parse_record(raw, file, line, require_reward=False)
         t = task if task != "auto" else rec.task
         if t not in TASKS:
-            raise RecordError("missing_field", f"task {t!r} unknown: set `task` (gsm8k/math) on the record or pass --task",
-                              file, line, "task")
+            raise RecordError(
+                "missing_field",
+                f"task {t!r} unknown: set `task` (gsm8k/math) on the record or pass --task",
+                file,
+                line,
+                "task",
+            )
         if rec.reference_answer is None:
-            raise RecordError("missing_field", "missing; labeling needs the reference answer", file, line, "reference_answer")
+            raise RecordError(
+                "missing_field", "missing; labeling needs the reference answer", file, line, "reference_answer"
+            )
         v = check_answer(t, rec.response, rec.reference_answer, timeout_s=timeout_s)
     except RecordError as err:
         return err
@@ -104,12 +113,17 @@ def label_records(cfg: LabelConfig) -> LabelSummary:
     items = ((f, line, raw, cfg.task, cfg.timeout_s) for f in files for line, raw in iter_raw(f))
     summary = LabelSummary()
     with staged_file(cfg.output, overwrite=cfg.overwrite, inputs=list(cfg.inputs) + files) as tmp:
-        pool = (mp.get_context("fork").Pool(cfg.workers, initializer=dies_with_this_process())  # a killed label's too
-                if cfg.workers > 1 else None)  # fmt: skip
+        pool = (
+            mp.get_context("fork").Pool(cfg.workers, initializer=dies_with_this_process())  # a killed label's too
+            if cfg.workers > 1
+            else None
+        )
         try:
             results = pool.imap(_label_one, items, chunksize=64) if pool else map(_label_one, items)
-            with open(tmp, "w", encoding="utf-8") as out, tqdm(disable=not cfg.progress, unit="rec", desc="label",
-                                                               file=sys.stderr) as bar:  # fmt: skip
+            with (
+                open(tmp, "w", encoding="utf-8") as out,
+                tqdm(disable=not cfg.progress, unit="rec", desc="label", file=sys.stderr) as bar,
+            ):
                 for res in results:
                     summary.read += 1
                     bar.update(1)

@@ -152,8 +152,13 @@ class _Helper:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env["PYTHONPATH"] else "")
         return subprocess.Popen(
             [sys.executable, "-m", "dqo_megatron.tasks._mv_child"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, encoding="utf-8", bufsize=1, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+            bufsize=1,
+            env=env,
         )
 
     def _kill(self) -> None:

@@ -34,8 +34,9 @@ from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
 from dqo_megatron.training.step import model_inputs
 
 
-def rl_forward_step(run: RunConfig, data_iterator: Iterator[dict], model: torch.nn.Module, *,
-                    policy_weight: float = 1.0):  # fmt: skip
+def rl_forward_step(
+    run: RunConfig, data_iterator: Iterator[dict], model: torch.nn.Module, *, policy_weight: float = 1.0
+):
     """Forward one micro-batch; returns ``(per-token outputs, partial(rl_loss_func, run, batch))``.
 
     `policy_weight` multiplies the policy's loss (0 during the critic warm-up, `value.warmup_steps`).
@@ -60,14 +61,25 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor, *, policy_we
     if ref is None:
         ref = output[..., REF_LOGP].detach()
         if algorithm.needs_reference and torch.isnan(ref).any():
-            raise ValueError(f"algorithm={run.algorithm} needs reference log-probs: the batch has no "
-                             "'ref_logprobs' and the run holds no reference model")  # fmt: skip
+            raise ValueError(
+                f"algorithm={run.algorithm} needs reference log-probs: the batch has no "
+                "'ref_logprobs' and the run holds no reference model"
+            )
     behavior = batch.get("behavior_logprobs")
     if behavior is not None:  # documents without sampler log-probs were sampled from the reference
         behavior = torch.where(torch.isnan(behavior), ref, behavior)
-    inputs = LossInputs(run=run, batch=batch, logp=logp, values=values, ref=ref, behavior=behavior,
-                        mask=batch["response_mask"], rewards=batch["rewards"], document_ids=batch.get("document_ids"),
-                        policy_weight=policy_weight)  # fmt: skip
+    inputs = LossInputs(
+        run=run,
+        batch=batch,
+        logp=logp,
+        values=values,
+        ref=ref,
+        behavior=behavior,
+        mask=batch["response_mask"],
+        rewards=batch["rewards"],
+        document_ids=batch.get("document_ids"),
+        policy_weight=policy_weight,
+    )
     loss_sum, count, metrics = algorithm.loss(inputs)
     metrics = dict(metrics)
     metrics["loss"] = torch.stack([loss_sum.detach().float(), count.float()])

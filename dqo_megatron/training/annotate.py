@@ -53,11 +53,13 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
     from dqo_megatron.data.dataset import TrajectoryDataset
     from dqo_megatron.data.indexed import (
-        mark_reference_logprobs_filled, open_reference_logprobs_for_update, stage_reference_logprobs,
-    )  # fmt: skip
-    from dqo_megatron.training.microbatches import to_model_batch
+        mark_reference_logprobs_filled,
+        open_reference_logprobs_for_update,
+        stage_reference_logprobs,
+    )
     from dqo_megatron.training.data_check import check_data_matches_model
     from dqo_megatron.training.initial_weights import load_initial_weights
+    from dqo_megatron.training.microbatches import to_model_batch
 
     if not run.data.train_prefix:
         raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
@@ -74,14 +76,23 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     mbs = run.train.micro_batch_size
     length = run.train.seq_length + 1
     if int(dataset.lengths.max(initial=0)) > length:
-        raise ConfigError(f"documents up to {int(dataset.lengths.max())} tokens do not fit train.seq_length + 1 = {length}")
-    sampler = DistributedTrajectorySampler(len(dataset), mbs, info.dp_rank, info.dp_size, shuffle=False, drop_last=False)
-    writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_context_parallel_rank() == 0)  # fmt: skip
+        raise ConfigError(
+            f"documents up to {int(dataset.lengths.max())} tokens do not fit train.seq_length + 1 = {length}"
+        )
+    sampler = DistributedTrajectorySampler(
+        len(dataset), mbs, info.dp_rank, info.dp_size, shuffle=False, drop_last=False
+    )
+    writer = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
     if info.rank == 0:
         stage_reference_logprobs(run.data.train_prefix)  # written aside: a killed rerun mixes nothing
     torch.distributed.barrier()
-    values, starts, _lengths = open_reference_logprobs_for_update(run.data.train_prefix) if writer else (None, None, None)
+    values, starts, _lengths = (
+        open_reference_logprobs_for_update(run.data.train_prefix) if writer else (None, None, None)
+    )
     batches = list(sampler)
     calls = math.ceil(len(batches) / micro_batches_per_call)
     bar = _progress(calls, info.rank == 0 and progress)
@@ -90,16 +101,22 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
         group = batches[call * micro_batches_per_call : (call + 1) * micro_batches_per_call]
         mbs_data = []
         for indices in group:
-            collated = pad_collate([dataset[i] for i in indices], run.data.pad_id, pad_to_multiple_of=length,
-                                   max_length=length)  # fmt: skip
+            collated = pad_collate(
+                [dataset[i] for i in indices], run.data.pad_id, pad_to_multiple_of=length, max_length=length
+            )
             batch = {k: v.to(info.device) for k, v in to_model_batch(collated, with_ref_logprobs=False).items()}
             batch["indices"], batch["lengths"] = torch.tensor(indices), collated["lengths"]
             mbs_data.append(batch)
         out = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=microbatch_iterators(chunks, mbs_data),
-            model=chunks, num_microbatches=len(mbs_data), seq_length=run.train.seq_length,
-            micro_batch_size=pipeline_micro_batch_size(chunks[0], mbs), forward_only=True, collect_non_loss_data=True,
-        )  # fmt: skip
+            forward_step_func=_forward_step,
+            data_iterator=microbatch_iterators(chunks, mbs_data),
+            model=chunks,
+            num_microbatches=len(mbs_data),
+            seq_length=run.train.seq_length,
+            micro_batch_size=pipeline_micro_batch_size(chunks[0], mbs),
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
         if writer:
             for item in out:
                 for row, (doc, n) in enumerate(zip(item["indices"].tolist(), item["lengths"].tolist())):
@@ -115,8 +132,9 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
     torch.distributed.barrier()
     if info.rank == 0:
         mark_reference_logprobs_filled(run.data.train_prefix)
-        logger.info("annotated %d documents of %s in %.1f s", len(dataset), run.data.train_prefix,
-                    time.perf_counter() - start)  # fmt: skip
+        logger.info(
+            "annotated %d documents of %s in %.1f s", len(dataset), run.data.train_prefix, time.perf_counter() - start
+        )
     return {"documents": len(dataset), "written_here": written, "seconds": time.perf_counter() - start}
 
 

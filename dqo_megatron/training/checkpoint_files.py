@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from dqo_megatron.outputs import fsync_dir
 from dqo_megatron.checkpoint_integrity import MANIFEST_FILE, is_damage, one_line
+from dqo_megatron.outputs import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,12 @@ def _latest_named(root: Path) -> Path | None:
         return None
     if is_complete(candidate):
         return candidate
-    logger.warning("checkpoint root %s: %s names %s, which is not a complete checkpoint; scanning for the newest "
-                   "complete one", root, latest, candidate.name)  # fmt: skip
+    logger.warning(
+        "checkpoint root %s: %s names %s, which is not a complete checkpoint; scanning for the newest complete one",
+        root,
+        latest,
+        candidate.name,
+    )
     return None
 
 
@@ -152,8 +156,9 @@ def resolve_resume(root: str | Path | None, resume: str | None) -> Path | None:
             hint = " (it is a checkpoint root: use resume 'auto' or name one of its step_* directories)"
         elif _TMP_PREFIX in path.name:
             hint = " (a save that never finished)"
-        raise CheckpointError(f"resume checkpoint {path} is not a complete checkpoint: no {COMPLETE_MARKER} "
-                              f"marker{hint}")  # fmt: skip
+        raise CheckpointError(
+            f"resume checkpoint {path} is not a complete checkpoint: no {COMPLETE_MARKER} marker{hint}"
+        )
     return path
 
 
@@ -176,9 +181,11 @@ def check_plain(obj: Any, where: str = "extra") -> None:
                 raise TypeError(f"checkpoint {where}: key {key!r} is a {type(key).__name__}; use str or int keys")
             check_plain(item, f"{where}[{key!r}]")
         return
-    raise TypeError(f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints keep "
-                    "only tensors, python scalars/strings and dicts/lists of them (convert with int(), "
-                    "float() or torch.tensor())")  # fmt: skip
+    raise TypeError(
+        f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints keep "
+        "only tensors, python scalars/strings and dicts/lists of them (convert with int(), "
+        "float() or torch.tensor())"
+    )
 
 
 def save_torch(obj: Any, path: Path) -> None:

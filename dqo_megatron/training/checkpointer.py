@@ -89,8 +89,14 @@ class Checkpointer:
         if self.root is None:
             return 0
         # the newest intact checkpoint: damaged newer ones are reported (file, why) and skipped
-        resumed = checkpointing.resume_checkpoint(self.root, run.train.resume, parts.ddp, parts.optimizer,
-                                                  parts.scheduler, verify=run.train.verify_checkpoints)  # fmt: skip
+        resumed = checkpointing.resume_checkpoint(
+            self.root,
+            run.train.resume,
+            parts.ddp,
+            parts.optimizer,
+            parts.scheduler,
+            verify=run.train.verify_checkpoints,
+        )
         if resumed is None:
             return 0
         path, extra = resumed
@@ -127,9 +133,18 @@ def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t, keep_ste
 
     # a step whose loss was finite can still leave inf/NaN weights (a huge LR): never save those
     if _any_rank(not all(bool(torch.isfinite(p).all()) for chunk in ddp for p in chunk.parameters())):
-        raise TrainingDiverged(f"the weights became non-finite (NaN/inf) by step {step}: not saved; lower train.lr "
-                               "(or value.lr) and resume from the last checkpoint")  # fmt: skip
+        raise TrainingDiverged(
+            f"the weights became non-finite (NaN/inf) by step {step}: not saved; lower train.lr "
+            "(or value.lr) and resume from the last checkpoint"
+        )
     # Every data-parallel rank is at the same sampler position (epoch, batch): one state serves all.
-    return checkpointing.save_checkpoint(root, step, ddp, optimizer, scheduler,
-                                         extra={"step": step, "data": batches.state_dict()},
-                                         keep_last=t.keep_last_checkpoints, keep_steps=keep_steps)  # fmt: skip
+    return checkpointing.save_checkpoint(
+        root,
+        step,
+        ddp,
+        optimizer,
+        scheduler,
+        extra={"step": step, "data": batches.state_dict()},
+        keep_last=t.keep_last_checkpoints,
+        keep_steps=keep_steps,
+    )

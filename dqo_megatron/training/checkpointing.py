@@ -54,6 +54,22 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from dqo_megatron.checkpoint_integrity import (
+    MANIFEST_FILE,
+    ManifestError,
+    all_gather,
+    broadcast,
+    children_die_with_parent,
+    collect_manifest,
+    dcp_size_problems,
+    deferred_single_rank_errors,
+    is_damage,
+    manifest_bytes,
+    one_line,
+    save_error_message,
+    verify_directory,
+    write_manifest,
+)
 from dqo_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported: callers import them from here
     _TMP_PREFIX,
     _TRASH_PREFIX,
@@ -78,26 +94,11 @@ from dqo_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported
     step_dir_name,
     write_text_atomically,
 )
-from dqo_megatron.checkpoint_integrity import (
-    MANIFEST_FILE,
-    ManifestError,
-    all_gather,
-    broadcast,
-    children_die_with_parent,
-    collect_manifest,
-    dcp_size_problems,
-    deferred_single_rank_errors,
-    is_damage,
-    manifest_bytes,
-    one_line,
-    save_error_message,
-    verify_directory,
-    write_manifest,
-)
-from dqo_megatron.training.rng_state import rng_state, set_rng_state  # noqa: F401 - re-exported
 from dqo_megatron.training.policy_value import PolicyValueModel, load_members_state
+from dqo_megatron.training.rng_state import rng_state, set_rng_state  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
+
 
 # --------------------------------------------------------------------------- model state dicts
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -118,8 +119,10 @@ def _model_keys(n_chunks: int) -> list[str]:
 
 
 def _models_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict:
-    return {key: model.sharded_state_dict(metadata=_sharding_metadata()) for key, model in
-            zip(_model_keys(len(models)), models)}  # fmt: skip
+    return {
+        key: model.sharded_state_dict(metadata=_sharding_metadata())
+        for key, model in zip(_model_keys(len(models)), models)
+    }
 
 
 def _load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
@@ -160,9 +163,16 @@ def _schedulers(scheduler) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- save
-def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn.Module], optimizer,
-                    scheduler=None, extra: dict | None = None, keep_last: int | None = 3,
-                    keep_steps: Sequence[int] = ()) -> Path:  # fmt: skip
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    scheduler=None,
+    extra: dict | None = None,
+    keep_last: int | None = 3,
+    keep_steps: Sequence[int] = (),
+) -> Path:
     """Write ``<root>/step_<step:08d>/`` atomically; return its path. Collective: every rank calls it.
 
     Args:
@@ -208,9 +218,18 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     errors = _write_shards(state, tmp)
     try:
         if rank == 0:
-            save_torch({"format_version": FORMAT_VERSION, "step": int(step), "extra": extra,
-                        "schedulers": schedulers, "layout": _layout(), "model_keys": _model_keys(len(models)),
-                        "has_optimizer": optimizer is not None}, tmp / EXTRA_STATE_FILE)  # fmt: skip
+            save_torch(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "step": int(step),
+                    "extra": extra,
+                    "schedulers": schedulers,
+                    "layout": _layout(),
+                    "model_keys": _model_keys(len(models)),
+                    "has_optimizer": optimizer is not None,
+                },
+                tmp / EXTRA_STATE_FILE,
+            )
         (tmp / RNG_DIR).mkdir(exist_ok=True)
         save_torch({"layout": _layout(), "rank": rank, "state": rng}, tmp / RNG_DIR / f"rank_{rank:05d}.pt")
     except Exception as err:  # noqa: BLE001 - shared below so that no rank waits forever
@@ -223,7 +242,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     try:
         manifest = collect_manifest(tmp, exclude=(COMPLETE_MARKER,))
     except ManifestError as err:  # raised on every rank alike
-        raise CheckpointError(f"saving checkpoint {final} failed: {err}; the previous checkpoints are untouched") from None
+        raise CheckpointError(
+            f"saving checkpoint {final} failed: {err}; the previous checkpoints are untouched"
+        ) from None
     failure = None
     if rank == 0:
         try:
@@ -233,8 +254,12 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
             failure = _failure(err, tmp, "")
     _raise_if_any(_gather_errors(failure), final, tmp)
     if rank == 0:
-        logger.info("saved checkpoint %s (%.1f s, %.1f MiB)", final, time.perf_counter() - started,
-                    manifest_bytes(manifest) / 2**20)  # fmt: skip
+        logger.info(
+            "saved checkpoint %s (%.1f s, %.1f MiB)",
+            final,
+            time.perf_counter() - started,
+            manifest_bytes(manifest) / 2**20,
+        )
     return final
 
 
@@ -296,13 +321,24 @@ def _raise_if_any(errors: list[tuple[int, str, bool]], final: Path, tmp: Path) -
     if full and torch.distributed.get_rank() == 0:  # its space is what the next try needs
         shutil.rmtree(tmp, ignore_errors=True)
     removed = "the partial checkpoint was removed, " if full else ""
-    raise CheckpointError(f"saving checkpoint {final} failed ({listed}); {removed}the previous checkpoints are untouched")
+    raise CheckpointError(
+        f"saving checkpoint {final} failed ({listed}); {removed}the previous checkpoints are untouched"
+    )
 
 
 def _write_marker(tmp: Path, step: int, world: int, manifest: dict) -> None:
     with open(tmp / COMPLETE_MARKER, "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "time": time.time(),
-                   "manifest": MANIFEST_FILE, "bytes": manifest_bytes(manifest)}, f)  # fmt: skip
+        json.dump(
+            {
+                "format_version": FORMAT_VERSION,
+                "step": int(step),
+                "world_size": world,
+                "time": time.time(),
+                "manifest": MANIFEST_FILE,
+                "bytes": manifest_bytes(manifest),
+            },
+            f,
+        )
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp)  # the marker and everything written before it are durable before the rename
@@ -349,8 +385,14 @@ def _prune(root: Path, step: int, keep_last: int | None, keep_steps: Sequence[in
 _warned_rng = False
 
 
-def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], optimizer=None, scheduler=None,
-                    restore_rng: bool = True, verify: str = "full") -> dict:  # fmt: skip
+def load_checkpoint(
+    path: str | Path,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    restore_rng: bool = True,
+    verify: str = "full",
+) -> dict:
     """Load a checkpoint written by `save_checkpoint` into this rank's chunks; return its `extra`.
 
     Collective. Works under any TP/PP/VPP/DP layout (global keys); the number of chunks may differ
@@ -370,8 +412,12 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], o
     if check.problems:
         raise CheckpointDamaged(_damage_message(path, check.problems))
     if not check.has_manifest and verify != "off" and torch.distributed.get_rank() == 0:
-        logger.warning("checkpoint %s has no %s (saved before manifests existed): checked against torch's index "
-                       "only, not checksummed", path, MANIFEST_FILE)  # fmt: skip
+        logger.warning(
+            "checkpoint %s has no %s (saved before manifests existed): checked against torch's index "
+            "only, not checksummed",
+            path,
+            MANIFEST_FILE,
+        )
 
     models = [_unwrap(c) for c in model_chunks]
     meta, state = _on_every_rank(lambda: _prepare_load(path, models, optimizer), path)
@@ -381,8 +427,10 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], o
     lacking = sorted({key for keys in all_gather(mine) for key in keys})
     if lacking:
         shown = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
-        raise CheckpointError(f"{path} lacks {len(lacking)} tensors this model/optimizer needs: {shown} "
-                              "(different model, value mode or reference setting?)")  # fmt: skip
+        raise CheckpointError(
+            f"{path} lacks {len(lacking)} tensors this model/optimizer needs: {shown} "
+            "(different model, value mode or reference setting?)"
+        )
     loaded = _on_every_rank(lambda: _read_shards(path, state), path)
     _on_every_rank(lambda: _apply(path, meta, loaded, models, optimizer, scheduler, restore_rng), path)
     extra = dict(meta.get("extra", {}))
@@ -467,8 +515,14 @@ def _lacking_tensor_keys(state: dict, path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ resume
-def resume_checkpoint(root: str | Path | None, resume: str | None, model_chunks: Sequence[torch.nn.Module],
-                      optimizer=None, scheduler=None, verify: str = "full") -> tuple[Path, dict] | None:  # fmt: skip
+def resume_checkpoint(
+    root: str | Path | None,
+    resume: str | None,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    verify: str = "full",
+) -> tuple[Path, dict] | None:
     """Resume as `resume` says; return ``(checkpoint path, its extra)`` or None (start fresh). Collective.
 
     ``"auto"``: the checkpoints under `root` newest first (`resume_candidates`, listed by rank 0 so
@@ -479,9 +533,11 @@ def resume_checkpoint(root: str | Path | None, resume: str | None, model_chunks:
     choice = "" if resume is None else str(resume).strip()
     if choice.lower() in ("", "none") and root is not None and list_checkpoints(root):
         steps = [step for step, _ in list_checkpoints(root)]
-        raise CheckpointError(f"{root} holds checkpoints (steps {steps[0]}..{steps[-1]}) that a fresh start "
-                              "(train.resume=none) would overwrite: continue them with train.resume=auto, or start "
-                              "over in another run_dir (or move them away first)")  # fmt: skip
+        raise CheckpointError(
+            f"{root} holds checkpoints (steps {steps[0]}..{steps[-1]}) that a fresh start "
+            "(train.resume=none) would overwrite: continue them with train.resume=auto, or start "
+            "over in another run_dir (or move them away first)"
+        )
     if choice.lower() in ("", "none") or (choice.lower() == "auto" and root is None):
         return None
     if choice.lower() != "auto":
@@ -498,12 +554,15 @@ def resume_checkpoint(root: str | Path | None, resume: str | None, model_chunks:
                 logger.warning("%s; skipping it (left as it is) and trying the previous checkpoint", err)
             continue
         if damaged and rank == 0:
-            logger.warning("resuming from %s, the newest intact checkpoint (%d newer damaged one(s) skipped)", path,
-                           len(damaged))  # fmt: skip
+            logger.warning(
+                "resuming from %s, the newest intact checkpoint (%d newer damaged one(s) skipped)", path, len(damaged)
+            )
         return path, extra
     if damaged:
-        raise CheckpointError(f"no intact checkpoint under {root}: {' | '.join(damaged)}; restore one, or start over "
-                              "in another run_dir (the damaged ones are left as they are)")  # fmt: skip
+        raise CheckpointError(
+            f"no intact checkpoint under {root}: {' | '.join(damaged)}; restore one, or start over "
+            "in another run_dir (the damaged ones are left as they are)"
+        )
     return None
 
 
@@ -526,15 +585,21 @@ def _param_groups_of_this_run(optimizer):
         # was requested through this optimizer's own state_dict()).
         numbered, start = [], 0
         for group in current_groups:
-            numbered.append({**{k: v for k, v in group.items() if k != "params"},
-                             "params": list(range(start, start + len(group["params"])))})  # fmt: skip
+            numbered.append(
+                {
+                    **{k: v for k, v in group.items() if k != "params"},
+                    "params": list(range(start, start + len(group["params"]))),
+                }
+            )
             start += len(group["params"])
         return numbered
 
     subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
     inner = [getattr(sub, "optimizer", None) for sub in subs]
-    settings = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] if opt is not None else None
-                for opt in inner]  # fmt: skip
+    settings = [
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] if opt is not None else None
+        for opt in inner
+    ]
     for sub in subs:  # an instance attribute shadows Megatron's staticmethod for this load only
         sub._filter_and_reorder_param_groups = groups_of_this_run
     try:

@@ -25,8 +25,10 @@ def model_tokenizers(run: RunConfig) -> list[tuple[str, str]]:
 
     found, seen = [], set()
     candidates = [("eval.tokenizer", run.eval.tokenizer)]
-    candidates += [(f"init.{m}", os.path.join(getattr(run.init, m), HF_DIR) if getattr(run.init, m) else None)
-                   for m in ("policy", "reference", "value")]  # fmt: skip
+    candidates += [
+        (f"init.{m}", os.path.join(getattr(run.init, m), HF_DIR) if getattr(run.init, m) else None)
+        for m in ("policy", "reference", "value")
+    ]
     for setting, path in candidates:
         if path and os.path.exists(path) and os.path.realpath(path) not in seen:
             seen.add(os.path.realpath(path))
@@ -57,28 +59,38 @@ def check_data_matches_model(dataset, run: RunConfig, log: bool = True) -> list[
     tok = _dataset_tokenizer(dataset.manifest)
     warnings: list[str] = []
     if not 0 <= run.data.pad_id < vocab:
-        raise ConfigError(f"data.pad_id={run.data.pad_id} is not a token id of the model (model.vocab_size={vocab}): "
-                          "padding goes through the embedding too; use an id below the vocabulary size")  # fmt: skip
+        raise ConfigError(
+            f"data.pad_id={run.data.pad_id} is not a token id of the model (model.vocab_size={vocab}): "
+            "padding goes through the embedding too; use an id below the vocabulary size"
+        )
     data_vocab = dataset.manifest.get("vocab_size")
     if isinstance(data_vocab, int) and data_vocab > vocab:
-        msg = (f"{manifest_path}: the dataset's tokenizer {tok.get('name')!r} has {data_vocab} tokens, the model "
-               f"{vocab} (model.vocab_size{_ckpt_note(run)}): ids the model does not have may be in the data")
+        msg = (
+            f"{manifest_path}: the dataset's tokenizer {tok.get('name')!r} has {data_vocab} tokens, the model "
+            f"{vocab} (model.vocab_size{_ckpt_note(run)}): ids the model does not have may be in the data"
+        )
         if not allow:
-            raise ConfigError(msg + "; preprocess with the model's tokenizer (or set data.allow_tokenizer_mismatch="
-                              "true if you know the extra ids are never used)")  # fmt: skip
+            raise ConfigError(
+                msg + "; preprocess with the model's tokenizer (or set data.allow_tokenizer_mismatch="
+                "true if you know the extra ids are never used)"
+            )
         warnings.append(msg + " (allowed by data.allow_tokenizer_mismatch; every id is checked below)")
     bad = dataset.first_token_outside(vocab)
     if bad is not None:
         doc, token = bad
-        raise ConfigError(f"{dataset.prefix}: document {doc} (from {dataset.source_of(doc)}) holds token id {token}, "
-                          f"outside the model's vocabulary (model.vocab_size={vocab}{_ckpt_note(run)}): the data "
-                          "was tokenized for another model; preprocess it with this model's tokenizer")  # fmt: skip
+        raise ConfigError(
+            f"{dataset.prefix}: document {doc} (from {dataset.source_of(doc)}) holds token id {token}, "
+            f"outside the model's vocabulary (model.vocab_size={vocab}{_ckpt_note(run)}): the data "
+            "was tokenized for another model; preprocess it with this model's tokenizer"
+        )
     for part in ("rewards", "behavior_logprobs", "ref_logprobs"):
         doc = dataset.first_nonfinite(part)
         if doc is not None:
-            raise ConfigError(f"{dataset.prefix}_{part}.bin: document {doc} (from {dataset.source_of(doc)}) holds NaN "
-                              "or inf, which preprocess never writes: the file is damaged or was edited; preprocess "
-                              "(and annotate) the dataset again")  # fmt: skip
+            raise ConfigError(
+                f"{dataset.prefix}_{part}.bin: document {doc} (from {dataset.source_of(doc)}) holds NaN "
+                "or inf, which preprocess never writes: the file is damaged or was edited; preprocess "
+                "(and annotate) the dataset again"
+            )
     warnings += _compare_tokenizers(manifest_path, tok, run, allow)
     if log:
         for w in warnings:
@@ -94,25 +106,36 @@ def _compare_tokenizers(manifest_path: str, tok: dict, run: RunConfig, allow: bo
     from dqo_megatron.data.tokenize import tokenizer_difference, tokenizer_fingerprint
 
     # an hf/ directory may hold only config.json: a tokenizer is what has tokenizer files
-    theirs = [(setting, path, fp) for setting, path in model_tokenizers(run)
-              if (fp := tokenizer_fingerprint(path)) is not None]  # fmt: skip
+    theirs = [
+        (setting, path, fp)
+        for setting, path in model_tokenizers(run)
+        if (fp := tokenizer_fingerprint(path)) is not None
+    ]
     if not theirs:  # a warning: the check the user may count on could not be made
-        return [f"{manifest_path}: the model comes with no tokenizer (no tokenizer files in an init checkpoint's hf/, "
-                "no eval.tokenizer), so the data's tokenizer cannot be compared with it: only the vocabulary size and "
-                "the token ids are checked"]  # fmt: skip
+        return [
+            f"{manifest_path}: the model comes with no tokenizer (no tokenizer files in an init checkpoint's hf/, "
+            "no eval.tokenizer), so the data's tokenizer cannot be compared with it: only the vocabulary size and "
+            "the token ids are checked"
+        ]
     if not tok.get("sha256"):
-        return [f"{manifest_path} records no tokenizer hash (written before preprocess recorded one, or by hand): "
-                f"cannot check that its tokenizer {tok.get('name')!r} is the model's ({theirs[0][1]}); preprocess "
-                "again to have it checked"]  # fmt: skip
+        return [
+            f"{manifest_path} records no tokenizer hash (written before preprocess recorded one, or by hand): "
+            f"cannot check that its tokenizer {tok.get('name')!r} is the model's ({theirs[0][1]}); preprocess "
+            "again to have it checked"
+        ]
     out = []
     for setting, path, fp in theirs:
         diff = tokenizer_difference(tok, fp, ("the data's", "the model's"))
         if diff is None:
             continue
-        msg = (f"{manifest_path}: the data was tokenized by {tok.get('name')!r} (sha256 {tok['sha256'][:12]}), "
-               f"the model's tokenizer ({setting}: {path}) is another (sha256 {fp['sha256'][:12]}: {diff})")
+        msg = (
+            f"{manifest_path}: the data was tokenized by {tok.get('name')!r} (sha256 {tok['sha256'][:12]}), "
+            f"the model's tokenizer ({setting}: {path}) is another (sha256 {fp['sha256'][:12]}: {diff})"
+        )
         if not allow:
-            raise ConfigError(msg + ": preprocess the data with the model's tokenizer, or set "
-                              "data.allow_tokenizer_mismatch=true if you know both give the same ids")  # fmt: skip
+            raise ConfigError(
+                msg + ": preprocess the data with the model's tokenizer, or set "
+                "data.allow_tokenizer_mismatch=true if you know both give the same ids"
+            )
         out.append(msg + " (allowed by data.allow_tokenizer_mismatch)")
     return out

@@ -51,16 +51,19 @@ EvaluatorFactory = Callable[[RunConfig, int, int], Evaluator]
 """(run, dp_rank, dp_size) -> the run's Evaluator; `dqo_megatron.eval.during_training.HeldOutEvaluator` is one."""
 
 
-def build_evaluator(run: RunConfig, make_evaluator: EvaluatorFactory | None, dp_rank: int,
-                    dp_size: int) -> Evaluator | None:
+def build_evaluator(
+    run: RunConfig, make_evaluator: EvaluatorFactory | None, dp_rank: int, dp_size: int
+) -> Evaluator | None:
     """The evaluator `EvalSchedule` calls: None without eval.interval; ConfigError when the interval is
     set but the caller gave no way to evaluate (a library caller of `train` must pass `make_evaluator`)."""
     if not run.eval.interval:
         return None
     if make_evaluator is None:
-        raise ConfigError(f"eval.interval={run.eval.interval} needs an evaluator: call train(run, make_evaluator="
-                          "dqo_megatron.eval.during_training.HeldOutEvaluator) (`dqo-megatron train` does), or set "
-                          "eval.interval=0")
+        raise ConfigError(
+            f"eval.interval={run.eval.interval} needs an evaluator: call train(run, make_evaluator="
+            "dqo_megatron.eval.during_training.HeldOutEvaluator) (`dqo-megatron train` does), or set "
+            "eval.interval=0"
+        )
     return make_evaluator(run, dp_rank, dp_size)
 
 
@@ -100,8 +103,14 @@ class EvalSchedule:
     checkpoint steps must survive pruning (the best so far). Resumes from `run_dir/evals.jsonl`.
     What is measured is the injected evaluator's business (`eval.during_training.HeldOutEvaluator`)."""
 
-    def __init__(self, run: RunConfig, is_logger: bool, evaluator: Evaluator | None, start: int = 0,
-                 resumed_at: int | None = None):
+    def __init__(
+        self,
+        run: RunConfig,
+        is_logger: bool,
+        evaluator: Evaluator | None,
+        start: int = 0,
+        resumed_at: int | None = None,
+    ):
         """`evaluator`: measures the policy at a step (`make_evaluator`'s); None without eval.interval."""
         self.interval = run.eval.interval
         self.start = start  # the critic warm-up: the policy does not move before this step
@@ -135,8 +144,14 @@ class EvalSchedule:
         """Measure the policy now (collective)."""
         evaluation = self.evaluator(policy, step)
         if self.is_logger:
-            logger.info("eval step %d: held-out greedy accuracy %.2f%% (%d/%d, %.1f s)", step,
-                        100 * evaluation.accuracy, evaluation.correct, evaluation.problems, evaluation.seconds)  # fmt: skip
+            logger.info(
+                "eval step %d: held-out greedy accuracy %.2f%% (%d/%d, %.1f s)",
+                step,
+                100 * evaluation.accuracy,
+                evaluation.correct,
+                evaluation.problems,
+                evaluation.seconds,
+            )
         return evaluation
 
     def keep_steps(self, pending: Evaluation | None = None) -> list[int]:

@@ -27,22 +27,31 @@ def check_training_checkpoint(checkpoint: str | Path) -> Path:
     conversion checkpoint, an unfinished save, not a checkpoint). Its files are checked at load."""
     from dqo_megatron.conversion.megatron_io import INFO_FILE, WEIGHTS_DIR
     from dqo_megatron.training.checkpointing import (
-        _TMP_PREFIX, COMPLETE_MARKER, EXTRA_STATE_FILE, CheckpointError, list_checkpoints,
-    )  # fmt: skip
+        _TMP_PREFIX,
+        COMPLETE_MARKER,
+        EXTRA_STATE_FILE,
+        CheckpointError,
+        list_checkpoints,
+    )
 
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a training checkpoint (a file; name a run_dir/checkpoints/step_XXXXXXXX "
-                              "directory)")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (a file; name a run_dir/checkpoints/step_XXXXXXXX directory)"
+        )
     inside = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
     if inside:
-        raise CheckpointError(f"{path} is a run directory or checkpoint root, not one checkpoint: name one of its "
-                              f"step_* directories (the newest: {inside[-1][1]})")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is a run directory or checkpoint root, not one checkpoint: name one of its "
+            f"step_* directories (the newest: {inside[-1][1]})"
+        )
     if (path / INFO_FILE).is_file() and (path / WEIGHTS_DIR).is_dir():
-        raise CheckpointError(f"{path} is a dqo-megatron conversion checkpoint, not a training checkpoint: "
-                              "`dqo-megatron convert megatron-to-hf` exports it")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is a dqo-megatron conversion checkpoint, not a training checkpoint: "
+            "`dqo-megatron convert megatron-to-hf` exports it"
+        )
     if path.name.startswith(_TMP_PREFIX):
         raise CheckpointError(f"{path} is a checkpoint save that never finished (no {COMPLETE_MARKER} marker)")
     for needed in (COMPLETE_MARKER, EXTRA_STATE_FILE):
@@ -60,8 +69,10 @@ def export_config_path(checkpoint: str | Path, config: str | Path | None = None)
         return Path(config)
     found = path.absolute().parent.parent / RUN_CONFIG_FILE
     if not found.is_file():
-        raise ConfigError(f"{found} does not exist: checkpoint {path} is not in the run_dir/checkpoints/ of a "
-                          "`dqo-megatron train` run; pass the run's config with --config")  # fmt: skip
+        raise ConfigError(
+            f"{found} does not exist: checkpoint {path} is not in the run_dir/checkpoints/ of a "
+            "`dqo-megatron train` run; pass the run's config with --config"
+        )
     return found
 
 
@@ -70,8 +81,9 @@ def _export_inputs(run: RunConfig, checkpoint: str | Path, tokenizer: Optional[s
     return [p for p in (checkpoint, run.init.policy, tokenizer) if p]
 
 
-def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str | Path, *,
-                              overwrite: bool = False) -> Path:  # fmt: skip
+def export_policy_to_megatron(
+    run: RunConfig, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
     """Write the policy of training checkpoint `checkpoint` (of `run`) as a dqo-megatron conversion
     checkpoint `out` (`model_config.yaml`, `weights/`, the base model's `hf/` side files when
     `init.policy` had them): what `init.policy` / `init.reference` of a next run take, at any layout.
@@ -80,8 +92,14 @@ def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str |
     """
     from dqo_megatron import parallel
     from dqo_megatron.conversion.megatron_io import (
-        HF_DIR, WEIGHTS_DIR, CheckpointInfo, dtype_name, save_chunks, staged_output, write_metadata,
-    )  # fmt: skip
+        HF_DIR,
+        WEIGHTS_DIR,
+        CheckpointInfo,
+        dtype_name,
+        save_chunks,
+        staged_output,
+        write_metadata,
+    )
     from dqo_megatron.training.checkpointing import load_checkpoint
     from dqo_megatron.training.policy_value import build_policy_value_chunks
 
@@ -95,8 +113,11 @@ def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str |
     with staged_output(out, overwrite, _export_inputs(run, checkpoint)) as staging:
         save_chunks([chunk.policy], staging / WEIGHTS_DIR)
         param_dtype = next(chunk.policy.parameters()).dtype
-        write_metadata(staging, run.model, CheckpointInfo(family=run.model.family, dtype=dtype_name(param_dtype),
-                                                          source=str(checkpoint.absolute())))  # fmt: skip
+        write_metadata(
+            staging,
+            run.model,
+            CheckpointInfo(family=run.model.family, dtype=dtype_name(param_dtype), source=str(checkpoint.absolute())),
+        )
         base_hf = Path(run.init.policy) / HF_DIR if run.init.policy else None
         if base_hf is not None and base_hf.is_dir():
             shutil.copytree(base_hf, staging / HF_DIR)
@@ -105,8 +126,16 @@ def export_policy_to_megatron(run: RunConfig, checkpoint: str | Path, out: str |
     return Path(out)
 
 
-def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
-                        dtype: str = "auto", tokenizer: Optional[str] = None, verify: bool = False):  # fmt: skip
+def export_policy_to_hf(
+    run: RunConfig,
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    tokenizer: Optional[str] = None,
+    verify: bool = False,
+):
     """Write the policy of training checkpoint `checkpoint` (of `run`) as an HF model directory `out`.
 
     Returns the conversion report. Runs at TP=PP=1 in this process whatever layout trained it.
@@ -121,7 +150,14 @@ def export_policy_to_hf(run: RunConfig, checkpoint: str | Path, out: str | Path,
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
     try:
         export_policy_to_megatron(run, checkpoint, staging / "megatron")
-        return megatron_to_hf(staging / "megatron", out, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer,
-                              verify=verify, progress=False)  # fmt: skip
+        return megatron_to_hf(
+            staging / "megatron",
+            out,
+            overwrite=overwrite,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            verify=verify,
+            progress=False,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,8 +12,16 @@ from __future__ import annotations
 from dqo_megatron.config import ModelConfig
 from dqo_megatron.models.params import expected_parameter_count
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "B200": 2250.0, "GB200": 2500.0}  # fmt: skip
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+    "GB200": 2500.0,
+}
 """Dense bf16 peak per GPU (vendor figures, TFLOP/s) by a name fragment of `torch.cuda.get_device_name`."""
 
 
@@ -27,7 +35,9 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int, with_output_lay
     return flops
 
 
-def step_flops(model: ModelConfig, tokens: int, seq_length: int, *, value_network: bool, reference_model: bool) -> float:
+def step_flops(
+    model: ModelConfig, tokens: int, seq_length: int, *, value_network: bool, reference_model: bool
+) -> float:
     """FLOPs of one optimizer step over `tokens` tokens (all ranks together)."""
     per_token = 3.0 * forward_flops_per_token(model, seq_length)
     if value_network:

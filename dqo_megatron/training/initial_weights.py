@@ -12,8 +12,11 @@ def check_same_model(run_model: ModelConfig, ckpt_model: ModelConfig, where: str
     ours, theirs = to_dict(run_model), to_dict(ckpt_model)
     diffs = [f"model.{k}={ours[k]!r} (checkpoint: {theirs[k]!r})" for k in ours if ours[k] != theirs.get(k)]
     if diffs:
-        raise ConfigError(f"{where} was converted for another model: " + "; ".join(diffs)
-                          + ". Copy the checkpoint's model_config.yaml into the run config's `model` section")  # fmt: skip
+        raise ConfigError(
+            f"{where} was converted for another model: "
+            + "; ".join(diffs)
+            + ". Copy the checkpoint's model_config.yaml into the run config's `model` section"
+        )
 
 
 def _load_member(chunks: list, member: str, path: str, run: RunConfig) -> None:
@@ -58,6 +61,8 @@ def load_initial_weights(run: RunConfig, chunks: list) -> str:
         done.append(f"reference from {run.init.reference or run.init.policy}")
     if chunks[0].value is not None:
         _load_member(chunks, "value", run.init.value or run.init.policy, run)
-        done.append(f"value network from {run.init.value or run.init.policy}"
-                    + ("" if run.init.value else f" (head: init std {run.value.head_init_std})"))
+        done.append(
+            f"value network from {run.init.value or run.init.policy}"
+            + ("" if run.init.value else f" (head: init std {run.value.head_init_std})")
+        )
     return "; ".join(done)

@@ -14,8 +14,9 @@ from dqo_megatron.parallel import unwrap
 from dqo_megatron.training.member_step import MEMBER_KEY
 
 
-def wrap_with_ddp(chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True,
-                  use_distributed_optimizer: bool = False) -> list:
+def wrap_with_ddp(
+    chunks: Sequence[torch.nn.Module], grad_reduce_in_fp32: bool = True, use_distributed_optimizer: bool = False
+) -> list:
     """Wrap model chunks in Megatron's DistributedDataParallel (grads live in `param.main_grad`).
 
     Gradient reduction is not overlapped with backward (the CPU path cannot overlap; on GPU this is
@@ -55,8 +56,7 @@ def build_optimizer(
     network and the value head) form their own group with peak `value_lr` (default `lr`); biases and
     norms get no weight decay (Megatron's standard groups).
     """
-    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
-    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer, get_standard_config_overrides
 
     from dqo_megatron.models.value_head import VALUE_HEAD_ATTR
 
@@ -78,9 +78,10 @@ def build_optimizer(
     # The value parameters always get a group of their own, tagged so the scheduler can give them
     # their own schedule (Megatron passes override keys through into the param group).
     overrides[ParamKey(attr=VALUE_HEAD_ATTR)] = {
-        "max_lr": lr if value_lr is None else value_lr, "min_lr": min_lr if value_min_lr is None else value_min_lr,
+        "max_lr": lr if value_lr is None else value_lr,
+        "min_lr": min_lr if value_min_lr is None else value_min_lr,
         MEMBER_KEY: "value",
-    }  # fmt: skip
+    }
     return get_megatron_optimizer(opt_config, list(ddp_chunks), config_overrides=overrides)
 
 
@@ -94,8 +95,15 @@ def _policy_value_scheduler_class():
         scheduler; for the value group we swap the shape in for the call.
         """
 
-        def __init__(self, optimizer, *, value_shape: dict | None, policy_delay: int = 0,
-                     adam_betas: tuple[float, float] | None = None, **kwargs):  # fmt: skip
+        def __init__(
+            self,
+            optimizer,
+            *,
+            value_shape: dict | None,
+            policy_delay: int = 0,
+            adam_betas: tuple[float, float] | None = None,
+            **kwargs,
+        ):
             self.value_shape = value_shape  # before super().__init__, which already calls get_lr
             self.policy_delay = policy_delay
             self.adam_betas = adam_betas
@@ -124,8 +132,10 @@ def _policy_value_scheduler_class():
             # checkpoint written with another value.warmup_steps cannot continue this one exactly.
             saved = int(state.get("policy_delay", 0))
             if saved != self.policy_delay:
-                raise ValueError(f"the checkpoint's schedule has value.warmup_steps={saved}, this run "
-                                 f"{self.policy_delay}: set value.warmup_steps={saved} to resume it")  # fmt: skip
+                raise ValueError(
+                    f"the checkpoint's schedule has value.warmup_steps={saved}, this run "
+                    f"{self.policy_delay}: set value.warmup_steps={saved} to resume it"
+                )
             super().load_state_dict({k: v for k, v in state.items() if k != "policy_delay"})
 
         def _policy_lr(self, param_group: dict) -> float:
@@ -158,10 +168,20 @@ def _policy_value_scheduler_class():
     return PolicyValueScheduler
 
 
-def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_style: str,
-                    weight_decay: float = 0.0, value_warmup_steps: int | None = None,
-                    value_decay_style: str | None = None, policy_delay: int = 0,
-                    adam_betas: tuple[float, float] | None = None):  # fmt: skip
+def build_scheduler(
+    optimizer,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    decay_steps: int,
+    decay_style: str,
+    weight_decay: float = 0.0,
+    value_warmup_steps: int | None = None,
+    value_decay_style: str | None = None,
+    policy_delay: int = 0,
+    adam_betas: tuple[float, float] | None = None,
+):
     """Megatron's `OptimizerParamScheduler`: linear warmup, then constant/cosine/linear decay.
 
     The value group (see `build_optimizer`) has its own peak/final LR from its param group and,
@@ -176,19 +196,35 @@ def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_steps: int, d
     if value_warmup_steps is not None or value_decay_style is not None:
         v_warm = warmup_steps if value_warmup_steps is None else value_warmup_steps
         value_shape = {
-            "lr_warmup_steps": v_warm, "lr_decay_style": value_decay_style or decay_style,
-            "lr_decay_steps": max(decay_steps, v_warm + 1), "init_lr": 0.0,
-        }  # fmt: skip
+            "lr_warmup_steps": v_warm,
+            "lr_decay_style": value_decay_style or decay_style,
+            "lr_decay_steps": max(decay_steps, v_warm + 1),
+            "init_lr": 0.0,
+        }
     if policy_delay and value_shape is None:  # the value group keeps the unshifted schedule
-        value_shape = {"lr_warmup_steps": warmup_steps, "lr_decay_style": decay_style,
-                       "lr_decay_steps": max(decay_steps, warmup_steps + 1), "init_lr": 0.0 if warmup_steps else lr}  # fmt: skip
+        value_shape = {
+            "lr_warmup_steps": warmup_steps,
+            "lr_decay_style": decay_style,
+            "lr_decay_steps": max(decay_steps, warmup_steps + 1),
+            "init_lr": 0.0 if warmup_steps else lr,
+        }
     policy_decay = max(decay_steps - policy_delay, warmup_steps + 1)
     return _policy_value_scheduler_class()(
-        optimizer, value_shape=value_shape, policy_delay=policy_delay, adam_betas=adam_betas if policy_delay else None,
-        init_lr=0.0 if warmup_steps else lr, max_lr=lr,
-        min_lr=min_lr, lr_warmup_steps=warmup_steps, lr_decay_steps=policy_decay, lr_decay_style=decay_style,
-        start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
-    )  # fmt: skip
+        optimizer,
+        value_shape=value_shape,
+        policy_delay=policy_delay,
+        adam_betas=adam_betas if policy_delay else None,
+        init_lr=0.0 if warmup_steps else lr,
+        max_lr=lr,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=policy_decay,
+        lr_decay_style=decay_style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant",
+    )
 
 
 def attach_finalize(ddp_chunks: Sequence[torch.nn.Module], finalize: Callable | None = None) -> None:

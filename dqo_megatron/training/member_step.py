@@ -34,7 +34,7 @@ parameters, e.g. the value head off the last pipeline stage: it still takes part
 
 
 def member_of(param_group: dict) -> str:
-    """"value" for the value network's param groups, else "policy"."""
+    """ "value" for the value network's param groups, else "policy"."""
     return param_group.get(MEMBER_KEY) or "policy"
 
 
@@ -69,8 +69,10 @@ def _members_params(optimizer) -> tuple[dict[str, list], dict[str, list], object
 def _check_supported(optimizer) -> None:
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
     if any(getattr(sub.config, "use_precision_aware_optimizer", False) for sub in subs):
-        raise NotImplementedError("per-member clipping reads param.grad; Megatron's precision-aware optimizer "
-                                  "keeps decoupled grads: not supported")  # fmt: skip
+        raise NotImplementedError(
+            "per-member clipping reads param.grad; Megatron's precision-aware optimizer "
+            "keeps decoupled grads: not supported"
+        )
     if len(subs) > 1 and not optimizer.grads_states_parallel_group_is_shared():
         raise NotImplementedError("per-member clipping needs one gradient-statistics group (no expert parallelism)")
 

@@ -16,8 +16,15 @@ from dqo_megatron.training.flops import peak_tflops_per_device, step_flops
 
 logger = logging.getLogger(__name__)
 
-CONSOLE_METRICS = ("policy_loss", "value_loss", "loss", "nll", "value_explained_var", "grad_norm_policy",
-                   "grad_norm_value")  # fmt: skip
+CONSOLE_METRICS = (
+    "policy_loss",
+    "value_loss",
+    "loss",
+    "nll",
+    "value_explained_var",
+    "grad_norm_policy",
+    "grad_norm_value",
+)
 """The metrics a console line shows (all of them go to metrics.jsonl, TensorBoard and W&B)."""
 
 
@@ -36,8 +43,13 @@ class MetricsLogger:
         self.writer = _tensorboard(run) if self.is_logger else None
         self.wandb_run = _wandb(run) if self.is_logger else None
         rows = t.global_batch_size * parts.algorithm.rows_per_item
-        self.flops = step_flops(run.model, rows * t.seq_length, t.seq_length, value_network=bool(parts.chunks[0].value),
-                                reference_model=parts.chunks[0].reference is not None)  # fmt: skip
+        self.flops = step_flops(
+            run.model,
+            rows * t.seq_length,
+            t.seq_length,
+            value_network=bool(parts.chunks[0].value),
+            reference_model=parts.chunks[0].reference is not None,
+        )
         self.peak = peak_tflops_per_device(t.peak_tflops)
         self.metrics_file = open(Path(run.run_dir) / "metrics.jsonl", "a") if (self.is_logger and run.run_dir) else None
         self.started = time.perf_counter()
@@ -53,9 +65,19 @@ class MetricsLogger:
         if self.metrics_file is not None:
             # Full precision, one line a step (after a resume the steps since the checkpoint
             # appear again: readers keep the last line of a step).
-            self.metrics_file.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-                                                "applied": result.update_successful, "seconds": seconds,
-                                                **result.metrics}) + "\n")  # fmt: skip
+            self.metrics_file.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": result.loss,
+                        "grad_norm": result.grad_norm,
+                        "applied": result.update_successful,
+                        "seconds": seconds,
+                        **result.metrics,
+                    }
+                )
+                + "\n"
+            )
             self.metrics_file.flush()
         if self.is_logger and (step % self.log_interval == 0 or step == self.total):
             perf = {"tflops_per_device": self.flops / seconds / 1e12 / self.world_size if seconds > 0 else float("nan")}
@@ -87,15 +109,29 @@ class MetricsLogger:
         mfu = f"  MFU {100 * perf['mfu']:.1f}%" if "mfu" in perf else ""
         logger.info(
             "step %d/%d  %s  grad-norm %.3f  lr %s  %.0f tok/s  %.2f TFLOP/s/dev%s  %.2f s/step  ETA %s%s",
-            step, self.total, "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), result.grad_norm,
-            "/".join(f"{lr:.2e}" for lr in lrs.values()), rate, perf["tflops_per_device"], mfu, seconds, _hms(eta),
+            step,
+            self.total,
+            "  ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+            result.grad_norm,
+            "/".join(f"{lr:.2e}" for lr in lrs.values()),
+            rate,
+            perf["tflops_per_device"],
+            mfu,
+            seconds,
+            _hms(eta),
             "" if result.update_successful else "  (skipped: non-finite loss)",
-        )  # fmt: skip
+        )
         if self.wandb_run is not None:
-            self.wandb_run.log({**{f"train/{k}": v for k, v in result.metrics.items()},
-                                "train/grad_norm": result.grad_norm, "perf/tokens_per_second": rate,
-                                **{f"perf/{k}": v for k, v in perf.items()},
-                                **{f"lr/{k}": lr for k, lr in lrs.items()}}, step=step)  # fmt: skip
+            self.wandb_run.log(
+                {
+                    **{f"train/{k}": v for k, v in result.metrics.items()},
+                    "train/grad_norm": result.grad_norm,
+                    "perf/tokens_per_second": rate,
+                    **{f"perf/{k}": v for k, v in perf.items()},
+                    **{f"lr/{k}": lr for k, lr in lrs.items()},
+                },
+                step=step,
+            )
         writer = self.writer
         if writer is None:
             return
@@ -125,7 +161,9 @@ def _wandb(run: RunConfig):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("train.wandb_project is set but wandb is not installed: pip install wandb, or unset it") from None
+        raise ConfigError(
+            "train.wandb_project is set but wandb is not installed: pip install wandb, or unset it"
+        ) from None
     from dqo_megatron.config import to_dict
 
     return wandb.init(project=run.train.wandb_project, config=to_dict(run), dir=run.run_dir)

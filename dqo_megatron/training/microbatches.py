@@ -54,8 +54,10 @@ def mismatched_rows(samples: list[dict]) -> list[dict]:
     for i, sample in enumerate(samples):
         other = samples[(i + 1) % len(samples)]
         p, q = sample["prompt_length"], other["prompt_length"]
-        row = {key: np.concatenate([np.asarray(sample[key])[:p], np.asarray(other[key])[q:]])
-               for key in ("tokens", "loss_mask", "rewards", "behavior_logprobs", "ref_logprobs")}  # fmt: skip
+        row = {
+            key: np.concatenate([np.asarray(sample[key])[:p], np.asarray(other[key])[q:]])
+            for key in ("tokens", "loss_mask", "rewards", "behavior_logprobs", "ref_logprobs")
+        }
         row.update({k: sample[k] for k in sample if k not in row})
         row["prompt_length"] = p
         row["truncated"] = bool(other.get("truncated", False))
@@ -71,9 +73,22 @@ class MicroBatches:
     (B documents, then B mismatched prompt/response rows for the KL reference point; `desirable` [B]).
     """
 
-    def __init__(self, dataset: TrajectoryDataset, *, seq_length: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, shuffle: bool, pad_id: int, with_ref_logprobs: bool, device=None,
-                 mode: str = "samples", max_pairs_per_prompt: int = 12):  # fmt: skip
+    def __init__(
+        self,
+        dataset: TrajectoryDataset,
+        *,
+        seq_length: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool,
+        pad_id: int,
+        with_ref_logprobs: bool,
+        device=None,
+        mode: str = "samples",
+        max_pairs_per_prompt: int = 12,
+    ):
         from dqo_megatron.data.pairs import DPOPairDataset, build_dpo_pairs, is_positive
 
         self.mode = mode
@@ -82,7 +97,9 @@ class MicroBatches:
         if mode == "pairs":
             pairs = build_dpo_pairs(dataset.prompt_index, self.positive, max_pairs_per_prompt, seed=seed)
             if len(pairs) == 0:
-                raise ValueError(f"{dataset.prefix}: no prompt has both a correct and an incorrect response: no DPO pairs")
+                raise ValueError(
+                    f"{dataset.prefix}: no prompt has both a correct and an incorrect response: no DPO pairs"
+                )
             self.source = DPOPairDataset(dataset, pairs)
         elif mode == "kto" and micro_batch_size < 2:
             raise ValueError("KTO needs train.micro_batch_size >= 2 (mismatched pairs are built inside a micro-batch)")
@@ -97,8 +114,9 @@ class MicroBatches:
         self.pad_id = pad_id
         self.with_ref_logprobs = with_ref_logprobs
         self.device = device
-        self.sampler = DistributedTrajectorySampler(len(self.source), micro_batch_size, dp_rank, dp_size, seed=seed,
-                                                    shuffle=shuffle, drop_last=True)  # fmt: skip
+        self.sampler = DistributedTrajectorySampler(
+            len(self.source), micro_batch_size, dp_rank, dp_size, seed=seed, shuffle=shuffle, drop_last=True
+        )
         self._iter: Iterator[list[int]] | None = None
 
     def _indices(self) -> list[int]:

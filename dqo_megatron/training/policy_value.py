@@ -22,6 +22,7 @@ policy's final hidden states).
 from __future__ import annotations
 
 import contextlib
+
 import torch
 
 from dqo_megatron.logprobs import gather_from_sequence_parallel, output_weight, token_logprobs_from_hidden
@@ -48,8 +49,16 @@ class PolicyValueModel(torch.nn.Module):
         head_init_std: std of the head's weight init (0: zero).
     """
 
-    def __init__(self, policy, value=None, reference=None, *, value_head: bool = True, head_init_std: float = 0.0,
-                 offload_reference: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        policy,
+        value=None,
+        reference=None,
+        *,
+        value_head: bool = True,
+        head_init_std: float = 0.0,
+        offload_reference: bool = False,
+    ):
         super().__init__()
         self.policy = policy
         self.value = value
@@ -143,10 +152,19 @@ class PolicyValueModel(torch.nn.Module):
         # Untied output weight under Megatron DDP: add dW straight into its fp32 buffer (as Megatron's
         # gradient-accumulation fusion does) instead of materializing a [V/tp, h] gradient. A tied
         # weight also gets the embedding's gradient through .grad, so it keeps the ordinary path.
-        into_main_grad = (getattr(weight, "main_grad", None) is not None and torch.is_grad_enabled()
-                          and not unwrap_gpt(self.policy).share_embeddings_and_output_weights)  # fmt: skip
-        logp = token_logprobs_from_hidden(policy_hidden, weight, labels, tp_group=tp_group, sequence_parallel=sp,
-                                          accumulate_into_main_grad=into_main_grad)  # fmt: skip
+        into_main_grad = (
+            getattr(weight, "main_grad", None) is not None
+            and torch.is_grad_enabled()
+            and not unwrap_gpt(self.policy).share_embeddings_and_output_weights
+        )
+        logp = token_logprobs_from_hidden(
+            policy_hidden,
+            weight,
+            labels,
+            tp_group=tp_group,
+            sequence_parallel=sp,
+            accumulate_into_main_grad=into_main_grad,
+        )
         values = torch.zeros_like(logp)
         if self.value_head is not None:
             trunk_hidden = named[id(self.value)] if self.value is not None else policy_hidden
@@ -156,15 +174,21 @@ class PolicyValueModel(torch.nn.Module):
         ref = torch.full_like(logp, float("nan"))
         if self.reference is not None:
             with torch.no_grad():
-                ref = token_logprobs_from_hidden(named[id(self.reference)].detach(), output_weight(self.reference),
-                                                 labels, tp_group=tp_group, sequence_parallel=sp)  # fmt: skip
+                ref = token_logprobs_from_hidden(
+                    named[id(self.reference)].detach(),
+                    output_weight(self.reference),
+                    labels,
+                    tp_group=tp_group,
+                    sequence_parallel=sp,
+                )
             if self.offload_reference:
                 self.reference.to("cpu")
         return torch.stack([logp, values, ref], dim=-1)
 
 
-def members_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple = (),
-                                    metadata: dict | None = None) -> dict:  # fmt: skip
+def members_sharded_state_dict(
+    model, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+) -> dict:
     """Sharded state dict of a `PolicyValueModel`: its members' GPT keys under ``<prefix><member>.``,
     the value head (``weight [1, h]``, ``bias [1]``, replicated over TP and DP/CP, present on the last
     pipeline stage only) as plain ShardedTensors under ``<prefix>value_head.``."""
@@ -174,8 +198,9 @@ def members_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple =
     for name in MEMBERS:
         member = getattr(model, name, None)
         if member is not None:
-            state.update(member.sharded_state_dict(prefix=f"{prefix}{name}.", sharded_offsets=sharded_offsets,
-                                                   metadata=metadata))  # fmt: skip
+            state.update(
+                member.sharded_state_dict(prefix=f"{prefix}{name}.", sharded_offsets=sharded_offsets, metadata=metadata)
+            )
     if getattr(model, "value_head", None) is not None:
         head = model.value_head.state_dict(keep_vars=True)
         # No TP axis: every TP/DP/CP rank holds the whole head; replica ids make one rank save it.
@@ -242,12 +267,29 @@ def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, ba
 
     policies = build_model_chunks(run.model, run.parallel, run.precision, backend=backend)
     separate = with_value and run.value.mode == "separate"
-    values = build_model_chunks(run.model, run.parallel, run.precision, backend=backend) if separate else [None] * len(policies)
-    refs = build_model_chunks(run.model, run.parallel, run.precision, backend=backend) if with_reference else [None] * len(policies)
+    values = (
+        build_model_chunks(run.model, run.parallel, run.precision, backend=backend)
+        if separate
+        else [None] * len(policies)
+    )
+    refs = (
+        build_model_chunks(run.model, run.parallel, run.precision, backend=backend)
+        if with_reference
+        else [None] * len(policies)
+    )
     device = device_for_this_process()
     return [
-        _placed(PolicyValueModel(policy, value, reference, value_head=with_value, head_init_std=run.value.head_init_std,
-                                 offload_reference=run.data.reference_offload), device)  # fmt: skip
+        _placed(
+            PolicyValueModel(
+                policy,
+                value,
+                reference,
+                value_head=with_value,
+                head_init_std=run.value.head_init_std,
+                offload_reference=run.data.reference_offload,
+            ),
+            device,
+        )
         for policy, value, reference in zip(policies, values, refs)
     ]
 

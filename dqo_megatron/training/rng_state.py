@@ -20,8 +20,13 @@ def rng_state() -> dict:
         pass
     else:
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+        state["numpy"] = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     state["tracker"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
@@ -41,8 +46,9 @@ def set_rng_state(state: Mapping) -> None:
             pass
         else:
             s = state["numpy"]
-            np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                                 s["cached_gaussian"]))  # fmt: skip
+            np.random.set_state(
+                (s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"])
+            )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     if state.get("tracker"):

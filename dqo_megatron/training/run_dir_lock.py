@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from dqo_megatron.training.checkpoint_files import CheckpointError
 from dqo_megatron.checkpoint_integrity import broadcast
+from dqo_megatron.training.checkpoint_files import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,12 @@ class RunDirInUse(CheckpointError):
 
 
 def _holder_info() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv)[:300]}  # fmt: skip
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv)[:300],
+    }
 
 
 def _read_holder(fd: int) -> dict | None:
@@ -67,11 +71,17 @@ def _alive_here(holder: dict) -> bool:
 
 
 def _in_use_message(path: Path, holder: dict | None) -> str:
-    who = (f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('started')}: "
-           f"{holder.get('command', '?')})" if holder else "another process that is just starting")  # fmt: skip
-    return (f"run_dir {path.parent} is in use by {who}: a second run on it would overwrite its checkpoints. Wait for "
-            f"that run to end, stop it, or give this run another run_dir. If no such run exists any more (e.g. it "
-            f"ran on a host that is gone), delete {path}")  # fmt: skip
+    who = (
+        f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('started')}: "
+        f"{holder.get('command', '?')})"
+        if holder
+        else "another process that is just starting"
+    )
+    return (
+        f"run_dir {path.parent} is in use by {who}: a second run on it would overwrite its checkpoints. Wait for "
+        f"that run to end, stop it, or give this run another run_dir. If no such run exists any more (e.g. it "
+        f"ran on a host that is gone), delete {path}"
+    )
 
 
 class RunDirLock:

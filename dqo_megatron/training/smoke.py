@@ -40,11 +40,14 @@ def random_lm_batches(vocab: int, seq: int, micro_batch_size: int, num_microbatc
     batches = []
     for _ in range(num_microbatches):
         tokens = torch.randint(0, vocab, (micro_batch_size, seq + 1), generator=gen)
-        batches.append({
-            "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-            "loss_mask": torch.ones(micro_batch_size, seq),
-            "position_ids": torch.arange(seq).expand(micro_batch_size, seq).contiguous(),
-        })  # fmt: skip
+        batches.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(micro_batch_size, seq),
+                "position_ids": torch.arange(seq).expand(micro_batch_size, seq).contiguous(),
+            }
+        )
     return batches
 
 
@@ -72,18 +75,30 @@ def run_smoke(run: RunConfig, steps: int | None = None) -> SmokeReport:
     device = info.device
     for step in range(steps if steps is not None else run.train.train_steps):
         seed = run.train.seed + 1_000_003 * step + 7919 * info.dp_rank
-        mbs = random_lm_batches(run.model.vocab_size, run.train.seq_length, run.train.micro_batch_size,
-                                num_microbatches, seed)  # fmt: skip
+        mbs = random_lm_batches(
+            run.model.vocab_size, run.train.seq_length, run.train.micro_batch_size, num_microbatches, seed
+        )
         mbs = [{k: v.to(device) for k, v in mb.items()} for mb in mbs]
         data = microbatch_iterators(ddp, mbs)
         t0 = time.perf_counter()
-        result = train_step(ddp, optimizer, data, num_microbatches=num_microbatches,
-                            seq_length=run.train.seq_length, micro_batch_size=run.train.micro_batch_size)  # fmt: skip
+        result = train_step(
+            ddp,
+            optimizer,
+            data,
+            num_microbatches=num_microbatches,
+            seq_length=run.train.seq_length,
+            micro_batch_size=run.train.micro_batch_size,
+        )
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         report.step_seconds.append(time.perf_counter() - t0)
         report.steps.append(result)
         if info.rank == 0:
-            logger.info("step %d  loss %.4f  grad-norm %.4f  %.1f ms", step + 1, result.loss, result.grad_norm,
-                        1e3 * report.step_seconds[-1])  # fmt: skip
+            logger.info(
+                "step %d  loss %.4f  grad-norm %.4f  %.1f ms",
+                step + 1,
+                result.loss,
+                result.grad_norm,
+                1e3 * report.step_seconds[-1],
+            )
     return report

@@ -83,8 +83,9 @@ def train(run: RunConfig, make_evaluator: EvaluatorFactory | None = None) -> Tra
         checkpointer = Checkpointer(run, parts)
         summary = TrainSummary(start_step=checkpointer.resume(), model_chunks=parts.chunks)
         evaluator = build_evaluator(run, make_evaluator, info.dp_rank, info.dp_size)
-        evals = EvalSchedule(run, parts.is_logger, evaluator, start=parts.value_warmup,
-                             resumed_at=checkpointer.resumed_at)
+        evals = EvalSchedule(
+            run, parts.is_logger, evaluator, start=parts.value_warmup, resumed_at=checkpointer.resumed_at
+        )
         step = summary.start_step
         with MetricsLogger(run, parts, start_step=step) as metrics:
             with checkpointer:  # SIGTERM becomes a flag: the step is saved, then the run stops
@@ -110,8 +111,10 @@ def train(run: RunConfig, make_evaluator: EvaluatorFactory | None = None) -> Tra
                 checkpointer.final_save(step, evals.keep_steps())
     summary.steps, summary.checkpoints, summary.best_evaluation = step, checkpointer.saved, evals.best
     if summary.stopped_by == "nonfinite":
-        raise TrainingDiverged(f"stopped after {run.train.max_consecutive_nonfinite} consecutive steps with a "
-                               f"NaN/inf loss (step {step}); lower train.lr or check the data")  # fmt: skip
+        raise TrainingDiverged(
+            f"stopped after {run.train.max_consecutive_nonfinite} consecutive steps with a "
+            f"NaN/inf loss (step {step}); lower train.lr or check the data"
+        )
     return summary
 
 
@@ -123,9 +126,17 @@ def _step(run: RunConfig, parts: TrainParts):
     # the critic warm-up counts applied steps (the scheduler's), like the policy's LR schedule
     warming_up = parts.scheduler.num_steps < parts.value_warmup
     forward_step = partial(rl_forward_step, run, policy_weight=0.0 if warming_up else 1.0)
-    result = train_step(parts.ddp, parts.optimizer, data, num_microbatches=parts.num_microbatches,
-                        seq_length=run.train.seq_length, micro_batch_size=parts.pipeline_mbs,
-                        forward_step=forward_step, metric_key="loss", member_clips=parts.member_clips)  # fmt: skip
+    result = train_step(
+        parts.ddp,
+        parts.optimizer,
+        data,
+        num_microbatches=parts.num_microbatches,
+        seq_length=run.train.seq_length,
+        micro_batch_size=parts.pipeline_mbs,
+        forward_step=forward_step,
+        metric_key="loss",
+        member_clips=parts.member_clips,
+    )
     result.metrics.update(derived_metrics(result.metrics))
     result.metrics.update({f"grad_norm_{m}": n for m, n in result.grad_norms.items()})
     seconds = time.perf_counter() - t0
@@ -159,8 +170,12 @@ def _check_run_dir_apart(run: RunConfig) -> None:
         return
     root = Path(run.run_dir)
     written = [root / "checkpoints", root / "config.yaml", root / "tensorboard"]
-    read = dataset_files(run.data.train_prefix) + [run.init.policy, run.init.reference, run.init.value,
-                                                   run.eval.problems]  # fmt: skip
+    read = dataset_files(run.data.train_prefix) + [
+        run.init.policy,
+        run.init.reference,
+        run.init.value,
+        run.eval.problems,
+    ]
     try:
         check_apart(written, [p for p in read if p])
     except OutputError as exc:

@@ -7,8 +7,27 @@ import random
 
 import pytest
 
-WORDS = ["step", "one", "two", "three", "four", "so", "the", "answer", "is", "add", "then", "take", "away",
-         "+", "-", "=", "####", "wrong", "right"] + [str(d) for d in range(10)]  # fmt: skip
+WORDS = [
+    "step",
+    "one",
+    "two",
+    "three",
+    "four",
+    "so",
+    "the",
+    "answer",
+    "is",
+    "add",
+    "then",
+    "take",
+    "away",
+    "+",
+    "-",
+    "=",
+    "####",
+    "wrong",
+    "right",
+] + [str(d) for d in range(10)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -21,8 +40,9 @@ def word_tok_dir(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                 unk_token="<unk>")  # fmt: skip
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     path = tmp_path_factory.mktemp("word_tok") / "word-tok"
     hf.save_pretrained(str(path))
     return str(path)
@@ -48,11 +68,22 @@ def make_records(n: int, seed: int = 0, process_scores: bool = False, m: int = 4
             steps.append([len(text) - 1 if rng.random() < 0.5 else len(text), 1.0 if ok else 0.0])
             counts.append(rng.randint(1, m) if ok else 0)
         text += f"#### {total}"
-        rows.append({"prompt": f"take {i % 3} add {i % 4} then so", "response": text, "reward": float(ok),
-                     "prompt_id": f"p{i % 4}", "process_rewards": steps})  # fmt: skip
+        rows.append(
+            {
+                "prompt": f"take {i % 3} add {i % 4} then so",
+                "response": text,
+                "reward": float(ok),
+                "prompt_id": f"p{i % 4}",
+                "process_rewards": steps,
+            }
+        )
         if process_scores:
-            rows[-1]["process_scores"] = {"step_ends": [e for e, _ in steps] + [len(text)], "prefix_correct": counts,
-                                          "num_completions": m, "assign": "value"}  # fmt: skip
+            rows[-1]["process_scores"] = {
+                "step_ends": [e for e, _ in steps] + [len(text)],
+                "prefix_correct": counts,
+                "num_completions": m,
+                "assign": "value",
+            }
     return rows
 
 

@@ -17,7 +17,7 @@ from dqo_megatron.analysis.scores import SplitConfig, plan_steps, resolve_split,
 from dqo_megatron.analysis.value_analysis import analyze_values, prepare_samples
 from dqo_megatron.config import ConfigError
 from dqo_megatron.data.records import SkipCounter, parse_record
-from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig, Tokenizer
+from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, TokenizerConfig
 
 LINES = SplitConfig(splitter="lines")
 
@@ -41,8 +41,16 @@ def _brute_first_unsolvable(counts) -> int:
 
 @pytest.mark.parametrize("counts", [[], [0], [3], [0, 0, 0], [4, 2, 0], [0, 1, 0], [1, 0, 2, 0], [2, 2, 2]])
 def test_failed_answer_first_unsolvable_step(counts):
-    (rec,) = _records([{"prompt": "so", "response": "x" * (5 * (len(counts) + 1)), "correct": False,
-                        "process_scores": _scores(counts)}])  # fmt: skip
+    (rec,) = _records(
+        [
+            {
+                "prompt": "so",
+                "response": "x" * (5 * (len(counts) + 1)),
+                "correct": False,
+                "process_scores": _scores(counts),
+            }
+        ]
+    )
     plan = plan_steps(rec, "prefix_solvable", LINES)
     k = _brute_first_unsolvable(counts)
     assert plan.first_unsolvable == k and plan.n_solvable == k and plan.outcome == 0.0
@@ -54,13 +62,21 @@ def test_failed_answer_first_unsolvable_step(counts):
 def _all_answers():
     rows = [
         {"prompt": "so", "response": "step one\nstep two\nthe answer is 4", "correct": True},  # split into 3 lines
-        {"prompt": "so", "response": "step one\nstep two", "reward": 1.0,  # correct, scored: completions count
-         "process_scores": {"step_ends": [9, 17], "prefix_correct": [0], "num_completions": 4}},
+        {
+            "prompt": "so",
+            "response": "step one\nstep two",
+            "reward": 1.0,  # correct, scored: completions count
+            "process_scores": {"step_ends": [9, 17], "prefix_correct": [0], "num_completions": 4},
+        },
         {"prompt": "so", "response": "step one\nwrong", "correct": False},  # failed, unscored: the whole response
         {"prompt": "so", "response": "step one"},  # no outcome, no process scores: skipped
-        {"prompt": "so", "response": "step one\nwrong", "reward": 0.0,
-         "process_scores": {"step_ends": [9, 14], "prefix_correct": [2], "num_completions": 4}},
-    ]  # fmt: skip
+        {
+            "prompt": "so",
+            "response": "step one\nwrong",
+            "reward": 0.0,
+            "process_scores": {"step_ends": [9, 14], "prefix_correct": [2], "num_completions": 4},
+        },
+    ]
     return _records(rows)
 
 
@@ -83,8 +99,9 @@ def test_prepare_samples_counts_all_answers(word_tok_dir):
     recs = _all_answers()
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(path=word_tok_dir, use_chat_template=False))
     counts = Counter()
-    samples = prepare_samples(recs, Tokenizer(cfg.tokenizer), cfg, "prefix_solvable", SkipCounter(), False, counts,
-                              LINES)  # fmt: skip
+    samples = prepare_samples(
+        recs, Tokenizer(cfg.tokenizer), cfg, "prefix_solvable", SkipCounter(), False, counts, LINES
+    )
     assert counts["unscored"] == 1 and counts["records"] == 4
     assert (counts["correct"], counts["failed"]) == (2, 2) and counts["steps"] == 3 + 2 + 1 + 2
     assert [s.success for s in samples] == [1.0, 1.0, 0.0, 0.0]
@@ -93,8 +110,16 @@ def test_prepare_samples_counts_all_answers(word_tok_dir):
 
 
 def test_split_resolution():
-    scored = _records([{"prompt": "so", "response": "a\nb", "reward": 0.0,
-                        "process_scores": {**_scores([1]), "step_ends": [2, 3], "splitter": "paragraphs"}}])  # fmt: skip
+    scored = _records(
+        [
+            {
+                "prompt": "so",
+                "response": "a\nb",
+                "reward": 0.0,
+                "process_scores": {**_scores([1]), "step_ends": [2, 3], "splitter": "paragraphs"},
+            }
+        ]
+    )
     assert resolve_split(SplitConfig(), None, scored).splitter == "paragraphs"  # as process-scores split
     assert resolve_split(SplitConfig(), "lines", scored).splitter == "lines"
     assert resolve_split(SplitConfig(), None, _records([{"prompt": "so", "response": "a"}])).splitter == "auto"
@@ -150,14 +175,25 @@ def _hand_samples(word_tok_dir):
     """Three answers to two prompts with hand-made values that equal the true solvability after each step."""
     rows = [
         {"prompt": "so", "prompt_id": "a", "response": "step one\nstep two\nstep three", "correct": True},
-        {"prompt": "so", "prompt_id": "a", "response": "step one\nwrong two\nstep three", "correct": False,
-         "process_scores": {"step_ends": [9, 19, 29], "prefix_correct": [3, 0], "num_completions": 4}},
-        {"prompt": "take", "prompt_id": "b", "response": "wrong one\nstep two", "correct": False,
-         "process_scores": {"step_ends": [10, 18], "prefix_correct": [0], "num_completions": 4}},
-    ]  # fmt: skip
+        {
+            "prompt": "so",
+            "prompt_id": "a",
+            "response": "step one\nwrong two\nstep three",
+            "correct": False,
+            "process_scores": {"step_ends": [9, 19, 29], "prefix_correct": [3, 0], "num_completions": 4},
+        },
+        {
+            "prompt": "take",
+            "prompt_id": "b",
+            "response": "wrong one\nstep two",
+            "correct": False,
+            "process_scores": {"step_ends": [10, 18], "prefix_correct": [0], "num_completions": 4},
+        },
+    ]
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(path=word_tok_dir, use_chat_template=False))
-    samples = prepare_samples(_records(rows), Tokenizer(cfg.tokenizer), cfg, "prefix_solvable", SkipCounter(),
-                              False, Counter(), LINES)  # fmt: skip
+    samples = prepare_samples(
+        _records(rows), Tokenizer(cfg.tokenizer), cfg, "prefix_solvable", SkipCounter(), False, Counter(), LINES
+    )
     values = []
     for s, truth in zip(samples, ([1, 1, 1], [1, 0, 0], [0, 0])):
         v = np.full(len(s.tokens), np.nan)
@@ -185,12 +221,24 @@ def test_analysis_of_hand_made_values(word_tok_dir):
 
 
 def test_rows_trend_and_format():
-    rows = [{"run": "/r/x", "step": 50, "label": "x-50"}, {"run": "/r/x", "step": 25, "label": "x-25"},
-            {"run": "/s/x", "step": 25, "label": "y"}, {"run": None, "step": None, "label": "conv"}]  # fmt: skip
+    rows = [
+        {"run": "/r/x", "step": 50, "label": "x-50"},
+        {"run": "/r/x", "step": 25, "label": "x-25"},
+        {"run": "/s/x", "step": 25, "label": "y"},
+        {"run": None, "step": None, "label": "conv"},
+    ]
     groups = trend_groups(rows)
     assert list(groups) == ["/r/x"] and [r["step"] for r in groups["/r/x"]] == [25, 50]
     assert trend_file_names(["/r/x", "/s/x"]) == {"/r/x": "trend_x.png", "/s/x": "trend_x-2.png"}
-    dro = {"label": "d", "algorithm": "dro", "value_target": "prompt", "per_step": None,
-           "reason": "DRO trains V(x) only", "drop": None, "initial": {"pearson": 0.5, "prompts": 3}}  # fmt: skip
-    assert format_row(dro) == ("d [dro]: per-step n/a (DRO trains V(x) only)  | V(x) vs prompt success: "
-                               "Pearson +0.5000 over 3 prompts")
+    dro = {
+        "label": "d",
+        "algorithm": "dro",
+        "value_target": "prompt",
+        "per_step": None,
+        "reason": "DRO trains V(x) only",
+        "drop": None,
+        "initial": {"pearson": 0.5, "prompts": 3},
+    }
+    assert format_row(dro) == (
+        "d [dro]: per-step n/a (DRO trains V(x) only)  | V(x) vs prompt success: Pearson +0.5000 over 3 prompts"
+    )

@@ -26,25 +26,49 @@ def _body(tmp: str, algorithm: str, mode: str, tok_dir: str, records_file: str, 
     from dqo_megatron.analysis import ValueAnalysisConfig, run_value_analysis
     from dqo_megatron.analysis.value_analysis import prepare_samples
     from dqo_megatron.config import (
-        DataConfig, InitConfig, LossConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig, ValueConfig,
-    )  # fmt: skip
+        DataConfig,
+        InitConfig,
+        LossConfig,
+        ModelConfig,
+        ParallelConfig,
+        RunConfig,
+        TrainConfig,
+        ValueConfig,
+    )
     from dqo_megatron.data.records import SkipCounter, read_records
-    from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig, Tokenizer
+    from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, TokenizerConfig
     from dqo_megatron.training.checkpointing import load_checkpoint
     from dqo_megatron.training.policy_value import VALUE, build_policy_value_chunks
     from dqo_megatron.training.trainer import train
 
     prefix = write_synthetic_dataset(f"{tmp}/data/train", docs=8, vocab=MODEL["vocab_size"], max_len=25)
     run_dir = Path(tmp) / f"run-{mode}"
-    run = RunConfig(model=ModelConfig(**MODEL), algorithm=algorithm, data=DataConfig(train_prefix=prefix),
-                    loss=LossConfig(beta=0.5), value=ValueConfig(mode=mode, head_init_std=0.02),
-                    train=TrainConfig(micro_batch_size=2, global_batch_size=4, seq_length=24, lr=3e-3, train_steps=2,
-                                      save_interval=1, log_interval=10),
-                    run_dir=str(run_dir))  # fmt: skip
+    run = RunConfig(
+        model=ModelConfig(**MODEL),
+        algorithm=algorithm,
+        data=DataConfig(train_prefix=prefix),
+        loss=LossConfig(beta=0.5),
+        value=ValueConfig(mode=mode, head_init_std=0.02),
+        train=TrainConfig(
+            micro_batch_size=2,
+            global_batch_size=4,
+            seq_length=24,
+            lr=3e-3,
+            train_steps=2,
+            save_interval=1,
+            log_interval=10,
+        ),
+        run_dir=str(run_dir),
+    )
     train(run)
     tokenize = TokenizeConfig(tokenizer=TokenizerConfig(path=tok_dir, use_chat_template=False))
-    cfg = ValueAnalysisConfig(checkpoints=[str(run_dir)], records=[records_file], tokenize=tokenize,
-                              out_dir=f"{tmp}/analysis-{mode}", write_pairs=True)  # fmt: skip
+    cfg = ValueAnalysisConfig(
+        checkpoints=[str(run_dir)],
+        records=[records_file],
+        tokenize=tokenize,
+        out_dir=f"{tmp}/analysis-{mode}",
+        write_pairs=True,
+    )
     rows = run_value_analysis(cfg)
     if algorithm == "dro":
         return {"rows": rows}
@@ -57,8 +81,15 @@ def _body(tmp: str, algorithm: str, mode: str, tok_dir: str, records_file: str, 
     chunk.eval()
     from collections import Counter
 
-    samples = prepare_samples(list(read_records(records_file)), Tokenizer(tokenize.tokenizer), tokenize, "process_reward",
-                              SkipCounter(), False, Counter())  # fmt: skip
+    samples = prepare_samples(
+        list(read_records(records_file)),
+        Tokenizer(tokenize.tokenizer),
+        tokenize,
+        "process_reward",
+        SkipCounter(),
+        False,
+        Counter(),
+    )
     direct = []
     with torch.no_grad():
         for s in samples:
@@ -72,14 +103,43 @@ def _body(tmp: str, algorithm: str, mode: str, tok_dir: str, records_file: str, 
 
         from dqo_megatron.cli import app
 
-        out = CliRunner().invoke(app, ["value-analysis", str(run_dir / "checkpoints" / "step_00000001"),
-                                       "--records", cli_records, "--tokenizer", tok_dir, "--no-chat-template",
-                                       "-o", f"{tmp}/cli", "--no-initial"])  # fmt: skip
-        result["cli"] = {"code": out.exit_code, "output": out.output,
-                         "rows": [json.loads(x) for x in (Path(tmp) / "cli" / "value_analysis.jsonl").read_text().splitlines()]
-                         if out.exit_code == 0 else None}  # fmt: skip
-        bad = CliRunner().invoke(app, ["value-analysis", str(run_dir), "--records", records_file, "--tokenizer",
-                                       tok_dir, "-o", f"{tmp}/cli2", "--score", "nope"])  # fmt: skip
+        out = CliRunner().invoke(
+            app,
+            [
+                "value-analysis",
+                str(run_dir / "checkpoints" / "step_00000001"),
+                "--records",
+                cli_records,
+                "--tokenizer",
+                tok_dir,
+                "--no-chat-template",
+                "-o",
+                f"{tmp}/cli",
+                "--no-initial",
+            ],
+        )
+        result["cli"] = {
+            "code": out.exit_code,
+            "output": out.output,
+            "rows": [json.loads(x) for x in (Path(tmp) / "cli" / "value_analysis.jsonl").read_text().splitlines()]
+            if out.exit_code == 0
+            else None,
+        }
+        bad = CliRunner().invoke(
+            app,
+            [
+                "value-analysis",
+                str(run_dir),
+                "--records",
+                records_file,
+                "--tokenizer",
+                tok_dir,
+                "-o",
+                f"{tmp}/cli2",
+                "--score",
+                "nope",
+            ],
+        )
         result["bad"] = {"code": bad.exit_code, "output": bad.output}
     return result
 
@@ -95,15 +155,18 @@ def _assert_dro_rows(rows, tmp_path):
         assert row["reason"].startswith("DRO trains V(x) only") and row["undefined_reason"] == row["reason"]
         assert row["initial"]["prompts"] == 4 and row["initial"]["responses"] == 12
         assert _finite(row["initial"]["value"]["mean"]) and Path(row["plot"]).is_file()
-    assert rows[0]["trend_plot"] == rows[1]["trend_plot"] == str(tmp_path / "analysis-separate" / "trend_run-separate.png")
+    assert (
+        rows[0]["trend_plot"] == rows[1]["trend_plot"] == str(tmp_path / "analysis-separate" / "trend_run-separate.png")
+    )
     assert Path(rows[0]["trend_plot"]).is_file()
 
 
 @pytest.mark.parametrize("algorithm,mode", [("dqo", "separate"), ("dqo", "shared"), ("dro", "separate")])
 def test_value_analysis_of_a_trained_run(algorithm, mode, tmp_path, word_tok_dir, records_file, scored_records_file):
     cli_records = scored_records_file if (algorithm, mode) == ("dqo", "separate") else None
-    (res,) = run_distributed(_body, 1, str(tmp_path), algorithm, mode, word_tok_dir, records_file, cli_records,
-                             timeout=300)  # fmt: skip
+    (res,) = run_distributed(
+        _body, 1, str(tmp_path), algorithm, mode, word_tok_dir, records_file, cli_records, timeout=300
+    )
     rows = res["rows"]
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["label"] for r in rows] == [f"run-{mode}-step_00000001", f"run-{mode}-step_00000002"]
@@ -114,9 +177,12 @@ def test_value_analysis_of_a_trained_run(algorithm, mode, tmp_path, word_tok_dir
     png = rows[0]["trend_plot"]  # two checkpoints of one run: a trend figure
     assert png == str(tmp_path / f"analysis-{mode}" / f"trend_run-{mode}.png") and Path(png).is_file()
     for row in rows:
-        assert row["algorithm"] == "dqo" and row["value_target"] == "token" and row["run"] == str(tmp_path / f"run-{mode}")
-        assert row["drop"] == {"reason": "score process_reward: the drop needs solvability (prefix_success or "
-                                         "prefix_solvable)"}  # fmt: skip
+        assert (
+            row["algorithm"] == "dqo" and row["value_target"] == "token" and row["run"] == str(tmp_path / f"run-{mode}")
+        )
+        assert row["drop"] == {
+            "reason": "score process_reward: the drop needs solvability (prefix_success or prefix_solvable)"
+        }
         assert row["kind"] == "training" and row["value_mode"] == mode and row["score"] == "process_reward"
         assert row["records"] == 12 and row["records_with_steps"] == 12 and row["n"] >= 24
         assert _finite(row["pearson"]) and _finite(row["spearman"]) and row["undefined_reason"] is None

@@ -17,12 +17,19 @@ import torch
 from dqo_megatron.analysis.scores import SplitConfig, parse_process_scores, plan_steps, resolve_score_kind, step_scores
 from dqo_megatron.analysis.value_analysis import prepare_samples
 from dqo_megatron.data.records import RecordError, SkipCounter, parse_record
-from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig, Tokenizer, tokenize_records
+from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, TokenizerConfig, tokenize_records
 from tests.analysis.conftest import make_records
 from tests.helpers.distributed import run_distributed
 
-MODEL = dict(family="llama", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=48,
-             seq_length=64)  # fmt: skip
+MODEL = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    vocab_size=48,
+    seq_length=64,
+)
 
 
 def _records(rows):
@@ -55,8 +62,16 @@ def test_step_positions_are_where_preprocessing_puts_process_rewards(word_tok_di
 
 
 def test_reward_scores():
-    (rec,) = _records([{"prompt": "so", "response": "step one add 2 = 2", "reward": 1.0,
-                        "process_rewards": [[3, 1.0], [4, 0.5], [9, 0.25]]}])  # fmt: skip
+    (rec,) = _records(
+        [
+            {
+                "prompt": "so",
+                "response": "step one add 2 = 2",
+                "reward": 1.0,
+                "process_rewards": [[3, 1.0], [4, 0.5], [9, 0.25]],
+            }
+        ]
+    )
     # steps 0 and 1 end on the same token: neither is "later" than the other
     plan = plan_steps(rec, "process_reward", SplitConfig())
     np.testing.assert_allclose(step_scores(rec, "return_to_go", plan, [2, 2, 5]), [1.25, 1.25, 1.0])
@@ -90,18 +105,25 @@ def test_process_scores_field(word_tok_dir):
                 assert tok.decode([s.tokens[pos]]) == row["response"][:end].split()[-1]
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"step_ends": [5, 3], "prefix_correct": [1], "num_completions": 4}, "process_scores.step_ends[1]"),
-    ({"step_ends": [3, 8], "prefix_correct": [], "num_completions": 4}, "process_scores.prefix_correct"),
-    ({"step_ends": [3, 8], "prefix_correct": [5], "num_completions": 4}, "process_scores.prefix_correct[0]"),
-    ({"step_ends": [3, 8], "prefix_correct": [1], "num_completions": 0}, "process_scores.num_completions"),
-    ({"step_ends": [3, 99], "prefix_correct": [1], "num_completions": 4}, "process_scores.step_ends[1]"),
-    ([3, 8], "process_scores"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"step_ends": [5, 3], "prefix_correct": [1], "num_completions": 4}, "process_scores.step_ends[1]"),
+        ({"step_ends": [3, 8], "prefix_correct": [], "num_completions": 4}, "process_scores.prefix_correct"),
+        ({"step_ends": [3, 8], "prefix_correct": [5], "num_completions": 4}, "process_scores.prefix_correct[0]"),
+        ({"step_ends": [3, 8], "prefix_correct": [1], "num_completions": 0}, "process_scores.num_completions"),
+        ({"step_ends": [3, 99], "prefix_correct": [1], "num_completions": 4}, "process_scores.step_ends[1]"),
+        ([3, 8], "process_scores"),
+    ],
+)
 def test_bad_process_scores_name_file_line_and_field(bad, field, word_tok_dir):
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(path=word_tok_dir, use_chat_template=False))
-    good = {"prompt": "so", "response": "step one", "reward": 0.0,
-            "process_scores": {"step_ends": [4, 8], "prefix_correct": [2], "num_completions": 4}}  # fmt: skip
+    good = {
+        "prompt": "so",
+        "response": "step one",
+        "reward": 0.0,
+        "process_scores": {"step_ends": [4, 8], "prefix_correct": [2], "num_completions": 4},
+    }
     records = _records([good, {**good, "process_scores": bad}])
     with pytest.raises(RecordError, match=rf"held_out.jsonl:2: field '{re.escape(field)}'.*\[bad_process_scores\]"):
         parse_process_scores(records[1])
@@ -115,8 +137,10 @@ def test_bad_process_scores_name_file_line_and_field(bad, field, word_tok_dir):
 def test_records_without_steps_and_terminal_steps(word_tok_dir):
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(path=word_tok_dir, use_chat_template=False))
     tok = Tokenizer(cfg.tokenizer)
-    rows = [{"prompt": "so", "response": "   ", "reward": 0.0, "process_rewards": [[2, 1.0]]},  # no text token
-            {"prompt": "so", "response": "the answer is 4", "reward": 1.0}]  # fmt: skip
+    rows = [
+        {"prompt": "so", "response": "   ", "reward": 0.0, "process_rewards": [[2, 1.0]]},  # no text token
+        {"prompt": "so", "response": "the answer is 4", "reward": 1.0},
+    ]
     counts = Counter()
     samples = prepare_samples(_records(rows), tok, cfg, "process_reward", SkipCounter(), False, counts)
     assert counts["records"] == 2 and counts["steps"] == 0 and counts["terminal_steps"] == 1
@@ -127,11 +151,10 @@ def test_records_without_steps_and_terminal_steps(word_tok_dir):
 def _model_body(tmp: str, tok_dir: str, records_file: str) -> dict:
     from dqo_megatron import parallel
     from dqo_megatron.analysis import ValueAnalysisConfig, run_value_analysis
-    from dqo_megatron.config import ConfigError
-    from dqo_megatron.conversion.value import value_from_megatron
     from dqo_megatron.analysis.value_model import ValueModel, load_value_model, resolve_checkpoints, sequence_values
-    from dqo_megatron.config import ModelConfig, ParallelConfig
+    from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
     from dqo_megatron.conversion.megatron_io import CheckpointInfo, save_chunks, write_metadata
+    from dqo_megatron.conversion.value import value_from_megatron
     from dqo_megatron.models import build_model_chunks
     from dqo_megatron.models.value_head import FinalHiddenStates, ValueHead
 
@@ -177,12 +200,24 @@ def _model_body(tmp: str, tok_dir: str, records_file: str) -> dict:
         resolve_checkpoints([Path(tmp) / "policy"])
     except ConfigError as exc:
         errors["policy"] = str(exc)
-    cfg = ValueAnalysisConfig(checkpoints=[str(Path(tmp) / "fresh-value")], records=[records_file],
-                              tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok_dir, use_chat_template=False)),
-                              out_dir=f"{tmp}/fresh", plot=False)  # fmt: skip
+    cfg = ValueAnalysisConfig(
+        checkpoints=[str(Path(tmp) / "fresh-value")],
+        records=[records_file],
+        tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok_dir, use_chat_template=False)),
+        out_dir=f"{tmp}/fresh",
+        plot=False,
+    )
     (fresh,) = run_value_analysis(cfg)
-    return {"batched": batched, "direct": direct, "constant": constant, "reloaded": reloaded,
-            "kind": ckpt.kind, "mode": ckpt.value_mode, "fresh": fresh, "errors": errors}  # fmt: skip
+    return {
+        "batched": batched,
+        "direct": direct,
+        "constant": constant,
+        "reloaded": reloaded,
+        "kind": ckpt.kind,
+        "mode": ckpt.value_mode,
+        "fresh": fresh,
+        "errors": errors,
+    }
 
 
 def test_values_equal_a_direct_forward(tmp_path, word_tok_dir, records_file):

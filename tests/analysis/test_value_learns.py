@@ -40,8 +40,15 @@ from pathlib import Path
 
 from tests.helpers.distributed import run_distributed
 
-MODEL = dict(family="llama", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=48,
-             seq_length=32)  # fmt: skip
+MODEL = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    vocab_size=48,
+    seq_length=32,
+)
 M = 4
 PEARSON_MIN = 0.8
 """Per-step Pearson of the fitted value (measured 0.93-0.96 over seeds; see the module docstring)."""
@@ -60,14 +67,22 @@ def make_task_records(n: int, seed: int, scored: bool = True) -> list[dict]:
         lines = [f"then add {rng.randrange(10)} {'wrong' if b else 'right'}" for b in bad]
         response = "\n".join(lines)
         correct = not any(bad)
-        row = {"prompt": f"so the answer is {level}", "prompt_id": f"level{level}", "response": response,
-               "correct": correct, "reward": float(correct)}  # fmt: skip
+        row = {
+            "prompt": f"so the answer is {level}",
+            "prompt_id": f"level{level}",
+            "response": response,
+            "correct": correct,
+            "reward": float(correct),
+        }
         if scored and not correct:
             ends = split_steps(response, "lines")
             first_bad = bad.index(True)  # prefixes 1..first_bad are solvable, the later ones are not
-            row["process_scores"] = {"step_ends": ends, "prefix_correct": [M if k < first_bad else 0
-                                                                           for k in range(len(ends) - 1)],
-                                     "num_completions": M, "splitter": "lines"}  # fmt: skip
+            row["process_scores"] = {
+                "step_ends": ends,
+                "prefix_correct": [M if k < first_bad else 0 for k in range(len(ends) - 1)],
+                "num_completions": M,
+                "splitter": "lines",
+            }
         rows.append(row)
     return rows
 
@@ -77,8 +92,15 @@ def _write(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def fit_and_analyse(tmp: str, tok_dir: str, steps: int = 150, value_lr: float = 1e-3, seed: int = 1,
-                    train_records: int = 2000, held_out: int = 300) -> list[dict]:  # fmt: skip
+def fit_and_analyse(
+    tmp: str,
+    tok_dir: str,
+    steps: int = 150,
+    value_lr: float = 1e-3,
+    seed: int = 1,
+    train_records: int = 2000,
+    held_out: int = 300,
+) -> list[dict]:
     """Preprocess, fit the value (policy frozen), analyse two checkpoints on held-out answers; the rows."""
     from dqo_megatron.analysis import ValueAnalysisConfig, run_value_analysis
     from dqo_megatron.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, ValueConfig
@@ -90,18 +112,37 @@ def fit_and_analyse(tmp: str, tok_dir: str, steps: int = 150, value_lr: float = 
     tokenize = TokenizeConfig(tokenizer=TokenizerConfig(path=tok_dir, use_chat_template=False))
     # the training answers need no process scores: the outcome reward alone teaches V (lambda = 1)
     train_file = _write(tmp_path / "train.jsonl", make_task_records(train_records, seed=100 + seed, scored=False))
-    preprocess(PreprocessConfig(inputs=[train_file], output_prefix=f"{tmp}/data/train", tokenize=tokenize,
-                                progress=False))  # fmt: skip
-    run = RunConfig(model=ModelConfig(**MODEL), algorithm="dqo",
-                    data=DataConfig(train_prefix=f"{tmp}/data/train", reference="model"),
-                    loss=LossConfig(beta=0.01), value=ValueConfig(mode="separate", lr=value_lr),
-                    train=TrainConfig(micro_batch_size=32, global_batch_size=32, seq_length=32, lr=0.0, seed=seed,
-                                      train_steps=steps, save_interval=steps // 2, log_interval=steps),
-                    run_dir=f"{tmp}/run")  # fmt: skip
+    preprocess(
+        PreprocessConfig(inputs=[train_file], output_prefix=f"{tmp}/data/train", tokenize=tokenize, progress=False)
+    )
+    run = RunConfig(
+        model=ModelConfig(**MODEL),
+        algorithm="dqo",
+        data=DataConfig(train_prefix=f"{tmp}/data/train", reference="model"),
+        loss=LossConfig(beta=0.01),
+        value=ValueConfig(mode="separate", lr=value_lr),
+        train=TrainConfig(
+            micro_batch_size=32,
+            global_batch_size=32,
+            seq_length=32,
+            lr=0.0,
+            seed=seed,
+            train_steps=steps,
+            save_interval=steps // 2,
+            log_interval=steps,
+        ),
+        run_dir=f"{tmp}/run",
+    )
     train(run)
     held = _write(tmp_path / "held_out.jsonl", make_task_records(held_out, seed=200 + seed))
-    cfg = ValueAnalysisConfig(checkpoints=[f"{tmp}/run"], records=[held], tokenize=tokenize, score="prefix_solvable",
-                              out_dir=f"{tmp}/analysis", batch_size=64)  # fmt: skip
+    cfg = ValueAnalysisConfig(
+        checkpoints=[f"{tmp}/run"],
+        records=[held],
+        tokenize=tokenize,
+        score="prefix_solvable",
+        out_dir=f"{tmp}/analysis",
+        batch_size=64,
+    )
     return run_value_analysis(cfg)
 
 
@@ -113,7 +154,9 @@ def test_fitted_value_tracks_known_solvability(tmp_path, word_tok_dir):
     assert last["correct_records"] > 50 and last["failed_records"] > 50
     assert last["pearson"] is not None and last["pearson"] >= PEARSON_MIN, last
     unsolvable, solvable = last["bins"]  # scores 0 and 1: V itself separates them, not just its ranks
-    assert (unsolvable["lo"], solvable["lo"]) == (0.0, 1.0) and solvable["mean"] - unsolvable["mean"] > 0.4, last["bins"]
+    assert (unsolvable["lo"], solvable["lo"]) == (0.0, 1.0) and solvable["mean"] - unsolvable["mean"] > 0.4, last[
+        "bins"
+    ]
     drop = last["drop"]
     assert drop["first_unsolvable"]["n"] == last["failed_records"]  # every failed answer has its step located
     assert drop["first_unsolvable"]["mean"] > 0.2, drop

@@ -29,11 +29,21 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     head_dim = dim // heads
     kv_dim = kv_heads * head_dim
     floats = np.frombuffer(data, dtype=np.float32, offset=28)
-    shapes = [("tok_embeddings", (vocab, dim)), ("attention_norm", (layers, dim)), ("wq", (layers, dim, dim)),
-              ("wk", (layers, kv_dim, dim)), ("wv", (layers, kv_dim, dim)), ("wo", (layers, dim, dim)),
-              ("ffn_norm", (layers, dim)), ("w1", (layers, hidden, dim)), ("w2", (layers, dim, hidden)),
-              ("w3", (layers, hidden, dim)), ("norm", (dim,)), ("freq_cis_real", (seq_len, head_dim // 2)),
-              ("freq_cis_imag", (seq_len, head_dim // 2))]  # fmt: skip
+    shapes = [
+        ("tok_embeddings", (vocab, dim)),
+        ("attention_norm", (layers, dim)),
+        ("wq", (layers, dim, dim)),
+        ("wk", (layers, kv_dim, dim)),
+        ("wv", (layers, kv_dim, dim)),
+        ("wo", (layers, dim, dim)),
+        ("ffn_norm", (layers, dim)),
+        ("w1", (layers, hidden, dim)),
+        ("w2", (layers, dim, hidden)),
+        ("w3", (layers, hidden, dim)),
+        ("norm", (dim,)),
+        ("freq_cis_real", (seq_len, head_dim // 2)),
+        ("freq_cis_imag", (seq_len, head_dim // 2)),
+    ]
     if not shared:
         shapes.append(("output", (vocab, dim)))
     tensors, offset = {}, 0
@@ -45,8 +55,16 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         offset += count
     if offset != floats.size:
         raise ValueError(f"{path}: {floats.size - offset} trailing floats (not the legacy llama2.c layout?)")
-    header = dict(dim=dim, hidden_dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, vocab_size=vocab,
-                  seq_len=seq_len, shared_classifier=shared)  # fmt: skip
+    header = dict(
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        vocab_size=vocab,
+        seq_len=seq_len,
+        shared_classifier=shared,
+    )
     return header, tensors
 
 
@@ -63,25 +81,35 @@ def llama2c_to_hf(bin_path: str | Path, out_dir: str | Path, tokenizer_model: st
 
     h, t = read_llama2c(bin_path)
     config = LlamaConfig(
-        vocab_size=h["vocab_size"], hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
-        num_hidden_layers=h["n_layers"], num_attention_heads=h["n_heads"], num_key_value_heads=h["n_kv_heads"],
-        max_position_embeddings=h["seq_len"], rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=h["shared_classifier"], bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=h["vocab_size"],
+        hidden_size=h["dim"],
+        intermediate_size=h["hidden_dim"],
+        num_hidden_layers=h["n_layers"],
+        num_attention_heads=h["n_heads"],
+        num_key_value_heads=h["n_kv_heads"],
+        max_position_embeddings=h["seq_len"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=h["shared_classifier"],
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     state = {"model.embed_tokens.weight": t["tok_embeddings"], "model.norm.weight": t["norm"]}
     for i in range(h["n_layers"]):
         p = f"model.layers.{i}."
-        state.update({
-            p + "input_layernorm.weight": t["attention_norm"][i],
-            p + "self_attn.q_proj.weight": interleaved_to_halves(t["wq"][i], h["n_heads"]),
-            p + "self_attn.k_proj.weight": interleaved_to_halves(t["wk"][i], h["n_kv_heads"]),
-            p + "self_attn.v_proj.weight": t["wv"][i],
-            p + "self_attn.o_proj.weight": t["wo"][i],
-            p + "post_attention_layernorm.weight": t["ffn_norm"][i],
-            p + "mlp.gate_proj.weight": t["w1"][i],
-            p + "mlp.up_proj.weight": t["w3"][i],
-            p + "mlp.down_proj.weight": t["w2"][i],
-        })  # fmt: skip
+        state.update(
+            {
+                p + "input_layernorm.weight": t["attention_norm"][i],
+                p + "self_attn.q_proj.weight": interleaved_to_halves(t["wq"][i], h["n_heads"]),
+                p + "self_attn.k_proj.weight": interleaved_to_halves(t["wk"][i], h["n_kv_heads"]),
+                p + "self_attn.v_proj.weight": t["wv"][i],
+                p + "self_attn.o_proj.weight": t["wo"][i],
+                p + "post_attention_layernorm.weight": t["ffn_norm"][i],
+                p + "mlp.gate_proj.weight": t["w1"][i],
+                p + "mlp.up_proj.weight": t["w3"][i],
+                p + "mlp.down_proj.weight": t["w2"][i],
+            }
+        )
     if not h["shared_classifier"]:
         state["lm_head.weight"] = t["output"]
     model = LlamaForCausalLM(config)

@@ -33,11 +33,21 @@ def tiny_hf_model(variant: str, seed: int = 0):
     from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")  # fmt: skip
+    common = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     if variant == "llama_gqa_untied":
-        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False,
-                                             rope_theta=5000.0, rms_norm_eps=1e-5))  # fmt: skip
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                **common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=5000.0, rms_norm_eps=1e-5
+            )
+        )
     elif variant == "llama_mha_tied":
         model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4, tie_word_embeddings=True))
     elif variant == "qwen2_gqa_bias_untied":
@@ -127,9 +137,15 @@ def layout_logits(meg_dir: str, layout: ParallelConfig, prompts=PROMPTS, save_to
     with torch.no_grad():
         for ids in prompts:
             out = get_forward_backward_func()(
-                forward_step_func=_forward_step, data_iterator=iter([ids]), model=chunks, num_microbatches=1,
-                seq_length=len(ids), micro_batch_size=1, forward_only=True, collect_non_loss_data=True,
-            )  # fmt: skip
+                forward_step_func=_forward_step,
+                data_iterator=iter([ids]),
+                model=chunks,
+                num_microbatches=1,
+                seq_length=len(ids),
+                micro_batch_size=1,
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
             if ps.is_pipeline_last_stage():
                 local = out[0][0]  # [s, vocab/tp]
                 parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
@@ -140,8 +156,12 @@ def layout_logits(meg_dir: str, layout: ParallelConfig, prompts=PROMPTS, save_to
     names = local_to_global_names(chunks[0])
     params = {names[n]: p.detach().clone() for n, p in chunks[0].named_parameters()}
     keep = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    return {"logits": outputs if keep else None, "params": params,
-            "tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank()}  # fmt: skip
+    return {
+        "logits": outputs if keep else None,
+        "params": params,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+    }
 
 
 def last_stage_logits(results) -> list[torch.Tensor]:
@@ -176,8 +196,13 @@ def value_rank(meg_dir: str, layout_tp: int = 1):
         values = head(captured.hidden)
     names = local_to_global_names(chunk)
     trunk = {names[n]: p.detach().clone() for n, p in chunk.named_parameters() if not n.startswith("value_head.")}
-    return {"kind": info.kind, "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-            "values": values, "trunk": trunk}  # fmt: skip
+    return {
+        "kind": info.kind,
+        "weight": head.weight.detach().clone(),
+        "bias": head.bias.detach().clone(),
+        "values": values,
+        "trunk": trunk,
+    }
 
 
 def write_value_ckpt_with_head(policy_dir: str, out: str, fill: float):
@@ -188,8 +213,13 @@ def write_value_ckpt_with_head(policy_dir: str, out: str, fill: float):
 
     value_from_megatron(policy_dir, out)
     from dqo_megatron import parallel
-    from dqo_megatron.conversion.megatron_io import build_empty_chunks, load_chunks, read_metadata
-    from dqo_megatron.conversion.megatron_io import save_chunks, write_metadata
+    from dqo_megatron.conversion.megatron_io import (
+        build_empty_chunks,
+        load_chunks,
+        read_metadata,
+        save_chunks,
+        write_metadata,
+    )
     from dqo_megatron.conversion.value import attach_value_head
 
     cfg, info = read_metadata(out)
@@ -213,15 +243,18 @@ def convert_with_broken_qkv_rank(hf_dir: str, meg_dir: str):
     _allow_children()
     import torch as _torch
 
-    from dqo_megatron.conversion import ConversionError, hf_to_megatron
-    from dqo_megatron.conversion import registry
+    from dqo_megatron.conversion import ConversionError, hf_to_megatron, registry
 
     original = registry.Family.rules
 
     def broken(self, cfg):
         rules = original(self, cfg)
-        return [registry.TensorRule(r.megatron, r.hf, (lambda q, k, v: _torch.cat([q, k, v])), r.to_hf)
-                if "linear_qkv" in r.megatron else r for r in rules]  # fmt: skip
+        return [
+            registry.TensorRule(r.megatron, r.hf, (lambda q, k, v: _torch.cat([q, k, v])), r.to_hf)
+            if "linear_qkv" in r.megatron
+            else r
+            for r in rules
+        ]
 
     registry.Family.rules = broken
     try:

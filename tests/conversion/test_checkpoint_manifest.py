@@ -70,8 +70,12 @@ def test_damaged_weights_are_named_and_nothing_is_written(converted, tmp_path):
         damaged[name] = target
     (found,) = run_distributed(_to_hf_each, 1, cases)
     assert found["legacy"] == "ok"  # written before manifests: still loads (with a warning)
-    words = {"truncated": "the manifest says", "flipped": "checksum", "deleted": "missing",
-             "legacy_truncated": "torch's .metadata needs at least"}  # fmt: skip
+    words = {
+        "truncated": "the manifest says",
+        "flipped": "checksum",
+        "deleted": "missing",
+        "legacy_truncated": "torch's .metadata needs at least",
+    }
     for name, word in words.items():
         assert f"{damaged[name]}: " in found[name] and word in found[name], (name, found[name])
         assert "\n" not in found[name]

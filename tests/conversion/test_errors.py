@@ -8,6 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from dqo_megatron.config import ParallelConfig
+from dqo_megatron.conversion import ConversionError, hf_to_megatron, megatron_to_hf
 from tests.conversion.ranks import (
     convert_expecting_error_rank,
     convert_rank,
@@ -15,9 +17,6 @@ from tests.conversion.ranks import (
     tiny_hf_model,
 )
 from tests.helpers.distributed import run_distributed
-
-from dqo_megatron.config import ParallelConfig
-from dqo_megatron.conversion import ConversionError, hf_to_megatron, megatron_to_hf
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +61,14 @@ def test_unknown_architecture(hf_dir, tmp_path):
     assert _nothing_left(tmp_path)
 
 
-@pytest.mark.parametrize("layout, why", [
-    (ParallelConfig(tensor_model_parallel_size=3), "must divide model.num_attention_heads=4"),
-    (ParallelConfig(tensor_model_parallel_size=4), "must divide model.num_query_groups=2"),
-    (ParallelConfig(pipeline_model_parallel_size=3), "num_layers=2 must be divisible"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout, why",
+    [
+        (ParallelConfig(tensor_model_parallel_size=3), "must divide model.num_attention_heads=4"),
+        (ParallelConfig(tensor_model_parallel_size=4), "must divide model.num_query_groups=2"),
+        (ParallelConfig(pipeline_model_parallel_size=3), "num_layers=2 must be divisible"),
+    ],
+)
 def test_layout_the_model_cannot_be_split_into(hf_dir, tmp_path, layout, why):
     with pytest.raises(ConversionError, match="cannot be split into") as err:
         hf_to_megatron(hf_dir, tmp_path / "out", layouts=[layout])
@@ -94,13 +96,16 @@ def test_overwrite_replaces_existing_output(hf_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3' is not supported"),
-    ({"attention_bias": True}, "attention_bias=true is not supported"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-    ({"num_hidden_layers": 3}, r"tensors missing from the checkpoint: model\.layers\.2\."),
-    ({"num_hidden_layers": 1}, r"no place for.*model\.layers\.1\."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3' is not supported"),
+        ({"attention_bias": True}, "attention_bias=true is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"num_hidden_layers": 3}, r"tensors missing from the checkpoint: model\.layers\.2\."),
+        ({"num_hidden_layers": 1}, r"no place for.*model\.layers\.1\."),
+    ],
+)
 def test_config_the_model_cannot_represent(hf_dir, tmp_path, changes, match):
     src = _copy(hf_dir, tmp_path / "src")
     _edit_config(src, **changes)
@@ -144,8 +149,9 @@ def test_verify_fails_on_a_model_with_a_nan_weight_and_writes_nothing(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan_hf")
-    (message,) = run_distributed(convert_expecting_error_rank, 1, str(tmp_path / "nan_hf"), str(tmp_path / "out"),
-                                 verify=True)  # fmt: skip
+    (message,) = run_distributed(
+        convert_expecting_error_rank, 1, str(tmp_path / "nan_hf"), str(tmp_path / "out"), verify=True
+    )
     assert message is not None and "parity FAILED" in message and "nothing was written" in message
     assert "non-finite weights" in message and "hf:model.layers.0.mlp.down_proj.weight (1)" in message
     assert _nothing_left(tmp_path)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from dqo_megatron.config import ParallelConfig
 from tests.conversion.ranks import (
     PROMPTS,
     full_cycle_rank,
@@ -25,10 +26,7 @@ from tests.conversion.ranks import (
 )
 from tests.helpers.distributed import run_distributed
 
-from dqo_megatron.config import ParallelConfig
-
-VARIANTS = ["llama_gqa_untied", "llama_mha_tied", "qwen2_gqa_bias_untied", "qwen2_gqa_bias_tied",
-            "gemma_headdim24_gqa"]  # fmt: skip
+VARIANTS = ["llama_gqa_untied", "llama_mha_tied", "qwen2_gqa_bias_untied", "qwen2_gqa_bias_tied", "gemma_headdim24_gqa"]
 TOLERANCE = 1e-4
 
 
@@ -61,8 +59,9 @@ def test_hf_to_megatron_logits_match_transformers_at_tp1_and_tp2(converted):
     expected = hf_reference_logits(model)
     assert max(e.abs().max().item() for e in expected) > 1.0  # the check is not vacuous
     tp1 = result["tp1_logits"]
-    tp2 = last_stage_logits(run_distributed(layout_logits, 2, str(root / "meg"),
-                                            ParallelConfig(tensor_model_parallel_size=2)))  # fmt: skip
+    tp2 = last_stage_logits(
+        run_distributed(layout_logits, 2, str(root / "meg"), ParallelConfig(tensor_model_parallel_size=2))
+    )
     for want, got1, got2, ids in zip(expected, tp1, tp2, PROMPTS):
         assert got1.shape == want.shape == (len(ids), 101)
         torch.testing.assert_close(got1, want, atol=TOLERANCE, rtol=0, msg=f"{variant} TP=1")
@@ -89,8 +88,18 @@ def test_megatron_to_hf_round_trip_is_bit_exact(converted):
     # config: every architecture field equal; and transformers loads it with no custom code
     src_cfg = json.loads((root / "hf" / "config.json").read_text())
     out_cfg = json.loads((back_dir / "config.json").read_text())
-    for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps"):
+    for key in (
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ):
         assert out_cfg[key] == src_cfg[key], key
     from transformers import AutoModelForCausalLM
 

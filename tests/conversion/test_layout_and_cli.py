@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from tests.conversion.ranks import cli_rank, tiny_hf_model
-from tests.helpers.distributed import run_distributed
-
 from dqo_megatron.conversion import ConversionError, families, family, family_for_hf_config
 from dqo_megatron.conversion.layout import fuse_gate_up, interleave_qkv, split_gate_up, split_qkv
+from tests.conversion.ranks import cli_rank, tiny_hf_model
+from tests.helpers.distributed import run_distributed
 
 
 @pytest.mark.parametrize("heads, groups, d", [(4, 2, 3), (8, 1, 2), (6, 6, 4), (8, 4, 5)])
@@ -51,10 +50,14 @@ def test_registry_lookup_and_family_configs():
     assert family_for_hf_config({"model_type": "gemma"}).name == "gemma"
     with pytest.raises(ConversionError, match="no conversion family 'mamba'"):
         family("mamba")
-    for variant, want in [("gemma_headdim24_gqa", dict(family="gemma", kv_channels=24, tie_embeddings=True,
-                                                         add_qkv_bias=False, num_query_groups=2)),
-                          ("qwen2_gqa_bias_untied", dict(family="qwen2", add_qkv_bias=True, tie_embeddings=False)),
-                          ("llama_gqa_untied", dict(family="llama", rotary_base=5000.0, norm_epsilon=1e-5))]:  # fmt: skip
+    for variant, want in [
+        (
+            "gemma_headdim24_gqa",
+            dict(family="gemma", kv_channels=24, tie_embeddings=True, add_qkv_bias=False, num_query_groups=2),
+        ),
+        ("qwen2_gqa_bias_untied", dict(family="qwen2", add_qkv_bias=True, tie_embeddings=False)),
+        ("llama_gqa_untied", dict(family="llama", rotary_base=5000.0, norm_epsilon=1e-5)),
+    ]:
         hf = json.loads(tiny_hf_model(variant).config.to_json_string())
         cfg = family_for_hf_config(hf).config_from_hf(hf)
         for key, value in want.items():
@@ -65,12 +68,14 @@ def test_registry_lookup_and_family_configs():
 
 def test_cli_round_trip_with_verify(tmp_path):
     tiny_hf_model("gemma_headdim24_gqa").save_pretrained(tmp_path / "hf")
-    code, output = run_distributed(cli_rank, 1, ["hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "meg"),
-                                                 "--verify", "--tp", "2"])[0]  # fmt: skip
+    code, output = run_distributed(
+        cli_rank, 1, ["hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "meg"), "--verify", "--tp", "2"]
+    )[0]
     assert code == 0, output
     assert "parity PASSED" in output and "wrote" in output
-    code, output = run_distributed(cli_rank, 1, ["megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "back"),
-                                                 "--verify", "--dtype", "bf16"])[0]  # fmt: skip
+    code, output = run_distributed(
+        cli_rank, 1, ["megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "back"), "--verify", "--dtype", "bf16"]
+    )[0]
     assert code == 0, output
     assert "parity PASSED" in output
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"

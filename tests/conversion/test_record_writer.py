@@ -10,13 +10,17 @@ import torch
 from dqo_megatron.conversion.record_writer import _fast_records_ok, _record_bytes
 
 
-@pytest.mark.parametrize("make", [
-    lambda g: torch.randn(1537, 3, generator=g),                      # an odd size, one piece
-    lambda g: torch.randn(300_000, generator=g),                       # > one piece (1.2 MB)
-    lambda g: torch.randn(64, 48, generator=g).to(torch.bfloat16),
-    lambda g: torch.randn(40, 40, generator=g).t(),                    # a non-contiguous view
-    lambda g: torch.arange(7, dtype=torch.int64),
-], ids=["fp32-odd", "fp32-multi-piece", "bf16", "transposed-view", "int64"])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(1537, 3, generator=g),  # an odd size, one piece
+        lambda g: torch.randn(300_000, generator=g),  # > one piece (1.2 MB)
+        lambda g: torch.randn(64, 48, generator=g).to(torch.bfloat16),
+        lambda g: torch.randn(40, 40, generator=g).t(),  # a non-contiguous view
+        lambda g: torch.arange(7, dtype=torch.int64),
+    ],
+    ids=["fp32-odd", "fp32-multi-piece", "bf16", "transposed-view", "int64"],
+)
 def test_record_is_byte_for_byte_torch_save(make):
     tensor = make(torch.Generator().manual_seed(0))
     ours, reference = io.BytesIO(), io.BytesIO()

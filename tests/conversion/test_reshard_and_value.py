@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dqo_megatron.config import ParallelConfig
 from tests.conversion.ranks import (
     convert_rank,
     hf_reference_logits,
@@ -16,8 +17,6 @@ from tests.conversion.ranks import (
     write_value_ckpt_with_head,
 )
 from tests.helpers.distributed import run_distributed
-
-from dqo_megatron.config import ParallelConfig
 
 
 def _convert(variant: str, tmp_path_factory):
@@ -44,8 +43,9 @@ def qwen2_policy(tmp_path_factory):
 def test_saved_at_tp2_loads_at_tp1_pp2_and_tp1_with_identical_logits(policy, tmp_path):
     model, root = policy
     resaved = tmp_path / "tp2_weights"
-    tp2 = run_distributed(layout_logits, 2, str(root / "meg"), ParallelConfig(tensor_model_parallel_size=2),
-                          save_to=str(resaved))  # fmt: skip
+    tp2 = run_distributed(
+        layout_logits, 2, str(root / "meg"), ParallelConfig(tensor_model_parallel_size=2), save_to=str(resaved)
+    )
     # the re-saved checkpoint directory: same metadata, the TP=2 weights
     ckpt = tmp_path / "tp2_ckpt"
     ckpt.mkdir()
@@ -66,8 +66,9 @@ def test_saved_at_tp2_loads_at_tp1_pp2_and_tp1_with_identical_logits(policy, tmp
     for stage in pp2:
         for name, tensor in stage["params"].items():
             assert torch.equal(tensor, original["params"][name]), name
-    for a, b, c, d, want in zip(last_stage_logits(pp2), tp1["logits"], original["logits"], last_stage_logits(tp2),
-                                hf_reference_logits(model)):  # fmt: skip
+    for a, b, c, d, want in zip(
+        last_stage_logits(pp2), tp1["logits"], original["logits"], last_stage_logits(tp2), hf_reference_logits(model)
+    ):
         assert torch.equal(a, b) and torch.equal(b, c)  # same weights, same math
         torch.testing.assert_close(d, c, atol=1e-5, rtol=0)  # TP=2 sums in another order
         torch.testing.assert_close(c, want, atol=1e-4, rtol=0)
@@ -91,8 +92,9 @@ def test_value_checkpoint_from_hf_has_the_policy_trunk_and_a_zero_head(qwen2_pol
 def test_value_head_taken_from_another_value_checkpoint(qwen2_policy, tmp_path):
     _model, root = qwen2_policy
     run_distributed(write_value_ckpt_with_head, 1, str(root / "meg"), str(tmp_path / "donor"), 0.5)
-    run_distributed(convert_rank, 1, str(root / "hf"), str(tmp_path / "value"), value=True,
-                    value_head=str(tmp_path / "donor"))  # fmt: skip
+    run_distributed(
+        convert_rank, 1, str(root / "hf"), str(tmp_path / "value"), value=True, value_head=str(tmp_path / "donor")
+    )
     (got,) = run_distributed(value_rank, 1, str(tmp_path / "value"), 1)
     assert torch.equal(got["weight"], torch.full((1, 64), 0.5)) and torch.equal(got["bias"], torch.tensor([-0.5]))
     assert got["values"].abs().max() > 0

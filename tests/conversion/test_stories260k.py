@@ -69,8 +69,9 @@ def test_rope_permutation_moves_interleaved_pairs_to_halves():
 def test_header_and_sizes(stories):
     model_dir, _root, _parity = stories
     header, tensors = read_llama2c(model_dir / "stories260K.bin")
-    assert header == dict(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, seq_len=512,
-                          shared_classifier=True)  # fmt: skip
+    assert header == dict(
+        dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, seq_len=512, shared_classifier=True
+    )
     assert tensors["wk"].shape == (5, 32, 64)
 
 

@@ -7,11 +7,15 @@ import random
 
 import pytest
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-CORPUS = ["Natalia sold clips to 48 of her friends in April, and then half as many in May.",
-          "Please reason step by step, and put your final answer within \\boxed{}.",
-          "Étape 1 : calculer 3 × 4 = 12. 日本語のテキスト。 Ωμέγα ✓ 😀"] * 20
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "Étape 1 : calculer 3 × 4 = 12. 日本語のテキスト。 Ωμέγα ✓ 😀",
+] * 20
 WORDS = ["step", "the", "answer", " is", "\n", "  ", "42", "1,000", "é", "日本", "😀", "####", "\\boxed{7}", "x²", "."]
 
 
@@ -31,8 +35,11 @@ def hf_tok_dir(tmp_path_factory):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(CORPUS, trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     hf.chat_template = CHAT_TEMPLATE
@@ -50,9 +57,14 @@ def random_record(rng: random.Random, i: int, with_process: bool = True) -> dict
     """A valid record; process rewards in either form; no behavior log-probs (their length depends on
     the tokenizer, tests add them after tokenizing)."""
     response = random_text(rng)
-    rec = {"prompt": random_text(rng) if rng.random() < 0.7 else [{"role": "system", "content": "Be brief."},
-                                                                  {"role": "user", "content": random_text(rng)}],
-           "response": response, "prompt_id": f"p{i % 5}", "id": i}
+    rec = {
+        "prompt": random_text(rng)
+        if rng.random() < 0.7
+        else [{"role": "system", "content": "Be brief."}, {"role": "user", "content": random_text(rng)}],
+        "response": response,
+        "prompt_id": f"p{i % 5}",
+        "id": i,
+    }
     if rng.random() < 0.5:
         rec["reward"] = rng.choice([0.0, 1.0, -0.5, 0.25])
     else:
@@ -65,8 +77,9 @@ def random_record(rng: random.Random, i: int, with_process: bool = True) -> dict
             bounds = [0] + cuts
             if bounds[-1] != len(response):
                 bounds.append(len(response))
-            rec["process_segments"] = [{"text": response[a:b], "reward": rng.choice([0.5, 0.0, 1.0])}
-                                       for a, b in zip(bounds, bounds[1:])]
+            rec["process_segments"] = [
+                {"text": response[a:b], "reward": rng.choice([0.5, 0.0, 1.0])} for a, b in zip(bounds, bounds[1:])
+            ]
     return rec
 
 

@@ -20,14 +20,24 @@ from dqo_megatron.config import ConfigError
 from dqo_megatron.data.dataset import TrajectoryDataset
 from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
 from dqo_megatron.data.records import FLOAT32_LIMIT, RecordError, parse_record
-from dqo_megatron.data.tokenize import (TOKENIZER_IDENTITY_FILES, TokenizeConfig, Tokenizer, TokenizerConfig,
-                                        tokenizer_difference, tokenizer_fingerprint)  # fmt: skip
+from dqo_megatron.data.tokenize import (
+    TOKENIZER_IDENTITY_FILES,
+    TokenizeConfig,
+    Tokenizer,
+    TokenizerConfig,
+    tokenizer_difference,
+    tokenizer_fingerprint,
+)
 
 VALID = [
     {"prompt": "Add 2 and 3.", "response": "2 + 3 = 5. #### 5", "reward": 1.0, "process_rewards": [[6, 0.5]]},
     {"prompt": [{"role": "user", "content": "Say hi."}], "response": "hi", "correct": False},
-    {"prompt": "Count.", "response": "one two three", "reward": 0.25, "process_segments": [
-        {"text": "one ", "reward": 0.5}, {"text": "two three", "reward": 0.0}]},
+    {
+        "prompt": "Count.",
+        "response": "one two three",
+        "reward": 0.25,
+        "process_segments": [{"text": "one ", "reward": 0.5}, {"text": "two three", "reward": 0.0}],
+    },
 ]
 """Records that every class's file surrounds its bad record with (line 1, 2 and 4 of the file)."""
 
@@ -68,9 +78,15 @@ def _write(path, rows) -> str:
 
 def _preprocess(tmp_path, name, rows, tok_dir, workers=1, skip=False, **tok):
     src = _write(tmp_path / f"{name}.jsonl", rows)
-    cfg = PreprocessConfig(inputs=[src], output_prefix=str(tmp_path / name / "data"), workers=workers, chunk_size=2,
-                           skip_invalid=skip, progress=False,
-                           tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok_dir, **tok)))  # fmt: skip
+    cfg = PreprocessConfig(
+        inputs=[src],
+        output_prefix=str(tmp_path / name / "data"),
+        workers=workers,
+        chunk_size=2,
+        skip_invalid=skip,
+        progress=False,
+        tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok_dir, **tok)),
+    )
     return preprocess(cfg), cfg.output_prefix
 
 
@@ -100,8 +116,9 @@ def _assert_refused_then_skipped(tmp_path, hf_tok_dir, valid_only, bad: dict, fi
     assert f".jsonl:3: field '{field}'" in summary.skips.first[reason]
     assert _parts(prefix) == valid_only  # the valid records are stored exactly as without the bad one
     ds = TrajectoryDataset(prefix)
-    assert all(np.isfinite(ds[i]["rewards"]).all() and np.isfinite(ds[i]["behavior_logprobs"]).all()
-               for i in range(len(ds)))  # fmt: skip
+    assert all(
+        np.isfinite(ds[i]["rewards"]).all() and np.isfinite(ds[i]["behavior_logprobs"]).all() for i in range(len(ds))
+    )
     assert ds.manifest["summary"]["skipped"] == {reason: 1}
 
 
@@ -121,12 +138,16 @@ def test_float32_limit_is_exact():
         parse_record({"prompt": "p", "response": "r", "reward": FLOAT32_LIMIT})
 
 
-@pytest.mark.parametrize("patch,field,reason", [
-    ({"correct": 2**64}, "correct", "wrong_type"),  # a flag, stored as 1/0/-1: only true/false are accepted
-    ({"truncated": 10**30}, "truncated", "wrong_type"),
-    ({"process_rewards": [[2**64, 1.0]]}, "process_rewards[0]", "bad_process_rewards"),  # an offset past the text
-    ({"process_rewards": [[1.0, 1.0]]}, "process_rewards[0]", "wrong_type"),
-], ids=["correct", "truncated", "offset", "float-offset"])  # fmt: skip
+@pytest.mark.parametrize(
+    "patch,field,reason",
+    [
+        ({"correct": 2**64}, "correct", "wrong_type"),  # a flag, stored as 1/0/-1: only true/false are accepted
+        ({"truncated": 10**30}, "truncated", "wrong_type"),
+        ({"process_rewards": [[2**64, 1.0]]}, "process_rewards[0]", "bad_process_rewards"),  # an offset past the text
+        ({"process_rewards": [[1.0, 1.0]]}, "process_rewards[0]", "wrong_type"),
+    ],
+    ids=["correct", "truncated", "offset", "float-offset"],
+)
 def test_integers_beyond_what_is_stored_are_refused(patch, field, reason):
     """Integers that are not rewards are flags or offsets: out-of-range values never reach a column."""
     with pytest.raises(RecordError) as info:
@@ -147,13 +168,14 @@ _SURROGATE_RUNS = [(*c, 1) for c in LONE_SURROGATES] + [(*c, 2) for c in LONE_SU
 
 @pytest.mark.parametrize("name,patch,field,workers", _SURROGATE_RUNS, ids=[f"{c[0]}-j{c[3]}" for c in _SURROGATE_RUNS])
 def test_lone_surrogates_are_refused_with_file_line(tmp_path, hf_tok_dir, valid_only, name, patch, field, workers):
-    _assert_refused_then_skipped(tmp_path, hf_tok_dir, valid_only, _bad_row(patch), field, "invalid_unicode",
-                                 workers=workers)  # fmt: skip
+    _assert_refused_then_skipped(
+        tmp_path, hf_tok_dir, valid_only, _bad_row(patch), field, "invalid_unicode", workers=workers
+    )
 
 
 def test_paired_surrogate_escapes_are_valid_text():
     rec = parse_record('{"prompt": "p", "response": "\\ud83d\\ude00 \\\\ud800", "reward": 1}')
-    assert rec.response == "\U0001F600 \\ud800"  # an emoji, then an escaped backslash: not a surrogate
+    assert rec.response == "\U0001f600 \\ud800"  # an emoji, then an escaped backslash: not a surrogate
 
 
 def test_lone_surrogate_in_a_table_row():
@@ -162,8 +184,10 @@ def test_lone_surrogate_in_a_table_row():
         parse_record({"prompt": "p", "response": "r", "reward": 1, "id": "\ud800"}, "x.parquet", 7)
 
 
-_UNLOADABLE = ['{"prompt": "p", "response": "r", "reward": ' + "1" * 5000 + "}",  # beyond Python's digit limit
-               '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"]  # beyond its recursion limit
+_UNLOADABLE = [
+    '{"prompt": "p", "response": "r", "reward": ' + "1" * 5000 + "}",  # beyond Python's digit limit
+    '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}",
+]  # beyond its recursion limit
 
 
 @pytest.mark.parametrize("raw", _UNLOADABLE, ids=["5000-digit", "deep"])
@@ -183,8 +207,9 @@ def test_label_skips_lone_surrogates_and_writes_valid_utf8(tmp_path):
     src = _write(tmp_path / "in.jsonl", [good, {**good, "response": "#### 5 \ud800"}, good])
     with pytest.raises(RecordError, match=r"in\.jsonl:2: field 'response': holds a lone surrogate"):
         label_records(LabelConfig(inputs=[src], output=str(tmp_path / "out.jsonl"), progress=False))
-    summary = label_records(LabelConfig(inputs=[src], output=str(tmp_path / "out.jsonl"), progress=False,
-                                        skip_invalid=True))  # fmt: skip
+    summary = label_records(
+        LabelConfig(inputs=[src], output=str(tmp_path / "out.jsonl"), progress=False, skip_invalid=True)
+    )
     assert summary.written == 2 and summary.skips.counts == {"invalid_unicode": 1}
     lines = (tmp_path / "out.jsonl").read_bytes().decode("utf-8").splitlines()
     assert [json.loads(x)["correct"] for x in lines] == [True, True]

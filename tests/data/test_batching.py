@@ -76,10 +76,20 @@ def test_sampler_consumed_override_and_errors():
 
 
 def _sample(T, P, k):
-    return {"tokens": np.arange(T) + 10 * k, "loss_mask": np.arange(T) >= P, "rewards": np.where(np.arange(T) == T - 1, 1.0, 0.0).astype(np.float32),
-            "behavior_logprobs": -np.ones(T, np.float32), "ref_logprobs": np.zeros(T, np.float32), "prompt_length": P,
-            "prompt_index": k, "outcome_reward": 1.0, "correct": 1, "has_behavior_logprobs": True, "truncated": k == 1,
-            "index": k}
+    return {
+        "tokens": np.arange(T) + 10 * k,
+        "loss_mask": np.arange(T) >= P,
+        "rewards": np.where(np.arange(T) == T - 1, 1.0, 0.0).astype(np.float32),
+        "behavior_logprobs": -np.ones(T, np.float32),
+        "ref_logprobs": np.zeros(T, np.float32),
+        "prompt_length": P,
+        "prompt_index": k,
+        "outcome_reward": 1.0,
+        "correct": 1,
+        "has_behavior_logprobs": True,
+        "truncated": k == 1,
+        "index": k,
+    }
 
 
 def test_pad_collate():

@@ -13,8 +13,10 @@ import pytest
 
 from dqo_megatron.data.dataset import TrajectoryDataset
 from dqo_megatron.data.indexed import (
-    mark_reference_logprobs_filled, open_reference_logprobs_for_update, stage_reference_logprobs,
-)  # fmt: skip
+    mark_reference_logprobs_filled,
+    open_reference_logprobs_for_update,
+    stage_reference_logprobs,
+)
 from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
 from dqo_megatron.data.records import RecordError, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, TokenizerConfig
@@ -36,8 +38,14 @@ def _bytes_to_unicode() -> dict[str, int]:
 def _run(tmp_path, rows, tok_path, name="out", workers=1, src=None, **kw):
     src = src or write_jsonl(tmp_path / f"{name}.jsonl", rows)
     tk = {k: kw.pop(k) for k in ("max_length", "overlong", "behavior_logprobs_include_eos") if k in kw}
-    cfg = PreprocessConfig(inputs=[src], output_prefix=str(tmp_path / name / "data"), workers=workers, progress=False,
-                           tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok_path), **tk), **kw)
+    cfg = PreprocessConfig(
+        inputs=[src],
+        output_prefix=str(tmp_path / name / "data"),
+        workers=workers,
+        progress=False,
+        tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok_path), **tk),
+        **kw,
+    )
     return preprocess(cfg), cfg
 
 
@@ -64,7 +72,9 @@ def test_roundtrip_hf_exact(tmp_path, hf_tok_dir):
     for i, row in enumerate(rows):
         item = ds[i]
         msgs = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
-        p_ids = tok.hf(tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        p_ids = tok.hf(
+            tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
         r_ids = tok.hf(row["response"], add_special_tokens=False)["input_ids"]
         assert item["tokens"].tolist() == p_ids + r_ids + [tok.eos_id]
         assert tok.hf.decode(r_ids) == row["response"]  # the response boundary is exact, no text lost
@@ -90,7 +100,7 @@ def test_roundtrip_hf_exact(tmp_path, hf_tok_dir):
         assert item["correct"] == (int(row["correct"]) if "correct" in row else -1)
         if "behavior_logprobs" in row:
             assert item["has_behavior_logprobs"]
-            np.testing.assert_array_equal(item["behavior_logprobs"][len(p_ids):], np.float32(row["behavior_logprobs"]))
+            np.testing.assert_array_equal(item["behavior_logprobs"][len(p_ids) :], np.float32(row["behavior_logprobs"]))
             assert not item["behavior_logprobs"][: len(p_ids)].any()
         else:
             assert not item["has_behavior_logprobs"] and not item["behavior_logprobs"].any()
@@ -117,7 +127,7 @@ def test_roundtrip_sentencepiece(tmp_path, sp_model):
         item = ds[i]
         p_ids, r_ids = [sp.bos_id()] + sp.encode(row["prompt"]), sp.encode(row["response"])
         assert item["tokens"].tolist() == p_ids + r_ids + [sp.eos_id()]
-        total = (row["reward"] if "reward" in row else float(row["correct"]))
+        total = row["reward"] if "reward" in row else float(row["correct"])
         steps = row.get("process_rewards") or []
         if "process_segments" in row:
             steps = [[0, s["reward"]] for s in row["process_segments"] if s["text"]]
@@ -135,7 +145,10 @@ def test_roundtrip_sentencepiece(tmp_path, sp_model):
 
 
 def test_chat_prompt_with_sentencepiece_is_counted(tmp_path, sp_model):
-    rows = [{"prompt": [{"role": "user", "content": "hi"}], "response": "a", "reward": 1}, {"prompt": "hi", "response": "a", "reward": 1}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "hi"}], "response": "a", "reward": 1},
+        {"prompt": "hi", "response": "a", "reward": 1},
+    ]
     with pytest.raises(RecordError, match=r"out.jsonl:1.*chat_without_template"):
         _run(tmp_path, rows, sp_model)
     summary, _ = _run(tmp_path, rows, sp_model, name="b", skip_invalid=True)
@@ -148,7 +161,9 @@ BAD_LINES = {
     "wrong_type": '{"prompt": "p", "response": 5, "reward": 1}',
     "non_finite": '{"prompt": "p", "response": "r", "reward": NaN}',
     "empty_response": '{"prompt": "p", "response": "", "reward": 1}',
-    "behavior_logprobs_length": '{"prompt": "p", "response": "r", "reward": 1, "behavior_logprobs": [-0.1, -0.2, -0.3, -0.4, -0.5]}',
+    "behavior_logprobs_length": (
+        '{"prompt": "p", "response": "r", "reward": 1, "behavior_logprobs": [-0.1, -0.2, -0.3, -0.4, -0.5]}'
+    ),
     "too_long": json.dumps({"prompt": "p " * 300, "response": "r", "reward": 1}),
 }
 
@@ -166,27 +181,35 @@ def test_each_bad_input_raises_then_counts(tmp_path, hf_tok_dir, reason):
     assert (summary.read, summary.written, dict(summary.skips.counts)) == (7, 6, {reason: 1})
     assert reason in summary.report()
     ds = TrajectoryDataset(cfg.output_prefix)
-    assert [ds.prompt_ids[ds[i]["prompt_index"]] for i in range(6)] == [parse_record(json.dumps(g)).prompt_id for g in good]
+    assert [ds.prompt_ids[ds[i]["prompt_index"]] for i in range(6)] == [
+        parse_record(json.dumps(g)).prompt_id for g in good
+    ]
     assert ds.manifest["summary"]["skipped"] == {reason: 1}
 
 
 def test_overlong_truncates_prompt_left_never_response(tmp_path, hf_tok_dir):
     tok = Tokenizer(TokenizerConfig(path=hf_tok_dir))
     long_prompt = "step the answer " * 20
-    rows = [{"prompt": long_prompt, "response": "42 is the answer", "reward": 1.0},
-            {"prompt": "p", "response": "the answer " * 40, "reward": 0.0},
-            {"prompt": "short", "response": "ok", "reward": 1.0}]
+    rows = [
+        {"prompt": long_prompt, "response": "42 is the answer", "reward": 1.0},
+        {"prompt": "p", "response": "the answer " * 40, "reward": 0.0},
+        {"prompt": "short", "response": "ok", "reward": 1.0},
+    ]
     summary, cfg = _run(tmp_path, rows, hf_tok_dir, max_length=24, overlong="truncate_prompt_left", skip_invalid=True)
     assert summary.written == 2 and dict(summary.skips.counts) == {"response_too_long": 1}
     assert summary.truncated_prompts == 1
     ds = TrajectoryDataset(cfg.output_prefix)
-    full_p = tok.hf(tok.hf.apply_chat_template([{"role": "user", "content": long_prompt}], tokenize=False,
-                                               add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    full_p = tok.hf(
+        tok.hf.apply_chat_template(
+            [{"role": "user", "content": long_prompt}], tokenize=False, add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
     r_ids = tok.hf(rows[0]["response"], add_special_tokens=False)["input_ids"]
     item = ds[0]
     assert len(item["tokens"]) == 24
     assert item["tokens"].tolist() == (full_p + r_ids + [tok.eos_id])[-24:]  # cut on the left only
-    assert item["tokens"][item["prompt_length"]:].tolist() == r_ids + [tok.eos_id]
+    assert item["tokens"][item["prompt_length"] :].tolist() == r_ids + [tok.eos_id]
     assert ds.meta[0, 6] == len(full_p) + len(r_ids) + 1 - 24
     s2, _ = _run(tmp_path, rows, hf_tok_dir, name="drop", max_length=24, skip_invalid=True)
     assert s2.written == 1 and dict(s2.skips.counts) == {"too_long": 2}
@@ -195,13 +218,20 @@ def test_overlong_truncates_prompt_left_never_response(tmp_path, hf_tok_dir):
 def test_behavior_logprobs_without_eos_and_tokenizer_mismatch(tmp_path, hf_tok_dir):
     tok = Tokenizer(TokenizerConfig(path=hf_tok_dir))
     n = len(tok.hf("the answer", add_special_tokens=False)["input_ids"])
-    rows = [{"prompt": "p", "response": "the answer", "reward": 1, "behavior_logprobs": [-0.5] * n},
-            {"prompt": "p", "response": "the answer", "reward": 1, "behavior_logprobs": [-0.5] * (n + 1),
-             "behavior_tokenizer": "other-model"}]
+    rows = [
+        {"prompt": "p", "response": "the answer", "reward": 1, "behavior_logprobs": [-0.5] * n},
+        {
+            "prompt": "p",
+            "response": "the answer",
+            "reward": 1,
+            "behavior_logprobs": [-0.5] * (n + 1),
+            "behavior_tokenizer": "other-model",
+        },
+    ]
     summary, cfg = _run(tmp_path, rows, hf_tok_dir, behavior_logprobs_include_eos=False, skip_invalid=True)
     assert summary.written == 1 and dict(summary.skips.counts) == {"behavior_tokenizer_mismatch": 1}
     item = TrajectoryDataset(cfg.output_prefix)[0]
-    assert item["behavior_logprobs"][item["prompt_length"]:].tolist() == [-0.5] * n + [0.0]
+    assert item["behavior_logprobs"][item["prompt_length"] :].tolist() == [-0.5] * n + [0.0]
 
 
 def test_deterministic_bytes_any_workers(tmp_path, hf_tok_dir):
@@ -226,7 +256,7 @@ def test_reference_logprob_slot_is_writable(tmp_path, hf_tok_dir):
     stage_reference_logprobs(cfg.output_prefix)
     values, starts, lengths = open_reference_logprobs_for_update(cfg.output_prefix)
     for i in range(4):
-        values[starts[i]:starts[i] + lengths[i]] = -(i + 1)
+        values[starts[i] : starts[i] + lengths[i]] = -(i + 1)
     values.flush()
     del values
     # written aside: until marked filled, the dataset's own file is untouched (a killed annotate mixes nothing)
@@ -276,16 +306,26 @@ def test_truncated_record_gets_no_eos_and_the_flag(tmp_path, hf_tok_dir):
     starts = [a for a, _ in tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
     step_token = max(j for j, a in enumerate(starts) if a < 3)  # the token holding "the"'s last character
     assert step_token < n - 1  # ... not the last token, which takes the outcome reward
-    rows = [{"prompt": "p", "response": text, "reward": 1.0, "behavior_logprobs": [-0.5] * (n + 1)},  # ended: + EOS
-            {"prompt": "p", "response": text, "reward": 0.25, "truncated": True, "behavior_logprobs": [-0.25] * n,
-             "process_rewards": [[3, 0.5]]},  # cut by the length limit: n log-probs, no EOS
-            {"prompt": "q", "response": text, "correct": False, "truncated": True}]  # fmt: skip
+    rows = [
+        {"prompt": "p", "response": text, "reward": 1.0, "behavior_logprobs": [-0.5] * (n + 1)},  # ended: + EOS
+        {
+            "prompt": "p",
+            "response": text,
+            "reward": 0.25,
+            "truncated": True,
+            "behavior_logprobs": [-0.25] * n,
+            "process_rewards": [[3, 0.5]],
+        },  # cut by the length limit: n log-probs, no EOS
+        {"prompt": "q", "response": text, "correct": False, "truncated": True},
+    ]
     for include_eos in (True, False):  # a truncated record's log-probs never count an EOS
         if not include_eos:
             rows[0]["behavior_logprobs"] = [-0.5] * n
         name = f"eos{int(include_eos)}"
         summary, cfg = _run(tmp_path, rows, hf_tok_dir, name=name, behavior_logprobs_include_eos=include_eos)
-        assert summary.written == 3 and summary.truncated_responses == 2 and "(truncated, no EOS): 2" in summary.report()
+        assert (
+            summary.written == 3 and summary.truncated_responses == 2 and "(truncated, no EOS): 2" in summary.report()
+        )
         ds = TrajectoryDataset(cfg.output_prefix)
         assert ds.truncated.tolist() == [False, True, True] and ds.truncated.dtype == bool
         assert ds.manifest["summary"]["truncated_responses"] == 2
@@ -295,7 +335,7 @@ def test_truncated_record_gets_no_eos_and_the_flag(tmp_path, hf_tok_dir):
         P = ended["prompt_length"]
         assert ended["tokens"][P:].tolist() == r_ids + [tok.eos_id] and ended["truncated"] is False
         assert cut["tokens"][P:].tolist() == r_ids and cut["truncated"] is True  # no EOS made up
-        assert cut_unlabeled["tokens"][cut_unlabeled["prompt_length"]:].tolist() == r_ids
+        assert cut_unlabeled["tokens"][cut_unlabeled["prompt_length"] :].tolist() == r_ids
         assert cut["loss_mask"].sum() == n and cut["behavior_logprobs"][P:].tolist() == [-0.25] * n
         assert ended["behavior_logprobs"][P:].tolist() == [-0.5] * n + ([-0.5] if include_eos else [0.0])
         # the outcome reward still sits on the last token (a response token here), the step on its own token
@@ -340,7 +380,9 @@ def _as_version_1(prefix: str) -> None:
 
 
 def test_a_dataset_written_before_the_truncated_column_still_loads(tmp_path, hf_tok_dir):
-    rows = [{"prompt": f"p{i}", "response": f"answer {i}", "reward": float(i % 2), "truncated": i == 1} for i in range(4)]
+    rows = [
+        {"prompt": f"p{i}", "response": f"answer {i}", "reward": float(i % 2), "truncated": i == 1} for i in range(4)
+    ]
     _, cfg = _run(tmp_path, rows, hf_tok_dir)
     new = TrajectoryDataset(cfg.output_prefix)
     assert new.truncated.tolist() == [False, True, False, False]
@@ -355,8 +397,9 @@ def test_a_dataset_written_before_the_truncated_column_still_loads(tmp_path, hf_
         assert {k: v for k, v in got.items() if k != "truncated"}.keys() == {k for k in want[i] if k != "truncated"}
         for k in ("tokens", "rewards", "loss_mask"):
             np.testing.assert_array_equal(got[k], want[i][k])
-        assert [got[k] for k in ("prompt_length", "prompt_index", "outcome_reward", "correct")] == \
-            [want[i][k] for k in ("prompt_length", "prompt_index", "outcome_reward", "correct")]  # fmt: skip
+        assert [got[k] for k in ("prompt_length", "prompt_index", "outcome_reward", "correct")] == [
+            want[i][k] for k in ("prompt_length", "prompt_index", "outcome_reward", "correct")
+        ]
     # a manifest that claims other columns than the meta file holds is refused, not misread
     m = json.loads(Path(cfg.output_prefix + ".json").read_text())
     m.update(version=2, meta_fields=m["meta_fields"] + ["truncated"])

@@ -11,7 +11,7 @@ import pytest
 
 from dqo_megatron.data.indexed import TrajectoryWriter
 from dqo_megatron.data.records import parse_record
-from dqo_megatron.data.tokenize import TokenizedSample, TokenizeConfig, Tokenizer, TokenizerConfig, tokenize_records
+from dqo_megatron.data.tokenize import TokenizeConfig, TokenizedSample, Tokenizer, TokenizerConfig, tokenize_records
 from tests.data.conftest import random_record
 
 
@@ -19,17 +19,29 @@ def _sample(rng: np.random.Generator, i: int, vocab: int) -> TokenizedSample:
     T = int(rng.integers(2, 40))
     P = int(rng.integers(1, T))
     blp = None if i % 3 else -rng.random(T).astype(np.float32)
-    return TokenizedSample(tokens=rng.integers(0, vocab, T), prompt_length=P, rewards=rng.random(T).astype(np.float32),
-                           behavior_logprobs=blp, prompt_id=f"p{i // 4}", outcome_reward=float(i % 2),
-                           correct=(-1, 0, 1)[i % 3], truncated_prompt_tokens=i % 5, truncated=i % 4 == 1, file="f",
-                           line=i + 1)  # fmt: skip
+    return TokenizedSample(
+        tokens=rng.integers(0, vocab, T),
+        prompt_length=P,
+        rewards=rng.random(T).astype(np.float32),
+        behavior_logprobs=blp,
+        prompt_id=f"p{i // 4}",
+        outcome_reward=float(i % 2),
+        correct=(-1, 0, 1)[i % 3],
+        truncated_prompt_tokens=i % 5,
+        truncated=i % 4 == 1,
+        file="f",
+        line=i + 1,
+    )
 
 
 @pytest.mark.parametrize("vocab", [300, 70000])
 def test_add_many_writes_the_same_bytes_as_add(tmp_path: Path, vocab: int):
     rng = np.random.default_rng(0)
     samples = [_sample(rng, i, vocab) for i in range(50)]
-    one, many = TrajectoryWriter(str(tmp_path / "one" / "d"), vocab), TrajectoryWriter(str(tmp_path / "many" / "d"), vocab)
+    one, many = (
+        TrajectoryWriter(str(tmp_path / "one" / "d"), vocab),
+        TrajectoryWriter(str(tmp_path / "many" / "d"), vocab),
+    )
     for i, s in enumerate(samples):
         one.add(s, i % 2)
     for lo, hi in ((0, 1), (1, 1), (1, 17), (17, 50)):
@@ -59,7 +71,11 @@ def test_add_many_rejects_out_of_range_token_naming_the_record(tmp_path: Path):
 def test_batched_chat_template_equals_single_rendering(hf_tok_dir):
     tok = Tokenizer(TokenizerConfig(path=hf_tok_dir))
     assert tok.templated
-    prompts = ["hi", "ünïcødé {{ x }} <s>", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]]
+    prompts = [
+        "hi",
+        "ünïcødé {{ x }} <s>",
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}],
+    ]
     assert tok.render_chat_batch(prompts) == [tok.render_prompt(p, {}) for p in prompts]
 
 
@@ -86,6 +102,12 @@ def test_preprocess_leaves_gc_state_as_it_found_it(tmp_path: Path, hf_tok_dir):
     rng = random.Random(4)
     src = write_jsonl(tmp_path / "r.jsonl", [random_record(rng, i) for i in range(10)])
     before = gc.get_freeze_count()
-    preprocess(PreprocessConfig(inputs=[src], output_prefix=str(tmp_path / "o" / "d"), progress=False,
-                                tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=hf_tok_dir))))
+    preprocess(
+        PreprocessConfig(
+            inputs=[src],
+            output_prefix=str(tmp_path / "o" / "d"),
+            progress=False,
+            tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=hf_tok_dir)),
+        )
+    )
     assert gc.get_freeze_count() == before and gc.isenabled()

@@ -8,10 +8,14 @@ from dqo_megatron.tasks.datasets import load_problems
 from dqo_megatron.tasks.grading import check_answer
 
 
-@pytest.mark.parametrize("rel,task,count", [
-    ("gsm8k/test.jsonl", "gsm8k", 1319), ("math/original/test.jsonl", "math", 5000),
-    ("math/prm800k_split/test.jsonl", "math", 500),
-])
+@pytest.mark.parametrize(
+    "rel,task,count",
+    [
+        ("gsm8k/test.jsonl", "gsm8k", 1319),
+        ("math/original/test.jsonl", "math", 5000),
+        ("math/prm800k_split/test.jsonl", "math", 500),
+    ],
+)
 def test_shared_problem_sets(shared_data, rel, task, count):
     problems = load_problems(shared_data / rel)
     assert len(problems) == count and {p.task for p in problems} == {task}

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from dqo_megatron.data.records import (
-    RecordError, SkipCounter, iter_raw, parse_record, prompt_hash, read_records, record_to_dict, write_jsonl,
+    RecordError,
+    SkipCounter,
+    iter_raw,
+    parse_record,
+    prompt_hash,
+    read_records,
+    record_to_dict,
+    write_jsonl,
 )
 
 GOOD = {"prompt": "What is 1+1?", "response": "2\n#### 2", "reward": 1.0}
@@ -25,7 +32,9 @@ def test_good_record_defaults():
     assert r.reward == 1.0 and r.prompt_id == prompt_hash("What is 1+1?") and r.extra == {"extra_col": [1]}
     assert parse_record({**GOOD, "reward": None, "correct": False}).reward == 0.0
     assert parse_record({**GOOD, "prompt_id": 12}).prompt_id == "12"
-    back = record_to_dict(parse_record({**GOOD, "process_segments": [{"text": "2\n", "reward": 0.5}, {"text": "#### 2", "reward": 0}]}))
+    back = record_to_dict(
+        parse_record({**GOOD, "process_segments": [{"text": "2\n", "reward": 0.5}, {"text": "#### 2", "reward": 0}]})
+    )
     assert back["process_rewards"] == [[2, 0.5], [8, 0.0]]
 
 
@@ -58,31 +67,52 @@ def test_reward_not_required_for_labeling():
     assert parse_record({"prompt": "p", "response": "r"}, require_reward=False).reward is None
 
 
-@pytest.mark.parametrize("patch,fld", [
-    ({"prompt": 3}, "prompt"), ({"response": ["a"]}, "response"), ({"reward": "1"}, "reward"),
-    ({"reward": True}, "reward"), ({"reward": None, "correct": "yes"}, "correct"),
-    ({"prompt": [{"role": "robot", "content": "x"}]}, "prompt[0].role"), ({"prompt": [{"role": "user"}]}, "prompt[0].content"),
-    ({"behavior_logprobs": "0.1"}, "behavior_logprobs"), ({"behavior_logprobs": [-0.1, "a"]}, "behavior_logprobs[1]"),
-    ({"process_rewards": [[1.5, 1.0]]}, "process_rewards[0]"), ({"process_rewards": [[1, "a"]]}, "process_rewards[0][1]"),
-    ({"metadata": [1]}, "metadata"), ({"prompt_id": 1.5}, "prompt_id"), ({"truncated": "yes"}, "truncated"),
-    ({"truncated": 1}, "truncated"),
-])
+@pytest.mark.parametrize(
+    "patch,fld",
+    [
+        ({"prompt": 3}, "prompt"),
+        ({"response": ["a"]}, "response"),
+        ({"reward": "1"}, "reward"),
+        ({"reward": True}, "reward"),
+        ({"reward": None, "correct": "yes"}, "correct"),
+        ({"prompt": [{"role": "robot", "content": "x"}]}, "prompt[0].role"),
+        ({"prompt": [{"role": "user"}]}, "prompt[0].content"),
+        ({"behavior_logprobs": "0.1"}, "behavior_logprobs"),
+        ({"behavior_logprobs": [-0.1, "a"]}, "behavior_logprobs[1]"),
+        ({"process_rewards": [[1.5, 1.0]]}, "process_rewards[0]"),
+        ({"process_rewards": [[1, "a"]]}, "process_rewards[0][1]"),
+        ({"metadata": [1]}, "metadata"),
+        ({"prompt_id": 1.5}, "prompt_id"),
+        ({"truncated": "yes"}, "truncated"),
+        ({"truncated": 1}, "truncated"),
+    ],
+)
 def test_wrong_types(patch, fld):
     e = _err({**GOOD, **patch})
     assert (e.reason, e.field) == ("wrong_type", fld), str(e)
 
 
-@pytest.mark.parametrize("raw", ['{"prompt": "p", "response": "r", "reward": NaN}',
-                                 '{"prompt": "p", "response": "r", "reward": Infinity}',
-                                 '{"prompt": "p", "response": "r", "reward": -Infinity}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt": "p", "response": "r", "reward": NaN}',
+        '{"prompt": "p", "response": "r", "reward": Infinity}',
+        '{"prompt": "p", "response": "r", "reward": -Infinity}',
+    ],
+)
 def test_non_finite_reward(raw):
     e = _err(raw)
     assert (e.reason, e.field) == ("non_finite", "reward")
 
 
 def test_non_finite_logprob_and_process_reward():
-    assert _err('{"prompt": "p", "response": "r", "reward": 1, "behavior_logprobs": [NaN]}').field == "behavior_logprobs[0]"
-    assert _err('{"prompt": "p", "response": "r", "reward": 1, "process_rewards": [[1, Infinity]]}').reason == "non_finite"
+    assert (
+        _err('{"prompt": "p", "response": "r", "reward": 1, "behavior_logprobs": [NaN]}').field
+        == "behavior_logprobs[0]"
+    )
+    assert (
+        _err('{"prompt": "p", "response": "r", "reward": 1, "process_rewards": [[1, Infinity]]}').reason == "non_finite"
+    )
 
 
 def test_positive_logprob():
@@ -108,7 +138,9 @@ def test_bad_segments():
 
 def test_read_records_raises_or_counts(tmp_path):
     p = tmp_path / "r.jsonl"
-    p.write_text(json.dumps(GOOD) + "\n\n{broken\n" + json.dumps({**GOOD, "reward": "x"}) + "\n" + json.dumps(GOOD) + "\n")
+    p.write_text(
+        json.dumps(GOOD) + "\n\n{broken\n" + json.dumps({**GOOD, "reward": "x"}) + "\n" + json.dumps(GOOD) + "\n"
+    )
     with pytest.raises(RecordError, match=r"r.jsonl:3"):
         list(read_records(str(p)))
     skips = SkipCounter()

@@ -11,10 +11,17 @@ import time
 import pytest
 
 from dqo_megatron.tasks import (
-    GSM8K_INSTRUCTION, MATH_INSTRUCTION, build_messages, build_prompt, check_answer, extract_boxed,
-    extract_gsm8k_answer, math_answers_equal, parse_number,
+    GSM8K_INSTRUCTION,
+    MATH_INSTRUCTION,
+    build_messages,
+    build_prompt,
+    check_answer,
+    extract_boxed,
+    extract_gsm8k_answer,
+    math_answers_equal,
+    math_equiv,
+    parse_number,
 )
-from dqo_megatron.tasks import math_equiv
 
 
 def _jsonl(path):
@@ -23,7 +30,10 @@ def _jsonl(path):
 
 
 def test_prompts_match_paper():
-    assert build_prompt("gsm8k", "Q?") == "Q?\nPlease reason step by step, and produce a final answer following 4 '#', like '#### 0'."
+    assert (
+        build_prompt("gsm8k", "Q?")
+        == "Q?\nPlease reason step by step, and produce a final answer following 4 '#', like '#### 0'."
+    )
     assert build_prompt("MATH", "P") == "P\nPlease reason step by step, and put your final answer within \\boxed{}."
     assert build_messages("math", "P") == [{"role": "user", "content": "P\n" + MATH_INSTRUCTION}]
     assert build_messages("gsm8k", "P", system="S")[0] == {"role": "system", "content": "S"}
@@ -34,30 +44,60 @@ def test_prompts_match_paper():
         build_prompt("math", "  ")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so\n#### 72", "72"), ("#### 1,000\n", "1,000"), ("a #### 3 #### 4", "4"), ("#### $5.00.\nThanks", "$5.00."),
-    ("no marker", None), ("####   \n", None), ("##### 7", "7"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so\n#### 72", "72"),
+        ("#### 1,000\n", "1,000"),
+        ("a #### 3 #### 4", "4"),
+        ("#### $5.00.\nThanks", "$5.00."),
+        ("no marker", None),
+        ("####   \n", None),
+        ("##### 7", "7"),
+    ],
+)
 def test_extract_gsm8k(text, expected):
     assert extract_gsm8k_answer(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("x \\boxed{1} y \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("\\fbox{3} then \\boxed{4}", "4"),
-    ("\\boxed{4} then \\fbox{ 5 }", "5"), ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"), ("\\boxed 2$.", "2"),
-    ("\\boxed{a{b}c}", "a{b}c"), ("\\boxed{unclosed", None), ("none", None), ("\\boxed{}", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("x \\boxed{1} y \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\fbox{3} then \\boxed{4}", "4"),
+        ("\\boxed{4} then \\fbox{ 5 }", "5"),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+        ("\\boxed 2$.", "2"),
+        ("\\boxed{a{b}c}", "a{b}c"),
+        ("\\boxed{unclosed", None),
+        ("none", None),
+        ("\\boxed{}", None),
+    ],
+)
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
-@pytest.mark.parametrize("a,b,equal", [
-    ("1,000", "1000", True), ("$5", "5.00", True), ("5.", "5", True), ("-3", "-3.0", True), ("50%", "50", True),
-    ("1/2", "0.5", True), ("\\frac{1}{2}", ".5", True), ("\\boxed{7}", "7", True), ("7", "8", False),
-    ("0.1", "0.10000001", False), ("7 apples", "7", False), ("1e3", "1000", True),
-])
+@pytest.mark.parametrize(
+    "a,b,equal",
+    [
+        ("1,000", "1000", True),
+        ("$5", "5.00", True),
+        ("5.", "5", True),
+        ("-3", "-3.0", True),
+        ("50%", "50", True),
+        ("1/2", "0.5", True),
+        ("\\frac{1}{2}", ".5", True),
+        ("\\boxed{7}", "7", True),
+        ("7", "8", False),
+        ("0.1", "0.10000001", False),
+        ("7 apples", "7", False),
+        ("1e3", "1000", True),
+    ],
+)
 def test_gsm8k_numbers(a, b, equal):
     from dqo_megatron.tasks import numbers_equal
+
     assert numbers_equal(a, b) is equal
 
 
@@ -113,10 +153,18 @@ def test_math_wrong_answers_judged_wrong(shared_data):
     assert false_pos <= 2, false_pos
 
 
-@pytest.mark.parametrize("gold,pred,equal", [
-    ("\\frac{1}{2}", "0.5", True), ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True), ("(1,2)", "(1, 2)", True),
-    ("2", "3", False), ("x^2+1", "1+x^2", True), ("\\pi", "3.14", False), ("10\\%", "10", True),
-])
+@pytest.mark.parametrize(
+    "gold,pred,equal",
+    [
+        ("\\frac{1}{2}", "0.5", True),
+        ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True),
+        ("(1,2)", "(1, 2)", True),
+        ("2", "3", False),
+        ("x^2+1", "1+x^2", True),
+        ("\\pi", "3.14", False),
+        ("10\\%", "10", True),
+    ],
+)
 def test_math_equivalence_cases(gold, pred, equal):
     assert math_answers_equal(gold, pred, exact_shortcut=False).equal is equal
 
@@ -131,6 +179,7 @@ def test_deadline_times_out_and_restores_outer_timer(monkeypatch):
     old = signal.signal(signal.SIGALRM, lambda s, f: calls.append("outer"))
     signal.setitimer(signal.ITIMER_REAL, 3.0)
     try:
+
         def slow_parse(*a, **k):
             time.sleep(10)
 
@@ -149,9 +198,14 @@ def test_deadline_times_out_and_restores_outer_timer(monkeypatch):
 
 def test_threads_use_helper_process():
     out = []
-    t = threading.Thread(target=lambda: out.append([
-        math_answers_equal("\\frac{1}{2}", "0.5", exact_shortcut=False),
-        math_answers_equal("x", "y", exact_shortcut=False)]))
+    t = threading.Thread(
+        target=lambda: out.append(
+            [
+                math_answers_equal("\\frac{1}{2}", "0.5", exact_shortcut=False),
+                math_answers_equal("x", "y", exact_shortcut=False),
+            ]
+        )
+    )
     t.start()
     t.join(120)
     assert [(e.equal, e.reason) for e in out[0]] == [(True, "math_verify"), (False, "math_verify")]
@@ -159,7 +213,9 @@ def test_threads_use_helper_process():
 
 def test_fallbacks(monkeypatch):
     monkeypatch.setattr(math_equiv, "_mv", False)
-    assert math_answers_equal("\\dfrac{1}{2}", "\\frac{1}{2}", exact_shortcut=False) == math_equiv.Equivalence(True, "string_fallback")
+    assert math_answers_equal("\\dfrac{1}{2}", "\\frac{1}{2}", exact_shortcut=False) == math_equiv.Equivalence(
+        True, "string_fallback"
+    )
     assert math_answers_equal("\\frac{1}{2}", "0.5", exact_shortcut=False).equal is False
 
     def broken_start(self):

@@ -15,8 +15,12 @@ from dqo_megatron.data.records import read_records
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo") / "run"
-    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "demo", "--quick", "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "demo", "--quick", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return run_dir, done
 
@@ -25,8 +29,20 @@ def test_every_stage_reports_and_finishes(quick_demo):
     run_dir, done = quick_demo
     results = json.loads((run_dir / "demo.json").read_text())
     names = [s["name"] for s in results["stages"]]
-    assert names == ["task", "tokenizer", "warm-up", "rollout", "process scores", "data", "DRO", "DQO", "DQO+PS",
-                     "eval", "value analysis", "report"]  # fmt: skip
+    assert names == [
+        "task",
+        "tokenizer",
+        "warm-up",
+        "rollout",
+        "process scores",
+        "data",
+        "DRO",
+        "DQO",
+        "DQO+PS",
+        "eval",
+        "value analysis",
+        "report",
+    ]
     for k, name in enumerate(names, 1):  # one progress line per stage, with its duration
         assert f"[{k}/{len(names)}] {name}: " in done.stderr
     assert all(s["seconds"] > 0 for s in results["stages"])
@@ -49,10 +65,12 @@ def test_stage_outputs_are_valid(quick_demo):
 
     data = TrajectoryDataset(str(run_dir / "data" / "rollouts"))
     assert len(data) == len(rollouts) and data.manifest["ref_logprobs_filled"]
-    assert (data[0]["ref_logprobs"][data.prompt_lengths[0]:] < 0).any()
+    assert (data[0]["ref_logprobs"][data.prompt_lengths[0] :] < 0).any()
     with_ps = TrajectoryDataset(str(run_dir / "data" / "rollouts_ps"))
     assert with_ps.manifest["ref_logprobs_filled"] and len(with_ps) == len(data)
-    inner = [d for d in map(with_ps.__getitem__, range(len(with_ps))) if (d["rewards"][d["prompt_length"]:-1] > 0).any()]
+    inner = [
+        d for d in map(with_ps.__getitem__, range(len(with_ps))) if (d["rewards"][d["prompt_length"] : -1] > 0).any()
+    ]
     assert inner, "no process reward inside any response"
     # converted base model, trained checkpoints, the validation log that picked them, HF exports
     assert (run_dir / "base" / "model_config.yaml").is_file()
@@ -98,8 +116,12 @@ def test_quick_demo_under_tensor_parallelism_validates_saved_checkpoints(tmp_pat
     from dqo_megatron.training.evals import best_evaluation, read_evaluations
 
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "demo", "--quick", "--tp", "2", "--run-dir",
-                           str(run_dir)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "demo", "--quick", "--tp", "2", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((run_dir / "demo.json").read_text())
     for algo in ("dro", "dqo", "dqo_ps"):

@@ -10,13 +10,17 @@ from dqo_megatron.demo.seeds import mean_std, seeds_table, value_table
 
 
 def _result(seed, dqo_greedy, drop):
-    return {"config": {"seed": seed, "eval_problems": 500}, "seconds": 300.0,
-            "measured": {"accuracy": {"base": {"greedy": 0.3, "sample": 0.4},
-                                      "DQO": {"greedy": dqo_greedy, "sample": 0.5}},
-                         "value_analysis": [{"label": "DQO", "pearson": 0.6, "drop": drop, "solvable_change": 0.0,
-                                             "initial_pearson": 0.5},
-                                            {"label": "DRO", "pearson": None, "drop": None, "solvable_change": None,
-                                             "initial_pearson": 0.55}]}}  # fmt: skip
+    return {
+        "config": {"seed": seed, "eval_problems": 500},
+        "seconds": 300.0,
+        "measured": {
+            "accuracy": {"base": {"greedy": 0.3, "sample": 0.4}, "DQO": {"greedy": dqo_greedy, "sample": 0.5}},
+            "value_analysis": [
+                {"label": "DQO", "pearson": 0.6, "drop": drop, "solvable_change": 0.0, "initial_pearson": 0.5},
+                {"label": "DRO", "pearson": None, "drop": None, "solvable_change": None, "initial_pearson": 0.55},
+            ],
+        },
+    }
 
 
 def test_mean_and_sample_std_against_the_formula():

@@ -22,20 +22,36 @@ class StubBackend:
         self.calls: list[dict] = []
         self.closed = False
 
-    def generate(self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int],
-                 prefixes: Sequence[str] | None = None) -> list[list[Completion]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence, params: SamplingParams, *, seeds: Sequence[int], prefixes: Sequence[str] | None = None
+    ) -> list[list[Completion]]:
         """params.n completions per prompt from `fn`; greedy calls must ask for n = 1."""
         assert len(seeds) == len(prompts)
         assert prefixes is None or len(prefixes) == len(prompts)
         assert not params.greedy or params.n == 1
-        self.calls.append({"prompts": list(prompts), "prefixes": None if prefixes is None else list(prefixes),
-                           "seeds": list(seeds), "params": params})
+        self.calls.append(
+            {
+                "prompts": list(prompts),
+                "prefixes": None if prefixes is None else list(prefixes),
+                "seeds": list(seeds),
+                "params": params,
+            }
+        )
         out = []
         for i, prompt in enumerate(prompts):
             prefix = "" if prefixes is None else prefixes[i]
-            out.append([Completion(text=self.fn(prompt, prefix, seeds[i], j, params), token_ids=[1],
-                                   logprobs=[-0.5], sampled_logprobs=[-0.4], finish_reason=self.finish_reason)
-                        for j in range(params.n)])
+            out.append(
+                [
+                    Completion(
+                        text=self.fn(prompt, prefix, seeds[i], j, params),
+                        token_ids=[1],
+                        logprobs=[-0.5],
+                        sampled_logprobs=[-0.4],
+                        finish_reason=self.finish_reason,
+                    )
+                    for j in range(params.n)
+                ]
+            )
         return out
 
     @property

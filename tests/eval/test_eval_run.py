@@ -27,13 +27,23 @@ def references(shared_data):
 
 def oracle(references):
     """Greedy: the reference solution (always right). Sampled: sample 0 right, sample 1 wrong (50%)."""
-    return StubBackend(lambda prompt, prefix, seed, j, params:
-                       references[prompt] if params.greedy or j == 0 else "#### -12345\n\\boxed{-12345}")
+    return StubBackend(
+        lambda prompt, prefix, seed, j, params: (
+            references[prompt] if params.greedy or j == 0 else "#### -12345\n\\boxed{-12345}"
+        )
+    )
 
 
 def cfg_for(tmp_path, shared_data, **kw):
-    args = dict(models=["/ckpt/oracle", "/ckpt/wrong"], names=["oracle", "wrong"], output_dir=str(tmp_path / "eval"),
-                data_dir=str(shared_data), limit=LIMIT, num_samples=2, progress=False)
+    args = dict(
+        models=["/ckpt/oracle", "/ckpt/wrong"],
+        names=["oracle", "wrong"],
+        output_dir=str(tmp_path / "eval"),
+        data_dir=str(shared_data),
+        limit=LIMIT,
+        num_samples=2,
+        progress=False,
+    )
     return EvalConfig(**(args | kw))
 
 
@@ -46,8 +56,7 @@ def test_table_json_png_and_outputs(tmp_path, shared_data, references):
         assert res.accuracy("wrong", ds, "greedy") == 0.0
     out = tmp_path / "eval"
     md = (out / "results.md").read_text()
-    assert ("| model | GSM8K greedy | GSM8K sample | MATH greedy | MATH sample | MATH500 greedy | MATH500 sample |"
-            in md)
+    assert "| model | GSM8K greedy | GSM8K sample | MATH greedy | MATH sample | MATH500 greedy | MATH500 sample |" in md
     assert "| oracle | 100.00 | 50.00 | 100.00 | 50.00 | 100.00 | 50.00 |" in md
     assert "| wrong | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |" in md
     assert "## MATH by subject (%)" in md and "## MATH500 by level (%)" in md
@@ -59,8 +68,14 @@ def test_table_json_png_and_outputs(tmp_path, shared_data, references):
     doc = json.loads((out / "results.json").read_text())
     assert doc["results"]["oracle"]["math"]["sample"]["accuracy"] == 0.5
     assert doc["results"]["oracle"]["math"]["greedy"]["by_subject"][subjects[0]]["accuracy"] == 1.0
-    assert doc["decodings"]["sample"] == {"n": 2, "temperature": 1.0, "top_p": 0.9, "top_k": 16,
-                                          "max_new_tokens": 1024, "stop": []}
+    assert doc["decodings"]["sample"] == {
+        "n": 2,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "top_k": 16,
+        "max_new_tokens": 1024,
+        "stop": [],
+    }
     assert [d["problems"] for d in doc["datasets"]] == [LIMIT] * 3
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in open(out / "outputs" / "oracle" / "math.sample.jsonl")]
@@ -72,8 +87,14 @@ def test_table_json_png_and_outputs(tmp_path, shared_data, references):
 
 
 def test_cache_resumes_and_shares_prompts(tmp_path, shared_data, references):
-    cfg = cfg_for(tmp_path, shared_data, models=["/ckpt/oracle"], names=["oracle"], decodings=["greedy"],
-                  datasets=["math500", f"again={shared_data}/math/prm800k_split/test.jsonl"])
+    cfg = cfg_for(
+        tmp_path,
+        shared_data,
+        models=["/ckpt/oracle"],
+        names=["oracle"],
+        decodings=["greedy"],
+        datasets=["math500", f"again={shared_data}/math/prm800k_split/test.jsonl"],
+    )
     first = oracle(references)
     evaluate(cfg, [first], write=False)
     assert first.generated == LIMIT  # the two datasets hold the same prompts: generated once
@@ -81,8 +102,20 @@ def test_cache_resumes_and_shares_prompts(tmp_path, shared_data, references):
     evaluate(cfg, [again], write=False)
     assert again.generated == 0
     more = oracle(references)
-    res = evaluate(cfg_for(tmp_path, shared_data, models=["/ckpt/oracle"], names=["oracle"], decodings=["greedy"],
-                           datasets=["math500"], limit=LIMIT * 2, limit_mode="first"), [more], write=False)
+    res = evaluate(
+        cfg_for(
+            tmp_path,
+            shared_data,
+            models=["/ckpt/oracle"],
+            names=["oracle"],
+            decodings=["greedy"],
+            datasets=["math500"],
+            limit=LIMIT * 2,
+            limit_mode="first",
+        ),
+        [more],
+        write=False,
+    )
     # "first 12" overlaps "spread 6" of 500 in problem 0 only
     assert more.generated == 2 * LIMIT - 1 and res.accuracy("oracle", "math500", "greedy") == 1.0
 
@@ -100,12 +133,22 @@ def test_factory_builds_and_closes_one_backend_at_a_time(tmp_path, shared_data, 
     assert res.accuracy("wrong", "gsm8k", "greedy") == 1.0  # both rows were the oracle here
 
 
-@pytest.mark.parametrize("kw,field", [
-    ({"models": []}, "models"), ({"names": ["a"]}, "names"), ({"names": ["a", "a"]}, "unique"),
-    ({"datasets": ["svamp"]}, "datasets"), ({"decodings": ["beam"]}, "decodings"), ({"limit": 0}, "limit"),
-    ({"num_samples": 0}, "num_samples"), ({"top_k": -1}, "sampling"), ({"temperature": 0}, "temperature"),
-    ({"output_dir": ""}, "output_dir"), ({"limit_mode": "random"}, "limit_mode"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"models": []}, "models"),
+        ({"names": ["a"]}, "names"),
+        ({"names": ["a", "a"]}, "unique"),
+        ({"datasets": ["svamp"]}, "datasets"),
+        ({"decodings": ["beam"]}, "decodings"),
+        ({"limit": 0}, "limit"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"top_k": -1}, "sampling"),
+        ({"temperature": 0}, "temperature"),
+        ({"output_dir": ""}, "output_dir"),
+        ({"limit_mode": "random"}, "limit_mode"),
+    ],
+)
 def test_config_errors_name_the_field(tmp_path, kw, field):
     args = dict(models=["a", "b"], output_dir=str(tmp_path)) | kw
     with pytest.raises(ConfigError, match=field):

@@ -28,15 +28,18 @@ def tiny_model(shared_data, tmp_path_factory):
     from tests.conversion.llama2c import llama2c_to_hf
 
     src = shared_data / "models" / "stories260K"
-    out = llama2c_to_hf(src / "stories260K.bin", tmp_path_factory.mktemp("stories") / "stories260K-hf",
-                        src / "tok512.model")
+    out = llama2c_to_hf(
+        src / "stories260K.bin", tmp_path_factory.mktemp("stories") / "stories260K-hf", src / "tok512.model"
+    )
     return str(out), str(src / "tok512.model")
 
 
 def _records(path):
     base = {"prompt": "Once upon a time", "task": "gsm8k", "reference_answer": "#### 5"}
-    rows = [dict(base, response="Lily was happy.\n#### 5", reward=1.0, correct=True),
-            dict(base, response=FAILED, reward=0.0, correct=False, id="failed-1")]
+    rows = [
+        dict(base, response="Lily was happy.\n#### 5", reward=1.0, correct=True),
+        dict(base, response=FAILED, reward=0.0, correct=False, id="failed-1"),
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -45,8 +48,29 @@ def _process_scores(tmp_path, tiny_model, out_name, *extra):
     model, tok = tiny_model
     inp = _records(tmp_path / "labeled.jsonl")
     out = tmp_path / out_name
-    r = runner.invoke(app, ["process-scores", inp, "-o", str(out), "-m", model, "-t", tok, "--backend", "transformers",
-                            "--device", "cpu", "-M", "4", "--max-new-tokens", "12", "--no-progress", *extra])
+    r = runner.invoke(
+        app,
+        [
+            "process-scores",
+            inp,
+            "-o",
+            str(out),
+            "-m",
+            model,
+            "-t",
+            tok,
+            "--backend",
+            "transformers",
+            "--device",
+            "cpu",
+            "-M",
+            "4",
+            "--max-new-tokens",
+            "12",
+            "--no-progress",
+            *extra,
+        ],
+    )
     assert r.exit_code == 0, r.output
     return r.output, out
 
@@ -65,8 +89,9 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     assert failed.process_rewards == [(e, 0.1) for e in ENDS[:3]] and failed.reward == 0.0
     # a rerun reads every completion from the cache (and must say --overwrite to replace its output)
     first = out.read_text()
-    refused = runner.invoke(app, ["process-scores", str(tmp_path / "labeled.jsonl"), "-o", str(out), "-m",
-                                  tiny_model[0], "--no-progress"])  # fmt: skip
+    refused = runner.invoke(
+        app, ["process-scores", str(tmp_path / "labeled.jsonl"), "-o", str(out), "-m", tiny_model[0], "--no-progress"]
+    )
     assert refused.exit_code == 2 and "already exists" in refused.output and out.read_text() == first
     output2, out2 = _process_scores(tmp_path, tiny_model, "scored.jsonl", "--overwrite")
     assert "completions generated 0" in output2 and out2.read_text() == first
@@ -85,8 +110,14 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
 
     prefix = str(tmp_path / "ds")
-    preprocess(PreprocessConfig(inputs=[str(out)], output_prefix=prefix, progress=False,
-                                tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tiny_model[1]))))
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(out)],
+            output_prefix=prefix,
+            progress=False,
+            tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tiny_model[1])),
+        )
+    )
     doc = TrajectoryDataset(prefix)[1]
     nonzero = [(i, float(r)) for i, r in enumerate(doc["rewards"]) if r != 0]
     assert [r for _, r in nonzero] == pytest.approx([0.1] * 3) and doc["outcome_reward"] == 0.0
@@ -95,16 +126,43 @@ def test_process_scores_with_a_real_model(tmp_path, tiny_model):
     # every_correct: one reward on each of steps 1-3, at the token holding the step's last character
     pieces = spm.SentencePieceProcessor(model_file=tiny_model[1]).encode(FAILED, return_type="proto").pieces
     for (position, _), end in zip(nonzero, ENDS[:3]):
-        last = max(i for i, p in enumerate(pieces) if len(FAILED.encode()[:p.begin].decode()) < end)  # holds char end-1
+        last = max(
+            i for i, p in enumerate(pieces) if len(FAILED.encode()[: p.begin].decode()) < end
+        )  # holds char end-1
         assert position == doc["prompt_length"] + last
 
 
 def test_eval_cli_with_a_real_model(tmp_path, tiny_model, shared_data):
     model, tok = tiny_model
     out = tmp_path / "eval"
-    args = ["eval", "--model", model, "--name", "stories", "-t", tok, "--backend", "transformers", "--device", "cpu",
-            "--dataset", "gsm8k", "--dataset", "math500", "--limit", "3", "--max-new-tokens", "12",
-            "--num-samples", "2", "--data-dir", str(shared_data), "-o", str(out), "--no-progress"]
+    args = [
+        "eval",
+        "--model",
+        model,
+        "--name",
+        "stories",
+        "-t",
+        tok,
+        "--backend",
+        "transformers",
+        "--device",
+        "cpu",
+        "--dataset",
+        "gsm8k",
+        "--dataset",
+        "math500",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--num-samples",
+        "2",
+        "--data-dir",
+        str(shared_data),
+        "-o",
+        str(out),
+        "--no-progress",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "| stories | 0.00 | 0.00 | 0.00 | 0.00 |" in r.output  # a story model solves nothing
@@ -119,5 +177,8 @@ def test_eval_cli_with_a_real_model(tmp_path, tiny_model, shared_data):
     # greedy is deterministic and the second run is served from the cache
     greedy = (out / "outputs" / "stories" / "gsm8k.greedy.jsonl").read_text()
     r = runner.invoke(app, args)
-    assert r.exit_code == 0 and json.loads((out / "results.json").read_text())["generation"]["stories"]["greedy"]["generated"] == 0
+    assert (
+        r.exit_code == 0
+        and json.loads((out / "results.json").read_text())["generation"]["stories"]["greedy"]["generated"] == 0
+    )
     assert (out / "outputs" / "stories" / "gsm8k.greedy.jsonl").read_text() == greedy

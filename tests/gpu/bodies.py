@@ -8,8 +8,10 @@ import torch
 from dqo_megatron import parallel
 from dqo_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
 
-TE_NORM_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}  # fmt: skip
+TE_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
 """Local-spec parameter -> TE-spec parameter (TE fuses each pre-norm into the following linear); every
 other parameter has the same name in both (and both specs write the TE names to checkpoints)."""
 
@@ -60,8 +62,10 @@ def te_vs_local_logits(model_cfg: ModelConfig, tokens: torch.Tensor, with_te: bo
     te_full = to_te_names(full)
     te_params = {n for n, _ in _gpt(te).named_parameters()}
     if te_params != set(te_full):
-        raise AssertionError(f"TE-spec parameters differ from the local spec's (renamed): only TE "
-                             f"{sorted(te_params - set(te_full))[:6]}, only local {sorted(set(te_full) - te_params)[:6]}")  # fmt: skip
+        raise AssertionError(
+            f"TE-spec parameters differ from the local spec's (renamed): only TE "
+            f"{sorted(te_params - set(te_full))[:6]}, only local {sorted(set(te_full) - te_params)[:6]}"
+        )
     load_full_state(_gpt(te), te_full)
     with torch.no_grad():
         logits = {name: m(tokens, positions, None).float() for name, m in (("fp32", ref), ("local", local), ("te", te))}
@@ -115,12 +119,24 @@ def pattern_batch(vocab: int, rows: int, seq: int, step: int, seed: int = 0) -> 
     tokens[:, 0] = torch.randint(0, vocab, (rows,), generator=gen)
     for i in range(seq):
         tokens[:, i + 1] = (pick[:, 0] * tokens[:, i] + pick[:, 1]) % vocab
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(rows, seq), "position_ids": torch.arange(seq).expand(rows, seq).contiguous()}  # fmt: skip
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": torch.ones(rows, seq),
+        "position_ids": torch.arange(seq).expand(rows, seq).contiguous(),
+    }
 
 
-def lm_training_curve(model_cfg: ModelConfig, precision: PrecisionConfig, steps: int, rows: int, seq: int,
-                      lr: float = 1e-3, seed: int = 0, backend: str = "te") -> list[float]:  # fmt: skip
+def lm_training_curve(
+    model_cfg: ModelConfig,
+    precision: PrecisionConfig,
+    steps: int,
+    rows: int,
+    seq: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    backend: str = "te",
+) -> list[float]:
     """Losses of `steps` optimizer steps (Adam, constant LR) on `pattern_batch` data; one GPU."""
     from dqo_megatron.models import build_model_chunks
     from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
@@ -134,8 +150,15 @@ def lm_training_curve(model_cfg: ModelConfig, precision: PrecisionConfig, steps:
     losses = []
     for step in range(steps):
         batch = {k: v.to(info.device) for k, v in pattern_batch(model_cfg.vocab_size, rows, seq, step, seed).items()}
-        result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=seq, micro_batch_size=rows,
-                            forward_step=lm_forward_step)  # fmt: skip
+        result = train_step(
+            ddp,
+            optimizer,
+            iter([batch]),
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=rows,
+            forward_step=lm_forward_step,
+        )
         losses.append(result.loss)
     return losses
 
@@ -170,27 +193,42 @@ def layout_reference(model_cfg: ModelConfig, batch: dict, micro_batch_size: int 
     seq = batch["tokens"].shape[1]
     mbs = [{k: v.to(info.device) for k, v in mb.items()} for mb in micro_batches(batch, 0, 1, micro_batch_size)]
     logits = torch.cat(_collect_logits(ddp, mbs, seq, micro_batch_size))
-    result = train_step(ddp, optimizer, iter(mbs), num_microbatches=len(mbs), seq_length=seq,
-                        micro_batch_size=micro_batch_size, forward_step=lm_forward_step)  # fmt: skip
-    return {"initial": initial, "logits": logits.cpu(), "loss": result.loss, "grad_norm": result.grad_norm,
-            "after": full_state_of_unsharded(chunk)}  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        iter(mbs),
+        num_microbatches=len(mbs),
+        seq_length=seq,
+        micro_batch_size=micro_batch_size,
+        forward_step=lm_forward_step,
+    )
+    return {
+        "initial": initial,
+        "logits": logits.cpu(),
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "after": full_state_of_unsharded(chunk),
+    }
 
 
-def layout_deviation(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dict, reference: dict,
-                     micro_batch_size: int = 1) -> dict:  # fmt: skip
+def layout_deviation(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dict, reference: dict, micro_batch_size: int = 1
+) -> dict:
     """One step of `parallel_cfg` (NCCL) from the reference's weights; the largest deviations this rank
     sees on its own shards (compared on the CPU)."""
     from megatron.core import parallel_state as ps
 
-    from dqo_megatron.parallel import cp_local_positions
     from dqo_megatron.models.weights import local_to_global_names, shard_tensor_for_rank
+    from dqo_megatron.parallel import cp_local_positions
     from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, train_step
     from tests.helpers.layouts import _collect_logits, micro_batches
 
     info, chunks, ddp, optimizer = _setup_fp32(model_cfg, parallel_cfg, reference["initial"])
     seq = batch["tokens"].shape[1]
-    mbs = [{k: v.to(info.device) for k, v in mb.items()}
-           for mb in micro_batches(batch, info.dp_rank, info.dp_size, micro_batch_size)]  # fmt: skip
+    mbs = [
+        {k: v.to(info.device) for k, v in mb.items()}
+        for mb in micro_batches(batch, info.dp_rank, info.dp_size, micro_batch_size)
+    ]
     dev = {"logits": 0.0, "after": 0.0, "backend": torch.distributed.get_backend()}
     logits = _collect_logits(ddp, mbs, seq, micro_batch_size)
     if ps.is_pipeline_last_stage():
@@ -204,23 +242,38 @@ def layout_deviation(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch
         expected = expected[..., info.tp_rank * shard : (info.tp_rank + 1) * shard]
         dev["logits"] = (local - expected).abs().max().item()
         dev["logits_scale"] = expected.abs().max().item()
-    result = train_step(ddp, optimizer, microbatch_iterators(ddp, mbs), num_microbatches=len(mbs), seq_length=seq,
-                        micro_batch_size=micro_batch_size, forward_step=lm_forward_step)  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        microbatch_iterators(ddp, mbs),
+        num_microbatches=len(mbs),
+        seq_length=seq,
+        micro_batch_size=micro_batch_size,
+        forward_step=lm_forward_step,
+    )
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         names = local_to_global_names(chunk)
         for local_name, param in chunk.named_parameters():
             value = param.data.detach().cpu()
-            want = shard_tensor_for_rank(reference["after"][names[local_name]], value, param, names[local_name],
-                                         tp_rank, tp_size)  # fmt: skip
+            want = shard_tensor_for_rank(
+                reference["after"][names[local_name]], value, param, names[local_name], tp_rank, tp_size
+            )
             dev["after"] = max(dev["after"], (value - want).abs().max().item())
     dev["loss"], dev["grad_norm"] = result.loss, result.grad_norm
     return dev
 
 
 # ---------------------------------------------------------------------------------- a DQO step on GPU
-def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: int, value_mode: str = "separate",
-              distributed_optimizer: bool = False) -> dict:  # fmt: skip
+def dqo_steps(
+    model_cfg: ModelConfig,
+    dtype: str,
+    steps: int,
+    rows: int,
+    seq: int,
+    value_mode: str = "separate",
+    distributed_optimizer: bool = False,
+) -> dict:
     """`steps` DQO optimizer steps through the trainer's pieces (PolicyValueModel, Megatron DDP and
     optimizer, `train_step` + `rl_forward_step`) on one fixed batch, the same on every (data-parallel)
     rank; with Megatron's distributed optimizer when asked. Reports the dtypes of the model's and of
@@ -229,15 +282,23 @@ def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: in
 
     from dqo_megatron.config import LossConfig, RunConfig, TrainConfig, ValueConfig
     from dqo_megatron.training.algorithms import rl_forward_step
-    from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
-    from dqo_megatron.training.policy_value import pipeline_micro_batch_size
     from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.policy_value import (
+        build_policy_value_chunks,
+        finalize_policy_value_grads,
+        pipeline_micro_batch_size,
+    )
     from dqo_megatron.training.step import train_step
     from tests.helpers.rl_layouts import make_rl_batch
 
-    run = RunConfig(model=model_cfg, algorithm="dqo", loss=LossConfig(beta=0.1, lam=0.9),
-                    precision=PrecisionConfig(dtype=dtype), value=ValueConfig(mode=value_mode, head_init_std=0.02),
-                    train=TrainConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq, lr=1e-4))  # fmt: skip
+    run = RunConfig(
+        model=model_cfg,
+        algorithm="dqo",
+        loss=LossConfig(beta=0.1, lam=0.9),
+        precision=PrecisionConfig(dtype=dtype),
+        value=ValueConfig(mode=value_mode, head_init_std=0.02),
+        train=TrainConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq, lr=1e-4),
+    )
     info = parallel.initialize(run.parallel, seed=run.train.seed)
     exact_fp32()
     chunks = build_policy_value_chunks(run, with_value=True, with_reference=False)
@@ -251,13 +312,31 @@ def dqo_steps(model_cfg: ModelConfig, dtype: str, steps: int, rows: int, seq: in
         output, _ = rl_forward_step(run, iter([batch]), ddp[0])
     results = []
     for _ in range(steps):
-        r = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=seq,
-                       micro_batch_size=pipeline_micro_batch_size(ddp[0], rows),
-                       forward_step=partial(rl_forward_step, run), metric_key="loss")  # fmt: skip
-        results.append({"loss": r.loss, "grad_norm": r.grad_norm, "ok": r.update_successful,
-                        **{k: r.metrics[k] for k in ("policy_loss", "value_loss") if k in r.metrics}})  # fmt: skip
-    return {"steps": results, "output_dtype": output.dtype, "device": str(output.device),
-            "param_dtypes": sorted({str(p.dtype) for p in chunks[0].policy.parameters()}),
-            "optimizer_param_dtypes": sorted({str(p.dtype) for o in inner for g in o.param_groups for p in g["params"]}),
-            "optimizer_classes": sorted({type(o).__name__ for o in megatron_optimizers}),
-            "finite_output": bool(torch.isfinite(output).all()), "nccl": torch.distributed.get_backend()}  # fmt: skip
+        r = train_step(
+            ddp,
+            optimizer,
+            iter([batch]),
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=pipeline_micro_batch_size(ddp[0], rows),
+            forward_step=partial(rl_forward_step, run),
+            metric_key="loss",
+        )
+        results.append(
+            {
+                "loss": r.loss,
+                "grad_norm": r.grad_norm,
+                "ok": r.update_successful,
+                **{k: r.metrics[k] for k in ("policy_loss", "value_loss") if k in r.metrics},
+            }
+        )
+    return {
+        "steps": results,
+        "output_dtype": output.dtype,
+        "device": str(output.device),
+        "param_dtypes": sorted({str(p.dtype) for p in chunks[0].policy.parameters()}),
+        "optimizer_param_dtypes": sorted({str(p.dtype) for o in inner for g in o.param_groups for p in g["params"]}),
+        "optimizer_classes": sorted({type(o).__name__ for o in megatron_optimizers}),
+        "finite_output": bool(torch.isfinite(output).all()),
+        "nccl": torch.distributed.get_backend(),
+    }

@@ -94,8 +94,9 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     status, payload = "ok", None
     try:
         payload = fn(*args, **kwargs)
@@ -127,8 +128,9 @@ def run_spawned(fn: Callable, world_size: int, *args, timeout: float = 600.0, **
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results))
-             for r in range(world_size)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results)) for r in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     from tests.helpers.distributed import collect_rank_results

@@ -46,9 +46,26 @@ def test_help_and_dry_run(tmp_path):
     help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "--dry-run" in help_text.stdout and "MFU" in help_text.stdout
     out = tmp_path / "rows.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--setups", "dqo", "--precisions", "bf16", "fp8",
-                          "--json", str(out), "--markdown", str(tmp_path / "table.md")],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dry-run",
+            "--setups",
+            "dqo",
+            "--precisions",
+            "bf16",
+            "fp8",
+            "--json",
+            str(out),
+            "--markdown",
+            str(tmp_path / "table.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     measured, skipped = [r for r in rows if "skipped" not in r], [r for r in rows if "skipped" in r]

@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from dqo_megatron.config import ParallelConfig
-from tests.conversion.ranks import PROMPTS, full_cycle_rank, hf_reference_logits, last_stage_logits, layout_logits, tiny_hf_model
+from tests.conversion.ranks import (
+    PROMPTS,
+    full_cycle_rank,
+    hf_reference_logits,
+    last_stage_logits,
+    layout_logits,
+    tiny_hf_model,
+)
 from tests.gpu.support import gpu_count, requires_cuda, run_spawned
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -37,8 +44,11 @@ def test_conversion_parity_on_gpu(variant, tmp_path):
     expected = hf_reference_logits(model)
     layouts = [result["tp1_logits"]]
     if gpu_count() >= 2:
-        layouts.append(last_stage_logits(run_spawned(layout_logits, 2, str(tmp_path / "meg"),
-                                                     ParallelConfig(tensor_model_parallel_size=2))))  # fmt: skip
+        layouts.append(
+            last_stage_logits(
+                run_spawned(layout_logits, 2, str(tmp_path / "meg"), ParallelConfig(tensor_model_parallel_size=2))
+            )
+        )
     for logits in layouts:
         for want, got, ids in zip(expected, logits, PROMPTS):
             torch.testing.assert_close(got.float(), want, atol=TOLERANCE, rtol=0, msg=f"{variant}, {len(ids)} tokens")

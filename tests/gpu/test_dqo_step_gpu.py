@@ -17,8 +17,16 @@ from tests.gpu.support import requires_cuda, requires_gpus, run_spawned
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
-MODEL = ModelConfig(family="qwen2", num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
-                    num_query_groups=2, vocab_size=512, seq_length=128)  # fmt: skip
+MODEL = ModelConfig(
+    family="qwen2",
+    num_layers=2,
+    hidden_size=128,
+    ffn_hidden_size=256,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=512,
+    seq_length=128,
+)
 
 
 @pytest.mark.parametrize(("dtype", "value_mode"), [("bf16", "separate"), ("fp32", "separate"), ("bf16", "shared")])

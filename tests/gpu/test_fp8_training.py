@@ -26,8 +26,15 @@ from tests.gpu.support import fp8_unsupported_reason, requires_cuda, requires_te
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
-MODEL = ModelConfig(family="llama", num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=4,
-                    vocab_size=1024, seq_length=256)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=4,
+    hidden_size=256,
+    ffn_hidden_size=768,
+    num_attention_heads=4,
+    vocab_size=1024,
+    seq_length=256,
+)
 STEPS, ROWS, SEQ, WINDOW = 300, 8, 256, 25
 
 
@@ -43,8 +50,9 @@ def _check_learnt(curve: list[float]) -> None:
 
 def test_bf16_local_spec_learns_on_gpu():
     """Without TE (the device session): the same run on our local spec learns."""
-    (curve,) = run_spawned(lm_training_curve, 1, MODEL, PrecisionConfig(dtype="bf16"), STEPS, ROWS, SEQ,
-                           backend="local")  # fmt: skip
+    (curve,) = run_spawned(
+        lm_training_curve, 1, MODEL, PrecisionConfig(dtype="bf16"), STEPS, ROWS, SEQ, backend="local"
+    )
     _check_learnt(curve)
 
 

@@ -27,9 +27,13 @@ LAYOUTS = {
     "cp2": ("llama-gqa", 2, dict(context_parallel_size=2)),
     "pp2": ("gemma", 2, dict(pipeline_model_parallel_size=2)),
     "dp2": ("llama-gqa", 2, {}),
-    "tp2-sp-cp2-gemma": ("gemma", 4, dict(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2)),
+    "tp2-sp-cp2-gemma": (
+        "gemma",
+        4,
+        dict(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2),
+    ),
     "tp2-pp2-tied": ("llama-tied-4l", 4, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,9 @@ def references(batch):
     return get
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=requires_gpus(world)) for name, (_, world, _) in LAYOUTS.items()])
+@pytest.mark.parametrize(
+    "layout", [pytest.param(name, marks=requires_gpus(world)) for name, (_, world, _) in LAYOUTS.items()]
+)
 def test_layout_matches_one_gpu_under_nccl(layout, batch, references):
     model_name, world, kwargs = LAYOUTS[layout]
     ref = references(model_name)

@@ -28,7 +28,7 @@ FAMILIES = {
     "qwen2": ModelConfig(family="qwen2", num_attention_heads=4, num_query_groups=2, **COMMON),
     # Gemma's traits: head dim (96) != hidden/heads, one KV group, zero-centred norms, embedding scale
     "gemma": ModelConfig(family="gemma", num_attention_heads=4, num_query_groups=1, kv_channels=96, **COMMON),
-}  # fmt: skip
+}
 
 
 def _tokens(cfg: ModelConfig) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Run a test body in N gloo processes forked from the test process.
 
-Ranks are not daemons: dist_checkpointing starts a multiprocessing manager inside them. Forking from a process that already imported torch and megatron costs ~0.3-1 s per run, against
-~9 s for torchrun, so the many layout tests use this and one smoke test uses the real torchrun.
+Ranks are not daemons: dist_checkpointing starts a multiprocessing manager inside them. Forking from a
+process that already imported torch and megatron costs ~0.3-1 s per run, against ~9 s for torchrun,
+so the many layout tests use this and one smoke test uses the real torchrun.
 Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) on a
 free port. Failures of every rank are collected and reported together; a run that does not finish
 within `timeout` seconds is killed and reported as hung instead of hanging the suite.
@@ -34,9 +35,12 @@ def _dumps(obj: Any) -> bytes:
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results) -> None:
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)  # 2 cores shared by all ranks; also keeps OpenMP out of forked children
     status, payload = "ok", None
     try:
@@ -70,13 +74,17 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
     import torch.distributed
 
     if torch.distributed.is_initialized():  # forked ranks would inherit it and hang on a dead group
-        raise RuntimeError("a process group is initialized in the test process itself (an earlier test ran "
-                           "Megatron in-process without tearing it down): run such code in a rank or subprocess")
+        raise RuntimeError(
+            "a process group is initialized in the test process itself (an earlier test ran "
+            "Megatron in-process without tearing it down): run such code in a rank or subprocess"
+        )
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results), daemon=False)
-             for r in range(world_size)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results), daemon=False)
+        for r in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     return collect_rank_results(procs, results, timeout)
@@ -108,8 +116,9 @@ def collect_rank_results(procs: list, results, timeout: float, error_cls: type |
     errors = []
     for rank in range(world_size):
         if rank not in outcome:
-            errors.append(f"rank {rank}: no result within {timeout:.0f} s (hung or crashed, exit code "
-                          f"{procs[rank].exitcode})")  # fmt: skip
+            errors.append(
+                f"rank {rank}: no result within {timeout:.0f} s (hung or crashed, exit code {procs[rank].exitcode})"
+            )
         elif outcome[rank][0] == "error":
             errors.append(f"rank {rank} failed:\n{outcome[rank][1]}")
     if errors:

@@ -22,9 +22,17 @@ def tiny_llama_checkpoint(root: Path, *, seq: int, tied: bool, seed: int):
 
     from tests.helpers.distributed import run_distributed
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq,
-                                      tie_word_embeddings=tied, rms_norm_eps=1e-5)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(root / "hf", safe_serialization=True)

@@ -12,10 +12,20 @@ import torch
 from dqo_megatron import parallel
 from dqo_megatron.config import ModelConfig, ParallelConfig
 from dqo_megatron.models import build_model_chunks
+from dqo_megatron.models.weights import (
+    full_state_of_unsharded,
+    load_full_state,
+    local_to_global_names,
+    shard_tensor_for_rank,
+)
 from dqo_megatron.parallel import cp_local_positions
-from dqo_megatron.models.weights import full_state_of_unsharded, load_full_state, local_to_global_names, shard_tensor_for_rank
 from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
-from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, slice_batch_for_context_parallel, train_step
+from dqo_megatron.training.step import (
+    lm_forward_step,
+    microbatch_iterators,
+    slice_batch_for_context_parallel,
+    train_step,
+)
 
 LR = 0.05
 SEED = 1234
@@ -56,10 +66,15 @@ def _collect_logits(chunks, mbs: list[dict], seq: int, mbsize: int) -> list[torc
     iterators = _iterators(chunks, mbs)
     with torch.no_grad():
         out = get_forward_backward_func()(
-            forward_step_func=_logits_forward_step, data_iterator=iterators, model=list(chunks),
-            num_microbatches=len(mbs), seq_length=seq, micro_batch_size=mbsize,
-            forward_only=True, collect_non_loss_data=True,
-        )  # fmt: skip
+            forward_step_func=_logits_forward_step,
+            data_iterator=iterators,
+            model=list(chunks),
+            num_microbatches=len(mbs),
+            seq_length=seq,
+            micro_batch_size=mbsize,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     return out
 
 
@@ -87,8 +102,15 @@ def reference_step(model_cfg: ModelConfig, batch: dict, micro_batch_size: int = 
     seq = batch["tokens"].shape[1]
     mbs = micro_batches(batch, 0, 1, micro_batch_size)
     logits = torch.cat(_collect_logits(ddp, mbs, seq, micro_batch_size))
-    result = train_step(ddp, optimizer, iter(mbs), num_microbatches=len(mbs), seq_length=seq,
-                        micro_batch_size=micro_batch_size, forward_step=lm_forward_step)  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        iter(mbs),
+        num_microbatches=len(mbs),
+        seq_length=seq,
+        micro_batch_size=micro_batch_size,
+        forward_step=lm_forward_step,
+    )
     grads = {n: p.main_grad.detach().clone() for n, p in chunk.named_parameters()}
     return {
         "initial": initial,
@@ -100,8 +122,9 @@ def reference_step(model_cfg: ModelConfig, batch: dict, micro_batch_size: int = 
     }
 
 
-def layout_step(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dict, reference: dict,
-                micro_batch_size: int = 1) -> dict:  # fmt: skip
+def layout_step(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dict, reference: dict, micro_batch_size: int = 1
+) -> dict:
     """One step of `parallel_cfg` from the reference's initial weights; max deviations on this rank."""
     from megatron.core import parallel_state as ps
 
@@ -121,8 +144,15 @@ def layout_step(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dic
         expected = expected[..., info.tp_rank * vocab_shard : (info.tp_rank + 1) * vocab_shard]
         dev["logits"] = (local - expected).abs().max().item()
         dev["logits_scale"] = expected.abs().max().item()
-    result = train_step(ddp, optimizer, _iterators(ddp, mbs), num_microbatches=len(mbs), seq_length=seq,
-                        micro_batch_size=micro_batch_size, forward_step=lm_forward_step)  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        _iterators(ddp, mbs),
+        num_microbatches=len(mbs),
+        seq_length=seq,
+        micro_batch_size=micro_batch_size,
+        forward_step=lm_forward_step,
+    )
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         names = local_to_global_names(chunk)

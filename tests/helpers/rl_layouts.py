@@ -11,12 +11,12 @@ from dqo_megatron.algorithms import get as get_algorithm
 from dqo_megatron.config import RunConfig
 from dqo_megatron.models.weights import load_full_state, local_to_global_names, shard_tensor_for_rank
 from dqo_megatron.training.algorithms import rl_forward_step
+from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
 from dqo_megatron.training.policy_value import (
     build_policy_value_chunks,
     finalize_policy_value_grads,
     pipeline_micro_batch_size,
 )
-from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
 from dqo_megatron.training.step import microbatch_iterators, train_step
 from tests.helpers.layouts import micro_batches
 
@@ -69,7 +69,7 @@ def _load(chunk, full: dict) -> None:
         member = getattr(chunk, name)
         if member is not None:
             prefix = f"{name}."
-            load_full_state(member, {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+            load_full_state(member, {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)})
     if chunk.value_head is not None:
         chunk.value_head.weight.copy_(full["value_head.weight"])
         chunk.value_head.bias.copy_(full["value_head.bias"])
@@ -95,9 +95,17 @@ layout (a TP-duplicated or PP-shared parameter twice) changes the step."""
 def _step(run, ddp, optimizer, mbs):
     data = microbatch_iterators(ddp, mbs)
     clips = {"policy": CLIP, "value": CLIP} if get_algorithm(run.algorithm).needs_value else None  # as the trainer does
-    return train_step(ddp, optimizer, data, num_microbatches=len(mbs), seq_length=run.train.seq_length,
-                      micro_batch_size=pipeline_micro_batch_size(ddp[0], run.train.micro_batch_size),
-                      forward_step=partial(rl_forward_step, run), metric_key="loss", member_clips=clips)  # fmt: skip
+    return train_step(
+        ddp,
+        optimizer,
+        data,
+        num_microbatches=len(mbs),
+        seq_length=run.train.seq_length,
+        micro_batch_size=pipeline_micro_batch_size(ddp[0], run.train.micro_batch_size),
+        forward_step=partial(rl_forward_step, run),
+        metric_key="loss",
+        member_clips=clips,
+    )
 
 
 def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict:
@@ -112,9 +120,14 @@ def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict
     mbs = micro_batches(batch, 0, 1, run.train.micro_batch_size)
     result = _step(run, ddp, optimizer, mbs)
     grads = {n: p.main_grad.detach().clone() for n, p in chunk.named_parameters() if hasattr(p, "main_grad")}
-    return {"initial": initial, "loss": result.loss, "grad_norm": result.grad_norm, "grads": grads,
-            "grad_norms": result.grad_norms,
-            "after": {n: p.detach().clone() for n, p in chunk.named_parameters()}}  # fmt: skip
+    return {
+        "initial": initial,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "grads": grads,
+        "grad_norms": result.grad_norms,
+        "after": {n: p.detach().clone() for n, p in chunk.named_parameters()},
+    }
 
 
 def rl_layout_step(run: RunConfig, batch: dict, with_reference: bool, reference: dict) -> dict:

@@ -8,8 +8,9 @@ from dqo_megatron.data.indexed import TrajectoryWriter
 from dqo_megatron.data.tokenize import TokenizedSample
 
 
-def write_synthetic_dataset(prefix: str, *, docs: int = 16, vocab: int = 256, max_len: int = 33, seed: int = 0,
-                            behavior: bool = True) -> str:  # fmt: skip
+def write_synthetic_dataset(
+    prefix: str, *, docs: int = 16, vocab: int = 256, max_len: int = 33, seed: int = 0, behavior: bool = True
+) -> str:
     """`docs` documents (4 per prompt) of random tokens, 0/1 outcome rewards, some process rewards."""
     rng = np.random.default_rng(seed)
     writer = TrajectoryWriter(prefix, vocab)
@@ -26,8 +27,15 @@ def write_synthetic_dataset(prefix: str, *, docs: int = 16, vocab: int = 256, ma
         if behavior and d % 4 != 3:  # some documents without sampler log-probs
             blp = np.zeros(length, np.float32)
             blp[prompt:] = -rng.uniform(4.5, 6.5, size=length - prompt)
-        sample = TokenizedSample(tokens=tokens, prompt_length=prompt, rewards=rewards, behavior_logprobs=blp,
-                                 prompt_id=f"p{d // 4}", outcome_reward=outcome, correct=int(outcome))  # fmt: skip
+        sample = TokenizedSample(
+            tokens=tokens,
+            prompt_length=prompt,
+            rewards=rewards,
+            behavior_logprobs=blp,
+            prompt_id=f"p{d // 4}",
+            outcome_reward=outcome,
+            correct=int(outcome),
+        )
         writer.add(sample, 0)
     writer.finalize({"tokenizer": "synthetic"})
     return prefix

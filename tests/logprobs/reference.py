@@ -15,8 +15,9 @@ def reference_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return torch.where(valid, picked, 0.0)
 
 
-def random_case(b: int, s: int, vocab: int, hidden: int = 0, *, seed: int = 0, dtype=torch.float64,
-                invalid: bool = True) -> dict:  # fmt: skip
+def random_case(
+    b: int, s: int, vocab: int, hidden: int = 0, *, seed: int = 0, dtype=torch.float64, invalid: bool = True
+) -> dict:
     """Same tensors on every rank (seeded): logits ``[b, s, V]`` with a wide spread, labels with a few
     -100 holes, an upstream gradient ``[b, s]``, and (with `hidden`) hidden ``[s, b, h]`` and weight
     ``[V, h]``."""

@@ -47,8 +47,13 @@ def _tp2_body() -> dict:
     labels, upstream = case["labels"], case["grad"]
 
     # Vocab-parallel from logits: fp64 (exact), fp32 and bf16 logits; whole and chunked.
-    for dtype, chunk in ((torch.float64, None), (torch.float64, 3), (torch.float32, 3), (torch.bfloat16, None),
-                         (torch.bfloat16, 3)):  # fmt: skip
+    for dtype, chunk in (
+        (torch.float64, None),
+        (torch.float64, 3),
+        (torch.float32, 3),
+        (torch.bfloat16, None),
+        (torch.bfloat16, 3),
+    ):
         full = case["logits"].to(dtype)
         local = full[..., shard].clone().requires_grad_()
         before = local.detach().clone()
@@ -59,8 +64,9 @@ def _tp2_body() -> dict:
         dev[name] = _max_dev(out, want)
         dev[name + "_grad"] = _max_dev(grad, want_grad[..., shard])
         dev[name + "_mutated"] = _max_dev(local.detach(), before)
-        dev[name + "_dtype_ok"] = float(out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-                                        and grad.dtype == dtype)  # fmt: skip
+        dev[name + "_dtype_ok"] = float(
+            out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
+        )
 
     # Fused from hidden: without SP (hidden replicated) and with SP (hidden [s/2, b, h] per rank).
     def fused_ref(hid, w):
@@ -168,8 +174,9 @@ def _model_tp2_sp_body() -> dict:
     cfg_parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     parallel.initialize(cfg_parallel)
     group, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
-    model_cfg = ModelConfig(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
-                            vocab_size=40, seq_length=8)  # fmt: skip
+    model_cfg = ModelConfig(
+        num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, vocab_size=40, seq_length=8
+    )
     (gpt,) = build_model_chunks(model_cfg, cfg_parallel, backend="local")
     gpt.value_head = ValueHead.from_config(gpt.config, init_std=0.1)  # before DDP: gets a main_grad buffer
     (ddp,) = wrap_with_ddp([gpt])
@@ -205,11 +212,14 @@ def _model_tp2_sp_body() -> dict:
     parts = [torch.empty_like(hidden) for _ in range(2)]
     torch.distributed.all_gather(parts, hidden.detach().contiguous(), group=group)
     whole = torch.cat(parts)  # [s, b, h]
-    dev["head_grad_after_finalize"] = _max_dev(gpt.value_head.weight.main_grad[0],
-                                               torch.einsum("bs,sbh->h", c_value, whole))  # fmt: skip
+    dev["head_grad_after_finalize"] = _max_dev(
+        gpt.value_head.weight.main_grad[0], torch.einsum("bs,sbh->h", c_value, whole)
+    )
     dev["head_bias_after_finalize"] = _max_dev(gpt.value_head.bias.main_grad[0], c_value.sum())
     rows = slice(rank * s // 2, (rank + 1) * s // 2)
-    dev["head_grad_before_is_partial"] = _max_dev(head_w[0], torch.einsum("bs,sbh->h", c_value[:, rows], hidden.detach()))
+    dev["head_grad_before_is_partial"] = _max_dev(
+        head_w[0], torch.einsum("bs,sbh->h", c_value[:, rows], hidden.detach())
+    )
     dev["head_bias_before_is_partial"] = _max_dev(head_b[0], c_value[:, rows].sum())
     return {"dev": dev, "head_grad": gpt.value_head.weight.main_grad.clone()}
 

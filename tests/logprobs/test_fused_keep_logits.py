@@ -18,5 +18,7 @@ def test_keep_logits_equals_recompute():
         grads.append((out.detach(), h.grad, w.grad))
     for kept, recomputed in zip(*grads):
         torch.testing.assert_close(kept, recomputed, rtol=1e-12, atol=1e-12)
-    expected = torch.log_softmax(torch.einsum("sbh,vh->sbv", hidden, weight), -1).gather(-1, labels.t()[..., None])[..., 0].t()
+    expected = (
+        torch.log_softmax(torch.einsum("sbh,vh->sbv", hidden, weight), -1).gather(-1, labels.t()[..., None])[..., 0].t()
+    )
     torch.testing.assert_close(grads[0][0], expected)

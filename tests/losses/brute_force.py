@@ -29,8 +29,13 @@ class Batch:
     rewards: torch.Tensor
 
     def tensors(self) -> dict:
-        return dict(logprobs=self.logprobs, ref_logprobs=self.ref_logprobs,
-                    behavior_logprobs=self.behavior_logprobs, values=self.values, rewards=self.rewards)
+        return dict(
+            logprobs=self.logprobs,
+            ref_logprobs=self.ref_logprobs,
+            behavior_logprobs=self.behavior_logprobs,
+            values=self.values,
+            rewards=self.rewards,
+        )
 
 
 LAYOUTS = {
@@ -56,10 +61,24 @@ LAYOUTS = {
     ],
     # unmasked tokens (e.g. tool output) in the middle of a response, packed
     "gaps": [
-        [("prompt", 1, 0), ("response", 2, 0), ("gap", 2, 0), ("response", 3, 0), ("prompt", 1, 1),
-         ("response", 2, 1), ("pad", 1)],
-        [("prompt", 2, 2), ("response", 1, 2), ("gap", 1, 2), ("response", 1, 2), ("gap", 3, 2),
-         ("response", 2, 2), ("pad", 2)],
+        [
+            ("prompt", 1, 0),
+            ("response", 2, 0),
+            ("gap", 2, 0),
+            ("response", 3, 0),
+            ("prompt", 1, 1),
+            ("response", 2, 1),
+            ("pad", 1),
+        ],
+        [
+            ("prompt", 2, 2),
+            ("response", 1, 2),
+            ("gap", 1, 2),
+            ("response", 1, 2),
+            ("gap", 3, 2),
+            ("response", 2, 2),
+            ("pad", 2),
+        ],
     ],
 }
 
@@ -74,9 +93,9 @@ def build_mask(rows: list, packed: bool) -> tuple[torch.Tensor, Optional[torch.T
         for piece in row:
             kind, n = piece[0], piece[1]
             if kind == "response":
-                mask[b, t:t + n] = 1
+                mask[b, t : t + n] = 1
             if kind != "pad":
-                docs[b, t:t + n] = piece[2]
+                docs[b, t : t + n] = piece[2]
             t += n
     return mask, (docs if packed else None)
 
@@ -121,13 +140,13 @@ def lambda_returns(rewards, logprobs, ref_logprobs, values, mask, document_ids, 
     returns = torch.zeros(mask.shape, dtype=torch.float64)
     for b, positions in documents(mask, document_ids):
         horizon = len(positions)
-        shaped = [float(rewards[b, p]) - beta * (float(logprobs[b, p]) - float(ref_logprobs[b, p]))
-                  for p in positions]
+        shaped = [float(rewards[b, p]) - beta * (float(logprobs[b, p]) - float(ref_logprobs[b, p])) for p in positions]
         value = [float(values[b, p]) for p in positions] + [0.0]  # V_(H+1) = 0
 
         for k in range(horizon):  # k = h - 1
+
             def n_step(n):
-                return sum(shaped[k:k + n]) + value[k + n]
+                return sum(shaped[k : k + n]) + value[k + n]
 
             longest = horizon - k  # the Monte-Carlo n
             total = (1 - lam) * sum(lam ** (n - 1) * n_step(n) for n in range(1, longest))
@@ -144,8 +163,9 @@ class Weights:
     truncated_fraction: float
 
 
-def importance_weights(logprobs, behavior_logprobs, mask, document_ids, level, clip, self_normalize,
-                       reduction) -> Weights:
+def importance_weights(
+    logprobs, behavior_logprobs, mask, document_ids, level, clip, self_normalize, reduction
+) -> Weights:
     weights = torch.zeros(mask.shape, dtype=torch.float64)
     truncated = 0
     docs = documents(mask, document_ids)
@@ -157,7 +177,7 @@ def importance_weights(logprobs, behavior_logprobs, mask, document_ids, level, c
             elif level == "trajectory":
                 raw = math.exp(sum(log_ratio))
             else:
-                raw = math.exp(sum(log_ratio[:k + 1]))
+                raw = math.exp(sum(log_ratio[: k + 1]))
             truncated += raw > clip
             weights[b, p] = min(raw, clip)
     tokens = [w for b, positions in docs for w in weights[b, positions].tolist()]
@@ -181,15 +201,26 @@ def _reduce(per_document_terms: list[list], reduction: str):
     return sum(means) / max(len(means), 1)
 
 
-def dqo(batch: Batch, logprobs, values, *, beta, lam, is_level, is_clip, self_normalize, reduction,
-        behavior_logprobs=None, is_apply_to="both") -> dict:
+def dqo(
+    batch: Batch,
+    logprobs,
+    values,
+    *,
+    beta,
+    lam,
+    is_level,
+    is_clip,
+    self_normalize,
+    reduction,
+    behavior_logprobs=None,
+    is_apply_to="both",
+) -> dict:
     """DQO losses as autograd scalars (from `logprobs` and `values` leaves), plus metrics."""
     mask, docs_ids = batch.mask, batch.document_ids
     ref, rewards = batch.ref_logprobs, batch.rewards
     behavior = ref if behavior_logprobs is None else behavior_logprobs
     G = lambda_returns(rewards, logprobs.detach(), ref, values.detach(), mask, docs_ids, beta, lam)
-    iw = importance_weights(logprobs.detach(), behavior, mask, docs_ids, is_level, is_clip, self_normalize,
-                            reduction)
+    iw = importance_weights(logprobs.detach(), behavior, mask, docs_ids, is_level, is_clip, self_normalize, reduction)
     policy_terms, value_terms = [], []
     td_errors, token_values, token_returns, log_ratios, logps = [], [], [], [], []
     lp, vals = logprobs.detach(), values.detach()  # plain numbers for everything without gradient
@@ -203,7 +234,7 @@ def dqo(batch: Batch, logprobs, values, *, beta, lam, is_level, is_clip, self_no
             w_policy = w if is_apply_to in ("both", "policy") else 1.0
             w_value = w if is_apply_to in ("both", "value") else 1.0
             q = beta * (logprobs[b, p] - ref[b, p]) + float(vals[b, p]) - rewards[b, p] - next_return
-            policy_doc.append(w_policy * 0.5 * q ** 2)
+            policy_doc.append(w_policy * 0.5 * q**2)
             value_doc.append(w_value * 0.5 * (values[b, p] - float(G[b, p])) ** 2)
             shaped = float(rewards[b, p]) - beta * (float(lp[b, p]) - float(ref[b, p]))
             td_errors.append(abs(shaped + next_value - float(vals[b, p])))
@@ -219,13 +250,19 @@ def dqo(batch: Batch, logprobs, values, *, beta, lam, is_level, is_clip, self_no
         value_loss=_reduce(value_terms, reduction),
         returns=G,
         weights=iw.weights,
-        metrics=dict(value_mean=sum(token_values) / n, td_error_abs_mean=sum(td_errors) / n,
-                     return_mean=sum(token_returns) / n, is_weight_mean=iw.mean, is_weight_max=iw.max,
-                     return_sq_mean=sum(g * g for g in token_returns) / n,
-                     advantage_mean=sum(g - v for g, v in zip(token_returns, token_values)) / n,
-                     advantage_sq_mean=sum((g - v) ** 2 for g, v in zip(token_returns, token_values)) / n,
-                     is_truncated_frac=iw.truncated_fraction, kl_ref=sum(log_ratios) / n,
-                     entropy_proxy=-sum(logps) / n),
+        metrics=dict(
+            value_mean=sum(token_values) / n,
+            td_error_abs_mean=sum(td_errors) / n,
+            return_mean=sum(token_returns) / n,
+            is_weight_mean=iw.mean,
+            is_weight_max=iw.max,
+            return_sq_mean=sum(g * g for g in token_returns) / n,
+            advantage_mean=sum(g - v for g, v in zip(token_returns, token_values)) / n,
+            advantage_sq_mean=sum((g - v) ** 2 for g, v in zip(token_returns, token_values)) / n,
+            is_truncated_frac=iw.truncated_fraction,
+            kl_ref=sum(log_ratios) / n,
+            entropy_proxy=-sum(logps) / n,
+        ),
     )
 
 
@@ -245,8 +282,10 @@ def sequence_sums(x, mask, document_ids) -> list:
 
 
 def dpo(chosen, ref_chosen, rejected, ref_rejected, beta):
-    terms = [-torch.log(torch.sigmoid(beta * ((cw - rw) - (cl - rl))))
-             for cw, rw, cl, rl in zip(chosen, ref_chosen, rejected, ref_rejected)]
+    terms = [
+        -torch.log(torch.sigmoid(beta * ((cw - rw) - (cl - rl))))
+        for cw, rw, cl, rl in zip(chosen, ref_chosen, rejected, ref_rejected)
+    ]
     return sum(terms) / len(terms)
 
 
@@ -263,6 +302,7 @@ def kto(policy, ref, desirable, policy_kl, ref_kl, beta, desirable_weight, undes
 
 
 def nll(logprobs, mask, document_ids, reduction, keep=lambda b, positions: True):
-    terms = [[-logprobs[b, p] for p in positions]
-             for b, positions in documents(mask, document_ids) if keep(b, positions)]
+    terms = [
+        [-logprobs[b, p] for p in positions] for b, positions in documents(mask, document_ids) if keep(b, positions)
+    ]
     return _reduce(terms, reduction)

@@ -31,16 +31,18 @@ def _grad(loss, leaf):
 def test_dro_matches_brute_force(layout):
     batch = random_batch(layout, seed=41)
     logprobs, values = batch.logprobs.clone().requires_grad_(), batch.values.clone().requires_grad_()
-    out = dro_losses(logprobs, batch.ref_logprobs, values, batch.rewards, batch.mask, beta=BETA,
-                     document_ids=batch.document_ids)
+    out = dro_losses(
+        logprobs, batch.ref_logprobs, values, batch.rewards, batch.mask, beta=BETA, document_ids=batch.document_ids
+    )
     ref_logprobs, ref_values = batch.logprobs.clone().requires_grad_(), batch.values.clone().requires_grad_()
     expected = bf.dro(batch, ref_logprobs, ref_values, beta=BETA)
     assert out.count.item() == len(bf.documents(batch.mask, batch.document_ids))
     for name in ("policy_loss", "value_loss"):
         torch.testing.assert_close(getattr(out, name), expected[name], rtol=1e-12, atol=1e-14)
         for ours, theirs in ((logprobs, ref_logprobs), (values, ref_values)):
-            torch.testing.assert_close(_grad(getattr(out, name), ours), _grad(expected[name], theirs),
-                                       rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(
+                _grad(getattr(out, name), ours), _grad(expected[name], theirs), rtol=1e-12, atol=1e-14
+            )
     # The policy part never trains the value network and vice versa.
     assert torch.autograd.grad(out.policy_loss, [values], allow_unused=True, retain_graph=True) == (None,)
     assert torch.autograd.grad(out.value_loss, [logprobs], allow_unused=True) == (None,)
@@ -66,8 +68,9 @@ def test_dpo_on_pairs_from_a_batch_matches_brute_force():
     n = 30
     group_ids = torch.randint(0, 4, (n,), generator=g)
     rewards = (torch.rand(n, generator=g) < 0.5).double()
-    chosen, rejected = preference_pairs(group_ids, rewards, max_pairs_per_group=5,
-                                        generator=torch.Generator().manual_seed(0))
+    chosen, rejected = preference_pairs(
+        group_ids, rewards, max_pairs_per_group=5, generator=torch.Generator().manual_seed(0)
+    )
     assert chosen.numel() > 0
     logps = (-20 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_()
     ref = logps.detach() + torch.randn(n, generator=g, dtype=torch.float64)
@@ -82,8 +85,13 @@ def test_dpo_on_pairs_from_a_batch_matches_brute_force():
 
 
 def test_dpo_is_stable_for_extreme_margins():
-    out = dpo_loss(torch.tensor([0.0, -5000.0]), torch.tensor([-5000.0, 0.0]), torch.tensor([-5000.0, 0.0]),
-                   torch.tensor([0.0, -5000.0]), beta=1.0)
+    out = dpo_loss(
+        torch.tensor([0.0, -5000.0]),
+        torch.tensor([-5000.0, 0.0]),
+        torch.tensor([-5000.0, 0.0]),
+        torch.tensor([0.0, -5000.0]),
+        beta=1.0,
+    )
     torch.testing.assert_close(out.loss_sum, torch.tensor(10000.0))  # softplus(-10000) = 0, softplus(10000) = 1e4
 
 
@@ -114,8 +122,7 @@ def test_kto_matches_brute_force(kl_shift, expect_clamped):
     # Mismatched pairs (x_i, y_(i+1)): their own log-probs, with a KL estimate of about kl_shift.
     policy_kl = (-10 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_()
     ref_kl = policy_kl.detach() - kl_shift + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-    out = kto_loss(policy, ref, desirable, policy_kl, ref_kl, beta=BETA, desirable_weight=1.0,
-                   undesirable_weight=1.33)
+    out = kto_loss(policy, ref, desirable, policy_kl, ref_kl, beta=BETA, desirable_weight=1.0, undesirable_weight=1.33)
     expected, z0 = bf.kto(policy, ref, desirable.tolist(), policy_kl, ref_kl, BETA, 1.0, 1.33)
     assert (z0 == 0.0) == expect_clamped
     assert out.metrics["kl_reference"][0].item() == pytest.approx(z0, abs=1e-14)
@@ -134,8 +141,9 @@ def test_sft_and_rejection_sampling_match_brute_force(layout, reduction):
     torch.testing.assert_close(sft.loss, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(_grad(sft.loss, logprobs), _grad(expected, logprobs), rtol=1e-12, atol=1e-14)
 
-    rs = rejection_sampling_loss(logprobs, batch.rewards, batch.mask, reduction=reduction,
-                                 document_ids=batch.document_ids)
+    rs = rejection_sampling_loss(
+        logprobs, batch.rewards, batch.mask, reduction=reduction, document_ids=batch.document_ids
+    )
 
     def correct(b, positions):
         return float(batch.rewards[b, positions].sum()) >= 1.0
@@ -163,12 +171,23 @@ def test_baseline_micro_batch_sums_equal_the_whole_batch(reduction):
         total = sum(p.loss_sum for p in parts) / sum(int(p.count) for p in parts)
         torch.testing.assert_close(total, whole.loss, rtol=1e-12, atol=1e-14)
 
-    split(lambda s: sft_loss(batch.logprobs[s], batch.mask[s], reduction=reduction,
-                             document_ids=batch.document_ids[s]))
-    split(lambda s: rejection_sampling_loss(batch.logprobs[s], batch.rewards[s], batch.mask[s], reduction=reduction,
-                                            document_ids=batch.document_ids[s]))
-    split(lambda s: dro_losses(batch.logprobs[s], batch.ref_logprobs[s], batch.values[s], batch.rewards[s],
-                               batch.mask[s], beta=BETA, document_ids=batch.document_ids[s]))
+    split(lambda s: sft_loss(batch.logprobs[s], batch.mask[s], reduction=reduction, document_ids=batch.document_ids[s]))
+    split(
+        lambda s: rejection_sampling_loss(
+            batch.logprobs[s], batch.rewards[s], batch.mask[s], reduction=reduction, document_ids=batch.document_ids[s]
+        )
+    )
+    split(
+        lambda s: dro_losses(
+            batch.logprobs[s],
+            batch.ref_logprobs[s],
+            batch.values[s],
+            batch.rewards[s],
+            batch.mask[s],
+            beta=BETA,
+            document_ids=batch.document_ids[s],
+        )
+    )
 
 
 def test_document_ids_from_cu_seqlens():

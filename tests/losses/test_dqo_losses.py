@@ -11,9 +11,20 @@ from . import brute_force as bf
 from .brute_force import random_batch
 
 BETA = 0.4
-ADDITIVE_METRICS = ("policy_loss", "value_loss", "value_mean", "td_error_abs_mean", "return_mean",
-                    "return_sq_mean", "advantage_mean", "advantage_sq_mean", "is_weight_mean", "is_truncated_frac",
-                    "kl_ref", "entropy_proxy")
+ADDITIVE_METRICS = (
+    "policy_loss",
+    "value_loss",
+    "value_mean",
+    "td_error_abs_mean",
+    "return_mean",
+    "return_sq_mean",
+    "advantage_mean",
+    "advantage_sq_mean",
+    "is_weight_mean",
+    "is_truncated_frac",
+    "kl_ref",
+    "entropy_proxy",
+)
 
 
 def _leaves(batch):
@@ -26,8 +37,16 @@ def _grads(loss, leaves):
 
 
 def _run(batch, logprobs, values, **kwargs):
-    return dqo_losses(logprobs, batch.ref_logprobs, batch.behavior_logprobs, values, batch.rewards, batch.mask,
-                      document_ids=batch.document_ids, **kwargs)
+    return dqo_losses(
+        logprobs,
+        batch.ref_logprobs,
+        batch.behavior_logprobs,
+        values,
+        batch.rewards,
+        batch.mask,
+        document_ids=batch.document_ids,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("layout", sorted(bf.LAYOUTS))
@@ -54,8 +73,14 @@ def _check_against_brute_force(layout, is_level, self_normalize, reduction, lam,
     out = _run(batch, logprobs, values, is_self_normalize=self_normalize, **settings)
 
     ref_logprobs, ref_values = _leaves(batch)
-    expected = bf.dqo(batch, ref_logprobs, ref_values, self_normalize=self_normalize,
-                      behavior_logprobs=batch.behavior_logprobs, **settings)
+    expected = bf.dqo(
+        batch,
+        ref_logprobs,
+        ref_values,
+        self_normalize=self_normalize,
+        behavior_logprobs=batch.behavior_logprobs,
+        **settings,
+    )
 
     assert out.policy_loss.dtype == torch.float64
     torch.testing.assert_close(out.policy_loss, expected["policy_loss"], rtol=1e-11, atol=1e-13)
@@ -79,10 +104,19 @@ def test_policy_gradient_identity_at_lambda_one():
         logprobs, values = _leaves(batch)
         out = _run(batch, logprobs, values, beta=BETA, lam=1.0, is_level="trajectory", reduction=reduction)
         (grad,) = torch.autograd.grad(out.policy_loss_sum, logprobs)
-        G = lambda_returns(batch.rewards, batch.logprobs, batch.ref_logprobs, batch.values, batch.mask, beta=BETA,
-                           lam=1.0, document_ids=batch.document_ids)
-        w = truncated_importance_weights(batch.logprobs, batch.behavior_logprobs, batch.mask,
-                                         document_ids=batch.document_ids).weights
+        G = lambda_returns(
+            batch.rewards,
+            batch.logprobs,
+            batch.ref_logprobs,
+            batch.values,
+            batch.mask,
+            beta=BETA,
+            lam=1.0,
+            document_ids=batch.document_ids,
+        )
+        w = truncated_importance_weights(
+            batch.logprobs, batch.behavior_logprobs, batch.mask, document_ids=batch.document_ids
+        ).weights
         expected = BETA * w * (batch.values - G) * batch.mask
         if reduction == "sequence":
             for b, positions in bf.documents(batch.mask, batch.document_ids):
@@ -92,44 +126,80 @@ def test_policy_gradient_identity_at_lambda_one():
 
 def _single_token_batch():
     """Every document has H = 1 response token, packed and padded."""
-    rows = [[("prompt", 3, 0), ("response", 1, 0), ("pad", 2)],
-            [("prompt", 1, 4), ("response", 1, 4), ("prompt", 2, 5), ("response", 1, 5), ("response", 1, 6)],
-            [("pad", 4), ("prompt", 1, 2), ("response", 1, 2)]]
+    rows = [
+        [("prompt", 3, 0), ("response", 1, 0), ("pad", 2)],
+        [("prompt", 1, 4), ("response", 1, 4), ("prompt", 2, 5), ("response", 1, 5), ("response", 1, 6)],
+        [("pad", 4), ("prompt", 1, 2), ("response", 1, 2)],
+    ]
     mask, docs = bf.build_mask(rows, packed=True)
     g = torch.Generator().manual_seed(33)
     logprobs = -2 * torch.rand(mask.shape, generator=g, dtype=torch.float64)
-    return bf.Batch(mask, docs, logprobs, logprobs + 0.5 * torch.randn(mask.shape, generator=g, dtype=torch.float64),
-                    None, torch.randn(mask.shape, generator=g, dtype=torch.float64),
-                    (torch.rand(mask.shape, generator=g) < 0.5).double() * mask)
+    return bf.Batch(
+        mask,
+        docs,
+        logprobs,
+        logprobs + 0.5 * torch.randn(mask.shape, generator=g, dtype=torch.float64),
+        None,
+        torch.randn(mask.shape, generator=g, dtype=torch.float64),
+        (torch.rand(mask.shape, generator=g) < 0.5).double() * mask,
+    )
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.3])
 def test_single_token_responses_without_is_reduce_to_dro(lam):
     batch = _single_token_batch()
     logprobs, values = _leaves(batch)
-    out = dqo_losses(logprobs, batch.ref_logprobs, None, values, batch.rewards, batch.mask, beta=BETA, lam=lam,
-                     is_level="off", document_ids=batch.document_ids)
+    out = dqo_losses(
+        logprobs,
+        batch.ref_logprobs,
+        None,
+        values,
+        batch.rewards,
+        batch.mask,
+        beta=BETA,
+        lam=lam,
+        is_level="off",
+        document_ids=batch.document_ids,
+    )
     dro_logprobs, dro_values = _leaves(batch)
-    dro = dro_losses(dro_logprobs, batch.ref_logprobs, dro_values, batch.rewards, batch.mask, beta=BETA,
-                     document_ids=batch.document_ids)
+    dro = dro_losses(
+        dro_logprobs,
+        batch.ref_logprobs,
+        dro_values,
+        batch.rewards,
+        batch.mask,
+        beta=BETA,
+        document_ids=batch.document_ids,
+    )
     assert out.count.item() == dro.count.item() == 5
     for name in ("policy_loss", "value_loss"):
         torch.testing.assert_close(getattr(out, name), getattr(dro, name), rtol=1e-13, atol=1e-14)
-        for got, want in zip(_grads(getattr(out, name), [logprobs, values]),
-                             _grads(getattr(dro, name), [dro_logprobs, dro_values])):
+        for got, want in zip(
+            _grads(getattr(out, name), [logprobs, values]), _grads(getattr(dro, name), [dro_logprobs, dro_values])
+        ):
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
 
 
 def test_gradients_flow_only_where_the_doc_says():
     batch = random_batch("packed", seed=34)
-    frozen = {name: getattr(batch, name).clone().requires_grad_()
-              for name in ("ref_logprobs", "behavior_logprobs", "rewards")}
+    frozen = {
+        name: getattr(batch, name).clone().requires_grad_() for name in ("ref_logprobs", "behavior_logprobs", "rewards")
+    }
     for part, trained, untouched in (("policy_loss", "logprobs", "values"), ("value_loss", "values", "logprobs")):
         leaves = dict(zip(("logprobs", "values"), _leaves(batch)))
         for x in frozen.values():
             x.grad = None
-        out = dqo_losses(leaves["logprobs"], frozen["ref_logprobs"], frozen["behavior_logprobs"], leaves["values"],
-                         frozen["rewards"], batch.mask, beta=BETA, lam=0.5, document_ids=batch.document_ids)
+        out = dqo_losses(
+            leaves["logprobs"],
+            frozen["ref_logprobs"],
+            frozen["behavior_logprobs"],
+            leaves["values"],
+            frozen["rewards"],
+            batch.mask,
+            beta=BETA,
+            lam=0.5,
+            document_ids=batch.document_ids,
+        )
         getattr(out, part).backward()
         assert leaves[trained].grad is not None and leaves[trained].grad.abs().sum() > 0
         assert leaves[untouched].grad is None, f"{part} leaked a gradient into {untouched}"
@@ -153,8 +223,16 @@ def test_micro_batch_sums_equal_the_whole_batch(reduction, layout):
     for row in range(batch.mask.shape[0]):
         part = slice(row, row + 1)
         docs = None if batch.document_ids is None else batch.document_ids[part]
-        out = dqo_losses(logprobs[part], batch.ref_logprobs[part], batch.behavior_logprobs[part], values[part],
-                         batch.rewards[part], batch.mask[part], document_ids=docs, **settings)
+        out = dqo_losses(
+            logprobs[part],
+            batch.ref_logprobs[part],
+            batch.behavior_logprobs[part],
+            values[part],
+            batch.rewards[part],
+            batch.mask[part],
+            document_ids=docs,
+            **settings,
+        )
         total_sum = total_sum + out.loss_sum
         total_count += int(out.count)
         for name, value in out.metrics.items():
@@ -192,14 +270,28 @@ def test_low_precision_inputs_are_computed_in_float32():
     batch = random_batch("left", seed=38)
     logprobs = batch.logprobs.bfloat16().requires_grad_()
     values = batch.values.bfloat16().requires_grad_()
-    out = dqo_losses(logprobs, batch.ref_logprobs.bfloat16(), None, values, batch.rewards.bfloat16(),
-                     batch.mask.bool(), beta=BETA, lam=0.6)
+    out = dqo_losses(
+        logprobs,
+        batch.ref_logprobs.bfloat16(),
+        None,
+        values,
+        batch.rewards.bfloat16(),
+        batch.mask.bool(),
+        beta=BETA,
+        lam=0.6,
+    )
     assert out.policy_loss.dtype == out.value_loss.dtype == torch.float32
     out.loss.backward()
     assert logprobs.grad.dtype == torch.bfloat16 and values.grad.dtype == torch.bfloat16
-    exact = dqo_losses(*(x.bfloat16().double() for x in (batch.logprobs, batch.ref_logprobs)), None,
-                       batch.values.bfloat16().double(), batch.rewards.bfloat16().double(), batch.mask,
-                       beta=BETA, lam=0.6)
+    exact = dqo_losses(
+        *(x.bfloat16().double() for x in (batch.logprobs, batch.ref_logprobs)),
+        None,
+        batch.values.bfloat16().double(),
+        batch.rewards.bfloat16().double(),
+        batch.mask,
+        beta=BETA,
+        lam=0.6,
+    )
     torch.testing.assert_close(out.loss.double(), exact.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -209,8 +301,17 @@ def test_padding_contents_never_reach_losses_or_gradients():
     poison = torch.where(pad, float("nan"), 0.0).double()
     logprobs = (batch.logprobs + torch.where(pad, float("-inf"), 0.0).double()).requires_grad_()
     values = (batch.values + poison).requires_grad_()
-    out = dqo_losses(logprobs, batch.ref_logprobs + poison, batch.behavior_logprobs + poison, values,
-                     batch.rewards + poison, batch.mask, beta=BETA, lam=0.5, document_ids=batch.document_ids)
+    out = dqo_losses(
+        logprobs,
+        batch.ref_logprobs + poison,
+        batch.behavior_logprobs + poison,
+        values,
+        batch.rewards + poison,
+        batch.mask,
+        beta=BETA,
+        lam=0.5,
+        document_ids=batch.document_ids,
+    )
     clean = _run(batch, *_leaves(batch), beta=BETA, lam=0.5)
     torch.testing.assert_close(out.loss_sum, clean.loss_sum, rtol=0, atol=0)
     out.loss_sum.backward()
@@ -221,8 +322,18 @@ def test_padding_contents_never_reach_losses_or_gradients():
 def test_batch_without_response_tokens():
     batch = random_batch("right", seed=40)
     logprobs, values = _leaves(batch)
-    out = dqo_losses(logprobs, batch.ref_logprobs, None, values, batch.rewards, torch.zeros_like(batch.mask),
-                     beta=BETA, lam=0.5, reduction="sequence", is_self_normalize=True)
+    out = dqo_losses(
+        logprobs,
+        batch.ref_logprobs,
+        None,
+        values,
+        batch.rewards,
+        torch.zeros_like(batch.mask),
+        beta=BETA,
+        lam=0.5,
+        reduction="sequence",
+        is_self_normalize=True,
+    )
     assert out.count.item() == 0 and out.loss.item() == 0.0
     out.loss.backward()
     assert (logprobs.grad == 0).all()

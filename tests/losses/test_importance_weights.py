@@ -19,11 +19,19 @@ from .brute_force import random_batch
 def test_matches_explicit_sums(layout, level, self_normalize, reduction):
     batch = random_batch(layout, seed=21)
     clip = 1.1  # low enough that some weights are truncated
-    got = truncated_importance_weights(batch.logprobs, batch.behavior_logprobs, batch.mask, level=level, clip=clip,
-                                       self_normalize=self_normalize, reduction=reduction,
-                                       document_ids=batch.document_ids)
-    expected = bf.importance_weights(batch.logprobs, batch.behavior_logprobs, batch.mask, batch.document_ids, level,
-                                     clip, self_normalize, reduction)
+    got = truncated_importance_weights(
+        batch.logprobs,
+        batch.behavior_logprobs,
+        batch.mask,
+        level=level,
+        clip=clip,
+        self_normalize=self_normalize,
+        reduction=reduction,
+        document_ids=batch.document_ids,
+    )
+    expected = bf.importance_weights(
+        batch.logprobs, batch.behavior_logprobs, batch.mask, batch.document_ids, level, clip, self_normalize, reduction
+    )
     torch.testing.assert_close(got.weights, expected.weights, rtol=1e-12, atol=1e-12)
     assert got.mean.item() == pytest.approx(expected.mean, abs=1e-12)
     assert got.max.item() == pytest.approx(expected.max, abs=1e-12)
@@ -35,9 +43,15 @@ def test_matches_explicit_sums(layout, level, self_normalize, reduction):
 def test_self_normalized_weights_average_to_one():
     batch = random_batch("packed", seed=22)
     for reduction in ("token", "sequence"):
-        w = truncated_importance_weights(batch.logprobs, batch.behavior_logprobs, batch.mask, level="prefix",
-                                         self_normalize=True, reduction=reduction,
-                                         document_ids=batch.document_ids).weights
+        w = truncated_importance_weights(
+            batch.logprobs,
+            batch.behavior_logprobs,
+            batch.mask,
+            level="prefix",
+            self_normalize=True,
+            reduction=reduction,
+            document_ids=batch.document_ids,
+        ).weights
         docs = bf.documents(batch.mask, batch.document_ids)
         if reduction == "token":
             mean = w.sum() / batch.mask.sum()
@@ -69,7 +83,8 @@ def test_no_gradient_and_float32_from_bfloat16():
 
 def test_same_policy_gives_unit_weights():
     batch = random_batch("gaps", seed=24)
-    out = truncated_importance_weights(batch.logprobs, batch.logprobs.clone(), batch.mask, level="prefix",
-                                       document_ids=batch.document_ids)
+    out = truncated_importance_weights(
+        batch.logprobs, batch.logprobs.clone(), batch.mask, level="prefix", document_ids=batch.document_ids
+    )
     torch.testing.assert_close(out.weights, batch.mask)
     assert out.truncated_fraction.item() == 0.0

@@ -26,8 +26,14 @@ B, T = 2, 5
 
 def _inputs(**changes):
     x = torch.randn(B, T)
-    args = dict(logprobs=x, ref_logprobs=x.clone(), behavior_logprobs=None, values=x.clone(), rewards=x.clone(),
-                response_mask=torch.ones(B, T))
+    args = dict(
+        logprobs=x,
+        ref_logprobs=x.clone(),
+        behavior_logprobs=None,
+        values=x.clone(),
+        rewards=x.clone(),
+        response_mask=torch.ones(B, T),
+    )
     args.update(changes)
     return args
 
@@ -50,9 +56,18 @@ def test_soft_or_invalid_masks_are_rejected(mask):
         _dqo({"response_mask": mask})
 
 
-@pytest.mark.parametrize("setting,value", [("is_level", "sequence"), ("reduction", "mean"), ("lam", 1.5),
-                                           ("lam", -0.1), ("beta", 0.0), ("is_clip", 0.0),
-                                           ("is_clip", float("nan"))])
+@pytest.mark.parametrize(
+    "setting,value",
+    [
+        ("is_level", "sequence"),
+        ("reduction", "mean"),
+        ("lam", 1.5),
+        ("lam", -0.1),
+        ("beta", 0.0),
+        ("is_clip", 0.0),
+        ("is_clip", float("nan")),
+    ],
+)
 def test_bad_settings_name_the_argument(setting, value):
     with pytest.raises(ValueError, match=setting):
         _dqo(**{setting: value})
@@ -109,7 +124,9 @@ def test_public_api_is_documented():
 
 def test_package_imports_without_megatron():
     # Make `import megatron` fail outright, then check nothing tried to import it.
-    code = ("import sys; sys.modules['megatron'] = None; import dqo_megatron.losses; "
-            "bad = [m for m in sys.modules if m.startswith('megatron.')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; sys.modules['megatron'] = None; import dqo_megatron.losses; "
+        "bad = [m for m in sys.modules if m.startswith('megatron.')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -14,8 +14,13 @@ BETA = 0.3
 
 
 def _returns(batch, lam, **overrides):
-    args = dict(rewards=batch.rewards, logprobs=batch.logprobs, ref_logprobs=batch.ref_logprobs,
-                values=batch.values, response_mask=batch.mask)
+    args = dict(
+        rewards=batch.rewards,
+        logprobs=batch.logprobs,
+        ref_logprobs=batch.ref_logprobs,
+        values=batch.values,
+        response_mask=batch.mask,
+    )
     args.update(overrides)
     return lambda_returns(**args, beta=BETA, lam=lam, document_ids=batch.document_ids)
 
@@ -24,8 +29,9 @@ def _returns(batch, lam, **overrides):
 @pytest.mark.parametrize("lam", [0.0, 0.35, 0.9, 1.0])
 def test_matches_n_step_definition(layout, lam):
     batch = random_batch(layout, seed=11)
-    expected = bf.lambda_returns(batch.rewards, batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
-                                 batch.document_ids, BETA, lam)
+    expected = bf.lambda_returns(
+        batch.rewards, batch.logprobs, batch.ref_logprobs, batch.values, batch.mask, batch.document_ids, BETA, lam
+    )
     got = _returns(batch, lam)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -63,8 +69,15 @@ def test_left_and_right_padding_agree():
     def roll(x):
         return torch.stack([torch.roll(x[b], shifts[b]) for b in range(x.shape[0])])
 
-    left = lambda_returns(roll(right.rewards), roll(right.logprobs), roll(right.ref_logprobs), roll(right.values),
-                          roll(mask), beta=BETA, lam=0.7)
+    left = lambda_returns(
+        roll(right.rewards),
+        roll(right.logprobs),
+        roll(right.ref_logprobs),
+        roll(right.values),
+        roll(mask),
+        beta=BETA,
+        lam=0.7,
+    )
     torch.testing.assert_close(left, roll(_returns(right, 0.7)), rtol=0, atol=1e-14)
 
 
@@ -74,8 +87,9 @@ def test_packed_row_equals_separate_rows():
     for b, positions in bf.documents(batch.mask, batch.document_ids):
         only = torch.zeros_like(batch.mask)
         only[b, positions] = 1
-        alone = lambda_returns(batch.rewards, batch.logprobs, batch.ref_logprobs, batch.values, only,
-                               beta=BETA, lam=0.6)
+        alone = lambda_returns(
+            batch.rewards, batch.logprobs, batch.ref_logprobs, batch.values, only, beta=BETA, lam=0.6
+        )
         torch.testing.assert_close(packed[b, positions], alone[b, positions], rtol=0, atol=1e-14)
 
 
@@ -113,10 +127,23 @@ def test_padding_contents_are_ignored_and_no_gradient_flows():
 
 def test_bfloat16_inputs_give_float32_returns():
     batch = random_batch("right", seed=9)
-    got = lambda_returns(batch.rewards.bfloat16(), batch.logprobs.bfloat16(), batch.ref_logprobs.bfloat16(),
-                         batch.values.bfloat16(), batch.mask.bool(), beta=BETA, lam=0.8)
+    got = lambda_returns(
+        batch.rewards.bfloat16(),
+        batch.logprobs.bfloat16(),
+        batch.ref_logprobs.bfloat16(),
+        batch.values.bfloat16(),
+        batch.mask.bool(),
+        beta=BETA,
+        lam=0.8,
+    )
     assert got.dtype == torch.float32
-    expected = lambda_returns(batch.rewards.bfloat16().double(), batch.logprobs.bfloat16().double(),
-                              batch.ref_logprobs.bfloat16().double(), batch.values.bfloat16().double(),
-                              batch.mask, beta=BETA, lam=0.8)
+    expected = lambda_returns(
+        batch.rewards.bfloat16().double(),
+        batch.logprobs.bfloat16().double(),
+        batch.ref_logprobs.bfloat16().double(),
+        batch.values.bfloat16().double(),
+        batch.mask,
+        beta=BETA,
+        lam=0.8,
+    )
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

@@ -43,24 +43,28 @@ def run(tmp_path, counts, **kw):
     inp = write_records(tmp_path / "in.jsonl", rows(kw.pop("n_failed", 1)))
     stub = kw.pop("stub", None) or stub_for(counts)
     kw.setdefault("overwrite", True)  # several tests rerun into one output; refusal: tests/reliability
-    cfg = ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "out.jsonl"), model_id="stub-model",
-                              progress=False, **kw)
+    cfg = ProcessScoresConfig(
+        inputs=[inp], output=str(tmp_path / "out.jsonl"), model_id="stub-model", progress=False, **kw
+    )
     summary = process_scores(cfg, stub)
     out = [json.loads(line) for line in open(cfg.output)]
     return summary, stub, out
 
 
-@pytest.mark.parametrize("counts,assign,expected", [
-    ({1: 5, 2: 2, 3: 0}, "last_correct", [(33, 0.5)]),
-    ({1: 5, 2: 2, 3: 0}, "every_correct", [(16, 0.5), (33, 0.5)]),
-    ({1: 5, 2: 2, 3: 0}, "value", [(16, 0.5 * (5 / 20 - 2 / 20)), (33, 0.5 * 2 / 20)]),
-    # prefix 1 missed by the sampler but prefix 2 solvable: prefix 1 is solvable too
-    ({1: 0, 2: 3, 3: 0}, "last_correct", [(33, 0.5)]),
-    ({1: 0, 2: 3, 3: 0}, "every_correct", [(16, 0.5), (33, 0.5)]),
-    ({1: 0, 2: 3, 3: 0}, "value", [(16, -0.5 * 3 / 20), (33, 0.5 * 3 / 20)]),
-    ({1: 0, 2: 0, 3: 0}, "last_correct", []),
-    ({1: 20, 2: 20, 3: 1}, "last_correct", [(48, 0.5)]),
-])
+@pytest.mark.parametrize(
+    "counts,assign,expected",
+    [
+        ({1: 5, 2: 2, 3: 0}, "last_correct", [(33, 0.5)]),
+        ({1: 5, 2: 2, 3: 0}, "every_correct", [(16, 0.5), (33, 0.5)]),
+        ({1: 5, 2: 2, 3: 0}, "value", [(16, 0.5 * (5 / 20 - 2 / 20)), (33, 0.5 * 2 / 20)]),
+        # prefix 1 missed by the sampler but prefix 2 solvable: prefix 1 is solvable too
+        ({1: 0, 2: 3, 3: 0}, "last_correct", [(33, 0.5)]),
+        ({1: 0, 2: 3, 3: 0}, "every_correct", [(16, 0.5), (33, 0.5)]),
+        ({1: 0, 2: 3, 3: 0}, "value", [(16, -0.5 * 3 / 20), (33, 0.5 * 3 / 20)]),
+        ({1: 0, 2: 0, 3: 0}, "last_correct", []),
+        ({1: 20, 2: 20, 3: 1}, "last_correct", [(48, 0.5)]),
+    ],
+)
 def test_exact_step_rewards_end_to_end(tmp_path, counts, assign, expected):
     summary, stub, out = run(tmp_path, counts, assign=assign, step_reward=0.5)
     assert len(out) == 2 and out[0]["response"] == GOOD and "process_rewards" not in out[0]
@@ -131,8 +135,12 @@ def test_dry_run_states_cost_and_writes_nothing(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dqo_megatron.process_scores.scores"):
         summary, stub = None, stub_for({1: 0, 2: 0, 3: 0})
         inp = write_records(tmp_path / "in.jsonl", rows(2))
-        summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), dry_run=True,
-                                                     num_completions=8, progress=False), stub)
+        summary = process_scores(
+            ProcessScoresConfig(
+                inputs=[inp], output=str(tmp_path / "o.jsonl"), dry_run=True, num_completions=8, progress=False
+            ),
+            stub,
+        )
     assert stub.calls == [] and not (tmp_path / "o.jsonl").exists()
     assert (summary.records, summary.failed, summary.prefixes, summary.unique_prefixes) == (3, 2, 6, 3)
     assert "3 distinct, 0 cached) x M=8: 24 completions to generate" in caplog.text
@@ -157,26 +165,44 @@ def test_record_errors_name_file_line_and_field(tmp_path):
     pre[1]["process_rewards"] = [[16, 1.0]]
     inp = write_records(tmp_path / "in2.jsonl", pre)
     with pytest.raises(RecordError, match=r"in2.jsonl:2: field 'process_rewards'.*--replace-rewards"):
-        process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), progress=False),
-                       stub_for({}))
-    summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), replace_rewards=True,
-                                                 cache="", progress=False), stub_for({1: 0, 2: 1, 3: 0}))
+        process_scores(
+            ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o.jsonl"), progress=False), stub_for({})
+        )
+    summary = process_scores(
+        ProcessScoresConfig(
+            inputs=[inp], output=str(tmp_path / "o.jsonl"), replace_rewards=True, cache="", progress=False
+        ),
+        stub_for({1: 0, 2: 1, 3: 0}),
+    )
     assert json.loads(open(tmp_path / "o.jsonl").readlines()[1])["process_rewards"] == [[16, 0.1], [33, 0.1]]
     # skip-invalid: counted, not written
     inp = write_records(tmp_path / "in3.jsonl", rows() + [{"prompt": "x", "response": "", "reward": 0}])
-    summary = process_scores(ProcessScoresConfig(inputs=[inp], output=str(tmp_path / "o3.jsonl"), skip_invalid=True,
-                                                 cache="", progress=False), stub_for({1: 0, 2: 0, 3: 0}))
+    summary = process_scores(
+        ProcessScoresConfig(
+            inputs=[inp], output=str(tmp_path / "o3.jsonl"), skip_invalid=True, cache="", progress=False
+        ),
+        stub_for({1: 0, 2: 0, 3: 0}),
+    )
     assert summary.skips.counts == {"empty_response": 1}
     assert len(open(tmp_path / "o3.jsonl").readlines()) == 2
 
 
-@pytest.mark.parametrize("kw,field", [
-    ({"num_completions": 0}, "num_completions"), ({"splitter": "words"}, "splitter"),
-    ({"splitter": "regex"}, "split_pattern"), ({"splitter": "regex", "split_pattern": "("}, "split_pattern"),
-    ({"assign": "first"}, "assign"), ({"step_reward": 0}, "step_reward"), ({"max_steps": 1}, "max_steps"),
-    ({"top_p": 0}, "sampling"), ({"temperature": 0}, "num_completions=1"), ({"prefixes_per_call": 0}, "prefixes_per_call"),
-    ({"output": ""}, "output"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"num_completions": 0}, "num_completions"),
+        ({"splitter": "words"}, "splitter"),
+        ({"splitter": "regex"}, "split_pattern"),
+        ({"splitter": "regex", "split_pattern": "("}, "split_pattern"),
+        ({"assign": "first"}, "assign"),
+        ({"step_reward": 0}, "step_reward"),
+        ({"max_steps": 1}, "max_steps"),
+        ({"top_p": 0}, "sampling"),
+        ({"temperature": 0}, "num_completions=1"),
+        ({"prefixes_per_call": 0}, "prefixes_per_call"),
+        ({"output": ""}, "output"),
+    ],
+)
 def test_config_errors_name_the_field(kw, field):
     args = {"inputs": ["x.jsonl"], "output": "o.jsonl"} | kw
     with pytest.raises(ConfigError, match=field):

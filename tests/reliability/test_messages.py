@@ -34,8 +34,17 @@ def _one_line_error(result, *needles):
 def test_convert_names_a_file_given_for_a_directory(hf_dir, tmp_path):
     r = runner.invoke(app, ["convert", "hf-to-megatron", str(hf_dir / "model.safetensors"), str(tmp_path / "o")])
     _one_line_error(r, "model.safetensors is a file", "directory")
-    r = runner.invoke(app, ["convert", "megatron-to-hf", str(tmp_path / "ck"), str(tmp_path / "o2"), "--tokenizer",
-                            str(hf_dir / "config.json")])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "convert",
+            "megatron-to-hf",
+            str(tmp_path / "ck"),
+            str(tmp_path / "o2"),
+            "--tokenizer",
+            str(hf_dir / "config.json"),
+        ],
+    )
     _one_line_error(r, "config.json is a file")
     assert sorted(os.listdir(tmp_path)) == []
 
@@ -56,8 +65,9 @@ def test_convert_names_damaged_safetensors(hf_dir, tmp_path, damage):
 
 @pytest.mark.parametrize("tolerance", ["-1", "nan", "inf"])
 def test_impossible_tolerances_are_refused_before_any_work(hf_dir, tmp_path, tolerance):
-    r = runner.invoke(app, ["convert", "hf-to-megatron", str(hf_dir), str(tmp_path / "o"), "--verify", "--tolerance",
-                            tolerance])  # fmt: skip
+    r = runner.invoke(
+        app, ["convert", "hf-to-megatron", str(hf_dir), str(tmp_path / "o"), "--verify", "--tolerance", tolerance]
+    )
     _one_line_error(r, f"--tolerance {float(tolerance)}", "finite number >= 0")
     assert sorted(os.listdir(tmp_path)) == []
 
@@ -79,10 +89,15 @@ def test_tokenizer_paths_that_are_not_tokenizers(tmp_path, hf_dir):
     empty.mkdir()
     fake = tmp_path / "fake.model"
     fake.write_bytes(b"not a sentencepiece model")
-    cases = [(empty, "holds no tokenizer files"), (rec, "is a file but not a sentencepiece .model"),
-             (fake, "not a sentencepiece model")]  # fmt: skip
+    cases = [
+        (empty, "holds no tokenizer files"),
+        (rec, "is a file but not a sentencepiece .model"),
+        (fake, "not a sentencepiece model"),
+    ]
     for tok, message in cases:
-        r = runner.invoke(app, ["preprocess", str(rec), "-o", str(tmp_path / "d" / "x"), "-t", str(tok), "--no-progress"])
+        r = runner.invoke(
+            app, ["preprocess", str(rec), "-o", str(tmp_path / "d" / "x"), "-t", str(tok), "--no-progress"]
+        )
         _one_line_error(r, str(tok), message)
     assert not (tmp_path / "d").exists()
 
@@ -90,10 +105,12 @@ def test_tokenizer_paths_that_are_not_tokenizers(tmp_path, hf_dir):
 def test_a_refused_pickle_is_not_answered_with_advice_to_unpickle_it():
     from dqo_megatron.checkpoint_integrity import one_line
 
-    torch_text = ("Weights only load failed. This file can still be loaded, to do so you have two options, do those "
-                  "steps only if you trust the source of the checkpoint.\n (1) In PyTorch 2.6, we changed the default "
-                  "value of the `weights_only` argument in `torch.load` from `False` to `True`. Re-running `torch.load` "
-                  "with `weights_only` set to `False` will likely succeed")  # fmt: skip
+    torch_text = (
+        "Weights only load failed. This file can still be loaded, to do so you have two options, do those "
+        "steps only if you trust the source of the checkpoint.\n (1) In PyTorch 2.6, we changed the default "
+        "value of the `weights_only` argument in `torch.load` from `False` to `True`. Re-running `torch.load` "
+        "with `weights_only` set to `False` will likely succeed"
+    )
     line = one_line(pickle.UnpicklingError(torch_text))
     assert "weights_only=True" in line and "refuses" in line and "set to `False`" not in line and "\n" not in line
 
@@ -102,7 +119,9 @@ def test_problem_files_name_the_bad_line(tmp_path):
     from dqo_megatron.tasks.datasets import load_problems
 
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n" + '{"question": "x\\ud800", "answer": "#### 2"}\n')
+    path.write_text(
+        json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n" + '{"question": "x\\ud800", "answer": "#### 2"}\n'
+    )
     with pytest.raises(ValueError, match=r"p.jsonl:2: a string holds a lone surrogate"):
         load_problems(path)
     path.write_bytes(json.dumps({"question": "1+1?", "answer": "#### 2"}).encode() + b"\n\x80\x81 garbage\n")
@@ -139,8 +158,10 @@ def test_a_token_beyond_the_tokenizer_says_the_tokenizer_does_not_match(sp_model
     from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig
 
     tok = Tokenizer(TokenizerConfig(path=sp_model))
-    with pytest.raises(ValueError, match="token id 600 is beyond tokenizer .* \\(vocabulary 512\\): the tokenizer does "
-                                         "not match the model"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="token id 600 is beyond tokenizer .* \\(vocabulary 512\\): the tokenizer does not match the model",
+    ):
         tok.decode([5, 600])
 
 
@@ -154,8 +175,9 @@ def test_a_completion_cache_is_never_someone_elses_file(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     for cache in (model / "config.json", tmp_path / "out.jsonl"):
-        cfg = ProcessScoresConfig(inputs=[str(inp)], output=str(tmp_path / "out.jsonl"), model_id=str(model),
-                                  cache=str(cache), progress=False)  # fmt: skip
+        cfg = ProcessScoresConfig(
+            inputs=[str(inp)], output=str(tmp_path / "out.jsonl"), model_id=str(model), cache=str(cache), progress=False
+        )
         with pytest.raises(OutputError, match="refused even with --overwrite"):
             check_outputs(cfg)
     records = tmp_path / "scored.jsonl"
@@ -190,8 +212,12 @@ def test_value_analysis_refuses_to_replace_earlier_results(tmp_path, sp_model):
     out = tmp_path / "va"
     out.mkdir()
     (out / RESULTS_FILE).write_text("earlier\n")
-    cfg = ValueAnalysisConfig(checkpoints=[str(tmp_path / "ck")], records=[str(tmp_path / "r.jsonl")], out_dir=str(out),
-                              tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=sp_model)))  # fmt: skip
+    cfg = ValueAnalysisConfig(
+        checkpoints=[str(tmp_path / "ck")],
+        records=[str(tmp_path / "r.jsonl")],
+        out_dir=str(out),
+        tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=sp_model)),
+    )
     with pytest.raises(OutputError, match="an earlier analysis in .* already exists .*--overwrite"):
         run_value_analysis(cfg)
     assert (out / RESULTS_FILE).read_text() == "earlier\n"
@@ -221,15 +247,21 @@ def test_damaged_dataset_files_are_named(tmp_path, sp_model):
     from dqo_megatron.data.dataset import TrajectoryDataset
 
     rec = tmp_path / "r.jsonl"
-    rec.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "an answer", "reward": 1}) + "\n" for i in range(4)))
+    rec.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "response": "an answer", "reward": 1}) + "\n" for i in range(4))
+    )
     prefix = tmp_path / "d" / "train"
-    assert runner.invoke(app, ["preprocess", str(rec), "-o", str(prefix), "-t", sp_model, "--no-progress"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["preprocess", str(rec), "-o", str(prefix), "-t", sp_model, "--no-progress"]).exit_code == 0
+    )
     TrajectoryDataset(str(prefix))  # intact: opens
     files = {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")}
-    cases = [("train_meta.idx", os.urandom(100), "train_meta.idx: not a Megatron index file"),
-             ("train_tokens.bin", files["train_tokens.bin"][:-3], "train_tokens.bin: .* bytes, its index points to"),
-             ("train.json", b"{", "train.json: not a dataset manifest"),
-             ("train.json", b"[1]", "train.json: not a dataset manifest")]  # fmt: skip
+    cases = [
+        ("train_meta.idx", os.urandom(100), "train_meta.idx: not a Megatron index file"),
+        ("train_tokens.bin", files["train_tokens.bin"][:-3], "train_tokens.bin: .* bytes, its index points to"),
+        ("train.json", b"{", "train.json: not a dataset manifest"),
+        ("train.json", b"[1]", "train.json: not a dataset manifest"),
+    ]
     for name, damaged, message in cases:
         (tmp_path / "d" / name).write_bytes(damaged)
         with pytest.raises(ValueError, match=message):
@@ -248,7 +280,9 @@ def test_nonfinite_stored_rewards_are_refused_before_training(tmp_path, sp_model
     from dqo_megatron.training.data_check import check_data_matches_model
 
     rec = tmp_path / "r.jsonl"
-    rec.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "an answer", "reward": 1}) + "\n" for i in range(4)))
+    rec.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "response": "an answer", "reward": 1}) + "\n" for i in range(4))
+    )
     prefix = str(tmp_path / "train")
     assert runner.invoke(app, ["preprocess", str(rec), "-o", prefix, "-t", sp_model, "--no-progress"]).exit_code == 0
     rewards = np.memmap(prefix + "_rewards.bin", dtype=np.float32, mode="r+")
@@ -360,8 +394,10 @@ def test_a_rollout_output_that_is_a_device_is_refused(tmp_path):
     problems.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    r = runner.invoke(app, ["rollout", str(problems), "-o", str(fifo), "-m", str(tmp_path / "no-model"), "--overwrite",
-                            "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        ["rollout", str(problems), "-o", str(fifo), "-m", str(tmp_path / "no-model"), "--overwrite", "--no-progress"],
+    )
     _one_line_error(r, "is a device, pipe or socket")
     assert fifo.is_fifo() and sorted(os.listdir(tmp_path)) == ["p.jsonl", "pipe"]
 
@@ -372,8 +408,16 @@ def test_an_unreadable_common_pt_is_named(tmp_path):
 
     weights = tmp_path / "weights"
     weights.mkdir()
-    (weights / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                       "common_backend": "torch", "common_backend_version": 1}))
+    (weights / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": "torch_dist",
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
+    )
     (weights / "common.pt").write_text("one line of text\n")
     with pytest.raises(ConversionError, match=r"common.pt: unreadable"):
         checked_load({}, weights, verify="off")

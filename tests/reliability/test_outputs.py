@@ -29,8 +29,10 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def _records(path: Path, n: int, bad_line: int | None = None) -> str:
-    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}.", "reward": float(i % 2)}
-            for i in range(n)]  # fmt: skip
+    rows = [
+        {"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}.", "reward": float(i % 2)}
+        for i in range(n)
+    ]
     lines = [json.dumps(r) for r in rows]
     if bad_line is not None:
         lines[bad_line - 1] = json.dumps({"prompt": "x", "response": "y", "reward": "not a number"})
@@ -39,10 +41,15 @@ def _records(path: Path, n: int, bad_line: int | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- the rules
-@pytest.mark.parametrize("out,inp,how", [
-    ("a.jsonl", "a.jsonl", "is"), ("d/sub/out", "d", "lies inside"), ("d", "d/in.jsonl", "contains"),
-    ("./d/../a.jsonl", "a.jsonl", "is"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "out,inp,how",
+    [
+        ("a.jsonl", "a.jsonl", "is"),
+        ("d/sub/out", "d", "lies inside"),
+        ("d", "d/in.jsonl", "contains"),
+        ("./d/../a.jsonl", "a.jsonl", "is"),
+    ],
+)
 def test_overlap_is_refused(tmp_path, out, inp, how):
     (tmp_path / "d").mkdir()
     (tmp_path / "a.jsonl").write_text("x\n")
@@ -94,8 +101,11 @@ def test_only_dead_runs_staging_is_swept(tmp_path):
     from dqo_megatron.outputs import sweep_stale_staging
 
     host = socket.gethostname()
-    mine, dead, elsewhere = (tmp_path / f".x.partial-{host}-{os.getpid()}-a1", tmp_path / f".x.partial-{host}-999999999-b2",
-                             tmp_path / ".x.partial-otherhost-1-c3")  # fmt: skip
+    mine, dead, elsewhere = (
+        tmp_path / f".x.partial-{host}-{os.getpid()}-a1",
+        tmp_path / f".x.partial-{host}-999999999-b2",
+        tmp_path / ".x.partial-otherhost-1-c3",
+    )
     for d in (mine, dead, elsewhere):
         d.mkdir()
     assert sweep_stale_staging(tmp_path, "x") == [dead]
@@ -161,9 +171,24 @@ def test_preprocess_killed_mid_run_leaves_the_old_dataset(tmp_path, sp_model):
     assert _preprocess([_records(tmp_path / "small.jsonl", 10)], out / "data", sp_model).exit_code == 0
     before = snapshot(out)
     big = _records(tmp_path / "big.jsonl", 200_000)
-    proc = subprocess.Popen([sys.executable, "-m", "dqo_megatron", "preprocess", big, "-o", str(out / "data"), "-t",
-                             sp_model, "--overwrite", "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dqo_megatron",
+            "preprocess",
+            big,
+            "-o",
+            str(out / "data"),
+            "-t",
+            sp_model,
+            "--overwrite",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -186,7 +211,9 @@ def test_preprocess_killed_mid_run_leaves_the_old_dataset(tmp_path, sp_model):
 # ------------------------------------------------------------------------------------ records files
 def test_label_refuses_existing_and_its_own_input(tmp_path):
     inp = tmp_path / "in.jsonl"
-    inp.write_text(json.dumps({"prompt": "q", "response": "#### 4", "reference_answer": "#### 4", "task": "gsm8k"}) + "\n")
+    inp.write_text(
+        json.dumps({"prompt": "q", "response": "#### 4", "reference_answer": "#### 4", "task": "gsm8k"}) + "\n"
+    )
     before = inp.read_bytes()
     for extra in ((), ("--overwrite",)):
         r = runner.invoke(app, ["label", str(inp), "-o", str(inp), "--no-progress", *extra])
@@ -209,8 +236,10 @@ def test_process_scores_refuses_its_input_and_cache(tmp_path):
         cfg = ProcessScoresConfig(inputs=[str(inp)], output=str(out), cache=cache, overwrite=True, progress=False)
         with pytest.raises(OutputError, match="is the input"):
             check_outputs(cfg)
-    r = runner.invoke(app, ["process-scores", str(inp), "-o", str(inp), "-m", str(tmp_path / "no-model"),
-                            "--overwrite", "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        ["process-scores", str(inp), "-o", str(inp), "-m", str(tmp_path / "no-model"), "--overwrite", "--no-progress"],
+    )
     assert r.exit_code == 2 and "is the input" in r.output and inp.read_text() == "{}\n"
 
 
@@ -219,8 +248,10 @@ def test_rollout_refuses_its_problems_file_in_every_mode(tmp_path):
     problems.write_text(json.dumps({"id": "p0", "question": "1+1?", "answer": "#### 2"}) + "\n")
     before = problems.read_bytes()
     for extra in ((), ("--overwrite",)):
-        r = runner.invoke(app, ["rollout", str(problems), "-o", str(problems), "-m", str(tmp_path / "no-model"),
-                                "--no-progress", *extra])  # fmt: skip
+        r = runner.invoke(
+            app,
+            ["rollout", str(problems), "-o", str(problems), "-m", str(tmp_path / "no-model"), "--no-progress", *extra],
+        )
         assert r.exit_code == 2 and "is the input" in r.output and problems.read_bytes() == before
 
 
@@ -265,10 +296,13 @@ def test_convert_refuses_output_equal_to_or_inside_its_source(tmp_path):
     src.mkdir()
     (src / "model_config.yaml").write_text("keep me\n")
     before = snapshot(src)
-    for cmd in (["convert", "megatron-to-hf", str(src), str(src)], ["convert", "hf-to-megatron", str(src), str(src)],
-                ["convert", "value-from-megatron", str(src), str(src)],
-                ["convert", "hf-to-megatron", str(src), str(src / "inner")],
-                ["convert", "megatron-to-hf", str(src / "weights"), str(tmp_path)]):
+    for cmd in (
+        ["convert", "megatron-to-hf", str(src), str(src)],
+        ["convert", "hf-to-megatron", str(src), str(src)],
+        ["convert", "value-from-megatron", str(src), str(src)],
+        ["convert", "hf-to-megatron", str(src), str(src / "inner")],
+        ["convert", "megatron-to-hf", str(src / "weights"), str(tmp_path)],
+    ):
         r = runner.invoke(app, cmd + ["--overwrite"])
         assert r.exit_code != 0 and "input" in r.output and "refused even with --overwrite" in r.output, (cmd, r.output)
     assert snapshot(src) == before
@@ -347,8 +381,12 @@ def test_train_refuses_a_run_dir_whose_outputs_hold_its_inputs(tmp_path):
     ok = [f"run_dir={run_dir}", f"data.train_prefix={tmp_path / 'data' / 'train'}"]
     _check_run_dir_apart(load_config(RunConfig, None, ok))  # apart: no error
     # the checkpoints the run prunes would hold its starting point; its config would overwrite the dataset's
-    for bad in (f"init.policy={run_dir / 'checkpoints' / 'step_00000010'}", f"data.train_prefix={run_dir / 'checkpoints' / 'data'}",
-                f"eval.problems={run_dir / 'tensorboard' / 'p.jsonl'}", f"init.reference={run_dir}"):
+    for bad in (
+        f"init.policy={run_dir / 'checkpoints' / 'step_00000010'}",
+        f"data.train_prefix={run_dir / 'checkpoints' / 'data'}",
+        f"eval.problems={run_dir / 'tensorboard' / 'p.jsonl'}",
+        f"init.reference={run_dir}",
+    ):
         with pytest.raises(ConfigError, match=f"run_dir={run_dir}: output .* the input"):
             _check_run_dir_apart(load_config(RunConfig, None, ok + [bad]))
 
@@ -361,7 +399,10 @@ def test_a_fresh_start_never_overwrites_existing_checkpoints(tmp_path):
     (root / "step_00000002" / "COMPLETE").write_text("{}")
     (root / ".tmp_step_00000004").mkdir()  # an unfinished save is not a checkpoint to protect
     for choice in ("none", "", None):
-        with pytest.raises(CheckpointError, match=r"holds checkpoints \(steps 2..2\) that a fresh start .* would "
-                                                  "overwrite"):  # fmt: skip
+        with pytest.raises(
+            CheckpointError,
+            match=r"holds checkpoints \(steps 2..2\) that a fresh start .* would "
+            "overwrite",
+        ):
             resume_checkpoint(root, choice, [])
     assert resume_checkpoint(tmp_path / "fresh", "none", []) is None  # nothing there: a fresh start

@@ -13,8 +13,10 @@ EOS_BOOST = 10.0
 WORD_BOOST = 6.0
 """... and the rows of whole-word pieces by this, so top-k samples are words, which re-encode to the same ids."""
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 """A minimal Jinja chat template for the HF-tokenizer (chat prompt) path."""
 
 
@@ -50,12 +52,25 @@ def random_hf(stories_files, tmp_path_factory) -> tuple[str, str]:
     import transformers
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(stories_files[1]))
-    words = [i for i in range(sp.vocab_size()) if sp.id_to_piece(i).startswith("▁")
-             and len(sp.id_to_piece(i)) > 1 and sp.encode(sp.id_to_piece(i)[1:]) == [i]]  # fmt: skip
+    words = [
+        i
+        for i in range(sp.vocab_size())
+        if sp.id_to_piece(i).startswith("▁") and len(sp.id_to_piece(i)) > 1 and sp.encode(sp.id_to_piece(i)[1:]) == [i]
+    ]
 
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
@@ -86,13 +101,18 @@ def stories_megatron(stories_hf, tmp_path_factory) -> str:
 def write_problems(path: Path, questions: list[str], answers: list[str] | None = None) -> str:
     """A GSM8K-format problem file (question, answer with `#### N`, id)."""
     answers = answers or [f"#### {i}" for i in range(len(questions))]
-    path.write_text("".join(json.dumps({"id": f"p{i}", "question": q, "answer": a}) + "\n"
-                            for i, (q, a) in enumerate(zip(questions, answers))))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "question": q, "answer": a}) + "\n"
+            for i, (q, a) in enumerate(zip(questions, answers))
+        )
+    )
     return str(path)
 
 
 @pytest.fixture
 def story_problems(tmp_path) -> str:
     """Three short story openings as GSM8K-format problems."""
-    return write_problems(tmp_path / "problems.jsonl", ["Once upon a time", "Tom and Sue were friends.",
-                                                        "The dog ran to the park."])  # fmt: skip
+    return write_problems(
+        tmp_path / "problems.jsonl", ["Once upon a time", "Tom and Sue were friends.", "The dog ran to the park."]
+    )

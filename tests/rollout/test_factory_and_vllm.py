@@ -42,8 +42,14 @@ def test_vllm_missing_is_a_clear_error(random_hf):
         build_backend("vllm", *random_hf)
 
 
-_VLLM_SKIP = "; ".join(why for bad, why in ((not VLLM_OK, f"{VLLM_WHY} (install vLLM on a GPU machine)"),
-                                             (not torch.cuda.is_available(), "no CUDA GPU here")) if bad)  # fmt: skip
+_VLLM_SKIP = "; ".join(
+    why
+    for bad, why in (
+        (not VLLM_OK, f"{VLLM_WHY} (install vLLM on a GPU machine)"),
+        (not torch.cuda.is_available(), "no CUDA GPU here"),
+    )
+    if bad
+)
 
 
 @pytest.mark.skipif(bool(_VLLM_SKIP), reason=f"vLLM backend not tested: {_VLLM_SKIP}")
@@ -65,9 +71,15 @@ def vllm_body(tmp: str) -> None:
 
     model = f"{tmp}/model"
     tok_dir = _gpt2_like_tokenizer(model)
-    config = transformers.LlamaConfig(vocab_size=len(transformers.AutoTokenizer.from_pretrained(tok_dir)), hidden_size=128,
-                                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=len(transformers.AutoTokenizer.from_pretrained(tok_dir)),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(model)
     params = SamplingParams(n=3, temperature=1.0, top_p=0.9, top_k=16, max_new_tokens=16)
@@ -89,7 +101,7 @@ def vllm_body(tmp: str) -> None:
         for ids, completions in zip(prompt_ids, out):
             for c in completions:
                 with torch.no_grad():
-                    logits = tb.model(torch.tensor([ids + c.token_ids], device="cuda")).logits[0, len(ids) - 1:-1]
+                    logits = tb.model(torch.tensor([ids + c.token_ids], device="cuda")).logits[0, len(ids) - 1 : -1]
                 raw, proc = reference_token_logprobs(logits.cpu(), c.token_ids, 1.0, 16, 0.9)
                 assert max(abs(a - b) for a, b in zip(raw, c.logprobs)) < 1e-3
                 assert max(abs(a - b) for a, b in zip(proc, c.sampled_logprobs)) < 1e-3

@@ -17,9 +17,13 @@ def _generate(kind: str, model: str, tok: str) -> dict:
     backend = build_backend(kind, model, tok)
     try:
         assert backend.name == kind
-        return {name: [[(c.token_ids, c.logprobs, c.sampled_logprobs, c.text) for c in o]
-                       for o in backend.generate(PROMPTS, params, seeds=[3, 4])]
-                for name, params in (("greedy", GREEDY), ("sampled", SAMPLED))}  # fmt: skip
+        return {
+            name: [
+                [(c.token_ids, c.logprobs, c.sampled_logprobs, c.text) for c in o]
+                for o in backend.generate(PROMPTS, params, seeds=[3, 4])
+            ]
+            for name, params in (("greedy", GREEDY), ("sampled", SAMPLED))
+        }
     finally:
         backend.close()
 
@@ -64,9 +68,16 @@ def _train_then_generate(meg_dir: str, tmp: str, tok: str) -> dict:
 
     model, _ = read_metadata(meg_dir)
     data = write_synthetic_dataset(f"{tmp}/data/train", docs=4, vocab=model.vocab_size, max_len=17)
-    run = RunConfig(model=model, algorithm="sft", init=InitConfig(policy=meg_dir), data=DataConfig(train_prefix=data),
-                    train=TrainConfig(micro_batch_size=2, global_batch_size=2, seq_length=16, lr=0.0, train_steps=1,
-                                      save_interval=1), run_dir=f"{tmp}/run")  # fmt: skip
+    run = RunConfig(
+        model=model,
+        algorithm="sft",
+        init=InitConfig(policy=meg_dir),
+        data=DataConfig(train_prefix=data),
+        train=TrainConfig(
+            micro_batch_size=2, global_batch_size=2, seq_length=16, lr=0.0, train_steps=1, save_interval=1
+        ),
+        run_dir=f"{tmp}/run",
+    )
     train(run)
     backend = build_backend("auto", f"{tmp}/run/checkpoints/step_00000001")
     try:

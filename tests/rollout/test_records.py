@@ -40,7 +40,9 @@ class StubBackend:
 
     def generate(self, prompts, params, *, seeds, prefixes=None):
         self.calls.append(list(seeds))
-        return [[self.completions[(k + j) % len(self.completions)] for j in range(params.n)] for k in range(len(prompts))]
+        return [
+            [self.completions[(k + j) % len(self.completions)] for j in range(params.n)] for k in range(len(prompts))
+        ]
 
     def close(self):
         pass
@@ -60,8 +62,9 @@ def test_logprob_check_reasons(sp_tok):
     assert logprob_check(sp_tok, [split]) == ["retokenize_mismatch"]
     # cut at the length limit: aligned (all generated ids, no EOS), unless it does not re-encode to them
     assert logprob_check(sp_tok, [_completion(sp_tok, "Once", eos=None, reason="length")]) == [None]
-    assert logprob_check(sp_tok, [_completion(sp_tok, "Lily", eos=None, ids=_spelled(sp_tok, "Lily"),
-                                              reason="length")]) == ["retokenize_mismatch"]  # fmt: skip
+    assert logprob_check(
+        sp_tok, [_completion(sp_tok, "Lily", eos=None, ids=_spelled(sp_tok, "Lily"), reason="length")]
+    ) == ["retokenize_mismatch"]
     assert logprob_check(sp_tok, [_completion(sp_tok, "Once.", eos=None, reason="stop")]) == ["no_eos"]
     assert logprob_check(sp_tok, [_completion(sp_tok, "Once", eos=1)]) == ["eos_differs"]  # another stop token
     assert logprob_check(None, [good]) == ["unchecked"]
@@ -69,10 +72,10 @@ def test_logprob_check_reasons(sp_tok):
 
 def test_records_of_every_kind_of_sample(sp_tok, tmp_path):
     completions = [
-        _completion(sp_tok, "Once upon a time"),                               # aligned
-        _completion(sp_tok, "", eos=2),                                        # EOS first: empty -> dropped
-        _completion(sp_tok, "Lily", eos=None, reason="length"),                # cut by the length limit
-        _completion(sp_tok, "Lily", ids=_spelled(sp_tok, "Lily")),            # re-encodes to other ids
+        _completion(sp_tok, "Once upon a time"),  # aligned
+        _completion(sp_tok, "", eos=2),  # EOS first: empty -> dropped
+        _completion(sp_tok, "Lily", eos=None, reason="length"),  # cut by the length limit
+        _completion(sp_tok, "Lily", ids=_spelled(sp_tok, "Lily")),  # re-encodes to other ids
     ]
     assert isinstance(StubBackend(sp_tok, completions), GenerationBackend)
     problems = write_problems(tmp_path / "p.jsonl", ["What is 1+1?", "What is 2+2?"], ["#### 2", "#### 4"])
@@ -97,7 +100,9 @@ def test_records_of_every_kind_of_sample(sp_tok, tmp_path):
     truncated = [r for r in recs if r.get("truncated")]
     assert len(truncated) == 2 and summary.truncated == 2
     for rec in truncated:  # one log-prob per generated token ("Lily" is one piece), no EOS
-        assert rec["behavior_logprobs"] == [-0.5] * len(sp_tok.sp.encode("Lily")) == [-0.5] * rec["metadata"]["num_tokens"]
+        assert (
+            rec["behavior_logprobs"] == [-0.5] * len(sp_tok.sp.encode("Lily")) == [-0.5] * rec["metadata"]["num_tokens"]
+        )
     assert summary.logprobs_omitted == Counter(retokenize_mismatch=2)
     assert sum(summary.logprobs_omitted.values()) == sum("behavior_logprobs" not in r for r in recs)
     # sample j of problem k is completion (k + j) % 4: the empty one is sample 1 of p0 and sample 0 of p1
@@ -125,11 +130,13 @@ def test_without_a_tokenizer_logprobs_are_not_trusted(sp_tok, tmp_path):
 def test_only_length_cut_samples_are_truncated_whatever_the_kind(sp_tok, tmp_path, kind):
     completions = [
         _completion(sp_tok, "Once upon", eos=None, reason="length"),  # cut: truncated, log-probs without EOS
-        _completion(sp_tok, "Once.", eos=None, reason="stop"),        # a stop string: as before, no log-probs
-        _completion(sp_tok, "Once", eos=1),                           # another stop token: as before
+        _completion(sp_tok, "Once.", eos=None, reason="stop"),  # a stop string: as before, no log-probs
+        _completion(sp_tok, "Once", eos=1),  # another stop token: as before
     ]
     problems = write_problems(tmp_path / "p.jsonl", ["a?"])
-    cfg = RolloutConfig(problems=problems, output=str(tmp_path / "o.jsonl"), n=3, behavior_logprobs=kind, progress=False)
+    cfg = RolloutConfig(
+        problems=problems, output=str(tmp_path / "o.jsonl"), n=3, behavior_logprobs=kind, progress=False
+    )
     summary = run_rollout(cfg, StubBackend(sp_tok, completions))
     cut, stopped, other = [json.loads(line) for line in open(cfg.output)]
     assert cut["truncated"] is True and "truncated" not in stopped and "truncated" not in other

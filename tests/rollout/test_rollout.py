@@ -29,8 +29,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _cfg(model_and_tok, problems, output, **kw) -> RolloutConfig:
     model, tok = model_and_tok
-    base = dict(problems=problems, output=str(output), model=model, tokenizer=tok, backend="transformers",
-                device="cpu", n=4, max_new_tokens=16, progress=False)  # fmt: skip
+    base = dict(
+        problems=problems,
+        output=str(output),
+        model=model,
+        tokenizer=tok,
+        backend="transformers",
+        device="cpu",
+        n=4,
+        max_new_tokens=16,
+        progress=False,
+    )
     base.update(kw)
     return RolloutConfig(**base)
 
@@ -40,9 +49,8 @@ def _lines(path) -> list[dict]:
 
 
 def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_problems, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     import sentencepiece
+    from transformers import AutoModelForCausalLM
 
     # every knob away from 1 / off, so the raw and the sampled log-probs differ on every token
     cfg = _cfg(random_hf, story_problems, tmp_path / "out.jsonl", label=True, n=6, temperature=0.8)
@@ -60,7 +68,9 @@ def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_probl
         meta = rec["metadata"]
         assert rec["id"] == f"{rec['prompt_id']}#{meta['sample_index']}" and rec["id"] not in ids_seen
         ids_seen.add(rec["id"])
-        assert rec["behavior_tokenizer"] == "tok512.model" and rec["task"] == "gsm8k" and meta["backend"] == "transformers"
+        assert (
+            rec["behavior_tokenizer"] == "tok512.model" and rec["task"] == "gsm8k" and meta["backend"] == "transformers"
+        )
         assert rec["label_reason"] in ("no_answer", "wrong") and rec["reward"] == 0.0 and parsed.correct is False
         assert isinstance(rec["prompt"], str)  # sentencepiece: no chat template -> text prompts
         assert meta["group_size"] == sum(r["prompt_id"] == rec["prompt_id"] for r in recs)
@@ -74,8 +84,8 @@ def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_probl
         assert len(rec["behavior_logprobs"]) == len(response_ids) == meta["num_tokens"]
         prompt_ids = [1] + sp.encode(rec["prompt"])
         with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1:]
-        raw, proc = reference_token_logprobs(logits[:len(response_ids)], response_ids, 0.8, 16, 0.9)
+            logits = model(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1 :]
+        raw, proc = reference_token_logprobs(logits[: len(response_ids)], response_ids, 0.8, 16, 0.9)
         # the default: behavior_logprobs are the model's own (raw) log-probs; the sampled ones go to metadata
         assert max(abs(a - b) for a, b in zip(raw, rec["behavior_logprobs"])) < 1e-5
         assert max(abs(a - b) for a, b in zip(proc, meta["sampled_logprobs"])) < 1e-5
@@ -88,11 +98,17 @@ def test_records_are_valid_and_carry_the_sampler_logprobs(random_hf, story_probl
 
 
 def test_behavior_logprobs_sampled_and_none(random_hf, story_problems, tmp_path):
-    sampled = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "s.jsonl", behavior_logprobs="sampled")).output)
-    none = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "none.jsonl", behavior_logprobs="none")).output)
+    sampled = _lines(
+        run_rollout(_cfg(random_hf, story_problems, tmp_path / "s.jsonl", behavior_logprobs="sampled")).output
+    )
+    none = _lines(
+        run_rollout(_cfg(random_hf, story_problems, tmp_path / "none.jsonl", behavior_logprobs="none")).output
+    )
     raw = _lines(run_rollout(_cfg(random_hf, story_problems, tmp_path / "raw.jsonl")).output)  # the default
     assert [r["response"] for r in raw] == [r["response"] for r in none] == [r["response"] for r in sampled]
-    assert [r.get("truncated") for r in raw] == [r.get("truncated") for r in none] == [r.get("truncated") for r in sampled]
+    assert (
+        [r.get("truncated") for r in raw] == [r.get("truncated") for r in none] == [r.get("truncated") for r in sampled]
+    )
     for r, n, s in zip(raw, none, sampled):
         assert "behavior_logprobs" not in n and "logprobs_omitted" not in n["metadata"]
         assert n["metadata"]["raw_logprobs"] == r.get("behavior_logprobs", r["metadata"].get("raw_logprobs"))
@@ -118,8 +134,14 @@ def test_preprocess_accepts_the_output_aligned(random_hf, stories_hf, story_prob
     recs = _lines(cfg.output)
     assert isinstance(recs[0]["prompt"], list) == chat
     prefix = str(tmp_path / "data")
-    summary = preprocess(PreprocessConfig(inputs=[cfg.output], output_prefix=prefix, progress=False,
-                                          tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok, chat_template=template))))  # fmt: skip
+    summary = preprocess(
+        PreprocessConfig(
+            inputs=[cfg.output],
+            output_prefix=prefix,
+            progress=False,
+            tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok, chat_template=template)),
+        )
+    )
     assert summary.written == len(recs) and summary.skips.total == 0
     ds = TrajectoryDataset(prefix)
     backend = build_backend("transformers", random_hf[0], tok, device="cpu", chat_template=template)
@@ -127,8 +149,9 @@ def test_preprocess_accepts_the_output_aligned(random_hf, stories_hf, story_prob
         aligned = aligned_truncated = 0
         for pid in sorted({r["prompt_id"] for r in recs}):
             group = [(i, r) for i, r in enumerate(recs) if r["prompt_id"] == pid]
-            (completions,) = backend.generate([group[0][1]["prompt"]], cfg.sampling_params(),
-                                              seeds=[derive_seed("problem", cfg.seed, pid)])  # fmt: skip
+            (completions,) = backend.generate(
+                [group[0][1]["prompt"]], cfg.sampling_params(), seeds=[derive_seed("problem", cfg.seed, pid)]
+            )
             (prompt_ids,), _ = encode_prompts(backend.tokenizer, [group[0][1]["prompt"]])
             for i, rec in group:
                 doc = ds[i]
@@ -140,8 +163,10 @@ def test_preprocess_accepts_the_output_aligned(random_hf, stories_hf, story_prob
                     c = completions[rec["metadata"]["sample_index"]]
                     # ... and generated what it writes (ending with EOS, or cut without one when truncated)
                     assert doc["tokens"][P:].tolist() == c.token_ids
-                    torch.testing.assert_close(torch.from_numpy(doc["behavior_logprobs"][P:]),
-                                               torch.tensor(rec["behavior_logprobs"], dtype=torch.float32))
+                    torch.testing.assert_close(
+                        torch.from_numpy(doc["behavior_logprobs"][P:]),
+                        torch.tensor(rec["behavior_logprobs"], dtype=torch.float32),
+                    )
                     aligned += 1
                     aligned_truncated += doc["truncated"]
         assert aligned >= 3 and aligned_truncated >= 1
@@ -157,8 +182,11 @@ def _assert_same_records(path, ref_path) -> None:
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
         for rec in (a, b):
-            rec["lp"] = rec.pop("behavior_logprobs", []) + rec["metadata"].pop("raw_logprobs", []) \
-                + rec["metadata"].pop("sampled_logprobs", [])  # fmt: skip
+            rec["lp"] = (
+                rec.pop("behavior_logprobs", [])
+                + rec["metadata"].pop("raw_logprobs", [])
+                + rec["metadata"].pop("sampled_logprobs", [])
+            )
         assert len(a["lp"]) == len(b["lp"]) and max([abs(x - y) for x, y in zip(a.pop("lp"), b.pop("lp"))] + [0]) < 1e-4
         assert a == b
 
@@ -169,11 +197,11 @@ def _tear(path: Path, keep_groups: int) -> None:
     out, groups, k = [], 0, 0
     while groups < keep_groups:
         size = json.loads(lines[k])["metadata"]["group_size"]
-        out += lines[k:k + size]
+        out += lines[k : k + size]
         k += size
         groups += 1
     size = json.loads(lines[k])["metadata"]["group_size"]
-    out += lines[k:k + size // 2] + [lines[k + size // 2][:25]]
+    out += lines[k : k + size // 2] + [lines[k + size // 2][:25]]
     path.write_text("".join(out))
 
 
@@ -198,7 +226,9 @@ def test_resume_refuses_other_settings(stories_hf, story_problems, tmp_path):
     with pytest.raises(ConfigError, match=r"other settings \(n: 2 there, 3 now"):
         run_rollout(_cfg(stories_hf, story_problems, cfg.output, n=3, max_new_tokens=4))
     with pytest.raises(ConfigError, match="other settings"):  # refused before any model is loaded
-        run_rollout(_cfg((str(tmp_path / "no-model"), stories_hf[1]), story_problems, cfg.output, n=3, max_new_tokens=4))
+        run_rollout(
+            _cfg((str(tmp_path / "no-model"), stories_hf[1]), story_problems, cfg.output, n=3, max_new_tokens=4)
+        )
     assert run_rollout(_cfg(stories_hf, story_problems, cfg.output, n=3, max_new_tokens=4, overwrite=True)).written == 9
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"prompt": "x", "response": "y"}\n')
@@ -217,12 +247,34 @@ def test_sigkill_mid_run_then_restart_gives_exactly_n_per_problem(stories_hf, tm
     model, tok = stories_hf
     problems = write_problems(tmp_path / "problems.jsonl", [f"Story number {i}." for i in range(8)])
     out = tmp_path / "killed.jsonl"
-    args = [sys.executable, "-m", "dqo_megatron", "rollout", problems, "-o", str(out), "-m", model, "-t", tok,
-            "--backend", "transformers", "--device", "cpu", "-n", "4", "--max-new-tokens", "48",
-            "--problems-per-call", "1", "--no-progress"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "dqo_megatron",
+        "rollout",
+        problems,
+        "-o",
+        str(out),
+        "-m",
+        model,
+        "-t",
+        tok,
+        "--backend",
+        "transformers",
+        "--device",
+        "cpu",
+        "-n",
+        "4",
+        "--max-new-tokens",
+        "48",
+        "--problems-per-call",
+        "1",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while _count_lines(out) < 6 and proc.poll() is None and time.monotonic() < deadline:
@@ -231,7 +283,9 @@ def test_sigkill_mid_run_then_restart_gives_exactly_n_per_problem(stories_hf, tm
     finally:
         proc.wait(timeout=30)
         stderr = proc.stderr.read().decode() if proc.stderr else ""
-    assert proc.returncode == -signal.SIGKILL, f"the rollout ended before the kill ({proc.returncode}): {stderr[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the rollout ended before the kill ({proc.returncode}): {stderr[-2000:]}"
+    )
     killed_at = _count_lines(out)
     assert 6 <= killed_at < 32, killed_at
     summary = run_rollout(_cfg(stories_hf, problems, out, n=4, max_new_tokens=48, problems_per_call=1))
@@ -250,21 +304,49 @@ def test_cli(random_hf, story_problems, tmp_path):
     model, tok = random_hf
     out = tmp_path / "cli.jsonl"
     runner = CliRunner()
-    r = runner.invoke(app, ["rollout", story_problems, "-o", str(out), "-m", model, "-t", tok, "--backend", "transformers",
-                            "-n", "2", "--max-new-tokens", "8", "--label", "--no-progress"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "rollout",
+            story_problems,
+            "-o",
+            str(out),
+            "-m",
+            model,
+            "-t",
+            tok,
+            "--backend",
+            "transformers",
+            "-n",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--label",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "problems: 3 (0 already done, 3 sampled now)" in r.output and "samples/s" in r.output
     assert all(parse_record(line, require_reward=True) for line in out.read_text().splitlines())
-    bad = runner.invoke(app, ["rollout", story_problems, "-o", str(tmp_path / "x.jsonl"), "-m", model, "-t", tok,
-                              "--temperature", "0"])  # fmt: skip
+    bad = runner.invoke(
+        app, ["rollout", story_problems, "-o", str(tmp_path / "x.jsonl"), "-m", model, "-t", tok, "--temperature", "0"]
+    )
     assert bad.exit_code == 2 and "greedy decoding (temperature 0) gives one sample per problem" in bad.output
-    missing = runner.invoke(app, ["rollout", story_problems, "-o", str(tmp_path / "y.jsonl"), "-m", str(tmp_path / "nope")])
+    missing = runner.invoke(
+        app, ["rollout", story_problems, "-o", str(tmp_path / "y.jsonl"), "-m", str(tmp_path / "nope")]
+    )
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
 def test_config_errors_name_the_field(tmp_path):
-    for kw, field in [({"n": 0}, "n=0"), ({"top_p": 0.0}, "top_p"), ({"behavior_logprobs": "both"}, "behavior_logprobs"),
-                      ({"backend": "tgi"}, "backend"), ({"limit": 0}, "limit"), ({"problems": ""}, "problems")]:  # fmt: skip
+    for kw, field in [
+        ({"n": 0}, "n=0"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"behavior_logprobs": "both"}, "behavior_logprobs"),
+        ({"backend": "tgi"}, "backend"),
+        ({"limit": 0}, "limit"),
+        ({"problems": ""}, "problems"),
+    ]:
         base = dict(problems="p.jsonl", output=str(tmp_path / "o.jsonl"))
         base.update(kw)
         with pytest.raises(ConfigError, match=field):

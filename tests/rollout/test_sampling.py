@@ -6,13 +6,21 @@ import pytest
 import torch
 
 from dqo_megatron.rollout.sampling import (
-    derive_seed, draw_uniforms, process_logits, row_generators, sample_seed, sample_step, sequence_logprobs,
-)  # fmt: skip
+    derive_seed,
+    draw_uniforms,
+    process_logits,
+    row_generators,
+    sample_seed,
+    sample_step,
+    sequence_logprobs,
+)
 from tests.rollout.reference import reference_logq
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 16, 1.0), (1.0, 0, 0.9), (1.3, 16, 0.9),
-                                                     (1.0, 1, 0.5), (0.5, 40, 0.3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.7, 16, 1.0), (1.0, 0, 0.9), (1.3, 16, 0.9), (1.0, 1, 0.5), (0.5, 40, 0.3)],
+)
 def test_processed_logprobs_match_an_independent_implementation(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 64, generator=g, dtype=torch.float64) * 3

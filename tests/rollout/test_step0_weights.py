@@ -38,13 +38,30 @@ def _rollout_and_preprocess(random_hf, problems: str, out: Path, kind: str | Non
     """Rollout (`kind` None: the default behavior log-probs) then preprocess; the dataset."""
     model, tok = random_hf
     name = kind or "default"
-    cfg = RolloutConfig(problems=problems, output=str(out / f"{name}.jsonl"), model=model, tokenizer=tok,
-                        backend="transformers", device="cpu", n=8, max_new_tokens=12, label=True, progress=False,
-                        **SAMPLING, **({"behavior_logprobs": kind} if kind else {}))  # fmt: skip
+    cfg = RolloutConfig(
+        problems=problems,
+        output=str(out / f"{name}.jsonl"),
+        model=model,
+        tokenizer=tok,
+        backend="transformers",
+        device="cpu",
+        n=8,
+        max_new_tokens=12,
+        label=True,
+        progress=False,
+        **SAMPLING,
+        **({"behavior_logprobs": kind} if kind else {}),
+    )
     run_rollout(cfg)
     prefix = str(out / name / "data")
-    preprocess(PreprocessConfig(inputs=[cfg.output], output_prefix=prefix, progress=False,
-                                tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok))))  # fmt: skip
+    preprocess(
+        PreprocessConfig(
+            inputs=[cfg.output],
+            output_prefix=prefix,
+            progress=False,
+            tokenize=TokenizeConfig(tokenizer=TokenizerConfig(path=tok)),
+        )
+    )
     return TrajectoryDataset(prefix)
 
 

@@ -40,7 +40,7 @@ def _check_logprobs(backend, prompts, outs, params, atol):
     for ids, completions in zip(prompt_ids, outs):
         for c in completions:
             with torch.no_grad():
-                logits = model(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1:-1]
+                logits = model(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1 : -1]
             raw, proc = reference_token_logprobs(logits, c.token_ids, params.temperature, params.top_k, params.top_p)
             assert len(c.logprobs) == len(c.sampled_logprobs) == len(c.token_ids)
             worst = max(worst, max(abs(a - b) for a, b in zip(raw + proc, c.logprobs + c.sampled_logprobs)))
@@ -62,8 +62,14 @@ def test_logprobs_equal_a_separate_forward_pass_stories(stories64):
     _check_logprobs(stories64, PROMPTS, outs, PAPER, atol=1e-5)
 
 
-@pytest.mark.parametrize("params", [PAPER, SamplingParams(n=3, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=20),
-                                    SamplingParams(temperature=0.0, max_new_tokens=20)])  # fmt: skip
+@pytest.mark.parametrize(
+    "params",
+    [
+        PAPER,
+        SamplingParams(n=3, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=20),
+        SamplingParams(temperature=0.0, max_new_tokens=20),
+    ],
+)
 def test_logprobs_equal_a_separate_forward_pass_random_fp32(random_hf, params):
     backend = _backend(random_hf)
     outs = backend.generate(PROMPTS, params, seeds=[5, 6, 7])
@@ -97,8 +103,8 @@ def test_prefix_continues_the_response(stories_hf):
     head = "Once upon a time"
     (cont,) = backend.generate([""], SamplingParams(temperature=0, max_new_tokens=20), seeds=[0], prefixes=[head])
     prefix_ids = backend.tokenizer.sp.encode(head)
-    assert full[0].token_ids[:len(prefix_ids)] == prefix_ids
-    assert cont[0].token_ids == full[0].token_ids[len(prefix_ids):]
+    assert full[0].token_ids[: len(prefix_ids)] == prefix_ids
+    assert cont[0].token_ids == full[0].token_ids[len(prefix_ids) :]
     assert full[0].text.startswith(head + cont[0].text)  # the space after the prefix is kept
 
 

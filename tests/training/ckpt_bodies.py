@@ -28,8 +28,16 @@ from tests.helpers.layouts import make_batch, micro_batches
 SEQ, GLOBAL_BATCH, VOCAB, MBS = 32, 4, 256, 1
 LR = 3e-3
 SEED = 1234
-MODEL = ModelConfig(family="llama", num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                    num_query_groups=2, vocab_size=VOCAB, seq_length=SEQ)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=4,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=VOCAB,
+    seq_length=SEQ,
+)
 PROBE_SEED = 99  # a batch never trained on: the cross-layout forward check
 
 
@@ -87,8 +95,15 @@ def _data(ddp, mbs):
 
 def lm_train_step(info, ddp, optimizer, scheduler, step: int) -> float:
     mbs = micro_batches(make_batch(VOCAB, GLOBAL_BATCH, SEQ, seed=step), info.dp_rank, info.dp_size, MBS)
-    result = train_step(ddp, optimizer, _data(ddp, mbs), num_microbatches=len(mbs), seq_length=SEQ,
-                        micro_batch_size=MBS, forward_step=lm_forward_step)  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        _data(ddp, mbs),
+        num_microbatches=len(mbs),
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_step=lm_forward_step,
+    )
     scheduler.step(increment=1)
     return result.loss
 
@@ -114,8 +129,15 @@ def probe(info, ddp) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs = micro_batches(make_batch(VOCAB, GLOBAL_BATCH, SEQ, seed=PROBE_SEED), info.dp_rank, info.dp_size, MBS)
-    run = partial(get_forward_backward_func(), forward_step_func=_per_token_forward_step, model=list(ddp),
-                  num_microbatches=len(mbs), seq_length=SEQ, micro_batch_size=MBS, forward_only=True)  # fmt: skip
+    run = partial(
+        get_forward_backward_func(),
+        forward_step_func=_per_token_forward_step,
+        model=list(ddp),
+        num_microbatches=len(mbs),
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=True,
+    )
     with torch.no_grad():
         losses = run(data_iterator=_data(ddp, mbs))
         per_token = run(data_iterator=_data(ddp, mbs), collect_non_loss_data=True)
@@ -141,9 +163,12 @@ def lm_body(par: dict, plan: dict) -> dict:
     try:
         if plan.get("load"):
             extra = checkpointing.load_checkpoint(
-                plan["load"], ddp, optimizer if plan.get("load_optimizer", True) else None,
-                scheduler if plan.get("load_scheduler", True) else None, restore_rng=plan.get("restore_rng", True),
-            )  # fmt: skip
+                plan["load"],
+                ddp,
+                optimizer if plan.get("load_optimizer", True) else None,
+                scheduler if plan.get("load_scheduler", True) else None,
+                restore_rng=plan.get("restore_rng", True),
+            )
             step = int(extra["step"])
             out["extra"] = extra
             out["rng"]["load"] = draw_rng()
@@ -154,10 +179,15 @@ def lm_body(par: dict, plan: dict) -> dict:
             out["losses"][step + 1] = lm_train_step(info, ddp, optimizer, scheduler, step)
             step += 1
             if step in plan.get("save_at", ()):
-                extra = {"step": step, "consumed_samples": step * GLOBAL_BATCH,
-                         "metrics": {"loss": out["losses"][step]}, "sampler": {"epoch": 0, "position": step}}
-                path = checkpointing.save_checkpoint(plan["save_root"], step, ddp, optimizer, scheduler, extra=extra,
-                                                     keep_last=plan.get("keep_last", 3))  # fmt: skip
+                extra = {
+                    "step": step,
+                    "consumed_samples": step * GLOBAL_BATCH,
+                    "metrics": {"loss": out["losses"][step]},
+                    "sampler": {"epoch": 0, "position": step},
+                }
+                path = checkpointing.save_checkpoint(
+                    plan["save_root"], step, ddp, optimizer, scheduler, extra=extra, keep_last=plan.get("keep_last", 3)
+                )
                 out["saved"].append(str(path))
                 out["rng"][step] = draw_rng()
                 out.setdefault("params_at", {})[step] = local_params(chunks)
@@ -203,15 +233,27 @@ def crash_body(root: str, stage: str, record: str) -> None:
 
 
 # ----------------------------------------------------------------------------- policy + value body
-PV_MODEL = ModelConfig(family="llama", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                       num_query_groups=2, vocab_size=VOCAB, seq_length=SEQ)  # fmt: skip
+PV_MODEL = ModelConfig(
+    family="llama",
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=VOCAB,
+    seq_length=SEQ,
+)
 
 
 def pv_run(par: dict) -> RunConfig:
-    return RunConfig(model=PV_MODEL, parallel=ParallelConfig(**par),
-                     train=TrainConfig(micro_batch_size=1, global_batch_size=GLOBAL_BATCH, seq_length=SEQ),
-                     algorithm="dqo", loss=LossConfig(beta=0.5, lam=1.0),
-                     value=ValueConfig(mode="separate"))  # fmt: skip
+    return RunConfig(
+        model=PV_MODEL,
+        parallel=ParallelConfig(**par),
+        train=TrainConfig(micro_batch_size=1, global_batch_size=GLOBAL_BATCH, seq_length=SEQ),
+        algorithm="dqo",
+        loss=LossConfig(beta=0.5, lam=1.0),
+        value=ValueConfig(mode="separate"),
+    )
 
 
 def pv_body(par: dict, plan: dict) -> dict:
@@ -252,15 +294,27 @@ def pv_body(par: dict, plan: dict) -> dict:
         while step < plan["until"]:
             batch = make_rl_batch(VOCAB, GLOBAL_BATCH, SEQ, with_ref=not plan.get("reference", False), seed=step)
             mbs = micro_batches(batch, info.dp_rank, info.dp_size, MBS)
-            result = train_step(ddp, optimizer, _data(ddp, mbs), num_microbatches=len(mbs), seq_length=SEQ,
-                                micro_batch_size=pmbs, forward_step=partial(rl_forward_step, run),
-                                metric_key="loss")  # fmt: skip
+            result = train_step(
+                ddp,
+                optimizer,
+                _data(ddp, mbs),
+                num_microbatches=len(mbs),
+                seq_length=SEQ,
+                micro_batch_size=pmbs,
+                forward_step=partial(rl_forward_step, run),
+                metric_key="loss",
+            )
             scheduler.step(increment=1)
             step += 1
             out["losses"][step] = result.loss
             if step in plan.get("save_at", ()):
-                out["saved"].append(str(checkpointing.save_checkpoint(plan["save_root"], step, ddp, optimizer,
-                                                                      scheduler, extra={"step": step})))  # fmt: skip
+                out["saved"].append(
+                    str(
+                        checkpointing.save_checkpoint(
+                            plan["save_root"], step, ddp, optimizer, scheduler, extra={"step": step}
+                        )
+                    )
+                )
         out["params"] = local_params(chunks)
         out["keys"] = sorted(chunks[0].sharded_state_dict().keys())
     finally:

@@ -13,18 +13,31 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.synthetic_data import write_synthetic_dataset
 
 SEQ = 32
-MODEL = ModelConfig(family="llama", num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                    vocab_size=256, seq_length=SEQ)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=1,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    vocab_size=256,
+    seq_length=SEQ,
+)
 
 
 def test_builtin_algorithms_are_as_before():
     """The facts the four old dicts (NEEDS_VALUE, NEEDS_REFERENCE, BATCH_MODE, ROWS_PER_ITEM) held."""
     assert algorithms.names() == ("dqo", "dro", "dpo", "kto", "sft", "rs")
-    got = {a.name: (a.needs_value, a.needs_reference, a.batch_mode, a.rows_per_item)
-           for a in algorithms.all_algorithms()}
-    assert got == {"dqo": (True, True, "samples", 1), "dro": (True, True, "samples", 1),
-                   "dpo": (False, True, "pairs", 2), "kto": (False, True, "kto", 2),
-                   "sft": (False, False, "samples", 1), "rs": (False, False, "samples", 1)}  # fmt: skip
+    got = {
+        a.name: (a.needs_value, a.needs_reference, a.batch_mode, a.rows_per_item) for a in algorithms.all_algorithms()
+    }
+    assert got == {
+        "dqo": (True, True, "samples", 1),
+        "dro": (True, True, "samples", 1),
+        "dpo": (False, True, "pairs", 2),
+        "kto": (False, True, "kto", 2),
+        "sft": (False, False, "samples", 1),
+        "rs": (False, False, "samples", 1),
+    }
     assert [a.name for a in algorithms.all_algorithms() if not a.reference_from_data] == ["kto"]
     for algorithm in algorithms.all_algorithms():
         assert algorithm.metrics and algorithm.config_keys and algorithm.summary, algorithm.name
@@ -62,8 +75,17 @@ def test_each_algorithm_logs_the_metrics_it_declares(name):
     values = torch.rand(4, 8, generator=gen).requires_grad_()
     batch = {"desirable": torch.tensor([True, False])}  # KTO: rows [0, 2) the documents, [2, 4) mismatched
     run = RunConfig(model=MODEL, train=TrainConfig(seq_length=SEQ), algorithm=name)
-    inputs = LossInputs(run=run, batch=batch, logp=logp, values=values, ref=-torch.rand(4, 8, generator=gen) - 0.5,
-                        behavior=None, mask=mask, rewards=rewards, document_ids=None)  # fmt: skip
+    inputs = LossInputs(
+        run=run,
+        batch=batch,
+        logp=logp,
+        values=values,
+        ref=-torch.rand(4, 8, generator=gen) - 0.5,
+        behavior=None,
+        mask=mask,
+        rewards=rewards,
+        document_ids=None,
+    )
     algorithm = algorithms.get(name)
     loss_sum, count, metrics = algorithm.loss(inputs)
     assert set(metrics) == set(algorithm.metrics)
@@ -81,13 +103,22 @@ def _toy_loss(x: LossInputs):
     target = x.rewards.float().sum(dim=1, keepdim=True).expand_as(x.values)
     value = torch.where(mask, 0.5 * (x.values - target).square(), torch.zeros_like(x.values)).sum()
     count = mask.sum().to(torch.int32)
-    metrics = {"toy_nll": torch.stack([nll.detach().float(), count.float()]),
-               "toy_value_loss": torch.stack([value.detach().float(), count.float()])}  # fmt: skip
+    metrics = {
+        "toy_nll": torch.stack([nll.detach().float(), count.float()]),
+        "toy_value_loss": torch.stack([value.detach().float(), count.float()]),
+    }
     return x.policy_weight * nll + x.run.value.loss_coef * value, count, metrics
 
 
-TOY = Algorithm(name="toy", loss=_toy_loss, needs_value=True, needs_reference=False, batch_mode="samples",
-                metrics=("toy_nll", "toy_value_loss"), summary="a test's toy")  # fmt: skip
+TOY = Algorithm(
+    name="toy",
+    loss=_toy_loss,
+    needs_value=True,
+    needs_reference=False,
+    batch_mode="samples",
+    metrics=("toy_nll", "toy_value_loss"),
+    summary="a test's toy",
+)
 
 
 def _train(run: RunConfig):
@@ -95,8 +126,13 @@ def _train(run: RunConfig):
 
     summary = train(run)
     chunk = summary.model_chunks[0]
-    return {"losses": summary.losses, "metrics": summary.metrics, "steps": summary.steps,
-            "value": chunk.value is not None, "reference": chunk.reference}  # fmt: skip
+    return {
+        "losses": summary.losses,
+        "metrics": summary.metrics,
+        "steps": summary.steps,
+        "value": chunk.value is not None,
+        "reference": chunk.reference,
+    }
 
 
 @pytest.fixture
@@ -109,8 +145,9 @@ def toy():
 def test_a_registered_toy_algorithm_trains_end_to_end(toy, tmp_path):
     prefix = write_synthetic_dataset(str(tmp_path / "train"), docs=16, max_len=SEQ + 1)
     train = TrainConfig(micro_batch_size=2, global_batch_size=4, seq_length=SEQ, lr=3e-3, train_steps=3)
-    run = RunConfig(model=MODEL, algorithm="toy", loss=LossConfig(beta=0.5), data=DataConfig(train_prefix=prefix),
-                    train=train)  # fmt: skip
+    run = RunConfig(
+        model=MODEL, algorithm="toy", loss=LossConfig(beta=0.5), data=DataConfig(train_prefix=prefix), train=train
+    )
     (result,) = run_distributed(_train, 1, run)
     assert result["steps"] == 3 and all(x == x for x in result["losses"])
     assert len(set(round(x, 6) for x in result["losses"])) == 3  # it trains

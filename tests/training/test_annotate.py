@@ -12,10 +12,9 @@ import torch
 
 from dqo_megatron.config import DataConfig, InitConfig, ParallelConfig, RunConfig, TrainConfig
 from tests.helpers.distributed import run_distributed
-from tests.helpers.synthetic_data import write_synthetic_dataset
 from tests.helpers.hf_models import tiny_llama_checkpoint
+from tests.helpers.synthetic_data import write_synthetic_dataset
 from tests.training.test_trainer_init import SEQ
-
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +41,13 @@ def _run(root: Path, prefix: str, parallel: dict) -> RunConfig:
     from dqo_megatron.conversion.megatron_io import read_metadata
 
     model, _ = read_metadata(root / "megatron")
-    return RunConfig(model=model, parallel=ParallelConfig(**parallel),
-                     train=TrainConfig(micro_batch_size=2, global_batch_size=4, seq_length=SEQ),
-                     data=DataConfig(train_prefix=prefix), init=InitConfig(policy=str(root / "megatron")))  # fmt: skip
+    return RunConfig(
+        model=model,
+        parallel=ParallelConfig(**parallel),
+        train=TrainConfig(micro_batch_size=2, global_batch_size=4, seq_length=SEQ),
+        data=DataConfig(train_prefix=prefix),
+        init=InitConfig(policy=str(root / "megatron")),
+    )
 
 
 def _read(prefix: str):

@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dqo_megatron.training import checkpointing
 from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     disk_full_message,
@@ -40,14 +39,15 @@ from dqo_megatron.checkpoint_integrity import (
     one_line,
     verify_directory,
 )
+from dqo_megatron.training import checkpointing
 from dqo_megatron.training.checkpointing import COMPLETE_MARKER, CheckpointError
 from dqo_megatron.training.run_dir_lock import LOCK_FILE, RunDirInUse, RunDirLock
 from tests.helpers.distributed import run_distributed
 from tests.training.ckpt_bodies import (
-    local_params,
     lm_body,
     lm_setup,
     lm_train_step,
+    local_params,
     shutdown_writer_manager,
 )
 
@@ -103,8 +103,14 @@ def test_manifest_lists_every_file_with_its_size_and_crc(saved):
     manifest = json.loads((step / MANIFEST_FILE).read_text())
     on_disk = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()} - {COMPLETE_MARKER, MANIFEST_FILE}
     assert set(manifest["files"]) == on_disk
-    assert {"__0_0.distcp", "__1_0.distcp", "rng/rank_00000.pt", "rng/rank_00001.pt", ".metadata",
-            "extra_state.pt"} <= on_disk  # each rank's own files, hashed by that rank  # fmt: skip
+    assert {
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "rng/rank_00000.pt",
+        "rng/rank_00001.pt",
+        ".metadata",
+        "extra_state.pt",
+    } <= on_disk  # each rank's own files, hashed by that rank
     for rel, entry in manifest["files"].items():
         size, crc = file_crc32(step / rel)
         assert entry == {"size": size, "crc32": f"{crc:08x}"}, rel
@@ -113,16 +119,19 @@ def test_manifest_lists_every_file_with_its_size_and_crc(saved):
     assert verify_directory(step).problems == [] and verify_directory(step).has_manifest
 
 
-@pytest.mark.parametrize("damage,file,words", [
-    ("truncate", "__1_0.distcp", "bytes, the manifest says"),
-    ("flip", "__0_1.distcp", "checksum"),
-    ("delete", "rng/rank_00001.pt", "missing"),
-    ("append", "common.pt", "bytes, the manifest says"),
-    ("manifest", MANIFEST_FILE, "its own checksum"),
-    ("manifest_deleted", MANIFEST_FILE, "COMPLETE marker says one was written"),
-    ("legacy_truncate", "__0_0.distcp", "torch's .metadata needs at least"),
-    ("legacy_metadata", ".metadata", "unreadable"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage,file,words",
+    [
+        ("truncate", "__1_0.distcp", "bytes, the manifest says"),
+        ("flip", "__0_1.distcp", "checksum"),
+        ("delete", "rng/rank_00001.pt", "missing"),
+        ("append", "common.pt", "bytes, the manifest says"),
+        ("manifest", MANIFEST_FILE, "its own checksum"),
+        ("manifest_deleted", MANIFEST_FILE, "COMPLETE marker says one was written"),
+        ("legacy_truncate", "__0_0.distcp", "torch's .metadata needs at least"),
+        ("legacy_metadata", ".metadata", "unreadable"),
+    ],
+)
 def test_every_kind_of_damage_is_found_and_named(saved, tmp_path, damage, file, words):
     step = _copy(saved, tmp_path) / STEP4
     target = step / file
@@ -195,12 +204,15 @@ def _resume_body(root: str, resume: str, verify: str, until: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("damage,file,verify", [
-    ("flip", "__0_1.distcp", "full"),  # weights overwritten at the same size: the checksum
-    ("delete", "__1_0.distcp", "full"),
-    ("legacy_truncate", "__1_0.distcp", "full"),  # no manifest: torch's index still names it
-    ("reader_error", "__0_0.distcp", "off"),  # no checks: torch's reader fails after a partial load
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage,file,verify",
+    [
+        ("flip", "__0_1.distcp", "full"),  # weights overwritten at the same size: the checksum
+        ("delete", "__1_0.distcp", "full"),
+        ("legacy_truncate", "__1_0.distcp", "full"),  # no manifest: torch's index still names it
+        ("reader_error", "__0_0.distcp", "off"),  # no checks: torch's reader fails after a partial load
+    ],
+)
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(saved, tmp_path, damage, file, verify):
     root = _copy(saved, tmp_path)
     target = root / STEP4 / file
@@ -284,9 +296,11 @@ def _disk_full_body(root: str) -> dict:
     import torch.distributed.checkpoint.filesystem as torch_fs
 
     nearly_full = shutil._ntuple_diskusage(100 * _GIB, 100 * _GIB - (3 << 20), 3 << 20)
-    cases = {"writer": ([(megatron_io, "_write_tensor_record"), (torch_fs, "_write_item")], enospc, 1),
-             "metadata": ([(FileSystemWriterAsync, "finish")], enospc, 0),
-             "unexpected_pos": ([(TorchCommonSaveStrategy, "save_common")], short_write, 0)}  # fmt: skip
+    cases = {
+        "writer": ([(megatron_io, "_write_tensor_record"), (torch_fs, "_write_item")], enospc, 1),
+        "metadata": ([(FileSystemWriterAsync, "finish")], enospc, 0),
+        "unexpected_pos": ([(TorchCommonSaveStrategy, "save_common")], short_write, 0),
+    }
     try:
         lm_train_step(info, ddp, optimizer, scheduler, 0)
         checkpointing.save_checkpoint(root, 1, ddp, optimizer, scheduler, extra={"step": 1})
@@ -330,7 +344,8 @@ def test_a_full_disk_is_named_on_every_rank_and_the_partial_save_removed(tmp_pat
 
 def test_disk_full_messages(monkeypatch, tmp_path):
     assert disk_full_message(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path).startswith(
-        f"disk quota exceeded writing {tmp_path}")  # fmt: skip
+        f"disk quota exceeded writing {tmp_path}"
+    )
     wrapped = RuntimeError("Worker failure: [Errno 28] No space left on device")
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert disk_full_message(wrapped, tmp_path).startswith(f"no space left on device writing {tmp_path}: ")
@@ -346,7 +361,9 @@ def test_a_second_lock_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
     first = RunDirLock(tmp_path / "run")
     first.acquire()
     try:
-        with pytest.raises(RunDirInUse, match=re.escape(f"in use by pid {os.getpid()} on host {socket.gethostname()} ")):
+        with pytest.raises(
+            RunDirInUse, match=re.escape(f"in use by pid {os.getpid()} on host {socket.gethostname()} ")
+        ):
             RunDirLock(tmp_path / "run").acquire()
     finally:
         first.release()
@@ -357,8 +374,10 @@ def test_a_second_lock_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    code = ("import sys, time; from dqo_megatron.training.run_dir_lock import RunDirLock; "
-            f"RunDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)")  # fmt: skip
+    code = (
+        "import sys, time; from dqo_megatron.training.run_dir_lock import RunDirLock; "
+        f"RunDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -383,8 +402,11 @@ def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch):
     dead = subprocess.Popen(["true"])
     dead.wait()
     here = socket.gethostname()
-    for holder, refused in (({"host": here, "pid": os.getppid()}, True), ({"host": here, "pid": dead.pid}, False),
-                            ({"host": "node-elsewhere", "pid": 1}, True)):  # fmt: skip
+    for holder, refused in (
+        ({"host": here, "pid": os.getppid()}, True),
+        ({"host": here, "pid": dead.pid}, False),
+        ({"host": "node-elsewhere", "pid": 1}, True),
+    ):
         (tmp_path / LOCK_FILE).write_text(json.dumps({**holder, "started": "earlier", "command": "train"}))
         lock = RunDirLock(tmp_path)
         if refused:
@@ -428,7 +450,9 @@ def _forking_save_main(root: str, marks: str) -> None:
     from dqo_megatron.conversion import megatron_io
     from dqo_megatron.parallel import find_free_port
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port())
+    )
 
     def stuck_writer(*_args, **_kwargs):
         Path(marks, str(os.getpid())).touch()
@@ -444,10 +468,17 @@ def _forking_save_main(root: str, marks: str) -> None:
 def test_megatron_writer_processes_die_with_a_killed_saver(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
-    code = ("from tests.training.test_checkpoint_integrity import _forking_save_main; "
-            f"_forking_save_main({str(tmp_path / 'ckpt')!r}, {str(marks)!r})")  # fmt: skip
-    saver = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    code = (
+        "from tests.training.test_checkpoint_integrity import _forking_save_main; "
+        f"_forking_save_main({str(tmp_path / 'ckpt')!r}, {str(marks)!r})"
+    )
+    saver = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(marks.iterdir()):
@@ -491,13 +522,31 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trainer")
     dataset = write_synthetic_dataset(str(tmp / "data" / "train"), docs=12, max_len=SEQ + 1)
     config = {
-        "model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-                  "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 256, "seq_length": SEQ},
-        "algorithm": "dqo", "loss": {"beta": 0.5}, "data": {"train_prefix": dataset},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "seq_length": SEQ, "lr": 3e-3, "train_steps": STEPS,
-                  "save_interval": 2, "lr_warmup_steps": 2, "lr_decay_style": "cosine"},
+        "model": {
+            "family": "llama",
+            "num_layers": 2,
+            "hidden_size": 64,
+            "ffn_hidden_size": 128,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "vocab_size": 256,
+            "seq_length": SEQ,
+        },
+        "algorithm": "dqo",
+        "loss": {"beta": 0.5},
+        "data": {"train_prefix": dataset},
+        "train": {
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "seq_length": SEQ,
+            "lr": 3e-3,
+            "train_steps": STEPS,
+            "save_interval": 2,
+            "lr_warmup_steps": 2,
+            "lr_decay_style": "cosine",
+        },
         "run_dir": str(tmp / "reference"),
-    }  # fmt: skip
+    }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     done = _train(path)
@@ -548,8 +597,9 @@ def test_a_second_run_on_a_run_dir_refuses_to_start(trained):
 def test_a_trainer_killed_during_a_save_leaves_no_process_behind(trained):
     tmp, config = trained
     run_dir = tmp / "killed"
-    proc = _train(config, f"run_dir={run_dir}", start_new_session=True, stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = _train(
+        config, f"run_dir={run_dir}", start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpts = run_dir / "checkpoints"
     try:
         deadline = time.monotonic() + 240
@@ -609,8 +659,8 @@ def test_export_of_a_damaged_checkpoint_names_the_file_and_writes_nothing(traine
     step = tmp_path / "run" / "checkpoints" / "step_00000006"
     shutil.copytree(tmp / "reference" / "checkpoints" / "step_00000006", step)
     flip_bytes(step / "__0_1.distcp")
-    (message,) = run_distributed(_export_body, 1, str(tmp / "reference" / "config.yaml"), str(step),
-                                 str(tmp_path / "out"))  # fmt: skip
+    (message,) = run_distributed(
+        _export_body, 1, str(tmp / "reference" / "config.yaml"), str(step), str(tmp_path / "out")
+    )
     assert message.startswith("CheckpointDamaged: ") and f"{step / '__0_1.distcp'}: checksum" in message
     assert not (tmp_path / "out").exists()
-

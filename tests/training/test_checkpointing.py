@@ -59,13 +59,19 @@ def test_resume_is_exact(tp2_run):
         for name, value in a["params"].items():
             assert torch.equal(value, b["params"][name]), f"rank {rank}: {name} differs after resume"
         assert b["lr"] == a["lr"], f"rank {rank}: LR schedule not restored"
-        assert b["extra"] == {"step": 2, "consumed_samples": 8, "metrics": {"loss": a["losses"][2]},
-                              "sampler": {"epoch": 0, "position": 2}}  # fmt: skip
+        assert b["extra"] == {
+            "step": 2,
+            "consumed_samples": 8,
+            "metrics": {"loss": a["losses"][2]},
+            "sampler": {"epoch": 0, "position": 2},
+        }
         assert not b["rng_warned"]
         _assert_same_rng(a["rng"][2], b["rng"]["load"], f"rank {rank}")
     # The two TP ranks hold different RNG states (Megatron offsets the TP-region seed by the rank).
-    assert not all(torch.equal(first[0]["rng"][2]["tracker"][k], first[1]["rng"][2]["tracker"][k])
-                   for k in first[0]["rng"][2]["tracker"])  # fmt: skip
+    assert not all(
+        torch.equal(first[0]["rng"][2]["tracker"][k], first[1]["rng"][2]["tracker"][k])
+        for k in first[0]["rng"][2]["tracker"]
+    )
 
 
 def test_resume_without_optimizer_state_diverges(tp2_run):
@@ -90,9 +96,18 @@ def test_load_under_another_layout(tp2_run, layout, tmp_path):
     root, first = tp2_run
     world, par = OTHER_LAYOUTS[layout]
     save_root = tmp_path / "again"
-    results = run_distributed(lm_body, world, par, dict(until=4, load=str(root / "step_00000002"), probe_at=(0, 4),
-                                                        save_at=(4,) if layout == "pp2-vpp2" else (),
-                                                        save_root=str(save_root)))  # fmt: skip
+    results = run_distributed(
+        lm_body,
+        world,
+        par,
+        dict(
+            until=4,
+            load=str(root / "step_00000002"),
+            probe_at=(0, 4),
+            save_at=(4,) if layout == "pp2-vpp2" else (),
+            save_root=str(save_root),
+        ),
+    )
     want = first[0]["probes"][2]
     for rank, res in enumerate(results):
         got = res["probes"][2]
@@ -241,8 +256,9 @@ def test_policy_value_model_round_trip(tp2_run, tmp_path):
     # Under TP=2 (head replicated over TP instead of on one stage): same losses within fp32 noise.
     # Before that, a checkpoint of another model (the plain GPT of `tp2_run`) fails clearly on every rank.
     lm_ckpt = tp2_run[0] / "step_00000002"
-    other = run_distributed(pv_body, 2, TP2, dict(until=4, load=f"{root}/step_00000002", reference=True,
-                                                  bad_load=str(lm_ckpt)))  # fmt: skip
+    other = run_distributed(
+        pv_body, 2, TP2, dict(until=4, load=f"{root}/step_00000002", reference=True, bad_load=str(lm_ckpt))
+    )
     for step in (3, 4):
         assert other[0]["losses"][step] == pytest.approx(first[0]["losses"][step], rel=1e-4)
     for res in other:

@@ -30,18 +30,28 @@ def _dataset(tmp: Path, vocab: int = 256, tokenizer_dir: str | None = None, mani
     prefix = write_synthetic_dataset(str(tmp / "data" / "train"), docs=8, vocab=vocab, max_len=17)
     manifest = json.loads(Path(prefix + ".json").read_text())
     if tokenizer_dir is not None:  # what preprocess records
-        manifest["tokenizer"] = {"name": Path(tokenizer_dir).name, "kind": "hf", "eos_id": 2, "bos_id": 1,
-                                 **tokenizer_fingerprint(tokenizer_dir)}  # fmt: skip
+        manifest["tokenizer"] = {
+            "name": Path(tokenizer_dir).name,
+            "kind": "hf",
+            "eos_id": 2,
+            "bos_id": 1,
+            **tokenizer_fingerprint(tokenizer_dir),
+        }
     if manifest_vocab is not None:
         manifest["vocab_size"] = manifest_vocab
     Path(prefix + ".json").write_text(json.dumps(manifest))
     return prefix
 
 
-def _run(prefix: str, vocab: int = 256, policy: str | None = None, eval_tokenizer: str | None = None,
-         **data) -> RunConfig:  # fmt: skip
-    return RunConfig(model=ModelConfig(vocab_size=vocab), data=DataConfig(train_prefix=prefix, **data),
-                     init=InitConfig(policy=policy), eval=TrainEvalConfig(tokenizer=eval_tokenizer))  # fmt: skip
+def _run(
+    prefix: str, vocab: int = 256, policy: str | None = None, eval_tokenizer: str | None = None, **data
+) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(vocab_size=vocab),
+        data=DataConfig(train_prefix=prefix, **data),
+        init=InitConfig(policy=policy),
+        eval=TrainEvalConfig(tokenizer=eval_tokenizer),
+    )
 
 
 def _checkpoint_with(tmp: Path, tokenizer_dir: str) -> str:
@@ -60,8 +70,11 @@ def test_a_larger_vocabulary_is_refused_with_both_numbers(tmp_path):
     assert f"{prefix}.json" in msg and "has 300 tokens" in msg and "the model 256" in msg
     assert "data.allow_tokenizer_mismatch" in msg
     # allowed, every stored id is still checked: ids >= 256 are there, named with their document and source
-    with pytest.raises(ConfigError, match=r"document \d+ \(from .*\) holds token id (2[5-9]\d), outside the model's "
-                                          r"vocabulary \(model.vocab_size=256"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"document \d+ \(from .*\) holds token id (2[5-9]\d), outside the model's "
+        r"vocabulary \(model.vocab_size=256",
+    ):
         check_data_matches_model(ds, _run(prefix, vocab=256, allow_tokenizer_mismatch=True))
     # the model that fits: only the warning that it has no tokenizer to compare with
     (warning,) = check_data_matches_model(ds, _run(prefix, vocab=300))

@@ -13,13 +13,27 @@ import random
 import numpy as np
 
 from dqo_megatron.config import (
-    DataConfig, InitConfig, LossConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig, ValueConfig,
-)  # fmt: skip
+    DataConfig,
+    InitConfig,
+    LossConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    ValueConfig,
+)
 from tests.helpers.distributed import run_distributed
 
 BOS, EOS, DIGIT0 = 1, 2, 3
-MODEL = ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                    vocab_size=16, seq_length=8)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    vocab_size=16,
+    seq_length=8,
+)
 PROMPTS = [[BOS, DIGIT0 + a, DIGIT0 + b] for a in range(10) for b in range(10)]
 
 
@@ -55,8 +69,12 @@ def _warm_up(steps: int):
         tokens = torch.tensor(rows)
         mask = torch.zeros(32, 4)
         mask[:, 2:] = 1  # loss on the answer and EOS
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-                 "position_ids": torch.arange(4).expand(32, 4)}  # fmt: skip
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": mask,
+            "position_ids": torch.arange(4).expand(32, 4),
+        }
         train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=4, micro_batch_size=32)
     return gpt
 
@@ -80,8 +98,15 @@ def _experiment(tmp: str, warm_steps: int, dqo_steps: int):
 
     write_metadata(Path(init), MODEL, CheckpointInfo(family="llama", dtype="float32"))
     writer = TrajectoryWriter(f"{tmp}/data/train", MODEL.vocab_size)
-    samples = generate(gpt, [p for p in PROMPTS for _ in range(8)], max_new_tokens=2, eos_id=EOS,
-                       vocab_size=MODEL.vocab_size, temperature=1.0, seed=1)  # fmt: skip
+    samples = generate(
+        gpt,
+        [p for p in PROMPTS for _ in range(8)],
+        max_new_tokens=2,
+        eos_id=EOS,
+        vocab_size=MODEL.vocab_size,
+        temperature=1.0,
+        seed=1,
+    )
     rewards = []
     for i, out in enumerate(samples):
         prompt = PROMPTS[i // 8]
@@ -91,15 +116,31 @@ def _experiment(tmp: str, warm_steps: int, dqo_steps: int):
         r = np.zeros(len(tokens), np.float32)
         r[-1] = reward
         blp = np.zeros(len(tokens), np.float32)
-        blp[len(prompt):] = out.sampled_logprobs
-        writer.add(TokenizedSample(tokens=tokens, prompt_length=len(prompt), rewards=r, behavior_logprobs=blp,
-                                   prompt_id=str(i // 8), outcome_reward=reward, correct=int(reward)), 0)  # fmt: skip
+        blp[len(prompt) :] = out.sampled_logprobs
+        writer.add(
+            TokenizedSample(
+                tokens=tokens,
+                prompt_length=len(prompt),
+                rewards=r,
+                behavior_logprobs=blp,
+                prompt_id=str(i // 8),
+                outcome_reward=reward,
+                correct=int(reward),
+            ),
+            0,
+        )
     writer.finalize({})
-    run = RunConfig(model=MODEL, algorithm="dqo", init=InitConfig(policy=init),
-                    data=DataConfig(train_prefix=f"{tmp}/data/train"), loss=LossConfig(beta=0.1, lam=1.0),
-                    value=ValueConfig(mode="separate", lr=1e-3),
-                    train=TrainConfig(micro_batch_size=16, global_batch_size=32, seq_length=5, lr=1e-3,
-                                      train_steps=dqo_steps, log_interval=50))  # fmt: skip
+    run = RunConfig(
+        model=MODEL,
+        algorithm="dqo",
+        init=InitConfig(policy=init),
+        data=DataConfig(train_prefix=f"{tmp}/data/train"),
+        loss=LossConfig(beta=0.1, lam=1.0),
+        value=ValueConfig(mode="separate", lr=1e-3),
+        train=TrainConfig(
+            micro_batch_size=16, global_batch_size=32, seq_length=5, lr=1e-3, train_steps=dqo_steps, log_interval=50
+        ),
+    )
     summary = train(run)
     torch.set_grad_enabled(True)
     return {"base": base, "sampled_reward": float(np.mean(rewards)), "dqo": _accuracy(summary.model_chunks[0].policy)}

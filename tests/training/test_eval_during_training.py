@@ -6,12 +6,22 @@ import pytest
 
 from dqo_megatron.config import ConfigError, ParallelConfig, RunConfig, TrainEvalConfig
 from dqo_megatron.eval.during_training import check_layout
-from dqo_megatron.training.evals import Evaluation, append_evaluation, best_evaluation, build_evaluator, read_evaluations
+from dqo_megatron.training.evals import (
+    Evaluation,
+    append_evaluation,
+    best_evaluation,
+    build_evaluator,
+    read_evaluations,
+)
 
 
 def test_the_rule_picks_the_highest_accuracy_and_the_earliest_on_ties():
-    evals = [Evaluation(0, 0.40, 40, 100, 1.0), Evaluation(25, 0.55, 55, 100, 1.0), Evaluation(50, 0.55, 55, 100, 1.0),
-             Evaluation(75, 0.50, 50, 100, 1.0)]  # fmt: skip
+    evals = [
+        Evaluation(0, 0.40, 40, 100, 1.0),
+        Evaluation(25, 0.55, 55, 100, 1.0),
+        Evaluation(50, 0.55, 55, 100, 1.0),
+        Evaluation(75, 0.50, 50, 100, 1.0),
+    ]
     assert best_evaluation(evals).step == 25
     assert best_evaluation(evals[::-1]).step == 25
     assert best_evaluation([]) is None
@@ -29,7 +39,9 @@ def test_the_log_keeps_the_last_line_of_a_repeated_step(tmp_path):
 def test_needs_problems_and_a_single_process_layout():
     with pytest.raises(ConfigError, match="eval.problems"):
         TrainEvalConfig(interval=5)
-    run = RunConfig(parallel=ParallelConfig(tensor_model_parallel_size=2), eval=TrainEvalConfig(problems="p", interval=5))
+    run = RunConfig(
+        parallel=ParallelConfig(tensor_model_parallel_size=2), eval=TrainEvalConfig(problems="p", interval=5)
+    )
     with pytest.raises(ConfigError, match="TP = PP = CP = 1"):
         check_layout(run)
 

@@ -16,14 +16,26 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.rl_layouts import make_rl_batch
 
 SEQ, ROWS, VOCAB = 24, 4, 128
-MODEL = ModelConfig(family="llama", num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                    vocab_size=VOCAB, seq_length=SEQ)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=1,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    vocab_size=VOCAB,
+    seq_length=SEQ,
+)
 CLIP = 0.5
 
 
 def _run(mode: str, coef: float) -> RunConfig:
-    return RunConfig(model=MODEL, train=TrainConfig(micro_batch_size=ROWS, global_batch_size=ROWS, seq_length=SEQ),
-                     algorithm="dqo", loss=LossConfig(beta=0.5), value=ValueConfig(mode=mode, loss_coef=coef))  # fmt: skip
+    return RunConfig(
+        model=MODEL,
+        train=TrainConfig(micro_batch_size=ROWS, global_batch_size=ROWS, seq_length=SEQ),
+        algorithm="dqo",
+        loss=LossConfig(beta=0.5),
+        value=ValueConfig(mode=mode, loss_coef=coef),
+    )
 
 
 def _one_step(run: RunConfig, clips: dict | None):
@@ -32,8 +44,8 @@ def _one_step(run: RunConfig, clips: dict | None):
 
     from dqo_megatron import parallel
     from dqo_megatron.training.algorithms import rl_forward_step
-    from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
     from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, wrap_with_ddp
+    from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
     from dqo_megatron.training.step import train_step
 
     parallel.initialize(run.parallel, seed=run.train.seed)
@@ -45,8 +57,17 @@ def _one_step(run: RunConfig, clips: dict | None):
     optimizer = build_optimizer(ddp, lr=0.1, clip_grad=CLIP, optimizer="sgd")
     before = {n: p.detach().clone() for n, p in chunk.named_parameters()}
     batch = make_rl_batch(VOCAB, ROWS, SEQ, with_ref=True, seed=5)
-    result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=SEQ, micro_batch_size=ROWS,
-                        forward_step=partial(rl_forward_step, run), metric_key="loss", member_clips=clips)  # fmt: skip
+    result = train_step(
+        ddp,
+        optimizer,
+        iter([batch]),
+        num_microbatches=1,
+        seq_length=SEQ,
+        micro_batch_size=ROWS,
+        forward_step=partial(rl_forward_step, run),
+        metric_key="loss",
+        member_clips=clips,
+    )
     grads = {n: p.main_grad.detach().clone() for n, p in chunk.named_parameters() if hasattr(p, "main_grad")}
     update = {n: (p.detach() - before[n]) for n, p in chunk.named_parameters()}
     return {"grads": grads, "update": update, "norms": result.grad_norms, "norm": result.grad_norm}
@@ -95,15 +116,16 @@ def test_value_loss_coefficient_reaches_the_shared_trunk_as_asked():
 def _lrs_over_steps(run: RunConfig):
     """The policy's and value's learning rates over 11 steps of a schedule with a 3-step critic warm-up."""
     from dqo_megatron import parallel
-    from dqo_megatron.training.policy_value import build_policy_value_chunks
     from dqo_megatron.training.megatron_setup import build_optimizer, build_scheduler, wrap_with_ddp
     from dqo_megatron.training.metrics_logger import learning_rates
+    from dqo_megatron.training.policy_value import build_policy_value_chunks
 
     parallel.initialize(run.parallel, seed=run.train.seed)
     (chunk,) = build_policy_value_chunks(run, with_value=True, with_reference=False)
     optimizer = build_optimizer(wrap_with_ddp([chunk]), lr=1e-3, value_lr=1e-2)
-    scheduler = build_scheduler(optimizer, lr=1e-3, min_lr=0.0, warmup_steps=2, decay_steps=10, decay_style="linear",
-                                policy_delay=3)  # fmt: skip
+    scheduler = build_scheduler(
+        optimizer, lr=1e-3, min_lr=0.0, warmup_steps=2, decay_steps=10, decay_style="linear", policy_delay=3
+    )
     lrs = []
     for _ in range(11):
         lrs.append(learning_rates(optimizer))
@@ -128,8 +150,8 @@ def _first_policy_step_after_warmup(run: RunConfig, correct: bool):
 
     from dqo_megatron import parallel
     from dqo_megatron.training.algorithms import rl_forward_step
-    from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
     from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, build_scheduler, wrap_with_ddp
+    from dqo_megatron.training.policy_value import build_policy_value_chunks, finalize_policy_value_grads
     from dqo_megatron.training.step import train_step
 
     parallel.initialize(run.parallel, seed=run.train.seed)
@@ -137,8 +159,16 @@ def _first_policy_step_after_warmup(run: RunConfig, correct: bool):
     ddp = wrap_with_ddp([chunk])
     attach_finalize(ddp, finalize_policy_value_grads)
     optimizer = build_optimizer(ddp, lr=1e-3, value_lr=1e-2)
-    scheduler = build_scheduler(optimizer, lr=1e-3, min_lr=0.0, warmup_steps=0, decay_steps=10,
-                                decay_style="constant", policy_delay=3, adam_betas=(0.9, 0.999) if correct else None)  # fmt: skip
+    scheduler = build_scheduler(
+        optimizer,
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_steps=0,
+        decay_steps=10,
+        decay_style="constant",
+        policy_delay=3,
+        adam_betas=(0.9, 0.999) if correct else None,
+    )
     batch = make_rl_batch(VOCAB, ROWS, SEQ, with_ref=True, seed=5)
     clips = {"policy": 1.0, "value": 1.0}
     policy = {n: p for n, p in chunk.named_parameters() if n.startswith("policy.decoder")}
@@ -147,8 +177,17 @@ def _first_policy_step_after_warmup(run: RunConfig, correct: bool):
         if k == 3:
             before = {n: p.detach().clone() for n, p in policy.items()}
         forward = partial(rl_forward_step, run, policy_weight=0.0 if k < 3 else 1.0)
-        result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=SEQ, micro_batch_size=ROWS,
-                            forward_step=forward, metric_key="loss", member_clips=clips)  # fmt: skip
+        result = train_step(
+            ddp,
+            optimizer,
+            iter([batch]),
+            num_microbatches=1,
+            seq_length=SEQ,
+            micro_batch_size=ROWS,
+            forward_step=forward,
+            metric_key="loss",
+            member_clips=clips,
+        )
         if k < 3:
             assert result.grad_norms["policy"] == 0.0 and result.grad_norms["value"] > 0.0
         scheduler.step(increment=1)

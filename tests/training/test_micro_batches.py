@@ -27,16 +27,36 @@ def dataset(tmp_path_factory) -> TrajectoryDataset:
         length, prompt = 6 + d, 3
         rewards = np.zeros(length, np.float32)
         rewards[-1] = float(d % 2 == 0)
-        writer.add(TokenizedSample(tokens=rng.integers(3, 64, length), prompt_length=prompt, rewards=rewards,
-                                   behavior_logprobs=None, prompt_id=f"p{d // 4}", outcome_reward=float(rewards[-1]),
-                                   correct=int(d % 2 == 0), truncated=d in TRUNCATED), 0)  # fmt: skip
+        writer.add(
+            TokenizedSample(
+                tokens=rng.integers(3, 64, length),
+                prompt_length=prompt,
+                rewards=rewards,
+                behavior_logprobs=None,
+                prompt_id=f"p{d // 4}",
+                outcome_reward=float(rewards[-1]),
+                correct=int(d % 2 == 0),
+                truncated=d in TRUNCATED,
+            ),
+            0,
+        )
     writer.finalize({})
     return TrajectoryDataset(prefix)
 
 
 def _batches(ds, mode: str, mbs: int = 4) -> list[dict]:
-    mb = MicroBatches(ds, seq_length=15, micro_batch_size=mbs, dp_rank=0, dp_size=1, seed=0, shuffle=False, pad_id=0,
-                      with_ref_logprobs=False, mode=mode)  # fmt: skip
+    mb = MicroBatches(
+        ds,
+        seq_length=15,
+        micro_batch_size=mbs,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        shuffle=False,
+        pad_id=0,
+        with_ref_logprobs=False,
+        mode=mode,
+    )
     return mb.next_step(2)
 
 
@@ -58,14 +78,28 @@ def test_kto_mismatched_rows_take_the_flag_of_their_response(dataset):
     items = [dataset[i] for i in range(4)]
     rows = mismatched_rows(items)
     # row i = prompt of document i + response of document i+1: the flag describes the response
-    assert [r["truncated"] for r in rows] == [items[(i + 1) % 4]["truncated"] for i in range(4)] == [True, False, False, False]
+    assert (
+        [r["truncated"] for r in rows]
+        == [items[(i + 1) % 4]["truncated"] for i in range(4)]
+        == [True, False, False, False]
+    )
     (batch, _) = _batches(dataset, "kto")
     assert batch["truncated"].tolist() == [False, True, False, False] + [True, False, False, False]
 
 
 def test_pairs_mode_carries_chosen_then_rejected(dataset):
-    mb = MicroBatches(dataset, seq_length=15, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0, shuffle=False, pad_id=0,
-                      with_ref_logprobs=False, mode="pairs")  # fmt: skip
+    mb = MicroBatches(
+        dataset,
+        seq_length=15,
+        micro_batch_size=2,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        shuffle=False,
+        pad_id=0,
+        with_ref_logprobs=False,
+        mode="pairs",
+    )
     pairs = mb.source.pairs
     batch = mb.next_step(1)[0]
     chosen, rejected = pairs[:2, 0], pairs[:2, 1]

@@ -27,10 +27,15 @@ def _run(checkpoint: str, dataset: str, parallel: dict, **init) -> RunConfig:
     from dqo_megatron.conversion.megatron_io import read_metadata
 
     model, _ = read_metadata(checkpoint)
-    return RunConfig(model=model, parallel=ParallelConfig(**parallel), algorithm="dqo",
-                     train=TrainConfig(micro_batch_size=1, global_batch_size=4, seq_length=SEQ, lr=1e-3, train_steps=2),
-                     loss=LossConfig(beta=0.5), data=DataConfig(train_prefix=dataset),
-                     init=InitConfig(policy=checkpoint, **init))  # fmt: skip
+    return RunConfig(
+        model=model,
+        parallel=ParallelConfig(**parallel),
+        algorithm="dqo",
+        train=TrainConfig(micro_batch_size=1, global_batch_size=4, seq_length=SEQ, lr=1e-3, train_steps=2),
+        loss=LossConfig(beta=0.5),
+        data=DataConfig(train_prefix=dataset),
+        init=InitConfig(policy=checkpoint, **init),
+    )
 
 
 def _train(run: RunConfig):
@@ -41,10 +46,14 @@ def _train(run: RunConfig):
 
 @pytest.mark.parametrize(
     "parallel",
-    [dict(pipeline_model_parallel_size=2), dict(tensor_model_parallel_size=2),
-     dict(tensor_model_parallel_size=2, sequence_parallel=True), {}],
+    [
+        dict(pipeline_model_parallel_size=2),
+        dict(tensor_model_parallel_size=2),
+        dict(tensor_model_parallel_size=2, sequence_parallel=True),
+        {},
+    ],
     ids=["pp2", "tp2", "tp2-sp", "dp2"],
-)  # fmt: skip
+)
 def test_layouts_from_one_checkpoint_agree(checkpoint, dataset, parallel):
     (single,) = run_distributed(_train, 1, _run(checkpoint, dataset, {}))
     for losses in run_distributed(_train, 2, _run(checkpoint, dataset, parallel)):

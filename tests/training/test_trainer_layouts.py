@@ -14,8 +14,16 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.synthetic_data import write_synthetic_dataset
 
 SEQ = 32
-MODEL = ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                    num_query_groups=2, vocab_size=256, seq_length=SEQ)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=256,
+    seq_length=SEQ,
+)
 LAYOUTS = {
     "tp2": (2, dict(tensor_model_parallel_size=2)),
     "tp2-sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
@@ -24,10 +32,22 @@ LAYOUTS = {
 
 
 def _run(prefix: str, parallel: dict, algorithm: str = "dqo", steps: int = 3) -> RunConfig:
-    return RunConfig(model=MODEL, parallel=ParallelConfig(**parallel), algorithm=algorithm,
-                     train=TrainConfig(micro_batch_size=1, global_batch_size=4, seq_length=SEQ, lr=3e-3,
-                                       train_steps=steps, lr_warmup_steps=1, lr_decay_style="cosine"),
-                     loss=LossConfig(beta=0.5), data=DataConfig(train_prefix=prefix))  # fmt: skip
+    return RunConfig(
+        model=MODEL,
+        parallel=ParallelConfig(**parallel),
+        algorithm=algorithm,
+        train=TrainConfig(
+            micro_batch_size=1,
+            global_batch_size=4,
+            seq_length=SEQ,
+            lr=3e-3,
+            train_steps=steps,
+            lr_warmup_steps=1,
+            lr_decay_style="cosine",
+        ),
+        loss=LossConfig(beta=0.5),
+        data=DataConfig(train_prefix=prefix),
+    )
 
 
 def _train(run: RunConfig):
@@ -84,7 +104,6 @@ def test_dpo_layouts_agree(dataset):
 def test_reference_offload_and_wandb_and_distributed_optimizer_checks(dataset):
     import torch
 
-
     run = _run(dataset, {}, steps=2)
     run.data.reference, run.data.reference_offload = "model", True
     (offloaded,) = run_distributed(_train, 1, run)
@@ -104,7 +123,6 @@ def test_reference_offload_and_wandb_and_distributed_optimizer_checks(dataset):
         bad.run_dir = None
         with pytest.raises(Exception, match="wandb is not installed"):
             run_distributed(_train, 1, bad)
-
 
 
 def _train_expecting_stop(run):
@@ -147,10 +165,15 @@ def _skip_keeps_weights():
         return out, partial(lm_loss_func, batch["loss_mask"])
 
     tokens = torch.randint(0, 256, (1, 9))
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, 8),
-             "position_ids": torch.arange(8)[None]}  # fmt: skip
-    result = train_step(ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=8, micro_batch_size=1,
-                        forward_step=nan_forward)  # fmt: skip
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(1, 8),
+        "position_ids": torch.arange(8)[None],
+    }
+    result = train_step(
+        ddp, optimizer, iter([batch]), num_microbatches=1, seq_length=8, micro_batch_size=1, forward_step=nan_forward
+    )
     unchanged = all(torch.equal(before[n], p) for n, p in gpt.named_parameters())
     return result.update_successful, unchanged
 

@@ -22,15 +22,31 @@ SEQ = 32
 
 def _config(tmp: Path, dataset: str, run_dir: Path) -> Path:
     config = {
-        "model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-                  "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 256, "seq_length": SEQ},
+        "model": {
+            "family": "llama",
+            "num_layers": 2,
+            "hidden_size": 64,
+            "ffn_hidden_size": 128,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "vocab_size": 256,
+            "seq_length": SEQ,
+        },
         "algorithm": "dqo",
         "loss": {"beta": 0.5},
         "data": {"train_prefix": dataset},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "seq_length": SEQ, "lr": 3e-3,
-                  "train_steps": STEPS, "save_interval": 2, "lr_warmup_steps": 2, "lr_decay_style": "cosine"},
+        "train": {
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "seq_length": SEQ,
+            "lr": 3e-3,
+            "train_steps": STEPS,
+            "save_interval": 2,
+            "lr_warmup_steps": 2,
+            "lr_decay_style": "cosine",
+        },
         "run_dir": str(run_dir),
-    }  # fmt: skip
+    }
     path = tmp / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -77,8 +93,9 @@ def test_sigkill_mid_training_then_resume_auto(setup):
     tmp, dataset, reference = setup
     run_dir = tmp / "killed_training"
     config = _config(tmp, dataset, run_dir)
-    proc = subprocess.Popen(_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     # after the step-4 checkpoint, while step 5 or 6 runs
     _kill_when(proc, lambda: (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= 5)
     killed_at = max(_losses(run_dir))
@@ -96,8 +113,9 @@ def test_sigkill_mid_checkpoint_save_keeps_the_last_good_one(setup):
     tmp, dataset, reference = setup
     run_dir = tmp / "killed_saving"
     config = _config(tmp, dataset, run_dir)
-    proc = subprocess.Popen(_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpts = run_dir / "checkpoints"
     # the save of step 4 has started (its temporary directory exists) but is not published yet
     _kill_when(proc, lambda: (ckpts / ".tmp_step_00000004").exists() and not (ckpts / "step_00000004").exists())
@@ -120,8 +138,12 @@ def test_export_trained_policy_to_hf(setup):
     tmp, _dataset, _reference = setup
     checkpoint = tmp / "uninterrupted" / "checkpoints" / "step_00000008"
     out = tmp / "exported_hf"
-    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out), "--verify"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out), "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     import torch
     import transformers
@@ -131,8 +153,12 @@ def test_export_trained_policy_to_hf(setup):
     with torch.no_grad():
         logits = model(torch.tensor([[5, 6, 7, 8]])).logits
     assert torch.isfinite(logits).all()
-    again = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out)],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode != 0 and "exists" in again.stderr  # no silent overwrite
     # the base model a run started from (whose hf/ files export copies) is never an export's output
     config = yaml.safe_load((tmp / "uninterrupted" / "config.yaml").read_text())
@@ -142,19 +168,40 @@ def test_export_trained_policy_to_hf(setup):
     config["init"]["policy"] = str(base)
     (tmp / "with_base.yaml").write_text(yaml.safe_dump(config))
     for target in (base, base / "hf"):
-        refused = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(target),
-                                  "--overwrite", "--config", str(tmp / "with_base.yaml")], capture_output=True,
-                                 text=True, timeout=600)  # fmt: skip
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dqo_megatron",
+                "export",
+                str(checkpoint),
+                str(target),
+                "--overwrite",
+                "--config",
+                str(tmp / "with_base.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert refused.returncode == 2 and "the input" in refused.stderr, refused.stderr[-2000:]
     assert sorted(p.name for p in base.rglob("*")) == ["hf", "tokenizer.json"]
     # --format megatron writes a checkpoint that init.policy takes; converted to HF it equals the HF export
     meg = tmp / "exported_megatron"
-    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(meg), "--format",
-                           "megatron"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "export", str(checkpoint), str(meg), "--format", "megatron"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # in a subprocess: a process group in pytest's own process would be inherited by later forked ranks
-    done = subprocess.run([sys.executable, "-m", "dqo_megatron", "convert", "megatron-to-hf", str(meg),
-                           str(tmp / "via_megatron")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dqo_megatron", "convert", "megatron-to-hf", str(meg), str(tmp / "via_megatron")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     twin = transformers.AutoModelForCausalLM.from_pretrained(tmp / "via_megatron")
     for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):

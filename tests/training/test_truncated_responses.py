@@ -10,8 +10,15 @@ from dqo_megatron.config import LossConfig, ModelConfig, RunConfig, TrainConfig
 from dqo_megatron.training.algorithms import derived_metrics, rl_loss_func
 
 BETA = 0.3
-MODEL = ModelConfig(family="llama", num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                    vocab_size=64, seq_length=16)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=1,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    vocab_size=64,
+    seq_length=16,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,15 +39,23 @@ def _batch():
     logp = -torch.rand(3, 8, generator=gen, dtype=torch.float64) - 0.5
     ref = -torch.rand(3, 8, generator=gen, dtype=torch.float64) - 0.5
     values = torch.rand(3, 8, generator=gen, dtype=torch.float64)
-    batch = {"response_mask": mask, "rewards": rewards.double(), "ref_logprobs": ref,
-             "truncated": torch.tensor([True, True, False])}  # fmt: skip
+    batch = {
+        "response_mask": mask,
+        "rewards": rewards.double(),
+        "ref_logprobs": ref,
+        "truncated": torch.tensor([True, True, False]),
+    }
     output = torch.stack([logp, values, torch.full_like(logp, float("nan"))], dim=-1)
     return batch, output
 
 
 def _metrics(truncated: str, lam: float):
-    run = RunConfig(model=MODEL, train=TrainConfig(seq_length=8), algorithm="dqo",
-                    loss=LossConfig(beta=BETA, lam=lam, is_level="off", truncated=truncated))  # fmt: skip
+    run = RunConfig(
+        model=MODEL,
+        train=TrainConfig(seq_length=8),
+        algorithm="dqo",
+        loss=LossConfig(beta=BETA, lam=lam, is_level="off", truncated=truncated),
+    )
     batch, output = _batch()
     return rl_loss_func(run, batch, output)
 
@@ -68,7 +83,9 @@ def test_bootstrap_adds_the_next_state_value_and_full_rows_are_excluded(lam):
     assert metrics["truncated_excluded"].tolist() == [1.0, 3.0]
     assert int(count) == 4 + 3
     want = _brute_returns(batch, output, 0, True, lam) + _brute_returns(batch, output, 2, False, lam)
-    assert float(metrics["return_mean"][0] / metrics["return_mean"][1]) == pytest.approx(sum(want) / len(want), rel=1e-12)
+    assert float(metrics["return_mean"][0] / metrics["return_mean"][1]) == pytest.approx(
+        sum(want) / len(want), rel=1e-12
+    )
 
 
 def test_exclude_and_terminal():
@@ -93,8 +110,12 @@ def test_policy_metrics_separate_correct_from_incorrect_responses():
 def test_explained_variance_and_advantage_std():
     g = torch.tensor([1.0, 0.0, 0.5, 0.2])
     for v, want in ((g.clone(), 1.0), (torch.full_like(g, g.mean()), 0.0), (g + 0.3, 1.0)):
-        stats = {"return_mean": float(g.mean()), "return_sq_mean": float((g * g).mean()),
-                 "advantage_mean": float((g - v).mean()), "advantage_sq_mean": float(((g - v) ** 2).mean())}  # fmt: skip
+        stats = {
+            "return_mean": float(g.mean()),
+            "return_sq_mean": float((g * g).mean()),
+            "advantage_mean": float((g - v).mean()),
+            "advantage_sq_mean": float(((g - v) ** 2).mean()),
+        }
         out = derived_metrics(stats)
         assert out["value_explained_var"] == pytest.approx(want, abs=1e-6)
         assert out["advantage_std"] == pytest.approx(float((g - v).std(unbiased=False)), abs=1e-6)
