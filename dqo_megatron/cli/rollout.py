@@ -62,7 +62,8 @@ def rollout(
 ) -> None:
     """Sample N responses per problem into trajectory records with behavior log-probs (resumable)."""
     from dqo_megatron.config.loader import ConfigError
-    from dqo_megatron.rollout.rollout import RolloutConfig, run_rollout
+    from dqo_megatron.rollout.config import RolloutConfig
+    from dqo_megatron.rollout.rollout import run_rollout
 
     configure_logging()
     try:

@@ -164,7 +164,8 @@ class Context:
         return build_backend("transformers", model, self.tokenizer, device="cpu", batch_size=256)
 
     def _rollout(self, problems: Path, output: Path, n: int) -> object:
-        from dqo_megatron.rollout.rollout import RolloutConfig, run_rollout
+        from dqo_megatron.rollout.config import RolloutConfig
+        from dqo_megatron.rollout.rollout import run_rollout
 
         return run_rollout(
             RolloutConfig(

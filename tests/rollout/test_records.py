@@ -9,8 +9,10 @@ import pytest
 
 from dqo_megatron.data.records import parse_record
 from dqo_megatron.rollout.backend import Completion, GenerationBackend
+from dqo_megatron.rollout.config import RolloutConfig
 from dqo_megatron.rollout.framing import load_tokenizer
-from dqo_megatron.rollout.rollout import RolloutConfig, logprob_check, run_rollout
+from dqo_megatron.rollout.records import logprob_check
+from dqo_megatron.rollout.rollout import run_rollout
 from tests.rollout.conftest import write_problems
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from dqo_megatron.config import ConfigError
 from dqo_megatron.rollout import identity as identity_module
+from dqo_megatron.rollout.config import RolloutConfig
 from dqo_megatron.rollout.identity import model_identity
-from dqo_megatron.rollout.rollout import RolloutConfig, run_rollout
+from dqo_megatron.rollout.rollout import run_rollout
 from tests.eval.stubs import StubBackend
 from tests.rollout.conftest import write_problems
 

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from dqo_megatron.config import ConfigError
 from dqo_megatron.data.records import parse_record
-from dqo_megatron.rollout.rollout import RolloutConfig, run_rollout
+from dqo_megatron.rollout.config import RolloutConfig
+from dqo_megatron.rollout.rollout import run_rollout
 from dqo_megatron.rollout.sampling import derive_seed
 from tests.rollout.conftest import CHAT_TEMPLATE, write_problems
 from tests.rollout.reference import reference_token_logprobs

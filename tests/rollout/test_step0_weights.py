@@ -21,7 +21,8 @@ import torch
 from dqo_megatron.data.dataset import TrajectoryDataset
 from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
 from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
-from dqo_megatron.rollout.rollout import RolloutConfig, run_rollout
+from dqo_megatron.rollout.config import RolloutConfig
+from dqo_megatron.rollout.rollout import run_rollout
 
 SAMPLING = dict(temperature=0.8, top_k=16, top_p=0.9)
 
