@@ -26,6 +26,7 @@ import torch
 from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.schema import validate_model_layout
 from dqo_megatron.conversion import hf_io
+from dqo_megatron.conversion.in_process_save import defer
 from dqo_megatron.conversion.megatron_io import (
     DTYPES,
     HF_DIR,
@@ -33,7 +34,6 @@ from dqo_megatron.conversion.megatron_io import (
     CheckpointInfo,
     build_empty_chunks,
     check_output,
-    defer,
     dtype_name,
     load_chunks,
     read_metadata,
@@ -223,7 +223,7 @@ def _gc_paused() -> Iterator[None]:
 def _fill_from_hf(chunk, tensors) -> None:
     """Hand each converted tensor to the matching parameter (``param.data = tensor``: no copy, and the
     uninitialized buffer is freed before it was ever touched). A `hf_io.DeferredTensor` (QKV, gated fc1)
-    is attached to its parameter uncomputed (`megatron_io.defer`): the converter's save computes it when
+    is attached to its parameter uncomputed (`in_process_save.defer`): the converter's save computes it when
     writing it, or writes its parts as they are."""
     params = dict(chunk.named_parameters())
     filled = set()

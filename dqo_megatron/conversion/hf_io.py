@@ -176,7 +176,7 @@ class DeferredTensor:
     `shape` and `dtype` are known without computing it (see `_deferred`). `parts` is set when the
     tensor is the concatenation of these inputs along dim 0 (the gated fc1 = ``[gate; up]``, which
     Megatron's checkpoint stores as those two halves again). The converter's save computes each such
-    tensor just before writing it, or writes its parts as they are (`megatron_io.defer`), so the fused
+    tensor just before writing it, or writes its parts as they are (`in_process_save.defer`), so the fused
     copies of QKV and fc1 never exist all at once.
     """
 

@@ -113,12 +113,12 @@ def test_torch_reader_errors_are_one_line_naming_the_file(converted, tmp_path):
 
 def _convert_on_a_full_disk(hf_dir: str, out: str) -> str:
     _allow_children()
-    from dqo_megatron.conversion import ConversionError, megatron_io
+    from dqo_megatron.conversion import ConversionError, in_process_save
 
     def enospc(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    megatron_io._write_tensor_record = enospc
+    in_process_save._write_tensor_record = enospc
     import torch.distributed.checkpoint.filesystem as torch_fs
 
     torch_fs._write_item = enospc

@@ -282,7 +282,7 @@ def _disk_full_body(root: str) -> dict:
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from dqo_megatron.conversion import megatron_io
+    from dqo_megatron.conversion import in_process_save
 
     info, chunks, ddp, optimizer, scheduler = lm_setup(TP2)
     rank, out = info.rank, {"errors": {}}
@@ -297,7 +297,7 @@ def _disk_full_body(root: str) -> dict:
 
     nearly_full = shutil._ntuple_diskusage(100 * _GIB, 100 * _GIB - (3 << 20), 3 << 20)
     cases = {
-        "writer": ([(megatron_io, "_write_tensor_record"), (torch_fs, "_write_item")], enospc, 1),
+        "writer": ([(in_process_save, "_write_tensor_record"), (torch_fs, "_write_item")], enospc, 1),
         "metadata": ([(FileSystemWriterAsync, "finish")], enospc, 0),
         "unexpected_pos": ([(TorchCommonSaveStrategy, "save_common")], short_write, 0),
     }
@@ -447,7 +447,7 @@ def _forking_save_main(root: str, marks: str) -> None:
     in-process writer cannot replace it); each child announces itself and blocks forever."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from dqo_megatron.conversion import megatron_io
+    from dqo_megatron.conversion import in_process_save, megatron_io
     from dqo_megatron.parallel import find_free_port
 
     os.environ.update(
@@ -459,7 +459,7 @@ def _forking_save_main(root: str, marks: str) -> None:
         time.sleep(600)
 
     FileSystemWriterAsync.write_preloaded_data = staticmethod(stuck_writer)
-    megatron_io.in_process_writer = megatron_io._in_process_write_results  # Megatron's forking file writer
+    megatron_io.in_process_writer = in_process_save._in_process_write_results  # Megatron's forking file writer
     info, chunks, ddp, optimizer, scheduler = lm_setup({})
     checkpointing.save_checkpoint(root, 1, ddp, optimizer, scheduler)
 
