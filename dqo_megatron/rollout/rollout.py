@@ -73,10 +73,10 @@ def run_rollout(cfg: RolloutConfig, backend: GenerationBackend | None = None) ->
     own = backend is None
     if own:
         backend = _build_backend(cfg)
+    write_to = None  # before the try: a bad prompt format must reach the caller as its ConfigError
     try:
         fmt = _prompt_format(cfg, backend)
         summary = RolloutSummary(output=cfg.output, problems=len(problems), backend=backend.name)
-        write_to = None
         done, write_to = prepare_output(cfg, settings_of(cfg, problems, backend, fmt), problems, summary)
         summary.resumed_problems = len(done)
         todo = [k for k in range(len(problems)) if k not in done]

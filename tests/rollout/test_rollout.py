@@ -352,3 +352,31 @@ def test_config_errors_name_the_field(tmp_path):
         base.update(kw)
         with pytest.raises(ConfigError, match=field):
             RolloutConfig(**base)
+
+
+class _UntemplatedBackend:
+    """A backend whose tokenizer has no chat template; records whether the rollout closed it."""
+
+    name = "stub"
+    templated = False
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"prompt_format": "chat"}, "prompt_format=chat, but the tokenizer has no chat template"),
+        ({"system_prompt": "Be brief."}, "system_prompt needs chat prompts"),
+    ],
+    ids=["chat-without-template", "system-prompt-without-template"],
+)
+def test_a_prompt_format_the_tokenizer_cannot_give_is_a_config_error(story_problems, tmp_path, settings, message):
+    backend = _UntemplatedBackend()
+    cfg = _cfg(("unused-model", "unused-tokenizer"), story_problems, tmp_path / "out.jsonl", **settings)
+    with pytest.raises(ConfigError, match=message):
+        run_rollout(cfg, backend=backend)
+    assert not (tmp_path / "out.jsonl").exists()
+    assert not backend.closed  # a backend the caller gave stays the caller's to close
