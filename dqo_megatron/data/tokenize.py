@@ -483,74 +483,21 @@ def tokenize_records(
 def _assemble(
     r: TrajectoryRecord, p_ids: list[int], r_ids: list[int], starts, tok: Tokenizer, cfg: TokenizeConfig
 ) -> TokenizedSample | RecordError:
+    """One record's sample: prompt (left-cut to fit `max_length`) + response + EOS (unless truncated),
+    per-token rewards and behaviour log-probs on the response; or the first problem as a RecordError."""
     where = {"file": r.file, "line": r.line}
-    if r.truncated and not r_ids:  # the outcome reward would land on a prompt token
-        return RecordError(
-            "empty_response",
-            "truncated: true, but the response gives no token with tokenizer "
-            f"{tok.name!r} (and a truncated response gets no EOS)",
-            field="response",
-            **where,
-        )
     eos = [] if r.truncated else [tok.eos_id]
-    n_resp = len(r_ids) + len(eos)
-    if r.behavior_logprobs is not None:
-        if r.truncated:
-            want, what = n_resp, " (truncated: true, so no EOS)"
-        elif cfg.behavior_logprobs_include_eos:
-            want, what = n_resp, " incl. EOS"
-        else:
-            want, what = n_resp - 1, " before EOS"
-        if len(r.behavior_logprobs) != want:
-            return RecordError(
-                "behavior_logprobs_length",
-                f"has {len(r.behavior_logprobs)} values but the response "
-                f"has {want} tokens{what} with tokenizer {tok.name!r}",
-                field="behavior_logprobs",
-                **where,
-            )
-    cut = 0  # prompt tokens cut from the left
-    total = len(p_ids) + n_resp
-    if total > cfg.max_length:
-        if cfg.overlong == "drop":
-            return RecordError("too_long", f"{total} tokens > max_length {cfg.max_length}", **where)
-        if n_resp + 1 > cfg.max_length:
-            return RecordError(
-                "response_too_long",
-                f"response alone has {n_resp} tokens{' incl. EOS' if eos else ''}; "
-                f"with one prompt token that exceeds max_length {cfg.max_length} (responses are never "
-                "cut)",
-                **where,
-            )
-        cut = total - cfg.max_length
-        p_ids = p_ids[cut:]
-    if not p_ids:
-        return RecordError(
-            "empty_prompt",
-            "the prompt gives no tokens (a response needs a state to start from)",
-            field="prompt",
-            **where,
-        )
+    problem = _response_problem(r, r_ids, eos, tok, cfg, where)
+    if problem is not None:
+        return problem
+    p_ids, cut = _fit_prompt(p_ids, len(r_ids) + len(eos), bool(eos), cfg, where)
+    if isinstance(p_ids, RecordError):
+        return p_ids
     P = len(p_ids)
     tokens = np.asarray(p_ids + r_ids + eos, dtype=np.int64)
-    rewards = np.zeros(len(tokens), dtype=np.float32)
-    outcome = float(r.reward) if r.reward is not None else 0.0
-    with np.errstate(over="ignore"):  # an overflowing sum is refused just below, with file:line
-        if r.process_rewards:
-            idx = step_token_indices(starts, [e for e, _ in r.process_rewards])
-            for j, (_, v) in zip(idx, r.process_rewards):
-                rewards[P + j] += np.float32(v)
-        rewards[-1] += np.float32(outcome)
-    if not np.isfinite(rewards).all():
-        # each value fits float32 (parse_record checks), but rewards sharing a token add up beyond it
-        t = int(np.flatnonzero(~np.isfinite(rewards))[0])
-        return RecordError(
-            "not_representable",
-            f"the rewards on token {t} (outcome and/or process rewards on the "
-            "same token) add up beyond float32, the dtype they are stored in",
-            field="process_rewards" if r.process_rewards else "reward",
-            **where,
-        )
+    rewards = _token_rewards(r, P, len(tokens), starts, where)
+    if isinstance(rewards, RecordError):
+        return rewards
     blp = None
     if r.behavior_logprobs is not None:
         blp = np.zeros(len(tokens), dtype=np.float32)
@@ -561,10 +508,91 @@ def _assemble(
         rewards=rewards,
         behavior_logprobs=blp,
         prompt_id=r.prompt_id,
-        outcome_reward=outcome,
+        outcome_reward=float(r.reward) if r.reward is not None else 0.0,
         correct=-1 if r.correct is None else int(r.correct),
         truncated_prompt_tokens=cut,
         truncated=r.truncated,
         file=r.file,
         line=r.line,
+    )
+
+
+def _response_problem(
+    r: TrajectoryRecord, r_ids: list[int], eos: list[int], tok: Tokenizer, cfg: TokenizeConfig, where: dict
+) -> RecordError | None:
+    """What is wrong with the response as tokenized: empty though truncated, or behaviour log-probs that
+    do not match its token count (with or without EOS as configured)."""
+    if r.truncated and not r_ids:  # the outcome reward would land on a prompt token
+        return RecordError(
+            "empty_response",
+            "truncated: true, but the response gives no token with tokenizer "
+            f"{tok.name!r} (and a truncated response gets no EOS)",
+            field="response",
+            **where,
+        )
+    if r.behavior_logprobs is None:
+        return None
+    n_resp = len(r_ids) + len(eos)
+    if r.truncated:
+        want, what = n_resp, " (truncated: true, so no EOS)"
+    elif cfg.behavior_logprobs_include_eos:
+        want, what = n_resp, " incl. EOS"
+    else:
+        want, what = n_resp - 1, " before EOS"
+    if len(r.behavior_logprobs) == want:
+        return None
+    return RecordError(
+        "behavior_logprobs_length",
+        f"has {len(r.behavior_logprobs)} values but the response has {want} tokens{what} with tokenizer {tok.name!r}",
+        field="behavior_logprobs",
+        **where,
+    )
+
+
+def _fit_prompt(
+    p_ids: list[int], n_resp: int, has_eos: bool, cfg: TokenizeConfig, where: dict
+) -> tuple[list[int] | RecordError, int]:
+    """(prompt ids cut from the left so that prompt + `n_resp` response tokens fit `max_length`, tokens
+    cut); responses are never cut, so a record that cannot fit (or is to be dropped) is a RecordError."""
+    cut = 0
+    total = len(p_ids) + n_resp
+    if total > cfg.max_length:
+        if cfg.overlong == "drop":
+            return RecordError("too_long", f"{total} tokens > max_length {cfg.max_length}", **where), 0
+        if n_resp + 1 > cfg.max_length:
+            message = (
+                f"response alone has {n_resp} tokens{' incl. EOS' if has_eos else ''}; "
+                f"with one prompt token that exceeds max_length {cfg.max_length} (responses are never cut)"
+            )
+            return RecordError("response_too_long", message, **where), 0
+        cut = total - cfg.max_length
+        p_ids = p_ids[cut:]
+    if not p_ids:
+        message = "the prompt gives no tokens (a response needs a state to start from)"
+        return RecordError("empty_prompt", message, field="prompt", **where), 0
+    return p_ids, cut
+
+
+def _token_rewards(
+    r: TrajectoryRecord, prompt_len: int, n_tokens: int, starts, where: dict
+) -> np.ndarray | RecordError:
+    """``[n_tokens]`` float32 rewards: process rewards on the last token of their step, the outcome on
+    the last token; a RecordError when rewards sharing a token add up beyond float32."""
+    rewards = np.zeros(n_tokens, dtype=np.float32)
+    with np.errstate(over="ignore"):  # an overflowing sum is refused just below, with file:line
+        if r.process_rewards:
+            idx = step_token_indices(starts, [e for e, _ in r.process_rewards])
+            for j, (_, v) in zip(idx, r.process_rewards):
+                rewards[prompt_len + j] += np.float32(v)
+        rewards[-1] += np.float32(float(r.reward) if r.reward is not None else 0.0)
+    if np.isfinite(rewards).all():
+        return rewards
+    # each value fits float32 (parse_record checks), but rewards sharing a token add up beyond it
+    t = int(np.flatnonzero(~np.isfinite(rewards))[0])
+    return RecordError(
+        "not_representable",
+        f"the rewards on token {t} (outcome and/or process rewards on the "
+        "same token) add up beyond float32, the dtype they are stored in",
+        field="process_rewards" if r.process_rewards else "reward",
+        **where,
     )
