@@ -1,12 +1,9 @@
 """dqo-megatron: Direct Q-function Optimization (DQO) and its offline-RL baselines on Megatron-Core.
 
-Rooms, one per concern:
-  config      typed dataclasses for every setting, YAML + overrides
-  parallel    torch.distributed and Megatron parallel state, in one place
-  models      Llama / Qwen2 / Gemma as Megatron-Core GPTModels, layer specs (TE or CPU-capable local)
-  compat      the one documented patch that lets megatron-core run on CPU (no-op on GPU)
-  losses      pure-tensor DQO math and baselines (no megatron import)
-  training    forward_step / loss_func and the train step
+Rooms, one per concern, stacked so that imports go one way (docs/architecture.md lists every
+module; tests/test_house_rules.py enforces the order): config, parallel/compat, logprobs, models,
+conversion, data/tasks, training, rollout/process_scores, eval/analysis, demo, cli; losses and
+algorithms are pure math and sit below them all.
 """
 
 __version__ = "0.1.0"

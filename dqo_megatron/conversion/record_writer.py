@@ -1,6 +1,6 @@
 """Writing checkpoint records fast: byte for byte what `torch.save` writes, without its two passes.
 
-Used by `megatron_io`'s in-process writer for `dist_checkpointing`'s torch_dist files. `_record_bytes`
+Used by `in_process_save`'s in-process writer for `dist_checkpointing`'s torch_dist files. `_record_bytes`
 writes a tensor's zip record with the bytes checksummed piecewise (GIL released) and the CRC patched in
 where torch.save puts it; `_fast_records_ok` checks once per process that the result equals
 torch.save's output, else every record goes through torch.save. `_Writeback` starts the kernel's

@@ -1,4 +1,5 @@
-"""Generation for the data pipeline: rollouts, synthetic process scores (see backend.py for the interface)."""
+"""Generation for the data pipeline: the backends (interface in backend.py) and resumable rollouts; process
+scores, built on it, are the `process_scores` package."""
 
 from dqo_megatron.rollout.backend import Completion, GenerationBackend, SamplingParams
 

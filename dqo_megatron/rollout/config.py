@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args, get_type_hints
 
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.rollout.backend import SamplingParams
+
+BackendKind = Literal["auto", "vllm", "transformers", "megatron"]
+"""The generation backends `factory.build_backend` can build (a new backend adds its name here)."""
 
 
 @dataclass
@@ -28,7 +31,7 @@ class RolloutConfig:
     """Written as `behavior_tokenizer`; must equal what `preprocess` calls its tokenizer (its default: the
     basename of `-t`). None = the backend's default (basename of the tokenizer path; megatron: of the HF
     directory the checkpoint was converted from)."""
-    backend: Literal["auto", "vllm", "transformers", "megatron"] = "auto"
+    backend: BackendKind = "auto"
     """Generation backend; auto: megatron for a dqo-megatron checkpoint, vllm with CUDA when installed,
     else transformers."""
     task: Literal["auto", "gsm8k", "math"] = "auto"
@@ -101,12 +104,8 @@ class RolloutConfig:
             raise ConfigError("problems is empty: give a problem file (e.g. ../shared/data/gsm8k/train.jsonl)")
         if not self.output:
             raise ConfigError("output is empty: give the output .jsonl path")
-        choices = {
-            "backend": ("auto", "vllm", "transformers", "megatron"),
-            "task": ("auto", "gsm8k", "math"),
-            "prompt_format": ("auto", "chat", "text"),
-            "behavior_logprobs": ("raw", "sampled", "none"),
-        }
+        hints = get_type_hints(type(self))
+        choices = {name: get_args(hints[name]) for name in ("backend", "task", "prompt_format", "behavior_logprobs")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")

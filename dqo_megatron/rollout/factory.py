@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import get_args
 
 from dqo_megatron.rollout.backend import GenerationBackend
+from dqo_megatron.rollout.config import BackendKind
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "vllm", "transformers", "megatron")
-"""Values of `kind`."""
+BACKENDS = get_args(BackendKind)
+"""Values of `kind` (`rollout.config.BackendKind`, the one list)."""
 
 
 def resolve_kind(kind: str, model: str) -> str:

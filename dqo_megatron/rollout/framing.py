@@ -3,7 +3,7 @@
 Prompts are framed by `dqo_megatron.data.tokenize.Tokenizer`, the very code preprocessing uses (chat
 template with the generation prompt, or BOS + text for sentencepiece / template-less tokenizers), so
 the ids a backend conditions on are the prompt ids preprocessing will write, and the generated ids
-are (when they survive a decode / encode round trip, see rollout.py) the response ids it will write.
+are (when they survive a decode / encode round trip, see records.logprob_check) the response ids it will write.
 """
 
 from __future__ import annotations

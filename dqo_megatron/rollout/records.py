@@ -1,7 +1,7 @@
 """The records of one problem's samples, and the counts a run reports (`RolloutSummary`).
 
 A sample's behavior log-probs are written only when they line up with the tokens preprocessing will
-write (`logprob_check`); why, and the fields of a record, see rollout.py and docs/rollout.md.
+write (`logprob_check`, below); the fields of a record: docs/rollout.md.
 """
 
 from __future__ import annotations
