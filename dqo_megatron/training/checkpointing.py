@@ -18,7 +18,8 @@ Atomicity: every rank writes into ``.tmp_step_N``; after a barrier the ranks che
 rank 0 writes ``MANIFEST.json`` and ``COMPLETE``, renames the directory to ``step_N`` (one
 `os.replace`), then rewrites ``latest``, then prunes. A crash at any point leaves the previous
 ``step_*`` directory untouched and complete. A failure on any rank fails the save on every rank (no
-rank is left waiting); a full disk is named as such and the partial directory removed at once.
+rank is left waiting); a full disk is named as such and the partial directory removed at once. The
+mechanics of these steps are `checkpoint_commit`'s; this module holds what is saved and loaded.
 
 Integrity: `load_checkpoint` checks the files against the manifest first (``verify``: full = sizes and
 CRC32, size, off) and raises `CheckpointDamaged` naming the file; `resume_checkpoint` (``resume=auto``)
@@ -44,10 +45,7 @@ checkpoint (see `_param_groups_of_this_run` for why Megatron's group matching is
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -56,19 +54,22 @@ import torch
 
 from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
-    ManifestError,
     all_gather,
     broadcast,
-    children_die_with_parent,
-    collect_manifest,
     dcp_size_problems,
-    deferred_single_rank_errors,
     is_damage,
     manifest_bytes,
     one_line,
-    save_error_message,
     verify_directory,
-    write_manifest,
+)
+from dqo_megatron.training.checkpoint_commit import (  # noqa: F401 - _prune re-exported: callers import it from here
+    _checksum_and_commit,
+    _failure,
+    _fresh_directory,
+    _gather_errors,
+    _prune,
+    _raise_if_any,
+    _write_shards,
 )
 from dqo_megatron.training.checkpoint_files import (  # noqa: F401 - re-exported: callers import them from here
     _TMP_PREFIX,
@@ -202,15 +203,41 @@ def save_checkpoint(
     rng = rng_state()  # before anything else can draw random numbers
     root = Path(root)
     rank = torch.distributed.get_rank()
-    world = torch.distributed.get_world_size()
     name = step_dir_name(step)
     tmp, final = root / f"{_TMP_PREFIX}{name}", root / name
     started = time.perf_counter()
 
     # 1. A clean temporary directory (rank 0), seen by everyone before they write.
     _raise_if_any(_gather_errors(_fresh_directory(root, tmp) if rank == 0 else None), final, tmp)
-
     # 2. Model + optimizer (all ranks, collective), extra state (rank 0), RNG (each rank).
+    _write_state(tmp, final, step, model_chunks, optimizer, extra, schedulers, rng)
+    # 3. Checksums (every rank, its own files), then the commit (rank 0): manifest, marker, rename,
+    #    latest, prune.
+    manifest = _checksum_and_commit(root, tmp, final, step, keep_last, keep_steps)
+    if rank == 0:
+        logger.info(
+            "saved checkpoint %s (%.1f s, %.1f MiB)",
+            final,
+            time.perf_counter() - started,
+            manifest_bytes(manifest) / 2**20,
+        )
+    return final
+
+
+def _write_state(
+    tmp: Path,
+    final: Path,
+    step: int,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    extra: dict,
+    schedulers: dict,
+    rng: dict,
+) -> None:
+    """Write this rank's part of the checkpoint into `tmp`: the model chunks' and the optimizer's shards
+    (collective), the extra state (rank 0) and this rank's RNG state. Raises on every rank when any rank
+    failed; on return, every rank's files are written."""
+    rank = torch.distributed.get_rank()
     models = [_unwrap(c) for c in model_chunks]
     state = _models_sharded_state_dict(models)
     if optimizer is not None:
@@ -236,149 +263,6 @@ def save_checkpoint(
         errors.append(err)
     failure = _failure(errors[0], tmp, f"writing {tmp}", errors[1:]) if errors else None
     _raise_if_any(_gather_errors(failure), final, tmp)  # also: every rank's files are written
-
-    # 3. Checksums (every rank, its own files), then the commit (rank 0): manifest, marker, rename,
-    #    latest, prune.
-    try:
-        manifest = collect_manifest(tmp, exclude=(COMPLETE_MARKER,))
-    except ManifestError as err:  # raised on every rank alike
-        raise CheckpointError(
-            f"saving checkpoint {final} failed: {err}; the previous checkpoints are untouched"
-        ) from None
-    failure = None
-    if rank == 0:
-        try:
-            _commit(root, tmp, final, step, world, manifest)
-            _prune(root, step, keep_last, keep_steps)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            failure = _failure(err, tmp, "")
-    _raise_if_any(_gather_errors(failure), final, tmp)
-    if rank == 0:
-        logger.info(
-            "saved checkpoint %s (%.1f s, %.1f MiB)",
-            final,
-            time.perf_counter() - started,
-            manifest_bytes(manifest) / 2**20,
-        )
-    return final
-
-
-def _fresh_directory(root: Path, tmp: Path) -> tuple[str, bool] | None:
-    """Rank 0: create `tmp` under `root` after removing what killed saves left (``.tmp_*``, never read)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{_TMP_PREFIX}*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        tmp.mkdir()
-    except OSError as err:
-        return _failure(err, tmp, f"cannot create {tmp}")
-    return None
-
-
-def _write_shards(state: dict, directory: Path) -> list[BaseException]:
-    """`dist_checkpointing.save(state, directory)` (collective); the exceptions it raised or deferred.
-
-    The torch_dist files are written by threads of this process (`megatron_io.in_process_writer`), not
-    by forked children that would outlive a killed trainer; any process Megatron still forks dies with
-    this one; the files only rank 0 writes report their errors instead of raising mid-protocol."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from dqo_megatron.conversion.megatron_io import in_process_writer
-
-    errors: list[BaseException] = []
-    try:
-        with in_process_writer(), deferred_single_rank_errors(errors), children_die_with_parent():
-            dist_checkpointing.save(state, str(directory))
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        errors.insert(0, err)
-    return errors
-
-
-def _failure(err: BaseException, directory: Path, doing: str, more: Sequence[BaseException] = ()) -> tuple[str, bool]:
-    """``(message, disk_full)`` for a save error: the disk named when it is full, else the error in one line."""
-    message, full = save_error_message([err, *more], directory)
-    return (f"{doing}: {message}" if doing and not full else message), full
-
-
-def _gather_errors(failure: tuple[str, bool] | None) -> list[tuple[int, str, bool]]:
-    """Every rank's ``(rank, message, disk_full)``, on every rank; doubles as a barrier."""
-    every = all_gather(failure)
-    return [(rank, message, full) for rank, item in enumerate(every) if item is not None for message, full in [item]]
-
-
-def _raise_if_any(errors: list[tuple[int, str, bool]], final: Path, tmp: Path) -> None:
-    if not errors:
-        return
-    full = [e for e in errors if e[2]]
-    if full:  # one disk for all: the same message from several ranks says it once
-        listed = "; ".join(dict.fromkeys(message for _, message, _ in full))
-    else:
-        listed = "; ".join(f"rank {rank}: {message}" for rank, message, _ in errors)
-    if full and torch.distributed.get_rank() == 0:  # its space is what the next try needs
-        shutil.rmtree(tmp, ignore_errors=True)
-    removed = "the partial checkpoint was removed, " if full else ""
-    raise CheckpointError(
-        f"saving checkpoint {final} failed ({listed}); {removed}the previous checkpoints are untouched"
-    )
-
-
-def _write_marker(tmp: Path, step: int, world: int, manifest: dict) -> None:
-    with open(tmp / COMPLETE_MARKER, "w") as f:
-        json.dump(
-            {
-                "format_version": FORMAT_VERSION,
-                "step": int(step),
-                "world_size": world,
-                "time": time.time(),
-                "manifest": MANIFEST_FILE,
-                "bytes": manifest_bytes(manifest),
-            },
-            f,
-        )
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)  # the marker and everything written before it are durable before the rename
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished temporary directory to its final name (atomic on POSIX)."""
-    trash = None
-    if final.exists():  # os.replace cannot replace a non-empty directory: move the old one aside
-        trash = final.with_name(f"{_TRASH_PREFIX}{final.name}.{os.getpid()}")
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _commit(root: Path, tmp: Path, final: Path, step: int, world: int, manifest: dict) -> None:
-    write_manifest(tmp, manifest)  # before the marker: a complete checkpoint always has its manifest
-    _write_marker(tmp, step, world, manifest)
-    _publish(tmp, final)
-    write_text_atomically(root / LATEST_FILE, f"{int(step)}\n")
-
-
-def _prune(root: Path, step: int, keep_last: int | None, keep_steps: Sequence[int] = ()) -> None:
-    """Delete complete checkpoints older than `step` beyond the newest ``keep_last - 1`` of them, except
-    those of `keep_steps`.
-
-    Newer directories (another line of the run) and incomplete ones are left alone. The marker goes
-    first, so a deletion cut short leaves an ignored, incomplete directory rather than a broken one.
-    """
-    for trash in root.glob(f"{_TRASH_PREFIX}step_*"):
-        shutil.rmtree(trash, ignore_errors=True)
-    if keep_last is None:
-        return
-    older = [(s, p) for s, p in list_checkpoints(root) if s < step]
-    doomed = [(s, p) for s, p in older[: max(0, len(older) - (keep_last - 1))] if s not in set(keep_steps)]
-    for _, path in doomed:
-        (path / COMPLETE_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------- load

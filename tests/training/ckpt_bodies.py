@@ -20,7 +20,7 @@ import torch
 from dqo_megatron import parallel
 from dqo_megatron.config import LossConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig, ValueConfig
 from dqo_megatron.models import build_model_chunks
-from dqo_megatron.training import checkpointing
+from dqo_megatron.training import checkpoint_commit, checkpointing
 from dqo_megatron.training.megatron_setup import attach_finalize, build_optimizer, build_scheduler, wrap_with_ddp
 from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, reduce_metrics, train_step
 from tests.helpers.layouts import make_batch, micro_batches
@@ -227,7 +227,7 @@ def crash_body(root: str, stage: str, record: str) -> None:
         filesystem_async.FileSystemWriterAsync.retrieve_write_results = die(None)
     else:
         target = {"before_rename": "_publish", "after_rename": "_publish"}[stage]
-        setattr(checkpointing, target, die(getattr(checkpointing, target)))
+        setattr(checkpoint_commit, target, die(getattr(checkpoint_commit, target)))
     checkpointing.save_checkpoint(root, 2, ddp, optimizer, scheduler, extra={"step": 2})
     raise AssertionError(f"the save at stage {stage} should have been killed")
 

@@ -15,7 +15,7 @@ import signal
 import pytest
 import torch
 
-from dqo_megatron.training import checkpointing
+from dqo_megatron.training import checkpoint_commit, checkpointing
 from dqo_megatron.training.checkpointing import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -184,17 +184,17 @@ def _prune_body(root: str) -> dict:
         checkpointing.save_checkpoint(root, 4, ddp, optimizer, scheduler, extra={"step": 4, "again": True}, keep_last=2)
         seen["again"] = listing()
         # A rename that fails: every rank gets the error (no hang), the last good checkpoint stays.
-        original = checkpointing._publish
+        original = checkpoint_commit._publish
 
         def broken(tmp, final):
             raise OSError(f"simulated rename failure for {final}")
 
-        checkpointing._publish = broken
+        checkpoint_commit._publish = broken
         try:
             checkpointing.save_checkpoint(root, 5, ddp, optimizer, scheduler, extra={"step": 5}, keep_last=2)
         except CheckpointError as err:
             seen["error"] = str(err)
-        checkpointing._publish = original
+        checkpoint_commit._publish = original
         seen["after_error"] = listing()
     finally:
         shutdown_writer_manager()
