@@ -11,39 +11,15 @@ from dqo_megatron.config import ModelConfig, ParallelConfig
 from dqo_megatron.models import expected_parameter_count
 from tests.helpers.distributed import run_distributed
 
+TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=300)
+
 FAMILIES = {
-    "llama-mha-untied": ModelConfig(
-        family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=300
-    ),
+    "llama-mha-untied": ModelConfig(family="llama", **TINY),
     "llama-gqa-tied": ModelConfig(
-        family="llama",
-        num_layers=3,
-        hidden_size=64,
-        ffn_hidden_size=96,
-        num_attention_heads=8,
-        num_query_groups=2,
-        vocab_size=300,
-        tie_embeddings=True,
+        family="llama", **{**TINY, "num_layers": 3, "num_attention_heads": 8}, num_query_groups=2, tie_embeddings=True
     ),
-    "qwen2": ModelConfig(
-        family="qwen2",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=96,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=300,
-    ),
-    "gemma": ModelConfig(
-        family="gemma",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=96,
-        num_attention_heads=4,
-        num_query_groups=1,
-        kv_channels=48,
-        vocab_size=300,
-    ),
+    "qwen2": ModelConfig(family="qwen2", **TINY, num_query_groups=2),
+    "gemma": ModelConfig(family="gemma", **TINY, num_query_groups=1, kv_channels=48),
 }
 
 

@@ -26,49 +26,14 @@ from tests.helpers.layouts import LR, layout_step, make_batch, reference_step
 REL_TOL = 2e-5
 SEQ, GLOBAL_BATCH, VOCAB = 32, 4, 256
 
+TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2)
+TINY.update(vocab_size=VOCAB, seq_length=SEQ)
+
 MODELS = {
-    "llama-gqa": ModelConfig(
-        family="llama",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-    ),
-    "llama-tied-4l": ModelConfig(
-        family="llama",
-        num_layers=4,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-        tie_embeddings=True,
-    ),
-    "qwen2": ModelConfig(
-        family="qwen2",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-    ),
-    "gemma": ModelConfig(
-        family="gemma",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=24,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-    ),
+    "llama-gqa": ModelConfig(family="llama", **TINY),
+    "llama-tied-4l": ModelConfig(family="llama", **{**TINY, "num_layers": 4}, tie_embeddings=True),
+    "qwen2": ModelConfig(family="qwen2", **TINY),
+    "gemma": ModelConfig(family="gemma", **TINY, kv_channels=24),
 }
 
 # name: (model, world size, layout)

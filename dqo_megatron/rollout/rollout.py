@@ -115,21 +115,9 @@ def _build_backend(cfg: RolloutConfig) -> GenerationBackend:
         raise ConfigError("model is empty: give an HF model directory or a dqo-megatron checkpoint")
     from dqo_megatron.rollout.factory import build_backend
 
-    return build_backend(
-        cfg.backend,
-        cfg.model,
-        cfg.tokenizer,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        tensor_parallel=cfg.tensor_parallel,
-        tokenizer_name=cfg.tokenizer_name,
-        batch_size=cfg.batch_size,
-        chat_template=cfg.chat_template,
-        use_chat_template=cfg.use_chat_template,
-        eos_token=cfg.eos_token,
-        trust_remote_code=cfg.trust_remote_code,
-        run_config=cfg.run_config,
-    )
+    passed = ("device", "dtype", "tensor_parallel", "tokenizer_name", "batch_size", "chat_template")
+    passed += ("use_chat_template", "eos_token", "trust_remote_code", "run_config")
+    return build_backend(cfg.backend, cfg.model, cfg.tokenizer, **{name: getattr(cfg, name) for name in passed})
 
 
 def _prompt_format(cfg: RolloutConfig, backend: GenerationBackend) -> str:

@@ -219,9 +219,7 @@ def layout_deviation(
     from megatron.core import parallel_state as ps
 
     from dqo_megatron.models.weights import local_to_global_names, shard_tensor_for_rank
-    from dqo_megatron.parallel import cp_local_positions
-    from dqo_megatron.training.step import lm_forward_step, microbatch_iterators, train_step
-    from tests.helpers.layouts import _collect_logits, micro_batches
+    from tests.helpers.layouts import _collect_logits, lm_train_step, logits_deviation, micro_batches
 
     info, chunks, ddp, optimizer = _setup_fp32(model_cfg, parallel_cfg, reference["initial"])
     seq = batch["tokens"].shape[1]
@@ -232,25 +230,8 @@ def layout_deviation(
     dev = {"logits": 0.0, "after": 0.0, "backend": torch.distributed.get_backend()}
     logits = _collect_logits(ddp, mbs, seq, micro_batch_size)
     if ps.is_pipeline_last_stage():
-        local = torch.cat(logits).cpu()
-        rows = batch["tokens"].shape[0] // info.dp_size
-        expected = reference["logits"][info.dp_rank * rows : (info.dp_rank + 1) * rows]
-        cp = ps.get_context_parallel_world_size()
-        if cp > 1:
-            expected = expected[:, cp_local_positions(seq // cp, cp, info.cp_rank)]
-        shard = local.shape[-1]
-        expected = expected[..., info.tp_rank * shard : (info.tp_rank + 1) * shard]
-        dev["logits"] = (local - expected).abs().max().item()
-        dev["logits_scale"] = expected.abs().max().item()
-    result = train_step(
-        ddp,
-        optimizer,
-        microbatch_iterators(ddp, mbs),
-        num_microbatches=len(mbs),
-        seq_length=seq,
-        micro_batch_size=micro_batch_size,
-        forward_step=lm_forward_step,
-    )
+        dev.update(logits_deviation(torch.cat(logits).cpu(), reference["logits"], info))
+    result = lm_train_step(ddp, optimizer, mbs, seq, micro_batch_size)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         names = local_to_global_names(chunk)

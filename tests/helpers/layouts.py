@@ -122,6 +122,29 @@ def reference_step(model_cfg: ModelConfig, batch: dict, micro_batch_size: int = 
     }
 
 
+def lm_train_step(ddp: list, optimizer, mbs: list[dict], seq: int, micro_batch_size: int):
+    """One optimizer step of the language-model loss over the micro-batches `mbs` (Megatron's schedule)."""
+    iterators = _iterators(ddp, mbs)
+    kwargs = dict(num_microbatches=len(mbs), seq_length=seq, micro_batch_size=micro_batch_size)
+    return train_step(ddp, optimizer, iterators, **kwargs, forward_step=lm_forward_step)
+
+
+def logits_deviation(local: torch.Tensor, full: torch.Tensor, info) -> dict:
+    """Max |local - reference| of this rank's logits ``[rows of this DP rank, seq/cp, vocab/tp]`` against
+    the single-process `full` ``[rows, seq, vocab]`` cut to this rank's DP rows, CP positions and TP
+    vocabulary shard; and the reference's scale."""
+    from megatron.core import parallel_state as ps
+
+    rows, seq = full.shape[0] // info.dp_size, full.shape[1]
+    expected = full[info.dp_rank * rows : (info.dp_rank + 1) * rows].to(local.device)
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        expected = expected[:, cp_local_positions(seq // cp, cp, info.cp_rank, local.device)]
+    vocab_shard = local.shape[-1]
+    expected = expected[..., info.tp_rank * vocab_shard : (info.tp_rank + 1) * vocab_shard]
+    return {"logits": (local - expected).abs().max().item(), "logits_scale": expected.abs().max().item()}
+
+
 def layout_step(
     model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch: dict, reference: dict, micro_batch_size: int = 1
 ) -> dict:
@@ -134,25 +157,8 @@ def layout_step(
     dev = {"logits": 0.0, "grads": 0.0, "after": 0.0}
     logits = _collect_logits(ddp, mbs, seq, micro_batch_size)
     if ps.is_pipeline_last_stage():
-        local = torch.cat(logits)  # [rows of this DP rank, seq/cp, vocab/tp]
-        rows = batch["tokens"].shape[0] // info.dp_size
-        expected = reference["logits"][info.dp_rank * rows : (info.dp_rank + 1) * rows]
-        cp = ps.get_context_parallel_world_size()
-        if cp > 1:
-            expected = expected[:, cp_local_positions(seq // cp, cp, info.cp_rank)]
-        vocab_shard = local.shape[-1]
-        expected = expected[..., info.tp_rank * vocab_shard : (info.tp_rank + 1) * vocab_shard]
-        dev["logits"] = (local - expected).abs().max().item()
-        dev["logits_scale"] = expected.abs().max().item()
-    result = train_step(
-        ddp,
-        optimizer,
-        _iterators(ddp, mbs),
-        num_microbatches=len(mbs),
-        seq_length=seq,
-        micro_batch_size=micro_batch_size,
-        forward_step=lm_forward_step,
-    )
+        dev.update(logits_deviation(torch.cat(logits), reference["logits"], info))
+    result = lm_train_step(ddp, optimizer, mbs, seq, micro_batch_size)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         names = local_to_global_names(chunk)

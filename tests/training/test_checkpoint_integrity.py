@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
@@ -50,6 +49,7 @@ from tests.training.ckpt_bodies import (
     local_params,
     shutdown_writer_manager,
 )
+from tests.training.test_trainer_resume import _losses
 
 REPO = Path(__file__).resolve().parents[2]
 STEP2, STEP4 = "step_00000002", "step_00000004"
@@ -506,49 +506,15 @@ def _train(config: Path, *overrides: str, **popen) -> subprocess.CompletedProces
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        out[item["step"]] = item["loss"]  # the last line of a step wins
-    return out
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A DQO run of 6 steps saving every 2 (checkpoints 2, 4, 6): the uninterrupted reference."""
     from tests.helpers.synthetic_data import write_synthetic_dataset
+    from tests.training.test_trainer_resume import _config
 
     tmp = tmp_path_factory.mktemp("trainer")
     dataset = write_synthetic_dataset(str(tmp / "data" / "train"), docs=12, max_len=SEQ + 1)
-    config = {
-        "model": {
-            "family": "llama",
-            "num_layers": 2,
-            "hidden_size": 64,
-            "ffn_hidden_size": 128,
-            "num_attention_heads": 4,
-            "num_query_groups": 2,
-            "vocab_size": 256,
-            "seq_length": SEQ,
-        },
-        "algorithm": "dqo",
-        "loss": {"beta": 0.5},
-        "data": {"train_prefix": dataset},
-        "train": {
-            "micro_batch_size": 2,
-            "global_batch_size": 4,
-            "seq_length": SEQ,
-            "lr": 3e-3,
-            "train_steps": STEPS,
-            "save_interval": 2,
-            "lr_warmup_steps": 2,
-            "lr_decay_style": "cosine",
-        },
-        "run_dir": str(tmp / "reference"),
-    }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _config(tmp, dataset, tmp / "reference", steps=STEPS)
     done = _train(path)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp, path

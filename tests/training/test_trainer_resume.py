@@ -20,7 +20,8 @@ STEPS = 8
 SEQ = 32
 
 
-def _config(tmp: Path, dataset: str, run_dir: Path) -> Path:
+def _config(tmp: Path, dataset: str, run_dir: Path, steps: int = STEPS) -> Path:
+    """A tiny DQO run's config file (tmp/<run_dir name>.yaml): llama, 2 layers, save every 2 steps."""
     config = {
         "model": {
             "family": "llama",
@@ -40,7 +41,7 @@ def _config(tmp: Path, dataset: str, run_dir: Path) -> Path:
             "global_batch_size": 4,
             "seq_length": SEQ,
             "lr": 3e-3,
-            "train_steps": STEPS,
+            "train_steps": steps,
             "save_interval": 2,
             "lr_warmup_steps": 2,
             "lr_decay_style": "cosine",
