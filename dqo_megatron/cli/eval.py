@@ -74,6 +74,12 @@ _DTYPE = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | 
 _TENSOR_PARALLEL = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model.")
 
 
+def _sampling(temperature, top_p, top_k, max_new_tokens, seed, timeout_s) -> dict:
+    """The sampling options process-scores and eval share, as their configs name them."""
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
+    return sampling | dict(seed=seed, timeout_s=timeout_s)
+
+
 @app.command("process-scores")
 def process_scores(
     inputs: List[str] = typer.Argument(
@@ -151,14 +157,9 @@ def process_scores(
             max_steps=max_steps,
             assign=assign,
             step_reward=step_reward,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
+            **_sampling(temperature, top_p, top_k, max_new_tokens, seed, timeout_s),
             prefixes_per_call=prefixes_per_call,
             task=task,
-            timeout_s=timeout_s,
             cache="" if no_cache else cache,
             replace_rewards=replace_rewards,
             overwrite=overwrite,
@@ -267,14 +268,9 @@ def eval_(
             data_dir=data_dir,
             limit=limit,
             limit_mode=limit_mode,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
+            **_sampling(temperature, top_p, top_k, max_new_tokens, seed, timeout_s),
             num_samples=num_samples,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
             problems_per_call=problems_per_call,
-            timeout_s=timeout_s,
             cache=not no_cache,
             progress=not no_progress,
             **kw,
