@@ -38,7 +38,7 @@ def markdown_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `dqo_megatron/config/schema.py` by `python -m dqo_megatron.config.reference`;",
+        "Generated from the dataclasses in `dqo_megatron/config/` by `python -m dqo_megatron.config.reference`;",
         "do not edit by hand. A run config is one YAML file with these sections; any key can be",
         "overridden on the command line as `section.key=value` (values are parsed as YAML).",
         "",
