@@ -30,7 +30,11 @@ def _run(fn, *args, **kwargs) -> None:
         raise typer.Exit(2) from None
     if report.parity is not None:
         typer.echo(report.parity.summary())
-    typer.echo(f"wrote {report.output} ({report.model.family}, {report.dtype}) in {report.seconds:.1f} s")
+    model = report.model
+    typer.echo(
+        f"wrote {report.output} ({model.family}, {report.dtype}; seq_length={model.seq_length}, "
+        f"make_vocab_size_divisible_by={model.make_vocab_size_divisible_by}) in {report.seconds:.1f} s"
+    )
 
 
 @convert_app.command("hf-to-megatron")
@@ -45,6 +49,18 @@ def hf_to_megatron(
     pipeline_parallel: int = typer.Option(1, "--pp", help="Check the model can be split into this PP size."),
     value: bool = typer.Option(False, "--value", help="Write a value network (trunk copied, scalar head zero)."),
     value_head: Optional[Path] = typer.Option(None, help="With --value: take the head from this value checkpoint."),
+    make_vocab_size_divisible_by: int = typer.Option(
+        128,
+        "--make-vocab-size-divisible-by",
+        help="model.make_vocab_size_divisible_by written to model_config.yaml (Megatron-LM's and the example "
+        "configs' 128). Runs may pad differently: the weights are stored unpadded.",
+    ),
+    seq_length: Optional[int] = typer.Option(
+        None,
+        "--seq-length",
+        help="model.seq_length written to model_config.yaml (default: config.json's max_position_embeddings; "
+        "at most that). Runs may use a shorter one.",
+    ),
 ) -> None:
     """HF safetensors -> Megatron distributed checkpoint (loads under any TP/PP)."""
     from dqo_megatron.config import ConfigError, ParallelConfig
@@ -68,6 +84,8 @@ def hf_to_megatron(
         tolerance=tolerance,
         value=value,
         value_head=value_head,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        seq_length=seq_length,
     )
 
 

@@ -12,6 +12,7 @@ passed, when asked), so a failure leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -138,11 +139,16 @@ def hf_to_megatron(
     value: bool = False,
     value_head: Optional[str | Path] = None,
     progress: bool = True,
+    make_vocab_size_divisible_by: int = 1,
+    seq_length: Optional[int] = None,
 ) -> ConversionReport:
     """Convert the HF model directory `src` into a dqo-megatron checkpoint directory `out`.
 
     Args:
         dtype: stored dtype: auto (the source's), fp32, bf16 or fp16.
+        make_vocab_size_divisible_by, seq_length: written into ``model_config.yaml`` for runs to copy
+            (seq_length None: config.json's ``max_position_embeddings``; longer is refused). The weights
+            hold the unpadded vocabulary whatever the padding: a run pads on load.
         layouts: TP/PP layouts the model must be splittable into (checked before anything is read).
         verify: compare logits with transformers on fixed prompts and refuse to write on failure.
         value: write a value network instead (trunk copied, scalar head zero-initialized; see
@@ -159,7 +165,12 @@ def hf_to_megatron(
     check_output(out.absolute(), overwrite, inputs)
     ckpt = hf_io.HFCheckpoint.open(src)
     fam = family_for_hf_config(ckpt.config, where=str(src / "config.json"))
-    cfg = fam.config_from_hf(ckpt.config, where=str(src / "config.json"))
+    cfg = fam.config_from_hf(
+        ckpt.config,
+        where=str(src / "config.json"),
+        seq_length=seq_length,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
     check_layouts(cfg, layouts)
     rules = hf_io.plan_import(ckpt, fam, cfg)
     source_dtypes = ckpt.dtypes()
@@ -176,7 +187,9 @@ def hf_to_megatron(
     parity = None
     with staged_output(out, overwrite, inputs) as tmp, single_process_layout():
         with _gc_paused():
-            (chunk,) = build_empty_chunks(cfg, ParallelConfig(), torch_dtype)
+            # unpadded rows: the HF tensors go in as they are, and any run's padding loads from them
+            unpadded = dataclasses.replace(cfg, make_vocab_size_divisible_by=1)
+            (chunk,) = build_empty_chunks(unpadded, ParallelConfig(), torch_dtype)
             _fill_from_hf(chunk, hf_io.stream_megatron_tensors(ckpt, rules, torch_dtype, progress, defer=True))
             kind = "policy"
             if value:

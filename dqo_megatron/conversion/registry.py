@@ -79,6 +79,22 @@ def rope_theta_of(hf: Mapping[str, Any], where: str, default: Optional[float] = 
     return float(theta)
 
 
+def checked_seq_length(hf: Mapping[str, Any], seq_length: Optional[int], where: str) -> int:
+    """`seq_length`, or ``max_position_embeddings`` (4096 when config.json has none) when None;
+    ConversionError when it is not positive or longer than ``max_position_embeddings``."""
+    limit = hf.get("max_position_embeddings")
+    if seq_length is None:
+        return int(limit or 4096)
+    if seq_length <= 0:
+        raise ConversionError(f"--seq-length {seq_length}: must be positive")
+    if limit and seq_length > int(limit):
+        raise ConversionError(
+            f"--seq-length {seq_length} is longer than {where}'s max_position_embeddings={limit}: the model "
+            "was not trained on such positions (and RoPE scaling is not supported); give at most that"
+        )
+    return int(seq_length)
+
+
 class Family:
     """Base: Llama-style decoder (pre-norm, RoPE, GQA, gated MLP). Subclasses set the class attributes
     and override `config_from_hf` / `config_to_hf` where they differ."""
@@ -104,11 +120,23 @@ class Family:
         if hf.get("mlp_bias"):
             raise ConversionError(f"{where}: mlp_bias=true is not supported (the Megatron model has no MLP bias)")
 
-    def config_from_hf(self, hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
-        """`ModelConfig` from an HF ``config.json`` dict; ConversionError naming the field when unsupported."""
+    def config_from_hf(
+        self,
+        hf: Mapping[str, Any],
+        where: str = "config.json",
+        *,
+        seq_length: Optional[int] = None,
+        make_vocab_size_divisible_by: int = 1,
+    ) -> ModelConfig:
+        """`ModelConfig` from an HF ``config.json`` dict; ConversionError naming the field when unsupported.
+
+        `seq_length` (None: ``max_position_embeddings``, else 4096) and `make_vocab_size_divisible_by` are
+        the run's choices, not the model's: they go into the ModelConfig as given (`seq_length` at most
+        ``max_position_embeddings``, since our RoPE has no scaling to go beyond the trained positions)."""
         self.check_hf_config(hf, where)
         heads = int(_get(hf, "num_attention_heads", where))
         hidden = int(_get(hf, "hidden_size", where))
+        seq_length = checked_seq_length(hf, seq_length, where)
         try:
             return ModelConfig(
                 family=self.name,
@@ -119,8 +147,8 @@ class Family:
                 num_query_groups=int(hf.get("num_key_value_heads") or heads),
                 kv_channels=int(hf.get("head_dim") or hidden // heads),
                 vocab_size=int(_get(hf, "vocab_size", where)),
-                make_vocab_size_divisible_by=1,
-                seq_length=int(hf.get("max_position_embeddings") or 4096),
+                make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                seq_length=seq_length,
                 rotary_base=rope_theta_of(hf, where, default=10000.0),
                 norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", self.default_tie())),
@@ -144,7 +172,10 @@ class Family:
 
     def config_to_hf(self, cfg: ModelConfig, base: Optional[Mapping[str, Any]], dtype: torch.dtype) -> dict:
         """HF ``config.json`` for `cfg`: `base` (the original config, for token ids and the like) with every
-        architecture field set from `cfg`. RoPE theta is written in both the transformers-4 and -5 forms."""
+        architecture field set from `cfg`. RoPE theta is written in both the transformers-4 and -5 forms.
+
+        ``max_position_embeddings`` stays the base's (the model's limit; `cfg.seq_length` is only what the
+        run used, often shorter) unless the run used more or there is no base."""
         out = dict(base or {})
         for stale in ("rope_scaling", "_name_or_path", "transformers_version"):
             out.pop(stale, None)
@@ -158,7 +189,7 @@ class Family:
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups,
             vocab_size=cfg.vocab_size,
-            max_position_embeddings=cfg.seq_length,
+            max_position_embeddings=max(cfg.seq_length, int(out.get("max_position_embeddings") or 0)),
             rms_norm_eps=cfg.norm_epsilon,
             rope_theta=cfg.rotary_base,
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},

@@ -8,14 +8,34 @@ from dqo_megatron.config import ConfigError, ModelConfig, RunConfig, to_dict
 
 
 def check_same_model(run_model: ModelConfig, ckpt_model: ModelConfig, where: str) -> None:
-    """ConfigError listing every `model.*` field where the run and the checkpoint disagree."""
+    """ConfigError listing every `model.*` field where the run cannot start from the checkpoint.
+
+    Two fields are the run's to choose: `make_vocab_size_divisible_by` may differ (the loaded embedding
+    rows are the checkpoint's, and rows the run pads beyond `vocab_size` are zero: Megatron loads
+    embeddings with `allow_shape_mismatch`), and `seq_length` may be shorter than the checkpoint's (RoPE
+    has no position weights; longer would be positions the model was not converted for). Every other
+    field must be equal."""
     ours, theirs = to_dict(run_model), to_dict(ckpt_model)
-    diffs = [f"model.{k}={ours[k]!r} (checkpoint: {theirs[k]!r})" for k in ours if ours[k] != theirs.get(k)]
+    diffs = []
+    for key in ours:
+        if key == "make_vocab_size_divisible_by" or ours[key] == theirs.get(key):
+            continue
+        if key == "seq_length" and isinstance(theirs.get(key), int):
+            if ours[key] <= theirs[key]:
+                continue
+            diffs.append(
+                f"model.seq_length={ours[key]} is longer than the checkpoint's {theirs[key]} (use at most that, "
+                f"or convert again with `convert hf-to-megatron --seq-length {ours[key]}`, which the HF config's "
+                "max_position_embeddings must allow)"
+            )
+            continue
+        diffs.append(f"model.{key}={ours[key]!r} (checkpoint: {theirs.get(key)!r})")
     if diffs:
         raise ConfigError(
             f"{where} was converted for another model: "
             + "; ".join(diffs)
-            + ". Copy the checkpoint's model_config.yaml into the run config's `model` section"
+            + ". Copy the checkpoint's model_config.yaml into the run config's `model` section (seq_length may be "
+            "shorter, make_vocab_size_divisible_by any)"
         )
 
 
