@@ -15,6 +15,7 @@ import shutil
 
 import typer
 
+from dqo_megatron.config.dtypes import DTYPE_HELP, canonical_dtype, torch_dtype_name
 from dqo_megatron.errors import first_line
 
 DEBUG_ENV = "DQO_DEBUG"
@@ -113,3 +114,17 @@ def configure_logging() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def dtype_option(auto: str, torch_names: bool = False):
+    """The `--dtype` option of every command: the spellings of `config/dtypes.py` (`bf16` = `bfloat16`,
+    ...), `auto` meaning `auto`; the command receives the short name, or torch's (`torch_names`: what the
+    generation backends hand to transformers and vLLM)."""
+
+    def parse(value: str) -> str:
+        try:
+            return (torch_dtype_name if torch_names else canonical_dtype)(value, "--dtype")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).removeprefix(f"--dtype={value!r}: ")) from None
+
+    return typer.Option("auto", "--dtype", help=f"{DTYPE_HELP}; auto: {auto}.", callback=parse)

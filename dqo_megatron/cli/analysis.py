@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from dqo_megatron.cli._app import app, configure_logging
+from dqo_megatron.cli._app import app, configure_logging, dtype_option
 
 
 @app.command("value-analysis")
@@ -60,7 +60,7 @@ def value_analysis(
     overlong: str = typer.Option("drop", help="Longer sequences: drop | truncate_prompt_left."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
     max_records: Optional[int] = typer.Option(None, help="Use at most this many records."),
-    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16."),
+    dtype: str = dtype_option("fp32 on CPU, bf16 on GPU"),
     no_initial: bool = typer.Option(
         False,
         "--no-initial",

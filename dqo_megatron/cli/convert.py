@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from dqo_megatron.cli._app import GuardedTyper, app, configure_logging
+from dqo_megatron.cli._app import GuardedTyper, app, configure_logging, dtype_option
 
 convert_app = GuardedTyper(
     help="Convert checkpoints between Hugging Face and Megatron (see docs/checkpoints.md).", no_args_is_help=True
@@ -44,7 +44,7 @@ def hf_to_megatron(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     verify: bool = typer.Option(False, "--verify", help="Compare logits with transformers; fail above --tolerance."),
     tolerance: float = typer.Option(1e-3, help="Max |logit difference| accepted by --verify (fp32)."),
-    dtype: str = typer.Option("auto", help="Stored dtype: auto (the source's), fp32, bf16, fp16."),
+    dtype: str = dtype_option("the source's (stored dtype)"),
     tensor_parallel: int = typer.Option(1, "--tp", help="Check the model can be split into this TP size."),
     pipeline_parallel: int = typer.Option(1, "--pp", help="Check the model can be split into this PP size."),
     value: bool = typer.Option(False, "--value", help="Write a value network (trunk copied, scalar head zero)."),
@@ -96,7 +96,7 @@ def megatron_to_hf(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     verify: bool = typer.Option(False, "--verify", help="Compare logits of the written model; fail above --tolerance."),
     tolerance: float = typer.Option(1e-3, help="Max |logit difference| accepted by --verify (fp32)."),
-    dtype: str = typer.Option("auto", help="Written dtype: auto (the checkpoint's), fp32, bf16, fp16."),
+    dtype: str = dtype_option("the checkpoint's (written dtype)"),
     tokenizer: Optional[Path] = typer.Option(
         None, help="Copy tokenizer files from here (default: the checkpoint's hf/)."
     ),

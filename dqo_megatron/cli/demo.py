@@ -38,14 +38,8 @@ def demo(
 ) -> None:
     """Data, SFT warm-up, rollouts, labels, process scores, DRO / DQO / DQO+PS training, evaluation, value
     analysis: see docs/demo.md."""
-    import warnings
-
     from dqo_megatron.config import ConfigError
     from dqo_megatron.demo import DemoConfig, run_demo
-
-    # megatron/torch deprecation notices from in-process stages are noise in a demo's output
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
 
     echo = lambda line: typer.echo(line, err=True)  # noqa: E731
     try:

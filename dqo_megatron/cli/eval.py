@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from dqo_megatron.cli._app import app, configure_logging
+from dqo_megatron.cli._app import app, configure_logging, dtype_option
 
 _BACKEND_HELP = (
     "auto (vllm if installed and on GPU, else transformers; megatron for Megatron checkpoints) "
@@ -70,7 +70,7 @@ _RUN_CONFIG = typer.Option(
 )
 _BACKEND = typer.Option("auto", help=_BACKEND_HELP)
 _DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
-_DTYPE = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")
+_DTYPE = dtype_option("bf16 on GPU, fp32 on CPU", torch_names=True)
 _TENSOR_PARALLEL = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM: GPUs per model.")
 
 
@@ -210,7 +210,7 @@ class _DryRunBackend:
 def eval_(
     model: List[str] = typer.Option(..., "--model", "-m", help="Model path (repeat for several rows of one table)."),
     name: Optional[List[str]] = typer.Option(
-        None, "--name", "-n", help="Row name per --model, in order (default: basenames)."
+        None, "--name", help="Row name per --model, in order (default: basenames)."
     ),
     output_dir: Path = typer.Option(
         ..., "--output-dir", "-o", help="Writes results.json, results.md, accuracy.png, outputs/, cache/."
@@ -240,7 +240,9 @@ def eval_(
     temperature: float = typer.Option(1.0, help="sample decoding: temperature."),
     top_p: float = typer.Option(0.9, help="sample decoding: top_p."),
     top_k: int = typer.Option(16, help="sample decoding: top_k."),
-    num_samples: int = typer.Option(1, help="sample decoding: samples per problem (accuracy = their mean)."),
+    num_samples: int = typer.Option(
+        1, "--num-samples", "-n", help="sample decoding: samples per problem (accuracy = their mean)."
+    ),
     max_new_tokens: int = typer.Option(1024, help="Longest response in tokens."),
     seed: int = typer.Option(1234, help="Base seed of sampled decoding."),
     problems_per_call: int = typer.Option(32, help="Problems per backend call; the cache is appended after each."),

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from dqo_megatron.cli._app import app, configure_logging
+from dqo_megatron.cli._app import app, configure_logging, dtype_option
 
 
 @app.command()
@@ -49,7 +49,7 @@ def rollout(
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Frame prompts as BOS + text."),
     eos_token: Optional[str] = typer.Option(None, help="EOS that preprocessing appends (default: the tokenizer's)."),
     device: str = typer.Option("auto", help="transformers backend: auto | cpu | cuda[:i]."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
+    dtype: str = dtype_option("bf16 on GPU, fp32 on CPU; megatron: the checkpoint's on GPU", torch_names=True),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="vLLM tensor_parallel_size."),
     batch_size: int = typer.Option(64, help="Rows (problem x sample) per forward pass (transformers/megatron)."),
     problems_per_call: Optional[int] = typer.Option(

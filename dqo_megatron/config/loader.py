@@ -26,6 +26,18 @@ T = TypeVar("T")
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type, or inconsistent."""
 
+    key: str | None = None
+    """The dotted key the error is about, when one key is (`load_config` tells a command-line override's
+    errors from the file's by it)."""
+    whole_section: bool = False
+    """True when the error is a check across the keys of section `key` ("" the top level)."""
+
+
+def _keyed(message: str, key: str) -> ConfigError:
+    exc = ConfigError(message)
+    exc.key = key
+    return exc
+
 
 def raise_problems(problems: list[str]) -> None:
     """Raise one ConfigError naming every problem found, so a user fixes them all in one edit."""
@@ -60,8 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         if len(errors) == 1:  # Optional[X]: X's own message says more ("a finite number", the choices, ...)
-            raise ConfigError(errors[0])
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise _keyed(errors[0], where)
+        raise _keyed(f"{where}: expected {_type_name(tp)}, got {value!r}", where)
     if origin is Literal:
         choices = get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads off/no/false and on/yes/true as booleans
@@ -70,10 +82,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return spelled[0]
         if value in choices and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        raise _keyed(f"{where}: expected one of {_type_name(tp)}, got {value!r}", where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise _keyed(f"{where}: expected a list, got {value!r}", where)
         (item_tp, *_rest) = get_args(tp) or (Any,)
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -81,18 +93,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise _keyed(f"{where}: expected a mapping for {tp.__name__}, got {value!r}", where)
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise _keyed(f"{where}: expected true/false, got {value!r}", where)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise _keyed(f"{where}: expected an integer, got {value!r}", where)
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -103,14 +115,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if number is None:
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise _keyed(f"{where}: expected a number, got {value!r}", where)
         if not math.isfinite(number):  # no setting means anything at inf or NaN (train.lr=inf trains garbage)
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise _keyed(f"{where}: expected a finite number, got {value!r}", where)
         return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise _keyed(f"{where}: expected a string, got {value!r}", where)
     if tp is Path:
         return Path(value)
     return value
@@ -131,14 +143,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{dotted}'{hint}; valid keys here: {', '.join(sorted(fields))}")
+            raise _keyed(f"unknown config key '{dotted}'{hint}; valid keys here: {', '.join(sorted(fields))}", dotted)
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if where and not str(exc).startswith(where):
-            raise ConfigError(f"{where}: {exc}") from None
-        raise
+        if exc.key is not None:
+            raise
+        # a check across the section's keys: `key` names the section, `whole_section` says so
+        section = _keyed(f"{where}: {exc}" if where and not str(exc).startswith(where) else str(exc), where)
+        section.whole_section = True
+        raise section from None
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
 
@@ -197,11 +212,36 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides=(
             raise ConfigError(f"{path}: not a YAML config (not UTF-8 text at byte {exc.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    overrides = list(overrides)
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        raise ConfigError(_blame(exc, path, overrides)) from None
+
+
+def _blame(exc: ConfigError, path: Path | None, overrides: list[str]) -> str:
+    """`exc`'s message prefixed with where the bad value came from: the command-line override that set
+    the key, else the YAML file; a check across a section's keys names the file and the overrides in it."""
+
+    def sets(item: str) -> bool:  # the override sets the key, a section above it, or (whole_section) one below
+        given = item.split("=", 1)[0].strip()
+        key = exc.key
+        return key is not None and (
+            given == key
+            or key.startswith(given + ".")
+            or (exc.whole_section and (key == "" or given.startswith(key + ".")))
+        )
+
+    given = [item for item in overrides if sets(item)]
+    if not given:
+        return f"{path}: {exc}" if path else str(exc)
+    if not exc.whole_section:
+        return f"command-line override '{given[-1]}': {exc}"
+    items = ", ".join(f"'{item}'" for item in given)
+    return (
+        f"{path} with command-line override(s) {items}: {exc}" if path else f"command-line override(s) {items}: {exc}"
+    )
 
 
 def save_config(config: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional
 
+from dqo_megatron.config.dtypes import canonical_dtype
 from dqo_megatron.config.loader import raise_problems
 
 if TYPE_CHECKING:
@@ -23,9 +24,9 @@ FP8_DEFAULT_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": 
 class PrecisionConfig:
     """Numerical formats. The DQO loss math, log-probs and IS weights are always fp32."""
 
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Parameter/activation dtype. auto: bf16 on GPU, fp32 on CPU (the only format Megatron's
-    optimizer supports there)."""
+    dtype: str = "auto"
+    """Parameter/activation dtype: auto, fp32, bf16 or fp16 (float32, bfloat16, float16 mean the same).
+    auto: bf16 on GPU, fp32 on CPU (the only format Megatron's optimizer supports there)."""
     fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = None
     """FP8 GEMMs in the transformer layers through Transformer Engine (None: off). Recipes: delayed
     (per-tensor scale from an amax history; compute capability >= 8.9), tensorwise (per-tensor current
@@ -47,6 +48,7 @@ class PrecisionConfig:
     """delayed recipe: the amax used for a scale, the history's max or its most recent value."""
 
     def __post_init__(self) -> None:
+        self.dtype = canonical_dtype(self.dtype, "precision.dtype")
         problems = []
         if self.fp8_param and self.fp8 is None:
             problems.append("precision.fp8_param=true needs precision.fp8 set to a recipe")

@@ -1,6 +1,10 @@
 """The train loop's metrics logger: one place for the console, ``run_dir/metrics.jsonl``, TensorBoard
 (``run_dir/tensorboard``) and W&B (`train.wandb_project`). Rank 0 writes; on other ranks every call
 does nothing. Closed in one place (`close`, or the `with` block).
+
+TensorBoard and W&B get the same scalars under the same tags (`step_scalars`; `FIXED_TAGS` plus
+``train/<metric>`` for each of the algorithm's metrics), both every `train.log_interval` steps.
+A run resumed from a checkpoint continues its W&B run: the id is kept in ``run_dir/wandb_run_id``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,22 @@ CONSOLE_METRICS = (
 )
 """The metrics a console line shows (all of them go to metrics.jsonl, TensorBoard and W&B)."""
 
+FIXED_TAGS = (
+    "train/grad_norm",
+    "perf/tokens_per_second",
+    "perf/seconds_per_step",
+    "perf/tflops_per_device",
+    "perf/mfu",
+    "lr/policy",
+    "lr/value",
+    "eval/accuracy",
+)
+"""Tags logged besides ``train/<metric>`` (perf/mfu only with a known peak, lr/value only with a value
+network, eval/accuracy only with eval.interval); docs/training.md lists them all."""
+
+WANDB_ID_FILE = "wandb_run_id"
+"""File in run_dir holding the W&B run id, so that a resumed run logs into the same W&B run."""
+
 
 class MetricsLogger:
     """Logs each step (metrics.jsonl every step; console, TensorBoard, W&B every `train.log_interval`
@@ -41,7 +61,7 @@ class MetricsLogger:
         self.start_step = start_step
         self.is_logger = parts.is_logger
         self.writer = _tensorboard(run) if self.is_logger else None
-        self.wandb_run = _wandb(run) if self.is_logger else None
+        self.wandb_run = _wandb(run, start_step) if self.is_logger else None
         rows = t.global_batch_size * parts.algorithm.rows_per_item
         self.flops = step_flops(
             run.model,
@@ -87,8 +107,7 @@ class MetricsLogger:
 
     def log_eval(self, step: int, evaluation) -> None:
         """A held-out evaluation (its console line and evals.jsonl are `EvalSchedule`'s)."""
-        if self.writer is not None:
-            self.writer.add_scalar("eval/accuracy", evaluation.accuracy, step)
+        self._emit({"eval/accuracy": evaluation.accuracy}, step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -121,30 +140,26 @@ class MetricsLogger:
             _hms(eta),
             "" if result.update_successful else "  (skipped: non-finite loss)",
         )
+        self._emit(step_scalars(result, seconds, rate, perf, lrs), step)
+
+    def _emit(self, scalars: dict[str, float], step: int) -> None:
+        """The same scalars to TensorBoard and W&B."""
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
         if self.wandb_run is not None:
-            self.wandb_run.log(
-                {
-                    **{f"train/{k}": v for k, v in result.metrics.items()},
-                    "train/grad_norm": result.grad_norm,
-                    "perf/tokens_per_second": rate,
-                    **{f"perf/{k}": v for k, v in perf.items()},
-                    **{f"lr/{k}": lr for k, lr in lrs.items()},
-                },
-                step=step,
-            )
-        writer = self.writer
-        if writer is None:
-            return
-        for name, value in perf.items():
-            writer.add_scalar(f"perf/{name}", value, step)
-        for name, value in result.metrics.items():
-            if math.isfinite(value):
-                writer.add_scalar(f"train/{name}", value, step)
-        writer.add_scalar("train/grad_norm", result.grad_norm, step)
-        writer.add_scalar("perf/tokens_per_second", rate, step)
-        writer.add_scalar("perf/seconds_per_step", seconds, step)
-        for name, lr in lrs.items():
-            writer.add_scalar(f"lr/{name}", lr, step)
+            self.wandb_run.log(scalars, step=step)
+
+
+def step_scalars(result, seconds: float, rate: float, perf: dict, lrs: dict) -> dict[str, float]:
+    """Tag -> value of one logged step, for TensorBoard and W&B alike: ``train/<metric>`` for each of
+    the step's metrics, then `FIXED_TAGS`. Non-finite values are left out (a skipped step's NaN loss
+    would break the plots' scales; metrics.jsonl keeps it)."""
+    scalars = {f"train/{name}": value for name, value in result.metrics.items()}
+    scalars |= {"train/grad_norm": result.grad_norm, "perf/tokens_per_second": rate, "perf/seconds_per_step": seconds}
+    scalars |= {f"perf/{name}": value for name, value in perf.items()}
+    scalars |= {f"lr/{name}": lr for name, lr in lrs.items()}
+    return {tag: float(value) for tag, value in scalars.items() if math.isfinite(value)}
 
 
 def _tensorboard(run: RunConfig):
@@ -155,18 +170,41 @@ def _tensorboard(run: RunConfig):
     return SummaryWriter(str(Path(run.run_dir) / "tensorboard"))
 
 
-def _wandb(run: RunConfig):
-    if not run.train.wandb_project:
-        return None
+def check_wandb(run: RunConfig) -> None:
+    """ConfigError when train.wandb_project is set and wandb does not import: called before anything is
+    built, so a missing wandb costs no model load."""
+    if run.train.wandb_project:
+        _import_wandb(run)
+
+
+def _import_wandb(run: RunConfig):
     try:
         import wandb
     except ImportError:
         raise ConfigError(
-            "train.wandb_project is set but wandb is not installed: pip install wandb, or unset it"
+            f"train.wandb_project={run.train.wandb_project} is set but wandb is not installed: "
+            "pip install wandb, or unset train.wandb_project"
         ) from None
-    from dqo_megatron.config import to_dict
+    return wandb
 
-    return wandb.init(project=run.train.wandb_project, config=to_dict(run), dir=run.run_dir)
+
+def _wandb(run: RunConfig, start_step: int):
+    """The W&B run (None without train.wandb_project): a run resumed from a checkpoint (start_step > 0)
+    continues the W&B run whose id run_dir/wandb_run_id holds; a fresh start opens a new one."""
+    if not run.train.wandb_project:
+        return None
+    wandb = _import_wandb(run)
+    from dqo_megatron.config import to_dict
+    from dqo_megatron.outputs import atomic_write_text
+
+    id_file = Path(run.run_dir) / WANDB_ID_FILE if run.run_dir else None
+    resumed = id_file.read_text().strip() if start_step > 0 and id_file and id_file.is_file() else ""
+    options = {"id": resumed, "resume": "allow"} if resumed else {}
+    wandb_run = wandb.init(project=run.train.wandb_project, config=to_dict(run), dir=run.run_dir, **options)
+    if id_file is not None and wandb_run.id != resumed:
+        atomic_write_text(id_file, f"{wandb_run.id}\n")
+    logger.info("W&B run %s (%s)", wandb_run.id, f"continued at step {start_step}" if resumed else "new")
+    return wandb_run
 
 
 def learning_rates(optimizer) -> dict[str, float]:

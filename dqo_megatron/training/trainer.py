@@ -24,7 +24,7 @@ from dqo_megatron.config import ConfigError, RunConfig
 from dqo_megatron.training.algorithms import derived_metrics, rl_forward_step
 from dqo_megatron.training.checkpointer import Checkpointer, TrainingDiverged
 from dqo_megatron.training.evals import EvalSchedule, EvaluatorFactory, build_evaluator
-from dqo_megatron.training.metrics_logger import MetricsLogger
+from dqo_megatron.training.metrics_logger import MetricsLogger, check_wandb
 from dqo_megatron.training.run_setup import TrainParts, setup
 from dqo_megatron.training.step import microbatch_iterators, train_step
 
@@ -154,10 +154,12 @@ def _evaluate_and_save(evals, parts: TrainParts, step: int, checkpointer: Checkp
 
 
 def _check_run(run: RunConfig) -> None:
-    """ConfigError before anything is built: no dataset named, or run_dir overlapping what the run reads."""
+    """ConfigError before anything is built: no dataset named, run_dir overlapping what the run reads, or
+    train.wandb_project set without wandb."""
     if not run.data.train_prefix:
         raise ConfigError("data.train_prefix is not set: give the prefix written by `dqo-megatron preprocess`")
     _check_run_dir_apart(run)
+    check_wandb(run)
 
 
 def _check_run_dir_apart(run: RunConfig) -> None:

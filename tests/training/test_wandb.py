@@ -1,0 +1,105 @@
+"""W&B without wandb installed: a fake module in sys.modules. A missing wandb stops a run before anything is
+built; a resumed run continues its W&B run; TensorBoard and W&B get the same tags, all in docs/training.md."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dqo_megatron.config import ConfigError, RunConfig
+from dqo_megatron.training import metrics_logger
+from dqo_megatron.training.member_step import MEMBER_KEY
+from dqo_megatron.training.metrics_logger import FIXED_TAGS, WANDB_ID_FILE, MetricsLogger
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "training.md"
+
+
+class FakeWandb:
+    """What the logger uses of wandb: init(...) -> a run with id, log, finish."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+        self.logged: list[tuple[dict, int]] = []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        run_id = kwargs.get("id") or f"run{len(self.inits)}"
+        return SimpleNamespace(id=run_id, log=lambda data, step: self.logged.append((data, step)), finish=lambda: None)
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag, value, step) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        pass
+
+
+def _run(tmp_path) -> RunConfig:
+    run = RunConfig()
+    run.run_dir, run.train.wandb_project, run.train.peak_tflops = str(tmp_path), "dqo-tests", 100.0
+    return run
+
+
+def _parts():
+    optimizer = SimpleNamespace(param_groups=[{"lr": 1e-3}, {"lr": 2e-3, MEMBER_KEY: "value"}])
+    return SimpleNamespace(
+        info=SimpleNamespace(world_size=1),
+        optimizer=optimizer,
+        is_logger=True,
+        algorithm=SimpleNamespace(rows_per_item=1),
+        chunks=[SimpleNamespace(value=True, reference=None)],
+    )
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    wandb, writer = FakeWandb(), FakeWriter()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setattr(metrics_logger, "_tensorboard", lambda run: writer)
+    return wandb, writer
+
+
+def test_missing_wandb_stops_the_run_before_anything_is_built(monkeypatch, tmp_path):
+    from dqo_megatron import parallel
+    from dqo_megatron.training import trainer
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    monkeypatch.setattr(parallel, "initialize", lambda *a, **k: pytest.fail("process groups started"))
+    run = _run(tmp_path)
+    run.run_dir, run.data.train_prefix = None, str(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"^train.wandb_project=dqo-tests is set but wandb is not installed"):
+        trainer.train(run)
+
+
+def test_a_resumed_run_continues_its_wandb_run(fakes, tmp_path):
+    wandb, _ = fakes
+    MetricsLogger(_run(tmp_path), _parts(), start_step=0).close()
+    assert (tmp_path / WANDB_ID_FILE).read_text() == "run1\n" and "id" not in wandb.inits[0]
+    MetricsLogger(_run(tmp_path), _parts(), start_step=40).close()
+    assert wandb.inits[1]["id"] == "run1" and wandb.inits[1]["resume"] == "allow"
+    MetricsLogger(_run(tmp_path), _parts(), start_step=0).close()  # a fresh start: a new W&B run
+    assert "id" not in wandb.inits[2] and (tmp_path / WANDB_ID_FILE).read_text() == "run3\n"
+
+
+def test_tensorboard_and_wandb_get_the_same_tags_and_docs_list_them(fakes, tmp_path):
+    wandb, writer = fakes
+    metrics = {"loss": 1.0, "policy_loss": 0.6, "value_loss": 0.4, "kl_ref": float("nan")}
+    result = SimpleNamespace(loss=1.0, grad_norm=0.5, update_successful=True, tokens=4096, metrics=metrics)
+    with MetricsLogger(_run(tmp_path), _parts()) as logger:
+        logger.log_step(1, result, seconds=0.25)
+        logger.log_eval(1, SimpleNamespace(accuracy=0.5))
+    to_tensorboard = {tag: value for tag, value, _ in writer.scalars}
+    to_wandb = {tag: value for data, _ in wandb.logged for tag, value in data.items()}
+    assert to_tensorboard == to_wandb and all(math.isfinite(v) for v in to_wandb.values())
+    assert set(to_wandb) == {"train/loss", "train/policy_loss", "train/value_loss", *FIXED_TAGS}
+    documented = set(re.findall(r"`((?:train|perf|lr|eval)/[a-z_]+)`", DOCS.read_text()))
+    assert set(to_wandb) <= documented, set(to_wandb) - documented
