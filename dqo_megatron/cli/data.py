@@ -17,12 +17,19 @@ def _fail(kind: str, exc: Exception) -> None:
 
 @app.command()
 def preprocess(
-    inputs: List[str] = typer.Argument(..., help="Record files (.jsonl, .parquet) or datasets directories; globs ok."),
+    inputs: List[str] = typer.Argument(
+        ...,
+        help="Record files (.jsonl, .parquet), datasets directories or cached hub names (openai/gsm8k[:config]); "
+        "our fields or TRL's (prompt/completion/label, messages, chosen/rejected); globs ok.",
+    ),
     output_prefix: str = typer.Option(
         ..., "--output-prefix", "-o", help="Writes <prefix>_tokens.bin/.idx ... and <prefix>.json."
     ),
     tokenizer: str = typer.Option(
         ..., "--tokenizer", "-t", help="HF tokenizer directory or sentencepiece .model file."
+    ),
+    split: Optional[str] = typer.Option(
+        None, help="Split of DatasetDict directories and hub names (default: train, when there is one)."
     ),
     tokenizer_name: Optional[str] = typer.Option(
         None, help="Name matched against records' behavior_tokenizer (default: basename)."
@@ -59,6 +66,7 @@ def preprocess(
     try:
         cfg = PreprocessConfig(
             inputs=list(inputs),
+            split=split,
             output_prefix=output_prefix,
             workers=workers,
             chunk_size=chunk_size,

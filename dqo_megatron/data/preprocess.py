@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Literal
 
 from dqo_megatron.config.loader import ConfigError
+from dqo_megatron.data.hf_sources import is_hub_name
 from dqo_megatron.data.indexed import TrajectoryWriter, dataset_files
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, input_format, iter_raw, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, tokenize_records
@@ -31,7 +32,11 @@ class PreprocessConfig:
     """Inputs, output and execution of one preprocessing run."""
 
     inputs: list[str] = field(default_factory=list)
-    """Record files (.jsonl/.json, .parquet) or `datasets` directories; globs allowed; read in this order."""
+    """Record files (.jsonl/.json, .parquet), `datasets` directories (Dataset or DatasetDict) or hub names
+    read from the local cache (`openai/gsm8k`); globs allowed; read in this order. Rows may be in TRL's
+    shapes (docs/data.md)."""
+    split: str | None = None
+    """The split of DatasetDict directories and hub names (None: "train", which must then exist)."""
     output_prefix: str = ""
     """Output path prefix: writes <prefix>_tokens.bin/.idx, ... and <prefix>.json."""
     tokenize: TokenizeConfig | None = None
@@ -143,10 +148,10 @@ def _work(chunk: list[tuple[str, int, object]]):
     return results
 
 
-def _chunks(files: list[str], size: int) -> Iterator[list[tuple[str, int, object]]]:
+def _chunks(files: list[str], size: int, split: str | None = None) -> Iterator[list[tuple[str, int, object]]]:
     buf: list = []
     for path in files:
-        for line, raw in iter_raw(path):
+        for line, raw in iter_raw(path, split=split):
             buf.append((path, line, raw))
             if len(buf) >= size:
                 yield buf
@@ -156,16 +161,19 @@ def _chunks(files: list[str], size: int) -> Iterator[list[tuple[str, int, object
 
 
 def _count_inputs(files: list[str]) -> int | None:
+    """Records to expect, for the progress bar: a line naming chosen and rejected is likely a pair (two)."""
     total = 0
     for path in files:
         fmt = input_format(path)
         if fmt == "jsonl":
             with open(path, "rb") as f:
-                total += sum(1 for b in f if b.strip())
+                total += sum(1 + (b'"chosen"' in b and b'"rejected"' in b) for b in f if b.strip())
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
-            total += pq.ParquetFile(path).metadata.num_rows
+            meta = pq.ParquetFile(path).metadata
+            pairs = {"chosen", "rejected"} <= set(meta.schema.names)
+            total += meta.num_rows * (1 + pairs)
         else:
             return None
     return total
@@ -189,7 +197,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     tok = Tokenizer(cfg.tokenize.tokenizer)  # fail early, in the main process, on a bad tokenizer
     # everything is written into a hidden sibling directory and moved into place once complete: a
     # rejected record or a kill leaves an existing dataset at output_prefix as it was
-    inputs = list(cfg.inputs) + files + [cfg.tokenize.tokenizer.path]
+    # a hub name is no path: it must not be taken for a directory the output could lie in
+    inputs = [p for p in list(cfg.inputs) + files if not is_hub_name(p)] + [cfg.tokenize.tokenizer.path]
     with staged_files(
         dataset_files(cfg.output_prefix), overwrite=cfg.overwrite, inputs=inputs, what=f"dataset {cfg.output_prefix}"
     ) as staging:
@@ -265,13 +274,13 @@ def _tokenized_chunks(cfg: PreprocessConfig, files: list[str], tok: Tokenizer) -
     """
     if cfg.workers == 1:
         _init_worker(cfg.tokenize, tok)
-        yield map(_work, _chunks(files, cfg.chunk_size))
+        yield map(_work, _chunks(files, cfg.chunk_size, cfg.split))
         return
     pool = mp.get_context(cfg.start_method).Pool(
         cfg.workers, initializer=_init_worker, initargs=(cfg.tokenize, None, os.getpid())
     )
     try:
-        yield pool.imap(_work, _chunks(files, cfg.chunk_size))
+        yield pool.imap(_work, _chunks(files, cfg.chunk_size, cfg.split))
     finally:
         pool.terminate()
         pool.join()
@@ -326,6 +335,7 @@ def _manifest(cfg: PreprocessConfig, tok: Tokenizer, files: list[str], summary: 
             "overlong": tok_cfg.overlong,
             "behavior_logprobs_include_eos": tok_cfg.behavior_logprobs_include_eos,
             "skip_invalid": cfg.skip_invalid,
+            "split": cfg.split,
         },
         "summary": {
             "read": summary.read,

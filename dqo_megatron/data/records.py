@@ -1,6 +1,9 @@
 """The trajectory record format (JSON Lines, Parquet, or an HF `datasets` directory) and its validation.
 
 One record = one sampled response to one prompt. Field reference and an example: docs/data.md.
+TRL's dataset shapes (prompt/completion, messages, chosen/rejected) are read too: `trl_formats` maps
+them onto these fields, and `hf_sources` opens `datasets` inputs (a split of a DatasetDict, a cached
+hub name).
 Every problem is a `RecordError` naming file, line, field and a short reason code; in skip-invalid
 mode the caller counts skips by reason with a `SkipCounter` and prints them, so no record is ever
 dropped without being counted.
@@ -19,6 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from dqo_megatron.data import hf_sources
+from dqo_megatron.data.trl_formats import (
+    PairSide,
+    ShapeError,
+    is_trl_row,
+    pair_sides,
+    pair_sides_of_line,
+    rename_field,
+    to_native,
+)
 from dqo_megatron.outputs import staged_file
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -318,18 +331,23 @@ def _parse_process(obj: dict, response: str, where: dict) -> list[tuple[int, flo
 
 
 def parse_record(
-    raw: str | dict, file: str = "<input>", line: int = 0, require_reward: bool = True
+    raw: str | dict | PairSide, file: str = "<input>", line: int = 0, require_reward: bool = True
 ) -> TrajectoryRecord:
     """Validate one record (a JSON line or an already-decoded row) into a `TrajectoryRecord`.
 
     Args:
-        raw: the JSON text of one line, or a dict (Parquet / HF datasets row).
+        raw: the JSON text of one line, a dict (Parquet / HF datasets row), or one side of a TRL
+            preference pair (`iter_raw` splits pair rows). Rows in TRL's shapes are mapped onto ours
+            first (`trl_formats.to_native`); errors then name the row's own fields.
         file, line: where it came from, for error messages (line is 1-based; for tables the row + 1).
-        require_reward: demand `reward` or `correct` (False for unlabeled rollouts, see `label`).
+        require_reward: demand `reward` or `correct` (TRL: `label`) (False for unlabeled rollouts, see `label`).
     Raises:
         RecordError naming file, line, field and the reason code.
     """
     where = {"file": file, "line": line}
+    side = None
+    if isinstance(raw, PairSide):
+        side, raw = raw.side, raw.row
     if isinstance(raw, (str, bytes)):
         try:
             obj = json.loads(raw)
@@ -341,6 +359,25 @@ def parse_record(
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(obj).__name__}", **where)
     _check_unicode(obj, raw, where)
+    if side is None and not is_trl_row(obj):
+        return _parse_fields(obj, where, require_reward)
+    if side is None and pair_sides(obj):
+        raise RecordError(
+            "wrong_type", "a chosen/rejected pair holds two records: read it with iter_raw / read_records", **where
+        )
+    names: dict[str, str] = {}
+    try:
+        native, names = to_native(obj, side)
+        return _parse_fields(native, where, require_reward)
+    except ShapeError as err:
+        raise RecordError(err.reason, err.message, field=err.field, **where) from None
+    except RecordError as err:
+        raise RecordError(err.reason, err.message, file, line, rename_field(err.field, names)) from None
+
+
+def _parse_fields(obj: dict, where: dict, require_reward: bool) -> TrajectoryRecord:
+    """`parse_record` of a decoded row in our own fields."""
+    file, line = where["file"], where["line"]
     prompt = _parse_prompt(obj.get("prompt"), where)
     response = obj.get("response")
     if response is None:
@@ -364,7 +401,10 @@ def parse_record(
         reward = 1.0 if correct else 0.0
     elif require_reward:
         raise RecordError(
-            "missing_field", "missing (give `reward` (number) or `correct` (bool))", field="reward", **where
+            "missing_field",
+            "missing (give `reward` (number) or `correct` (bool); TRL's name for `correct` is `label`)",
+            field="reward",
+            **where,
         )
     steps = _parse_process(obj, response, where)
     blp = obj.get("behavior_logprobs")
@@ -409,13 +449,19 @@ def parse_record(
 
 
 def expand_inputs(paths: str | Path | Iterable[str | Path]) -> list[str]:
-    """Input paths with globs expanded, in the given order (each glob sorted); raise if one matches nothing."""
+    """Input paths with globs expanded, in the given order (each glob sorted); raise if one matches nothing.
+
+    A `datasets` hub name (`openai/gsm8k`) that is no path here is kept as it is: `iter_raw` opens it
+    from the local cache or says how to provide it.
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out: list[str] = []
     for p in paths:
         p = str(p)
         hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
+        if not hits and hf_sources.is_hub_name(p):
+            hits = [p]
         if not hits:
             raise FileNotFoundError(f"input {p!r} does not exist (or the pattern matches no file)")
         out.extend(hits)
@@ -423,11 +469,14 @@ def expand_inputs(paths: str | Path | Iterable[str | Path]) -> list[str]:
 
 
 def input_format(path: str) -> str:
-    """ "jsonl", "parquet" or "hf_disk" (a `datasets.Dataset.save_to_disk` directory), from the path."""
+    """ "jsonl", "parquet", "hf_disk" (a `save_to_disk` directory of a Dataset or a DatasetDict) or
+    "hf_hub" (a hub name, read from the local cache only), from the path."""
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
+        if hf_sources.saved_kind(path):
             return "hf_disk"
-        raise ValueError(f"{path} is a directory but not a `datasets` save_to_disk directory (no state.json)")
+        raise ValueError(hf_sources.not_a_dataset_dir(path))
+    if hf_sources.is_hub_name(path):
+        return "hf_hub"
     if path.endswith(".parquet"):
         return "parquet"
     if path.endswith((".jsonl", ".json", ".ndjson")):
@@ -435,10 +484,14 @@ def input_format(path: str) -> str:
     raise ValueError(f"{path}: unknown input format; use .jsonl/.json, .parquet, or a datasets directory")
 
 
-def iter_raw(path: str, chunk_rows: int = 1024) -> Iterator[tuple[int, str | dict]]:
+def iter_raw(
+    path: str, chunk_rows: int = 1024, split: str | None = None
+) -> Iterator[tuple[int, str | dict | PairSide]]:
     """(line, raw) pairs of one input: raw JSON text per non-blank line, or a dict per table row.
 
-    Blank lines of a JSONL file are not records and are passed over (the line numbers stay true).
+    Blank lines of a JSONL file are not records and are passed over (the line numbers stay true). A
+    TRL preference pair (`chosen`/`rejected`) gives two items with the same line, chosen first.
+    `split`: the split of a DatasetDict directory or hub name (default "train", see `hf_sources`).
     """
     fmt = input_format(path)
     if fmt == "jsonl":
@@ -446,29 +499,30 @@ def iter_raw(path: str, chunk_rows: int = 1024) -> Iterator[tuple[int, str | dic
             for i, b in enumerate(f, 1):
                 if b.strip():
                     try:
-                        yield i, b.decode("utf-8")
+                        text = b.decode("utf-8")
                     except UnicodeDecodeError:
                         yield i, b  # parse_record reports it as malformed_json with the line number
-    elif fmt == "parquet":
+                        continue
+                    for raw in pair_sides_of_line(text) or (text,):
+                        yield i, raw
+        return
+    if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
-            for rec in batch.to_pylist():
-                row += 1
-                yield row, rec
+        rows = (rec for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows) for rec in batch.to_pylist())
     else:
-        import datasets
-
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict {list(ds)}; pass one split's directory")
-        for row, rec in enumerate(ds, 1):
-            yield row, rec
+        rows = iter(hf_sources.open_dataset(path, split))
+    for row, rec in enumerate(rows, 1):
+        for raw in pair_sides(rec) or (rec,):
+            yield row, raw
 
 
 def read_records(
-    paths, skip_invalid: bool = False, skips: SkipCounter | None = None, require_reward: bool = True
+    paths,
+    skip_invalid: bool = False,
+    skips: SkipCounter | None = None,
+    require_reward: bool = True,
+    split: str | None = None,
 ) -> Iterator[TrajectoryRecord]:
     """Validated records of all inputs, in order.
 
@@ -477,11 +531,12 @@ def read_records(
         skip_invalid: count invalid records in `skips` and go on, instead of raising the first RecordError.
         skips: the counter to fill (required to see the counts when skip_invalid is set).
         require_reward: see `parse_record`.
+        split: see `iter_raw`.
     """
     if skip_invalid and skips is None:
         raise ValueError("skip_invalid needs a SkipCounter to count what it skips")
     for path in expand_inputs(paths):
-        for line, raw in iter_raw(path):
+        for line, raw in iter_raw(path, split=split):
             try:
                 yield parse_record(raw, path, line, require_reward=require_reward)
             except RecordError as err:

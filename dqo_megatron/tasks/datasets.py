@@ -3,7 +3,9 @@
 Every loader returns `Problem`s: the question, its reference solution or answer, the paper's prompt
 (`build_prompt`), and metadata (MATH subject and level) that eval breaks accuracy down by. Files are
 read from local paths only; a user elsewhere may name an HF `datasets` directory saved with
-`save_to_disk` or any JSONL with a question field and an answer field.
+`save_to_disk` (a Dataset, or one split of a DatasetDict), a hub name already in the local HF cache
+(`openai/gsm8k:main`; nothing is downloaded, see `data.hf_sources`), or any JSONL with a question field
+and an answer field.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dqo_megatron.data.hf_sources import is_hub_name, open_dataset
 from dqo_megatron.tasks.prompts import build_prompt, check_task
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
@@ -47,12 +50,10 @@ def _pick(row: dict, names: tuple[str, ...], where: str) -> str:
     raise ValueError(f"{where}: none of the fields {list(names)} holds a non-empty string (found {sorted(row)})")
 
 
-def _rows(path: Path):
-    if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        for i, row in enumerate(ds):
+def _rows(path: Path, split: str | None = None):
+    if path.is_dir() or not path.exists():  # a saved dataset, or a hub name from the local cache
+        # no default split: problems of the wrong split (train for an eval) would pass silently
+        for i, row in enumerate(open_dataset(str(path), split, default_split=None)):
             yield i + 1, dict(row)
         return
     with open(path, "rb") as f:
@@ -87,24 +88,27 @@ def guess_task(path: str | Path) -> str:
 
 
 def load_problems(
-    path: str | Path, task: str | None = None, limit: int | None = None, offset: int = 0
+    path: str | Path, task: str | None = None, limit: int | None = None, offset: int = 0, split: str | None = None
 ) -> list[Problem]:
-    """Read problems from a JSONL file or a saved HF dataset directory.
+    """Read problems from a JSONL file, a saved HF dataset directory or a hub name in the local HF cache.
 
     Args:
-        path: e.g. ``../shared/data/gsm8k/test.jsonl``, ``../shared/data/math/prm800k_split/test.jsonl``.
+        path: e.g. ``../shared/data/gsm8k/test.jsonl``, ``../shared/data/math/prm800k_split/test.jsonl``,
+            a `save_to_disk` directory, ``openai/gsm8k:main`` (cached only).
         task: "gsm8k" or "math"; None guesses from the path (see `guess_task`).
         limit: keep at most this many problems (after `offset`); None keeps all.
         offset: skip this many problems first.
+        split: the split of a DatasetDict directory or hub name; None takes a lone split and refuses
+            several (listing them).
     Returns:
         Problems in file order. Raises FileNotFoundError / ValueError naming file and line.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not is_hub_name(str(path)):
         raise FileNotFoundError(f"problem file {path} does not exist")
     task = check_task(task or guess_task(path))
     out: list[Problem] = []
-    for lineno, row in _rows(path):
+    for lineno, row in _rows(path, split):
         where = f"{path}:{lineno}"
         question = _pick(row, QUESTION_FIELDS, where)
         if task == "math" and isinstance(row.get("solution"), str):
