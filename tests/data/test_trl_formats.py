@@ -333,3 +333,28 @@ def test_label_reads_trl_rows_and_writes_rows_that_read_back(tmp_path, hf_tok_di
         + [("2+2?", "#### 5", False), ("2+2?", "#### 4", True)]
     ]
     _same_dataset(_run(tmp_path, str(out), "labeled", hf_tok_dir), _run(tmp_path, native, "native", hf_tok_dir))
+
+
+def test_pair_rows_through_worker_processes(tmp_path, hf_tok_dir):
+    """Pair sides travel to the workers (pickled) and come back in input order: same bytes as one process."""
+    trl, native, _ = FORMATS["preference_implicit_prompt"]
+    rows = (trl + FORMATS["preference_standard"][0] + FORMATS["messages"][0]) * 5
+    one = _run(tmp_path, rows, "one", hf_tok_dir)
+    two = _run(tmp_path, str(tmp_path / "one.jsonl"), "two", hf_tok_dir, workers=2, chunk_size=3)
+    _same_dataset(one, two)
+
+
+def test_cli_split_and_offline_hub_name(tmp_path, hf_tok_dir, offline):
+    from typer.testing import CliRunner
+
+    from dqo_megatron.cli import app
+
+    path, native = _dataset_dict(tmp_path)
+    args = ["preprocess", "-t", hf_tok_dir, "--no-progress"]
+    res = CliRunner().invoke(app, [*args, path, "-o", str(tmp_path / "cli" / "test"), "--split", "test"])
+    assert res.exit_code == 0, res.output
+    _same_dataset(str(tmp_path / "cli" / "test"), _run(tmp_path, native[1:], "n_test", hf_tok_dir))
+    res = CliRunner().invoke(app, [*args, "nobody-here/not-cached-9d1e", "-o", str(tmp_path / "cli" / "hub")])
+    assert res.exit_code == 2
+    err = [line for line in res.output.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: nobody-here/not-cached-9d1e: ") and "offline" in err[0]
