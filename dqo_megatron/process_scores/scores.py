@@ -96,8 +96,8 @@ def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: Process
     params = cfg.sampling_params()
     model_tag = identity_tag(cfg.model_id)  # a model replaced at the same path is not answered from the cache
     pattern = compile_pattern(cfg.split_pattern) if cfg.splitter == "regex" else None
-    scored: dict[tuple[str, int], _Scored] = {}
-    invalid: set[tuple[str, int]] = set()
+    scored: dict[tuple, _Scored] = {}
+    invalid: set[tuple] = set()
     jobs: dict[tuple[str, str, str], _Job] = {}
     for path in expand_inputs(cfg.inputs):
         for line, raw in iter_raw(path):
@@ -135,7 +135,7 @@ def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: Process
                 if not cfg.skip_invalid:
                     raise
                 summary.skips.add(err)
-                invalid.add((path, line))
+                invalid.add(_row_key(path, line, raw))
                 continue
             summary.records += 1
             summary.failed += 1
@@ -152,8 +152,13 @@ def _plan(cfg: ProcessScoresConfig, backend: GenerationBackend, summary: Process
                     job = jobs[ident] = _Job(key, rec.prompt, prefix, seed, task, rec.reference_answer)
                 item.jobs.append(job)
             summary.prefixes += len(item.jobs)
-            scored[(path, line)] = item
+            scored[_row_key(path, line, raw)] = item
     return scored, invalid, list(jobs.values())
+
+
+def _row_key(path: str, line: int, raw) -> tuple:
+    """Which record a row is: a preference-pair row gives two (its chosen and rejected sides) on one line."""
+    return path, line, getattr(raw, "side", None)
 
 
 class AnswerMemo:
@@ -280,9 +285,9 @@ def _write(cfg: ProcessScoresConfig, scored: dict, invalid: set, summary: Proces
         with open(tmp, "w", encoding="utf-8") as out:
             for path in expand_inputs(cfg.inputs):
                 for line, raw in iter_raw(path):
-                    if (path, line) in invalid:  # counted in the plan; not written
+                    if _row_key(path, line, raw) in invalid:  # counted in the plan; not written
                         continue
-                    item = scored.get((path, line))
+                    item = scored.get(_row_key(path, line, raw))
                     if item is None:
                         # passed through unchanged (byte for byte for JSON Lines input)
                         out.write(

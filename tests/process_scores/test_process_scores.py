@@ -222,3 +222,19 @@ def test_each_distinct_answer_is_checked_once(tmp_path, monkeypatch):
     memo = ps.AnswerMemo()
     assert memo.correct("math", "so \\boxed{0.5}", "\\frac12") and memo.correct("math", "\\boxed{0.5}!", "\\frac12")
     assert memo.checks == 1 and not memo.correct("math", "no box", "1") and memo.checks == 1
+
+
+def test_a_preference_pair_row_scores_its_rejected_side_only(tmp_path):
+    """A TRL pair row is two records on one line: the failed (rejected) side gets the process rewards, the
+    chosen side none, and the output holds both as native records."""
+    pair = {"prompt": PROMPT, "chosen": GOOD, "rejected": FAILED, "task": "gsm8k", "reference_answer": "#### 10"}
+    inp = write_records(tmp_path / "pairs.jsonl", [pair])
+    cfg = ProcessScoresConfig(
+        inputs=[inp], output=str(tmp_path / "out.jsonl"), model_id="stub-model", progress=False, step_reward=0.5
+    )
+    process_scores(cfg, stub_for({1: 5, 2: 2, 3: 0}))
+    out = [json.loads(line) for line in open(cfg.output)]
+    assert [(r["response"], r["correct"]) for r in out] == [(GOOD, True), (FAILED, False)]
+    assert "process_rewards" not in out[0] and "process_scores" not in out[0]
+    assert out[1]["process_rewards"] == [[16, 0.5], [33, 0.5]]  # every_correct (the default)
+    assert out[1]["process_scores"]["step_ends"] == ENDS
