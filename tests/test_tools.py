@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from dqo_megatron.cli import app
 from tests.data.conftest import hf_tok_dir, write_jsonl  # noqa: F401  (hf_tok_dir is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +41,10 @@ def _same_files(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
 def test_preprocess_with_megatron_flags_writes_what_preprocess_writes(tmp_path, hf_tok_dir):  # noqa: F811
     rows = [{"prompt": f"Tom has {i} apples.", "response": f"#### {i}", "reward": float(i % 2)} for i in range(6)]
     src = write_jsonl(tmp_path / "r.jsonl", rows)
-    _run("-m", "dqo_megatron", "preprocess", src, "-o", str(tmp_path / "ours" / "d"), "-t", hf_tok_dir, "--no-progress")
+    ours = CliRunner().invoke(
+        app, ["preprocess", src, "-o", str(tmp_path / "ours" / "d"), "-t", hf_tok_dir, "--no-progress"]
+    )
+    assert ours.exit_code == 0, ours.output
     proc = _run(
         "tools/preprocess_data.py",
         "--input",
@@ -63,7 +68,7 @@ def test_preprocess_with_megatron_flags_writes_what_preprocess_writes(tmp_path, 
     _same_files(tmp_path / "ours", tmp_path / "megatron")
 
 
-def test_preprocess_flags_that_mean_something_else_are_refused_in_one_line(tmp_path):
+def test_preprocess_flags_that_mean_something_else_are_refused_in_one_line(tmp_path, capsys):
     tool = _tool("preprocess_data")
     base = ["--input", "r.jsonl", "--output-prefix", "d", "--tokenizer-model", str(tmp_path)]
     ours, notes = tool.to_our_args(base + ["--workers", "4", "--max-length", "64"])
@@ -73,10 +78,10 @@ def test_preprocess_flags_that_mean_something_else_are_refused_in_one_line(tmp_p
         (["--tokenizer-type", "GPT2BPETokenizer"], "not supported"),
         (["--tokenizer-type", "SentencePieceTokenizer"], "is not a .model file"),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "tools/preprocess_data.py", *base, *extra], capture_output=True, text=True, cwd=REPO
-        )
-        assert proc.returncode == 2 and said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        with pytest.raises(SystemExit) as exc:
+            tool.main(base + extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_convert_with_megatron_flags_writes_what_convert_writes(tmp_path):
@@ -136,11 +141,19 @@ def test_convert_flag_mapping_and_refusals():
         assert exc.value.code == 2, said
 
 
-def test_tools_keep_our_own_arguments_and_show_both_helps():
-    for script, words in [
-        ("tools/preprocess_data.py", ["--output-prefix", "--append-eod", "_text_document", "--tokenizer"]),
-        ("tools/convert_checkpoint.py", ["--target-tensor-parallel-size", "layout-free", "hf-to-megatron"]),
+def _help(tool, *args: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        tool.main(list(args))
+    assert exc.value.code == 0
+
+
+def test_tools_keep_our_own_arguments_and_show_both_helps(capsys):
+    for name, words in [
+        ("preprocess_data", ["--output-prefix", "--append-eod", "_text_document", "--tokenizer"]),
+        ("convert_checkpoint", ["--target-tensor-parallel-size", "layout-free", "hf-to-megatron"]),
     ]:
-        out = _run(script, "--help").stdout
-        assert all(w in out for w in words), (script, out)
-    assert "--value-head" in _run("tools/convert_checkpoint.py", "hf-to-megatron", "--help").stdout
+        _help(_tool(name), "--help")
+        out = capsys.readouterr().out
+        assert all(w in out for w in words), (name, out)
+    _help(_tool("convert_checkpoint"), "hf-to-megatron", "--help")
+    assert "--value-head" in capsys.readouterr().out
