@@ -103,3 +103,29 @@ def test_tensorboard_and_wandb_get_the_same_tags_and_docs_list_them(fakes, tmp_p
     assert set(to_wandb) == {"train/loss", "train/policy_loss", "train/value_loss", *FIXED_TAGS}
     documented = set(re.findall(r"`((?:train|perf|lr|eval)/[a-z_]+)`", DOCS.read_text()))
     assert set(to_wandb) <= documented, set(to_wandb) - documented
+
+
+def _train_with_fake_wandb(run: RunConfig) -> dict:
+    """In the forked rank: train with a fake wandb; what W&B was asked and given."""
+    from dqo_megatron.training.trainer import train
+
+    wandb = FakeWandb()
+    sys.modules["wandb"] = wandb
+    summary = train(run)
+    return {"inits": [{k: v for k, v in i.items() if k != "config"} for i in wandb.inits], "steps": summary.steps}
+
+
+def test_the_trainer_continues_the_wandb_run_on_resume(tmp_path):
+    from tests.helpers.distributed import run_distributed
+    from tests.helpers.synthetic_data import write_synthetic_dataset
+    from tests.training.test_trainer_layouts import _run as tiny_run
+
+    run = tiny_run(write_synthetic_dataset(str(tmp_path / "data" / "d")), {}, steps=2)
+    run.run_dir, run.train.wandb_project, run.train.save_interval = str(tmp_path / "run"), "dqo-tests", 2
+    (first,) = run_distributed(_train_with_fake_wandb, 1, run)
+    assert first["inits"] == [{"project": "dqo-tests", "dir": run.run_dir}]
+    assert (tmp_path / "run" / WANDB_ID_FILE).read_text() == "run1\n"
+    run.train.train_steps = 4
+    (second,) = run_distributed(_train_with_fake_wandb, 1, run)
+    assert second["steps"] == 4
+    assert second["inits"] == [{"project": "dqo-tests", "dir": run.run_dir, "id": "run1", "resume": "allow"}]
