@@ -88,7 +88,11 @@ def export(
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     dtype: str = typer.Option("auto", help="auto (the checkpoint's), fp32, bf16 or fp16."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer files to copy (default: the init checkpoint's)."),
+    tokenizer: Optional[str] = typer.Option(
+        None,
+        help="An HF tokenizer directory (copied) or a sentencepiece .model (written as an HF tokenizer with the "
+        "same ids); default: the init checkpoint's hf/, else eval.tokenizer.",
+    ),
     verify: bool = typer.Option(False, help="Compare logits of the written HF model with the checkpoint."),
 ) -> None:
     """Export the trained policy of a training checkpoint to Hugging Face format (or to a Megatron checkpoint)."""

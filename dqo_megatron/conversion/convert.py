@@ -274,7 +274,8 @@ def megatron_to_hf(
     progress: bool = True,
 ) -> ConversionReport:
     """Convert the dqo-megatron checkpoint `src` into an HF model directory `out` (safetensors, config.json,
-    tokenizer files from `tokenizer` or from the checkpoint's ``hf/``), loadable by transformers as is.
+    generation_config.json, the tokenizer of `tokenizer` (an HF tokenizer directory or a sentencepiece .model,
+    see `hf_tokenizer.export_tokenizer`) or of the checkpoint's ``hf/``), loadable by transformers as is.
 
     Args:
         dtype: written dtype: auto (the checkpoint's), fp32, bf16 or fp16.
@@ -286,19 +287,15 @@ def megatron_to_hf(
     src, out = Path(src), Path(out)
     inputs = [src] + ([Path(tokenizer)] if tokenizer is not None else [])
     check_output(out.absolute(), overwrite, inputs)
-    if tokenizer is not None and Path(tokenizer).is_file():
-        raise ConversionError(
-            f"--tokenizer {tokenizer} is a file: give the directory holding the tokenizer files "
-            "(tokenizer.json / tokenizer.model / tokenizer_config.json ...)"
-        )
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise ConversionError(f"tokenizer directory {tokenizer} does not exist")
+    from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source, export_tokenizer
+
+    tokenizer_source = check_tokenizer_source(tokenizer)  # a directory or a sentencepiece .model
     cfg, info = read_metadata(src)
     if info.kind != "policy":
         raise ConversionError(f"{src} is a {info.kind} checkpoint; only policy checkpoints have an HF equivalent")
     fam = family(cfg.family)
     out_dtype = info.torch_dtype if dtype == "auto" else _resolve_dtype(dtype, set(), src)
-    tokenizer_dir = Path(tokenizer) if tokenizer is not None else src / HF_DIR
+    tokenizer_dir = tokenizer_source if tokenizer_source is not None else src / HF_DIR
     check_tokenizer_fits(tokenizer_dir, cfg.vocab_size)
     max_bytes = hf_io.parse_size(max_shard_size)
     base_config = None
@@ -327,7 +324,7 @@ def megatron_to_hf(
 
         hf_io.write_hf_safetensors(tmp, rules, get, hf_bytes, max_bytes, progress)
         hf_io.write_json(tmp / "config.json", fam.config_to_hf(cfg, base_config, out_dtype))
-        hf_io.copy_side_files(tokenizer_dir, tmp)
+        export_tokenizer(tokenizer_dir, tmp, cfg.vocab_size)  # tokenizer files, generation_config.json
         params.clear()  # frees the tensors (the closures above still name the dict)
         del chunk
         if verify:

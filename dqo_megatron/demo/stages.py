@@ -153,8 +153,13 @@ class Context:
         return self._export_checkpoint(latest_checkpoint(run_dir), name)
 
     def _export_checkpoint(self, checkpoint: Path, name: str) -> Path:
+        # the sentencepiece model goes along as an HF tokenizer with the same ids: hf/<name> alone is a model
+        # that plain transformers runs (the warm-up's run has no init checkpoint to take a tokenizer from)
         out = self.path("hf", name)
-        single_command(["export", str(checkpoint), str(out), "--verify"], self.path("logs", f"export_{name}.log"))
+        single_command(
+            ["export", str(checkpoint), str(out), "--verify", "--tokenizer", self.tokenizer],
+            self.path("logs", f"export_{name}.log"),
+        )
         return out
 
     # ------------------------------------------------------------------ generation

@@ -4,7 +4,8 @@ A training checkpoint (`run_dir/checkpoints/step_N`) holds the whole `PolicyValu
 value network, optimizer, ...). The policy is read into an unsharded GPT, written as a dqo-megatron
 conversion checkpoint (`model_config.yaml`, `weights/`, the base model's `hf/` side files when
 `init.policy` had them), and handed to `megatron_to_hf`, which writes safetensors + config.json +
-tokenizer files loadable by `transformers` with no custom code (and checks parity with `verify`).
+generation_config.json + the tokenizer (a sentencepiece model converted to an HF tokenizer with the same
+ids), loadable by `transformers` with no custom code (and checks parity with `verify`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def _export_inputs(run: RunConfig, checkpoint: str | Path, tokenizer: Optional[s
     return [p for p in (checkpoint, run.init.policy, tokenizer) if p]
 
 
+def export_tokenizer_source(run: RunConfig, tokenizer: Optional[str | Path] = None) -> Optional[Path]:
+    """The tokenizer an HF export of `run` ships, checked (ConversionError naming a wrong path): `tokenizer`
+    (an HF tokenizer directory or a sentencepiece .model); else None when init.policy's hf/ holds one (the
+    converter takes it from the checkpoint); else eval.tokenizer, the one the run framed prompts with."""
+    from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source, holds_tokenizer
+    from dqo_megatron.conversion.megatron_io import HF_DIR
+
+    if tokenizer is None and not (run.init.policy and holds_tokenizer(Path(run.init.policy) / HF_DIR)):
+        if run.eval.tokenizer and holds_tokenizer(run.eval.tokenizer):
+            tokenizer = run.eval.tokenizer
+    return check_tokenizer_source(tokenizer)
+
+
 def export_policy_to_megatron(
     run: RunConfig, checkpoint: str | Path, out: str | Path, *, overwrite: bool = False
 ) -> Path:
@@ -136,7 +150,8 @@ def export_policy_to_hf(
     tokenizer: Optional[str] = None,
     verify: bool = False,
 ):
-    """Write the policy of training checkpoint `checkpoint` (of `run`) as an HF model directory `out`.
+    """Write the policy of training checkpoint `checkpoint` (of `run`) as an HF model directory `out`, with
+    its tokenizer (`export_tokenizer_source`) and generation_config.json.
 
     Returns the conversion report. Runs at TP=PP=1 in this process whatever layout trained it.
     """
@@ -145,6 +160,7 @@ def export_policy_to_hf(
 
     out = Path(out)
     check_training_checkpoint(checkpoint)  # a wrong checkpoint path is the first thing to report
+    tokenizer = export_tokenizer_source(run, tokenizer)  # checked before the checkpoint loads
     check_output(out.absolute(), overwrite, _export_inputs(run, checkpoint, tokenizer))
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))

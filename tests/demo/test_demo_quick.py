@@ -99,6 +99,34 @@ def test_stage_outputs_are_valid(quick_demo):
     assert "DQO (step " in (run_dir / "report.md").read_text() and " reached " in (run_dir / "report.md").read_text()
 
 
+def test_exports_answer_through_plain_transformers_as_through_eval(quick_demo):
+    """hf/<row> alone (model, tokenizer, generation config) is a model `transformers` runs: the sentencepiece
+    tokenizer went along as an HF tokenizer with the same ids, so greedy answers to the test problems, framed
+    as plain transformers frames them (the tokenizer adds BOS), are the texts `eval` wrote (~10 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = quick_demo
+    max_new = json.loads((run_dir / "demo.json").read_text())["measured"]["max_new_tokens"]
+    for name, row in (("base", "base"), ("dqo", "DQO")):
+        export = run_dir / "hf" / name
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
+            assert (export / f).is_file(), f
+        assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == 2
+        tok = AutoTokenizer.from_pretrained(str(export), padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(str(export)).eval()
+        evaluated = [json.loads(line) for line in (run_dir / "eval" / "outputs" / row / "addition.greedy.jsonl").open()]
+        batch = tok([r["prompt"] for r in evaluated], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
+        answers = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answers == [r["responses"][0] for r in evaluated], name
+        one = tok(evaluated[0]["prompt"], return_tensors="pt")  # unpadded, as a user would call it
+        with torch.no_grad():
+            out = model.generate(**one, max_new_tokens=max_new, do_sample=False)
+        assert tok.decode(out[0, one["input_ids"].shape[1] :], skip_special_tokens=True) == answers[0]
+
+
 def test_training_reduced_the_loss(quick_demo):
     run_dir, _ = quick_demo
     results = json.loads((run_dir / "demo.json").read_text())
