@@ -98,7 +98,9 @@ def megatron_to_hf(
     tolerance: float = typer.Option(1e-3, help="Max |logit difference| accepted by --verify (fp32)."),
     dtype: str = dtype_option("the checkpoint's (written dtype)"),
     tokenizer: Optional[Path] = typer.Option(
-        None, help="Copy tokenizer files from here (default: the checkpoint's hf/)."
+        None,
+        help="An HF tokenizer directory (copied) or a sentencepiece .model (written as an HF tokenizer with the "
+        "training ids); default: the checkpoint's hf/.",
     ),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors file, e.g. 5GB, 500MB."),
 ) -> None:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from dqo_megatron.cli._app import app, configure_logging
+from dqo_megatron.cli._app import app, configure_logging, dtype_option
 
 
 @app.command()
@@ -87,7 +87,7 @@ def export(
         None, "--config", "-c", help="The run's config (default: run_dir/config.yaml beside the checkpoints)."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-    dtype: str = typer.Option("auto", help="auto (the checkpoint's), fp32, bf16 or fp16."),
+    dtype: str = dtype_option("the checkpoint's"),
     tokenizer: Optional[str] = typer.Option(
         None,
         help="An HF tokenizer directory (copied) or a sentencepiece .model (written as an HF tokenizer with the "
