@@ -13,6 +13,11 @@ of ``log pi`` is the same on every TP rank (the loss is computed redundantly the
 writes ``g * ([j == y] - exp(z_j - lse))`` for its own shard only; the global ``lse`` was saved.
 
 Labels outside ``[0, V)`` (e.g. -100 on padding) get log-prob 0 and zero gradient.
+
+Megatron pads the output layer to ``V' >= V`` rows (a multiple of make_vocab_size_divisible_by x TP);
+the rows past the real vocabulary are not tokens. Given the real ``V`` (`vocab_size`), their logits are
+set to -inf before anything else (`mask_padding`), so they carry no probability mass and no gradient:
+log pi then equals the unpadded model's (HF's), whatever the padding.
 """
 
 from __future__ import annotations
@@ -53,6 +58,16 @@ def chunk_bounds(length: int, chunk_size: Optional[int]) -> Iterator[tuple[int, 
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     for start in range(0, length, chunk_size):
         yield start, min(start + chunk_size, length)
+
+
+def mask_padding(z: torch.Tensor, vocab_start: int, vocab_size: Optional[int], *, owned: bool) -> torch.Tensor:
+    """`z` ``[..., V'/tp]`` (this rank's shard from `vocab_start`) with the columns of ids >= `vocab_size`
+    set to -inf; in place when `owned`, else on a copy (only when there is padding in this shard)."""
+    if vocab_size is None or vocab_start + z.shape[-1] <= vocab_size:
+        return z
+    z = z if owned else z.clone()
+    z[..., max(vocab_size - vocab_start, 0) :] = float("-inf")
+    return z
 
 
 def _local_targets(labels: torch.Tensor, vocab_start: int, local_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

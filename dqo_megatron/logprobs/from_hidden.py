@@ -39,6 +39,7 @@ from dqo_megatron.logprobs._math import (
     grad_of_logits,
     group_size,
     logsumexp_and_target,
+    mask_padding,
     vocab_shard,
 )
 from dqo_megatron.logprobs.gather import copy_to_tensor_parallel, gather_from_sequence_parallel
@@ -57,26 +58,28 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
     """hidden ``[s, b, h]`` (whole sequence), weight ``[V/tp, h]``, labels ``[s, b]`` -> ``[s, b]``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, group, chunk_size, into_main_grad, keep_logits=True):
+    def forward(ctx, hidden, weight, labels, group, chunk_size, into_main_grad, keep_logits=True, vocab_size=None):
         dtype = compute_dtype(weight.dtype)
         # A sequence that fits in one chunk keeps its logits for backward: the memory is the chunk
         # budget anyway, and it saves the recomputation (one of four vocabulary-sized matmuls).
         keep = keep_logits and labels.shape[0] <= chunk_size
         kept = []
         vocab_start, vocab_total = vocab_shard(weight.shape[0], group)
-        valid = (labels >= 0) & (labels < vocab_total)
+        valid = (labels >= 0) & (labels < (vocab_total if vocab_size is None else min(vocab_size, vocab_total)))
         out = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
         lse = None  # stays None when `kept` holds log-probs (no TP, one chunk): backward needs no lse
         if keep and group_size(group) == 1:
             # One chunk, whole vocabulary: torch's fused log_softmax, kept for backward
             # (``softmax = exp(log_softmax)``): fewer passes over [s, b, V] than max/sub/exp/sum.
-            logp = torch.log_softmax(torch.matmul(hidden.to(weight.dtype), weight.t()).to(dtype), dim=-1)
+            z = torch.matmul(hidden.to(weight.dtype), weight.t()).to(dtype)
+            logp = torch.log_softmax(mask_padding(z, vocab_start, vocab_size, owned=True), dim=-1)
             out.copy_(logp.gather(-1, labels.clamp(0, vocab_total - 1).unsqueeze(-1)).squeeze(-1))
             kept.append(logp)
         else:
             lse = torch.empty(labels.shape, dtype=dtype, device=hidden.device)
             for s0, s1 in chunk_bounds(labels.shape[0], chunk_size):
                 z = torch.matmul(hidden[s0:s1].to(weight.dtype), weight.t()).to(dtype)  # fresh: ours to overwrite
+                z = mask_padding(z, vocab_start, vocab_size, owned=True)
                 chunk_lse, target = logsumexp_and_target(z, labels[s0:s1], vocab_start, group, owned=not keep)
                 lse[s0:s1] = chunk_lse
                 out[s0:s1] = target - chunk_lse
@@ -86,6 +89,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse, valid, *kept)
         ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.into_main_grad = group, chunk_size, vocab_start, into_main_grad
+        ctx.vocab_size = vocab_size
         return out
 
     @staticmethod
@@ -104,6 +108,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
         for s0, s1 in chunk_bounds(labels.shape[0], ctx.chunk_size):
             h_c = hidden[s0:s1].to(weight.dtype)
             z = kept.pop() if kept else torch.matmul(h_c, weight.t()).to(dtype)
+            z = mask_padding(z, ctx.vocab_start, ctx.vocab_size, owned=True)  # kept: already masked
             chunk_lse = None if lse is None else lse[s0:s1]  # None: z holds log-probs already
             g_z = grad_of_logits(z, labels[s0:s1], ctx.vocab_start, chunk_lse, grad_out[s0:s1], owned=True)
             if need_h:
@@ -116,7 +121,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
             grad_w = _after_main_grad_accumulation(weight)
         elif need_w and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _after_main_grad_accumulation(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -144,6 +149,7 @@ def token_logprobs_from_hidden(
     layout: Literal["sbh", "bsh"] = "sbh",
     accumulate_into_main_grad: bool = False,
     keep_logits: bool = True,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """``log pi(labels)`` from final hidden states and the (vocab-parallel) output weight, fused.
 
@@ -165,6 +171,9 @@ def token_logprobs_from_hidden(
         keep_logits: when the whole sequence fits in one chunk, keep its logits for backward instead
             of recomputing them (memory: that one chunk, within the chunk budget; time: one matmul
             fewer). Longer sequences always recompute.
+        vocab_size: the real vocabulary when the output layer is padded past it (Megatron's
+            make_vocab_size_divisible_by): rows >= vocab_size are no tokens (no mass, no gradient).
+            None: every row is a token.
 
     Returns:
         ``[b, s]`` fp32 (fp64 for an fp64 weight), identical on every TP rank:
@@ -196,7 +205,7 @@ def token_logprobs_from_hidden(
     if chunk_size is None:
         chunk_size = auto_chunk_size(hidden.shape[1], weight.shape[0])
     out = _TokenLogprobsFromHidden.apply(
-        hidden, weight, labels.t().long(), tp_group, chunk_size, accumulate_into_main_grad, keep_logits
+        hidden, weight, labels.t().long(), tp_group, chunk_size, accumulate_into_main_grad, keep_logits, vocab_size
     )
     return out.t().contiguous()
 

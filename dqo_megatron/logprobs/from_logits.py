@@ -21,29 +21,36 @@ from typing import Optional
 
 import torch
 
-from dqo_megatron.logprobs._math import chunk_bounds, compute_dtype, grad_of_logits, logsumexp_and_target, vocab_shard
+from dqo_megatron.logprobs._math import (
+    chunk_bounds,
+    compute_dtype,
+    grad_of_logits,
+    logsumexp_and_target,
+    mask_padding,
+    vocab_shard,
+)
 
 
 class _TokenLogprobsFromLogits(torch.autograd.Function):
     """logits ``[b, s, V/tp]``, labels ``[b, s]`` -> ``[b, s]``; backward recomputes per chunk."""
 
     @staticmethod
-    def forward(ctx, logits, labels, group, chunk_size):
+    def forward(ctx, logits, labels, group, chunk_size, vocab_size=None):
         dtype = compute_dtype(logits.dtype)
         vocab_start, vocab_total = vocab_shard(logits.shape[-1], group)
-        valid = (labels >= 0) & (labels < vocab_total)
+        valid = (labels >= 0) & (labels < (vocab_total if vocab_size is None else min(vocab_size, vocab_total)))
         lse = torch.empty(labels.shape, dtype=dtype, device=logits.device)
         out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
         for s0, s1 in chunk_bounds(labels.shape[1], chunk_size):
             piece = logits[:, s0:s1]
-            z = piece.to(dtype)
+            z = mask_padding(piece.to(dtype), vocab_start, vocab_size, owned=piece.dtype != dtype)
             chunk_lse, target = logsumexp_and_target(z, labels[:, s0:s1], vocab_start, group, owned=z is not piece)
             lse[:, s0:s1] = chunk_lse
             out[:, s0:s1] = target - chunk_lse
             del z  # free this chunk before the next one is allocated
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(logits, labels, lse, valid)
-        ctx.group, ctx.chunk_size, ctx.vocab_start = group, chunk_size, vocab_start
+        ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.vocab_size = group, chunk_size, vocab_start, vocab_size
         return out
 
     @staticmethod
@@ -54,12 +61,12 @@ class _TokenLogprobsFromLogits(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s0, s1 in chunk_bounds(labels.shape[1], ctx.chunk_size):
             piece = logits[:, s0:s1]
-            z = piece.to(dtype)
+            z = mask_padding(piece.to(dtype), ctx.vocab_start, ctx.vocab_size, owned=piece.dtype != dtype)
             grad[:, s0:s1] = grad_of_logits(
                 z, labels[:, s0:s1], ctx.vocab_start, lse[:, s0:s1], grad_out[:, s0:s1], owned=z is not piece
             )
             del z
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def token_logprobs_from_logits(
@@ -68,6 +75,7 @@ def token_logprobs_from_logits(
     *,
     tp_group=None,
     chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """``log pi(labels)`` from full or vocab-parallel logits.
 
@@ -82,6 +90,9 @@ def token_logprobs_from_logits(
         chunk_size: sequence positions per chunk (each chunk holds ``b * chunk_size`` tokens); None
             processes the whole sequence at once. Each token is computed on its own, so the result does
             not depend on the chunking (beyond float rounding).
+        vocab_size: the real vocabulary when the logits are padded past it (Megatron's
+            make_vocab_size_divisible_by): ids >= vocab_size are no tokens (no mass, no gradient; their
+            labels give 0). None: every column is a token.
 
     Returns:
         ``[b, s]`` in fp32 (fp64 for fp64 logits), identical on every TP rank:
@@ -94,4 +105,4 @@ def token_logprobs_from_logits(
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    return _TokenLogprobsFromLogits.apply(logits, labels.long(), tp_group, chunk_size)
+    return _TokenLogprobsFromLogits.apply(logits, labels.long(), tp_group, chunk_size, vocab_size)

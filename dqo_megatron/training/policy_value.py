@@ -47,6 +47,9 @@ class PolicyValueModel(torch.nn.Module):
         value_head: True to put a value head on the last stage: on `value` when given, else on the
             policy's trunk (value mode "shared"). False: no value (SFT, RS, DPO, KTO).
         head_init_std: std of the head's weight init (0: zero).
+        offload_reference: keep the reference on the CPU between its forwards.
+        vocab_size: the real vocabulary (`model.vocab_size`); the output layer's padding rows past it
+            get no probability mass in the log-probs (None: no padding to exclude).
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class PolicyValueModel(torch.nn.Module):
         value_head: bool = True,
         head_init_std: float = 0.0,
         offload_reference: bool = False,
+        vocab_size: int | None = None,
     ):
         super().__init__()
+        self.vocab_size = vocab_size
         self.policy = policy
         self.value = value
         self.reference = reference
@@ -164,6 +169,7 @@ class PolicyValueModel(torch.nn.Module):
             tp_group=tp_group,
             sequence_parallel=sp,
             accumulate_into_main_grad=into_main_grad,
+            vocab_size=self.vocab_size,
         )
         values = torch.zeros_like(logp)
         if self.value_head is not None:
@@ -180,6 +186,7 @@ class PolicyValueModel(torch.nn.Module):
                     labels,
                     tp_group=tp_group,
                     sequence_parallel=sp,
+                    vocab_size=self.vocab_size,
                 )
             if self.offload_reference:
                 self.reference.to("cpu")
@@ -287,6 +294,7 @@ def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, ba
                 value_head=with_value,
                 head_init_std=run.value.head_init_std,
                 offload_reference=run.data.reference_offload,
+                vocab_size=run.model.vocab_size,
             ),
             device,
         )
