@@ -17,6 +17,8 @@ is ~lr*sign(g) and would amplify 1e-9 noise on near-zero gradients into lr-sized
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from dqo_megatron.config import ModelConfig, ParallelConfig
@@ -60,14 +62,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def references(batch):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            (cache[name],) = run_distributed(reference_step, 1, MODELS[name], batch)
-        return cache[name]
-
-    return get
+    """name -> the single-process reference of MODELS[name], computed once per module."""
+    return functools.cache(lambda name: run_distributed(reference_step, 1, MODELS[name], batch)[0])
 
 
 def _scale(tensors):

@@ -73,20 +73,9 @@ def hf_to_megatron(
     except ConfigError as exc:
         typer.echo(f"conversion failed: {exc}", err=True)
         raise typer.Exit(2) from None
-    _run(
-        convert,
-        src,
-        out,
-        overwrite=overwrite,
-        dtype=dtype,
-        layouts=[layout],
-        verify=verify,
-        tolerance=tolerance,
-        value=value,
-        value_head=value_head,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        seq_length=seq_length,
-    )
+    common = dict(overwrite=overwrite, dtype=dtype, verify=verify, tolerance=tolerance)
+    padding = dict(make_vocab_size_divisible_by=make_vocab_size_divisible_by, seq_length=seq_length)
+    _run(convert, src, out, **common, layouts=[layout], value=value, value_head=value_head, **padding)
 
 
 @convert_app.command("megatron-to-hf")
@@ -107,17 +96,8 @@ def megatron_to_hf(
     """Megatron distributed checkpoint -> HF safetensors + config.json + tokenizer (plain transformers)."""
     from dqo_megatron.conversion import megatron_to_hf as convert
 
-    _run(
-        convert,
-        src,
-        out,
-        overwrite=overwrite,
-        dtype=dtype,
-        tokenizer=tokenizer,
-        max_shard_size=max_shard_size,
-        verify=verify,
-        tolerance=tolerance,
-    )
+    common = dict(overwrite=overwrite, dtype=dtype, verify=verify, tolerance=tolerance)
+    _run(convert, src, out, **common, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
 @convert_app.command("value-from-megatron")

@@ -10,6 +10,8 @@ the tensor's scale, still far below a real bug (a wrong shard or a missing all-r
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from dqo_megatron.config import ParallelConfig
@@ -43,14 +45,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def references(batch):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            (cache[name],) = run_spawned(layout_reference, 1, MODELS[name], batch)
-        return cache[name]
-
-    return get
+    """name -> the single-process reference of MODELS[name], computed once per module."""
+    return functools.cache(lambda name: run_spawned(layout_reference, 1, MODELS[name], batch)[0])
 
 
 @pytest.mark.parametrize(
