@@ -55,7 +55,8 @@ _BPE = 2
 
 def check_tokenizer_source(tokenizer: Optional[str | Path]) -> Optional[Path]:
     """`tokenizer` (an export's --tokenizer) as a Path when it is a sentencepiece ``.model`` file or a directory
-    holding tokenizer files; ConversionError naming the path otherwise. Cheap: called before a checkpoint loads."""
+    holding tokenizer files, and a sentencepiece model one that converts with the same ids; ConversionError naming
+    the path otherwise. Cheap (reads the tokenizer only): called before a checkpoint loads."""
     if tokenizer is None:
         return None
     path = Path(tokenizer)
@@ -67,11 +68,15 @@ def check_tokenizer_source(tokenizer: Optional[str | Path]) -> Optional[Path]:
                 f"--tokenizer {path} is a file but not a sentencepiece .model: give a .model file or the "
                 "directory holding the tokenizer files (tokenizer.json / tokenizer_config.json ...)"
             )
+        _check_convertible(_read_proto(path), path)
         return path
     if not holds_tokenizer(path):
         raise ConversionError(
             f"--tokenizer {path} holds no tokenizer files ({', '.join(HF_TOKENIZER_FILES + (SENTENCEPIECE_FILE,))})"
         )
+    model_file = sentencepiece_model_of(path)
+    if model_file is not None:  # a model that cannot be converted is refused now, not after the weights
+        _check_convertible(_read_proto(model_file), model_file)
     return path
 
 

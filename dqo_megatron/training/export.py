@@ -11,12 +11,15 @@ ids), loadable by `transformers` with no custom code (and checks parity with `ve
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 from dqo_megatron.config import ConfigError, InitConfig, ParallelConfig, RunConfig
+
+logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "config.yaml"
 """What `dqo-megatron train` writes into run_dir (beside run_dir/checkpoints/)."""
@@ -88,10 +91,15 @@ def export_tokenizer_source(run: RunConfig, tokenizer: Optional[str | Path] = No
     converter takes it from the checkpoint); else eval.tokenizer, the one the run framed prompts with."""
     from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source, holds_tokenizer
     from dqo_megatron.conversion.megatron_io import HF_DIR
+    from dqo_megatron.conversion.registry import ConversionError
 
     if tokenizer is None and not (run.init.policy and holds_tokenizer(Path(run.init.policy) / HF_DIR)):
         if run.eval.tokenizer and holds_tokenizer(run.eval.tokenizer):
-            tokenizer = run.eval.tokenizer
+            try:  # a fallback the user did not ask for: one that cannot be exported is skipped, not fatal
+                return check_tokenizer_source(run.eval.tokenizer)
+            except ConversionError as exc:
+                logger.warning("exporting without a tokenizer: eval.tokenizer %s", exc)
+                return None
     return check_tokenizer_source(tokenizer)
 
 

@@ -199,6 +199,18 @@ def test_models_whose_ids_cannot_be_reproduced_are_refused(tmp_path):
     (tmp_path / "u.model").write_bytes(buf.getvalue())
     with pytest.raises(ConversionError, match="u.model: cannot be converted .*not a BPE model"):
         sentencepiece_to_hf(tmp_path / "u.model")
+    # refused by the cheap check an export runs before it loads a checkpoint, not after the weights
+    from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source
+
+    with pytest.raises(ConversionError, match="u.model: cannot be converted .*not a BPE model"):
+        check_tokenizer_source(tmp_path / "u.model")
+    # as the run's eval.tokenizer (a fallback nobody asked for): the export goes on without a tokenizer
+    from dqo_megatron.config import RunConfig
+    from dqo_megatron.training.export import export_tokenizer_source
+
+    run = RunConfig()
+    run.eval.tokenizer = str(tmp_path / "u.model")
+    assert export_tokenizer_source(run) is None
 
 
 def test_export_checks_the_tokenizer_before_loading_the_checkpoint(tmp_path):
