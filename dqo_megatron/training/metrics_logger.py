@@ -46,6 +46,8 @@ network, eval/accuracy only with eval.interval); docs/training.md lists them all
 
 WANDB_ID_FILE = "wandb_run_id"
 """File in run_dir holding the W&B run id, so that a resumed run logs into the same W&B run."""
+WANDB_STEP = "trainer/step"
+"""The W&B metric every other one is plotted against (the optimizer step)."""
 
 
 class MetricsLogger:
@@ -147,8 +149,8 @@ class MetricsLogger:
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars, step=step)
+        if self.wandb_run is not None:  # the x-axis is our step (`_wandb`): steps redone after a resume are kept
+            self.wandb_run.log({**scalars, WANDB_STEP: step})
 
 
 def step_scalars(result, seconds: float, rate: float, perf: dict, lrs: dict) -> dict[str, float]:
@@ -201,6 +203,10 @@ def _wandb(run: RunConfig, start_step: int):
     resumed = id_file.read_text().strip() if start_step > 0 and id_file and id_file.is_file() else ""
     options = {"id": resumed, "resume": "allow"} if resumed else {}
     wandb_run = wandb.init(project=run.train.wandb_project, config=to_dict(run), dir=run.run_dir, **options)
+    # W&B drops a `log(step=...)` below the run's last step: a resumed run redoes the steps after its
+    # checkpoint, so they are plotted against our own step metric instead of W&B's internal counter.
+    wandb_run.define_metric(WANDB_STEP)
+    wandb_run.define_metric("*", step_metric=WANDB_STEP)
     if id_file is not None and wandb_run.id != resumed:
         atomic_write_text(id_file, f"{wandb_run.id}\n")
     logger.info("W&B run %s (%s)", wandb_run.id, f"continued at step {start_step}" if resumed else "new")

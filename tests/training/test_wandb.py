@@ -14,22 +14,34 @@ import pytest
 from dqo_megatron.config import ConfigError, RunConfig
 from dqo_megatron.training import metrics_logger
 from dqo_megatron.training.member_step import MEMBER_KEY
-from dqo_megatron.training.metrics_logger import FIXED_TAGS, WANDB_ID_FILE, MetricsLogger
+from dqo_megatron.training.metrics_logger import FIXED_TAGS, WANDB_ID_FILE, WANDB_STEP, MetricsLogger
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 
 
 class FakeWandb:
-    """What the logger uses of wandb: init(...) -> a run with id, log, finish."""
+    """What the logger uses of wandb: init(...) -> a run with id, define_metric, log, finish. Like W&B, a
+    `log(step=s)` below the last step logged is dropped (what made resumed runs lose their redone steps)."""
 
     def __init__(self) -> None:
         self.inits: list[dict] = []
-        self.logged: list[tuple[dict, int]] = []
+        self.logged: list[tuple[dict, int | None]] = []
+        self.step_metrics: dict[str, str | None] = {}
+        self._last_step = -1
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
         run_id = kwargs.get("id") or f"run{len(self.inits)}"
-        return SimpleNamespace(id=run_id, log=lambda data, step: self.logged.append((data, step)), finish=lambda: None)
+        return SimpleNamespace(id=run_id, log=self._log, define_metric=self._define, finish=lambda: None)
+
+    def _define(self, name, step_metric=None):
+        self.step_metrics[name] = step_metric
+
+    def _log(self, data, step=None):
+        if step is not None and step < self._last_step:
+            return  # W&B: "Steps must be monotonically increasing"
+        self._last_step = self._last_step + 1 if step is None else step
+        self.logged.append((data, step))
 
 
 class FakeWriter:
@@ -98,7 +110,7 @@ def test_tensorboard_and_wandb_get_the_same_tags_and_docs_list_them(fakes, tmp_p
         logger.log_step(1, result, seconds=0.25)
         logger.log_eval(1, SimpleNamespace(accuracy=0.5))
     to_tensorboard = {tag: value for tag, value, _ in writer.scalars}
-    to_wandb = {tag: value for data, _ in wandb.logged for tag, value in data.items()}
+    to_wandb = {tag: value for data, _ in wandb.logged for tag, value in data.items() if tag != WANDB_STEP}
     assert to_tensorboard == to_wandb and all(math.isfinite(v) for v in to_wandb.values())
     assert set(to_wandb) == {"train/loss", "train/policy_loss", "train/value_loss", *FIXED_TAGS}
     documented = set(re.findall(r"`((?:train|perf|lr|eval)/[a-z_]+)`", DOCS.read_text()))
@@ -112,7 +124,8 @@ def _train_with_fake_wandb(run: RunConfig) -> dict:
     wandb = FakeWandb()
     sys.modules["wandb"] = wandb
     summary = train(run)
-    return {"inits": [{k: v for k, v in i.items() if k != "config"} for i in wandb.inits], "steps": summary.steps}
+    inits = [{k: v for k, v in i.items() if k != "config"} for i in wandb.inits]
+    return {"inits": inits, "steps": summary.steps, "logged_steps": [d[WANDB_STEP] for d, _ in wandb.logged]}
 
 
 def test_the_trainer_continues_the_wandb_run_on_resume(tmp_path):
@@ -129,3 +142,18 @@ def test_the_trainer_continues_the_wandb_run_on_resume(tmp_path):
     (second,) = run_distributed(_train_with_fake_wandb, 1, run)
     assert second["steps"] == 4
     assert second["inits"] == [{"project": "dqo-tests", "dir": run.run_dir, "id": "run1", "resume": "allow"}]
+    assert first["logged_steps"] == [1, 2] and second["logged_steps"] == [3, 4]
+
+
+def test_steps_redone_after_a_resume_reach_wandb(fakes, tmp_path):
+    """A run killed after step 4 with its checkpoint at 2 redoes step 3: W&B gets it again (as TensorBoard
+    does), plotted against trainer/step, not dropped as a step below the last one."""
+    wandb, _writer = fakes
+    result = SimpleNamespace(loss=1.0, grad_norm=0.5, update_successful=True, tokens=4096, metrics={"loss": 1.0})
+    with MetricsLogger(_run(tmp_path), _parts()) as logger:
+        for step in (1, 2, 3, 4):
+            logger.log_step(step, result, seconds=0.25)
+    with MetricsLogger(_run(tmp_path), _parts(), start_step=2) as logger:
+        logger.log_step(3, result, seconds=0.25)
+    assert [data[WANDB_STEP] for data, _ in wandb.logged] == [1, 2, 3, 4, 3]
+    assert wandb.step_metrics == {WANDB_STEP: None, "*": WANDB_STEP}
