@@ -60,15 +60,30 @@ def choose_split(source: str, splits: list[str], split: str | None, default: str
     if default is None and len(splits) == 1:
         return splits[0]
     lack = f" and no {default!r}" if default else ""
-    raise ValueError(f"{source} holds the splits {splits}{lack}: name one (--split, or the split's own directory)")
+    raise ValueError(
+        f"{source} holds the splits {splits}{lack}: name one as {source}@SPLIT (any command; preprocess also "
+        "takes --split), or give the split's own directory"
+    )
+
+
+def split_suffix(source: str, split: str | None) -> tuple[str, str | None]:
+    """``("dir", "test")`` for ``"dir@test"`` when ``dir@test`` itself does not exist; a split given both
+    ways must agree (ValueError)."""
+    base, at, suffix = source.rpartition("@")
+    if not at or not base or not suffix or os.path.exists(source):
+        return source, split
+    if split is not None and split != suffix:
+        raise ValueError(f"{source}: the split {suffix!r} in the name and {split!r} given as --split disagree")
+    return base, suffix
 
 
 def open_dataset(source: str, split: str | None = None, default_split: str | None = DEFAULT_SPLIT):
     """One split of a saved directory or a cached hub dataset, as a `datasets.Dataset`.
 
     Args:
-        source: a `save_to_disk` directory (Dataset or DatasetDict) or a hub name (`owner/name[:config]`).
-        split: the split to read; None: `default_split` (see `choose_split`).
+        source: a `save_to_disk` directory (Dataset or DatasetDict) or a hub name (`owner/name[:config]`),
+            either with an optional ``@split`` suffix (what commands without a --split option take).
+        split: the split to read; None: the suffix's, else `default_split` (see `choose_split`).
         default_split: the split taken when none is named ("train"); None: only a lone split is taken.
     Raises:
         ValueError (one line): an unknown split (listing the splits), a directory `save_to_disk` did not
@@ -76,6 +91,7 @@ def open_dataset(source: str, split: str | None = None, default_split: str | Non
     """
     import datasets
 
+    source, split = split_suffix(source, split)
     if not os.path.isdir(source):
         return _from_cache(source, split, default_split)
     kind = saved_kind(source)

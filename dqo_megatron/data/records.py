@@ -460,7 +460,8 @@ def expand_inputs(paths: str | Path | Iterable[str | Path]) -> list[str]:
     for p in paths:
         p = str(p)
         hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
-        if not hits and hf_sources.is_hub_name(p):
+        base = hf_sources.split_suffix(p, None)[0]  # "DIR@test": a split of a DatasetDict or hub dataset
+        if not hits and (hf_sources.is_hub_name(base) or (base != p and os.path.isdir(base))):
             hits = [p]
         if not hits:
             raise FileNotFoundError(f"input {p!r} does not exist (or the pattern matches no file)")
@@ -470,7 +471,8 @@ def expand_inputs(paths: str | Path | Iterable[str | Path]) -> list[str]:
 
 def input_format(path: str) -> str:
     """ "jsonl", "parquet", "hf_disk" (a `save_to_disk` directory of a Dataset or a DatasetDict) or
-    "hf_hub" (a hub name, read from the local cache only), from the path."""
+    "hf_hub" (a hub name, read from the local cache only), from the path (an ``@split`` suffix aside)."""
+    path = hf_sources.split_suffix(path, None)[0]
     if os.path.isdir(path):
         if hf_sources.saved_kind(path):
             return "hf_disk"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dqo_megatron.data.hf_sources import is_hub_name, open_dataset
+from dqo_megatron.data.hf_sources import is_hub_name, open_dataset, split_suffix
 from dqo_megatron.tasks.prompts import build_prompt, check_task
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
@@ -98,13 +98,14 @@ def load_problems(
         task: "gsm8k" or "math"; None guesses from the path (see `guess_task`).
         limit: keep at most this many problems (after `offset`); None keeps all.
         offset: skip this many problems first.
-        split: the split of a DatasetDict directory or hub name; None takes a lone split and refuses
-            several (listing them).
+        split: the split of a DatasetDict directory or hub name (or ``path@split``); None takes a lone
+            split and refuses several (listing them).
     Returns:
         Problems in file order. Raises FileNotFoundError / ValueError naming file and line.
     """
     path = Path(path)
-    if not path.exists() and not is_hub_name(str(path)):
+    base = split_suffix(str(path), None)[0]  # "DIR@test" / "owner/name@test": a split named in the path
+    if not path.exists() and not is_hub_name(base) and not (base != str(path) and Path(base).is_dir()):
         raise FileNotFoundError(f"problem file {path} does not exist")
     task = check_task(task or guess_task(path))
     out: list[Problem] = []

@@ -191,6 +191,10 @@ def test_dataset_dict_split(tmp_path, hf_tok_dir):
     with pytest.raises(ValueError, match=r"has no split 'valid'; its splits: \['train', 'test'\]"):
         _run(tmp_path, path, "valid", hf_tok_dir, split="valid")
     assert len(list(read_records(path, split="test"))) == 1
+    # the split as a suffix, for the commands without a --split option (label, process-scores, ...)
+    _same_dataset(_run(tmp_path, f"{path}@test", "at_test", hf_tok_dir), _run(tmp_path, native[1:], "n_t2", hf_tok_dir))
+    with pytest.raises(ValueError, match="the split 'test' in the name and 'train' given as --split disagree"):
+        list(read_records(f"{path}@test", split="train"))
 
 
 def test_dataset_dict_without_train_needs_a_split(tmp_path, hf_tok_dir):
@@ -208,8 +212,9 @@ def test_problems_from_a_dataset_dict(tmp_path):
     dd.save_to_disk(str(tmp_path / "gsm8k"))
     assert [p.question for p in load_problems(tmp_path / "gsm8k", split="test")] == ["2+2?"]
     assert len(load_problems(tmp_path / "gsm8k" / "train")) == 2  # a split's own directory
+    assert [p.question for p in load_problems(f"{tmp_path / 'gsm8k'}@test")] == ["2+2?"]  # rollout/eval's way
     # eval must not fall on train silently: several splits and none named is an error, not 'no state.json'
-    with pytest.raises(ValueError, match=r"holds the splits \['train', 'test'\]: name one"):
+    with pytest.raises(ValueError, match=r"holds the splits \['train', 'test'\]: name one as .*gsm8k@SPLIT"):
         load_problems(tmp_path / "gsm8k")
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="no `datasets` save_to_disk directory"):
