@@ -23,7 +23,7 @@ demo-seeds: $(STAMP)  # the README's table: one demo per seed, mean +- std in ru
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP)  # the quick demo under --tp 2; the documented pipeline for three families (tests/pipeline)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test carries the marker yet
 
 test-gpu: $(STAMP)
