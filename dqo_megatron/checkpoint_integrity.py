@@ -464,7 +464,6 @@ def deferred_single_rank_errors(errors: list) -> Iterator[None]:
     other ranks waiting in the next collective forever. Deferred, the save runs to its end on every
     rank, and the caller shares `errors` with all ranks (our save does) and fails on every rank."""
     from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     def deferring(fn):
@@ -476,11 +475,13 @@ def deferred_single_rank_errors(errors: list) -> Iterator[None]:
 
         return call
 
-    saved = [
-        (TorchCommonSaveStrategy, "save_common"),
-        (FileSystemWriterAsync, "finish"),
-        (serialization, "save_config"),
-    ]
+    saved = [(FileSystemWriterAsync, "finish"), (serialization, "save_config")]
+    try:  # megatron-core <= 0.16: rank 0 writes common.pt through the common save strategy
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    except ImportError:  # >= 0.19: the common state is a ShardedObject inside the torch_dist files
+        pass
+    else:
+        saved.insert(0, (TorchCommonSaveStrategy, "save_common"))
     originals = [(owner, name, owner.__dict__[name]) for owner, name in saved if name in owner.__dict__]
     for owner, name, original in originals:
         setattr(owner, name, deferring(original))

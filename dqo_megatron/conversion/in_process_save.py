@@ -211,9 +211,9 @@ def _in_process_write_results() -> Iterator[None]:
 
 def _in_process_writer_available() -> bool:
     """Whether `_in_process_file_writer` can replace Megatron's writer (this megatron-core has it)."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from dqo_megatron.compat.megatron_api import file_writer_attribute
 
-    return FileSystemWriterAsync.__dict__.get("write_preloaded_data_multiproc") is not None
+    return file_writer_attribute() is not None
 
 
 @contextlib.contextmanager
@@ -235,17 +235,22 @@ def _in_process_file_writer(free_written: bool = False, deferred: Optional[dict]
     """
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    original = FileSystemWriterAsync.__dict__.get("write_preloaded_data_multiproc")
-    if original is None:  # megatron-core changed: keep its writer
+    from dqo_megatron.compat.megatron_api import file_writer_attribute
+
+    name = file_writer_attribute()
+    if name is None:  # megatron-core changed: keep its writer
         yield
         return
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(
-        functools.partial(_write_buckets_in_process, original.__func__, free_written, deferred or {})
+    original = FileSystemWriterAsync.__dict__[name]
+    setattr(
+        FileSystemWriterAsync,
+        name,
+        staticmethod(functools.partial(_write_buckets_in_process, original.__func__, free_written, deferred or {})),
     )
     try:
         yield
     finally:
-        FileSystemWriterAsync.write_preloaded_data_multiproc = original
+        setattr(FileSystemWriterAsync, name, original)
 
 
 def _write_buckets_in_process(

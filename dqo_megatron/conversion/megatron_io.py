@@ -182,6 +182,8 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from dqo_megatron.compat.megatron_api import save_sharded_strategy
+
     weights_dir = Path(weights_dir)
     if torch.distributed.get_rank() == 0:
         weights_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +199,7 @@ def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) ->
             deferred_single_rank_errors(errors),
             children_die_with_parent(),
         ):
-            dist_checkpointing.save(state, str(weights_dir))
+            dist_checkpointing.save(state, str(weights_dir), sharded_strategy=save_sharded_strategy())
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         errors.insert(0, exc)
     failure = save_error_message(errors, weights_dir)[0] if errors else None

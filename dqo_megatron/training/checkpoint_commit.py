@@ -71,12 +71,13 @@ def _write_shards(state: dict, directory: Path) -> list[BaseException]:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from dqo_megatron.compat.megatron_api import save_sharded_strategy
     from dqo_megatron.conversion.megatron_io import in_process_writer
 
     errors: list[BaseException] = []
     try:
         with in_process_writer(), deferred_single_rank_errors(errors), children_die_with_parent():
-            dist_checkpointing.save(state, str(directory))
+            dist_checkpointing.save(state, str(directory), sharded_strategy=save_sharded_strategy())
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         errors.insert(0, err)
     return errors

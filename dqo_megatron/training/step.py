@@ -76,7 +76,8 @@ def model_inputs(batch: dict) -> dict:
 def slice_batch_for_context_parallel(batch: dict) -> dict:
     """This CP rank's part of every ``[b, s]`` tensor (chunks r and 2*cp-1-r of 2*cp); identity at CP=1."""
     from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from dqo_megatron.compat.megatron_api import get_batch_on_this_cp_rank
 
     if parallel_state.get_context_parallel_world_size() == 1:
         return batch
