@@ -1,7 +1,8 @@
 """megatron-core internals that moved between releases, one version-aware accessor each (issue #20).
 
-Nothing else in dqo_megatron knows about megatron-core versions: code that needs one of these internals
-asks here. Each accessor names what changed; `tests/test_megatron_api.py` fails when an upgrade moves
+Code that needs one of these internals asks here; the one exception is `checkpoint_integrity` (a leaf
+below compat in the import stack), which imports `TorchCommonSaveStrategy` only where it exists.
+Each accessor names what changed; `tests/test_megatron_api.py` fails when an upgrade moves
 one again (instead of a silent fallback).
 
 - CP batch slicing: `megatron.core.utils.get_batch_on_this_cp_rank` gained a required `is_hybrid_cp`

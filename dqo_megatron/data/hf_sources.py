@@ -77,6 +77,17 @@ def split_suffix(source: str, split: str | None) -> tuple[str, str | None]:
     return base, suffix
 
 
+def local_inputs(sources) -> list[str]:
+    """The paths on this machine that `sources` (files, directories, ``DIR@split``, hub names) read: what
+    an output must stay apart from (``DIR@test`` reads DIR; a hub name reads no path the user gave)."""
+    out = []
+    for source in map(str, sources):
+        base = split_suffix(source, None)[0]
+        if not is_hub_name(base):
+            out.append(base)
+    return out
+
+
 def open_dataset(source: str, split: str | None = None, default_split: str | None = DEFAULT_SPLIT):
     """One split of a saved directory or a cached hub dataset, as a `datasets.Dataset`.
 

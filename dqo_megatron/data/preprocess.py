@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Literal
 
 from dqo_megatron.config.loader import ConfigError
-from dqo_megatron.data.hf_sources import is_hub_name
+from dqo_megatron.data.hf_sources import local_inputs
 from dqo_megatron.data.indexed import TrajectoryWriter, dataset_files
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, input_format, iter_raw, parse_record
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, tokenize_records
@@ -197,8 +197,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     tok = Tokenizer(cfg.tokenize.tokenizer)  # fail early, in the main process, on a bad tokenizer
     # everything is written into a hidden sibling directory and moved into place once complete: a
     # rejected record or a kill leaves an existing dataset at output_prefix as it was
-    # a hub name is no path: it must not be taken for a directory the output could lie in
-    inputs = [p for p in list(cfg.inputs) + files if not is_hub_name(p)] + [cfg.tokenize.tokenizer.path]
+    inputs = local_inputs(list(cfg.inputs) + files) + [cfg.tokenize.tokenizer.path]
     with staged_files(
         dataset_files(cfg.output_prefix), overwrite=cfg.overwrite, inputs=inputs, what=f"dataset {cfg.output_prefix}"
     ) as staging:

@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dqo_megatron.data.hf_sources import local_inputs
 from dqo_megatron.data.records import RecordError, expand_inputs, iter_raw, parse_record
 from dqo_megatron.outputs import OutputError, check_apart, refuse_existing, staged_file
 from dqo_megatron.process_scores.cache import CompletionCache, cache_key, prefix_seed
@@ -276,7 +277,7 @@ def check_outputs(cfg: ProcessScoresConfig) -> None:
 
 
 def _input_paths(cfg: ProcessScoresConfig) -> list[str]:
-    return list(cfg.inputs) + expand_inputs(cfg.inputs)
+    return local_inputs(list(cfg.inputs) + expand_inputs(cfg.inputs))
 
 
 def _write(cfg: ProcessScoresConfig, scored: dict, invalid: set, summary: ProcessScoresSummary) -> None:

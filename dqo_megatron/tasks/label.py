@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dqo_megatron.config.loader import ConfigError
+from dqo_megatron.data.hf_sources import local_inputs
 from dqo_megatron.data.records import RecordError, SkipCounter, expand_inputs, iter_raw, parse_record
 from dqo_megatron.outputs import staged_file
 from dqo_megatron.processes import dies_with_this_process
@@ -112,7 +113,7 @@ def label_records(cfg: LabelConfig) -> LabelSummary:
     files = expand_inputs(cfg.inputs)
     items = ((f, line, raw, cfg.task, cfg.timeout_s) for f in files for line, raw in iter_raw(f))
     summary = LabelSummary()
-    with staged_file(cfg.output, overwrite=cfg.overwrite, inputs=list(cfg.inputs) + files) as tmp:
+    with staged_file(cfg.output, overwrite=cfg.overwrite, inputs=local_inputs(list(cfg.inputs) + files)) as tmp:
         pool = (
             mp.get_context("fork").Pool(cfg.workers, initializer=dies_with_this_process())  # a killed label's too
             if cfg.workers > 1

@@ -255,11 +255,8 @@ def finalize_policy_value_grads(model: list, num_tokens=None, pg_collection=None
 
 def pipeline_micro_batch_size(model: "PolicyValueModel | torch.nn.Module", micro_batch_size: int) -> int:
     """The micro-batch size to give Megatron's schedule: members stack along the batch dimension."""
-    try:
-        members = len(unwrap(model, lambda m: isinstance(m, PolicyValueModel), "PolicyValueModel").members)
-    except TypeError:  # a bare GPT chunk: one member
-        members = 1
-    return micro_batch_size * members
+    inner = unwrap(model, lambda m: isinstance(m, PolicyValueModel) or not hasattr(m, "module"), "model")
+    return micro_batch_size * (len(inner.members) if isinstance(inner, PolicyValueModel) else 1)  # bare GPT: one
 
 
 def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, backend: str = "auto") -> list:

@@ -195,6 +195,16 @@ def test_dataset_dict_split(tmp_path, hf_tok_dir):
     _same_dataset(_run(tmp_path, f"{path}@test", "at_test", hf_tok_dir), _run(tmp_path, native[1:], "n_t2", hf_tok_dir))
     with pytest.raises(ValueError, match="the split 'test' in the name and 'train' given as --split disagree"):
         list(read_records(f"{path}@test", split="train"))
+    # DIR@test reads DIR: an output inside DIR is refused as for DIR itself (nothing written there)
+    from dqo_megatron.data.hf_sources import local_inputs
+    from dqo_megatron.outputs import OutputError
+
+    assert local_inputs([f"{path}@test", "openai/gsm8k:main@test"]) == [path]
+    tok = TokenizeConfig(tokenizer=TokenizerConfig(path=hf_tok_dir))
+    inside = PreprocessConfig(inputs=[f"{path}@test"], output_prefix=f"{path}/out", progress=False, tokenize=tok)
+    with pytest.raises(OutputError):
+        preprocess(inside)
+    assert not any(Path(path).glob("*out*"))
 
 
 def test_dataset_dict_without_train_needs_a_split(tmp_path, hf_tok_dir):
