@@ -15,8 +15,6 @@ KNOWN_HARMLESS_WARNINGS = (
     # when a model is built (dqo_megatron.models.builder.select_backend)
     (UserWarning, r"(Transformer Engine and )?Apex is not installed"),
     (UserWarning, r"Transformer Engine and Apex are not installed"),
-    # megatron-core 0.16's TransformerConfig warns about its own default cuda_graph_scope="full"
-    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope"),
     # torch.distributed.checkpoint about the ShardedTensor that megatron-core's dist_checkpointing
     # saves and loads with, and about the old load_state_dict it calls: nothing for a user to change
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),

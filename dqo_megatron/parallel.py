@@ -62,7 +62,9 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from dqo_megatron.compat import apply_cpu_patches
+    from dqo_megatron.compat.megatron_api import check_megatron_version
 
+    check_megatron_version()  # before anything leans on an internal that may have moved
     cuda = torch.cuda.is_available()
     if not cuda:
         apply_cpu_patches()

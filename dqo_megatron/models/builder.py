@@ -72,6 +72,7 @@ def transformer_config_kwargs(
     contract is per-token (`calculate_per_token_loss=True`: loss functions return sums and token counts,
     and Megatron divides by the global count once).
     """
+    from dqo_megatron.compat.megatron_api import no_cuda_graph_kwargs
     from dqo_megatron.models.precision import fp8_transformer_config_kwargs
 
     return {
@@ -81,6 +82,7 @@ def transformer_config_kwargs(
         **_fusion_kwargs(model, backend, cuda),
         "calculate_per_token_loss": True,
         **fp8_transformer_config_kwargs(precision),
+        **no_cuda_graph_kwargs(),
     }
 
 
@@ -233,8 +235,10 @@ def build_gpt_model(
     vocab-parallel logits ``[batch, seq, padded_vocab/tp]`` (or per-token loss with `labels`).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
+    from dqo_megatron.compat.megatron_api import gpt_model_class
+
+    GPTModel = gpt_model_class()
     chosen = select_backend(backend)
     config = transformer_config(model, parallel, precision, backend=chosen, **(config_overrides or {}))
     vpp = parallel.virtual_pipeline_model_parallel_size
