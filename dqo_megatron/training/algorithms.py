@@ -10,6 +10,10 @@ and predicts `labels[h] = tokens[h+1]`, so index h holds log pi(a_h|s_h), V(s_h)
     ref_logprobs        (optional)    precomputed log pi_ref(a_h|s_h); absent = the reference model's
     document_ids        (optional)    packed rows: a different id per document
 
+A packed micro-batch (`training/packing.py`) holds tokens, labels, position_ids and
+attention_document_ids as packed rows ``[R, s]`` and every other key as one row per document
+``[N, s]``, with `unpack_index`: the model runs on the packed rows, the loss on the document rows.
+
 `rl_forward_step` runs the `PolicyValueModel` on this context-parallel rank's part of the sequence;
 `rl_loss_func` gathers the per-token outputs into whole sequences (the lambda-returns run backwards
 over a whole response) and calls the loss of the registered algorithm (`dqo_megatron.algorithms`,
@@ -30,8 +34,9 @@ from dqo_megatron import algorithms
 from dqo_megatron.algorithms import LossInputs
 from dqo_megatron.config import RunConfig
 from dqo_megatron.logprobs import gather_from_context_parallel
+from dqo_megatron.training.packing import unpack_rows
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
-from dqo_megatron.training.step import model_inputs
+from dqo_megatron.training.step import model_inputs, packed_attention_mask
 
 
 def rl_forward_step(
@@ -43,7 +48,11 @@ def rl_forward_step(
     """
     batch = next(data_iterator)
     inputs = model_inputs(batch)
-    output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
+    if "attention_document_ids" in batch:  # packed rows (training/packing.py)
+        mask = packed_attention_mask(batch["attention_document_ids"])
+        output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"], mask, packed=True)
+    else:
+        output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
     return output, partial(rl_loss_func, run, batch, policy_weight=policy_weight)
 
 
@@ -56,6 +65,8 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor, *, policy_we
     """
     algorithm = algorithms.get(run.algorithm)
     output = gather_from_context_parallel(output, dim=1)
+    if "unpack_index" in batch:  # packed rows: back to one row per document, as the loss keys are
+        output = unpack_rows(output, batch["unpack_index"])
     logp, values = output[..., LOGP], output[..., VALUE]
     ref = batch.get("ref_logprobs")
     if ref is None:

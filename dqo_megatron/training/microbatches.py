@@ -17,6 +17,7 @@ import torch
 
 from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
 from dqo_megatron.data.dataset import TrajectoryDataset
+from dqo_megatron.training.packing import pack_microbatch
 
 
 def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
@@ -71,6 +72,8 @@ class MicroBatches:
     `mode`: "samples" (one row per document: DQO, DRO, SFT, RS), "pairs" (DPO: `micro_batch_size`
     (chosen, rejected) pairs of the same prompt, rows [0, B) chosen and [B, 2B) rejected), "kto"
     (B documents, then B mismatched prompt/response rows for the KL reference point; `desirable` [B]).
+    `packing`: the same documents packed into rows (`training/packing.py`); `fixed_rows`: as many
+    packed rows as documents (pipeline stages exchange fixed shapes).
     """
 
     def __init__(
@@ -88,6 +91,8 @@ class MicroBatches:
         device=None,
         mode: str = "samples",
         max_pairs_per_prompt: int = 12,
+        packing: bool = False,
+        fixed_rows: bool = False,
     ):
         from dqo_megatron.data.pairs import DPOPairDataset, build_dpo_pairs, is_positive
 
@@ -110,6 +115,7 @@ class MicroBatches:
                 "tokens; raise train.seq_length or preprocess with a smaller max_length"
             )
         self.dataset = dataset
+        self.packing, self.fixed_rows = packing, fixed_rows
         self.length = seq_length + 1
         self.pad_id = pad_id
         self.with_ref_logprobs = with_ref_logprobs
@@ -143,6 +149,9 @@ class MicroBatches:
                 samples = items
             collated = pad_collate(samples, self.pad_id, pad_to_multiple_of=self.length, max_length=self.length)
             batch = {**to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs), **extra}
+            if self.packing:
+                rows = len(samples) if self.fixed_rows else None
+                batch = pack_microbatch(samples, batch, seq_length=self.length - 1, pad_id=self.pad_id, num_rows=rows)
             out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
         return out
 

@@ -125,20 +125,35 @@ class PolicyValueModel(torch.nn.Module):
         (`members_sharded_state_dict`)."""
         return members_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        packed: bool = False,
+    ) -> torch.Tensor:
         """tokens, position_ids, labels: ``[b, s_local]`` (this CP rank's part).
 
+        Packed rows (`packed`): `attention_mask` is `models.packed.document_attention_mask` of the
+        rows, and RoPE reads `position_ids` (restarting in every document) instead of 0..s-1.
         Returns ``[b, s_local, 3]`` (log pi, V, log pi_ref) on the last stage, else the stacked hidden
         states ``[s_local(/tp), k*b, h]`` for the next stage.
         """
+        from dqo_megatron.models.packed import rotary_from_position_ids
+
+        if packed and attention_mask is None:
+            raise ValueError("packed rows need their document attention mask")
         hidden = []
         for member in self.members:
             grad = contextlib.nullcontext() if member is not self.reference else torch.no_grad()
             offload = member is self.reference and self.offload_reference
             if offload:
                 member.to(tokens.device)
-            with grad, final_hidden_states_only(member):
-                hidden.append(member(tokens, position_ids, None))
+            rope = rotary_from_position_ids([unwrap_gpt(member)], position_ids) if packed else contextlib.nullcontext()
+            with grad, rope, final_hidden_states_only(member):
+                hidden.append(member(tokens, position_ids, attention_mask))
             if offload and not self.post_process:  # on the last stage it still computes log-probs below
                 member.to("cpu")
         if not self.post_process:

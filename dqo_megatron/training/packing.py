@@ -1,0 +1,130 @@
+"""Packed micro-batches: a micro-batch's documents in as few rows as fit, for every algorithm.
+
+Why: rows padded to the longest document waste most of a step on GSM8K/MATH, whose responses range
+from tens to hundreds of tokens. A packed micro-batch holds the same documents, in the same order,
+as the padded one (`MicroBatches` builds DPO's pairs and KTO's mismatched rows before packing, so
+they stay in their micro-batch), and carries two layouts:
+
+* the model's, packed, ``[R, s]`` (R rows, s = `train.seq_length`): tokens, labels, position_ids
+  (restarting at 0 in every document) and `attention_document_ids` (the document of tokens[h], -1 on
+  padding), from which the model's attention stops at document boundaries
+  (`dqo_megatron.models.packed`);
+* the loss's, one row per document, ``[N, s]``: every other key of the padded micro-batch
+  (`to_model_batch`: response_mask, rewards, behavior/reference log-probs, per-row truncated,
+  outcome_reward, and KTO's desirable), plus `unpack_index` ``[N, s]``: where position h of document
+  n sits in the flattened ``[R * s]`` packed rows (-1 past the document's end).
+
+The loss function (`training/algorithms.py`) moves the model's per-token outputs back into document
+rows with `unpack_rows` and runs the algorithm's loss on exactly the tensors of the padded
+micro-batch. So every loss (lambda-returns per document, DPO's pairs, KTO's reference point, the
+per-row truncation flags) is the padded one by construction; only the model's forward is packed, and
+the loss's extra cost is one gather of ``[N, s, 3]``.
+
+Capacity: documents are packed by their input positions. A document of T tokens fills the T input
+positions ``[a, a+T)`` of its row, so the value after its last token (the bootstrap of a truncated
+response) is computed as in the padded row; a row's s positions hold documents whose lengths add up
+to at most s, and a document of s + 1 tokens (the longest allowed) fills a row alone.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+MODEL_KEYS = ("tokens", "labels", "position_ids")
+"""Keys of a packed micro-batch laid out as packed rows (plus `attention_document_ids`)."""
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of total size <= `capacity` holding every item once: first-fit decreasing.
+
+    Items in decreasing size (ties: lower index first), each into the first bin where it fits, else a
+    new bin. Deterministic; at most 11/9 OPT + 6/9 bins. Returns the bins in order of creation, each
+    the item indices in placement order. Raises ValueError for an item larger than `capacity`.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (-int(sizes[i]), i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        size = int(sizes[i])
+        if size > capacity or size < 0:
+            raise ValueError(f"item {i} has size {size}, outside [0, capacity {capacity}]")
+        for b, room in enumerate(free):
+            if size <= room:
+                bins[b].append(i)
+                free[b] -= size
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - size)
+    return bins
+
+
+def pack_microbatch(
+    samples: Sequence[dict], padded: dict, *, seq_length: int, pad_id: int, num_rows: int | None = None
+) -> dict:
+    """The packed micro-batch of `samples` (dataset items, N = len(samples) documents, each at most
+    ``seq_length + 1`` tokens) from their padded micro-batch `padded` (`to_model_batch`, ``[N, s]``):
+    the keys described in the module docstring.
+
+    `num_rows`: pad the packed layout with empty rows up to this count (pipeline stages exchange
+    fixed shapes); None: as few rows as first-fit decreasing needs. Returns R = `num_rows` or that
+    count packed rows.
+    """
+    s = seq_length
+    lengths = [len(sample["tokens"]) for sample in samples]
+    if max(lengths) > s + 1:
+        raise ValueError(f"a document has {max(lengths)} tokens > seq_length + 1 = {s + 1}")
+    if padded["tokens"].shape != (len(samples), s):
+        raise ValueError(f"padded micro-batch of shape {tuple(padded['tokens'].shape)}, want {(len(samples), s)}")
+    rows = first_fit_decreasing([min(n, s) for n in lengths], s)
+    if num_rows is not None:
+        if len(rows) > num_rows:
+            raise ValueError(f"{len(rows)} packed rows do not fit in num_rows={num_rows}")
+        rows += [[] for _ in range(num_rows - len(rows))]
+    tokens = torch.full((len(rows), s + 1), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), s + 1), dtype=torch.long)
+    documents = torch.full((len(rows), s + 1), -1, dtype=torch.long)
+    unpack_index = torch.full((len(samples), s), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for d in members:
+            n = lengths[d]
+            tokens[r, at : at + n] = torch.as_tensor(np.asarray(samples[d]["tokens"]))
+            positions[r, at : at + n] = torch.arange(n)
+            documents[r, at : at + n] = d
+            inputs = min(n, s)  # a document of s + 1 tokens: its last token is a label only
+            unpack_index[d, :inputs] = r * s + at + torch.arange(inputs)
+            at += n
+    batch = {k: v for k, v in padded.items() if k not in MODEL_KEYS}
+    batch.update(
+        tokens=tokens[:, :-1].contiguous(),
+        labels=tokens[:, 1:].contiguous(),
+        position_ids=positions[:, :-1].contiguous(),
+        attention_document_ids=documents[:, :-1].contiguous(),
+        unpack_index=unpack_index,
+    )
+    return batch
+
+
+def unpack_rows(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs of packed rows moved into one row per document (differentiable).
+
+    packed ``[R, s, k]`` (whole sequences, gathered over context parallelism), unpack_index ``[N, s]``
+    -> ``[N, s, k]``, 0 where the index is -1 (past a document's end: the padding of a padded row,
+    whose outputs every loss masks out).
+    """
+    flat = packed.reshape(-1, packed.shape[-1])
+    valid = (unpack_index >= 0)[..., None]
+    out = flat[unpack_index.clamp(min=0)]
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def padding_fractions(batch: dict) -> tuple[float, float]:
+    """``(packed, padded)``: the share of the model's input positions that hold no document token in
+    the packed rows of `batch` (a `pack_microbatch` result), and in padded rows of the same documents."""
+    packed = float((batch["attention_document_ids"] < 0).float().mean())
+    index = batch["unpack_index"]
+    return packed, 1.0 - float((index >= 0).sum()) / index.numel()
