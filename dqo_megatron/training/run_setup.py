@@ -132,6 +132,8 @@ def _data(run: RunConfig, info, algorithm, is_logger: bool):
         device=info.device,
         mode=algorithm.batch_mode,
         max_pairs_per_prompt=run.loss.dpo_max_pairs_per_prompt,
+        packing=run.train.packing,
+        fixed_rows=run.parallel.pipeline_model_parallel_size > 1,  # stages exchange fixed shapes
     )
     if is_logger:
         behavior_share = float(dataset.has_behavior.mean()) if len(dataset) else 0.0

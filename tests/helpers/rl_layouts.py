@@ -109,7 +109,8 @@ def _step(run, ddp, optimizer, mbs):
 
 
 def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict:
-    """One process: initial weights (value head perturbed so V != 0), loss, grads, weights after."""
+    """One process: initial weights (value head perturbed so V != 0), loss, grads, weights after.
+    `batch`: the global batch, or the list of micro-batches to step on (packed ones, say)."""
     info, chunks, ddp, optimizer = _setup(run, with_reference)
     (chunk,) = chunks
     with torch.no_grad():
@@ -117,7 +118,7 @@ def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict
             chunk.value_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
             chunk.value_head.bias.fill_(0.1)
     initial = {n: p.detach().clone() for n, p in chunk.named_parameters()}
-    mbs = micro_batches(batch, 0, 1, run.train.micro_batch_size)
+    mbs = batch if isinstance(batch, list) else micro_batches(batch, 0, 1, run.train.micro_batch_size)
     result = _step(run, ddp, optimizer, mbs)
     grads = {n: p.main_grad.detach().clone() for n, p in chunk.named_parameters() if hasattr(p, "main_grad")}
     return {
@@ -131,11 +132,16 @@ def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict
 
 
 def rl_layout_step(run: RunConfig, batch: dict, with_reference: bool, reference: dict) -> dict:
-    """One step of `run`'s layout from the reference's weights; max deviations on this rank's shards."""
+    """One step of `run`'s layout from the reference's weights; max deviations on this rank's shards.
+    `batch`: the global batch, cut per DP rank, or this rank's list of micro-batches."""
     from megatron.core import parallel_state as ps
 
     info, chunks, ddp, optimizer = _setup(run, with_reference, reference["initial"])
-    mbs = micro_batches(batch, info.dp_rank, info.dp_size, run.train.micro_batch_size)
+    mbs = (
+        batch
+        if isinstance(batch, list)
+        else micro_batches(batch, info.dp_rank, info.dp_size, run.train.micro_batch_size)
+    )
     result = _step(run, ddp, optimizer, mbs)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     dev = {"grads": 0.0, "after": 0.0, "compared": 0}

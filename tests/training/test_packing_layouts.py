@@ -1,0 +1,68 @@
+"""Packed micro-batches under TP2, TP2+SP, CP2 and PP2 (gloo, CPU) give the step of padded ones on one
+process: loss, gradient norms, every gradient and every weight after one step, from the same weights.
+
+The reference is the padded step on one process (`rl_reference_step`); each layout runs the packed
+micro-batches (`rl_layout_step`). CP2 is the delicate case: the ranks hold chunks r and 2*cp-1-r of
+every packed row, build their part of the document mask from the whole rows' document ids, rotate
+q/k by their own tokens' positions, and gather the outputs before the loss moves them back to
+document rows. Tolerance as in tests/test_rl_step_layouts.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dqo_megatron.algorithms import get as get_algorithm
+from dqo_megatron.config import ParallelConfig
+from tests.helpers.distributed import run_distributed
+from tests.helpers.rl_layouts import LR, rl_layout_step, rl_reference_step
+from tests.training.test_packing import _micro_batches, _run, dataset  # noqa: F401 - the fixture
+
+REL_TOL = 2e-5
+LAYOUTS = {
+    "tp2": dict(tensor_model_parallel_size=2),
+    "tp2-sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "cp2": dict(context_parallel_size=2),
+    "pp2": dict(pipeline_model_parallel_size=2),
+}
+CASES = [("dqo", layout) for layout in LAYOUTS] + [("dpo", "cp2"), ("kto", "tp2-sp"), ("dro", "cp2")]
+
+
+@pytest.fixture(scope="module")
+def references(dataset):  # noqa: F811
+    cache = {}
+
+    def get(algorithm):
+        if algorithm not in cache:
+            algo = get_algorithm(algorithm)
+            mbs = 2 if algo.batch_mode == "pairs" else 4
+            padded = _micro_batches(dataset, algo.batch_mode, packing=False, mbs=mbs, steps=2)
+            (cache[algorithm],) = run_distributed(
+                rl_reference_step, 1, _run(algorithm, mbs), padded, algo.needs_reference
+            )
+        return cache[algorithm]
+
+    return get
+
+
+@pytest.mark.parametrize("algorithm, layout", CASES, ids=[f"{a}-{layout}" for a, layout in CASES])
+def test_packed_layout_step_equals_padded_single_process(algorithm, layout, dataset, references):  # noqa: F811
+    algo = get_algorithm(algorithm)
+    mbs = 2 if algo.batch_mode == "pairs" else 4
+    run = _run(algorithm, mbs)
+    run.parallel = ParallelConfig(**LAYOUTS[layout])
+    fixed = layout == "pp2"  # pipeline stages exchange fixed shapes
+    packed = _micro_batches(dataset, algo.batch_mode, packing=True, mbs=mbs, steps=2, fixed_rows=fixed)
+    if not fixed:
+        assert sum(b["tokens"].shape[0] for b in packed) < 2 * mbs * algo.rows_per_item
+    ref = references(algorithm)
+    results = run_distributed(rl_layout_step, 2, run, packed, algo.needs_reference, ref)
+    grad_scale = max(g.abs().max().item() for g in ref["grads"].values())
+    for rank, dev in enumerate(results):
+        assert dev["compared"] > 0
+        assert dev["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), f"rank {rank} loss"
+        assert dev["grad_norm"] == pytest.approx(ref["grad_norm"], rel=REL_TOL), f"rank {rank} grad norm"
+        for member, norm in ref["grad_norms"].items():
+            assert dev["grad_norms"][member] == pytest.approx(norm, rel=REL_TOL), f"rank {rank} {member} norm"
+        assert dev["grads"] <= REL_TOL * grad_scale, f"rank {rank}: grads differ by {dev['grads']:.3g}"
+        assert dev["after"] <= REL_TOL * LR * grad_scale + 1e-7, f"rank {rank}: weights differ by {dev['after']:.3g}"
