@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds test test-slow test-gpu bench clean-venv
+.PHONY: demo demo-seeds test test-compat test-slow test-gpu bench clean-venv
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ demo-seeds: $(STAMP)  # the README's table: one demo per seed, mean +- std in ru
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The second CI leg (issue #20): Python 3.12 + megatron-core 0.19.2 in an environment OUTSIDE the clone, built once
+# per machine and constraints-py312.txt (tools/compat_env.sh: ~2 min, ~1.4 GB downloaded, ~5.5 GB), then the tests
+# named in tests/compat-leg.args (comments stripped) with this clone on PYTHONPATH (~15 min on 2 cores).
+# The default .venv (0.16.1) is the other release of the cross-version checkpoint tests.
+test-compat: $(STAMP)
+	@env=$$(tools/compat_env.sh) && args=$$(mktemp) && trap 'rm -f "$$args"' EXIT && \
+	sed -E -e 's/[[:space:]]*#.*$$//' -e '/^$$/d' tests/compat-leg.args > "$$args" && \
+	echo "test-compat: $$env/bin/python -m pytest @tests/compat-leg.args" && \
+	DQO_OTHER_MEGATRON_PYTHON=$(abspath $(PY)) PYTHONPATH=$(CURDIR) "$$env/bin/python" -m pytest -q @"$$args"
 
 test-slow: $(STAMP)  # the quick demo under --tp 2; the documented pipeline for three families (tests/pipeline)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test carries the marker yet

@@ -17,6 +17,8 @@ one again (instead of a silent fallback).
   We keep GPTModel on every release (`gpt_model_class`): 0.19.2's HybridModel builds Transformer
   Engine's norm unconditionally (no CPU path) and renames every checkpoint key.
 - The release itself: `check_megatron_version` refuses a megatron-core outside the tested range.
+- The common (non-sharded) state of a checkpoint: common.pt beside the files (<= 0.18) or inside them
+  (0.19, which reads both); `newer_format_problem` names the cause when an older release gets 0.19's files.
 """
 
 from __future__ import annotations
@@ -155,3 +157,39 @@ def gpt_model_class() -> type:
             megatron_version(),
         )
     return GPTModel
+
+
+# Where a torch_dist checkpoint keeps Megatron's common (non-sharded) state: <= 0.18 writes and reads it as
+# common.pt beside the files; 0.19 writes it inside them as the ShardedObject "common_state" and reads both.
+# So 0.16-0.18 cannot read what 0.19 writes (their reader fails on the missing common.pt, saying nothing useful).
+COMMON_STATE_KEY_PREFIX = "common_state/"
+
+
+def reads_common_state_in_files() -> bool:
+    """Whether this megatron-core reads checkpoints whose common state is inside the torch_dist files (0.19)."""
+    from megatron.core.dist_checkpointing import serialization
+
+    return hasattr(serialization, "_legacy_common_state_exists")
+
+
+def newer_format_problem(checkpoint_dir) -> str | None:
+    """One line saying that `checkpoint_dir` (a torch_dist directory) was written by a newer megatron-core
+    whose format this one cannot read; None when it can (or the directory is something else)."""
+    from pathlib import Path
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if reads_common_state_in_files() or (checkpoint_dir / "common.pt").exists():
+        return None
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - no readable index: not this case (the caller reports what failed)
+        return None
+    if not any(str(key).startswith(COMMON_STATE_KEY_PREFIX) for key in keys):
+        return None
+    return (
+        f"{checkpoint_dir} was written by a newer megatron-core (>= 0.19: its common state is inside the "
+        f"torch_dist files, no common.pt): this megatron-core {megatron_version()} cannot read it; use megatron-core "
+        ">= 0.19 (Python >= 3.12) or a checkpoint written by this release"
+    )

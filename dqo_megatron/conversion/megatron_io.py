@@ -232,6 +232,8 @@ def checked_load(sharded: dict, weights_dir: str | Path, verify: str = "full") -
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from dqo_megatron.compat.megatron_api import newer_format_problem
+
     weights_dir = Path(weights_dir)
     if not (weights_dir / "metadata.json").is_file():
         raise ConversionError(f"{weights_dir}: not a Megatron distributed checkpoint (no metadata.json)")
@@ -250,6 +252,9 @@ def checked_load(sharded: dict, weights_dir: str | Path, verify: str = "full") -
     except CheckpointingException as exc:
         raise ConversionError(f"{weights_dir}: cannot be loaded into this model: {exc}") from None
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's reader errors, in one line
+        newer = newer_format_problem(weights_dir)  # 0.19's files under <= 0.18: a clear cause, not the crash
+        if newer:
+            raise ConversionError(newer) from None
         located = "".join(f"; {p}" for p in dcp_size_problems(weights_dir)[:3] + _unreadable_common(weights_dir))
         raise ConversionError(
             f"checkpoint {weights_dir}: torch's checkpoint reader failed ({one_line(exc)}){located}"

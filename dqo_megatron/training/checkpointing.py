@@ -349,6 +349,11 @@ def _on_every_rank(fn: Callable, path: Path):
 
 def _reader_failure(path: Path, err: BaseException) -> tuple[str, bool]:
     """``(message, damaged)`` for an error out of Megatron's / torch's checkpoint reader."""
+    from dqo_megatron.compat.megatron_api import newer_format_problem
+
+    newer = newer_format_problem(path)  # 0.19's files under <= 0.18: a clear cause, not the reader's crash
+    if newer:
+        return newer, False
     located = dcp_size_problems(path)  # name the file when one is short or missing
     if located or is_damage(err):
         where = f"; {'; '.join(located[:3])}" if located else ""
