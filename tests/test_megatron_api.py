@@ -1,6 +1,6 @@
 """The version-aware accessors of `compat/megatron_api.py` find what they look for in the installed
 megatron-core: an upgrade that moves one of these internals again fails here, by name, instead of a
-silent fallback (the in-process writer would quietly give way to Megatron's own)."""
+silent fallback."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ import inspect
 import torch
 
 from dqo_megatron.compat import megatron_api
-
-
-def test_the_file_writer_our_save_replaces_exists():
-    name = megatron_api.file_writer_attribute()
-    assert name in megatron_api.WRITER_ATTRIBUTES, "FileSystemWriterAsync's per-rank writer moved: update the list"
-    from dqo_megatron.conversion.in_process_save import _in_process_writer_available
-
-    assert _in_process_writer_available()
 
 
 def test_the_save_strategy_writes_two_files_per_rank():

@@ -7,8 +7,6 @@ one again (instead of a silent fallback).
 
 - CP batch slicing: `megatron.core.utils.get_batch_on_this_cp_rank` gained a required `is_hybrid_cp`
   in 0.19 (False with no `cu_seqlens` in the batch: the same zigzag as 0.16's).
-- The torch_dist file writer our in-process save replaces: `FileSystemWriterAsync`'s staticmethod
-  `write_preloaded_data_multiproc` (<= 0.16, a process per file) became `..._multithread` (0.19).
 - The save strategy: 0.19's default writes one file per rank (thread_count 1), 0.16's two; we ask
   for two on every version so a checkpoint's files are the same whichever release wrote it.
 - CUDA graphs off without a warning: `TransformerConfig`'s default "full" scope warns on every config;
@@ -104,22 +102,6 @@ def get_batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     if _cp_slicer_takes_is_hybrid_cp():
         return slicer(batch, is_hybrid_cp=False, cp_group=cp_group)
     return slicer(batch, cp_group=cp_group)
-
-
-# Megatron's synchronous file writer: a staticmethod of FileSystemWriterAsync with the signature
-# (transform_list, use_msc, rank, write_buckets, results_queue). <= 0.16 forks a process per file
-# ("write_preloaded_data_multiproc"); 0.19 runs a thread per file ("write_preloaded_data_multithread").
-WRITER_ATTRIBUTES = ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
-
-
-def file_writer_attribute() -> str | None:
-    """Name of this megatron-core's replaceable per-rank file writer, or None."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    for name in WRITER_ATTRIBUTES:
-        if isinstance(FileSystemWriterAsync.__dict__.get(name), staticmethod):
-            return name
-    return None
 
 
 def save_sharded_strategy(thread_count: int = 2):

@@ -27,7 +27,7 @@ import torch
 from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.schema import validate_model_layout
 from dqo_megatron.conversion import hf_io
-from dqo_megatron.conversion.in_process_save import defer
+from dqo_megatron.conversion.lean_save import defer
 from dqo_megatron.conversion.megatron_io import (
     DTYPES,
     HF_DIR,
@@ -236,8 +236,8 @@ def _gc_paused() -> Iterator[None]:
 def _fill_from_hf(chunk, tensors) -> None:
     """Hand each converted tensor to the matching parameter (``param.data = tensor``: no copy, and the
     uninitialized buffer is freed before it was ever touched). A `hf_io.DeferredTensor` (QKV, gated fc1)
-    is attached to its parameter uncomputed (`in_process_save.defer`): the converter's save computes it when
-    writing it, or writes its parts as they are."""
+    is attached to its parameter uncomputed (`lean_save.defer`): the converter's save computes it just
+    before the save, or hands its parts over as they are."""
     params = dict(chunk.named_parameters())
     filled = set()
     for name, tensor in tensors:

@@ -175,9 +175,9 @@ class DeferredTensor:
 
     `shape` and `dtype` are known without computing it (see `_deferred`). `parts` is set when the
     tensor is the concatenation of these inputs along dim 0 (the gated fc1 = ``[gate; up]``, which
-    Megatron's checkpoint stores as those two halves again). The converter's save computes each such
-    tensor just before writing it, or writes its parts as they are (`in_process_save.defer`), so the fused
-    copies of QKV and fc1 never exist all at once.
+    Megatron's checkpoint stores as those two halves again). The converter's save writes the parts as
+    they are (`lean_save.defer`: the fused fc1 is never computed) and computes the others (QKV) just
+    before the save.
     """
 
     shape: torch.Size

@@ -28,9 +28,7 @@ from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     ManifestError,
     all_gather,
-    children_die_with_parent,
     dcp_size_problems,
-    deferred_single_rank_errors,
     one_line,
     save_error_message,
     verify_directory,
@@ -38,13 +36,9 @@ from dqo_megatron.checkpoint_integrity import (
 )
 from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.loader import from_dict, to_dict
-from dqo_megatron.conversion.in_process_save import (  # noqa: F401 - in_process_writer: training imports it from here
-    build_factories_consuming_params,
-    deferred_parameters,
-    in_process_save,
-    in_process_writer,
-)
+from dqo_megatron.conversion.lean_save import build_factories_consuming_params, materialize_deferred
 from dqo_megatron.conversion.registry import ConversionError
+from dqo_megatron.conversion.torch_dist_save import torch_dist_save
 from dqo_megatron.outputs import OutputError, check_apart, refuse_existing, staged_dir
 
 logger = logging.getLogger(__name__)
@@ -169,39 +163,25 @@ def sharded_state_dict(chunks: list) -> dict:
 
 def save_chunks(chunks: list, weights_dir: str | Path, consume: bool = False) -> None:
     """Save the chunks of every rank into `weights_dir` (collective, synchronous; the directory must be
-    empty or absent).
+    empty or absent), with `dist_checkpointing.save` as shipped (`torch_dist_save`).
 
-    `consume=True` (the converter, which discards the model afterwards): split tensors are handed to the
-    writer as owned copies while their fused parameter is freed, so the save does not hold the model's
-    fc1 twice. Megatron stores the gated fc1 as two halves (a `ShardedTensorFactory`, so that any TP can
-    take its slice of each); the halves are views, and the file writer clones every view it gets -- all
-    of them at once (measured: +0.4 GiB on a 0.5B model). A deferred parameter (`defer`) hands over its
-    parts instead when they are those halves, or is computed by the writer just before its record is
-    written; every storage is released once written. The chunks are unusable afterwards.
+    Deferred parameters (`lean_save.defer`) are computed first. `consume=True` (the converter, which
+    discards the model afterwards): Megatron's factories are built one at a time with owned data and
+    their fused parameter freed (`lean_save.build_factories_consuming_params`; a deferred gated fc1
+    hands over its mmapped halves, never computed), so the save does not hold fc1 twice. The chunks are
+    unusable afterwards.
     """
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from dqo_megatron.compat.megatron_api import save_sharded_strategy
-
     weights_dir = Path(weights_dir)
     if torch.distributed.get_rank() == 0:
         weights_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    deferred = deferred_parameters(chunks, consume)
+    if not consume:
+        materialize_deferred(chunks)
     state = sharded_state_dict(chunks)
     if consume:
-        build_factories_consuming_params(state, deferred)
-    errors: list[BaseException] = []
-    try:
-        with (
-            in_process_save(free_written=consume, deferred=deferred),
-            deferred_single_rank_errors(errors),
-            children_die_with_parent(),
-        ):
-            dist_checkpointing.save(state, str(weights_dir), sharded_strategy=save_sharded_strategy())
-    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        errors.insert(0, exc)
+        build_factories_consuming_params(state)
+        materialize_deferred(chunks)  # what no factory handed over (QKV): into the buffers the state views
+    errors = torch_dist_save(state, weights_dir)
     failure = save_error_message(errors, weights_dir)[0] if errors else None
     failures = [f"rank {rank}: {f}" for rank, f in enumerate(all_gather(failure)) if f is not None]
     if failures:

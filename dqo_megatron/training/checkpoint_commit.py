@@ -27,9 +27,7 @@ from dqo_megatron.checkpoint_integrity import (
     MANIFEST_FILE,
     ManifestError,
     all_gather,
-    children_die_with_parent,
     collect_manifest,
-    deferred_single_rank_errors,
     manifest_bytes,
     save_error_message,
     write_manifest,
@@ -63,24 +61,12 @@ def _fresh_directory(root: Path, tmp: Path) -> tuple[str, bool] | None:
 
 
 def _write_shards(state: dict, directory: Path) -> list[BaseException]:
-    """`dist_checkpointing.save(state, directory)` (collective); the exceptions it raised or deferred.
+    """`dist_checkpointing.save(state, directory)` as shipped (collective); the exceptions it raised or
+    deferred (`conversion.torch_dist_save`: the files only rank 0 writes report instead of raising
+    mid-protocol, and no process the save starts outlives a killed trainer)."""
+    from dqo_megatron.conversion.torch_dist_save import torch_dist_save
 
-    The torch_dist files are written by threads of this process (`megatron_io.in_process_writer`), not
-    by forked children that would outlive a killed trainer; any process Megatron still forks dies with
-    this one; the files only rank 0 writes report their errors instead of raising mid-protocol."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from dqo_megatron.compat.megatron_api import save_sharded_strategy
-    from dqo_megatron.conversion.megatron_io import in_process_writer
-
-    errors: list[BaseException] = []
-    try:
-        with in_process_writer(), deferred_single_rank_errors(errors), children_die_with_parent():
-            dist_checkpointing.save(state, str(directory), sharded_strategy=save_sharded_strategy())
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        errors.insert(0, err)
-    return errors
+    return torch_dist_save(state, directory)
 
 
 def _failure(err: BaseException, directory: Path, doing: str, more: Sequence[BaseException] = ()) -> tuple[str, bool]:

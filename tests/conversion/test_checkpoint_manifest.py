@@ -113,15 +113,16 @@ def test_torch_reader_errors_are_one_line_naming_the_file(converted, tmp_path):
 
 def _convert_on_a_full_disk(hf_dir: str, out: str) -> str:
     _allow_children()
-    from dqo_megatron.conversion import ConversionError, in_process_save
+    import torch.distributed.checkpoint.filesystem as torch_fs
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from dqo_megatron.conversion import ConversionError
 
     def enospc(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    in_process_save._write_tensor_record = enospc
-    import torch.distributed.checkpoint.filesystem as torch_fs
-
-    torch_fs._write_item = enospc
+    # Megatron's writer (a process or a thread per file) calls torch's _write_item, imported by name
+    filesystem_async._write_item = torch_fs._write_item = enospc
     try:
         convert_rank(hf_dir, out)
     except ConversionError as err:

@@ -403,6 +403,8 @@ def test_a_rollout_output_that_is_a_device_is_refused(tmp_path):
 
 
 def test_an_unreadable_common_pt_is_named(tmp_path):
+    """common.pt is where megatron-core <= 0.16 keeps a checkpoint's common state (0.19 writes it inside
+    the .distcp files but still reads the file from older checkpoints): a damaged one is named."""
     from dqo_megatron.conversion import ConversionError
     from dqo_megatron.conversion.megatron_io import checked_load
 

@@ -74,6 +74,18 @@ def truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
+RANK0_PICKLE = "<rank 0's pickle>"
+"""Stands for the file only rank 0 writes that exists in this release's checkpoints (`rank0_file`)."""
+
+
+def rank0_file(step_dir: Path, name: str) -> str:
+    """`name`, or for `RANK0_PICKLE` Megatron's common state where this megatron-core writes it: common.pt
+    (<= 0.16); 0.19 keeps it inside the .distcp files, so then metadata.json, its other rank-0 file."""
+    if name != RANK0_PICKLE:
+        return name
+    return "common.pt" if (step_dir / "common.pt").exists() else "metadata.json"
+
+
 def make_legacy(step_dir: Path) -> None:
     """Make `step_dir` look like a checkpoint saved before manifests existed."""
     (step_dir / MANIFEST_FILE).unlink()
@@ -125,7 +137,7 @@ def test_manifest_lists_every_file_with_its_size_and_crc(saved):
         ("truncate", "__1_0.distcp", "bytes, the manifest says"),
         ("flip", "__0_1.distcp", "checksum"),
         ("delete", "rng/rank_00001.pt", "missing"),
-        ("append", "common.pt", "bytes, the manifest says"),
+        ("append", RANK0_PICKLE, "bytes, the manifest says"),
         ("manifest", MANIFEST_FILE, "its own checksum"),
         ("manifest_deleted", MANIFEST_FILE, "COMPLETE marker says one was written"),
         ("legacy_truncate", "__0_0.distcp", "torch's .metadata needs at least"),
@@ -134,7 +146,7 @@ def test_manifest_lists_every_file_with_its_size_and_crc(saved):
 )
 def test_every_kind_of_damage_is_found_and_named(saved, tmp_path, damage, file, words):
     step = _copy(saved, tmp_path) / STEP4
-    target = step / file
+    target = step / rank0_file(step, file)
     if damage.startswith("legacy"):
         make_legacy(step)
     if damage in ("truncate", "legacy_truncate", "legacy_metadata"):
@@ -148,7 +160,7 @@ def test_every_kind_of_damage_is_found_and_named(saved, tmp_path, damage, file, 
             f.write(b"\0" * 10)
     elif damage == "manifest":  # a size edited inside the manifest: caught by its own checksum
         manifest = json.loads(target.read_text())
-        manifest["files"]["common.pt"]["size"] += 1
+        manifest["files"][rank0_file(step, RANK0_PICKLE)]["size"] += 1
         target.write_text(json.dumps(manifest))
     before = snapshot(step)
     required = checkpointing.marker_says_manifest(checkpointing.read_marker(step))
@@ -278,11 +290,12 @@ _GIB = 1 << 30
 
 def _disk_full_body(root: str) -> dict:
     """Save step 1, then fail the save of step 2 three ways (rank 1's shard writer: ENOSPC; rank 0's
-    .metadata: ENOSPC; rank 0's common.pt: torch's "unexpected pos" with 3 MiB free), then save it."""
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    .metadata: ENOSPC; rank 0's other writer -- common.pt through `TorchCommonSaveStrategy` on <= 0.16,
+    metadata.json through `save_config` where that is gone (0.19) --: torch's "unexpected pos" with
+    3 MiB free), then save it."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    from dqo_megatron.conversion import in_process_save
 
     info, chunks, ddp, optimizer, scheduler = lm_setup(TP2)
     rank, out = info.rank, {"errors": {}}
@@ -295,11 +308,17 @@ def _disk_full_body(root: str) -> dict:
 
     import torch.distributed.checkpoint.filesystem as torch_fs
 
+    try:
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+
+        rank0_writer = (TorchCommonSaveStrategy, "save_common")
+    except ImportError:
+        rank0_writer = (serialization, "save_config")
     nearly_full = shutil._ntuple_diskusage(100 * _GIB, 100 * _GIB - (3 << 20), 3 << 20)
-    cases = {
-        "writer": ([(in_process_save, "_write_tensor_record"), (torch_fs, "_write_item")], enospc, 1),
+    cases = {  # Megatron's writer (a process or a thread per file) calls torch's _write_item, imported by name
+        "writer": ([(filesystem_async, "_write_item"), (torch_fs, "_write_item")], enospc, 1),
         "metadata": ([(FileSystemWriterAsync, "finish")], enospc, 0),
-        "unexpected_pos": ([(TorchCommonSaveStrategy, "save_common")], short_write, 0),
+        "unexpected_pos": ([rank0_writer], short_write, 0),
     }
     try:
         lm_train_step(info, ddp, optimizer, scheduler, 0)
@@ -435,6 +454,13 @@ def _session_members(sid: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _wait_until_gone(sid: int, seconds: float = 5.0) -> list[int]:
     deadline = time.monotonic() + seconds
     while (left := _session_members(sid)) and time.monotonic() < deadline:
@@ -443,11 +469,10 @@ def _wait_until_gone(sid: int, seconds: float = 5.0) -> list[int]:
 
 
 def _forking_save_main(root: str, marks: str) -> None:
-    """Subprocess body: save through Megatron's own writer, which forks a process per file (as where our
-    in-process writer cannot replace it); each child announces itself and blocks forever."""
+    """Subprocess body: a process's first save, through Megatron's shipped writer; each per-file writer (a
+    forked process on <= 0.16, a thread on 0.19) announces itself and blocks forever."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from dqo_megatron.conversion import in_process_save, megatron_io
     from dqo_megatron.parallel import find_free_port
 
     os.environ.update(
@@ -459,7 +484,6 @@ def _forking_save_main(root: str, marks: str) -> None:
         time.sleep(600)
 
     FileSystemWriterAsync.write_preloaded_data = staticmethod(stuck_writer)
-    megatron_io.in_process_writer = in_process_save._in_process_write_results  # Megatron's forking file writer
     info, chunks, ddp, optimizer, scheduler = lm_setup({})
     checkpointing.save_checkpoint(root, 1, ddp, optimizer, scheduler)
 
@@ -482,10 +506,13 @@ def test_megatron_writer_processes_die_with_a_killed_saver(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not list(marks.iterdir()):
-            assert saver.poll() is None and time.monotonic() < deadline, "the save never forked its writers"
+            assert saver.poll() is None and time.monotonic() < deadline, "the save never started its writers"
             time.sleep(0.05)
         writers = [int(p.name) for p in marks.iterdir()]
-        assert set(writers) <= set(_session_members(saver.pid))
+        members = _session_members(saver.pid)
+        assert set(writers) <= set(members)
+        # the results' multiprocessing Manager, spawned (fork + exec: no at-fork hook reaches it)
+        assert any(b"--multiprocessing-fork" in _cmdline(pid) for pid in members), "no Manager: the test is moot"
         os.kill(saver.pid, signal.SIGKILL)  # the saver only, as the OOM killer or a failing node does
         saver.wait()
         assert _wait_until_gone(saver.pid) == [], "writer processes outlived the killed saver"

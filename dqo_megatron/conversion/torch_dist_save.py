@@ -1,0 +1,105 @@
+"""`dist_checkpointing.save` as shipped (torch_dist), for conversion and training checkpoints alike, with
+what our saves need around it and no Megatron internals replaced.
+
+- The files only rank 0 writes report their errors instead of raising between collectives
+  (`checkpoint_integrity.deferred_single_rank_errors`).
+- No process started by a save outlives a killed saver. Megatron's writer on megatron-core <= 0.16 forks
+  a process per file: those get ``PR_SET_PDEATHSIG`` (`checkpoint_integrity.children_die_with_parent`).
+  On every release it also starts, on a process's first save, a multiprocessing Manager for the write
+  results -- a *spawned* interpreter (fork + exec, so no at-fork hook runs in it) that stays for the
+  process's lifetime and, when the saver is killed, would stay forever. A small guardian process
+  (`_GUARDIAN`, started before the first save) watches the saver and kills its spawned children when it
+  dies.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dqo_megatron.checkpoint_integrity import children_die_with_parent, deferred_single_rank_errors
+
+_GUARDIAN = r"""
+import os, select, signal, sys
+parent = int(sys.argv[1])
+try:
+    parent_fd = os.pidfd_open(parent)
+except OSError:
+    sys.exit()
+watched = {}
+
+def children():
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+    except OSError:
+        return []
+    pids = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{parent}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+def spawned(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"--multiprocessing-fork" in f.read()
+
+while not select.select([parent_fd], [], [], 0.05)[0]:
+    for pid in children():
+        if pid not in watched and pid != os.getpid():
+            try:
+                if spawned(pid):
+                    watched[pid] = os.pidfd_open(pid)
+            except OSError:
+                pass
+for fd in watched.values():
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+"""Runs beside a saver (argv[1]) until it ends; meanwhile it notes the saver's children started by
+multiprocessing's spawn (``--multiprocessing-fork`` in their command line: Megatron's Manager) as pidfds
+(no pid reuse can mislead it), then SIGKILLs those still alive. Polls every 50 ms: the Manager takes
+~1 s to start, so it is noted long before a save writes anything. Linux only (pidfd, /proc)."""
+
+_guarded = {"pid": None, "process": None}
+
+
+def _guard_spawned_children() -> None:
+    """Start the guardian for this process once (again in a forked child: it is another saver)."""
+    if _guarded["pid"] == os.getpid() or not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
+        return
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        return  # a kernel without CONFIG_PROC_CHILDREN: the guardian could not see the children
+    _guarded["process"] = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _GUARDIAN, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _guarded["pid"] = os.getpid()
+
+
+def torch_dist_save(state: dict, directory: str | Path) -> list[BaseException]:
+    """`dist_checkpointing.save(state, directory)` with the torch_dist strategy of
+    `compat.megatron_api.save_sharded_strategy` (two files per rank on every release); collective and
+    synchronous. Returns the exceptions it raised or deferred (empty: saved), for the caller to share
+    with every rank: a raise here would leave the other ranks waiting in the next collective."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dqo_megatron.compat.megatron_api import save_sharded_strategy
+
+    _guard_spawned_children()
+    errors: list[BaseException] = []
+    try:
+        with deferred_single_rank_errors(errors), children_die_with_parent():
+            dist_checkpointing.save(state, str(directory), sharded_strategy=save_sharded_strategy())
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        errors.insert(0, exc)
+    return errors
