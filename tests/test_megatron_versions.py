@@ -61,20 +61,30 @@ def test_our_transformer_config_warns_about_no_cuda_graph_scope():
     assert config.cuda_graph_impl == "none"  # graphs stay off: only the deprecated spelling is gone
 
 
-def test_building_a_model_logs_no_gpt_model_deprecation(caplog):
-    """0.19 logs "GPTModel IS DEPRECATED" per construction; we build GPTModel on purpose (HybridModel has
-    no CPU path) and say so once in our own words instead."""
-    from megatron.core.models.gpt import GPTModel
+def _build_and_capture_warnings() -> str:
+    import logging
 
     from dqo_megatron import parallel
     from dqo_megatron.config import ModelConfig, ParallelConfig
     from dqo_megatron.models.builder import build_gpt_model
 
-    assert megatron_api.gpt_model_class() is GPTModel
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     parallel.initialize(ParallelConfig())
-    try:
-        with caplog.at_level("WARNING"):
-            build_gpt_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4), ParallelConfig())
-    finally:
-        parallel.destroy()
-    assert "IS DEPRECATED" not in caplog.text
+    build_gpt_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4), ParallelConfig())
+    return "\n".join(records)
+
+
+def test_building_a_model_logs_no_gpt_model_deprecation():
+    """0.19 logs "GPTModel IS DEPRECATED" per construction; we build GPTModel on purpose (HybridModel has
+    no CPU path) and say so once in our own words instead. (In a rank: no process group in pytest's.)"""
+    from megatron.core.models.gpt import GPTModel
+
+    from tests.helpers.distributed import run_distributed
+
+    assert megatron_api.gpt_model_class() is GPTModel
+    (logged,) = run_distributed(_build_and_capture_warnings, 1)
+    assert "IS DEPRECATED" not in logged
