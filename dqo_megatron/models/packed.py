@@ -56,6 +56,14 @@ def document_attention_mask(document_ids: torch.Tensor, cp_size: int = 1, cp_ran
     return ~(same & causal)[:, None]
 
 
+def this_rank_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """`document_attention_mask` for this process's context-parallel rank (Megatron's parallel state)."""
+    from megatron.core import parallel_state
+
+    cp = parallel_state.get_context_parallel_world_size()
+    return document_attention_mask(document_ids, cp, parallel_state.get_context_parallel_rank() if cp > 1 else 0)
+
+
 def rotary_angles(rope, position_ids: torch.Tensor) -> torch.Tensor:
     """RoPE angles of Megatron's `RotaryEmbedding` `rope` at `position_ids` ``[b, s]``:
     ``[s, b, 1, rot]`` (rot = its rotary dimension), the same fp32 arithmetic as its `get_emb`."""

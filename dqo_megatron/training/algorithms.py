@@ -36,7 +36,7 @@ from dqo_megatron.config import RunConfig
 from dqo_megatron.logprobs import gather_from_context_parallel
 from dqo_megatron.training.packing import unpack_rows
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
-from dqo_megatron.training.step import model_inputs, packed_attention_mask
+from dqo_megatron.training.step import model_inputs
 
 
 def rl_forward_step(
@@ -48,11 +48,8 @@ def rl_forward_step(
     """
     batch = next(data_iterator)
     inputs = model_inputs(batch)
-    if "attention_document_ids" in batch:  # packed rows (training/packing.py)
-        mask = packed_attention_mask(batch["attention_document_ids"])
-        output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"], mask, packed=True)
-    else:
-        output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
+    packed = batch.get("attention_document_ids")  # whole rows: every CP rank masks from the same ids
+    output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"], packed)
     return output, partial(rl_loss_func, run, batch, policy_weight=policy_weight)
 
 

@@ -83,6 +83,10 @@ class PolicyValueModel(torch.nn.Module):
                 value_gpt.output_layer.weight.requires_grad_(False)  # the value network never computes logits
             for param in value.parameters():
                 setattr(param, VALUE_HEAD_ATTR, True)  # its own optimizer group (learning rate)
+        # Packed rows run as THD on any attention but our local spec's (Transformer Engine's).
+        from dqo_megatron.models.local_spec import SDPACoreAttention
+
+        self.thd_packing = not any(isinstance(m, SDPACoreAttention) for m in policy.modules())
         self.value_head = None
         if value_head and unwrap_gpt(policy).post_process:
             trunk = value if value is not None else policy
@@ -130,35 +134,66 @@ class PolicyValueModel(torch.nn.Module):
         tokens: torch.Tensor,
         position_ids: torch.Tensor,
         labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        packed: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, position_ids, labels: ``[b, s_local]`` (this CP rank's part).
 
-        Packed rows (`packed`): `attention_mask` is `models.packed.document_attention_mask` of the
-        rows, and RoPE reads `position_ids` (restarting in every document) instead of 0..s-1.
+        Packed rows: `document_ids` ``[b, s]`` the document of every input token of the WHOLE rows
+        (-1 on padding) and `position_ids` restarting in every document. On the local spec attention
+        then stops at document boundaries (`models.packed.document_attention_mask`, CP-aware) and RoPE
+        reads `position_ids`; on Transformer Engine the rows run as Megatron's THD format (untested).
         Returns ``[b, s_local, 3]`` (log pi, V, log pi_ref) on the last stage, else the stacked hidden
         states ``[s_local(/tp), k*b, h]`` for the next stage.
         """
-        from dqo_megatron.models.packed import rotary_from_position_ids
+        from dqo_megatron.models.packed import rotary_from_position_ids, this_rank_document_mask
 
-        if packed and attention_mask is None:
-            raise ValueError("packed rows need their document attention mask")
+        if document_ids is None:
+            hidden = self._member_states(tokens, position_ids, None, lambda member: contextlib.nullcontext())
+        elif self.thd_packing:
+            return self._thd_forward(tokens, position_ids, labels, document_ids)
+        else:
+            mask = this_rank_document_mask(document_ids)
+            hidden = self._member_states(
+                tokens, position_ids, mask, lambda member: rotary_from_position_ids([unwrap_gpt(member)], position_ids)
+            )
+        if not self.post_process:
+            return torch.cat(hidden, dim=1)
+        return self._per_token_outputs(hidden, labels)
+
+    def _member_states(self, tokens, position_ids, attention_mask, rope, **kwargs) -> list:
+        """Each member's output on this stage (final hidden states on the last); `rope(member)`: the
+        context its forward runs in."""
         hidden = []
         for member in self.members:
             grad = contextlib.nullcontext() if member is not self.reference else torch.no_grad()
             offload = member is self.reference and self.offload_reference
             if offload:
                 member.to(tokens.device)
-            rope = rotary_from_position_ids([unwrap_gpt(member)], position_ids) if packed else contextlib.nullcontext()
-            with grad, rope, final_hidden_states_only(member):
-                hidden.append(member(tokens, position_ids, attention_mask))
+            with grad, rope(member), final_hidden_states_only(member):
+                hidden.append(member(tokens, position_ids, attention_mask, **kwargs))
             if offload and not self.post_process:  # on the last stage it still computes log-probs below
                 member.to("cpu")
-        if not self.post_process:
-            return torch.cat(hidden, dim=1)
-        return self._per_token_outputs(hidden, labels)
+        return hidden
+
+    def _thd_forward(self, tokens, position_ids, labels, document_ids) -> torch.Tensor:
+        """Packed rows on Transformer Engine: flattened to one sequence ``[1, b*s]`` with THD
+        `PackedSeqParams`, so TE's attention and Megatron's RoPE restart per document. UNTESTED (no
+        GPU has run it); refused under CP and PP (docs/packing.md)."""
+        from megatron.core import parallel_state
+
+        from dqo_megatron.models.packed import thd_packed_seq_params
+
+        if parallel_state.get_context_parallel_world_size() > 1 or not (self.pre_process and self.post_process):
+            raise NotImplementedError(
+                "packed rows on Transformer Engine (THD) under CP or PP: not yet (docs/packing.md)"
+            )
+        b, s = tokens.shape
+        params = thd_packed_seq_params(document_ids)
+        flat = [t.reshape(1, b * s) for t in (tokens, position_ids, labels)]
+        hidden = self._member_states(
+            flat[0], flat[1], None, lambda member: contextlib.nullcontext(), packed_seq_params=params
+        )
+        return self._per_token_outputs(hidden, flat[2]).reshape(b, s, -1)
 
     def _per_token_outputs(self, hidden: list, labels: torch.Tensor) -> torch.Tensor:
         config = self.config

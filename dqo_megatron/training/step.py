@@ -73,18 +73,6 @@ def model_inputs(batch: dict) -> dict:
     return slice_batch_for_context_parallel({k: batch[k] for k in ("tokens", "position_ids", "labels")})
 
 
-def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """The document attention mask of packed rows (`models.packed.document_attention_mask`) for this
-    context-parallel rank: ``[b, 1, s/cp, s]`` from the whole rows' ``[b, s]`` document ids."""
-    from megatron.core import parallel_state
-
-    from dqo_megatron.models.packed import document_attention_mask
-
-    cp = parallel_state.get_context_parallel_world_size()
-    rank = parallel_state.get_context_parallel_rank() if cp > 1 else 0
-    return document_attention_mask(document_ids, cp, rank)
-
-
 def slice_batch_for_context_parallel(batch: dict) -> dict:
     """This CP rank's part of every ``[b, s]`` tensor (chunks r and 2*cp-1-r of 2*cp); identity at CP=1."""
     from megatron.core import parallel_state

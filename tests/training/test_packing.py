@@ -231,16 +231,15 @@ def _run(algorithm: str, mbs: int = 4) -> RunConfig:
 def _forward_body(run: RunConfig, padded: dict, packed: dict) -> dict:
     """Per-token outputs of one micro-batch, padded and packed (moved to document rows), and packed
     without the document mask (must differ: the test can fail)."""
-    from dqo_megatron.training.step import packed_attention_mask
-
     _info, (chunk,), _ddp, _opt = _setup(run, with_reference=True)
+    assert not chunk.thd_packing, "the local spec packs with the document mask"
     with torch.no_grad():
         chunk.value_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
         ids = packed["attention_document_ids"]
         args = (packed["tokens"], packed["position_ids"], packed["labels"])
         return {
             "padded": chunk(padded["tokens"], padded["position_ids"], padded["labels"]),
-            "packed": unpack_rows(chunk(*args, packed_attention_mask(ids), packed=True), packed["unpack_index"]),
+            "packed": unpack_rows(chunk(*args, ids), packed["unpack_index"]),
             "unmasked": unpack_rows(chunk(*args), packed["unpack_index"]),
         }
 
@@ -312,3 +311,16 @@ def test_packed_step_equals_padded_step(dataset, algorithm):
     assert moved > 1e-6, "the step moved the weights"
     for name, weight in ref["after"].items():
         assert (got["after"][name] - weight).abs().max().item() <= REL_TOL * LR * scale + 1e-7, name
+
+
+def test_four_packed_micro_batches_equal_one_of_four(dataset):
+    """The step is the global token mean however the documents are cut into micro-batches and rows."""
+    one = _micro_batches(dataset, "samples", packing=True, mbs=8, steps=1)
+    four = _micro_batches(dataset, "samples", packing=True, mbs=2, steps=4)
+    assert one[0]["tokens"].shape[0] < sum(b["tokens"].shape[0] for b in four), "the documents share rows differently"
+    (ref,) = run_distributed(_step_body, 1, _run("dqo", 8), one, True, None)
+    (got,) = run_distributed(_step_body, 1, _run("dqo", 2), four, True, ref["initial"])
+    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
+    for name, grad in ref["grads"].items():
+        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
