@@ -133,15 +133,15 @@ def rl_reference_step(run: RunConfig, batch: dict, with_reference: bool) -> dict
 
 def rl_layout_step(run: RunConfig, batch: dict, with_reference: bool, reference: dict) -> dict:
     """One step of `run`'s layout from the reference's weights; max deviations on this rank's shards.
-    `batch`: the global batch, cut per DP rank, or this rank's list of micro-batches."""
+    `batch`: the global batch, cut per DP rank; a list of micro-batches (every rank); or one such
+    list per data-parallel rank."""
     from megatron.core import parallel_state as ps
 
     info, chunks, ddp, optimizer = _setup(run, with_reference, reference["initial"])
-    mbs = (
-        batch
-        if isinstance(batch, list)
-        else micro_batches(batch, info.dp_rank, info.dp_size, run.train.micro_batch_size)
-    )
+    if isinstance(batch, dict):
+        mbs = micro_batches(batch, info.dp_rank, info.dp_size, run.train.micro_batch_size)
+    else:  # a list of micro-batches for every rank, or one list per data-parallel rank
+        mbs = batch[info.dp_rank] if isinstance(batch[0], list) else batch
     result = _step(run, ddp, optimizer, mbs)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     dev = {"grads": 0.0, "after": 0.0, "compared": 0}

@@ -1,4 +1,4 @@
-"""Packed micro-batches under TP2, TP2+SP, CP2 and PP2 (gloo, CPU) give the step of padded ones on one
+"""Packed micro-batches under TP2, TP2+SP, CP2, PP2 and DP2 (gloo, CPU) give the step of padded ones on one
 process: loss, gradient norms, every gradient and every weight after one step, from the same weights.
 
 The reference is the padded step on one process (`rl_reference_step`); each layout runs the packed
@@ -26,6 +26,19 @@ LAYOUTS = {
     "pp2": dict(pipeline_model_parallel_size=2),
 }
 CASES = [("dqo", layout) for layout in LAYOUTS] + [("dpo", "cp2"), ("kto", "tp2-sp"), ("dro", "cp2")]
+
+
+def test_packed_dp2_step_equals_padded_single_process(dataset, references):  # noqa: F811
+    """Each data-parallel rank packs its own micro-batch (the reference's first / second)."""
+    run = _run("dqo", 4)
+    packed = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2)
+    ref = references("dqo")
+    results = run_distributed(rl_layout_step, 2, run, [[packed[0]], [packed[1]]], True, ref)
+    grad_scale = max(g.abs().max().item() for g in ref["grads"].values())
+    for rank, dev in enumerate(results):
+        assert dev["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), f"rank {rank} loss"
+        assert dev["grads"] <= REL_TOL * grad_scale, f"rank {rank}: grads differ by {dev['grads']:.3g}"
+        assert dev["after"] <= REL_TOL * LR * grad_scale + 1e-7, f"rank {rank}: weights differ by {dev['after']:.3g}"
 
 
 @pytest.fixture(scope="module")
