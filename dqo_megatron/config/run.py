@@ -55,6 +55,12 @@ class RunConfig:
                 f"the value network's learning rate {self.value.resolved_lr(self.train.lr):g} (value.lr, "
                 f"else value.lr_ratio={self.value.lr_ratio:g} x train.lr={self.train.lr:g}) is above {MAX_LR}"
             )
+        if self.train.micro_batch_tokens is not None and self.algorithm in names():
+            if get(self.algorithm).batch_mode != "samples" or self.parallel.pipeline_model_parallel_size > 1:
+                problems.append(
+                    f"train.micro_batch_tokens: not with algorithm={self.algorithm} (pairs / mismatched rows "
+                    "must share a micro-batch) nor with pipeline parallelism (fixed shapes) yet"
+                )
         if self.train.seq_length > self.model.seq_length:
             problems.append(
                 f"train.seq_length={self.train.seq_length} exceeds model.seq_length={self.model.seq_length}"

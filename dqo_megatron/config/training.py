@@ -28,6 +28,12 @@ class TrainConfig:
     padded one). Same documents per micro-batch as unpacked; tested equal to unpacked on CPU (docs/packing.md).
     Under pipeline parallelism a micro-batch keeps as many rows as unpacked (stages exchange fixed shapes:
     correct, no saving yet). Off by default."""
+    micro_batch_tokens: Optional[int] = None
+    """With packing: micro-batches cut by tokens instead of documents. Each step still trains on
+    global_batch_size documents (drawn as without it); a rank packs its share of the step into rows of
+    seq_length and gives a micro-batch up to micro_batch_tokens // seq_length rows, so the number of
+    micro-batches varies per step. Algorithms with one row per document (dqo, dro, sft, rs), no pipeline
+    parallelism. None: micro_batch_size documents per micro-batch."""
     lr: float = 1e-4
     """Peak learning rate (at most 1; no setting anywhere takes inf or NaN)."""
     clip_grad: float = 1.0
@@ -81,6 +87,11 @@ class TrainConfig:
             problems.append(f"train.lr={self.lr}: above {MAX_LR} (Adam moves every weight by about lr per step)")
         if self.min_lr > self.lr:
             problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        if self.micro_batch_tokens is not None and not (self.packing and self.micro_batch_tokens >= self.seq_length):
+            problems.append(
+                f"train.micro_batch_tokens={self.micro_batch_tokens} needs train.packing=true and at least "
+                f"train.seq_length={self.seq_length} tokens (one row)"
+            )
         for name in ("lr_warmup_steps", "save_interval"):
             if getattr(self, name) < 0:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 0")

@@ -17,7 +17,7 @@ import torch
 
 from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
 from dqo_megatron.data.dataset import TrajectoryDataset
-from dqo_megatron.training.packing import pack_microbatch
+from dqo_megatron.training.packing import budget_micro_batches, pack_microbatch
 
 
 def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
@@ -73,7 +73,8 @@ class MicroBatches:
     (chosen, rejected) pairs of the same prompt, rows [0, B) chosen and [B, 2B) rejected), "kto"
     (B documents, then B mismatched prompt/response rows for the KL reference point; `desirable` [B]).
     `packing`: the same documents packed into rows (`training/packing.py`); `fixed_rows`: as many
-    packed rows as documents (pipeline stages exchange fixed shapes).
+    packed rows as documents (pipeline stages exchange fixed shapes); `budget_rows`: micro-batches of at
+    most this many packed rows instead of `micro_batch_size` documents (mode "samples").
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class MicroBatches:
         max_pairs_per_prompt: int = 12,
         packing: bool = False,
         fixed_rows: bool = False,
+        budget_rows: int | None = None,
     ):
         from dqo_megatron.data.pairs import DPOPairDataset, build_dpo_pairs, is_positive
 
@@ -115,7 +117,9 @@ class MicroBatches:
                 "tokens; raise train.seq_length or preprocess with a smaller max_length"
             )
         self.dataset = dataset
-        self.packing, self.fixed_rows = packing, fixed_rows
+        self.packing, self.fixed_rows, self.budget_rows = packing, fixed_rows, budget_rows
+        if budget_rows is not None and (mode != "samples" or not packing):
+            raise ValueError("micro-batches by tokens need packing and one row per document (mode 'samples')")
         self.length = seq_length + 1
         self.pad_id = pad_id
         self.with_ref_logprobs = with_ref_logprobs
@@ -135,7 +139,11 @@ class MicroBatches:
                 self._iter = None
 
     def next_step(self, num_microbatches: int) -> list[dict]:
-        """The micro-batches of the next optimizer step for this rank."""
+        """The micro-batches of the next optimizer step for this rank: `num_microbatches` draws of
+        `micro_batch_size` documents each; with `budget_rows`, the same documents re-cut into
+        micro-batches of at most that many packed rows (their number varies)."""
+        if self.budget_rows is not None:
+            return self._budget_step(num_microbatches)
         out = []
         for _ in range(num_microbatches):
             items = [self.source[i] for i in self._indices()]
@@ -152,6 +160,19 @@ class MicroBatches:
             if self.packing:
                 rows = len(samples) if self.fixed_rows else None
                 batch = pack_microbatch(samples, batch, seq_length=self.length - 1, pad_id=self.pad_id, num_rows=rows)
+            out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
+        return out
+
+    def _budget_step(self, num_microbatches: int) -> list[dict]:
+        items = [self.source[i] for _ in range(num_microbatches) for i in self._indices()]
+        out = []
+        for documents, rows in budget_micro_batches(
+            [len(s["tokens"]) for s in items], self.length - 1, self.budget_rows
+        ):
+            samples = [items[d] for d in documents]
+            collated = pad_collate(samples, self.pad_id, pad_to_multiple_of=self.length, max_length=self.length)
+            padded = to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs)
+            batch = pack_microbatch(samples, padded, seq_length=self.length - 1, pad_id=self.pad_id, rows=rows)
             out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
         return out
 

@@ -63,14 +63,21 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
 
 
 def pack_microbatch(
-    samples: Sequence[dict], padded: dict, *, seq_length: int, pad_id: int, num_rows: int | None = None
+    samples: Sequence[dict],
+    padded: dict,
+    *,
+    seq_length: int,
+    pad_id: int,
+    num_rows: int | None = None,
+    rows: list[list[int]] | None = None,
 ) -> dict:
     """The packed micro-batch of `samples` (dataset items, N = len(samples) documents, each at most
     ``seq_length + 1`` tokens) from their padded micro-batch `padded` (`to_model_batch`, ``[N, s]``):
     the keys described in the module docstring.
 
     `num_rows`: pad the packed layout with empty rows up to this count (pipeline stages exchange
-    fixed shapes); None: as few rows as first-fit decreasing needs. Returns R = `num_rows` or that
+    fixed shapes); None: as few rows as first-fit decreasing needs. `rows`: the rows to use instead
+    (indices into `samples`, as `budget_micro_batches` gives them). Returns R = `num_rows` or that
     count packed rows.
     """
     s = seq_length
@@ -79,7 +86,9 @@ def pack_microbatch(
         raise ValueError(f"a document has {max(lengths)} tokens > seq_length + 1 = {s + 1}")
     if padded["tokens"].shape != (len(samples), s):
         raise ValueError(f"padded micro-batch of shape {tuple(padded['tokens'].shape)}, want {(len(samples), s)}")
-    rows = first_fit_decreasing([min(n, s) for n in lengths], s)
+    if rows is None:
+        rows = first_fit_decreasing([min(n, s) for n in lengths], s)
+    rows = [list(r) for r in rows]
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"{len(rows)} packed rows do not fit in num_rows={num_rows}")
@@ -107,6 +116,24 @@ def pack_microbatch(
         unpack_index=unpack_index,
     )
     return batch
+
+
+def budget_micro_batches(lengths: Sequence[int], seq_length: int, rows_per_micro_batch: int) -> list[tuple]:
+    """A step's documents cut into micro-batches of at most `rows_per_micro_batch` packed rows.
+
+    lengths: tokens of each document (at most seq_length + 1). All documents are packed together
+    (first-fit decreasing, which packs tighter than micro-batch by micro-batch) and the rows, in order
+    of creation, are cut into consecutive groups. Returns one ``(documents, rows)`` per micro-batch:
+    the documents (indices into `lengths`, row by row) and its rows as positions in that list.
+    """
+    rows = first_fit_decreasing([min(int(n), seq_length) for n in lengths], seq_length)
+    out = []
+    for start in range(0, len(rows), rows_per_micro_batch):
+        group = rows[start : start + rows_per_micro_batch]
+        documents = [d for row in group for d in row]
+        where = {d: i for i, d in enumerate(documents)}
+        out.append((documents, [[where[d] for d in row] for row in group]))
+    return out
 
 
 def unpack_rows(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,9 @@ def _data(run: RunConfig, info, algorithm, is_logger: bool):
         max_pairs_per_prompt=run.loss.dpo_max_pairs_per_prompt,
         packing=run.train.packing,
         fixed_rows=run.parallel.pipeline_model_parallel_size > 1,  # stages exchange fixed shapes
+        budget_rows=None
+        if run.train.micro_batch_tokens is None
+        else run.train.micro_batch_tokens // run.train.seq_length,
     )
     if is_logger:
         behavior_share = float(dataset.has_behavior.mean()) if len(dataset) else 0.0

@@ -130,7 +130,7 @@ def _step(run: RunConfig, parts: TrainParts):
         parts.ddp,
         parts.optimizer,
         data,
-        num_microbatches=parts.num_microbatches,
+        num_microbatches=len(mbs),  # train.micro_batch_tokens: varies from step to step
         seq_length=run.train.seq_length,
         micro_batch_size=parts.pipeline_mbs,
         forward_step=forward_step,

@@ -24,7 +24,7 @@ from dqo_megatron.data.tokenize import TokenizedSample
 from dqo_megatron.models.packed import document_attention_mask, rotary_angles, thd_packed_seq_params
 from dqo_megatron.parallel import cp_local_positions
 from dqo_megatron.training.microbatches import MicroBatches
-from dqo_megatron.training.packing import first_fit_decreasing, padding_fractions, unpack_rows
+from dqo_megatron.training.packing import budget_micro_batches, first_fit_decreasing, padding_fractions, unpack_rows
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
 from tests.helpers.distributed import run_distributed
 from tests.helpers.rl_layouts import LR, _setup, _step
@@ -121,7 +121,9 @@ def dataset(tmp_path_factory) -> TrajectoryDataset:
     return TrajectoryDataset(prefix)
 
 
-def _micro_batches(dataset, mode: str, packing: bool, mbs: int = 4, steps: int = 1, fixed_rows: bool = False):
+def _micro_batches(
+    dataset, mode: str, packing: bool, mbs: int = 4, steps: int = 1, fixed_rows: bool = False, budget_rows=None
+):
     batches = MicroBatches(
         dataset,
         seq_length=SEQ,
@@ -135,6 +137,7 @@ def _micro_batches(dataset, mode: str, packing: bool, mbs: int = 4, steps: int =
         mode=mode,
         packing=packing,
         fixed_rows=fixed_rows,
+        budget_rows=budget_rows,
     )
     return batches.next_step(steps)
 
@@ -324,3 +327,49 @@ def test_four_packed_micro_batches_equal_one_of_four(dataset):
     scale = max(g.abs().max().item() for g in ref["grads"].values())
     for name, grad in ref["grads"].items():
         assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+
+
+# --- micro-batches by tokens (train.micro_batch_tokens) -----------------------------------------------
+
+
+def test_budget_micro_batches_hold_every_document_once():
+    for rows_per_micro_batch in (1, 2, 3):
+        cut = budget_micro_batches(LENGTHS, SEQ, rows_per_micro_batch)
+        assert cut == budget_micro_batches(list(LENGTHS), SEQ, rows_per_micro_batch), "deterministic"
+        assert sorted(d for documents, _ in cut for d in documents) == list(range(len(LENGTHS)))
+        total_rows = len(first_fit_decreasing([min(n, SEQ) for n in LENGTHS], SEQ))
+        assert len(cut) == -(-total_rows // rows_per_micro_batch)
+        for documents, rows in cut:
+            assert 1 <= len(rows) <= rows_per_micro_batch
+            assert sorted(i for row in rows for i in row) == list(range(len(documents)))
+            assert all(sum(min(LENGTHS[documents[i]], SEQ) for i in row) <= SEQ for row in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["dqo", "sft"])
+def test_token_budget_step_equals_padded_step(dataset, algorithm):
+    """The step's 8 documents in micro-batches of one packed row (4 here) == 2 padded of 4 documents."""
+    padded = _micro_batches(dataset, "samples", packing=False, mbs=4, steps=2)
+    budget = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2, budget_rows=1)
+    assert len(budget) == 4 and all(b["tokens"].shape[0] == 1 for b in budget)
+    assert sum(b["unpack_index"].shape[0] for b in budget) == 8
+    with_reference = get_algorithm(algorithm).needs_reference
+    (ref,) = run_distributed(_step_body, 1, _run(algorithm), padded, with_reference, None)
+    (got,) = run_distributed(_step_body, 1, _run(algorithm), budget, with_reference, ref["initial"])
+    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
+    for name, grad in ref["grads"].items():
+        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+
+
+def test_token_budget_needs_packing_and_one_row_per_document():
+    from dqo_megatron.config import ConfigError, ParallelConfig
+
+    with pytest.raises(ConfigError, match="needs train.packing=true"):
+        TrainConfig(seq_length=SEQ, micro_batch_tokens=2 * SEQ)
+    with pytest.raises(ConfigError, match="at least"):
+        TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=SEQ - 1)
+    train = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=2 * SEQ, micro_batch_size=2)
+    with pytest.raises(ConfigError, match="algorithm=dpo"):
+        RunConfig(model=MODEL, train=train, algorithm="dpo")
+    with pytest.raises(ConfigError, match="pipeline"):
+        RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))

@@ -28,17 +28,26 @@ LAYOUTS = {
 CASES = [("dqo", layout) for layout in LAYOUTS] + [("dpo", "cp2"), ("kto", "tp2-sp"), ("dro", "cp2")]
 
 
+def _assert_matches(results: list[dict], ref: dict) -> None:
+    """Every rank's loss, gradient norms, gradients and weights after the step equal the reference's."""
+    grad_scale = max(g.abs().max().item() for g in ref["grads"].values())
+    for rank, dev in enumerate(results):
+        assert dev["compared"] > 0
+        assert dev["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), f"rank {rank} loss"
+        assert dev["grad_norm"] == pytest.approx(ref["grad_norm"], rel=REL_TOL), f"rank {rank} grad norm"
+        for member, norm in ref["grad_norms"].items():
+            assert dev["grad_norms"][member] == pytest.approx(norm, rel=REL_TOL), f"rank {rank} {member} norm"
+        assert dev["grads"] <= REL_TOL * grad_scale, f"rank {rank}: grads differ by {dev['grads']:.3g}"
+        assert dev["after"] <= REL_TOL * LR * grad_scale + 1e-7, f"rank {rank}: weights differ by {dev['after']:.3g}"
+
+
 def test_packed_dp2_step_equals_padded_single_process(dataset, references):  # noqa: F811
     """Each data-parallel rank packs its own micro-batch (the reference's first / second)."""
     run = _run("dqo", 4)
     packed = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2)
     ref = references("dqo")
     results = run_distributed(rl_layout_step, 2, run, [[packed[0]], [packed[1]]], True, ref)
-    grad_scale = max(g.abs().max().item() for g in ref["grads"].values())
-    for rank, dev in enumerate(results):
-        assert dev["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), f"rank {rank} loss"
-        assert dev["grads"] <= REL_TOL * grad_scale, f"rank {rank}: grads differ by {dev['grads']:.3g}"
-        assert dev["after"] <= REL_TOL * LR * grad_scale + 1e-7, f"rank {rank}: weights differ by {dev['after']:.3g}"
+    _assert_matches(results, ref)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +79,31 @@ def test_packed_layout_step_equals_padded_single_process(algorithm, layout, data
         assert sum(b["tokens"].shape[0] for b in packed) < 2 * mbs * algo.rows_per_item
     ref = references(algorithm)
     results = run_distributed(rl_layout_step, 2, run, packed, algo.needs_reference, ref)
-    grad_scale = max(g.abs().max().item() for g in ref["grads"].values())
-    for rank, dev in enumerate(results):
-        assert dev["compared"] > 0
-        assert dev["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), f"rank {rank} loss"
-        assert dev["grad_norm"] == pytest.approx(ref["grad_norm"], rel=REL_TOL), f"rank {rank} grad norm"
-        for member, norm in ref["grad_norms"].items():
-            assert dev["grad_norms"][member] == pytest.approx(norm, rel=REL_TOL), f"rank {rank} {member} norm"
-        assert dev["grads"] <= REL_TOL * grad_scale, f"rank {rank}: grads differ by {dev['grads']:.3g}"
-        assert dev["after"] <= REL_TOL * LR * grad_scale + 1e-7, f"rank {rank}: weights differ by {dev['after']:.3g}"
+    _assert_matches(results, ref)
+
+
+def test_dp2_ranks_with_different_micro_batch_counts(dataset, references):  # noqa: F811
+    """train.micro_batch_tokens: each DP rank cuts its 4 documents into micro-batches of one packed row,
+    so the ranks run different numbers of micro-batches in the same step."""
+    from dqo_megatron.training.microbatches import MicroBatches
+
+    per_rank = []
+    for rank in range(2):
+        batches = MicroBatches(
+            dataset,
+            seq_length=32,
+            micro_batch_size=4,
+            dp_rank=rank,
+            dp_size=2,
+            seed=0,
+            shuffle=True,
+            pad_id=0,
+            with_ref_logprobs=False,
+            packing=True,
+            budget_rows=1,
+        )
+        per_rank.append(batches.next_step(1))
+    assert len(per_rank[0]) != len(per_rank[1]), [len(b) for b in per_rank]
+    ref = references("dqo")  # one process, padded: the same 8 documents in 2 micro-batches of 4
+    results = run_distributed(rl_layout_step, 2, _run("dqo", 4), per_rank, True, ref)
+    _assert_matches(results, ref)

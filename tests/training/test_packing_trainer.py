@@ -16,7 +16,7 @@ from tests.helpers.synthetic_data import write_synthetic_dataset
 from tests.training.test_packing import MODEL, SEQ
 
 
-def _run(prefix: str, run_dir, *, packing: bool, steps: int, algorithm: str = "dqo") -> RunConfig:
+def _run(prefix: str, run_dir, *, packing: bool, steps: int, algorithm: str = "dqo", tokens=None) -> RunConfig:
     return RunConfig(
         model=MODEL,
         algorithm=algorithm,
@@ -27,6 +27,7 @@ def _run(prefix: str, run_dir, *, packing: bool, steps: int, algorithm: str = "d
             lr=3e-3,
             train_steps=steps,
             packing=packing,
+            micro_batch_tokens=tokens,
         ),
         loss=LossConfig(beta=0.5),
         data=DataConfig(train_prefix=prefix),
@@ -53,6 +54,12 @@ def test_packed_run_has_the_unpacked_losses(dataset, algorithm):
     (packed,) = run_distributed(_train, 1, _run(dataset, None, packing=True, steps=3, algorithm=algorithm))
     assert len(set(round(x, 6) for x in padded)) == 3, "the run trains"
     assert packed == pytest.approx(padded, rel=1e-4)
+
+
+def test_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
+    (padded,) = run_distributed(_train, 1, _run(dataset, None, packing=False, steps=3))
+    (budget,) = run_distributed(_train, 1, _run(dataset, None, packing=True, steps=3, tokens=2 * SEQ))
+    assert budget == pytest.approx(padded, rel=1e-4)
 
 
 def test_packed_run_resumes_exactly(dataset, tmp_path):
