@@ -7,12 +7,13 @@ matters is the spread of lengths against the row). Documents longer than seq + 1
 share is reported). `--docs` documents (the paper's global batch of 64) are drawn from the
 distribution and written as a trajectory dataset of random tokens; `MicroBatches` cuts them into
 micro-batches of `--micro-batch` documents, padded (each row seq + 1 tokens, as the trainer does
-without packing) or packed (`training/packing.py`). A DQO step (policy + a value network of the
-policy's size, reference log-probs in the batch, Megatron DDP, Adam, Megatron's schedule: what
-`train` runs per step) over the whole global batch is timed both ways, round-robin in alternating
-order, with lr = 0 so every round runs on the same weights and the two losses must agree (checked
-each round). Useful tokens/s = document tokens of the batch / median step time (CPU time of the
-process; see benchmarks/step_cost.py, "Clocks").
+without packing) or packed (`training/packing.py`), and the whole step's documents packed at once
+and cut into micro-batches of `--token-rows` rows (`train.micro_batch_tokens`). A DQO step (policy +
+a value network of the policy's size, reference log-probs in the batch, Megatron DDP, Adam,
+Megatron's schedule: what `train` runs per step) over the whole global batch is timed in the three
+layouts, round-robin with each layout first in turn, with lr = 0 so every round runs on the same
+weights and the losses must agree (checked each round). Useful tokens/s = document tokens of the
+batch / median step time (CPU time of the process; see benchmarks/step_cost.py, "Clocks").
 
     .venv/bin/python benchmarks/packing.py [--data gsm8k math] [--steps 5] [--threads 1]
 
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="train.seq_length (default: 768 for gsm8k, 1024 for math)")
     p.add_argument("--docs", type=int, default=64, help="documents per optimizer step (global batch)")
     p.add_argument("--micro-batch", type=int, default=8, help="documents per micro-batch")
+    p.add_argument(
+        "--token-rows", type=int, default=4, help="by tokens: rows of seq per micro-batch (micro_batch_tokens / seq)"
+    )
     p.add_argument("--records", type=int, default=3000, help="records read to estimate the length distribution")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
@@ -104,7 +108,7 @@ def write_dataset(prefix: str, lengths: np.ndarray, vocab: int, seed: int) -> No
     writer.finalize({})
 
 
-def micro_batches(prefix: str, args, seq: int, packing: bool) -> list[dict]:
+def micro_batches(prefix: str, args, seq: int, packing: bool, budget_rows: int | None = None) -> list[dict]:
     from dqo_megatron.data.dataset import TrajectoryDataset
     from dqo_megatron.training.microbatches import MicroBatches
 
@@ -119,6 +123,7 @@ def micro_batches(prefix: str, args, seq: int, packing: bool) -> list[dict]:
         pad_id=0,
         with_ref_logprobs=False,
         packing=packing,
+        budget_rows=budget_rows,
     ).next_step(args.docs // args.micro_batch)
     gen = torch.Generator().manual_seed(args.seed)
     for batch in batches:  # reference log-probs "from annotate": the same per document both ways
@@ -182,41 +187,56 @@ def make_run(args, seq: int):
     )
 
 
-def measure(name: str, args, step: DQOStep, seq: int, tmp: Path) -> dict:
-    """Padding fractions, rows and step times of one dataset's length distribution."""
-    from dqo_megatron.training.packing import padding_fractions
+LAYOUTS = ("padded", "packed", "by tokens")
+"""Padded rows; packed micro-batch by micro-batch (`train.packing`); the step packed at once and cut by
+tokens (`train.micro_batch_tokens`)."""
 
+
+def measure(name: str, args, step: DQOStep, seq: int, tmp: Path) -> list[dict]:
+    """Rows, padding and step times of one dataset's length distribution, one dict per layout."""
     lengths = document_lengths(name, args.records)
     fits = lengths.sum(1) <= seq + 1
     rng = np.random.default_rng(args.seed)
     chosen = lengths[fits][rng.choice(int(fits.sum()), size=args.docs, replace=False)]
     prefix = str(tmp / name)
     write_dataset(prefix, chosen, args.vocab, args.seed)
-    padded, packed = micro_batches(prefix, args, seq, False), micro_batches(prefix, args, seq, True)
+    layouts = {
+        "padded": micro_batches(prefix, args, seq, False),
+        "packed": micro_batches(prefix, args, seq, True),
+        "by tokens": micro_batches(prefix, args, seq, True, budget_rows=args.token_rows),
+    }
     useful = int(np.minimum(chosen.sum(1), seq).sum())  # input positions holding a document token
-    times = {"padded": [], "packed": []}
+    times = {k: [] for k in layouts}
     for round_ in range(args.warmup + args.steps):
-        order = [("padded", padded), ("packed", packed)]
+        order = list(layouts.items())
         losses = {}
-        for label, batches in order if round_ % 2 == 0 else order[::-1]:
+        for label, batches in order[round_ % 3 :] + order[: round_ % 3]:  # each layout first in turn
             losses[label], cpu, _wall = step.step(batches)
             if round_ >= args.warmup:
                 times[label].append(cpu)
-        if abs(losses["packed"] - losses["padded"]) > 1e-4 * abs(losses["padded"]):
-            sys.exit(f"{name}: packed loss {losses['packed']} != padded {losses['padded']}")
-    fractions = [padding_fractions(b) for b in packed]
-    median = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "name": name,
-        "seq": seq,
-        "left_out": 1.0 - float(fits.mean()),
-        "median_tokens": int(np.median(chosen.sum(1))),
-        "rows": (sum(b["response_mask"].shape[0] for b in padded), sum(b["tokens"].shape[0] for b in packed)),
-        "padding": (float(np.mean([f[1] for f in fractions])), float(np.mean([f[0] for f in fractions]))),
-        "seconds": (median["padded"], median["packed"]),
-        "tokens_per_s": (useful / median["padded"], useful / median["packed"]),
-        "speedup": statistics.median(p / q for p, q in zip(times["padded"], times["packed"])),
-    }
+        for label, loss in losses.items():
+            if abs(loss - losses["padded"]) > 1e-4 * abs(losses["padded"]):
+                sys.exit(f"{name}: {label} loss {loss} != padded {losses['padded']}")
+    out = []
+    for label, batches in layouts.items():
+        rows = sum(b["tokens"].shape[0] for b in batches)
+        median = statistics.median(times[label])
+        out.append(
+            {
+                "name": name,
+                "seq": seq,
+                "layout": label,
+                "left_out": 1.0 - float(fits.mean()),
+                "median_tokens": int(np.median(chosen.sum(1))),
+                "micro_batches": len(batches),
+                "rows": rows,
+                "padding": 1.0 - useful / (rows * seq),
+                "seconds": median,
+                "tokens_per_s": useful / median,
+                "speedup": statistics.median(p / q for p, q in zip(times["padded"], times[label])),
+            }
+        )
+    return out
 
 
 def main(argv=None) -> None:
@@ -228,31 +248,34 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.data:
             seq = args.seq or DEFAULT_SEQ[name]
-            rows.append(measure(name, args, DQOStep(make_run(args, seq)), seq, Path(tmp)))
+            rows.extend(measure(name, args, DQOStep(make_run(args, seq)), seq, Path(tmp)))
             from dqo_megatron import parallel
 
             parallel.destroy()
     print(
-        "| data | seq | left out | median doc | rows padded / packed | padding padded / packed | "
-        "step s padded / packed | useful tok/s padded / packed | speed-up |"
+        "| data | seq | left out | median doc | layout | micro-batches | rows | padding | step s (CPU) | "
+        "useful tok/s | speed-up |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cells = [
             r["name"],
             r["seq"],
             f"{r['left_out']:.1%}",
             r["median_tokens"],
-            f"{r['rows'][0]} / {r['rows'][1]}",
-            f"{r['padding'][0]:.1%} / {r['padding'][1]:.1%}",
-            f"{r['seconds'][0]:.2f} / {r['seconds'][1]:.2f}",
-            f"{r['tokens_per_s'][0]:.0f} / {r['tokens_per_s'][1]:.0f}",
-            f"{r['speedup']:.2f}x (target {TARGET}x)",
+            r["layout"],
+            r["micro_batches"],
+            r["rows"],
+            f"{r['padding']:.1%}",
+            f"{r['seconds']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['speedup']:.2f}x",
         ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print(
         f"\n{args.docs} documents per step, micro-batches of {args.micro_batch}; model hidden {args.hidden}, "
-        f"{args.layers} layers, vocab {args.vocab}; {args.threads} thread(s); median of {args.steps} rounds."
+        f"{args.layers} layers, vocab {args.vocab}; by tokens: at most {args.token_rows} rows of seq per "
+        f"micro-batch; {args.threads} thread(s); median of {args.steps} rounds; target {TARGET}x."
     )
     print(json.dumps(environment_report()))
 
