@@ -24,6 +24,10 @@ Capacity: documents are packed by their input positions. A document of T tokens 
 positions ``[a, a+T)`` of its row, so the value after its last token (the bootstrap of a truncated
 response) is computed as in the padded row; a row's s positions hold documents whose lengths add up
 to at most s, and a document of s + 1 tokens (the longest allowed) fills a row alone.
+
+Micro-batches by tokens (`train.micro_batch_tokens`): `budget_micro_batches` packs a whole step's
+documents at once and cuts the rows into micro-batches of a fixed number of rows; each micro-batch is
+then an ordinary packed micro-batch of its documents (docs/packing.md).
 """
 
 from __future__ import annotations
@@ -89,6 +93,10 @@ def pack_microbatch(
     if rows is None:
         rows = first_fit_decreasing([min(n, s) for n in lengths], s)
     rows = [list(r) for r in rows]
+    if sorted(d for row in rows for d in row) != list(range(len(samples))):
+        raise ValueError("rows must hold every document of the micro-batch exactly once")
+    if any(sum(min(lengths[d], s) for d in row) > s for row in rows):
+        raise ValueError(f"a row holds more than seq_length={s} tokens")
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"{len(rows)} packed rows do not fit in num_rows={num_rows}")

@@ -86,6 +86,19 @@ def test_first_fit_decreasing_refuses_an_item_over_capacity():
         first_fit_decreasing([3, 11], 10)
 
 
+def test_given_rows_must_place_every_document_once_within_the_row(dataset):
+    from dqo_megatron.training.packing import pack_microbatch
+
+    (padded,) = _micro_batches(dataset, "samples", packing=False, mbs=2)
+    samples = [{"tokens": [5] * 10}, {"tokens": [6] * 30}]
+    padded = {**padded, "tokens": torch.zeros(2, SEQ, dtype=torch.long)}
+    with pytest.raises(ValueError, match="exactly once"):
+        pack_microbatch(samples, padded, seq_length=SEQ, pad_id=0, rows=[[0]])
+    with pytest.raises(ValueError, match="more than"):
+        pack_microbatch(samples, padded, seq_length=SEQ, pad_id=0, rows=[[0, 1]])
+    assert pack_microbatch(samples, padded, seq_length=SEQ, pad_id=0, rows=[[1], [0]])["tokens"].shape == (2, SEQ)
+
+
 # --- the micro-batches --------------------------------------------------------------------------------
 
 
