@@ -29,15 +29,18 @@ logger = logging.getLogger(__name__)
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     inputs = model_inputs(batch)
-    output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"])
+    output = model(inputs["tokens"], inputs["position_ids"], inputs["labels"], batch.get("attention_document_ids"))
     return output, partial(_collect, batch)
 
 
 def _collect(batch, output, non_loss_data=False):
     from dqo_megatron.logprobs import gather_from_context_parallel
+    from dqo_megatron.training.packing import unpack_rows
 
-    logp = gather_from_context_parallel(output[..., LOGP].detach(), dim=1)
-    return {"indices": batch["indices"], "lengths": batch["lengths"], "logp": logp.float().cpu()}
+    logp = gather_from_context_parallel(output[..., LOGP : LOGP + 1].detach(), dim=1)
+    if "unpack_index" in batch:  # packed rows (train.packing): back to one row per document
+        logp = unpack_rows(logp, batch["unpack_index"])
+    return {"indices": batch["indices"], "lengths": batch["lengths"], "logp": logp[..., 0].float().cpu()}
 
 
 @torch.no_grad()
@@ -130,18 +133,22 @@ def _open_reference_slot(prefix: str, rank: int, writer: bool) -> tuple:
 
 
 def _micro_batches(run: RunConfig, dataset, group: list, device) -> list[dict]:
-    """One call's micro-batches on `device`: each padded to train.seq_length + 1, with its documents'
-    indices and lengths."""
+    """One call's micro-batches on `device`: each padded to train.seq_length + 1 (or packed, with
+    `train.packing`: as many rows as documents under PP), with its documents' indices and lengths."""
     from dqo_megatron.data.batching import pad_collate
     from dqo_megatron.training.microbatches import to_model_batch
+    from dqo_megatron.training.packing import pack_microbatch
 
     length = run.train.seq_length + 1
     mbs_data = []
     for indices in group:
-        collated = pad_collate(
-            [dataset[i] for i in indices], run.data.pad_id, pad_to_multiple_of=length, max_length=length
-        )
-        batch = {k: v.to(device) for k, v in to_model_batch(collated, with_ref_logprobs=False).items()}
+        samples = [dataset[i] for i in indices]
+        collated = pad_collate(samples, run.data.pad_id, pad_to_multiple_of=length, max_length=length)
+        batch = to_model_batch(collated, with_ref_logprobs=False)
+        if run.train.packing:
+            rows = len(samples) if run.parallel.pipeline_model_parallel_size > 1 else None
+            batch = pack_microbatch(samples, batch, seq_length=length - 1, pad_id=run.data.pad_id, num_rows=rows)
+        batch = {k: v.to(device) for k, v in batch.items()}
         batch["indices"], batch["lengths"] = torch.tensor(indices), collated["lengths"]
         mbs_data.append(batch)
     return mbs_data

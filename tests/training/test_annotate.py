@@ -1,5 +1,5 @@
 """`annotate` writes the reference's log-probs: equal to transformers' on the same HF model, and the
-same under TP=2 as under TP=1."""
+same under TP=2 as under TP=1, and with packed rows (`train.packing`, also under CP=2)."""
 
 from __future__ import annotations
 
@@ -93,3 +93,23 @@ def test_training_uses_annotated_reference(setup):
     (from_data,) = run_distributed(_train, 1, train_with("data"))
     (from_model,) = run_distributed(_train, 1, train_with("model"))
     assert from_data == pytest.approx(from_model, rel=1e-4)
+
+
+def test_packed_annotate_writes_the_unpacked_log_probs(setup):
+    root, _ = setup
+    prefixes = {}  # documents of 10 to 20 tokens: most micro-batches of 2 pack into one row of 32
+    for name in ("padded", "packed", "packed-cp2"):
+        prefixes[name] = write_synthetic_dataset(str(root / f"packing-{name}" / "train"), docs=10, max_len=20)
+    run_distributed(_annotate, 1, _run(root, prefixes["padded"], {}))
+    packed = _run(root, prefixes["packed"], {})
+    packed.train.packing = True
+    run_distributed(_annotate, 1, packed)
+    packed_cp = _run(root, prefixes["packed-cp2"], dict(context_parallel_size=2))
+    packed_cp.train.packing = True
+    run_distributed(_annotate, 2, packed_cp)
+    ds, want = _read(prefixes["padded"])
+    assert SEQ == 32 and sum(len(ds[i]["tokens"]) for i in (0, 1)) <= SEQ, "documents share a row"
+    for name in ("packed", "packed-cp2"):
+        _, got = _read(prefixes[name])
+        for i in range(len(ds)):
+            np.testing.assert_allclose(got[i], want[i], atol=2e-5, err_msg=f"{name}: document {i}")
