@@ -18,6 +18,7 @@ value at position ``t`` is ``V`` of the state made of ``tokens[0..t]`` (the stat
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,18 +205,31 @@ class ValueModel(torch.nn.Module):
         return self.head.weight.device
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Values ``[b, s]`` (fp32) of token ids ``[b, s]``: entry ``t`` is ``V(tokens[.., 0..t])``.
 
-        Attention is causal, so right padding does not change the values of earlier positions.
+        Attention is causal, so right padding does not change the values of earlier positions. Packed
+        rows: `document_ids` ``[b, s]`` (the sequence of every token) and `position_ids` restarting per
+        sequence; attention then stops at sequence boundaries (`dqo_megatron.models.packed`, local spec).
         """
-        from dqo_megatron.models.value_head import final_hidden_states_only
+        from dqo_megatron.models.packed import document_attention_mask, rotary_from_position_ids
+        from dqo_megatron.models.value_head import final_hidden_states_only, unwrap_gpt
 
         tokens = tokens.to(self.device)
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        with final_hidden_states_only(self.trunk):
-            hidden = self.trunk(tokens, position_ids.to(self.device), None)  # [s, b, h]
+        position_ids = position_ids.to(self.device)
+        mask, rope = None, contextlib.nullcontext()
+        if document_ids is not None:
+            mask = document_attention_mask(document_ids.to(self.device))
+            rope = rotary_from_position_ids([unwrap_gpt(self.trunk)], position_ids)
+        with rope, final_hidden_states_only(self.trunk):
+            hidden = self.trunk(tokens, position_ids, mask)  # [s, b, h]
         return self.head(hidden)  # [b, s]
 
 
@@ -263,18 +277,26 @@ def load_value_model(ckpt: ValueCheckpoint, dtype: str = "auto") -> ValueModel:
 
 
 def sequence_values(
-    model: ValueModel, sequences: Sequence[np.ndarray], batch_size: int = 8, pad_id: int = 0
+    model: ValueModel,
+    sequences: Sequence[np.ndarray],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    row_length: Optional[int] = None,
 ) -> list[np.ndarray]:
-    """Per-position values of each token sequence, batched by similar length with right padding.
+    """Per-position values of each token sequence, batched by similar length with right padding, or
+    packed into rows of `row_length` tokens (first-fit decreasing, as the trainer's `train.packing`).
 
     Args:
         model: the value network.
         sequences: token ids, each ``[T_i]`` (int).
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (packed: rows per forward pass).
         pad_id: token id used for padding (never read back: attention is causal).
+        row_length: pack into rows of this many tokens (each sequence at most that long); None: pad.
     Returns:
         float64 ``[T_i]`` per sequence, in the input order: entry ``t`` is ``V(tokens[0..t])``.
     """
+    if row_length is not None:
+        return _packed_sequence_values(model, sequences, max(1, batch_size), pad_id, row_length)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[Optional[np.ndarray]] = [None] * len(sequences)
     for start in range(0, len(order), max(1, batch_size)):
@@ -283,12 +305,45 @@ def sequence_values(
         batch = torch.full((len(idx), width), pad_id, dtype=torch.long)
         for row, i in enumerate(idx):
             batch[row, : len(sequences[i])] = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
-        values = model(batch).double().cpu().numpy()
-        if not np.isfinite(values).all():
-            raise ValueError(
-                f"the value network gives non-finite values (NaN/inf) for {len(idx)} sequences: its "
-                "weights are damaged or training diverged; check the checkpoint (it cannot be analysed)"
-            )
+        values = _finite(model(batch).double().cpu().numpy(), len(idx))
         for row, i in enumerate(idx):
             out[i] = values[row, : len(sequences[i])]
     return out  # type: ignore[return-value]
+
+
+def _packed_sequence_values(
+    model: ValueModel, sequences: Sequence[np.ndarray], rows_per_pass: int, pad_id: int, row_length: int
+) -> list[np.ndarray]:
+    from dqo_megatron.training.packing import first_fit_decreasing
+
+    lengths = [len(s) for s in sequences]
+    rows = first_fit_decreasing(lengths, row_length)  # refuses a sequence longer than a row
+    out: list[Optional[np.ndarray]] = [None] * len(sequences)
+    for start in range(0, len(rows), rows_per_pass):
+        group = rows[start : start + rows_per_pass]
+        tokens = torch.full((len(group), row_length), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(group), row_length), dtype=torch.long)
+        documents = torch.full((len(group), row_length), -1, dtype=torch.long)
+        placed = []
+        for r, members in enumerate(group):
+            at = 0
+            for i in members:
+                n = lengths[i]
+                tokens[r, at : at + n] = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
+                positions[r, at : at + n] = torch.arange(n)
+                documents[r, at : at + n] = i
+                placed.append((i, r, at))
+                at += n
+        values = _finite(model(tokens, positions, documents).double().cpu().numpy(), len(placed))
+        for i, r, at in placed:
+            out[i] = values[r, at : at + lengths[i]]
+    return out  # type: ignore[return-value]
+
+
+def _finite(values: np.ndarray, count: int) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise ValueError(
+            f"the value network gives non-finite values (NaN/inf) for {count} sequences: its "
+            "weights are damaged or training diverged; check the checkpoint (it cannot be analysed)"
+        )
+    return values
