@@ -6,11 +6,17 @@
 # Multi-node and the GPU checks: docs/gpu.md. Linted with hadolint (tests/test_dockerfile_lint.py); never
 # built in our CI (no Docker engine on our machines).
 #
-# Base image: megatron-core's install guide names nvcr.io/nvidia/pytorch:25.04-py3 (Python 3.12, CUDA 12.9,
-# Transformer Engine 2.x). Override with --build-arg BASE_IMAGE=... for a newer release (FP8 blockwise scaling
-# needs Transformer Engine >= 2.3); pin by digest (name@sha256:...) for bit-for-bit rebuilds.
+# Base image and megatron-core, one pair per line (docs/gpu.md, "Which megatron-core each container gets"):
+#   nvcr.io/nvidia/pytorch:25.04-py3 (Python 3.12, CUDA 12.9, TE 2.x)  -> megatron-core 0.16.1 (the default;
+#       the image megatron-core 0.16's install guide names; CI's first leg tests 0.16.1 on CPU)
+#   nvcr.io/nvidia/pytorch:25.12-py3 or newer (CUDA 13.x, TE 2.x)     -> megatron-core 0.19.2 (CI's second leg;
+#       0.19's Transformer Engine extra is the CUDA 13 build):
+#       docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3 --build-arg MCORE_VERSION=0.19.2 .
+# Both need Python >= 3.12 for 0.17+, which every NGC PyTorch image of 2025 has. FP8 blockwise scaling needs
+# Transformer Engine >= 2.3; pin the base by digest (name@sha256:...) for bit-for-bit rebuilds.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.04-py3
 FROM ${BASE_IMAGE}
+ARG MCORE_VERSION=0.16.1
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -23,12 +29,12 @@ WORKDIR /opt/dqo-megatron
 # PIP_CONSTRAINT, which would also refuse megatron-core's own requirements (megatron-core's guide unsets it);
 # we replace it with a constraint on exactly what must not move: the container's CUDA builds of torch and its
 # companions, Transformer Engine, apex, flash-attn, numpy and the NVIDIA libraries. Our direct dependencies are
-# pinned to the versions CI tests with (constraints-cpu.txt).
+# pinned to the versions CI tests with (constraints-cpu.txt; constraints-py312.txt pins the same ones).
 RUN pip list --format=freeze \
         | grep -iE '^(torch|torchvision|torchaudio|triton|transformer[-_]engine[-_a-z0-9]*|apex|flash[-_]attn|numpy|nvidia[-_a-z0-9]*|cuda[-_a-z0-9]*)==' \
         > /tmp/container-pins.txt \
     && PIP_CONSTRAINT=/tmp/container-pins.txt pip install \
-        "megatron-core==0.16.1" "sentencepiece==0.2.3" "transformers==5.23.0" "safetensors==0.8.0" \
+        "megatron-core==${MCORE_VERSION}" "sentencepiece==0.2.3" "transformers==5.23.0" "safetensors==0.8.0" \
         "datasets==5.2.0" "typer==0.29.2" "rich==15.0.0" "pyyaml==6.0.3" "tensorboard==2.21.0" "psutil==7.2.2" \
         "math-verify==0.9.0" "matplotlib==3.11.2" \
     && rm /tmp/container-pins.txt

@@ -4,6 +4,11 @@
 #   bash tools/gpu_session.sh prepare      # HERE (PyPI reachable): wheels the GPU machine lacks -> .gpu-wheels/
 #   bash tools/gpu_session.sh run          # THERE: install them, `pytest -m gpu`, then benchmarks/gpu_step.py
 #   bash tools/gpu_session.sh tests|bench  # THERE: only one half (each fits one 10-minute call comfortably)
+#   bash tools/gpu_session.sh versions     # THERE: the GPU tests once per megatron-core of MCORE_VERSIONS
+#
+# megatron-core: MCORE_VERSION (default 0.16.1, CI's first leg) is the one `run`/`tests`/`bench` use;
+# `prepare` fetches every release of MCORE_VERSIONS (default "0.16.1 0.19.2": CI's two legs), one wheel
+# directory each, so `MCORE_VERSION=0.19.2 bash tools/gpu_session.sh tests` or `versions` needs no network.
 #
 # The lent machine has Python 3.12, CUDA torch, Triton, NCCL, transformers, safetensors, sentencepiece,
 # pyyaml, typer, rich, psutil, pytest and pytest-timeout, but no megatron-core, no Transformer Engine and
@@ -23,6 +28,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS=${GPU_WHEELS:-$ROOT/.gpu-wheels}
 MCORE_VERSION=${MCORE_VERSION:-0.16.1}
+MCORE_VERSIONS=${MCORE_VERSIONS:-0.16.1 0.19.2}
 PY=${PYTHON:-python3}
 TEST_BUDGET=${GPU_TEST_BUDGET:-330}     # seconds; `run` keeps tests + benchmark inside one 10-minute call
 BENCH_BUDGET=${GPU_BENCH_BUDGET:-240}
@@ -31,12 +37,15 @@ BENCH_ARGS=${GPU_BENCH_ARGS:-}
 prepare() {
     local pip_py=${PYTHON:-$ROOT/.venv/bin/python}
     [ -x "$pip_py" ] || pip_py=python3
-    mkdir -p "$WHEELS"
-    # The GPU machine is x86-64 with Python 3.12; pip must fetch that build whatever this machine is.
-    "$pip_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$WHEELS" "megatron-core==$MCORE_VERSION" || return 1
+    local version
+    for version in $MCORE_VERSIONS; do
+        mkdir -p "$WHEELS/mcore-$version"
+        # The GPU machine is x86-64 with Python 3.12; pip must fetch that build whatever this machine is.
+        "$pip_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d "$WHEELS/mcore-$version" "megatron-core==$version" || return 1
+    done
     # Keep the wheels out of git (locally: .git/info/exclude is never committed); the device tool sends an
     # ignored path only when the call names it in `carry`.
     local exclude="$ROOT/.git/info/exclude"
@@ -51,13 +60,16 @@ prepare() {
 setup_there() {
     OUT=${OUT:-$ROOT/gpu-results}
     mkdir -p "$OUT"
-    if ! "$PY" -c "import megatron.core" 2>/dev/null; then
-        ls "$WHEELS"/megatron_core-*.whl >/dev/null 2>&1 || {
-            echo "no megatron-core here and no wheel in $WHEELS: run 'bash tools/gpu_session.sh prepare' where PyPI"\
-                 "is reachable and carry .gpu-wheels" | tee -a "$OUT/summary.txt"; exit 2; }
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dqo-site \
-            "$WHEELS"/*.whl || exit 2
-        export PYTHONPATH=/tmp/dqo-site${PYTHONPATH:+:$PYTHONPATH}
+    # The prepared wheel of MCORE_VERSION wins over an installed megatron-core (a container's own); with
+    # neither, stop with what to do.
+    local wheels="$WHEELS/mcore-$MCORE_VERSION"
+    if ls "$wheels"/megatron_core-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "/tmp/dqo-site-$MCORE_VERSION" "$wheels"/*.whl || exit 2
+        export PYTHONPATH=/tmp/dqo-site-$MCORE_VERSION${PYTHONPATH:+:$PYTHONPATH}
+    elif ! "$PY" -c "import megatron.core" 2>/dev/null; then
+        echo "no megatron-core here and no wheel in $wheels: run 'bash tools/gpu_session.sh prepare' where PyPI"\
+             "is reachable and carry .gpu-wheels" | tee -a "$OUT/summary.txt"; exit 2
     fi
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -84,13 +96,24 @@ PYEOF
     cat "$OUT/environment.txt"
 }
 
-run_tests() {
+run_tests() {  # [name suffix]: pytest$1.log / pytest$1.xml
     local start=$SECONDS rc
     timeout -k 10 "$TEST_BUDGET" "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -rA -q \
-        --junitxml="$OUT/pytest.xml" > "$OUT/pytest.log" 2>&1
+        --junitxml="$OUT/pytest${1:-}.xml" > "$OUT/pytest${1:-}.log" 2>&1
     rc=$?
-    tail -n 60 "$OUT/pytest.log"
-    echo "tests: exit $rc in $((SECONDS - start)) s (124: stopped at the ${TEST_BUDGET} s budget)" | tee -a "$OUT/summary.txt"
+    tail -n 60 "$OUT/pytest${1:-}.log"
+    echo "tests${1:-}: exit $rc in $((SECONDS - start)) s (124: stopped at the ${TEST_BUDGET} s budget)" \
+        | tee -a "$OUT/summary.txt"
+}
+
+run_versions() {  # the GPU tests once per release of MCORE_VERSIONS, each in a fresh shell, budget shared
+    local count version
+    count=$(wc -w <<< "$MCORE_VERSIONS")
+    for version in $MCORE_VERSIONS; do
+        (MCORE_VERSION=$version TEST_BUDGET=$((${GPU_TEST_BUDGET:-560} / count)); setup_there > /dev/null
+         "$PY" -c "import megatron.core as m; print('megatron-core', m.__version__)" | tee -a "$OUT/summary.txt"
+         run_tests "-$version")
+    done
 }
 
 run_bench() {
@@ -108,5 +131,6 @@ case "${1:-run}" in
     run) setup_there; run_tests; run_bench ;;
     tests) TEST_BUDGET=${GPU_TEST_BUDGET:-560}; setup_there; run_tests ;;
     bench) BENCH_BUDGET=${GPU_BENCH_BUDGET:-560}; setup_there; run_bench ;;
-    *) echo "usage: bash tools/gpu_session.sh prepare|run|tests|bench" >&2; exit 2 ;;
+    versions) OUT=${OUT:-$ROOT/gpu-results}; mkdir -p "$OUT"; run_versions ;;
+    *) echo "usage: bash tools/gpu_session.sh prepare|run|tests|bench|versions" >&2; exit 2 ;;
 esac
