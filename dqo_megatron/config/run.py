@@ -56,10 +56,10 @@ class RunConfig:
                 f"else value.lr_ratio={self.value.lr_ratio:g} x train.lr={self.train.lr:g}) is above {MAX_LR}"
             )
         if self.train.micro_batch_tokens is not None and self.algorithm in names():
-            if get(self.algorithm).batch_mode != "samples" or self.parallel.pipeline_model_parallel_size > 1:
+            if get(self.algorithm).batch_mode != "samples":
                 problems.append(
-                    f"train.micro_batch_tokens: not with algorithm={self.algorithm} (pairs / mismatched rows "
-                    "must share a micro-batch) nor with pipeline parallelism (fixed shapes) yet"
+                    f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (pairs / mismatched "
+                    "rows must share a micro-batch)"
                 )
         if self.train.seq_length > self.model.seq_length:
             problems.append(

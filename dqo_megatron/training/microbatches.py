@@ -172,7 +172,10 @@ class MicroBatches:
             samples = [items[d] for d in documents]
             collated = pad_collate(samples, self.pad_id, pad_to_multiple_of=self.length, max_length=self.length)
             padded = to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs)
-            batch = pack_microbatch(samples, padded, seq_length=self.length - 1, pad_id=self.pad_id, rows=rows)
+            fixed = self.budget_rows if self.fixed_rows else None  # pipeline stages: every micro-batch that many rows
+            batch = pack_microbatch(
+                samples, padded, seq_length=self.length - 1, pad_id=self.pad_id, rows=rows, num_rows=fixed
+            )
             out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
         return out
 

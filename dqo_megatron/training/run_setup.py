@@ -92,7 +92,9 @@ def setup(run: RunConfig, info) -> TrainParts:
         optimizer=optimizer,
         scheduler=_scheduler(run, optimizer, value_warmup),
         num_microbatches=run.num_microbatches(info.world_size),
-        pipeline_mbs=pipeline_micro_batch_size(ddp[0], t.micro_batch_size * algorithm.rows_per_item),
+        pipeline_mbs=pipeline_micro_batch_size(
+            ddp[0], batches.budget_rows or t.micro_batch_size * algorithm.rows_per_item
+        ),
         value_warmup=value_warmup,
         member_clips=member_clips,
     )

@@ -384,5 +384,4 @@ def test_token_budget_needs_packing_and_one_row_per_document():
     train = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=2 * SEQ, micro_batch_size=2)
     with pytest.raises(ConfigError, match="algorithm=dpo"):
         RunConfig(model=MODEL, train=train, algorithm="dpo")
-    with pytest.raises(ConfigError, match="pipeline"):
-        RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))
+    RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))  # fixed rows

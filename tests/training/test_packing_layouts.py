@@ -107,3 +107,13 @@ def test_dp2_ranks_with_different_micro_batch_counts(dataset, references):  # no
     ref = references("dqo")  # one process, padded: the same 8 documents in 2 micro-batches of 4
     results = run_distributed(rl_layout_step, 2, _run("dqo", 4), per_rank, True, ref)
     _assert_matches(results, ref)
+
+
+def test_pp2_with_micro_batches_by_tokens(dataset, references):  # noqa: F811
+    """Under PP every micro-batch by tokens has the same row count (stages exchange fixed shapes): 8
+    documents in 4 micro-batches of one packed row against the padded 2 x 4 on one process."""
+    budget = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2, fixed_rows=True, budget_rows=1)
+    assert len(budget) == 4 and all(b["tokens"].shape[0] == 1 for b in budget)
+    run = _run("dqo", 1)  # the schedule's micro-batch: one row (per member)
+    run.parallel = ParallelConfig(pipeline_model_parallel_size=2)
+    _assert_matches(run_distributed(rl_layout_step, 2, run, budget, True, references("dqo")), references("dqo"))

@@ -10,15 +10,18 @@ import json
 
 import pytest
 
-from dqo_megatron.config import DataConfig, LossConfig, RunConfig, TrainConfig
+from dqo_megatron.config import DataConfig, LossConfig, ParallelConfig, RunConfig, TrainConfig
 from tests.helpers.distributed import run_distributed
 from tests.helpers.synthetic_data import write_synthetic_dataset
 from tests.training.test_packing import MODEL, SEQ
 
 
-def _run(prefix: str, run_dir, *, packing: bool, steps: int, algorithm: str = "dqo", tokens=None) -> RunConfig:
+def _run(
+    prefix: str, run_dir, *, packing: bool, steps: int, algorithm: str = "dqo", tokens=None, parallel=None
+) -> RunConfig:
     return RunConfig(
         model=MODEL,
+        parallel=parallel or ParallelConfig(),
         algorithm=algorithm,
         train=TrainConfig(
             micro_batch_size=4,
@@ -60,6 +63,15 @@ def test_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
     (padded,) = run_distributed(_train, 1, _run(dataset, None, packing=False, steps=3))
     (budget,) = run_distributed(_train, 1, _run(dataset, None, packing=True, steps=3, tokens=2 * SEQ))
     assert budget == pytest.approx(padded, rel=1e-4)
+
+
+def test_pp2_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
+    """Both runs under PP2 (same initial weights): the trainer gives the schedule one-row micro-batches."""
+    pp2 = ParallelConfig(pipeline_model_parallel_size=2)
+    padded = run_distributed(_train, 2, _run(dataset, None, packing=False, steps=2, parallel=pp2))
+    budget = run_distributed(_train, 2, _run(dataset, None, packing=True, steps=2, tokens=SEQ, parallel=pp2))
+    for rank in range(2):
+        assert budget[rank] == pytest.approx(padded[rank], rel=1e-4)
 
 
 def test_packed_run_resumes_exactly(dataset, tmp_path):
