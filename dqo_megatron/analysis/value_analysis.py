@@ -117,7 +117,11 @@ class ValueAnalysisConfig:
     initial_value: bool = True
     """Token-level values: also correlate V(s0) with each prompt's success rate (always done for DRO)."""
     batch_size: int = 8
-    """Sequences per forward pass."""
+    """Sequences per forward pass (with pack_rows: packed rows per forward pass)."""
+    pack_rows: Optional[int] = None
+    """Pack the sequences into rows of this many tokens (at least the longest sequence), first-fit
+    decreasing with attention stopping at sequence boundaries, as `train.packing` does (docs/packing.md);
+    None: batches of similar length, right-padded."""
     max_records: Optional[int] = None
     """Read at most this many (valid) records, in file order; None: all."""
     skip_invalid: bool = False
@@ -155,7 +159,7 @@ class ValueAnalysisConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
-        for name in ("max_records", "max_steps"):
+        for name in ("max_records", "max_steps", "pack_rows"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 1 (or None for no limit)")
@@ -491,7 +495,8 @@ def _analyse_checkpoint(
     # a prompt-level value is read at the prompt only; samples without steps only need their prompt (V(s0))
     sequences = [s.tokens if token_level and s.positions.size else s.tokens[: s.prompt_length] for s in samples]
     model = load_value_model(ckpt, cfg.dtype)
-    values = sequence_values(model, sequences, cfg.batch_size)
+    row_length = None if cfg.pack_rows is None else max(cfg.pack_rows, max(len(s) for s in sequences))
+    values = sequence_values(model, sequences, cfg.batch_size, row_length=row_length)
     del model
     analysis = analyze_values(
         samples,

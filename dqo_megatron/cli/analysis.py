@@ -58,7 +58,10 @@ def value_analysis(
     eos_token: Optional[str] = typer.Option(None, help="Token appended to responses, as given to preprocess."),
     max_length: int = typer.Option(4096, help="Longest sequence in tokens (prompt + response + EOS)."),
     overlong: str = typer.Option("drop", help="Longer sequences: drop | truncate_prompt_left."),
-    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass (with --pack-rows: rows)."),
+    pack_rows: Optional[int] = typer.Option(
+        None, help="Pack sequences into rows of this many tokens (as train.packing); default: pad by length."
+    ),
     max_records: Optional[int] = typer.Option(None, help="Use at most this many records."),
     dtype: str = dtype_option("fp32 on CPU, bf16 on GPU"),
     no_initial: bool = typer.Option(
@@ -104,6 +107,7 @@ def value_analysis(
             split_pattern=split_pattern,
             max_steps=max_steps,
             batch_size=batch_size,
+            pack_rows=pack_rows,
             max_records=max_records,
             skip_invalid=skip_invalid,
             dtype=dtype,

@@ -1,13 +1,15 @@
 """End to end: a tiny DQO run (the real trainer, 2 steps, a checkpoint after each), then the value
 analysis of its checkpoints on held-out records with process rewards: JSON rows, PNGs and the trend PNG
 exist, the numbers are finite, and the per-step values equal the trainer's own `PolicyValueModel` forward
-of the loaded checkpoint (value mode separate and shared). A DRO run gets no per-step number, only V(x)
+of the loaded checkpoint (value mode separate and shared), also with the sequences packed into rows
+(`pack_rows`; the command line run packs). A DRO run gets no per-step number, only V(x)
 against prompt success. The command line is run once, on one checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -97,7 +99,13 @@ def _body(tmp: str, algorithm: str, mode: str, tok_dir: str, records_file: str, 
             out = chunk(t, torch.arange(t.shape[1])[None], torch.roll(t, -1, 1))  # [1, s, 3]
             direct.extend(out[0, :, VALUE].double().numpy()[s.positions].tolist())
     pairs = [json.loads(line) for line in Path(rows[-1]["pairs"]).read_text().splitlines()]
-    result = {"rows": rows, "direct": direct, "pairs": pairs, "cli": None}
+    # the same analysis on packed rows (several held-out answers per row of 48 tokens)
+    packed_rows = run_value_analysis(dataclasses.replace(cfg, out_dir=f"{tmp}/packed-{mode}", pack_rows=48))
+    packed = [json.loads(line) for line in Path(packed_rows[-1]["pairs"]).read_text().splitlines()]
+    from dqo_megatron.training.packing import first_fit_decreasing
+
+    shared = len(first_fit_decreasing([len(s.tokens) for s in samples], 48)) < len(samples)
+    result = {"rows": rows, "direct": direct, "pairs": pairs, "packed_pairs": packed, "shared": shared, "cli": None}
     if cli_records:
         from typer.testing import CliRunner
 
@@ -116,6 +124,8 @@ def _body(tmp: str, algorithm: str, mode: str, tok_dir: str, records_file: str, 
                 "-o",
                 f"{tmp}/cli",
                 "--no-initial",
+                "--pack-rows",
+                "48",
             ],
         )
         result["cli"] = {
@@ -195,6 +205,8 @@ def test_value_analysis_of_a_trained_run(algorithm, mode, tmp_path, word_tok_dir
     # the analysis reads the same numbers as the trainer's model at the steps' last tokens
     assert len(res["pairs"]) == rows[-1]["n"]
     np.testing.assert_allclose([p["value"] for p in res["pairs"]], res["direct"], rtol=1e-5, atol=1e-6)
+    assert res["shared"], "answers share packed rows"
+    np.testing.assert_allclose([p["value"] for p in res["packed_pairs"]], res["direct"], rtol=1e-5, atol=1e-6)
     if res["cli"] is not None:
         cli = res["cli"]
         assert cli["code"] == 0, cli["output"]
