@@ -117,3 +117,16 @@ def test_pp2_with_micro_batches_by_tokens(dataset, references):  # noqa: F811
     run = _run("dqo", 1)  # the schedule's micro-batch: one row (per member)
     run.parallel = ParallelConfig(pipeline_model_parallel_size=2)
     _assert_matches(run_distributed(rl_layout_step, 2, run, budget, True, references("dqo")), references("dqo"))
+
+
+def test_pp2_with_virtual_stages(dataset):  # noqa: F811
+    """PP2 x VPP2 (4 layers): every model chunk reads the same packed micro-batches."""
+    import dataclasses
+
+    run = _run("dqo", 4)
+    run.model = dataclasses.replace(run.model, num_layers=4)
+    padded = _micro_batches(dataset, "samples", packing=False, mbs=4, steps=2)
+    (ref,) = run_distributed(rl_reference_step, 1, run, padded, True)
+    packed = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2, fixed_rows=True)
+    run.parallel = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    _assert_matches(run_distributed(rl_layout_step, 2, run, packed, True, ref), ref)
