@@ -80,9 +80,10 @@ else
     fi
     log "building $env_dir with $py (torch 2.13.0 on Python 3.12 is a CUDA build: ~1.4 GB to download, ~5.5 GB on disk)"
     start=$(date +%s)
-    "$py" -m venv "$env_dir"
-    "$env_dir/bin/python" -m pip install -q -c "$constraints" torch==2.13.0
-    "$env_dir/bin/python" -m pip install -q -c "$constraints" "${deps[@]}"
+    # stdout carries only the directory (the Makefile reads it): everything else goes to stderr
+    "$py" -m venv "$env_dir" >&2
+    "$env_dir/bin/python" -m pip install -q -c "$constraints" torch==2.13.0 >&2
+    "$env_dir/bin/python" -m pip install -q -c "$constraints" "${deps[@]}" >&2
     "$env_dir/bin/python" -m pip freeze > "$env_dir/FREEZE.txt"
     {
         echo "key $key"
