@@ -56,10 +56,10 @@ class RunConfig:
                 f"else value.lr_ratio={self.value.lr_ratio:g} x train.lr={self.train.lr:g}) is above {MAX_LR}"
             )
         if self.train.micro_batch_tokens is not None and self.algorithm in names():
-            if get(self.algorithm).batch_mode != "samples":
+            if get(self.algorithm).batch_mode == "kto":
                 problems.append(
-                    f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (pairs / mismatched "
-                    "rows must share a micro-batch)"
+                    f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (its KL reference point "
+                    "is estimated per micro-batch, on mismatched rows built inside it)"
                 )
         if self.train.seq_length > self.model.seq_length:
             problems.append(

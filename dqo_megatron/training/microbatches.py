@@ -17,7 +17,7 @@ import torch
 
 from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
 from dqo_megatron.data.dataset import TrajectoryDataset
-from dqo_megatron.training.packing import budget_micro_batches, pack_microbatch
+from dqo_megatron.training.packing import budget_micro_batches, budget_pair_groups, pack_microbatch
 
 
 def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
@@ -74,7 +74,7 @@ class MicroBatches:
     (B documents, then B mismatched prompt/response rows for the KL reference point; `desirable` [B]).
     `packing`: the same documents packed into rows (`training/packing.py`); `fixed_rows`: as many
     packed rows as documents (pipeline stages exchange fixed shapes); `budget_rows`: micro-batches of at
-    most this many packed rows instead of `micro_batch_size` documents (mode "samples").
+    most this many packed rows instead of `micro_batch_size` documents (modes "samples" and "pairs").
     """
 
     def __init__(
@@ -118,8 +118,8 @@ class MicroBatches:
             )
         self.dataset = dataset
         self.packing, self.fixed_rows, self.budget_rows = packing, fixed_rows, budget_rows
-        if budget_rows is not None and (mode != "samples" or not packing):
-            raise ValueError("micro-batches by tokens need packing and one row per document (mode 'samples')")
+        if budget_rows is not None and (mode == "kto" or not packing):
+            raise ValueError("micro-batches by tokens need packing, and not KTO's mismatched rows")
         self.length = seq_length + 1
         self.pad_id = pad_id
         self.with_ref_logprobs = with_ref_logprobs
@@ -165,17 +165,24 @@ class MicroBatches:
 
     def _budget_step(self, num_microbatches: int) -> list[dict]:
         items = [self.source[i] for _ in range(num_microbatches) for i in self._indices()]
+        s = self.length - 1
+        if self.mode == "pairs":  # chosen then rejected of each group's pairs: the padded micro-batch's order
+            lengths = [(len(c["tokens"]), len(r["tokens"])) for c, r in items]
+            cuts = [
+                ([items[i][0] for i in group] + [items[i][1] for i in group], None)
+                for group in budget_pair_groups(lengths, s, self.budget_rows)
+            ]
+        else:
+            cuts = [
+                ([items[d] for d in documents], rows)
+                for documents, rows in budget_micro_batches([len(x["tokens"]) for x in items], s, self.budget_rows)
+            ]
         out = []
-        for documents, rows in budget_micro_batches(
-            [len(s["tokens"]) for s in items], self.length - 1, self.budget_rows
-        ):
-            samples = [items[d] for d in documents]
+        fixed = self.budget_rows if self.fixed_rows else None  # pipeline stages: every micro-batch that many rows
+        for samples, rows in cuts:
             collated = pad_collate(samples, self.pad_id, pad_to_multiple_of=self.length, max_length=self.length)
             padded = to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs)
-            fixed = self.budget_rows if self.fixed_rows else None  # pipeline stages: every micro-batch that many rows
-            batch = pack_microbatch(
-                samples, padded, seq_length=self.length - 1, pad_id=self.pad_id, rows=rows, num_rows=fixed
-            )
+            batch = pack_microbatch(samples, padded, seq_length=s, pad_id=self.pad_id, rows=rows, num_rows=fixed)
             out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
         return out
 

@@ -144,6 +144,37 @@ def budget_micro_batches(lengths: Sequence[int], seq_length: int, rows_per_micro
     return out
 
 
+def budget_pair_groups(lengths: Sequence[tuple[int, int]], seq_length: int, rows_per_micro_batch: int) -> list:
+    """DPO's (chosen, rejected) pairs grouped into micro-batches of at most `rows_per_micro_batch` packed rows.
+
+    lengths: (chosen, rejected) tokens of each pair. Pairs in decreasing total length (ties: lower
+    index first), each into the first group whose documents (chosen of its pairs in index order, then
+    rejected: the padded micro-batch's order) still pack into the budget, else a new group. A pair
+    never leaves its partner. Returns each group's pair indices, increasing. ValueError for a pair
+    that needs more rows than the budget.
+    """
+
+    def rows_needed(group: list[int]) -> int:
+        sizes = [min(int(lengths[i][0]), seq_length) for i in group] + [
+            min(int(lengths[i][1]), seq_length) for i in group
+        ]
+        return len(first_fit_decreasing(sizes, seq_length))
+
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-(int(lengths[i][0]) + int(lengths[i][1])), i)):
+        for group in groups:
+            if rows_needed(sorted(group + [i])) <= rows_per_micro_batch:
+                group.append(i)
+                break
+        else:
+            if rows_needed([i]) > rows_per_micro_batch:
+                raise ValueError(
+                    f"pair {i} needs more than {rows_per_micro_batch} rows: raise train.micro_batch_tokens"
+                )
+            groups.append([i])
+    return [sorted(group) for group in groups]
+
+
 def unpack_rows(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
     """Per-token outputs of packed rows moved into one row per document (differentiable).
 

@@ -24,7 +24,13 @@ from dqo_megatron.data.tokenize import TokenizedSample
 from dqo_megatron.models.packed import document_attention_mask, rotary_angles, thd_packed_seq_params
 from dqo_megatron.parallel import cp_local_positions
 from dqo_megatron.training.microbatches import MicroBatches
-from dqo_megatron.training.packing import budget_micro_batches, first_fit_decreasing, padding_fractions, unpack_rows
+from dqo_megatron.training.packing import (
+    budget_micro_batches,
+    budget_pair_groups,
+    first_fit_decreasing,
+    padding_fractions,
+    unpack_rows,
+)
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
 from tests.helpers.distributed import run_distributed
 from tests.helpers.rl_layouts import LR, _setup, _step
@@ -382,6 +388,35 @@ def test_token_budget_needs_packing_and_one_row_per_document():
     with pytest.raises(ConfigError, match="at least"):
         TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=SEQ - 1)
     train = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=2 * SEQ, micro_batch_size=2)
-    with pytest.raises(ConfigError, match="algorithm=dpo"):
-        RunConfig(model=MODEL, train=train, algorithm="dpo")
+    with pytest.raises(ConfigError, match="algorithm=kto"):
+        RunConfig(model=MODEL, train=train, algorithm="kto")
+    RunConfig(model=MODEL, train=train, algorithm="dpo")  # pairs stay together
     RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))  # fixed rows
+
+
+def test_budget_pair_groups_keep_pairs_within_the_budget():
+    rng = np.random.default_rng(2)
+    for rows_per_micro_batch in (1, 2, 3):
+        pairs = [tuple(int(x) for x in rng.integers(3, 17, size=2)) for _ in range(12)]
+        groups = budget_pair_groups(pairs, SEQ, rows_per_micro_batch)
+        assert groups == budget_pair_groups(list(pairs), SEQ, rows_per_micro_batch), "deterministic"
+        assert sorted(i for g in groups for i in g) == list(range(12)), "every pair once, whole"
+        for g in groups:
+            sizes = [pairs[i][0] for i in g] + [pairs[i][1] for i in g]
+            assert len(first_fit_decreasing(sizes, SEQ)) <= rows_per_micro_batch
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        budget_pair_groups([(20, 20)], SEQ, 1)
+
+
+def test_dpo_by_tokens_equals_padded_dpo(dataset):
+    """4 pairs in micro-batches of at most 2 packed rows (pairs kept whole) == 2 padded of 2 pairs."""
+    padded = _micro_batches(dataset, "pairs", packing=False, mbs=2, steps=2)
+    budget = _micro_batches(dataset, "pairs", packing=True, mbs=2, steps=2, budget_rows=2)
+    assert all(b["tokens"].shape[0] <= 2 for b in budget)
+    assert [b["unpack_index"].shape[0] for b in budget] != [4, 4], "the pairs are cut differently"
+    (ref,) = run_distributed(_step_body, 1, _run("dpo", 2), padded, True, None)
+    (got,) = run_distributed(_step_body, 1, _run("dpo", 2), budget, True, ref["initial"])
+    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
+    for name, grad in ref["grads"].items():
+        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name

@@ -59,9 +59,11 @@ def test_packed_run_has_the_unpacked_losses(dataset, algorithm):
     assert packed == pytest.approx(padded, rel=1e-4)
 
 
-def test_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
-    (padded,) = run_distributed(_train, 1, _run(dataset, None, packing=False, steps=3))
-    (budget,) = run_distributed(_train, 1, _run(dataset, None, packing=True, steps=3, tokens=2 * SEQ))
+@pytest.mark.parametrize("algorithm", ["dqo", "dpo"])
+def test_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset, algorithm):
+    (padded,) = run_distributed(_train, 1, _run(dataset, None, packing=False, steps=3, algorithm=algorithm))
+    budget_run = _run(dataset, None, packing=True, steps=3, tokens=2 * SEQ, algorithm=algorithm)
+    (budget,) = run_distributed(_train, 1, budget_run)
     assert budget == pytest.approx(padded, rel=1e-4)
 
 
