@@ -75,3 +75,28 @@ def test_the_env_recipe_names_the_missing_python(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert "no working Python 3.12 found" in done.stderr and "DQO_PYTHON312" in done.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def _recipe(tmp_path: Path) -> subprocess.CompletedProcess:
+    """compat_env.sh with a cache under tmp_path and a pip that finds nothing (no index, no config): every
+    build fails at its first install, in seconds."""
+    env = dict(os.environ, DQO_COMPAT_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
+    env.pop("PIP_FIND_LINKS", None)
+    return subprocess.run(
+        ["bash", str(REPO / "tools" / "compat_env.sh")], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_the_env_recipe_uses_only_a_complete_build(tmp_path):
+    failed = _recipe(tmp_path)
+    if "no working Python 3.12" in failed.stderr:
+        pytest.skip("no Python 3.12 on this machine")
+    (env_dir,) = (tmp_path / "cache").glob("py312-????????????")
+    assert failed.returncode != 0 and failed.stdout == "", failed.stderr[-2000:]
+    assert (env_dir / "bin" / "python").exists() and not (env_dir / ".dqo-compat-complete").exists()
+    (env_dir / ".dqo-compat-complete").write_text("key\n")  # as a finished build leaves it
+    reused = _recipe(tmp_path)
+    assert reused.returncode == 0 and reused.stdout == f"{env_dir}\n" and "reusing" in reused.stderr
+    (env_dir / ".dqo-compat-complete").unlink()  # a build killed before its last step
+    rebuilt = _recipe(tmp_path)
+    assert rebuilt.returncode != 0 and rebuilt.stdout == "" and "incomplete" in rebuilt.stderr

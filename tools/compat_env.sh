@@ -78,8 +78,9 @@ else
         log "$env_dir is incomplete (no $stamp_name: a build was interrupted) or its interpreter is gone: rebuilding"
         rm -rf "$env_dir"
     fi
-    log "building $env_dir with $py (torch 2.13.0 on Python 3.12 is a CUDA build: ~1.4 GB to download, ~5.5 GB on disk)"
+    log "building $env_dir with $py (torch 2.13.0 on Python 3.12 is a CUDA build: ~1.4 GB to download, ~5.4 GB on disk)"
     start=$(date +%s)
+    trap 'log "building $env_dir failed (see above); it has no stamp, so the next run starts it again"' ERR
     # stdout carries only the directory (the Makefile reads it): everything else goes to stderr
     "$py" -m venv "$env_dir" >&2
     "$env_dir/bin/python" -m pip install -q -c "$constraints" torch==2.13.0 >&2
@@ -92,6 +93,7 @@ else
         echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(($(date +%s) - start)) s"
     } > "$env_dir/$stamp_name.tmp"
     mv "$env_dir/$stamp_name.tmp" "$env_dir/$stamp_name"
+    trap - ERR
     log "built $env_dir in $(($(date +%s) - start)) s"
 fi
 
