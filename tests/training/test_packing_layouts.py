@@ -1,5 +1,6 @@
-"""Packed micro-batches under TP2, TP2+SP, CP2, PP2 and DP2 (gloo, CPU) give the step of padded ones on one
-process: loss, gradient norms, every gradient and every weight after one step, from the same weights.
+"""Packed micro-batches under TP2, TP2+SP, CP2, PP2 (every algorithm), DP2 and PP2 x VPP2 (gloo, CPU)
+give the step of padded ones on one process: loss, gradient norms, every gradient and every weight
+after one step, from the same weights.
 
 The reference is the padded step on one process (`rl_reference_step`); each layout runs the packed
 micro-batches (`rl_layout_step`). CP2 is the delicate case: the ranks hold chunks r and 2*cp-1-r of
@@ -25,7 +26,7 @@ LAYOUTS = {
     "cp2": dict(context_parallel_size=2),
     "pp2": dict(pipeline_model_parallel_size=2),
 }
-CASES = [("dqo", layout) for layout in LAYOUTS] + [("dpo", "cp2"), ("kto", "tp2-sp"), ("dro", "cp2")]
+CASES = [(algorithm, layout) for algorithm in ("dqo", "dro", "dpo", "kto", "sft", "rs") for layout in LAYOUTS]
 
 
 def _assert_matches(results: list[dict], ref: dict) -> None:
@@ -74,6 +75,8 @@ def test_packed_layout_step_equals_padded_single_process(algorithm, layout, data
     run = _run(algorithm, mbs)
     run.parallel = ParallelConfig(**LAYOUTS[layout])
     fixed = layout == "pp2"  # pipeline stages exchange fixed shapes
+    if fixed:  # the schedule's micro-batch: every row (DPO: chosen + rejected; KTO: + mismatched)
+        run.train.micro_batch_size = mbs * algo.rows_per_item
     packed = _micro_batches(dataset, algo.batch_mode, packing=True, mbs=mbs, steps=2, fixed_rows=fixed)
     if not fixed:
         assert sum(b["tokens"].shape[0] for b in packed) < 2 * mbs * algo.rows_per_item
