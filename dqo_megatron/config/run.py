@@ -56,6 +56,10 @@ class RunConfig:
                 f"else value.lr_ratio={self.value.lr_ratio:g} x train.lr={self.train.lr:g}) is above {MAX_LR}"
             )
         if self.train.micro_batch_tokens is not None and self.algorithm in names():
+            if self.parallel.virtual_pipeline_model_parallel_size is not None:
+                # Megatron's interleaved schedule needs at least PP micro-batches (and whole groups of
+                # them) per step; cut by tokens, a step's count varies.
+                problems.append("train.micro_batch_tokens: not with virtual pipeline stages yet")
             if get(self.algorithm).batch_mode == "kto":
                 problems.append(
                     f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (its KL reference point "

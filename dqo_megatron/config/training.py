@@ -33,8 +33,8 @@ class TrainConfig:
     global_batch_size documents (drawn as without it); a rank packs its share of the step into rows of
     seq_length and gives a micro-batch up to micro_batch_tokens // seq_length rows, so the number of
     micro-batches varies per step (under pipeline parallelism every micro-batch has that many rows, some
-    empty). DPO keeps each pair in one micro-batch; not KTO. None: micro_batch_size documents (pairs)
-    per micro-batch."""
+    empty). DPO keeps each pair in one micro-batch; not KTO, not with virtual pipeline stages. None:
+    micro_batch_size documents (pairs) per micro-batch."""
     lr: float = 1e-4
     """Peak learning rate (at most 1; no setting anywhere takes inf or NaN)."""
     clip_grad: float = 1.0

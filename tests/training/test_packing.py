@@ -10,6 +10,7 @@ shapes, so they agree to rounding (tolerances below), not bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -392,6 +393,9 @@ def test_token_budget_needs_packing_and_one_row_per_document():
         RunConfig(model=MODEL, train=train, algorithm="kto")
     RunConfig(model=MODEL, train=train, algorithm="dpo")  # pairs stay together
     RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))  # fixed rows
+    with pytest.raises(ConfigError, match="virtual pipeline"):
+        vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+        RunConfig(model=dataclasses.replace(MODEL, num_layers=4), train=train, parallel=vpp)
 
 
 def test_budget_pair_groups_keep_pairs_within_the_budget():
