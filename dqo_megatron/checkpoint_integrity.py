@@ -509,11 +509,11 @@ def _after_fork_in_child() -> None:
 def children_die_with_parent() -> Iterator[None]:
     """Processes forked while inside this block die when this process dies (even by SIGKILL).
 
-    Megatron's torch_dist writer forks one process per file (`write_preloaded_data_multiproc`): when the
-    trainer is killed during a save they stay alive, blocked on queues nobody reads. Our saves write in
-    threads of this process (no children at all); this guards the paths where Megatron's own writer
-    still runs (e.g. a megatron-core without the hook we replace). ``PR_SET_PDEATHSIG`` fires when the
-    *thread* that forked ends, so it suits forks made by the saving thread, which are Megatron's."""
+    Megatron's torch_dist writer on megatron-core <= 0.16 forks one process per file
+    (`write_preloaded_data_multiproc`; 0.19 uses threads): when the trainer is killed during a save they
+    stay alive, blocked on queues nobody reads. Spawned processes (fork + exec: Megatron's results
+    Manager) are not reached by an at-fork hook; `conversion.torch_dist_save` guards those. ``PR_SET_PDEATHSIG``
+    fires when the *thread* that forked ends, so it suits forks made by the saving thread, which are Megatron's."""
     if not _fork_guard["registered"]:
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _fork_guard["registered"] = True
