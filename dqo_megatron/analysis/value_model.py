@@ -215,9 +215,10 @@ class ValueModel(torch.nn.Module):
 
         Attention is causal, so right padding does not change the values of earlier positions. Packed
         rows: `document_ids` ``[b, s]`` (the sequence of every token) and `position_ids` restarting per
-        sequence; attention then stops at sequence boundaries (`dqo_megatron.models.packed`, local spec).
+        sequence; attention then stops at sequence boundaries (`dqo_megatron.models.packed`; local spec only,
+        ConfigError on Transformer Engine's).
         """
-        from dqo_megatron.models.packed import document_attention_mask, rotary_from_position_ids
+        from dqo_megatron.models.packed import document_attention_mask, masks_documents, rotary_from_position_ids
         from dqo_megatron.models.value_head import final_hidden_states_only, unwrap_gpt
 
         tokens = tokens.to(self.device)
@@ -226,6 +227,11 @@ class ValueModel(torch.nn.Module):
         position_ids = position_ids.to(self.device)
         mask, rope = None, contextlib.nullcontext()
         if document_ids is not None:
+            if not masks_documents(self.trunk):  # TE's causal attention would ignore the mask: silently wrong
+                raise ConfigError(
+                    "pack_rows (value-analysis --pack-rows) needs the local layer spec; Transformer Engine's "
+                    "attention does not take the document mask: leave it unset"
+                )
             mask = document_attention_mask(document_ids.to(self.device))
             rope = rotary_from_position_ids([unwrap_gpt(self.trunk)], position_ids)
         with rope, final_hidden_states_only(self.trunk):

@@ -56,15 +56,7 @@ class RunConfig:
                 f"else value.lr_ratio={self.value.lr_ratio:g} x train.lr={self.train.lr:g}) is above {MAX_LR}"
             )
         if self.train.micro_batch_tokens is not None and self.algorithm in names():
-            if self.parallel.virtual_pipeline_model_parallel_size is not None:
-                # Megatron's interleaved schedule needs at least PP micro-batches (and whole groups of
-                # them) per step; cut by tokens, a step's count varies.
-                problems.append("train.micro_batch_tokens: not with virtual pipeline stages yet")
-            if get(self.algorithm).batch_mode == "kto":
-                problems.append(
-                    f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (its KL reference point "
-                    "is estimated per micro-batch, on mismatched rows built inside it)"
-                )
+            problems += self._micro_batch_tokens_problems(get(self.algorithm).batch_mode)
         if self.train.seq_length > self.model.seq_length:
             problems.append(
                 f"train.seq_length={self.train.seq_length} exceeds model.seq_length={self.model.seq_length}"
@@ -90,6 +82,30 @@ class RunConfig:
                 f"(= world size {world_size} / (TP*PP*CP))"
             )
         return dp
+
+    def _micro_batch_tokens_problems(self, batch_mode: str) -> list[str]:
+        tokens, seq = self.train.micro_batch_tokens, self.train.seq_length
+        problems = []
+        if self.parallel.virtual_pipeline_model_parallel_size is not None:
+            # Megatron's interleaved schedule needs at least PP micro-batches (and whole groups of
+            # them) per step; cut by tokens, a step's count varies.
+            problems.append(
+                "train.micro_batch_tokens: not with virtual pipeline stages yet; unset it or "
+                "parallel.virtual_pipeline_model_parallel_size"
+            )
+        if batch_mode == "kto":
+            problems.append(
+                f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (its KL reference point "
+                "is estimated per micro-batch, on mismatched rows built inside it); unset it"
+            )
+        elif batch_mode == "pairs" and tokens is not None and tokens < 2 * seq:
+            # a pair stays in one micro-batch, and two documents of up to seq_length + 1 tokens can need
+            # two rows: with fewer, a long pair would stop the run at whichever step draws it
+            problems.append(
+                f"train.micro_batch_tokens={tokens}: algorithm={self.algorithm} keeps each (chosen, rejected) "
+                f"pair in one micro-batch, which can need two rows: give at least 2 x train.seq_length = {2 * seq}"
+            )
+        return problems
 
     def num_microbatches(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""

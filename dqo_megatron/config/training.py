@@ -27,14 +27,14 @@ class TrainConfig:
     decreasing; attention stops at document boundaries, positions restart per document; the loss is the
     padded one). Same documents per micro-batch as unpacked; tested equal to unpacked on CPU (docs/packing.md).
     Under pipeline parallelism a micro-batch keeps as many rows as unpacked (stages exchange fixed shapes:
-    correct, no saving yet). Off by default."""
+    correct, no saving; micro_batch_tokens saves rows there). Off by default."""
     micro_batch_tokens: Optional[int] = None
     """With packing: micro-batches cut by tokens instead of documents. Each step still trains on
     global_batch_size documents (drawn as without it); a rank packs its share of the step into rows of
     seq_length and gives a micro-batch up to micro_batch_tokens // seq_length rows, so the number of
     micro-batches varies per step (under pipeline parallelism every micro-batch has that many rows, some
-    empty). DPO keeps each pair in one micro-batch; not KTO, not with virtual pipeline stages. None:
-    micro_batch_size documents (pairs) per micro-batch."""
+    empty). DPO keeps each pair in one micro-batch (so at least 2 x seq_length); not KTO, not with
+    virtual pipeline stages. None: micro_batch_size documents (pairs) per micro-batch."""
     lr: float = 1e-4
     """Peak learning rate (at most 1; no setting anywhere takes inf or NaN)."""
     clip_grad: float = 1.0
@@ -88,9 +88,11 @@ class TrainConfig:
             problems.append(f"train.lr={self.lr}: above {MAX_LR} (Adam moves every weight by about lr per step)")
         if self.min_lr > self.lr:
             problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
-        if self.micro_batch_tokens is not None and not (self.packing and self.micro_batch_tokens >= self.seq_length):
+        if self.micro_batch_tokens is not None and not self.packing:
+            problems.append(f"train.micro_batch_tokens={self.micro_batch_tokens} needs train.packing=true")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.seq_length:
             problems.append(
-                f"train.micro_batch_tokens={self.micro_batch_tokens} needs train.packing=true and at least "
+                f"train.micro_batch_tokens={self.micro_batch_tokens}: give at least "
                 f"train.seq_length={self.seq_length} tokens (one row)"
             )
         for name in ("lr_warmup_steps", "save_interval"):

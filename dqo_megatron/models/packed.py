@@ -56,6 +56,15 @@ def document_attention_mask(document_ids: torch.Tensor, cp_size: int = 1, cp_ran
     return ~(same & causal)[:, None]
 
 
+def masks_documents(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention applies `document_attention_mask` (our local spec's
+    `SDPACoreAttention`). Transformer Engine's attention, built for causal masks, does not read a
+    boolean mask, so packed rows there need the THD format (or must be refused) instead."""
+    from dqo_megatron.models.local_spec import SDPACoreAttention
+
+    return any(isinstance(m, SDPACoreAttention) for m in model.modules())
+
+
 def this_rank_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """`document_attention_mask` for this process's context-parallel rank (Megatron's parallel state)."""
     from megatron.core import parallel_state

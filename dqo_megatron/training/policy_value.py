@@ -84,9 +84,9 @@ class PolicyValueModel(torch.nn.Module):
             for param in value.parameters():
                 setattr(param, VALUE_HEAD_ATTR, True)  # its own optimizer group (learning rate)
         # Packed rows run as THD on any attention but our local spec's (Transformer Engine's).
-        from dqo_megatron.models.local_spec import SDPACoreAttention
+        from dqo_megatron.models.packed import masks_documents
 
-        self.thd_packing = not any(isinstance(m, SDPACoreAttention) for m in policy.modules())
+        self.thd_packing = not masks_documents(policy)
         self.value_head = None
         if value_head and unwrap_gpt(policy).post_process:
             trunk = value if value is not None else policy
@@ -175,18 +175,28 @@ class PolicyValueModel(torch.nn.Module):
                 member.to("cpu")
         return hidden
 
+    def check_packing_supported(self) -> None:
+        """ConfigError when packed rows cannot run on this model chunk: Transformer Engine's THD path
+        (`_thd_forward`) under context or pipeline parallelism (docs/packing.md, what remains)."""
+        from megatron.core import parallel_state
+
+        from dqo_megatron.config import ConfigError
+
+        cp = parallel_state.get_context_parallel_world_size()
+        if self.thd_packing and (cp > 1 or not (self.pre_process and self.post_process)):
+            raise ConfigError(
+                "train.packing=true on the Transformer Engine layer spec (packed rows as THD) is not supported "
+                "with parallel.context_parallel_size > 1 or parallel.pipeline_model_parallel_size > 1 yet: "
+                "set train.packing=false (docs/packing.md)"
+            )
+
     def _thd_forward(self, tokens, position_ids, labels, document_ids) -> torch.Tensor:
         """Packed rows on Transformer Engine: flattened to one sequence ``[1, b*s]`` with THD
         `PackedSeqParams`, so TE's attention and Megatron's RoPE restart per document. UNTESTED (no
         GPU has run it); refused under CP and PP (docs/packing.md)."""
-        from megatron.core import parallel_state
-
         from dqo_megatron.models.packed import thd_packed_seq_params
 
-        if parallel_state.get_context_parallel_world_size() > 1 or not (self.pre_process and self.post_process):
-            raise NotImplementedError(
-                "packed rows on Transformer Engine (THD) under CP or PP: not yet (docs/packing.md)"
-            )
+        self.check_packing_supported()
         b, s = tokens.shape
         params = thd_packed_seq_params(document_ids)
         flat = [t.reshape(1, b * s) for t in (tokens, position_ids, labels)]
@@ -332,7 +342,7 @@ def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, ba
         else [None] * len(policies)
     )
     device = device_for_this_process()
-    return [
+    chunks = [
         _placed(
             PolicyValueModel(
                 policy,
@@ -347,6 +357,10 @@ def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, ba
         )
         for policy, value, reference in zip(policies, values, refs)
     ]
+    if run.train.packing:  # refused before any weights load, not at the first step
+        for chunk in chunks:
+            chunk.check_packing_supported()
+    return chunks
 
 
 def _placed(chunk: PolicyValueModel, device) -> PolicyValueModel:

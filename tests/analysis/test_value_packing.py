@@ -4,6 +4,7 @@ values it gets padded: attention stops at sequence boundaries and positions rest
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tests.analysis.test_value_extraction import MODEL
@@ -42,3 +43,16 @@ def test_packed_values_equal_padded_values():
     for i, (packed, padded) in enumerate(zip(out["packed"], out["padded"])):
         assert packed.shape == padded.shape == (LENGTHS[i],)
         np.testing.assert_allclose(packed, padded, atol=1e-5 * scale, err_msg=f"sequence {i}")
+
+
+def test_packed_values_refused_on_attention_without_the_document_mask():
+    """Transformer Engine's causal attention does not read a boolean mask: packing there is refused,
+    not silently computed across sequence boundaries."""
+    from dqo_megatron.analysis.value_model import ValueModel
+    from dqo_megatron.config import ConfigError
+    from dqo_megatron.models.value_head import ValueHead
+
+    model = ValueModel(torch.nn.Linear(4, 4), ValueHead(4))  # a trunk without SDPACoreAttention
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="--pack-rows"):
+        model(ids, ids, ids)

@@ -392,10 +392,35 @@ def test_token_budget_needs_packing_and_one_row_per_document():
     with pytest.raises(ConfigError, match="algorithm=kto"):
         RunConfig(model=MODEL, train=train, algorithm="kto")
     RunConfig(model=MODEL, train=train, algorithm="dpo")  # pairs stay together
+    one_row = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=SEQ, micro_batch_size=2)
+    RunConfig(model=MODEL, train=one_row, algorithm="dqo")
+    with pytest.raises(ConfigError, match=f"at least 2 x train.seq_length = {2 * SEQ}"):
+        RunConfig(model=MODEL, train=one_row, algorithm="dpo")  # a pair of long documents needs two rows
     RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))  # fixed rows
     with pytest.raises(ConfigError, match="virtual pipeline"):
         vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
         RunConfig(model=dataclasses.replace(MODEL, num_layers=4), train=train, parallel=vpp)
+
+
+def test_thd_packing_refused_under_cp_or_pp(monkeypatch):
+    """The Transformer Engine (THD) path under CP or PP: a ConfigError naming the setting, not a
+    wrong loss; the local spec's mask path is not refused."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from dqo_megatron.config import ConfigError
+    from dqo_megatron.training.policy_value import PolicyValueModel
+
+    check = PolicyValueModel.check_packing_supported
+    whole = SimpleNamespace(thd_packing=True, pre_process=True, post_process=True)
+    for cp, stage in ((1, SimpleNamespace(thd_packing=True, pre_process=True, post_process=False)), (2, whole)):
+        monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda cp=cp: cp)
+        with pytest.raises(ConfigError, match="set train.packing=false"):
+            check(stage)
+        check(SimpleNamespace(thd_packing=False, pre_process=True, post_process=False))
+    monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: 1)
+    check(whole)
 
 
 def test_budget_pair_groups_keep_pairs_within_the_budget():
