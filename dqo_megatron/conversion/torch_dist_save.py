@@ -73,12 +73,15 @@ def _guard_spawned_children() -> None:
     thread = threading.get_native_id()
     if not os.path.exists(f"/proc/{os.getpid()}/task/{thread}/children"):
         return  # a kernel without CONFIG_PROC_CHILDREN: the guardian could not see the children
-    _guarded["process"] = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _GUARDIAN, str(os.getpid()), str(thread)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    try:
+        _guarded["process"] = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _GUARDIAN, str(os.getpid()), str(thread)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:  # no interpreter to start (embedded Python): save unguarded rather than not at all
+        return
     _guarded["pid"] = os.getpid()
 
 
