@@ -119,9 +119,9 @@ class ValueAnalysisConfig:
     batch_size: int = 8
     """Sequences per forward pass (with pack_rows: packed rows per forward pass)."""
     pack_rows: Optional[int] = None
-    """Pack the sequences into rows of this many tokens (at least the longest sequence), first-fit
-    decreasing with attention stopping at sequence boundaries, as `train.packing` does (docs/packing.md);
-    None: batches of similar length, right-padded."""
+    """Pack the sequences into rows of this many tokens (raised to the longest sequence), first-fit
+    decreasing with attention stopping at sequence boundaries, as `train.packing` does (docs/packing.md;
+    local layer spec only: refused on Transformer Engine's); None: batches of similar length, right-padded."""
     max_records: Optional[int] = None
     """Read at most this many (valid) records, in file order; None: all."""
     skip_invalid: bool = False

@@ -320,28 +320,17 @@ def sequence_values(
 def _packed_sequence_values(
     model: ValueModel, sequences: Sequence[np.ndarray], rows_per_pass: int, pad_id: int, row_length: int
 ) -> list[np.ndarray]:
-    from dqo_megatron.training.packing import first_fit_decreasing
+    from dqo_megatron.training.packing import first_fit_decreasing, lay_out_rows
 
     lengths = [len(s) for s in sequences]
     rows = first_fit_decreasing(lengths, row_length)  # refuses a sequence longer than a row
     out: list[Optional[np.ndarray]] = [None] * len(sequences)
     for start in range(0, len(rows), rows_per_pass):
-        group = rows[start : start + rows_per_pass]
-        tokens = torch.full((len(group), row_length), pad_id, dtype=torch.long)
-        positions = torch.zeros((len(group), row_length), dtype=torch.long)
-        documents = torch.full((len(group), row_length), -1, dtype=torch.long)
-        placed = []
-        for r, members in enumerate(group):
-            at = 0
-            for i in members:
-                n = lengths[i]
-                tokens[r, at : at + n] = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
-                positions[r, at : at + n] = torch.arange(n)
-                documents[r, at : at + n] = i
-                placed.append((i, r, at))
-                at += n
-        values = _finite(model(tokens, positions, documents).double().cpu().numpy(), len(placed))
-        for i, r, at in placed:
+        tokens, positions, documents, offsets = lay_out_rows(
+            sequences, rows[start : start + rows_per_pass], row_length, pad_id
+        )
+        values = _finite(model(tokens, positions, documents).double().cpu().numpy(), len(offsets))
+        for i, (r, at) in offsets.items():
             out[i] = values[r, at : at + lengths[i]]
     return out  # type: ignore[return-value]
 

@@ -101,20 +101,12 @@ def pack_microbatch(
         if len(rows) > num_rows:
             raise ValueError(f"{len(rows)} packed rows do not fit in num_rows={num_rows}")
         rows += [[] for _ in range(num_rows - len(rows))]
-    tokens = torch.full((len(rows), s + 1), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), s + 1), dtype=torch.long)
-    documents = torch.full((len(rows), s + 1), -1, dtype=torch.long)
+    # s + 1 columns: a document of s + 1 tokens (alone in its row) keeps its last token as a label
+    tokens, positions, documents, offsets = lay_out_rows([x["tokens"] for x in samples], rows, s + 1, pad_id)
     unpack_index = torch.full((len(samples), s), -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        at = 0
-        for d in members:
-            n = lengths[d]
-            tokens[r, at : at + n] = torch.as_tensor(np.asarray(samples[d]["tokens"]))
-            positions[r, at : at + n] = torch.arange(n)
-            documents[r, at : at + n] = d
-            inputs = min(n, s)  # a document of s + 1 tokens: its last token is a label only
-            unpack_index[d, :inputs] = r * s + at + torch.arange(inputs)
-            at += n
+    for d, (r, at) in offsets.items():
+        inputs = min(lengths[d], s)  # a document of s + 1 tokens: its last token is a label only
+        unpack_index[d, :inputs] = r * s + at + torch.arange(inputs)
     batch = {k: v for k, v in padded.items() if k not in MODEL_KEYS}
     batch.update(
         tokens=tokens[:, :-1].contiguous(),
@@ -124,6 +116,30 @@ def pack_microbatch(
         unpack_index=unpack_index,
     )
     return batch
+
+
+def lay_out_rows(sequences: Sequence, rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple:
+    """Token sequences placed back to back in rows of `width` columns.
+
+    sequences: token ids, each ``[T_i]``; rows: the sequence indices of each row, in order (lengths
+    adding up to at most `width`). Returns ``(tokens, position_ids, document_ids, offsets)``: three
+    ``[R, width]`` int64 tensors (positions restart at 0 in every sequence, a token's document id is
+    its sequence's index; pad_id / 0 / -1 where no sequence is) and ``{index: (row, start column)}``.
+    """
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    documents = torch.full((len(rows), width), -1, dtype=torch.long)
+    offsets: dict[int, tuple[int, int]] = {}
+    for r, members in enumerate(rows):
+        at = 0
+        for d in members:
+            n = len(sequences[d])
+            tokens[r, at : at + n] = torch.as_tensor(np.asarray(sequences[d], dtype=np.int64))
+            positions[r, at : at + n] = torch.arange(n)
+            documents[r, at : at + n] = d
+            offsets[d] = (r, at)
+            at += n
+    return tokens, positions, documents, offsets
 
 
 def budget_micro_batches(lengths: Sequence[int], seq_length: int, rows_per_micro_batch: int) -> list[tuple]:

@@ -305,6 +305,16 @@ def _step_body(run: RunConfig, batches: list[dict], with_reference: bool, full: 
     }
 
 
+def _assert_same_gradients(got: dict, ref: dict) -> float:
+    """The same token count and loss, and every gradient within REL_TOL of the largest (> 0); returns it."""
+    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
+    assert scale > 0, "the step has gradients"
+    for name, grad in ref["grads"].items():
+        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+    return scale
+
+
 @pytest.mark.parametrize("algorithm", ["dqo", "dro", "dpo", "kto", "sft", "rs"])
 def test_packed_step_equals_padded_step(dataset, algorithm):
     """Two micro-batches of 4 (DPO: 4 pairs = 8 rows; KTO: 4 + 4 mismatched rows), one SGD step."""
@@ -326,10 +336,7 @@ def test_packed_step_equals_padded_step(dataset, algorithm):
         assert got["grad_norms"][member] == pytest.approx(norm, rel=REL_TOL), member
     for name, value in ref["metrics"].items():
         assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), name
-    scale = max(g.abs().max().item() for g in ref["grads"].values())
-    assert scale > 0
-    for name, grad in ref["grads"].items():
-        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+    scale = _assert_same_gradients(got, ref)
     moved = max((ref["after"][n] - ref["initial"][n]).abs().max().item() for n in ref["after"])
     assert moved > 1e-6, "the step moved the weights"
     for name, weight in ref["after"].items():
@@ -343,10 +350,7 @@ def test_four_packed_micro_batches_equal_one_of_four(dataset):
     assert one[0]["tokens"].shape[0] < sum(b["tokens"].shape[0] for b in four), "the documents share rows differently"
     (ref,) = run_distributed(_step_body, 1, _run("dqo", 8), one, True, None)
     (got,) = run_distributed(_step_body, 1, _run("dqo", 2), four, True, ref["initial"])
-    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
-    scale = max(g.abs().max().item() for g in ref["grads"].values())
-    for name, grad in ref["grads"].items():
-        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+    _assert_same_gradients(got, ref)
 
 
 # --- micro-batches by tokens (train.micro_batch_tokens) -----------------------------------------------
@@ -375,10 +379,7 @@ def test_token_budget_step_equals_padded_step(dataset, algorithm):
     with_reference = get_algorithm(algorithm).needs_reference
     (ref,) = run_distributed(_step_body, 1, _run(algorithm), padded, with_reference, None)
     (got,) = run_distributed(_step_body, 1, _run(algorithm), budget, with_reference, ref["initial"])
-    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
-    scale = max(g.abs().max().item() for g in ref["grads"].values())
-    for name, grad in ref["grads"].items():
-        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+    _assert_same_gradients(got, ref)
 
 
 def test_token_budget_needs_packing_and_one_row_per_document():
@@ -445,7 +446,4 @@ def test_dpo_by_tokens_equals_padded_dpo(dataset):
     assert [b["unpack_index"].shape[0] for b in budget] != [4, 4], "the pairs are cut differently"
     (ref,) = run_distributed(_step_body, 1, _run("dpo", 2), padded, True, None)
     (got,) = run_distributed(_step_body, 1, _run("dpo", 2), budget, True, ref["initial"])
-    assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
-    scale = max(g.abs().max().item() for g in ref["grads"].values())
-    for name, grad in ref["grads"].items():
-        assert (got["grads"][name] - grad).abs().max().item() <= REL_TOL * scale, name
+    _assert_same_gradients(got, ref)
