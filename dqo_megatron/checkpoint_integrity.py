@@ -475,10 +475,12 @@ def deferred_single_rank_errors(errors: list) -> Iterator[None]:
 
         return call
 
-    saved = [(FileSystemWriterAsync, "finish"), (serialization, "save_config")]
-    try:  # megatron-core <= 0.16: rank 0 writes common.pt through the common save strategy
+    # common.pt: through the common save strategy (<= 0.16), through `save_common`, which serialization
+    # imports by name (0.17, 0.18), not at all (>= 0.19: a ShardedObject inside the torch_dist files)
+    saved = [(FileSystemWriterAsync, "finish"), (serialization, "save_config"), (serialization, "save_common")]
+    try:
         from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
-    except ImportError:  # >= 0.19: the common state is a ShardedObject inside the torch_dist files
+    except ImportError:
         pass
     else:
         saved.insert(0, (TorchCommonSaveStrategy, "save_common"))

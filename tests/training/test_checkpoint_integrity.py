@@ -291,8 +291,8 @@ _GIB = 1 << 30
 def _disk_full_body(root: str) -> dict:
     """Save step 1, then fail the save of step 2 three ways (rank 1's shard writer: ENOSPC; rank 0's
     .metadata: ENOSPC; rank 0's other writer -- common.pt through `TorchCommonSaveStrategy` on <= 0.16,
-    metadata.json through `save_config` where that is gone (0.19) --: torch's "unexpected pos" with
-    3 MiB free), then save it."""
+    through serialization's `save_common` on 0.17-0.18, metadata.json through `save_config` where common.pt
+    is gone (0.19) --: torch's "unexpected pos" with 3 MiB free), then save it."""
     from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -312,8 +312,8 @@ def _disk_full_body(root: str) -> dict:
         from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
 
         rank0_writer = (TorchCommonSaveStrategy, "save_common")
-    except ImportError:
-        rank0_writer = (serialization, "save_config")
+    except ImportError:  # 0.17-0.18 write common.pt through serialization's save_common; 0.19 none
+        rank0_writer = (serialization, "save_common" if "save_common" in vars(serialization) else "save_config")
     nearly_full = shutil._ntuple_diskusage(100 * _GIB, 100 * _GIB - (3 << 20), 3 << 20)
     cases = {  # Megatron's writer (a process or a thread per file) calls torch's _write_item, imported by name
         "writer": ([(filesystem_async, "_write_item"), (torch_fs, "_write_item")], enospc, 1),
