@@ -22,19 +22,23 @@ class TrainConfig:
     """Sequences per optimizer step, summed over micro-batches and data-parallel ranks."""
     seq_length: int = 64
     """Tokens per sequence fed to the model (<= model.seq_length)."""
-    packing: bool = False
+    packing: Optional[bool] = None
     """Pack each micro-batch's documents into as few rows of seq_length tokens as fit (first-fit
     decreasing; attention stops at document boundaries, positions restart per document; the loss is the
-    padded one). Same documents per micro-batch as unpacked; tested equal to unpacked on CPU (docs/packing.md).
-    Under pipeline parallelism a micro-batch keeps as many rows as unpacked (stages exchange fixed shapes:
-    correct, no saving; micro_batch_tokens saves rows there). Off by default."""
+    padded one). Same documents per micro-batch as unpacked. Default None (auto): on for the local layer
+    spec (tested equal to unpacked on CPU in every layout: TP, SP, CP, PP, DP), off on Transformer
+    Engine's (its THD path has not run on a GPU yet); resolved once at run start, logged and written to
+    run_dir/config.yaml. true / false: as set (true on Transformer Engine runs the untested THD path,
+    refused under CP and PP). Under pipeline parallelism a micro-batch keeps as many rows as unpacked
+    (stages exchange fixed shapes: correct, no saving; micro_batch_tokens saves rows there)."""
     micro_batch_tokens: Optional[int] = None
     """With packing: micro-batches cut by tokens instead of documents. Each step still trains on
     global_batch_size documents (drawn as without it); a rank packs its share of the step into rows of
     seq_length and gives a micro-batch up to micro_batch_tokens // seq_length rows, so the number of
     micro-batches varies per step (under pipeline parallelism every micro-batch has that many rows, some
     empty). DPO keeps each pair in one micro-batch (so at least 2 x seq_length); not KTO, not with
-    virtual pipeline stages. None: micro_batch_size documents (pairs) per micro-batch."""
+    virtual pipeline stages. Needs packing (true, or auto on the local layer spec). None: micro_batch_size
+    documents (pairs) per micro-batch."""
     lr: float = 1e-4
     """Peak learning rate (at most 1; no setting anywhere takes inf or NaN)."""
     clip_grad: float = 1.0
@@ -88,8 +92,8 @@ class TrainConfig:
             problems.append(f"train.lr={self.lr}: above {MAX_LR} (Adam moves every weight by about lr per step)")
         if self.min_lr > self.lr:
             problems.append(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
-        if self.micro_batch_tokens is not None and not self.packing:
-            problems.append(f"train.micro_batch_tokens={self.micro_batch_tokens} needs train.packing=true")
+        if self.micro_batch_tokens is not None and self.packing is False:
+            problems.append(f"train.micro_batch_tokens={self.micro_batch_tokens} needs train.packing=true (or unset)")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.seq_length:
             problems.append(
                 f"train.micro_batch_tokens={self.micro_batch_tokens}: give at least "
@@ -102,6 +106,24 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
         raise_problems(problems)
+
+    def resolved_packing(self, layer_spec: str) -> bool:
+        """Whether to pack on a model built with `layer_spec` ('local' or 'te'): `packing` when set, else
+        (auto) on for the local spec and off for Transformer Engine's (ConfigError there when
+        micro_batch_tokens asks for packing: the THD path runs only when packing=true says so)."""
+        if self.packing is not None:
+            return self.packing
+        if layer_spec == "local":
+            return True
+        if self.micro_batch_tokens is not None:
+            raise_problems(
+                [
+                    f"train.micro_batch_tokens={self.micro_batch_tokens} needs packing, which is off by default "
+                    "on the Transformer Engine layer spec (its THD path has not run on a GPU yet): set "
+                    "train.packing=true to run it, or unset train.micro_batch_tokens (docs/packing.md)"
+                ]
+            )
+        return False
 
 
 @dataclass

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from dqo_megatron.config import ConfigError, RunConfig
-from dqo_megatron.training.policy_value import LOGP, build_policy_value_chunks, pipeline_micro_batch_size
+from dqo_megatron.training.policy_value import (
+    LOGP,
+    build_policy_value_chunks,
+    pipeline_micro_batch_size,
+    with_resolved_packing,
+)
 from dqo_megatron.training.step import microbatch_iterators, model_inputs
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,7 @@ def annotate(run: RunConfig, micro_batches_per_call: int = 4, progress: bool = T
 
     _check_config(run)
     info = parallel.initialize(run.parallel, seed=run.train.seed)
+    run = with_resolved_packing(run, log=info.rank == 0)
     dataset = TrajectoryDataset(run.data.train_prefix)
     check_data_matches_model(dataset, run, log=info.rank == 0)  # before the reference is built and loaded
     chunks = _load_reference(run)

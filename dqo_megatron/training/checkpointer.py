@@ -104,6 +104,7 @@ class Checkpointer:
         parts.batches.load_state_dict(extra["data"])
         if parts.is_logger:
             logger.info("resumed from %s at step %d", path, self.resumed_at)
+            _note_packing_change(extra.get("packing"), bool(run.train.packing))
         return self.resumed_at
 
     def preempted(self) -> bool:
@@ -144,7 +145,21 @@ def _save(root: Path, step: int, ddp, optimizer, scheduler, batches, t, keep_ste
         ddp,
         optimizer,
         scheduler,
-        extra={"step": step, "data": batches.state_dict()},
+        extra={"step": step, "data": batches.state_dict(), "packing": bool(t.packing)},
         keep_last=t.keep_last_checkpoints,
         keep_steps=keep_steps,
     )
+
+
+def _note_packing_change(saved, now: bool) -> None:
+    """Warn when a run resumes with packing on where its checkpoint was written with it off (or back):
+    the steps draw the same documents either way, so the run continues exactly up to fp32 rounding (the
+    attention of packed rows sums over other blocks). `saved`: None for checkpoints older than the key."""
+    if saved is not None and bool(saved) != now:
+        logger.warning(
+            "resumed with train.packing=%s; the checkpoint was written with %s: same documents per step, "
+            "the losses equal up to fp32 rounding (set train.packing=%s to continue as before)",
+            str(now).lower(),
+            str(bool(saved)).lower(),
+            str(bool(saved)).lower(),
+        )

@@ -22,12 +22,15 @@ policy's final hidden states).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from dqo_megatron.logprobs import gather_from_sequence_parallel, output_weight, token_logprobs_from_hidden
 from dqo_megatron.models.value_head import VALUE_HEAD_ATTR, ValueHead, final_hidden_states_only, unwrap_gpt
 from dqo_megatron.parallel import unwrap
+
+logger = logging.getLogger(__name__)
 
 LOGP, VALUE, REF_LOGP = 0, 1, 2
 """Indices of the last dimension of `PolicyValueModel`'s output on the last stage."""
@@ -317,6 +320,32 @@ def pipeline_micro_batch_size(model: "PolicyValueModel | torch.nn.Module", micro
     """The micro-batch size to give Megatron's schedule: members stack along the batch dimension."""
     inner = unwrap(model, lambda m: isinstance(m, PolicyValueModel) or not hasattr(m, "module"), "model")
     return micro_batch_size * (len(inner.members) if isinstance(inner, PolicyValueModel) else 1)  # bare GPT: one
+
+
+def with_resolved_packing(run, *, log: bool = False):
+    """`run` (a `RunConfig`) with `train.packing` resolved for the layer spec the models are built with
+    (`select_backend("auto")`, as `build_policy_value_chunks`): unset (auto) is on for the local spec
+    and off for Transformer Engine's (`TrainConfig.resolved_packing`); true / false stay. A copy; the
+    trainer and annotate call it once at start, so config.yaml, W&B and the checkpoints record the
+    choice. `log`: say which (rank 0)."""
+    import dataclasses
+
+    from dqo_megatron.models import select_backend
+
+    requested = run.train.packing
+    if requested is not None and not log:
+        return run
+    spec = select_backend("auto")
+    packing = run.train.resolved_packing(spec)
+    if log:
+        if requested is not None:
+            why = f"train.packing={str(requested).lower()}"
+        elif spec == "local":
+            why = "auto: on for the local layer spec, tested equal to unpacked"
+        else:
+            why = "auto: off on Transformer Engine's layer spec, whose THD path has not run on a GPU yet"
+        logger.info("packing: %s (%s; docs/packing.md)", "on" if packing else "off", why)
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, packing=packing))
 
 
 def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, backend: str = "auto") -> list:

@@ -25,6 +25,7 @@ from dqo_megatron.training.algorithms import derived_metrics, rl_forward_step
 from dqo_megatron.training.checkpointer import Checkpointer, TrainingDiverged
 from dqo_megatron.training.evals import EvalSchedule, EvaluatorFactory, build_evaluator
 from dqo_megatron.training.metrics_logger import MetricsLogger, check_wandb
+from dqo_megatron.training.policy_value import with_resolved_packing
 from dqo_megatron.training.run_setup import TrainParts, setup
 from dqo_megatron.training.step import microbatch_iterators, train_step
 
@@ -78,6 +79,7 @@ def train(run: RunConfig, make_evaluator: EvaluatorFactory | None = None) -> Tra
 
     _check_run(run)
     info = parallel.initialize(run.parallel, seed=run.train.seed)
+    run = with_resolved_packing(run, log=info.rank == 0)  # auto: by layer spec; config.yaml records it
     with run_dir_lock(run.run_dir):
         parts = setup(run, info)
         checkpointer = Checkpointer(run, parts)

@@ -386,7 +386,7 @@ def test_token_budget_needs_packing_and_one_row_per_document():
     from dqo_megatron.config import ConfigError, ParallelConfig
 
     with pytest.raises(ConfigError, match="needs train.packing=true"):
-        TrainConfig(seq_length=SEQ, micro_batch_tokens=2 * SEQ)
+        TrainConfig(seq_length=SEQ, micro_batch_tokens=2 * SEQ, packing=False)  # unset: auto (test_packing_default)
     with pytest.raises(ConfigError, match="at least"):
         TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=SEQ - 1)
     train = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=2 * SEQ, micro_batch_size=2)

@@ -127,6 +127,7 @@ def test_sigkill_mid_checkpoint_save_keeps_the_last_good_one(setup):
     resumed = subprocess.run(_command(config), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_00000002" in resumed.stderr
+    assert "packing: on (auto" in resumed.stderr  # the default, logged at start
     losses = _losses(run_dir)
     for step in range(1, STEPS + 1):
         assert losses[step] == reference[step], f"step {step}"
@@ -163,6 +164,7 @@ def test_export_trained_policy_to_hf(setup):
     assert again.returncode != 0 and "exists" in again.stderr  # no silent overwrite
     # the base model a run started from (whose hf/ files export copies) is never an export's output
     config = yaml.safe_load((tmp / "uninterrupted" / "config.yaml").read_text())
+    assert config["train"]["packing"] is True  # unset: auto, resolved (local layer spec) and recorded
     base = tmp / "base_model"
     (base / "hf").mkdir(parents=True)
     (base / "hf" / "tokenizer.json").write_text("{}")
