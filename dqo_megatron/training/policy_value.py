@@ -328,7 +328,7 @@ def with_resolved_packing(run, *, log: bool = False):
     and off for Transformer Engine's (`TrainConfig.resolved_packing`); true / false stay. A copy; the
     trainer and annotate call it once at start, so config.yaml, W&B and the checkpoints record the
     choice. `log`: say which (rank 0)."""
-    import dataclasses
+    import copy
 
     from dqo_megatron.models import select_backend
 
@@ -345,7 +345,10 @@ def with_resolved_packing(run, *, log: bool = False):
         else:
             why = "auto: off on Transformer Engine's layer spec, whose THD path has not run on a GPU yet"
         logger.info("packing: %s (%s; docs/packing.md)", "on" if packing else "off", why)
-    return dataclasses.replace(run, train=dataclasses.replace(run.train, packing=packing))
+    resolved = copy.copy(run)  # not dataclasses.replace: no second validation of a config already checked
+    resolved.train = copy.copy(run.train)
+    resolved.train.packing = packing
+    return resolved
 
 
 def build_policy_value_chunks(run, *, with_value: bool, with_reference: bool, backend: str = "auto") -> list:
