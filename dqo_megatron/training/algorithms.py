@@ -8,7 +8,8 @@ and predicts `labels[h] = tokens[h+1]`, so index h holds log pi(a_h|s_h), V(s_h)
     rewards                           r_h (outcome on the last response token, process rewards inside)
     behavior_logprobs   (optional)    log mu(a_h|s_h) of the sampler; absent = the reference's
     ref_logprobs        (optional)    precomputed log pi_ref(a_h|s_h); absent = the reference model's
-    document_ids        (optional)    packed rows: a different id per document
+    document_ids        (optional)    rows holding several documents: a different id per document
+                                      (passed to the losses as is; `train.packing` never sets it, below)
 
 A packed micro-batch (`training/packing.py`) holds tokens, labels, position_ids and
 attention_document_ids as packed rows ``[R, s]`` and every other key as one row per document
