@@ -1,5 +1,8 @@
 """Batches for training: padded to a multiple, or packed rows with document boundaries; the sampler.
 
+`pack` (next-fit, in order, with `cu_seqlens`) is not what `train.packing` uses: the trainer's packed
+micro-batches are built by `dqo_megatron.training.packing` (first-fit decreasing, loss keys kept per document).
+
 Per-token keys (tokens, loss_mask, rewards, behavior_logprobs, ref_logprobs) are aligned with the
 tokens; the trainer shifts them for next-token prediction. Per-document keys (PER_DOC) become ``[B]``
 tensors, among them `truncated`: the response was cut by the sampler's length limit, so its last token
