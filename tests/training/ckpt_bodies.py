@@ -57,16 +57,6 @@ def shutdown_writer_manager() -> None:
             manager.shutdown()
 
 
-def writer_manager_pid() -> int | None:
-    """Pid of that manager process (for a test that SIGKILLs the rank and must reap it itself)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    queue = filesystem_async._results_queue
-    manager = getattr(queue, "_manager", None) if queue is not None else None
-    process = getattr(manager, "_process", None)
-    return process.pid if process is not None else None
-
-
 def draw_rng() -> dict:
     """One draw from the python / numpy / torch generators (advances them) and the tracker states."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -207,7 +197,7 @@ def crash_body(root: str, stage: str, record: str) -> None:
     info, chunks, ddp, optimizer, scheduler = lm_setup({})
     lm_train_step(info, ddp, optimizer, scheduler, 0)
     checkpointing.save_checkpoint(root, 1, ddp, optimizer, scheduler, extra={"step": 1})
-    torch.save({"params": local_params(chunks), "manager_pid": writer_manager_pid()}, record)
+    torch.save({"params": local_params(chunks)}, record)
     lm_train_step(info, ddp, optimizer, scheduler, 1)
 
     def die(original):

@@ -10,7 +10,6 @@ tests/test_parallel_layouts.py for the tolerance argument).
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import torch
@@ -133,7 +132,6 @@ def test_killed_save_keeps_last_good_checkpoint(stage, tmp_path):
     with pytest.raises(DistributedTestError, match="exit code -9"):
         run_distributed(crash_body, 1, str(root), stage, str(record), timeout=120)
     saved = torch.load(record, weights_only=True)
-    _reap(saved["manager_pid"])
     good = root / "step_00000001"
     assert (good / COMPLETE_MARKER).is_file()
     if stage == "after_rename":
@@ -155,15 +153,6 @@ def test_killed_save_keeps_last_good_checkpoint(stage, tmp_path):
         assert res["extra"]["step"] == 1
         for name, value in saved["params"].items():
             assert torch.equal(value, res["params"][name]), name
-
-
-def _reap(pid: int | None) -> None:
-    """The killed rank's dist_checkpointing manager process (started by this test) is orphaned: end it."""
-    if pid:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _prune_body(root: str) -> dict:
