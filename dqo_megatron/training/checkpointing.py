@@ -8,7 +8,7 @@ Layout of a checkpoint root (``run_dir/checkpoints``)::
         COMPLETE              JSON marker, written last (fsync) -- a directory without it is ignored
         MANIFEST.json         size and CRC32 of every other file (`checkpoint_integrity`), before COMPLETE
         .metadata, *.distcp,  megatron.core.dist_checkpointing (torch_dist): the model chunks'
-        common.pt,            `sharded_state_dict()` under "model" (or "model0", "model1", ... under
+        common.pt (<= 0.18),  `sharded_state_dict()` under "model" (or "model0", "model1", ... under
         metadata.json         virtual PP, as Megatron-LM) and the optimizer's under "optimizer"
         extra_state.pt        rank 0: step, the caller's `extra`, scheduler states, layout
         rng/rank_00000.pt     one per rank: python / numpy / torch / CUDA / Megatron tracker RNG
