@@ -100,7 +100,14 @@ def _fail_on_parity(report: ParityReport) -> None:
 
 def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> None:
     """ConversionError when the tokenizer to ship with a model has more tokens than the model has
-    embedding rows: it would produce ids the model cannot take. (Fewer is normal: vocabularies are padded.)"""
+    embedding rows: it would produce ids the model cannot take. (Fewer is normal: vocabularies are padded.)
+    `tokenizer_dir` may be a sentencepiece .model (or a directory holding only one): its pieces are counted."""
+    from dqo_megatron.conversion.hf_tokenizer import check_sentencepiece_fits, sentencepiece_model_of
+
+    model_file = sentencepiece_model_of(tokenizer_dir) if tokenizer_dir.exists() else None
+    if model_file is not None:  # what `export_tokenizer` converts: refused now, not after the weights
+        check_sentencepiece_fits(model_file, vocab_size)
+        return
     if not tokenizer_dir.is_dir():
         return
     try:

@@ -279,6 +279,16 @@ def complete_token_ids(out: Path, has_tokenizer: bool = True) -> dict:
     return generation
 
 
+def check_sentencepiece_fits(model_file: Path, vocab_size: int) -> None:
+    """ConversionError when sentencepiece model `model_file` has more pieces than the model has embedding rows."""
+    pieces = len(_read_proto(model_file).pieces)
+    if pieces > vocab_size:
+        raise ConversionError(
+            f"tokenizer {model_file} has {pieces} tokens, the model {vocab_size}: it does not belong to this "
+            "model (ids beyond the vocabulary cannot be embedded)"
+        )
+
+
 def export_tokenizer(source: Optional[Path], out: Path, vocab_size: Optional[int] = None) -> list[str]:
     """Give HF export directory `out` (config.json written) its tokenizer and generation config.
 
@@ -290,12 +300,8 @@ def export_tokenizer(source: Optional[Path], out: Path, vocab_size: Optional[int
     written: list[str] = []
     model_file = sentencepiece_model_of(source) if source is not None and source.exists() else None
     if model_file is not None:
-        pieces = len(_read_proto(model_file).pieces)
-        if vocab_size is not None and pieces > vocab_size:
-            raise ConversionError(
-                f"tokenizer {model_file} has {pieces} tokens, the model {vocab_size}: it does not belong to this "
-                "model (ids beyond the vocabulary cannot be embedded)"
-            )
+        if vocab_size is not None:
+            check_sentencepiece_fits(model_file, vocab_size)
         written = write_sentencepiece_tokenizer(model_file, out, config.get("max_position_embeddings"))
         if source.is_dir() and (source / GENERATION_CONFIG).is_file():
             written += hf_io.copy_side_files(source, out, (GENERATION_CONFIG,))

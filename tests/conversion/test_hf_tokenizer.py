@@ -184,6 +184,11 @@ def test_bad_tokenizer_arguments_are_named(demo_model, tmp_path):
     out.mkdir()
     with pytest.raises(ConversionError, match="has 128 tokens, the model 100"):
         export_tokenizer(demo_model, out, 100)
+    from dqo_megatron.conversion.convert import check_tokenizer_fits
+
+    with pytest.raises(ConversionError, match="has 128 tokens, the model 100"):  # before the weights load
+        check_tokenizer_fits(demo_model, 100)
+    check_tokenizer_fits(demo_model, 128)
 
 
 def test_models_whose_ids_cannot_be_reproduced_are_refused(tmp_path):
