@@ -512,7 +512,7 @@ def children_die_with_parent() -> Iterator[None]:
     """Processes forked while inside this block die when this process dies (even by SIGKILL).
 
     Megatron's torch_dist writer on megatron-core <= 0.16 forks one process per file
-    (`write_preloaded_data_multiproc`; 0.19 uses threads): when the trainer is killed during a save they
+    (`write_preloaded_data_multiproc`; 0.17 on use threads): when the trainer is killed during a save they
     stay alive, blocked on queues nobody reads. Spawned processes (fork + exec: Megatron's results
     Manager) are not reached by an at-fork hook; `conversion.torch_dist_save` guards those. ``PR_SET_PDEATHSIG``
     fires when the *thread* that forked ends, so it suits forks made by the saving thread, which are Megatron's."""

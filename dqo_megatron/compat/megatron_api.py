@@ -116,8 +116,21 @@ _GPT_DEPRECATION = "GPTModel IS DEPRECATED"
 
 
 class _DropGPTModelDeprecation(logging.Filter):
+    """Drops Megatron's per-construction GPTModel deprecation and says it once in our words instead."""
+
+    said = False
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_GPT_DEPRECATION)
+        if not str(record.msg).startswith(_GPT_DEPRECATION):
+            return True
+        if not _DropGPTModelDeprecation.said:
+            _DropGPTModelDeprecation.said = True
+            logger.info(
+                "megatron-core %s marks GPTModel deprecated in favour of HybridModel; dqo-megatron builds "
+                "GPTModel on every supported release (HybridModel has no CPU path yet)",
+                megatron_version(),
+            )
+        return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,13 +144,7 @@ def gpt_model_class() -> type:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_model as module
 
-    if _GPT_DEPRECATION in inspect.getsource(GPTModel.__init__):
-        logging.getLogger(module.__name__).addFilter(_DropGPTModelDeprecation())
-        logger.info(
-            "megatron-core %s marks GPTModel deprecated in favour of HybridModel; dqo-megatron builds GPTModel "
-            "on every supported release (HybridModel has no CPU path yet)",
-            megatron_version(),
-        )
+    logging.getLogger(module.__name__).addFilter(_DropGPTModelDeprecation())  # a no-op where nothing warns
     return GPTModel
 
 
