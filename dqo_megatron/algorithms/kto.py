@@ -8,7 +8,8 @@ from dqo_megatron.losses import kto_loss, sequence_logprobs
 
 
 def loss(x: LossInputs) -> LossTriple:
-    """`kto_loss` on rows [0, B) the documents and [B, 2B) the mismatched rows (batch mode ``kto``)."""
+    """`kto_loss` on rows [0, B) the documents and [B, 2B) the mismatched rows (batch mode ``kto``); a
+    micro-batch by tokens also carries `kl_group` [B] (each document's padded micro-batch: z0 per group)."""
     cfg = x.run.loss
     policy_seq, ref_seq = sequence_logprobs(x.logp, x.mask), sequence_logprobs(x.ref, x.mask)
     half = policy_seq.shape[0] // 2
@@ -23,6 +24,7 @@ def loss(x: LossInputs) -> LossTriple:
             beta=cfg.beta,
             desirable_weight=cfg.kto_desirable_weight,
             undesirable_weight=cfg.kto_undesirable_weight,
+            kl_groups=x.batch.get("kl_group"),
         )
     )
 

@@ -81,24 +81,31 @@ class RunConfig:
                 f"train.micro_batch_size={self.train.micro_batch_size} x data-parallel size {dp} "
                 f"(= world size {world_size} / (TP*PP*CP))"
             )
+        pp, draws = self.parallel.pipeline_model_parallel_size, self.train.global_batch_size // per_step
+        if self.parallel.virtual_pipeline_model_parallel_size is not None and draws % pp:
+            # Megatron's interleaved schedule runs a step's micro-batches in whole groups of PP
+            # (micro-batches by tokens are split up to a multiple of PP, which needs as many draws)
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size: Megatron's interleaved schedule needs the "
+                f"micro-batches of a step in groups of pipeline_model_parallel_size={pp}, and "
+                f"train.global_batch_size={self.train.global_batch_size} / (train.micro_batch_size="
+                f"{self.train.micro_batch_size} x data-parallel size {dp}) = {draws} is not a multiple of {pp}"
+            )
         return dp
 
     def _micro_batch_tokens_problems(self, batch_mode: str) -> list[str]:
         tokens, seq = self.train.micro_batch_tokens, self.train.seq_length
         problems = []
-        if self.parallel.virtual_pipeline_model_parallel_size is not None:
-            # Megatron's interleaved schedule needs at least PP micro-batches (and whole groups of
-            # them) per step; cut by tokens, a step's count varies.
+        if batch_mode == "kto" and tokens < 2 * self.train.micro_batch_size * seq:
+            # a KL group (micro_batch_size documents and their mismatched rows) stays in one
+            # micro-batch, and each of its documents can need a row of its own
             problems.append(
-                "train.micro_batch_tokens: not with virtual pipeline stages yet; unset it or "
-                "parallel.virtual_pipeline_model_parallel_size"
+                f"train.micro_batch_tokens={tokens}: algorithm={self.algorithm} keeps each KL group (the "
+                f"train.micro_batch_size={self.train.micro_batch_size} documents of a padded micro-batch and "
+                f"their mismatched rows) in one micro-batch, which can need {2 * self.train.micro_batch_size} "
+                f"rows: give at least 2 x micro_batch_size x seq_length = {2 * self.train.micro_batch_size * seq}"
             )
-        if batch_mode == "kto":
-            problems.append(
-                f"train.micro_batch_tokens: not with algorithm={self.algorithm} yet (its KL reference point "
-                "is estimated per micro-batch, on mismatched rows built inside it); unset it"
-            )
-        elif batch_mode == "pairs" and tokens is not None and tokens < 2 * seq:
+        if batch_mode == "pairs" and tokens < 2 * seq:
             # a pair stays in one micro-batch, and two documents of up to seq_length + 1 tokens can need
             # two rows: with fewer, a long pair would stop the run at whichever step draws it
             problems.append(

@@ -36,9 +36,11 @@ class TrainConfig:
     global_batch_size documents (drawn as without it); a rank packs its share of the step into rows of
     seq_length and gives a micro-batch up to micro_batch_tokens // seq_length rows, so the number of
     micro-batches varies per step (under pipeline parallelism every micro-batch has that many rows, some
-    empty). DPO keeps each pair in one micro-batch (so at least 2 x seq_length); not KTO, not with
-    virtual pipeline stages. Needs packing (true, or auto on the local layer spec). None: micro_batch_size
-    documents (pairs) per micro-batch."""
+    empty; with virtual pipeline stages micro-batches are split until their number is a multiple of
+    PP). DPO keeps each pair in one micro-batch (so at least 2 x seq_length); KTO keeps each draw of
+    micro_batch_size documents with its mismatched rows (its KL reference point, as unpacked) in one
+    (so at least 2 x micro_batch_size x seq_length). Needs packing (true, or auto on the local layer
+    spec). None: micro_batch_size documents (pairs) per micro-batch."""
     lr: float = 1e-4
     """Peak learning rate (at most 1; no setting anywhere takes inf or NaN)."""
     clip_grad: float = 1.0

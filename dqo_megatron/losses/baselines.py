@@ -232,6 +232,7 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    kl_groups: Optional[Tensor] = None,
 ) -> LossOutput:
     """KTO (Ethayarajh et al. 2024) on `[n]` sequence log-prob sums.
 
@@ -246,7 +247,11 @@ def kto_loss(
 
     i.e. `lambda_y - v(x, y)` of the paper. `loss_sum` = sum over the n responses, `count` = n.
     z0 is this batch's estimate; pass gathered tensors for a data-parallel-wide one.
-    Metrics: kto_loss, kl_reference (z0), desirable_reward_mean, undesirable_reward_mean (mean r_i).
+    `kl_groups` `[n]` int (then m = n): several batches at once, each with its own z0 -- response i and
+    mismatched pair i belong to batch kl_groups[i], and z0 above is taken over that batch's pairs (a
+    micro-batch by tokens holds several of the padded micro-batches' KL groups).
+    Metrics: kto_loss, kl_reference (z0; the mean over groups), desirable_reward_mean,
+    undesirable_reward_mean (mean r_i).
     """
     _check_sequence_tensors(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
     _check_sequence_tensors(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
@@ -267,12 +272,17 @@ def kto_loss(
     dtype = compute_dtype(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
     log_ratio = policy_logps.to(dtype) - ref_logps.detach().to(dtype)
     with torch.no_grad():
-        kl_reference = (policy_kl_logps.to(dtype) - ref_kl_logps.to(dtype)).mean().clamp(min=0)
+        kl_terms = policy_kl_logps.to(dtype) - ref_kl_logps.to(dtype)
+        if kl_groups is None:
+            group_z0 = kl_terms.mean().clamp(min=0)[None]
+            z0 = group_z0[0]
+        else:
+            group_z0, z0 = _grouped_reference_points(kl_terms, kl_groups, n=policy_logps.numel())
     # 1 - sigmoid(x) = sigmoid(-x), without the cancellation near x >> 0.
     losses = torch.where(
         desirable,
-        desirable_weight * torch.sigmoid(-beta * (log_ratio - kl_reference)),
-        undesirable_weight * torch.sigmoid(-beta * (kl_reference - log_ratio)),
+        desirable_weight * torch.sigmoid(-beta * (log_ratio - z0)),
+        undesirable_weight * torch.sigmoid(-beta * (z0 - log_ratio)),
     )
     loss_sum = losses.sum()
     count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
@@ -280,11 +290,27 @@ def kto_loss(
         zero = torch.zeros_like(log_ratio)
         metrics = {
             "kto_loss": ratio_metric(loss_sum, count),
-            "kl_reference": ratio_metric(kl_reference, 1),
+            "kl_reference": ratio_metric(group_z0.sum(), group_z0.numel()),
             "desirable_reward_mean": ratio_metric(torch.where(desirable, log_ratio, zero).sum(), desirable.sum()),
             "undesirable_reward_mean": ratio_metric(torch.where(desirable, zero, log_ratio).sum(), (~desirable).sum()),
         }
     return LossOutput(loss_sum=loss_sum, count=count, metrics=metrics)
+
+
+def _grouped_reference_points(kl_terms: Tensor, kl_groups: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """KTO's z0 per group: ``([G] z0 of each group present, [n] the z0 of each response's group)``."""
+    if kl_groups.shape != (n,) or kl_terms.numel() != n:
+        raise ValueError(
+            f"kl_groups of shape {tuple(kl_groups.shape)} with {n} responses and {kl_terms.numel()} "
+            f"mismatched pairs: want one group per response and as many pairs ([{n}])"
+        )
+    if kl_groups.dtype in (torch.bool,) or kl_groups.is_floating_point():
+        raise ValueError(f"kl_groups must be an integer tensor, got dtype {kl_groups.dtype}")
+    present, index = torch.unique(kl_groups.to(kl_terms.device), return_inverse=True)
+    sums = torch.zeros(present.numel(), dtype=kl_terms.dtype, device=kl_terms.device).index_add_(0, index, kl_terms)
+    counts = torch.bincount(index, minlength=present.numel()).to(kl_terms.dtype)
+    group_z0 = (sums / counts).clamp(min=0)
+    return group_z0, group_z0[index]
 
 
 def _nll(segments: ResponseSegments, logp: Tensor, reduction: str) -> tuple[Tensor, Tensor]:

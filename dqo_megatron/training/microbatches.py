@@ -17,7 +17,13 @@ import torch
 
 from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
 from dqo_megatron.data.dataset import TrajectoryDataset
-from dqo_megatron.training.packing import budget_micro_batches, budget_pair_groups, pack_microbatch
+from dqo_megatron.training.packing import (
+    budget_micro_batches,
+    budget_unit_groups,
+    first_fit_decreasing,
+    pack_microbatch,
+    split_micro_batches,
+)
 
 
 def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
@@ -74,7 +80,9 @@ class MicroBatches:
     (B documents, then B mismatched prompt/response rows for the KL reference point; `desirable` [B]).
     `packing`: the same documents packed into rows (`training/packing.py`); `fixed_rows`: as many
     packed rows as documents (pipeline stages exchange fixed shapes); `budget_rows`: micro-batches of at
-    most this many packed rows instead of `micro_batch_size` documents (modes "samples" and "pairs").
+    most this many packed rows instead of `micro_batch_size` documents (pairs and KTO's draws of
+    `micro_batch_size` documents kept whole), split further until their number is a multiple of
+    `micro_batch_multiple` (PP under virtual pipeline stages: Megatron's interleaved schedule).
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class MicroBatches:
         packing: bool = False,
         fixed_rows: bool = False,
         budget_rows: int | None = None,
+        micro_batch_multiple: int = 1,
     ):
         from dqo_megatron.data.pairs import DPOPairDataset, build_dpo_pairs, is_positive
 
@@ -118,8 +127,9 @@ class MicroBatches:
             )
         self.dataset = dataset
         self.packing, self.fixed_rows, self.budget_rows = packing, fixed_rows, budget_rows
-        if budget_rows is not None and (mode == "kto" or not packing):
-            raise ValueError("micro-batches by tokens need packing, and not KTO's mismatched rows")
+        if budget_rows is not None and not packing:
+            raise ValueError("micro-batches by tokens need packing")
+        self.micro_batch_multiple = micro_batch_multiple
         self.length = seq_length + 1
         self.pad_id = pad_id
         self.with_ref_logprobs = with_ref_logprobs
@@ -164,27 +174,65 @@ class MicroBatches:
         return out
 
     def _budget_step(self, num_microbatches: int) -> list[dict]:
-        items = [self.source[i] for _ in range(num_microbatches) for i in self._indices()]
+        docs, units, desirable = self._step_units(
+            [[self.source[i] for i in self._indices()] for _ in range(num_microbatches)]
+        )
         s = self.length - 1
-        if self.mode == "pairs":  # chosen then rejected of each group's pairs: the padded micro-batch's order
-            lengths = [(len(c["tokens"]), len(r["tokens"])) for c, r in items]
+        lengths = [len(doc["tokens"]) for doc in docs]
+        if self.mode == "samples":  # the whole step packed at once, its rows cut in order
             cuts = [
-                ([items[i][0] for i in group] + [items[i][1] for i in group], None)
-                for group in budget_pair_groups(lengths, s, self.budget_rows)
+                (documents, [[documents[i] for i in row] for row in rows])
+                for documents, rows in budget_micro_batches(lengths, s, self.budget_rows)
             ]
-        else:
-            cuts = [
-                ([items[d] for d in documents], rows)
-                for documents, rows in budget_micro_batches([len(x["tokens"]) for x in items], s, self.budget_rows)
-            ]
+        else:  # DPO's pairs and KTO's KL groups whole; each group packed on its own
+            unit = "pair" if self.mode == "pairs" else "KL group (train.micro_batch_size documents)"
+            groups = budget_unit_groups([[lengths[d] for d in a + b] for a, b in units], s, self.budget_rows, unit)
+            cuts = []
+            for group in groups:
+                order = _unit_order(group, units)
+                rows = first_fit_decreasing([min(lengths[d], s) for d in order], s)
+                cuts.append((group, [[order[i] for i in row] for row in rows]))
+        if len(cuts) % self.micro_batch_multiple:
+            cuts = split_micro_batches(cuts, [a + b for a, b in units], self.micro_batch_multiple)
         out = []
         fixed = self.budget_rows if self.fixed_rows else None  # pipeline stages: every micro-batch that many rows
-        for samples, rows in cuts:
+        for group, rows in cuts:
+            order = _unit_order(group, units)
+            where = {d: i for i, d in enumerate(order)}
+            samples = [docs[d] for d in order]
             collated = pad_collate(samples, self.pad_id, pad_to_multiple_of=self.length, max_length=self.length)
             padded = to_model_batch(collated, with_ref_logprobs=self.with_ref_logprobs)
-            batch = pack_microbatch(samples, padded, seq_length=s, pad_id=self.pad_id, rows=rows, num_rows=fixed)
+            if self.mode == "kto":  # each document keeps its padded micro-batch's reference point
+                padded["desirable"] = torch.as_tensor([desirable[d] for u in group for d in units[u][0]])
+                padded["kl_group"] = torch.as_tensor([u for u in group for _ in units[u][0]], dtype=torch.long)
+            packed_rows = [[where[d] for d in row] for row in rows]
+            batch = pack_microbatch(samples, padded, seq_length=s, pad_id=self.pad_id, rows=packed_rows, num_rows=fixed)
             out.append({k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch)
         return out
+
+    def _step_units(self, draws: list[list]) -> tuple[list[dict], list[tuple[list, list]], dict]:
+        """A step's draws as (documents, units, desirable by document id). A unit is ``(first, second)``
+        document ids, laid out in a micro-batch as every unit's first part, then every unit's second:
+        a document ``([d], [])``; a DPO pair ``([chosen], [rejected])``; a KTO draw (KL group) ``(its
+        documents, their mismatched rows)``."""
+        docs: list[dict] = []
+        units: list[tuple[list, list]] = []
+        desirable: dict[int, bool] = {}
+
+        def add(samples: list[dict]) -> list[int]:
+            docs.extend(samples)
+            return list(range(len(docs) - len(samples), len(docs)))
+
+        for items in draws:
+            if self.mode == "pairs":
+                units += [(add([chosen]), add([rejected])) for chosen, rejected in items]
+            elif self.mode == "kto":
+                first = add(items)
+                desirable.update({d: bool(self.positive[docs[d]["index"]]) for d in first})
+                units.append((first, add(mismatched_rows(items))))
+            else:
+                units += [(add([item]), []) for item in items]
+        return docs, units, desirable
 
     def state_dict(self) -> dict:
         """Where the next step's data starts (epoch and batch position of the sampler)."""
@@ -194,3 +242,9 @@ class MicroBatches:
         """Continue exactly where `state` was taken."""
         self.sampler.load_state_dict(state)
         self._iter = None
+
+
+def _unit_order(group: list[int], units: list[tuple[list, list]]) -> list[int]:
+    """Document ids of a micro-batch of `group` units: every unit's first part, then every second part
+    (DPO: chosen rows then rejected; KTO: documents then mismatched rows, as the losses read them)."""
+    return [d for u in group for d in units[u][0]] + [d for u in group for d in units[u][1]]

@@ -26,8 +26,11 @@ response) is computed as in the padded row; a row's s positions hold documents w
 to at most s, and a document of s + 1 tokens (the longest allowed) fills a row alone.
 
 Micro-batches by tokens (`train.micro_batch_tokens`): `budget_micro_batches` packs a whole step's
-documents at once and cuts the rows into micro-batches of a fixed number of rows; each micro-batch is
-then an ordinary packed micro-batch of its documents (docs/packing.md).
+documents at once and cuts the rows into micro-batches of a fixed number of rows; DPO's pairs and
+KTO's KL groups (a padded micro-batch's documents with their mismatched rows, so each document keeps
+its padded reference point) are kept whole by `budget_unit_groups`; under virtual pipeline stages
+`split_micro_batches` makes the count a multiple of PP. Each micro-batch is then an ordinary packed
+micro-batch of its documents (docs/packing.md).
 """
 
 from __future__ import annotations
@@ -160,24 +163,24 @@ def budget_micro_batches(lengths: Sequence[int], seq_length: int, rows_per_micro
     return out
 
 
-def budget_pair_groups(lengths: Sequence[tuple[int, int]], seq_length: int, rows_per_micro_batch: int) -> list:
-    """DPO's (chosen, rejected) pairs grouped into micro-batches of at most `rows_per_micro_batch` packed rows.
+def budget_unit_groups(
+    units: Sequence[Sequence[int]], seq_length: int, rows_per_micro_batch: int, unit: str = "pair"
+) -> list[list[int]]:
+    """Units grouped into micro-batches of at most `rows_per_micro_batch` packed rows.
 
-    lengths: (chosen, rejected) tokens of each pair. Pairs in decreasing total length (ties: lower
-    index first), each into the first group whose documents (chosen of its pairs in index order, then
-    rejected: the padded micro-batch's order) still pack into the budget, else a new group. A pair
-    never leaves its partner. Returns each group's pair indices, increasing. ValueError for a pair
-    that needs more rows than the budget.
+    A unit is documents that share a micro-batch: DPO's (chosen, rejected) pair, KTO's KL group (a
+    padded micro-batch's documents and their mismatched rows). units: the token counts of each unit's
+    documents. Units in decreasing total length (ties: lower index first), each into the first group
+    whose documents still pack (first-fit decreasing) into the budget, else a new group; a unit never
+    leaves its documents. Returns each group's unit indices, increasing. ValueError (naming `unit`)
+    for a unit that needs more rows than the budget.
     """
 
     def rows_needed(group: list[int]) -> int:
-        sizes = [min(int(lengths[i][0]), seq_length) for i in group] + [
-            min(int(lengths[i][1]), seq_length) for i in group
-        ]
-        return len(first_fit_decreasing(sizes, seq_length))
+        return len(first_fit_decreasing([min(int(n), seq_length) for i in group for n in units[i]], seq_length))
 
     groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-(int(lengths[i][0]) + int(lengths[i][1])), i)):
+    for i in sorted(range(len(units)), key=lambda i: (-sum(int(n) for n in units[i]), i)):
         for group in groups:
             if rows_needed(sorted(group + [i])) <= rows_per_micro_batch:
                 group.append(i)
@@ -185,10 +188,38 @@ def budget_pair_groups(lengths: Sequence[tuple[int, int]], seq_length: int, rows
         else:
             if rows_needed([i]) > rows_per_micro_batch:
                 raise ValueError(
-                    f"pair {i} needs more than {rows_per_micro_batch} rows: raise train.micro_batch_tokens"
+                    f"{unit} {i} needs more than {rows_per_micro_batch} rows: raise train.micro_batch_tokens"
                 )
             groups.append([i])
     return [sorted(group) for group in groups]
+
+
+def split_micro_batches(cuts: list[tuple], unit_documents: Sequence[Sequence[int]], multiple: int) -> list[tuple]:
+    """Micro-batches split until their number is a multiple of `multiple`.
+
+    Why: Megatron's interleaved (virtual) pipeline schedule runs the micro-batches in whole groups of
+    PP; cut by tokens, a step's count is whatever the budget gives. cuts: one ``(units, rows)`` per
+    micro-batch, the unit indices it holds in order and its packed rows (lists of document ids);
+    unit_documents: the document ids of each unit. The micro-batch with the most units (ties: the
+    first) is split into its first half of units and the rest, each keeping its documents' places in
+    the original rows (rows left empty are dropped, so no half needs more rows than the whole), until
+    the count is a multiple. ValueError when no micro-batch has two units left to split.
+    """
+    cuts = [(list(units), [list(row) for row in rows]) for units, rows in cuts]
+    while len(cuts) % multiple:
+        at = max(range(len(cuts)), key=lambda i: (len(cuts[i][0]), -i))
+        units, rows = cuts[at]
+        if len(units) < 2:
+            raise ValueError(
+                f"{len(cuts)} micro-batches of one unit each cannot be split into a multiple of {multiple}"
+            )
+        halves = []
+        for part in (units[: (len(units) + 1) // 2], units[(len(units) + 1) // 2 :]):
+            documents = {d for u in part for d in unit_documents[u]}
+            kept = [[d for d in row if d in documents] for row in rows]
+            halves.append((part, [row for row in kept if row]))
+        cuts[at : at + 1] = halves
+    return cuts
 
 
 def unpack_rows(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,9 @@ def _data(run: RunConfig, info, algorithm, is_logger: bool):
         budget_rows=None
         if run.train.micro_batch_tokens is None
         else run.train.micro_batch_tokens // run.train.seq_length,
+        micro_batch_multiple=run.parallel.pipeline_model_parallel_size  # the interleaved schedule's groups
+        if run.parallel.virtual_pipeline_model_parallel_size is not None
+        else 1,
     )
     if is_logger:
         behavior_share = float(dataset.has_behavior.mean()) if len(dataset) else 0.0

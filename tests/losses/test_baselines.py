@@ -131,6 +131,41 @@ def test_kto_matches_brute_force(kl_shift, expect_clamped):
     assert _grad(out.loss, policy_kl).abs().sum() == 0, "the KL reference point is detached"
 
 
+def test_kto_with_kl_groups_is_each_group_on_its_own():
+    """`kl_groups`: several batches in one call (a micro-batch by tokens) == each batch's own kto_loss,
+    z0 included (one group clamped at 0, the others not), whatever order the groups' rows come in."""
+    g = torch.Generator().manual_seed(45)
+    groups = torch.tensor([2, 0, 2, 1, 0, 1, 2, 0])
+    n = groups.numel()
+    policy = (-10 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_()
+    ref = policy.detach() + torch.randn(n, generator=g, dtype=torch.float64)
+    desirable = torch.tensor([True, False, False, True, True, False, True, False])
+    shift = torch.tensor([2.0, -3.0, 0.7], dtype=torch.float64)[groups]  # group 1's KL estimate < 0: z0 = 0
+    policy_kl = -10 * torch.rand(n, generator=g, dtype=torch.float64)
+    ref_kl = policy_kl - shift + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    kwargs = dict(beta=BETA, desirable_weight=1.0, undesirable_weight=1.33)
+    out = kto_loss(policy, ref, desirable, policy_kl, ref_kl, kl_groups=groups, **kwargs)
+    total, z0s = torch.zeros((), dtype=torch.float64), []
+    for group in range(3):
+        rows = groups == group
+        expected, z0 = bf.kto(
+            policy[rows], ref[rows], desirable[rows].tolist(), policy_kl[rows], ref_kl[rows], BETA, 1.0, 1.33
+        )
+        total, z0s = total + expected * int(rows.sum()), z0s + [z0]
+    assert z0s[1] == 0.0 and min(z0s[0], z0s[2]) > 0
+    torch.testing.assert_close(out.loss_sum, total, rtol=1e-12, atol=1e-14)
+    assert out.count.item() == n
+    torch.testing.assert_close(_grad(out.loss_sum, policy), _grad(total, policy), rtol=1e-12, atol=1e-14)
+    reference = out.metrics["kl_reference"]
+    assert (reference[0] / reference[1]).item() == pytest.approx(sum(z0s) / 3, abs=1e-14)
+    one = kto_loss(policy, ref, desirable, policy_kl, ref_kl, kl_groups=torch.zeros(n, dtype=torch.long), **kwargs)
+    torch.testing.assert_close(one.loss, kto_loss(policy, ref, desirable, policy_kl, ref_kl, **kwargs).loss)
+    with pytest.raises(ValueError, match="kl_groups"):
+        kto_loss(policy, ref, desirable, policy_kl[:-1], ref_kl[:-1], kl_groups=groups, **kwargs)
+    with pytest.raises(ValueError, match="integer"):
+        kto_loss(policy, ref, desirable, policy_kl, ref_kl, kl_groups=groups.double(), **kwargs)
+
+
 @pytest.mark.parametrize("layout", sorted(bf.LAYOUTS))
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 def test_sft_and_rejection_sampling_match_brute_force(layout, reduction):

@@ -27,7 +27,7 @@ from dqo_megatron.parallel import cp_local_positions
 from dqo_megatron.training.microbatches import MicroBatches
 from dqo_megatron.training.packing import (
     budget_micro_batches,
-    budget_pair_groups,
+    budget_unit_groups,
     first_fit_decreasing,
     padding_fractions,
     unpack_rows,
@@ -390,17 +390,17 @@ def test_token_budget_needs_packing_and_one_row_per_document():
     with pytest.raises(ConfigError, match="at least"):
         TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=SEQ - 1)
     train = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=2 * SEQ, micro_batch_size=2)
-    with pytest.raises(ConfigError, match="algorithm=kto"):
-        RunConfig(model=MODEL, train=train, algorithm="kto")
+    with pytest.raises(ConfigError, match=f"algorithm=kto keeps each KL group .* at least .* = {4 * SEQ}"):
+        RunConfig(model=MODEL, train=train, algorithm="kto")  # 2 documents + 2 mismatched rows: up to 4 rows
+    RunConfig(model=MODEL, train=dataclasses.replace(train, micro_batch_tokens=4 * SEQ), algorithm="kto")
     RunConfig(model=MODEL, train=train, algorithm="dpo")  # pairs stay together
     one_row = TrainConfig(seq_length=SEQ, packing=True, micro_batch_tokens=SEQ, micro_batch_size=2)
     RunConfig(model=MODEL, train=one_row, algorithm="dqo")
     with pytest.raises(ConfigError, match=f"at least 2 x train.seq_length = {2 * SEQ}"):
         RunConfig(model=MODEL, train=one_row, algorithm="dpo")  # a pair of long documents needs two rows
     RunConfig(model=MODEL, train=train, parallel=ParallelConfig(pipeline_model_parallel_size=2))  # fixed rows
-    with pytest.raises(ConfigError, match="virtual pipeline"):
-        vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
-        RunConfig(model=dataclasses.replace(MODEL, num_layers=4), train=train, parallel=vpp)
+    vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    RunConfig(model=dataclasses.replace(MODEL, num_layers=4), train=train, parallel=vpp)  # split to groups of PP
 
 
 def test_thd_packing_refused_under_cp_or_pp(monkeypatch):
@@ -424,18 +424,20 @@ def test_thd_packing_refused_under_cp_or_pp(monkeypatch):
     check(whole)
 
 
-def test_budget_pair_groups_keep_pairs_within_the_budget():
+@pytest.mark.parametrize("size", [2, 4])
+def test_budget_unit_groups_keep_units_whole_within_the_budget(size):
+    """Units of 2 (DPO's pairs) and 4 (a KTO KL group of 2 documents and 2 mismatched rows) documents."""
     rng = np.random.default_rng(2)
-    for rows_per_micro_batch in (1, 2, 3):
-        pairs = [tuple(int(x) for x in rng.integers(3, 17, size=2)) for _ in range(12)]
-        groups = budget_pair_groups(pairs, SEQ, rows_per_micro_batch)
-        assert groups == budget_pair_groups(list(pairs), SEQ, rows_per_micro_batch), "deterministic"
-        assert sorted(i for g in groups for i in g) == list(range(12)), "every pair once, whole"
+    for rows_per_micro_batch in (size // 2, size // 2 + 1, size):
+        units = [[int(x) for x in rng.integers(3, 17, size=size)] for _ in range(12)]
+        groups = budget_unit_groups(units, SEQ, rows_per_micro_batch)
+        assert groups == budget_unit_groups([list(u) for u in units], SEQ, rows_per_micro_batch), "deterministic"
+        assert sorted(i for g in groups for i in g) == list(range(12)), "every unit once, whole"
         for g in groups:
-            sizes = [pairs[i][0] for i in g] + [pairs[i][1] for i in g]
-            assert len(first_fit_decreasing(sizes, SEQ)) <= rows_per_micro_batch
-    with pytest.raises(ValueError, match="micro_batch_tokens"):
-        budget_pair_groups([(20, 20)], SEQ, 1)
+            assert len(first_fit_decreasing([n for i in g for n in units[i]], SEQ)) <= rows_per_micro_batch
+        assert len(groups) < 12, "units share micro-batches"
+    with pytest.raises(ValueError, match="KL group 0 needs more than 1 rows: raise train.micro_batch_tokens"):
+        budget_unit_groups([[20, 20]], SEQ, 1, unit="KL group")
 
 
 def test_dpo_by_tokens_equals_padded_dpo(dataset):

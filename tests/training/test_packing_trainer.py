@@ -17,14 +17,23 @@ from tests.training.test_packing import MODEL, SEQ
 
 
 def _run(
-    prefix: str, run_dir, *, packing: bool, steps: int, algorithm: str = "dqo", tokens=None, parallel=None
+    prefix: str,
+    run_dir,
+    *,
+    packing: bool,
+    steps: int,
+    algorithm: str = "dqo",
+    tokens=None,
+    parallel=None,
+    micro_batch_size: int = 4,
+    model=MODEL,
 ) -> RunConfig:
     return RunConfig(
-        model=MODEL,
+        model=model,
         parallel=parallel or ParallelConfig(),
         algorithm=algorithm,
         train=TrainConfig(
-            micro_batch_size=4,
+            micro_batch_size=micro_batch_size,
             global_batch_size=8,
             seq_length=SEQ,
             lr=3e-3,
@@ -65,6 +74,33 @@ def test_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset, algor
     budget_run = _run(dataset, None, packing=True, steps=3, tokens=2 * SEQ, algorithm=algorithm)
     (budget,) = run_distributed(_train, 1, budget_run)
     assert budget == pytest.approx(padded, rel=1e-4)
+
+
+def test_kto_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
+    """KTO's draws of 2 documents (its KL groups, with 2 mismatched rows each) kept whole, two to a
+    micro-batch of up to 8 packed rows: each document keeps the reference point of its padded
+    micro-batch."""
+    kto = dict(steps=3, algorithm="kto", micro_batch_size=2)
+    (padded,) = run_distributed(_train, 1, _run(dataset, None, packing=False, **kto))
+    (budget,) = run_distributed(_train, 1, _run(dataset, None, packing=True, tokens=8 * SEQ, **kto))
+    assert len(set(round(x, 6) for x in padded)) == 3, "the run trains"
+    assert budget == pytest.approx(padded, rel=1e-4)
+
+
+def test_vpp_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
+    """PP2 x VPP2: a step's 8 documents fit one micro-batch of 8 rows, which the trainer splits in two
+    for Megatron's interleaved schedule; the losses are the padded run's."""
+    import dataclasses
+
+    vpp = dict(
+        steps=2,
+        parallel=ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+        model=dataclasses.replace(MODEL, num_layers=4),
+    )
+    padded = run_distributed(_train, 2, _run(dataset, None, packing=False, **vpp))
+    budget = run_distributed(_train, 2, _run(dataset, None, packing=True, tokens=8 * SEQ, **vpp))
+    for rank in range(2):
+        assert budget[rank] == pytest.approx(padded[rank], rel=1e-4)
 
 
 def test_pp2_run_with_micro_batches_by_tokens_has_the_unpacked_losses(dataset):
