@@ -1,7 +1,5 @@
-"""Batches for training: padded to a multiple, or packed rows with document boundaries; the sampler.
-
-`pack` (next-fit, in order, with `cu_seqlens`) is not what `train.packing` uses: the trainer's packed
-micro-batches are built by `dqo_megatron.training.packing` (first-fit decreasing, loss keys kept per document).
+"""Batches for training: padded to a multiple; the sampler. Packed micro-batches (`train.packing`) are
+built from padded ones by `dqo_megatron.training.packing`.
 
 Per-token keys (tokens, loss_mask, rewards, behavior_logprobs, ref_logprobs) are aligned with the
 tokens; the trainer shifts them for next-token prediction. Per-document keys (PER_DOC) become ``[B]``
@@ -85,56 +83,6 @@ def pad_collate(
     out["lengths"] = lens
     out["attention_mask"] = torch.arange(L)[None, :] < lens[:, None]
     out["position_ids"] = torch.arange(L).expand(B, L).clone()
-    out.update(_per_doc(samples))
-    return out
-
-
-def pack(samples: Sequence[dict[str, Any]], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pack documents into rows of `row_length` tokens, in order (next-fit: a new row when one is full).
-
-    Returns (R rows, N documents):
-        per-token keys [R, row_length] as in pad_collate (padding at row ends), position_ids restarting
-        at 0 in each document, document_ids [R, row_length] long (position of the document in
-        `samples`, -1 on padding), cu_seqlens [S+1] int32 (segment boundaries in the flattened R*row_length
-        layout; each row's trailing padding is a segment of its own, so cu_seqlens[-1] == R*row_length),
-        and the per-document keys of PER_DOC as [N] tensors (truncated [N] bool among them).
-    """
-    if not samples:
-        raise ValueError("pack got an empty batch")
-    rows: list[list[int]] = [[]]
-    used = 0
-    for d, s in enumerate(samples):
-        T = len(s["tokens"])
-        if T > row_length:
-            raise ValueError(f"document {d} has {T} tokens > row_length {row_length}")
-        if used + T > row_length:
-            rows.append([])
-            used = 0
-        rows[-1].append(d)
-        used += T
-    R = len(rows)
-    out = {
-        key: torch.full((R, row_length), pad_id if key == "tokens" else 0, dtype=dt) for key, dt in PER_TOKEN.items()
-    }
-    pos = torch.zeros((R, row_length), dtype=torch.long)
-    doc = torch.full((R, row_length), -1, dtype=torch.long)
-    cu = [0]
-    for r, members in enumerate(rows):
-        at = 0
-        for d in members:
-            s = samples[d]
-            T = len(s["tokens"])
-            for key in PER_TOKEN:
-                out[key][r, at : at + T] = torch.as_tensor(np.asarray(s[key]))
-            pos[r, at : at + T] = torch.arange(T)
-            doc[r, at : at + T] = d
-            at += T
-            cu.append(r * row_length + at)
-        if at < row_length:
-            cu.append((r + 1) * row_length)
-    out["position_ids"] = pos
-    out["document_ids"] = doc
-    out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
     out.update(_per_doc(samples))
     return out
 

@@ -1,4 +1,4 @@
-"""Sampler (disjoint, covering, deterministic, exactly resumable), padding, packing and DPO pairs."""
+"""Sampler (disjoint, covering, deterministic, exactly resumable), padding and DPO pairs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqo_megatron.data.batching import DistributedTrajectorySampler, pack, pad_collate
+from dqo_megatron.data.batching import DistributedTrajectorySampler, pad_collate
 from dqo_megatron.data.pairs import DPOPairDataset, build_dpo_pairs, collate_pairs, is_positive
 
 
@@ -109,24 +109,6 @@ def test_pad_collate():
     assert pad_collate([_sample(64, 2, 0)], 0, 64)["tokens"].shape == (1, 64)
     with pytest.raises(ValueError, match="max_length"):
         pad_collate([_sample(9, 2, 0)], 0, 8, max_length=8)
-
-
-def test_pack_records_boundaries():
-    samples = [_sample(5, 2, 0), _sample(6, 1, 1), _sample(7, 3, 2), _sample(2, 1, 3)]
-    out = pack(samples, row_length=12, pad_id=-1)
-    assert out["tokens"].shape == (2, 12)
-    assert out["document_ids"][0].tolist() == [0] * 5 + [1] * 6 + [-1]
-    assert out["document_ids"][1].tolist() == [2] * 7 + [3] * 2 + [-1] * 3
-    assert out["position_ids"][0, 5:11].tolist() == list(range(6))
-    assert out["cu_seqlens"].tolist() == [0, 5, 11, 12, 19, 21, 24]
-    for d, s in enumerate(samples):  # every document comes back intact from its segment
-        m = out["document_ids"] == d
-        assert out["tokens"][m].tolist() == s["tokens"].tolist()
-        assert out["loss_mask"][m].tolist() == s["loss_mask"].tolist()
-    assert out["tokens"][out["document_ids"] == -1].eq(-1).all()
-    assert out["truncated"].tolist() == [False, True, False, False] and out["truncated"].dtype == torch.bool
-    with pytest.raises(ValueError, match="row_length"):
-        pack([_sample(13, 1, 0)], 12, 0)
 
 
 def test_dpo_pairs():
