@@ -185,7 +185,7 @@ class MicroBatches:
                 for documents, rows in budget_micro_batches(lengths, s, self.budget_rows)
             ]
         else:  # DPO's pairs and KTO's KL groups whole; each group packed on its own
-            unit = "pair" if self.mode == "pairs" else "KL group (train.micro_batch_size documents)"
+            unit = "pair" if self.mode == "pairs" else "KL group"
             groups = budget_unit_groups([[lengths[d] for d in a + b] for a, b in units], s, self.budget_rows, unit)
             cuts = []
             for group in groups:
