@@ -34,7 +34,7 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from dqo_megatron.paths import honour_umask
 
@@ -177,11 +177,14 @@ def naming_full_disk(path: PathLike) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+def staged_file(
+    path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] = (), suffix: str = ""
+) -> Iterator[Path]:
     """A temporary file beside `path` that becomes `path` when the block succeeds.
 
     Checks run before any work: `path` apart from `inputs`, not an existing directory, not existing
     unless `overwrite`. On error (or interrupt) the temporary file is removed and `path` is untouched.
+    `suffix` ends the temporary file's name (for writers that pick the format by it).
 
     Yields:
         The temporary file's path (created, empty); write the whole output there.
@@ -193,7 +196,7 @@ def staged_file(path: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
     refuse_existing([final], overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(final.parent, final.name)
-    fd, name = tempfile.mkstemp(prefix=_staging_prefix(final.name), dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=_staging_prefix(final.name), suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -211,6 +214,19 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     reports); an output a user names goes through `staged_file` and its refusals."""
     with staged_file(path, overwrite=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_file(path: PathLike, write: Callable[[Path], object]) -> None:
+    """Create or replace `path` with what `write(tmp)` writes to the path `tmp` it is given, in one rename
+    like `atomic_write_text`: for writers that want a path or open the file themselves (matplotlib's
+    `savefig`).
+
+    `tmp` is a unique sibling of `path` (`tempfile.mkstemp`: two processes writing the same path never
+    share one) ending in `path`'s suffix, since writers such as `savefig` pick the format by it. It is
+    fsynced and renamed over `path` when `write` returns; when `write` raises it is removed and `path` is
+    left as it was."""
+    with staged_file(path, overwrite=True, suffix=Path(path).suffix) as tmp:
+        write(tmp)
 
 
 @contextlib.contextmanager

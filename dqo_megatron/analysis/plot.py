@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dqo_megatron.outputs import atomic_write_file
+
 
 def _pyplot():
     try:
@@ -45,11 +47,10 @@ def _fmt(x: Optional[float]) -> str:
 
 def _save(fig, plt, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # a unique temporary sibling renamed into place: concurrent or killed runs leave no half figure
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 

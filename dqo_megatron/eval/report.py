@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from dqo_megatron.eval.results import EvalResults
-from dqo_megatron.outputs import atomic_write_text
+from dqo_megatron.outputs import atomic_write_file, atomic_write_text
 
 MISSING = "–"
 """Shown for a cell that was not measured."""
@@ -125,7 +125,5 @@ def write_reports(results: EvalResults, output_dir: str | os.PathLike) -> dict[s
     paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "accuracy.png"}
     atomic_write_text(paths["json"], json.dumps(results.to_dict(), indent=1, ensure_ascii=False) + "\n")
     atomic_write_text(paths["markdown"], markdown_report(results))
-    tmp = paths["png"].with_name("accuracy.tmp.png")
-    write_png(results, tmp)
-    os.replace(tmp, paths["png"])
+    atomic_write_file(paths["png"], lambda tmp: write_png(results, tmp))
     return paths
