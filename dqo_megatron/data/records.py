@@ -345,9 +345,10 @@ def parse_record(
         RecordError naming file, line, field and the reason code.
     """
     where = {"file": file, "line": line}
+    pair = raw if isinstance(raw, PairSide) else None
     side = None
-    if isinstance(raw, PairSide):
-        side, raw = raw.side, raw.row
+    if pair is not None:
+        side, raw = pair.side, pair.row
     if isinstance(raw, (str, bytes)):
         try:
             obj = json.loads(raw)
@@ -367,7 +368,8 @@ def parse_record(
         )
     names: dict[str, str] = {}
     try:
-        native, names = to_native(obj, side)
+        # a pair side was converted when the reader made it; convert other TRL rows here
+        native, names = pair.converted() if pair is not None else to_native(obj)
         return _parse_fields(native, where, require_reward)
     except ShapeError as err:
         raise RecordError(err.reason, err.message, field=err.field, **where) from None

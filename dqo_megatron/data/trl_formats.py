@@ -32,19 +32,31 @@ class PairSide(dict):
     """One of the two records of a preference-pair row (`side`: "chosen" or "rejected").
 
     As a dict it is that side as a native row (empty when the pair is malformed), so that code which
-    writes rows back (`label`, `process-scores`) writes a valid record; `records.parse_record` reads
-    `row` and `side` instead, to name the row's own fields in its errors.
+    writes rows back (`label`, `process-scores`) writes a valid record. The side is converted once, here:
+    `records.parse_record` takes the result from `converted` (with `row`, to name the row's own fields
+    in its errors) rather than converting again.
     """
 
     def __init__(self, row: dict, side: str):
         self.row, self.side = row, side
+        self._error: ShapeError | None = None
         try:
-            native = _pair_side(row, side)[0]
-        except ShapeError:
-            native = {}  # parse_record reports it from `row`
-        super().__init__(native)
+            self._native, self._names = _pair_side(row, side)
+        except ShapeError as err:
+            self._native, self._names, self._error = {}, {}, err  # parse_record reports it from `row`
+        super().__init__(self._native)
 
-    def __reduce__(self):  # sides travel to worker processes
+    def converted(self) -> tuple[dict, dict[str, str]]:
+        """`to_native(row, side)` as computed when the side was made: (native row, names).
+
+        Raises:
+            The ShapeError that conversion raised, for a malformed pair.
+        """
+        if self._error is not None:
+            raise self._error
+        return self._native, self._names
+
+    def __reduce__(self):  # sides travel to worker processes; rebuilt there from the row (half the bytes)
         return (PairSide, (self.row, self.side))
 
 

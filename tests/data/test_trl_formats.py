@@ -319,6 +319,34 @@ def test_malformed_trl_rows_name_file_line_and_field(tmp_path, row, reason, fiel
     assert skips.counts == {reason: 2 if both else 1} and [r.line for r in kept][0] == 1 and kept[-1].line == 3
 
 
+def test_a_pair_side_is_converted_once(tmp_path, monkeypatch):
+    """The reader converts each side when it splits the pair; parse_record reuses that (also its error)."""
+    from dqo_megatron.data import trl_formats
+    from dqo_megatron.data.records import parse_record
+
+    calls = []
+    convert = trl_formats._pair_side
+    monkeypatch.setattr(trl_formats, "_pair_side", lambda row, side: calls.append(side) or convert(row, side))
+    good = {"prompt": [_user("q")], "chosen": [_bot("a")], "rejected": [_bot("b")], "id": 7}
+    bad = {"prompt": "q", "chosen": "a", "rejected": ""}
+    path = write_jsonl(tmp_path / "p.jsonl", [good, bad])
+    kept = read_records(path, skip_invalid=True, skips=SkipCounter())
+    assert [(r.line, r.response, r.correct) for r in kept] == [(1, "a", True), (1, "b", False), (2, "a", True)]
+    assert calls == ["chosen", "rejected"] * 2  # one conversion per side, none in parse_record
+    chosen, rejected = trl_formats.pair_sides(bad)
+    calls.clear()
+    assert parse_record(chosen).response == "a" and dict(chosen)["correct"] is True
+    with pytest.raises(RecordError) as err:  # a field error, named in the row's terms
+        parse_record(rejected, "p.jsonl", 2)
+    assert (err.value.reason, err.value.field) == ("empty_response", "rejected") and calls == []
+    malformed = trl_formats.pair_sides({"chosen": "q a", "rejected": "q b"})  # no prompt, none implicit
+    calls.clear()
+    for side in malformed:  # the conversion's own error, kept from when the side was made
+        with pytest.raises(RecordError) as err:
+            parse_record(side, "p.jsonl", 3)
+        assert (err.value.reason, err.value.field, err.value.line) == ("missing_field", "prompt", 3) and calls == []
+
+
 def test_malformed_trl_row_stops_preprocess_like_a_native_one(tmp_path, hf_tok_dir):
     rows = [{"messages": [_user("q"), _bot("a")], "label": True}, {"messages": [_user("q")], "label": True}]
     with pytest.raises(RecordError, match=r"trl\.jsonl:2: field 'messages\[0\]\.role': .* \[wrong_type\]"):
