@@ -35,6 +35,7 @@ from dqo_megatron import algorithms
 from dqo_megatron.algorithms import LossInputs
 from dqo_megatron.config import RunConfig
 from dqo_megatron.logprobs import gather_from_context_parallel
+from dqo_megatron.losses.common import ratio_metric
 from dqo_megatron.training.packing import unpack_rows
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
 from dqo_megatron.training.step import model_inputs
@@ -63,6 +64,7 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor, *, policy_we
     """
     algorithm = algorithms.get(run.algorithm)
     output = gather_from_context_parallel(output, dim=1)
+    layout = input_layout_metrics(output.shape[0], output.shape[1], batch)
     if "unpack_index" in batch:  # packed rows: back to one row per document, as the loss keys are
         output = unpack_rows(output, batch["unpack_index"])
     logp, values = output[..., LOGP], output[..., VALUE]
@@ -90,9 +92,25 @@ def rl_loss_func(run: RunConfig, batch: dict, output: torch.Tensor, *, policy_we
         policy_weight=policy_weight,
     )
     loss_sum, count, metrics = algorithm.loss(inputs)
-    metrics = dict(metrics)
+    metrics = {**metrics, **layout}
     metrics["loss"] = torch.stack([loss_sum.detach().float(), count.float()])
     return loss_sum, count, metrics
+
+
+def input_layout_metrics(rows: int, seq_length: int, batch: dict) -> dict[str, torch.Tensor]:
+    """What the model computed for this micro-batch besides the documents, as Megatron metrics
+    (``[numerator, denominator]``, reduced over micro-batches and ranks):
+
+    rows_per_document: model rows (packed, or under pipeline parallelism padded to a fixed count) per
+        document row of the loss (1 unpacked); the logger scales the step's FLOPs by it.
+    padding_frac: share of the rows' input positions that hold no document token (`input_tokens`).
+    """
+    device = batch["response_mask"].device
+    positions = torch.tensor(float(rows * seq_length), device=device)
+    out = {"rows_per_document": ratio_metric(torch.tensor(float(rows), device=device), batch["response_mask"].shape[0])}
+    if "input_tokens" in batch:
+        out["padding_frac"] = ratio_metric(positions - batch["input_tokens"].sum().to(positions.dtype), positions)
+    return out
 
 
 def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -4,7 +4,9 @@ Per token of a decoder with N non-embedding parameters (L layers, width h) at se
 forward pass costs about 2N (every weight is one multiply-add) plus 4*L*h*s for attention
 (QK^T and AV, full square; Megatron's convention), and the output layer 2*h*V; backward costs twice
 the forward. So a trained member costs 3x its forward, a frozen reference 1x, and a value network
-skips the output layer. Padding tokens are counted (they are computed).
+skips the output layer. Padding tokens are counted (they are computed): a padded step computes a
+row of seq_length per document; a packed one fewer rows, which the logger counts from the step's
+`rows_per_document` metric.
 """
 
 from __future__ import annotations

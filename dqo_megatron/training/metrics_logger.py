@@ -64,7 +64,7 @@ class MetricsLogger:
         self.is_logger = parts.is_logger
         self.writer = _tensorboard(run) if self.is_logger else None
         self.wandb_run = _wandb(run, start_step) if self.is_logger else None
-        rows = t.global_batch_size * parts.algorithm.rows_per_item
+        rows = t.global_batch_size * parts.algorithm.rows_per_item  # one per document: scaled per step by packing
         self.flops = step_flops(
             run.model,
             rows * t.seq_length,
@@ -102,7 +102,8 @@ class MetricsLogger:
             )
             self.metrics_file.flush()
         if self.is_logger and (step % self.log_interval == 0 or step == self.total):
-            perf = {"tflops_per_device": self.flops / seconds / 1e12 / self.world_size if seconds > 0 else float("nan")}
+            flops = self.flops * _computed_row_share(result.metrics)
+            perf = {"tflops_per_device": flops / seconds / 1e12 / self.world_size if seconds > 0 else float("nan")}
             if self.peak:
                 perf["mfu"] = perf["tflops_per_device"] / self.peak
             self._log_step(step, result, seconds, perf)
@@ -151,6 +152,13 @@ class MetricsLogger:
                 self.writer.add_scalar(tag, value, step)
         if self.wandb_run is not None:  # the x-axis is our step (`_wandb`): steps redone after a resume are kept
             self.wandb_run.log({**scalars, WANDB_STEP: step})
+
+
+def _computed_row_share(metrics: dict) -> float:
+    """Rows the model computed per document row (`rows_per_document`: below 1 with packing, whose rows
+    hold several documents); 1 when the step did not report it."""
+    share = metrics.get("rows_per_document", 1.0)
+    return share if math.isfinite(share) and share > 0 else 1.0
 
 
 def step_scalars(result, seconds: float, rate: float, perf: dict, lrs: dict) -> dict[str, float]:

@@ -32,8 +32,9 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
     Keys: tokens, labels, position_ids, response_mask, rewards, behavior_logprobs (NaN where the
     document has none: the loss then uses the reference's), all ``[b, s]``; truncated ``[b]`` bool (the
     row's response hit the sampler's length limit: no EOS, its last token is not an end); outcome_reward
-    ``[b]`` (the answer's reward, for metrics that tell correct from incorrect answers); ref_logprobs
-    ``[b, s]`` (only with `with_ref_logprobs`).
+    ``[b]`` (the answer's reward, for metrics that tell correct from incorrect answers); input_tokens
+    ``[b]`` (input positions the document fills, min(length, s): what padding and FLOPs are measured
+    against); ref_logprobs ``[b, s]`` (only with `with_ref_logprobs`).
     """
     tokens = collated["tokens"]
     behavior = collated["behavior_logprobs"][:, 1:].clone()
@@ -47,6 +48,7 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
         "behavior_logprobs": behavior,
         "truncated": collated["truncated"].clone(),
         "outcome_reward": collated["outcome_reward"].clone(),
+        "input_tokens": collated["lengths"].clamp(max=tokens.shape[1] - 1),
     }
     if with_ref_logprobs:
         batch["ref_logprobs"] = collated["ref_logprobs"][:, 1:].contiguous()

@@ -51,6 +51,8 @@ MODEL = ModelConfig(
     seq_length=SEQ,
 )
 REL_TOL = 2e-5
+LAYOUT_METRICS = ("rows_per_document", "padding_frac")
+"""Metrics of the model's rows rather than of the documents: packing changes them on purpose."""
 
 
 # --- the packer -------------------------------------------------------------------------------------
@@ -335,6 +337,9 @@ def test_packed_step_equals_padded_step(dataset, algorithm):
     for member, norm in ref["grad_norms"].items():
         assert got["grad_norms"][member] == pytest.approx(norm, rel=REL_TOL), member
     for name, value in ref["metrics"].items():
+        if name in LAYOUT_METRICS:  # what the model computed: fewer, fuller rows (test_packing_by_tokens)
+            assert got["metrics"][name] < value, name
+            continue
         assert got["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), name
     scale = _assert_same_gradients(got, ref)
     moved = max((ref["after"][n] - ref["initial"][n]).abs().max().item() for n in ref["after"])

@@ -132,3 +132,28 @@ def test_a_vpp_step_needs_whole_groups_of_pp_draws():
     odd = dataclasses.replace(run.train, global_batch_size=12)
     with pytest.raises(ConfigError, match="interleaved schedule .* = 3 is not a multiple of 2"):
         RunConfig(model=run.model, train=odd, parallel=vpp).num_microbatches(2)
+
+
+@pytest.mark.parametrize("budget_rows", [None, 1])
+def test_step_reports_the_rows_it_computed_and_their_padding(dataset, budget_rows):  # noqa: F811
+    """`rows_per_document` and `padding_frac` (what the logger scales FLOPs by, and what packing saves)
+    against the packed layout itself: its document ids and unpack index, not `input_tokens`."""
+    from dqo_megatron.training.algorithms import input_layout_metrics
+    from dqo_megatron.training.packing import padding_fractions
+
+    padded = _micro_batches(dataset, "samples", packing=False, mbs=4, steps=2)
+    packed = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2, budget_rows=budget_rows)
+
+    def reduced(batches):  # Megatron's reduction: numerators and denominators summed, then divided
+        totals = {}
+        for b in batches:
+            for key, value in input_layout_metrics(b["tokens"].shape[0], SEQ, b).items():
+                totals[key] = totals.get(key, 0) + value
+        return {key: float(num / den) for key, (num, den) in totals.items()}
+
+    rows = sum(b["tokens"].shape[0] for b in packed)
+    want_packed = sum(padding_fractions(b)[0] * b["tokens"].shape[0] for b in packed) / rows
+    want_padded = sum(padding_fractions(b)[1] * b["unpack_index"].shape[0] for b in packed) / 8
+    assert reduced(packed) == pytest.approx({"rows_per_document": rows / 8, "padding_frac": want_packed})
+    assert reduced(padded) == pytest.approx({"rows_per_document": 1.0, "padding_frac": want_padded})
+    assert rows < 8 and want_packed < want_padded

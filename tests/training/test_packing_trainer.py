@@ -123,3 +123,22 @@ def test_packed_run_resumes_exactly(dataset, tmp_path):
         logged.append(item["step"])
     assert logged.count(1) == 1 and logged.count(3) == 1, f"the second run resumed after step 2: {logged}"
     assert [losses[s] for s in (1, 2, 3, 4)] == straight
+
+
+def test_metrics_report_the_computed_rows_and_scale_the_flops(dataset, tmp_path):
+    """metrics.jsonl: a padded run computes a row per document, a packed one (by tokens here: the step's
+    8 documents of 12-24 tokens fill 7 rows of 32) fewer, with less padding; the logged TFLOP/s count
+    the rows computed (the logger's scale is the step's rows_per_document)."""
+    from dqo_megatron.training.metrics_logger import _computed_row_share
+
+    logged = {}
+    for packing in (False, True):
+        run = _run(dataset, tmp_path / str(packing), packing=packing, steps=2, tokens=8 * SEQ if packing else None)
+        run_distributed(_train, 1, run)
+        lines = (tmp_path / str(packing) / "metrics.jsonl").read_text().splitlines()
+        logged[packing] = [json.loads(line) for line in lines]
+    assert all(m["rows_per_document"] == 1.0 for m in logged[False])
+    assert all(0 < m["rows_per_document"] < 1 for m in logged[True])
+    assert all(p["padding_frac"] < q["padding_frac"] for p, q in zip(logged[True], logged[False]))
+    assert _computed_row_share(logged[True][0]) == logged[True][0]["rows_per_document"]
+    assert _computed_row_share({}) == 1.0 and _computed_row_share({"rows_per_document": float("nan")}) == 1.0
