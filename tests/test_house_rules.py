@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "dqo_megatron"
 
 LAYERS = [
-    ["", "paths", "processes", "outputs", "errors", "env_report", "checkpoint_integrity"],  # leaves
+    ["", "paths", "processes", "outputs", "errors", "env_report", "checkpoint_integrity", "tokenizer_files"],  # leaves
     ["losses", "algorithms"],
     ["config"],
     ["parallel", "compat"],

@@ -27,6 +27,13 @@ import torch
 from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from dqo_megatron.config.schema import validate_model_layout
 from dqo_megatron.conversion import hf_io
+from dqo_megatron.conversion.hf_tokenizer import (
+    ExportTokenizer,
+    check_tokenizer_fits,
+    checked_tokenizer_source,
+    export_tokenizer,
+    read_export_tokenizer,
+)
 from dqo_megatron.conversion.lean_save import defer
 from dqo_megatron.conversion.megatron_io import (
     DTYPES,
@@ -96,36 +103,6 @@ def _resolve_dtype(requested: str, found: set[torch.dtype], where: Path) -> torc
 def _fail_on_parity(report: ParityReport) -> None:
     if not report.passed:
         raise ConversionError(f"{report.summary()}; nothing was written")
-
-
-def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> None:
-    """ConversionError when the tokenizer to ship with a model has more tokens than the model has
-    embedding rows: it would produce ids the model cannot take. (Fewer is normal: vocabularies are padded.)
-    `tokenizer_dir` may be a sentencepiece .model (or a directory holding only one): its pieces are counted."""
-    from dqo_megatron.conversion.hf_tokenizer import check_sentencepiece_fits, sentencepiece_model_of
-
-    model_file = sentencepiece_model_of(tokenizer_dir) if tokenizer_dir.exists() else None
-    if model_file is not None:  # what `export_tokenizer` converts: refused now, not after the weights
-        check_sentencepiece_fits(model_file, vocab_size)
-        return
-    if not tokenizer_dir.is_dir():
-        return
-    try:
-        from transformers import AutoTokenizer
-
-        size = len(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - side files that are not a loadable tokenizer are copied as they are
-        logger.warning(
-            "%s: not checked against the model's vocabulary (transformers cannot load it: %s)",
-            tokenizer_dir,
-            type(exc).__name__,
-        )
-        return
-    if size > vocab_size:
-        raise ConversionError(
-            f"tokenizer {tokenizer_dir} has {size} tokens, the model {vocab_size}: it does not "
-            "belong to this model (ids beyond the vocabulary cannot be embedded)"
-        )
 
 
 def check_tolerance(tolerance: float) -> None:
@@ -274,7 +251,7 @@ def megatron_to_hf(
     *,
     overwrite: bool = False,
     dtype: str = "auto",
-    tokenizer: Optional[str | Path] = None,
+    tokenizer: Optional[str | Path | ExportTokenizer] = None,
     max_shard_size: str | int = "5GB",
     verify: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -282,7 +259,9 @@ def megatron_to_hf(
 ) -> ConversionReport:
     """Convert the dqo-megatron checkpoint `src` into an HF model directory `out` (safetensors, config.json,
     generation_config.json, the tokenizer of `tokenizer` (an HF tokenizer directory or a sentencepiece .model,
-    see `hf_tokenizer.export_tokenizer`) or of the checkpoint's ``hf/``), loadable by transformers as is.
+    see `hf_tokenizer.export_tokenizer`; or as `hf_tokenizer.checked_tokenizer_source` read it) or of the
+    checkpoint's ``hf/``), loadable by transformers as is. The tokenizer is read once and checked against the
+    model's vocabulary before the weights load.
 
     Args:
         dtype: written dtype: auto (the checkpoint's), fp32, bf16 or fp16.
@@ -292,18 +271,17 @@ def megatron_to_hf(
     start = time.perf_counter()
     check_tolerance(tolerance)
     src, out = Path(src), Path(out)
-    inputs = [src] + ([Path(tokenizer)] if tokenizer is not None else [])
+    given = tokenizer.path if isinstance(tokenizer, ExportTokenizer) else tokenizer
+    inputs = [src] + ([Path(given)] if given is not None else [])
     check_output(out.absolute(), overwrite, inputs)
-    from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source, export_tokenizer
-
-    tokenizer_source = check_tokenizer_source(tokenizer)  # a directory or a sentencepiece .model
+    tokenizer_source = checked_tokenizer_source(tokenizer)  # a directory or a sentencepiece .model
     cfg, info = read_metadata(src)
     if info.kind != "policy":
         raise ConversionError(f"{src} is a {info.kind} checkpoint; only policy checkpoints have an HF equivalent")
     fam = family(cfg.family)
     out_dtype = info.torch_dtype if dtype == "auto" else _resolve_dtype(dtype, set(), src)
-    tokenizer_dir = tokenizer_source if tokenizer_source is not None else src / HF_DIR
-    check_tokenizer_fits(tokenizer_dir, cfg.vocab_size)
+    shipped = tokenizer_source if tokenizer_source is not None else read_export_tokenizer(src / HF_DIR)
+    check_tokenizer_fits(shipped, cfg.vocab_size)  # refused now, not after the weights
     max_bytes = hf_io.parse_size(max_shard_size)
     base_config = None
     if (src / HF_DIR / "config.json").is_file():
@@ -331,7 +309,7 @@ def megatron_to_hf(
 
         hf_io.write_hf_safetensors(tmp, rules, get, hf_bytes, max_bytes, progress)
         hf_io.write_json(tmp / "config.json", fam.config_to_hf(cfg, base_config, out_dtype))
-        export_tokenizer(tokenizer_dir, tmp, cfg.vocab_size)  # tokenizer files, generation_config.json
+        export_tokenizer(shipped, tmp)  # tokenizer files, generation_config.json
         params.clear()  # frees the tensors (the closures above still name the dict)
         del chunk
         if verify:

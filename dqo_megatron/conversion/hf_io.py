@@ -21,6 +21,7 @@ from dqo_megatron.config import ModelConfig
 from dqo_megatron.conversion.layout import fuse_gate_up
 from dqo_megatron.conversion.registry import ConversionError, Family, TensorRule
 from dqo_megatron.errors import first_line
+from dqo_megatron.tokenizer_files import COPIED_FILES
 
 
 @contextlib.contextmanager
@@ -41,19 +42,6 @@ def open_safetensors(file: Path) -> Iterator[Any]:
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-"""Files copied verbatim between HF directories and the Megatron checkpoint (tokenizer, generation)."""
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -319,8 +307,9 @@ def write_hf_safetensors(
     return names
 
 
-def copy_side_files(src: Path, dst: Path, names: Sequence[str] = TOKENIZER_FILES) -> list[str]:
-    """Copy the tokenizer / generation files that exist in `src` into `dst`; returns the names copied."""
+def copy_side_files(src: Path, dst: Path, names: Sequence[str] = COPIED_FILES) -> list[str]:
+    """Copy the tokenizer / generation files (`tokenizer_files.COPIED_FILES`) that exist in `src` into `dst`;
+    returns the names copied."""
     copied = []
     for name in names:
         if (src / name).is_file():

@@ -20,7 +20,10 @@ character by character); decoding invalid UTF-8 byte pieces yields one U+FFFD pe
 that starts with <unk> or with a lone "▁" piece before a "▁"-piece keeps one space sentencepiece drops.
 
 A ``tokenizer.model`` is copied beside tokenizer.json, so the export's tokenizer has the identity of the
-training data's (`data.tokenize.tokenizer_difference` compares a lone sentencepiece model with it).
+training data's (`data.tokenize.tokenizer_difference` compares a lone sentencepiece model with it). Which
+files make a directory an HF tokenizer or a sentencepiece model is `dqo_megatron.tokenizer_files`' rule,
+the one training reads tokenizers by. An export reads its tokenizer once (`read_export_tokenizer`): the
+sentencepiece model parsed there is what is checked and converted.
 """
 
 from __future__ import annotations
@@ -28,23 +31,23 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from dqo_megatron.conversion import hf_io
 from dqo_megatron.conversion.registry import ConversionError
 from dqo_megatron.errors import first_line
+from dqo_megatron.tokenizer_files import (
+    COPIED_FILES,
+    GENERATION_CONFIG,
+    SENTENCEPIECE_FILE,
+    TOKENIZER_FILES,
+    holds_tokenizer,
+    sentencepiece_model_file,
+)
 
 logger = logging.getLogger(__name__)
-
-SENTENCEPIECE_FILE = "tokenizer.model"
-"""Where an export keeps the sentencepiece model its tokenizer.json was built from."""
-
-GENERATION_CONFIG = "generation_config.json"
-
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-"""Files that make a directory an HF tokenizer; a directory with only a tokenizer.model is a sentencepiece
-model (transformers would load it as a Llama tokenizer, which frames text differently: see the module doc)."""
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -53,50 +56,56 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _BPE = 2
 
 
-def check_tokenizer_source(tokenizer: Optional[str | Path]) -> Optional[Path]:
-    """`tokenizer` (an export's --tokenizer) as a Path when it is a sentencepiece ``.model`` file or a directory
-    holding tokenizer files, and a sentencepiece model one that converts with the same ids; ConversionError naming
-    the path otherwise. Cheap (reads the tokenizer only): called before a checkpoint loads."""
-    if tokenizer is None:
-        return None
+@dataclass(frozen=True)
+class ExportTokenizer:
+    """The tokenizer an export ships, read once: an HF tokenizer directory (its files are copied) or a
+    sentencepiece model (`model_file`, parsed into `proto` and checked convertible: it is converted)."""
+
+    path: Path
+    """What was given: a sentencepiece .model file or a directory (one that does not exist ships nothing)."""
+    model_file: Optional[Path] = None
+    """The sentencepiece model converted (`tokenizer_files.sentencepiece_model_file`); None for HF."""
+    proto: Any = None
+    """`model_file` parsed (sentencepiece's ModelProto); None for HF."""
+
+
+def read_export_tokenizer(source: str | Path) -> ExportTokenizer:
+    """`source` read as an export reads it: a sentencepiece model (a .model file or a directory holding only
+    tokenizer.model) parsed and checked convertible, ConversionError naming the file otherwise; anything
+    else as the directory whose tokenizer files are copied."""
+    source = Path(source)
+    model_file = sentencepiece_model_file(source)
+    if model_file is None:
+        return ExportTokenizer(source)
+    proto = _read_proto(model_file)
+    _check_convertible(proto, model_file)
+    return ExportTokenizer(source, model_file, proto)
+
+
+def checked_tokenizer_source(tokenizer: Optional[str | Path | ExportTokenizer]) -> Optional[ExportTokenizer]:
+    """`tokenizer` (an export's --tokenizer) read (`read_export_tokenizer`) when it is a sentencepiece ``.model``
+    file or a directory holding tokenizer files, and a sentencepiece model one that converts with the same ids;
+    ConversionError naming the path otherwise. Cheap (reads the tokenizer only): called before a checkpoint
+    loads. An `ExportTokenizer` is returned as it is (read and checked already)."""
+    if tokenizer is None or isinstance(tokenizer, ExportTokenizer):
+        return tokenizer
     path = Path(tokenizer)
     if not path.exists():
         raise ConversionError(f"--tokenizer {path} does not exist (give an HF tokenizer directory or a .model file)")
-    if path.is_file():
-        if path.suffix != ".model":
-            raise ConversionError(
-                f"--tokenizer {path} is a file but not a sentencepiece .model: give a .model file or the "
-                "directory holding the tokenizer files (tokenizer.json / tokenizer_config.json ...)"
-            )
-        _check_convertible(_read_proto(path), path)
-        return path
-    if not holds_tokenizer(path):
+    if path.is_file() and path.suffix != ".model":
         raise ConversionError(
-            f"--tokenizer {path} holds no tokenizer files ({', '.join(HF_TOKENIZER_FILES + (SENTENCEPIECE_FILE,))})"
+            f"--tokenizer {path} is a file but not a sentencepiece .model: give a .model file or the "
+            "directory holding the tokenizer files (tokenizer.json / tokenizer_config.json ...)"
         )
-    model_file = sentencepiece_model_of(path)
-    if model_file is not None:  # a model that cannot be converted is refused now, not after the weights
-        _check_convertible(_read_proto(model_file), model_file)
-    return path
+    if not holds_tokenizer(path):
+        raise ConversionError(f"--tokenizer {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return read_export_tokenizer(path)
 
 
-def holds_tokenizer(path: str | Path) -> bool:
-    """True when `path` is a sentencepiece .model file or a directory with tokenizer files (an HF model
-    directory or a checkpoint's hf/ may hold only config.json)."""
-    path = Path(path)
-    if path.is_file():
-        return path.suffix == ".model"
-    return path.is_dir() and any((path / n).is_file() for n in HF_TOKENIZER_FILES + (SENTENCEPIECE_FILE,))
-
-
-def sentencepiece_model_of(source: Path) -> Optional[Path]:
-    """The sentencepiece model to convert for `source`: the file itself, or the tokenizer.model of a directory
-    that has no HF tokenizer files; None for an HF tokenizer directory (copied as it is)."""
-    if source.is_file():
-        return source
-    if (source / SENTENCEPIECE_FILE).is_file() and not any((source / n).is_file() for n in HF_TOKENIZER_FILES):
-        return source / SENTENCEPIECE_FILE
-    return None
+def check_tokenizer_source(tokenizer: Optional[str | Path]) -> Optional[Path]:
+    """`tokenizer` as a Path once `checked_tokenizer_source` accepts it; None for None."""
+    checked = checked_tokenizer_source(tokenizer)
+    return None if checked is None else checked.path
 
 
 def _read_proto(model_file: Path):
@@ -186,16 +195,18 @@ def _decoder(proto):
     return decoders.Sequence(steps)
 
 
-def sentencepiece_to_hf(model_file: str | Path):
+def sentencepiece_to_hf(model_file: str | Path, proto: Any = None):
     """A `tokenizers.Tokenizer` giving the ids of sentencepiece model `model_file`, with BOS before every
     sequence (as the training tokenizer frames prompts), and its special tokens ``{"bos_token": ...}``.
 
+    `proto`: the model already parsed and checked (`ExportTokenizer.proto`); None reads `model_file`.
     ConversionError for a file that is not a sentencepiece model or whose ids could not be reproduced."""
     from tokenizers import AddedToken, Tokenizer, processors
 
-    model_file = Path(model_file)
-    proto = _read_proto(model_file)
-    _check_convertible(proto, model_file)
+    if proto is None:
+        model_file = Path(model_file)
+        proto = _read_proto(model_file)
+        _check_convertible(proto, model_file)
     tok = Tokenizer(_bpe_model(proto))
     tok.normalizer = _normalizer(proto.normalizer_spec)
     tok.decoder = _decoder(proto)
@@ -217,18 +228,19 @@ def sentencepiece_to_hf(model_file: str | Path):
 
 
 def write_sentencepiece_tokenizer(
-    model_file: str | Path, out: str | Path, max_length: Optional[int] = None
+    model_file: str | Path, out: str | Path, max_length: Optional[int] = None, proto: Any = None
 ) -> list[str]:
     """Write sentencepiece model `model_file` into directory `out` as an HF fast tokenizer (tokenizer.json,
     tokenizer_config.json, special_tokens_map.json) plus the model itself as tokenizer.model; returns the
-    names written. `max_length` becomes ``model_max_length`` (the model's context)."""
+    names written. `max_length` becomes ``model_max_length`` (the model's context); `proto` as for
+    `sentencepiece_to_hf`."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out)
-    tok, specials = sentencepiece_to_hf(model_file)
+    tok, specials = sentencepiece_to_hf(model_file, proto)
     extra = {"model_max_length": max_length} if max_length else {}
     # clean_up_tokenization_spaces would rewrite " ." as "." on decode: sentencepiece does not
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **specials, **extra)
@@ -241,7 +253,7 @@ def write_sentencepiece_tokenizer(
     hf_io.write_json(out / "special_tokens_map.json", specials)
     if Path(model_file).resolve() != (out / SENTENCEPIECE_FILE).resolve():
         shutil.copyfile(model_file, out / SENTENCEPIECE_FILE)
-    return sorted(p.name for p in out.iterdir() if p.name in hf_io.TOKENIZER_FILES)
+    return sorted(p.name for p in out.iterdir() if p.name in COPIED_FILES)
 
 
 def _tokenizer_ids(out: Path) -> dict[str, Any]:
@@ -279,40 +291,63 @@ def complete_token_ids(out: Path, has_tokenizer: bool = True) -> dict:
     return generation
 
 
-def check_sentencepiece_fits(model_file: Path, vocab_size: int) -> None:
-    """ConversionError when sentencepiece model `model_file` has more pieces than the model has embedding rows."""
-    pieces = len(_read_proto(model_file).pieces)
-    if pieces > vocab_size:
+def check_tokenizer_fits(tokenizer: str | Path | ExportTokenizer, vocab_size: int) -> None:
+    """ConversionError when the tokenizer to ship with a model has more tokens than the model has
+    embedding rows: it would produce ids the model cannot take. (Fewer is normal: vocabularies are padded.)
+    `tokenizer`: a path read by `read_export_tokenizer` (a sentencepiece model's pieces are counted, an HF
+    directory is loaded by transformers) or what it returned."""
+    tok = tokenizer if isinstance(tokenizer, ExportTokenizer) else read_export_tokenizer(tokenizer)
+    if tok.proto is not None:
+        where, size = tok.model_file, len(tok.proto.pieces)
+    elif tok.path.is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            where, size = tok.path, len(AutoTokenizer.from_pretrained(str(tok.path), local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - side files that are not a loadable tokenizer are copied as they are
+            logger.warning(
+                "%s: not checked against the model's vocabulary (transformers cannot load it: %s)",
+                tok.path,
+                type(exc).__name__,
+            )
+            return
+    else:
+        return
+    if size > vocab_size:
         raise ConversionError(
-            f"tokenizer {model_file} has {pieces} tokens, the model {vocab_size}: it does not belong to this "
-            "model (ids beyond the vocabulary cannot be embedded)"
+            f"tokenizer {where} has {size} tokens, the model {vocab_size}: it does not belong to this model "
+            "(ids beyond the vocabulary cannot be embedded)"
         )
 
 
-def export_tokenizer(source: Optional[Path], out: Path, vocab_size: Optional[int] = None) -> list[str]:
+def export_tokenizer(
+    source: Optional[str | Path | ExportTokenizer], out: Path, vocab_size: Optional[int] = None
+) -> list[str]:
     """Give HF export directory `out` (config.json written) its tokenizer and generation config.
 
     `source`: an HF tokenizer directory (its tokenizer and generation files copied), a sentencepiece .model
-    file or a directory holding only one (converted, `write_sentencepiece_tokenizer`), or None. A sentencepiece
-    vocabulary larger than `vocab_size` is refused. Returns the names of the files written."""
+    file or a directory holding only one (converted, `write_sentencepiece_tokenizer`), either as read by
+    `read_export_tokenizer` already, or None. With `vocab_size`, a sentencepiece vocabulary larger than it is
+    refused (`megatron_to_hf` checks before the weights instead). Returns the names of the files written."""
     config_file = out / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     written: list[str] = []
-    model_file = sentencepiece_model_of(source) if source is not None and source.exists() else None
-    if model_file is not None:
+    tok = source if source is None or isinstance(source, ExportTokenizer) else read_export_tokenizer(source)
+    if tok is not None and tok.proto is not None:
         if vocab_size is not None:
-            check_sentencepiece_fits(model_file, vocab_size)
-        written = write_sentencepiece_tokenizer(model_file, out, config.get("max_position_embeddings"))
-        if source.is_dir() and (source / GENERATION_CONFIG).is_file():
-            written += hf_io.copy_side_files(source, out, (GENERATION_CONFIG,))
-    elif source is not None and source.is_dir():
-        written = hf_io.copy_side_files(source, out)
+            check_tokenizer_fits(tok, vocab_size)
+        max_length = config.get("max_position_embeddings")
+        written = write_sentencepiece_tokenizer(tok.model_file, out, max_length, tok.proto)
+        if tok.path.is_dir() and (tok.path / GENERATION_CONFIG).is_file():
+            written += hf_io.copy_side_files(tok.path, out, (GENERATION_CONFIG,))
+    elif tok is not None and tok.path.is_dir():
+        written = hf_io.copy_side_files(tok.path, out)
     has_tokenizer = any(name != GENERATION_CONFIG for name in written)
     if not has_tokenizer:
         logger.warning(
             "%s: exported without a tokenizer (none in %s): give one with --tokenizer (a directory or a .model file)",
             out,
-            source,
+            None if tok is None else tok.path,
         )
     complete_token_ids(out, has_tokenizer)
     return sorted(set(written) | {GENERATION_CONFIG})

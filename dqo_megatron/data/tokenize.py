@@ -29,6 +29,14 @@ import numpy as np
 from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.records import RecordError, TrajectoryRecord
 from dqo_megatron.errors import first_line
+from dqo_megatron.tokenizer_files import (
+    HF_TOKENIZER_FILES,
+    SENTENCEPIECE_FILE,
+    TOKENIZER_FILES,
+    TOKENIZER_IDENTITY_FILES,
+    sentencepiece_model_file,
+    tokenizer_kind,
+)
 
 
 @dataclass
@@ -36,9 +44,11 @@ class TokenizerConfig:
     """Which tokenizer to load (always from local files) and how to frame prompts."""
 
     path: str = ""
-    """An HF tokenizer directory (tokenizer.json / tokenizer_config.json) or a sentencepiece .model file."""
+    """An HF tokenizer directory (tokenizer.json / tokenizer_config.json) or a sentencepiece .model file (or a
+    directory whose only tokenizer file is tokenizer.model)."""
     kind: Literal["auto", "hf", "sentencepiece"] = "auto"
-    """auto: sentencepiece for a *.model file, else HF."""
+    """auto: as `dqo_megatron.tokenizer_files.tokenizer_kind` reads the path (sentencepiece for a *.model file
+    or a directory with only tokenizer.model, else HF)."""
     name: str | None = None
     """Name recorded in the output and compared with records' `behavior_tokenizer`. None: basename of path."""
     chat_template: str | None = None
@@ -61,39 +71,45 @@ class TokenizerConfig:
             )
         if self.kind not in ("auto", "hf", "sentencepiece"):
             raise ConfigError(f"tokenizer.kind={self.kind!r}: choose auto, hf or sentencepiece")
-        if self.kind == "auto":
-            self.kind = "sentencepiece" if self.path.endswith(".model") and os.path.isfile(self.path) else "hf"
+        if self.kind == "auto":  # what the path does not tell is checked as HF, whose messages say what is missing
+            self.kind = tokenizer_kind(self.path) or "hf"
         _check_tokenizer_path(self.path, self.kind)
+        if self.kind == "sentencepiece" and self.chat_template is not None and os.path.isdir(self.path):
+            # transformers would have applied it to its own guess at this model's ids: say so, not drop it
+            raise ConfigError(
+                f"tokenizer.chat_template is set, but tokenizer.path={self.path!r} holds only a sentencepiece "
+                f"{SENTENCEPIECE_FILE}, read with sentencepiece, which takes no chat template: give an HF "
+                f"tokenizer directory ({', '.join(HF_TOKENIZER_FILES)})"
+            )
         if self.name is None:
             self.name = os.path.basename(os.path.normpath(self.path))
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-"""Files that make a directory an HF tokenizer directory."""
-
-
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    """True when `path` is a sentencepiece .model file or a directory holding tokenizer files."""
-    if os.path.isfile(path):
-        return os.fspath(path).endswith(".model")
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
 def _check_tokenizer_path(path: str, kind: str) -> None:
     """ConfigError naming what is wrong with a tokenizer path before a library reports it its own way."""
     if not os.access(path, os.R_OK):
         raise ConfigError(f"tokenizer.path={path!r} is not readable (permission denied)")
-    if kind == "sentencepiece" and not os.path.isfile(path):
-        raise ConfigError(f"tokenizer.path={path!r}: a sentencepiece tokenizer is a .model file")
+    found = tokenizer_kind(path)
+    if kind == "sentencepiece" and found != "sentencepiece" and not os.path.isfile(path):
+        raise ConfigError(
+            f"tokenizer.path={path!r}: a sentencepiece tokenizer is a .model file (or a directory whose only "
+            f"tokenizer file is {SENTENCEPIECE_FILE})"
+        )
     if kind == "hf" and os.path.isfile(path):
         raise ConfigError(
             f"tokenizer.path={path!r} is a file but not a sentencepiece .model: give an HF tokenizer "
             "directory (tokenizer.json / tokenizer_config.json) or a .model file"
         )
-    if kind == "hf" and not has_tokenizer(path):
+    if kind == "hf" and found is None:
         raise ConfigError(
-            f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}): "
+            f"tokenizer.path={path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
             "give the directory of an HF tokenizer or a sentencepiece .model file"
+        )
+    if kind == "hf" and found == "sentencepiece":  # the export converts it with sentencepiece's ids
+        raise ConfigError(
+            f"tokenizer.path={path!r} holds no HF tokenizer file ({', '.join(HF_TOKENIZER_FILES)}), only a "
+            f"sentencepiece {SENTENCEPIECE_FILE}, which is read with sentencepiece: use tokenizer.kind auto or "
+            "sentencepiece (transformers would guess other ids)"
         )
 
 
@@ -152,21 +168,6 @@ class TokenizedSample:
 
 PROMPT_CACHE_SIZE = 4096
 """Distinct prompts whose token ids a worker keeps (cleared when full)."""
-
-TOKENIZER_IDENTITY_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""The files of an HF tokenizer directory that its identity hash covers: exactly the tokenizer files that
-`convert hf-to-megatron` copies into a checkpoint's hf/ (conversion.hf_io.TOKENIZER_FILES without
-generation_config.json), so a source directory and its checkpoint's copy hash the same."""
 
 
 def _sha256_file(path: str) -> str:
@@ -235,7 +236,7 @@ class Tokenizer:
             import sentencepiece as spm
 
             try:
-                self.sp = spm.SentencePieceProcessor(model_file=cfg.path)
+                self.sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model_file(cfg.path) or cfg.path))
             except (RuntimeError, OSError) as exc:
                 raise ConfigError(f"tokenizer {cfg.path!r}: not a sentencepiece model ({first_line(exc)})") from None
             self.hf = None

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig, has_tokenizer  # noqa: F401 (has_tokenizer: re-exported)
+from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig
 from dqo_megatron.rollout.backend import Completion
+from dqo_megatron.tokenizer_files import holds_tokenizer as has_tokenizer  # noqa: F401 (re-exported for the backends)
 
 
 def load_tokenizer(

@@ -89,18 +89,25 @@ def export_tokenizer_source(run: RunConfig, tokenizer: Optional[str | Path] = No
     """The tokenizer an HF export of `run` ships, checked (ConversionError naming a wrong path): `tokenizer`
     (an HF tokenizer directory or a sentencepiece .model); else None when init.policy's hf/ holds one (the
     converter takes it from the checkpoint); else eval.tokenizer, the one the run framed prompts with."""
-    from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source, holds_tokenizer
+    checked = _checked_export_tokenizer(run, tokenizer)
+    return None if checked is None else checked.path
+
+
+def _checked_export_tokenizer(run: RunConfig, tokenizer: Optional[str | Path] = None):
+    """`export_tokenizer_source` as `hf_tokenizer.ExportTokenizer` (read once, handed to `megatron_to_hf`)."""
+    from dqo_megatron.conversion.hf_tokenizer import checked_tokenizer_source
     from dqo_megatron.conversion.megatron_io import HF_DIR
     from dqo_megatron.conversion.registry import ConversionError
+    from dqo_megatron.tokenizer_files import holds_tokenizer
 
     if tokenizer is None and not (run.init.policy and holds_tokenizer(Path(run.init.policy) / HF_DIR)):
         if run.eval.tokenizer and holds_tokenizer(run.eval.tokenizer):
             try:  # a fallback the user did not ask for: one that cannot be exported is skipped, not fatal
-                return check_tokenizer_source(run.eval.tokenizer)
+                return checked_tokenizer_source(run.eval.tokenizer)
             except ConversionError as exc:
                 logger.warning("exporting without a tokenizer: eval.tokenizer %s", exc)
                 return None
-    return check_tokenizer_source(tokenizer)
+    return checked_tokenizer_source(tokenizer)
 
 
 def export_policy_to_megatron(
@@ -168,8 +175,8 @@ def export_policy_to_hf(
 
     out = Path(out)
     check_training_checkpoint(checkpoint)  # a wrong checkpoint path is the first thing to report
-    tokenizer = export_tokenizer_source(run, tokenizer)  # checked before the checkpoint loads
-    check_output(out.absolute(), overwrite, _export_inputs(run, checkpoint, tokenizer))
+    shipped = _checked_export_tokenizer(run, tokenizer)  # read and checked before the checkpoint loads
+    check_output(out.absolute(), overwrite, _export_inputs(run, checkpoint, shipped.path if shipped else None))
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))
     try:
@@ -179,7 +186,7 @@ def export_policy_to_hf(
             out,
             overwrite=overwrite,
             dtype=dtype,
-            tokenizer=tokenizer,
+            tokenizer=shipped,
             verify=verify,
             progress=False,
         )

@@ -252,9 +252,13 @@ def test_manifest_records_the_tokenizer_hash(tmp_path, hf_tok_dir):
 
 
 def test_the_identity_files_are_what_conversion_copies():
-    from dqo_megatron.conversion.hf_io import TOKENIZER_FILES
+    import inspect
 
-    assert set(TOKENIZER_IDENTITY_FILES) == set(TOKENIZER_FILES) - {"generation_config.json"}
+    from dqo_megatron.conversion.hf_io import copy_side_files
+    from dqo_megatron.tokenizer_files import COPIED_FILES
+
+    assert inspect.signature(copy_side_files).parameters["names"].default == COPIED_FILES
+    assert set(TOKENIZER_IDENTITY_FILES) == set(COPIED_FILES) - {"generation_config.json"}
 
 
 def test_a_lone_sentencepiece_model_matches_the_directory_around_it(tmp_path, sp_model):

@@ -120,15 +120,21 @@ def test_behavior_logprobs_sampled_and_none(random_hf, story_problems, tmp_path)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["sentencepiece-text", "hf-chat-template"])
-def test_preprocess_accepts_the_output_aligned(random_hf, stories_hf, story_problems, tmp_path, chat):
+def test_preprocess_accepts_the_output_aligned(random_hf, story_problems, tmp_path, chat):
     from dqo_megatron.data.dataset import TrajectoryDataset
     from dqo_megatron.data.preprocess import PreprocessConfig, preprocess
     from dqo_megatron.data.tokenize import TokenizeConfig, TokenizerConfig
     from dqo_megatron.rollout.factory import build_backend
     from dqo_megatron.rollout.framing import encode_prompts
 
-    # chat: the HF tokenizer of the stories directory (tokenizer.model) with a chat template; same model weights
-    tok = stories_hf[0] if chat else random_hf[1]
+    # chat: an HF tokenizer with a chat template (the stories sentencepiece model written as one, as an export
+    # writes it: a directory with only tokenizer.model is read with sentencepiece); same model weights
+    tok = random_hf[1]
+    if chat:
+        from dqo_megatron.conversion.hf_tokenizer import write_sentencepiece_tokenizer
+
+        tok = str(tmp_path / "hf-tokenizer")
+        write_sentencepiece_tokenizer(random_hf[1], tok)
     template = CHAT_TEMPLATE if chat else None
     cfg = _cfg((random_hf[0], tok), story_problems, tmp_path / "out.jsonl", label=True, chat_template=template, n=6)
     run_rollout(cfg)
