@@ -34,7 +34,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -61,6 +61,7 @@ from dqo_megatron.analysis.scores import (
     step_scores,
 )
 from dqo_megatron.config import ConfigError
+from dqo_megatron.config.dtypes import canonical_dtype
 from dqo_megatron.data.records import RecordError, SkipCounter, TrajectoryRecord, read_records, write_jsonl
 from dqo_megatron.data.tokenize import TokenizeConfig, Tokenizer, step_token_indices, tokenize_records
 from dqo_megatron.outputs import check_apart, refuse_existing
@@ -126,8 +127,9 @@ class ValueAnalysisConfig:
     """Read at most this many (valid) records, in file order; None: all."""
     skip_invalid: bool = False
     """Skip invalid or too long records and count them by reason, instead of stopping at the first."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Trunk dtype: auto = fp32 on CPU, bf16 on GPU (the head and the values are fp32)."""
+    dtype: str = "auto"
+    """Trunk dtype: auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16; float32, bfloat16, float16 mean the
+    same and are kept as the short name. The head and the values are fp32."""
     bins: int = 10
     """Quantile bins of the score for the binned statistics when it takes more than 12 distinct values."""
     plot: bool = True
@@ -153,8 +155,7 @@ class ValueAnalysisConfig:
             raise ConfigError("out_dir is empty: give where to write the results")
         if self.score not in SCORE_KINDS:
             raise ConfigError(f"score={self.score!r}: choose one of {', '.join(SCORE_KINDS)}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"dtype={self.dtype!r}: choose auto, fp32, bf16 or fp16")
+        self.dtype = canonical_dtype(self.dtype, "dtype")
         for name in ("batch_size", "bins"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

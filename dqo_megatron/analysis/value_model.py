@@ -27,11 +27,10 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, RunConfig, dtypes
 
 CheckpointKind = Literal["training", "value_conversion"]
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -244,7 +243,7 @@ def _build_trunk(model: ModelConfig, dtype: str) -> torch.nn.Module:
     from dqo_megatron.models import build_model_chunks
 
     precision = PrecisionConfig(dtype=dtype)  # type: ignore[arg-type]
-    torch_dtype = _TORCH_DTYPES[precision.resolved_dtype(torch.cuda.is_available())]
+    torch_dtype = dtypes.torch_dtype(precision.resolved_dtype(torch.cuda.is_available()))
     overrides = {"perform_initialization": False, "params_dtype": torch_dtype, "pipeline_dtype": torch_dtype}
     (gpt,) = build_model_chunks(model, ParallelConfig(), precision, config_overrides=overrides)
     return gpt

@@ -2,7 +2,10 @@
 
 `fp32`/`float32`, `bf16`/`bfloat16`, `fp16`/`float16` (and `auto` where a default is resolved per
 machine) mean the same everywhere; `canonical_dtype` turns any of them into the short name the configs
-store, `torch_dtype_name` into the long name torch, transformers and vLLM take.
+store, `torch_dtype_name` into the long name torch, transformers and vLLM take, `torch_dtype` into the
+torch dtype itself, and `dtype_from_torch` a torch dtype back into the short name. This is the one table
+of these names: the modules that build models, convert checkpoints or generate use it. Importing this
+module does not import torch (`torch_dtype` does, when called).
 """
 
 from __future__ import annotations
@@ -44,3 +47,17 @@ def torch_dtype_name(name: str, where: str = "dtype") -> str:
     """`name` in any accepted spelling -> "auto", "float32", "bfloat16" or "float16"."""
     short = canonical_dtype(name, where)
     return TORCH_NAMES.get(short, short)
+
+
+def torch_dtype(name: str, where: str = "dtype"):
+    """`name` in any accepted spelling except auto -> ``torch.float32``, ``torch.bfloat16`` or
+    ``torch.float16``; ConfigError naming `where` otherwise."""
+    import torch
+
+    return getattr(torch, TORCH_NAMES[canonical_dtype(name, where, allow_auto=False)])
+
+
+def dtype_from_torch(dtype) -> str | None:
+    """A torch dtype -> "fp32", "bf16" or "fp16"; None for one no command takes (float64, int8, ...)."""
+    name = str(dtype).removeprefix("torch.")
+    return next((short for short, long in TORCH_NAMES.items() if long == name), None)

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig, dtypes
 from dqo_megatron.config.schema import validate_model_layout
 from dqo_megatron.conversion import hf_io
 from dqo_megatron.conversion.hf_tokenizer import (
@@ -36,7 +36,6 @@ from dqo_megatron.conversion.hf_tokenizer import (
 )
 from dqo_megatron.conversion.lean_save import defer
 from dqo_megatron.conversion.megatron_io import (
-    DTYPES,
     HF_DIR,
     WEIGHTS_DIR,
     CheckpointInfo,
@@ -86,11 +85,10 @@ def check_layouts(cfg: ModelConfig, layouts: Sequence[ParallelConfig]) -> None:
 
 def _resolve_dtype(requested: str, found: set[torch.dtype], where: Path) -> torch.dtype:
     if requested != "auto":
-        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-        name = aliases.get(requested, requested)
-        if name not in DTYPES:
-            raise ConversionError(f"dtype {requested!r} is not one of auto, fp32, bf16, fp16")
-        return DTYPES[name]
+        try:
+            return dtypes.torch_dtype(requested)
+        except ConfigError:
+            raise ConversionError(f"dtype {requested!r} is not one of auto, fp32, bf16, fp16") from None
     if len(found) != 1:
         raise ConversionError(
             f"{where}: floating tensors have dtypes {sorted(map(str, found))}; pass dtype explicitly (fp32, bf16, fp16)"

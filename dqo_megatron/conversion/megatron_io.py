@@ -34,7 +34,7 @@ from dqo_megatron.checkpoint_integrity import (
     verify_directory,
     write_manifest_everywhere,
 )
-from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from dqo_megatron.config import ConfigError, ModelConfig, ParallelConfig, dtypes
 from dqo_megatron.config.loader import from_dict, to_dict
 from dqo_megatron.conversion.lean_save import build_factories_consuming_params, materialize_deferred
 from dqo_megatron.conversion.registry import ConversionError
@@ -49,8 +49,8 @@ CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
 HF_DIR = "hf"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""Names written in checkpoint.json (torch's spelling without the ``torch.`` prefix)."""
+CHECKPOINT_DTYPES = tuple(dtypes.TORCH_NAMES.values())
+"""Names written in checkpoint.json (torch's spelling without the ``torch.`` prefix, `config.dtypes`)."""
 
 
 @dataclass
@@ -71,15 +71,15 @@ class CheckpointInfo:
     @property
     def torch_dtype(self) -> torch.dtype:
         """`dtype` as a torch dtype."""
-        return DTYPES[self.dtype]
+        return dtypes.torch_dtype(self.dtype, f"{INFO_FILE} dtype")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (only the three parameter dtypes are accepted)."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
+    short = dtypes.dtype_from_torch(dtype)
+    if short is None:
         raise ConversionError(f"parameter dtype {dtype} is not supported (float32, bfloat16, float16)")
-    return name
+    return dtypes.TORCH_NAMES[short]
 
 
 def write_metadata(out: Path, cfg: ModelConfig, info: CheckpointInfo) -> None:
@@ -105,8 +105,8 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, CheckpointInfo]:
         raise ConversionError(
             f"{path}: checkpoint format version {info.format_version}, this code reads {FORMAT_VERSION}"
         )
-    if info.dtype not in DTYPES:
-        raise ConversionError(f"{path / INFO_FILE}: dtype {info.dtype!r} not one of {sorted(DTYPES)}")
+    if info.dtype not in CHECKPOINT_DTYPES:
+        raise ConversionError(f"{path / INFO_FILE}: dtype {info.dtype!r} not one of {sorted(CHECKPOINT_DTYPES)}")
     try:
         cfg = from_dict(ModelConfig, yaml.safe_load((path / CONFIG_FILE).read_text()) or {}, "model")
     except (ConfigError, yaml.YAMLError) as exc:

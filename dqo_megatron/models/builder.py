@@ -22,12 +22,11 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from dqo_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+from dqo_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, dtypes
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "te", "local"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(
@@ -133,7 +132,7 @@ def _parallel_kwargs(parallel: ParallelConfig, cuda: bool) -> dict:
 
 def _dtype_kwargs(dtype_name: str) -> dict:
     """Parameter and pipeline-message dtype for 'fp32', 'bf16' or 'fp16'; softmax always in fp32."""
-    dtype = _DTYPES[dtype_name]
+    dtype = dtypes.torch_dtype(dtype_name)
     return dict(
         params_dtype=dtype,
         pipeline_dtype=dtype,

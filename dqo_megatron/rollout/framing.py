@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from dqo_megatron.config.dtypes import torch_dtype
+from dqo_megatron.config.loader import ConfigError
 from dqo_megatron.data.tokenize import Tokenizer, TokenizerConfig
 from dqo_megatron.rollout.backend import Completion
 from dqo_megatron.tokenizer_files import holds_tokenizer as has_tokenizer  # noqa: F401 (re-exported for the backends)
@@ -169,24 +171,19 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str):
-    """torch dtype for "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16" or
-    "float64" (tests: exact comparisons without float32 rounding)."""
+    """torch dtype for "auto" (bfloat16 on CUDA, float32 elsewhere), any spelling of `config.dtypes`
+    ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16") or "float64" (tests: exact comparisons without
+    float32 rounding)."""
     import torch
 
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "float64": torch.float64,
-    }
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in names:
-        raise ValueError(f"dtype={dtype!r}: choose auto, float32, bfloat16, float16 or float64")
-    return names[dtype]
+    if dtype == "float64":
+        return torch.float64
+    try:
+        return torch_dtype(dtype)
+    except ConfigError:
+        raise ValueError(f"dtype={dtype!r}: choose auto, float32, bfloat16, float16 or float64") from None
 
 
 def prepare_call(
