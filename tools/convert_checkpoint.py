@@ -19,9 +19,14 @@ See docs/pipeline.md, "Megatron-LM users", and docs/checkpoints.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+# run as `python tools/convert_checkpoint.py` from a clone: the package (and the parser shared with the other tool) is
+# found at the repository root, installed or not
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dqo_megatron.cli.megatron_flags import MegatronFlagParser, flag_parser, print_notes  # noqa: E402
 
 HF_SIDE = ("llama_mistral", "hf", "huggingface")
 """Loader / saver names that mean a Hugging Face model directory."""
@@ -58,20 +63,12 @@ _IGNORED = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors end in one line (the usage is in --help), like every dqo-megatron command's."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parser() -> _Parser:
+def parser() -> MegatronFlagParser:
     """Megatron-LM's convert.py flags (and its llama_mistral loader's) that mean something here."""
-    p = _Parser(
-        prog="convert_checkpoint.py",
-        description="Convert checkpoints between Hugging Face and Megatron (dqo-megatron convert).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = flag_parser(
+        "convert_checkpoint.py",
+        "Convert checkpoints between Hugging Face and Megatron (dqo-megatron convert).",
+        EPILOG,
     )
     p.add_argument("--model-type", default="GPT", choices=["GPT", "BERT"], help="GPT only.")
     p.add_argument("--loader", required=True, help="Source format: " + ", ".join(HF_SIDE + MEGATRON_SIDE) + ".")
@@ -91,7 +88,7 @@ def parser() -> _Parser:
     return p
 
 
-def _side(p: _Parser, flag: str, name: str) -> str:
+def _side(p: MegatronFlagParser, flag: str, name: str) -> str:
     if name in HF_SIDE:
         return "hf"
     if name in MEGATRON_SIDE:
@@ -142,7 +139,6 @@ def to_our_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """Run `dqo-megatron convert` with Megatron-LM's flags (or with ours, after a subcommand)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dqo_megatron.cli.convert import convert_app
 
     if argv and argv[0] in SUBCOMMANDS:
@@ -153,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nOr `dqo-megatron convert`'s own subcommands (" + ", ".join(SUBCOMMANDS) + "):\n")
         convert_app(["--help"], prog_name="convert_checkpoint.py")
     argv, notes = to_our_args(argv)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    print_notes(notes)
     convert_app(argv, prog_name="convert_checkpoint.py")
 
 

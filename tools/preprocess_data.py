@@ -17,9 +17,14 @@ See docs/pipeline.md, "Megatron-LM users", and docs/data.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+# run as `python tools/preprocess_data.py` from a clone: the package (and the parser shared with the other tool) is
+# found at the repository root, installed or not
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dqo_megatron.cli.megatron_flags import MegatronFlagParser, flag_parser, print_notes  # noqa: E402
 
 HF_TOKENIZERS = ("HuggingFaceTokenizer",)
 SENTENCEPIECE_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
@@ -49,20 +54,12 @@ Any other option is passed to `dqo-megatron preprocess` (see its --help).
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors end in one line (the usage is in --help), like every dqo-megatron command's."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parser() -> _Parser:
+def parser() -> MegatronFlagParser:
     """Megatron-LM's preprocess_data.py flags that mean something for our records."""
-    p = _Parser(
-        prog="preprocess_data.py",
-        description="Tokenize trajectory records into Megatron indexed files (dqo-megatron preprocess).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = flag_parser(
+        "preprocess_data.py",
+        "Tokenize trajectory records into Megatron indexed files (dqo-megatron preprocess).",
+        EPILOG,
     )
     p.add_argument("--input", nargs="+", required=True, help="Record files (.jsonl, .parquet) or datasets dirs.")
     p.add_argument("--output-prefix", required=True, help="Output prefix (our -o).")
@@ -114,7 +111,6 @@ def to_our_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """Run `dqo-megatron preprocess` with Megatron-LM's flags (or with ours, when --input is absent)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dqo_megatron.cli import data  # noqa: F401  (registers the command)
     from dqo_megatron.cli._app import app
 
@@ -125,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             print("\nOr `dqo-megatron preprocess`'s own arguments (without --input):\n")
             app(["preprocess", "--help"], prog_name="preprocess_data.py")
         argv, notes = to_our_args(argv)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+        print_notes(notes)
     app(["preprocess", *argv], prog_name="preprocess_data.py")
 
 
