@@ -95,6 +95,7 @@ class MetricsLogger:
                         "grad_norm": result.grad_norm,
                         "applied": result.update_successful,
                         "seconds": seconds,
+                        "document_tokens": result.document_tokens,
                         **result.metrics,
                     }
                 )
@@ -124,7 +125,7 @@ class MetricsLogger:
             self.metrics_file = None
 
     def _log_step(self, step: int, result, seconds: float, perf: dict) -> None:
-        rate = result.tokens / seconds if seconds > 0 else float("nan")
+        rate = (result.document_tokens or result.tokens) / seconds if seconds > 0 else float("nan")
         eta = (time.perf_counter() - self.started) / max(step - self.start_step, 1) * (self.total - step)
         lrs = learning_rates(self.optimizer)
         shown = {k: v for k, v in result.metrics.items() if k in CONSOLE_METRICS}

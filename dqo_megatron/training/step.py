@@ -34,6 +34,9 @@ class StepResult:
     """Every metric of the loss function, reduced over micro-batches and ranks (numerator/denominator)."""
     grad_norms: dict = field(default_factory=dict)
     """Per-member gradient norms before clipping ({"policy": n, "value": n}) with per-member clipping."""
+    document_tokens: int = 0
+    """Input positions the step's documents filled, over all data-parallel ranks (what throughput
+    counts: `tokens` is the loss's count, sequences for sequence-level losses); 0 when not measured."""
 
 
 def lm_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -139,12 +139,26 @@ def _step(run: RunConfig, parts: TrainParts):
         metric_key="loss",
         member_clips=parts.member_clips,
     )
+    result.document_tokens = document_tokens(mbs)
     result.metrics.update(derived_metrics(result.metrics))
     result.metrics.update({f"grad_norm_{m}": n for m, n in result.grad_norms.items()})
     seconds = time.perf_counter() - t0
     if result.update_successful:
         parts.scheduler.step(increment=1)
     return result, seconds
+
+
+def document_tokens(micro_batches: list[dict]) -> int:
+    """Input positions this step's documents fill (`input_tokens`), summed over this rank's micro-batches
+    and the data-parallel ranks (collective over the DP group; TP/CP/PP ranks of one DP rank hold the
+    same documents, so they are not summed)."""
+    import torch
+    from megatron.core import parallel_state
+
+    local = sum(batch["input_tokens"].sum() for batch in micro_batches)
+    total = torch.as_tensor(local, dtype=torch.float64, device=micro_batches[0]["input_tokens"].device)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return int(total.item())
 
 
 def _evaluate_and_save(evals, parts: TrainParts, step: int, checkpointer: Checkpointer, metrics: MetricsLogger) -> None:

@@ -128,7 +128,7 @@ def test_packed_run_resumes_exactly(dataset, tmp_path):
 def test_metrics_report_the_computed_rows_and_scale_the_flops(dataset, tmp_path):
     """metrics.jsonl: a padded run computes a row per document, a packed one (by tokens here: the step's
     8 documents of 12-24 tokens fill 7 rows of 32) fewer, with less padding; the logged TFLOP/s count
-    the rows computed (the logger's scale is the step's rows_per_document)."""
+    the rows computed (the logger's scale is the step's rows_per_document); tokens/s counts document tokens."""
     from dqo_megatron.training.metrics_logger import _computed_row_share
 
     logged = {}
@@ -141,4 +141,11 @@ def test_metrics_report_the_computed_rows_and_scale_the_flops(dataset, tmp_path)
     assert all(0 < m["rows_per_document"] < 1 for m in logged[True])
     assert all(p["padding_frac"] < q["padding_frac"] for p, q in zip(logged[True], logged[False]))
     assert _computed_row_share(logged[True][0]) == logged[True][0]["rows_per_document"]
+    # throughput counts the documents' tokens: the same packed or not, and summed over DP ranks (a DP2
+    # run's step holds the same 8 documents, 4 per rank)
+    run_distributed(_train, 2, _run(dataset, tmp_path / "dp2", packing=False, steps=2))
+    dp2 = [json.loads(line) for line in (tmp_path / "dp2" / "metrics.jsonl").read_text().splitlines()]
+    tokens = [m["document_tokens"] for m in logged[False]]
+    assert all(t > 8 * 12 for t in tokens), tokens  # 8 documents of 12 to 24 tokens
+    assert tokens == [m["document_tokens"] for m in logged[True]] == [m["document_tokens"] for m in dp2]
     assert _computed_row_share({}) == 1.0 and _computed_row_share({"rows_per_document": float("nan")}) == 1.0

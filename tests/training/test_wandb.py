@@ -105,7 +105,9 @@ def test_a_resumed_run_continues_its_wandb_run(fakes, tmp_path):
 def test_tensorboard_and_wandb_get_the_same_tags_and_docs_list_them(fakes, tmp_path):
     wandb, writer = fakes
     metrics = {"loss": 1.0, "policy_loss": 0.6, "value_loss": 0.4, "kl_ref": float("nan")}
-    result = SimpleNamespace(loss=1.0, grad_norm=0.5, update_successful=True, tokens=4096, metrics=metrics)
+    result = SimpleNamespace(
+        loss=1.0, grad_norm=0.5, update_successful=True, tokens=4096, document_tokens=5000, metrics=metrics
+    )
     with MetricsLogger(_run(tmp_path), _parts()) as logger:
         logger.log_step(1, result, seconds=0.25)
         logger.log_eval(1, SimpleNamespace(accuracy=0.5))
@@ -149,7 +151,9 @@ def test_steps_redone_after_a_resume_reach_wandb(fakes, tmp_path):
     """A run killed after step 4 with its checkpoint at 2 redoes step 3: W&B gets it again (as TensorBoard
     does), plotted against trainer/step, not dropped as a step below the last one."""
     wandb, _writer = fakes
-    result = SimpleNamespace(loss=1.0, grad_norm=0.5, update_successful=True, tokens=4096, metrics={"loss": 1.0})
+    result = SimpleNamespace(
+        loss=1.0, grad_norm=0.5, update_successful=True, tokens=4096, document_tokens=5000, metrics={"loss": 1.0}
+    )
     with MetricsLogger(_run(tmp_path), _parts()) as logger:
         for step in (1, 2, 3, 4):
             logger.log_step(step, result, seconds=0.25)
