@@ -63,6 +63,7 @@ def setup(run: RunConfig, info) -> TrainParts:
     initial weights, DDP, optimizer, LR schedule."""
     algorithm = get_algorithm(run.algorithm)
     is_logger = info.rank == 0
+    num_microbatches = run.num_microbatches(info.world_size)  # the layout's batch checks, before any weights
     dataset, batches, needs_ref_model = _data(run, info, algorithm, is_logger)
     chunks = build_policy_value_chunks(run, with_value=algorithm.needs_value, with_reference=needs_ref_model)
     initialized = load_initial_weights(run, chunks)
@@ -91,7 +92,7 @@ def setup(run: RunConfig, info) -> TrainParts:
         ddp=ddp,
         optimizer=optimizer,
         scheduler=_scheduler(run, optimizer, value_warmup),
-        num_microbatches=run.num_microbatches(info.world_size),
+        num_microbatches=num_microbatches,
         pipeline_mbs=pipeline_micro_batch_size(
             ddp[0], batches.budget_rows or t.micro_batch_size * algorithm.rows_per_item
         ),
