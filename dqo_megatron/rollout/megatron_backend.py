@@ -183,6 +183,7 @@ class MegatronBackend:
 
     def _load_training(self, path: Path, run_config: str | None, dtype: str):
         from dqo_megatron.config import InitConfig, ParallelConfig, RunConfig, load_config
+        from dqo_megatron.config.dtypes import dtype_from_torch
         from dqo_megatron.training.checkpointing import load_checkpoint
         from dqo_megatron.training.policy_value import build_policy_value_chunks
 
@@ -193,7 +194,7 @@ class MegatronBackend:
         single = copy.deepcopy(run)
         single.parallel, single.init = ParallelConfig(), InitConfig()
         if dtype != "auto":
-            name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(dtype, "cpu")]
+            name = dtype_from_torch(resolve_dtype(dtype, "cpu"))
             single.precision = dataclasses.replace(single.precision, dtype=name)
         (chunk,) = build_policy_value_chunks(single, with_value=False, with_reference=False)
         load_checkpoint(path, [chunk], restore_rng=False)
