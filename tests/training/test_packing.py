@@ -144,7 +144,14 @@ def dataset(tmp_path_factory) -> TrajectoryDataset:
 
 
 def _micro_batches(
-    dataset, mode: str, packing: bool, mbs: int = 4, steps: int = 1, fixed_rows: bool = False, budget_rows=None
+    dataset,
+    mode: str,
+    packing: bool,
+    mbs: int = 4,
+    steps: int = 1,
+    fixed_rows: bool = False,
+    budget_rows=None,
+    micro_batch_multiple: int = 1,
 ):
     batches = MicroBatches(
         dataset,
@@ -160,6 +167,7 @@ def _micro_batches(
         packing=packing,
         fixed_rows=fixed_rows,
         budget_rows=budget_rows,
+        micro_batch_multiple=micro_batch_multiple,
     )
     return batches.next_step(steps)
 

@@ -76,7 +76,9 @@ def test_vpp_with_micro_batches_by_tokens(dataset):  # noqa: F811
     schedule needs an even count, so it is split in two, == the padded step on one process."""
     unsplit = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2, fixed_rows=True, budget_rows=4)
     assert len(unsplit) == 1, "the cut needs a split"
-    budget = _split_micro_batches(dataset, budget_rows=4, multiple=2)
+    budget = _micro_batches(
+        dataset, "samples", True, mbs=4, steps=2, fixed_rows=True, budget_rows=4, micro_batch_multiple=2
+    )
     assert len(budget) == 2 and all(b["tokens"].shape[0] == 4 for b in budget)
     assert [b["unpack_index"].shape[0] for b in budget] == [4, 4]
     run = _run("dqo", 4)
@@ -98,27 +100,6 @@ def test_kto_by_tokens_under_pp2(dataset):  # noqa: F811
     run.train.micro_batch_size = 4
     run.parallel = ParallelConfig(pipeline_model_parallel_size=2)
     _assert_matches(run_distributed(rl_layout_step, 2, run, budget, True, ref), ref)
-
-
-def _split_micro_batches(dataset, budget_rows: int, multiple: int) -> list[dict]:  # noqa: F811 - the fixture's name
-    from dqo_megatron.training.microbatches import MicroBatches
-
-    batches = MicroBatches(
-        dataset,
-        seq_length=SEQ,
-        micro_batch_size=4,
-        dp_rank=0,
-        dp_size=1,
-        seed=0,
-        shuffle=True,
-        pad_id=0,
-        with_ref_logprobs=False,
-        packing=True,
-        fixed_rows=True,
-        budget_rows=budget_rows,
-        micro_batch_multiple=multiple,
-    )
-    return batches.next_step(2)
 
 
 def test_a_vpp_step_needs_whole_groups_of_pp_draws():
