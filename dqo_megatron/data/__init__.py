@@ -5,7 +5,7 @@
   indexed     aligned <prefix>_{tokens,rewards,behavior_logprobs,ref_logprobs,meta} indexed files
   preprocess  records -> indexed files with worker processes (`dqo-megatron preprocess`)
   dataset     TrajectoryDataset over the indexed files
-  batching    pad_collate, pack, DistributedTrajectorySampler
+  batching    pad_collate, DistributedTrajectorySampler
   pairs       DPO pairs (correct x incorrect of a prompt, at most 12 per prompt)
 
 Nothing here imports typer; megatron-core is imported only where indexed files are read or written.
