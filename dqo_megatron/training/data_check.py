@@ -127,6 +127,8 @@ def _compare_tokenizers(manifest_path: str, tok: dict, run: RunConfig, allow: bo
     for setting, path, fp in theirs:
         diff = tokenizer_difference(tok, fp, ("the data's", "the model's"))
         if diff is None:
+            diff = _read_differently(tok, path)
+        if diff is None:
             continue
         msg = (
             f"{manifest_path}: the data was tokenized by {tok.get('name')!r} (sha256 {tok['sha256'][:12]}), "
@@ -139,3 +141,18 @@ def _compare_tokenizers(manifest_path: str, tok: dict, run: RunConfig, allow: bo
             )
         out.append(msg + " (allowed by data.allow_tokenizer_mismatch)")
     return out
+
+
+def _read_differently(tok: dict, path: str) -> str | None:
+    """Why the same tokenizer files give other ids now, or None. A directory holding only
+    tokenizer.model was read with transformers before 2026-12-06 and is read with sentencepiece since
+    (as the export always converted it): data preprocessed from such a directory then recorded kind "hf"."""
+    from dqo_megatron.tokenizer_files import tokenizer_kind
+
+    then, now = tok.get("kind"), tokenizer_kind(path)
+    if then not in ("hf", "sentencepiece") or now is None or then == now:
+        return None
+    return (
+        f"the same files, but the data was tokenized reading them as {then} and they are read as {now} now "
+        "(a directory whose only tokenizer file is tokenizer.model is read with sentencepiece): the ids differ"
+    )

@@ -125,6 +125,23 @@ def test_the_tokenizer_must_be_the_models(tmp_path):
     assert Path(prefix + ".json").read_bytes() == before  # the check only reads
 
 
+def test_data_read_from_a_lone_tokenizer_model_as_hf_is_refused(tmp_path):
+    """A directory whose only tokenizer file is tokenizer.model was read with transformers before
+    2026-12-06 (the manifest says kind "hf") and is read with sentencepiece now: the same files, other
+    prompt ids. The data must be preprocessed again; a file path read as sentencepiece then is fine."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "tokenizer.model").write_bytes(b"not parsed by the check")
+    prefix = _dataset(tmp_path, tokenizer_dir=str(lone))  # records kind "hf", as the old rule did
+    ds = TrajectoryDataset(prefix)
+    with pytest.raises(ConfigError, match=r"read as sentencepiece now .*preprocess the data"):
+        check_data_matches_model(ds, _run(prefix, eval_tokenizer=str(lone)))
+    manifest = json.loads(Path(prefix + ".json").read_text())
+    manifest["tokenizer"]["kind"] = "sentencepiece"  # preprocessed again (or from the .model file itself)
+    Path(prefix + ".json").write_text(json.dumps(manifest))
+    assert check_data_matches_model(TrajectoryDataset(prefix), _run(prefix, eval_tokenizer=str(lone))) == []
+
+
 def test_an_old_manifest_without_a_hash_is_a_warning(tmp_path):
     prefix = _dataset(tmp_path)  # "tokenizer": "synthetic", as manifests before the hash only had a name
     tok = _tokenizer_dir(tmp_path / "tok", "a b c")
