@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from dqo_megatron.data.tokenize import TOKENIZER_IDENTITY_FILES
+from dqo_megatron.tokenizer_files import tokenizer_kind
 
 SAMPLE_BLOCKS = 8
 """Blocks hashed per large file."""
@@ -108,6 +109,11 @@ def model_identity(path: str | Path | None, tokenizer: str | Path | None = None)
 
         fp = tokenizer_fingerprint(str(tokenizer))
         parts["tokenizer"].update((fp or {}).get("sha256", "none").encode())
+    source = str(tokenizer) if tokenizer else root
+    if os.path.isdir(source) and tokenizer_kind(source) == "sentencepiece":
+        # a lone tokenizer.model, read by transformers before 2026-12-06 and by sentencepiece since (other
+        # prompt ids): completions cached under the old reading must not be taken for this one
+        parts["tokenizer"].update(b"\0read with sentencepiece")
     return {**{k: h.hexdigest() for k, h in parts.items()}, "files": counted}
 
 

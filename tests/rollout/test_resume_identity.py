@@ -140,3 +140,23 @@ def test_identity_reads_a_bounded_sample_of_large_weights(tmp_path, monkeypatch)
     shard.write_bytes((Path(model) / "model.safetensors").read_bytes())
     assert model_identity(retrained)["weights"] != first["weights"]  # renamed: another index
     assert model_identity(str(tmp_path / "missing")) is None
+
+
+def test_how_a_lone_tokenizer_model_is_read_is_part_of_the_identity(tmp_path, monkeypatch):
+    """A directory whose only tokenizer file is tokenizer.model is read with sentencepiece (before
+    2026-12-06: with transformers, other prompt ids): its identity says so, so completions cached under
+    the old reading are not resumed as this model's; a directory read as HF keeps its identity."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "tokenizer.model").write_bytes(b"pieces")
+    (lone / "model.safetensors").write_bytes(b"weights")
+    now = model_identity(lone)
+    monkeypatch.setattr(identity_module, "tokenizer_kind", lambda path: "hf")  # the old reading
+    assert model_identity(lone)["tokenizer"] != now["tokenizer"]
+    assert model_identity(lone)["weights"] == now["weights"]
+    model = tmp_path / "model"  # the tokenizer given apart from the model: the same rule
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    old = model_identity(model, tokenizer=lone)
+    monkeypatch.undo()
+    assert model_identity(model, tokenizer=lone)["tokenizer"] != old["tokenizer"]
