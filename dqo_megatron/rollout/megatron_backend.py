@@ -195,6 +195,8 @@ class MegatronBackend:
         single.parallel, single.init = ParallelConfig(), InitConfig()
         if dtype != "auto":
             name = dtype_from_torch(resolve_dtype(dtype, "cpu"))
+            if name is None:
+                raise ValueError(f"dtype={dtype!r}: a training checkpoint runs in fp32, bf16 or fp16")
             single.precision = dataclasses.replace(single.precision, dtype=name)
         (chunk,) = build_policy_value_chunks(single, with_value=False, with_reference=False)
         load_checkpoint(path, [chunk], restore_rng=False)

@@ -55,21 +55,24 @@ def to_model_batch(collated: dict, *, with_ref_logprobs: bool) -> dict:
     return batch
 
 
-def mismatched_rows(samples: list[dict]) -> list[dict]:
+def mismatched_rows(samples: list[dict], max_tokens: int | None = None) -> list[dict]:
     """KTO's KL reference point needs responses under the wrong prompt: row i = prompt of sample i +
     response of sample i+1 (mod n), with that response's mask (as in TRL), and its `truncated` flag (the
-    flag describes the response). n >= 2."""
+    flag describes the response). n >= 2. `max_tokens`: a longer row (a long prompt with a long response
+    of another document) is cut to that many tokens, as TRL cuts to its max_length, and marked truncated;
+    every document fits, so without the cut such a pair would stop the run at the step drawing it."""
     out = []
     for i, sample in enumerate(samples):
         other = samples[(i + 1) % len(samples)]
         p, q = sample["prompt_length"], other["prompt_length"]
         row = {
-            key: np.concatenate([np.asarray(sample[key])[:p], np.asarray(other[key])[q:]])
+            key: np.concatenate([np.asarray(sample[key])[:p], np.asarray(other[key])[q:]])[:max_tokens]
             for key in ("tokens", "loss_mask", "rewards", "behavior_logprobs", "ref_logprobs")
         }
         row.update({k: sample[k] for k in sample if k not in row})
         row["prompt_length"] = p
-        row["truncated"] = bool(other.get("truncated", False))
+        cut = max_tokens is not None and p + len(other["tokens"]) - q > max_tokens
+        row["truncated"] = bool(other.get("truncated", False)) or cut
         out.append(row)
     return out
 
@@ -163,7 +166,7 @@ class MicroBatches:
             if self.mode == "pairs":
                 samples = [c for c, _ in items] + [r for _, r in items]
             elif self.mode == "kto":
-                samples = items + mismatched_rows(items)
+                samples = items + mismatched_rows(items, self.length)
                 extra["desirable"] = torch.as_tensor(self.positive[[s["index"] for s in items]])
             else:
                 samples = items
@@ -231,7 +234,7 @@ class MicroBatches:
             elif self.mode == "kto":
                 first = add(items)
                 desirable.update({d: bool(self.positive[docs[d]["index"]]) for d in first})
-                units.append((first, add(mismatched_rows(items))))
+                units.append((first, add(mismatched_rows(items, self.length))))
             else:
                 units += [(add([item]), []) for item in items]
         return docs, units, desirable

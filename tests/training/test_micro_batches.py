@@ -106,3 +106,28 @@ def test_pairs_mode_carries_chosen_then_rejected(dataset):
     assert dataset.truncated[rejected].any() and not dataset.truncated[rejected].all()  # the flag can be told apart
     assert batch["truncated"].tolist() == dataset.truncated[chosen].tolist() + dataset.truncated[rejected].tolist()
     assert batch["truncated"].shape == (4,) and batch["tokens"].shape[0] == 4
+
+
+def test_a_kto_mismatched_row_longer_than_a_row_is_cut_and_marked():
+    """A long prompt joined to another document's long response can exceed seq_length + 1 although both
+    documents fit: the row is cut to that many tokens (its prompt whole) and marked truncated."""
+
+    def sample(prompt: int, length: int, first: int) -> dict:
+        return {
+            "tokens": np.arange(first, first + length),
+            "loss_mask": np.arange(length) >= prompt,
+            "rewards": np.zeros(length, np.float32),
+            "behavior_logprobs": np.zeros(length, np.float32),
+            "ref_logprobs": np.zeros(length, np.float32),
+            "prompt_length": prompt,
+            "truncated": False,
+        }
+
+    long_prompt, long_response = sample(30, 33, 100), sample(2, 33, 200)
+    cut, whole = mismatched_rows([long_prompt, long_response], max_tokens=33)
+    assert len(cut["tokens"]) == 33 and cut["truncated"]
+    assert cut["tokens"].tolist() == list(range(100, 130)) + [202, 203, 204]
+    assert cut["loss_mask"].tolist() == [False] * 30 + [True] * 3
+    assert whole["tokens"].tolist() == [200, 201, 130, 131, 132] and not whole["truncated"]
+    (uncut, _) = mismatched_rows([long_prompt, long_response])
+    assert len(uncut["tokens"]) == 61, "without max_tokens nothing is cut"
