@@ -149,10 +149,11 @@ def _read_differently(tok: dict, path: str) -> str | None:
     (as the export always converted it): data preprocessed from such a directory then recorded kind "hf"."""
     from dqo_megatron.tokenizer_files import tokenizer_kind
 
-    then, now = tok.get("kind"), tokenizer_kind(path)
-    if then not in ("hf", "sentencepiece") or now is None or then == now:
+    # Only that change: a sentencepiece .model file against an HF directory holding the same
+    # tokenizer.model is the export's own pairing (tokenizer.json converted with sentencepiece's ids).
+    if tok.get("kind") != "hf" or not os.path.isdir(path) or tokenizer_kind(path) != "sentencepiece":
         return None
     return (
-        f"the same files, but the data was tokenized reading them as {then} and they are read as {now} now "
-        "(a directory whose only tokenizer file is tokenizer.model is read with sentencepiece): the ids differ"
+        "the same files, but the data was tokenized reading them with transformers, and a directory whose only "
+        "tokenizer file is tokenizer.model is read with sentencepiece now (as the export converts it): the ids differ"
     )

@@ -134,12 +134,18 @@ def test_data_read_from_a_lone_tokenizer_model_as_hf_is_refused(tmp_path):
     (lone / "tokenizer.model").write_bytes(b"not parsed by the check")
     prefix = _dataset(tmp_path, tokenizer_dir=str(lone))  # records kind "hf", as the old rule did
     ds = TrajectoryDataset(prefix)
-    with pytest.raises(ConfigError, match=r"read as sentencepiece now .*preprocess the data"):
+    with pytest.raises(ConfigError, match=r"read with sentencepiece now .*preprocess the data"):
         check_data_matches_model(ds, _run(prefix, eval_tokenizer=str(lone)))
     manifest = json.loads(Path(prefix + ".json").read_text())
     manifest["tokenizer"]["kind"] = "sentencepiece"  # preprocessed again (or from the .model file itself)
     Path(prefix + ".json").write_text(json.dumps(manifest))
     assert check_data_matches_model(TrajectoryDataset(prefix), _run(prefix, eval_tokenizer=str(lone))) == []
+    # the export's pairing stays accepted: data from the .model file, a model whose hf/ holds that
+    # tokenizer.model and the tokenizer.json converted from it (read as HF: the same ids by construction)
+    exported = tmp_path / "exported"
+    shutil.copytree(lone, exported)
+    (exported / "tokenizer.json").write_text("{}")
+    assert check_data_matches_model(TrajectoryDataset(prefix), _run(prefix, eval_tokenizer=str(exported))) == []
 
 
 def test_an_old_manifest_without_a_hash_is_a_warning(tmp_path):
