@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The second CI leg (issue #20): Python 3.12 + megatron-core 0.19.2 in an environment OUTSIDE the clone, built once
 # per machine and constraints-py312.txt (tools/compat_env.sh: ~2 min, ~1.4 GB downloaded, ~5.4 GB), then the tests
-# named in tests/compat-leg.args (comments stripped) with this clone on PYTHONPATH (141 tests, ~10 min on 2 cores).
+# named in tests/compat-leg.args (comments stripped) with this clone on PYTHONPATH (142 tests, ~8-10 min on 2 cores).
 # The default .venv (0.16.1) is the other release of the cross-version checkpoint tests.
 test-compat: $(STAMP)
 	@env=$$(tools/compat_env.sh) && args=$$(mktemp) && trap 'rm -f "$$args"' EXIT && \
