@@ -102,12 +102,6 @@ def checked_tokenizer_source(tokenizer: Optional[str | Path | ExportTokenizer]) 
     return read_export_tokenizer(path)
 
 
-def check_tokenizer_source(tokenizer: Optional[str | Path]) -> Optional[Path]:
-    """`tokenizer` as a Path once `checked_tokenizer_source` accepts it; None for None."""
-    checked = checked_tokenizer_source(tokenizer)
-    return None if checked is None else checked.path
-
-
 def _read_proto(model_file: Path):
     from sentencepiece import sentencepiece_model_pb2
 

@@ -85,16 +85,11 @@ def _export_inputs(run: RunConfig, checkpoint: str | Path, tokenizer: Optional[s
     return [p for p in (checkpoint, run.init.policy, tokenizer) if p]
 
 
-def export_tokenizer_source(run: RunConfig, tokenizer: Optional[str | Path] = None) -> Optional[Path]:
-    """The tokenizer an HF export of `run` ships, checked (ConversionError naming a wrong path): `tokenizer`
-    (an HF tokenizer directory or a sentencepiece .model); else None when init.policy's hf/ holds one (the
-    converter takes it from the checkpoint); else eval.tokenizer, the one the run framed prompts with."""
-    checked = _checked_export_tokenizer(run, tokenizer)
-    return None if checked is None else checked.path
-
-
-def _checked_export_tokenizer(run: RunConfig, tokenizer: Optional[str | Path] = None):
-    """`export_tokenizer_source` as `hf_tokenizer.ExportTokenizer` (read once, handed to `megatron_to_hf`)."""
+def export_tokenizer_source(run: RunConfig, tokenizer: Optional[str | Path] = None):
+    """The tokenizer an HF export of `run` ships, read and checked once (`hf_tokenizer.ExportTokenizer`,
+    handed to `megatron_to_hf`; ConversionError naming a wrong path): `tokenizer` (an HF tokenizer
+    directory or a sentencepiece .model); else None when init.policy's hf/ holds one (the converter takes
+    it from the checkpoint); else eval.tokenizer, the one the run framed prompts with."""
     from dqo_megatron.conversion.hf_tokenizer import checked_tokenizer_source
     from dqo_megatron.conversion.megatron_io import HF_DIR
     from dqo_megatron.conversion.registry import ConversionError
@@ -175,7 +170,7 @@ def export_policy_to_hf(
 
     out = Path(out)
     check_training_checkpoint(checkpoint)  # a wrong checkpoint path is the first thing to report
-    shipped = _checked_export_tokenizer(run, tokenizer)  # read and checked before the checkpoint loads
+    shipped = export_tokenizer_source(run, tokenizer)  # read and checked before the checkpoint loads
     check_output(out.absolute(), overwrite, _export_inputs(run, checkpoint, shipped.path if shipped else None))
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.absolute().parent))

@@ -14,7 +14,7 @@ import pytest
 
 from dqo_megatron.conversion import ConversionError
 from dqo_megatron.conversion.hf_tokenizer import (
-    check_tokenizer_source,
+    checked_tokenizer_source,
     export_tokenizer,
     sentencepiece_to_hf,
 )
@@ -168,14 +168,14 @@ def test_without_a_tokenizer_there_is_still_a_generation_config(tmp_path, caplog
 
 def test_bad_tokenizer_arguments_are_named(demo_model, tmp_path):
     with pytest.raises(ConversionError, match=r"--tokenizer .*nope does not exist"):
-        check_tokenizer_source(tmp_path / "nope")
+        checked_tokenizer_source(tmp_path / "nope")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConversionError, match=r"config.json is a file but not a sentencepiece \.model"):
-        check_tokenizer_source(tmp_path / "config.json")
+        checked_tokenizer_source(tmp_path / "config.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConversionError, match="empty holds no tokenizer files"):
-        check_tokenizer_source(tmp_path / "empty")
-    assert check_tokenizer_source(demo_model) == demo_model and check_tokenizer_source(None) is None
+        checked_tokenizer_source(tmp_path / "empty")
+    assert checked_tokenizer_source(demo_model).path == demo_model and checked_tokenizer_source(None) is None
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"\x00\x01not a model" * 10)
     with pytest.raises(ConversionError, match="garbage.model: not a sentencepiece model"):
@@ -205,10 +205,10 @@ def test_models_whose_ids_cannot_be_reproduced_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="u.model: cannot be converted .*not a BPE model"):
         sentencepiece_to_hf(tmp_path / "u.model")
     # refused by the cheap check an export runs before it loads a checkpoint, not after the weights
-    from dqo_megatron.conversion.hf_tokenizer import check_tokenizer_source
+    from dqo_megatron.conversion.hf_tokenizer import checked_tokenizer_source
 
     with pytest.raises(ConversionError, match="u.model: cannot be converted .*not a BPE model"):
-        check_tokenizer_source(tmp_path / "u.model")
+        checked_tokenizer_source(tmp_path / "u.model")
     # as the run's eval.tokenizer (a fallback nobody asked for): the export goes on without a tokenizer
     from dqo_megatron.config import RunConfig
     from dqo_megatron.training.export import export_tokenizer_source
@@ -233,4 +233,4 @@ def test_export_checks_the_tokenizer_before_loading_the_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
     run = RunConfig()
     run.eval.tokenizer = str(STORIES_TOKENIZER)  # no init checkpoint: the run's own tokenizer is exported
-    assert export_tokenizer_source(run) == STORIES_TOKENIZER
+    assert export_tokenizer_source(run).path == STORIES_TOKENIZER
