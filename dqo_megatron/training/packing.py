@@ -233,11 +233,3 @@ def unpack_rows(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tenso
     valid = (unpack_index >= 0)[..., None]
     out = flat[unpack_index.clamp(min=0)]
     return torch.where(valid, out, torch.zeros_like(out))
-
-
-def padding_fractions(batch: dict) -> tuple[float, float]:
-    """``(packed, padded)``: the share of the model's input positions that hold no document token in
-    the packed rows of `batch` (a `pack_microbatch` result), and in padded rows of the same documents."""
-    packed = float((batch["attention_document_ids"] < 0).float().mean())
-    index = batch["unpack_index"]
-    return packed, 1.0 - float((index >= 0).sum()) / index.numel()

@@ -29,7 +29,6 @@ from dqo_megatron.training.packing import (
     budget_micro_batches,
     budget_unit_groups,
     first_fit_decreasing,
-    padding_fractions,
     unpack_rows,
 )
 from dqo_megatron.training.policy_value import LOGP, REF_LOGP, VALUE
@@ -53,6 +52,14 @@ MODEL = ModelConfig(
 REL_TOL = 2e-5
 LAYOUT_METRICS = ("rows_per_document", "padding_frac")
 """Metrics of the model's rows rather than of the documents: packing changes them on purpose."""
+
+
+def padding_fractions(batch: dict) -> tuple[float, float]:
+    """``(packed, padded)``: the share of the model's input positions that hold no document token in
+    the packed rows of `batch` (a `pack_microbatch` result), and in padded rows of the same documents."""
+    packed = float((batch["attention_document_ids"] < 0).float().mean())
+    index = batch["unpack_index"]
+    return packed, 1.0 - float((index >= 0).sum()) / index.numel()
 
 
 # --- the packer -------------------------------------------------------------------------------------

@@ -19,7 +19,15 @@ from dqo_megatron.config import ParallelConfig
 from dqo_megatron.training.packing import first_fit_decreasing, split_micro_batches
 from tests.helpers.distributed import run_distributed
 from tests.helpers.rl_layouts import rl_layout_step, rl_reference_step
-from tests.training.test_packing import SEQ, _assert_same_gradients, _micro_batches, _run, _step_body, dataset  # noqa: F401
+from tests.training.test_packing import (  # noqa: F401 - dataset: the fixture
+    SEQ,
+    _assert_same_gradients,
+    _micro_batches,
+    _run,
+    _step_body,
+    dataset,
+    padding_fractions,
+)
 from tests.training.test_packing_layouts import _assert_matches
 
 
@@ -120,7 +128,6 @@ def test_step_reports_the_rows_it_computed_and_their_padding(dataset, budget_row
     """`rows_per_document` and `padding_frac` (what the logger scales FLOPs by, and what packing saves)
     against the packed layout itself: its document ids and unpack index, not `input_tokens`."""
     from dqo_megatron.training.algorithms import input_layout_metrics
-    from dqo_megatron.training.packing import padding_fractions
 
     padded = _micro_batches(dataset, "samples", packing=False, mbs=4, steps=2)
     packed = _micro_batches(dataset, "samples", packing=True, mbs=4, steps=2, budget_rows=budget_rows)
